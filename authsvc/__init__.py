@@ -1,0 +1,3 @@
+"""authsvc server: service-to-service authentication over gRPC."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""crypto layer of the authsvc server."""

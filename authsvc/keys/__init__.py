@@ -1,0 +1,1 @@
+"""keys layer of the authsvc server."""

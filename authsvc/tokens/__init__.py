@@ -1,0 +1,1 @@
+"""tokens layer of the authsvc server."""
