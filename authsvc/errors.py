@@ -37,6 +37,11 @@ class AlreadyExists(AuthsvcError):
 class ResourceExhausted(AuthsvcError):
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        # Seconds the caller should wait; sent as `retry-after` trailing metadata.
+        self.retry_after = retry_after
+
 
 class FailedPrecondition(AuthsvcError):
     grpc_code = grpc.StatusCode.FAILED_PRECONDITION

@@ -1,0 +1,351 @@
+"""The `authsvc` command: serve, db, services, keys, token. The only place that reads the environment."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from authsvc.clock import to_timestamp
+from authsvc.config import Settings, load_settings
+from authsvc.errors import AlreadyExists, AuthsvcError, NotFound
+
+EXIT_OK = 0
+EXIT_INVALID = 1
+EXIT_USAGE = 2
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    """Every command reads the same configuration as `serve`: environment, then these flags."""
+    parser.add_argument("--dev", action="store_true", default=None, help="dev mode (loopback, local SQLite)")
+    parser.add_argument("--dev-dir", help="dev mode folder (default .authsvc-dev)")
+    parser.add_argument("--database-url", help="overrides AUTHSVC_DATABASE_URL")
+
+
+def _client(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target", help="authsvc address (default AUTHSVC_TARGET, else AUTHSVC_LISTEN)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="authsvc", description="service-to-service authentication")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gRPC server")
+    _common(serve)
+    serve.add_argument("--listen", help="HOST:PORT (default 127.0.0.1:50051; port 0 picks one)")
+    serve.add_argument("--http-listen", help="HOST:PORT for metrics, JWKS and health")
+    serve.add_argument(
+        "--tls-terminated-upstream",
+        action="store_true",
+        default=None,
+        help="allow plaintext on a non-loopback address because TLS ends in front of authsvc",
+    )
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
+    _common(db.add_parser("upgrade", help="migrate the schema to the latest version"))
+
+    services = sub.add_parser("services", help="register and manage services").add_subparsers(
+        dest="services_command", required=True
+    )
+    create = services.add_parser("create", help="register a service; prints its secret once")
+    _common(create)
+    create.add_argument("name")
+    create.add_argument("--audience", action="append", default=[], help="may ask tokens for A")
+    create.add_argument("--scope", action="append", default=[], help="may ask for scope S")
+    create.add_argument("--admin", action="store_true", help="grant authsvc.admin for audience authsvc")
+    create.add_argument("--json", action="store_true", help="print {service_id, service_secret}")
+    create.add_argument("--format", choices=["text", "json", "env"], default=None)
+    lst = services.add_parser("list", help="list services")
+    _common(lst)
+    lst.add_argument("--json", action="store_true")
+    disable = services.add_parser("disable", help="disable a service and its tokens")
+    _common(disable)
+    disable.add_argument("name")
+
+    keys = sub.add_parser("keys", help="signing keys").add_subparsers(dest="keys_command", required=True)
+    rotate = keys.add_parser("rotate", help="activate a new signing key now")
+    _common(rotate)
+    rotate.add_argument(
+        "--revoke-previous", action="store_true", help="compromise: older keys stop validating at once"
+    )
+    klist = keys.add_parser("list", help="list signing keys")
+    _common(klist)
+    klist.add_argument("--json", action="store_true")
+
+    token = sub.add_parser("token", help="talk to a running server").add_subparsers(
+        dest="token_command", required=True
+    )
+    issue = token.add_parser("issue", help="get a token (credentials from AUTHSVC_SERVICE_ID/_SECRET)")
+    _client(issue)
+    issue.add_argument("--audience", required=True)
+    issue.add_argument("--scope", action="append", default=[])
+    issue.add_argument("--ttl", type=int, default=0, help="seconds; 0 = server default")
+    issue.add_argument("--service-id", help="default AUTHSVC_SERVICE_ID")
+    issue.add_argument("--json", action="store_true", help="print the whole response")
+    validate = token.add_parser("validate", help="validate a token; exit 0 if valid, 1 if not")
+    _client(validate)
+    validate.add_argument("token", help="the token, or - to read it from standard input")
+    validate.add_argument("--audience", required=True, help="your own service id")
+    validate.add_argument("--scope", action="append", default=[], help="required scope")
+    revoke = token.add_parser("revoke", help="revoke a token (by jti or service: admin)")
+    _client(revoke)
+    target = revoke.add_mutually_exclusive_group(required=True)
+    target.add_argument("--token", help="the token itself, or - for standard input")
+    target.add_argument("--jti")
+    target.add_argument("--service")
+    revoke.add_argument("--reason", default="")
+    revoke.add_argument(
+        "--admin-token", help="admin bearer token (default AUTHSVC_ADMIN_TOKEN)"
+    )
+    return p
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    return load_settings(
+        os.environ,
+        {
+            "dev": getattr(args, "dev", None),
+            "dev_dir": getattr(args, "dev_dir", None),
+            "database_url": getattr(args, "database_url", None),
+            **extra,
+        },
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from authsvc.server.app import serve
+
+    settings = _settings(
+        args,
+        listen=args.listen,
+        http_listen=args.http_listen,
+        tls_terminated_upstream=args.tls_terminated_upstream,
+    )
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    if settings.dev:
+        sys.stderr.write(
+            "*** authsvc DEV MODE: local SQLite and a generated key-encryption key in "
+            f"{settings.dev_dir}/ ; loopback only; NOT FOR PRODUCTION ***\n"
+        )
+    asyncio.run(serve(settings))
+    return EXIT_OK
+
+
+def _core(args: argparse.Namespace, *, upgrade: bool = False) -> Any:
+    from authsvc.server.app import build_core
+
+    return build_core(_settings(args), upgrade=upgrade)
+
+
+def _cmd_db(args: argparse.Namespace) -> int:
+    core = _core(args, upgrade=True)
+    core.dispose()
+    print("database schema is current")
+    return EXIT_OK
+
+
+def _cmd_services(args: argparse.Namespace) -> int:
+    from authsvc.server.app import create_service
+
+    core = _core(args)
+    try:
+        if args.services_command == "create":
+            if not args.audience and not args.admin:
+                raise SystemExit("authsvc: at least one --audience is required (or --admin)")
+            fmt = args.format or ("json" if args.json else "text")
+            secret = create_service(core, args.name, args.audience, args.scope, admin=args.admin)
+            if fmt == "json":
+                print(json.dumps({"service_id": args.name, "service_secret": secret}))
+            elif fmt == "env":
+                print(f"AUTHSVC_SERVICE_ID={args.name}\nAUTHSVC_SERVICE_SECRET={secret}")
+            else:
+                print(f"service {args.name} created; its secret (shown once):\n{secret}")
+        elif args.services_command == "list":
+            services = core.repo.list_services()
+            if args.json:
+                print(json.dumps([
+                    {
+                        "service_id": s.service_id,
+                        "audiences": list(s.audiences),
+                        "scopes": list(s.scopes),
+                        "disabled": s.disabled,
+                    }
+                    for s in services
+                ]))
+            else:
+                for s in services:
+                    state = "disabled" if s.disabled else "enabled"
+                    print(
+                        f"{s.service_id}\t{state}\taudiences={','.join(s.audiences)}"
+                        f"\tscopes={','.join(s.scopes)}"
+                    )
+        else:
+            from authsvc.clock import SystemClock, to_datetime
+
+            core.repo.update_service_disabled(args.name, True, to_datetime(SystemClock().now()))
+            print(f"service {args.name} disabled")
+    finally:
+        core.dispose()
+    return EXIT_OK
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    core = _core(args)
+    try:
+        if args.keys_command == "rotate":
+            result = core.manager.rotate(revoke_previous=args.revoke_previous)
+            note = "" if result.rotated_here else " (another replica rotated at the same moment)"
+            print(f"active signing key: {result.key.kid}{note}")
+        else:
+            keys = core.repo.list_signing_keys()
+            rows = [
+                {
+                    "key_id": k.kid,
+                    "state": k.state,
+                    "created_at": to_timestamp(k.created_at),
+                    "activated_at": to_timestamp(k.activated_at) if k.activated_at else None,
+                    "publish_until": to_timestamp(k.publish_until) if k.publish_until else None,
+                }
+                for k in keys
+            ]
+            if args.json:
+                print(json.dumps(rows))
+            else:
+                for k in keys:
+                    print(f"{k.kid}\t{k.state}\tcreated={k.created_at.isoformat()}")
+    finally:
+        core.dispose()
+    return EXIT_OK
+
+
+def _target(args: argparse.Namespace) -> str:
+    return str(
+        args.target
+        or os.environ.get("AUTHSVC_TARGET")
+        or os.environ.get("AUTHSVC_LISTEN")
+        or "127.0.0.1:50051"
+    )
+
+
+def _read_arg(value: str) -> str:
+    return sys.stdin.read().strip() if value == "-" else value
+
+
+def _service_secret() -> str:
+    secret = os.environ.get("AUTHSVC_SERVICE_SECRET")
+    path = os.environ.get("AUTHSVC_SERVICE_SECRET_FILE")
+    if not secret and path:
+        secret = Path(path).read_text().strip()
+    if not secret:
+        raise SystemExit("authsvc: set AUTHSVC_SERVICE_SECRET or AUTHSVC_SERVICE_SECRET_FILE")
+    return secret
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    from authsvc_client.claims import ValidationResult
+    from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
+
+    with grpc.insecure_channel(_target(args)) as channel:
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        if args.token_command == "issue":
+            service_id = args.service_id or os.environ.get("AUTHSVC_SERVICE_ID")
+            if not service_id:
+                raise SystemExit("authsvc: set AUTHSVC_SERVICE_ID or --service-id")
+            response = stub.IssueToken(
+                auth_pb2.IssueTokenRequest(
+                    service_id=service_id,
+                    service_secret=_service_secret(),
+                    audience=args.audience,
+                    scopes=args.scope,
+                    ttl_seconds=args.ttl,
+                ),
+                timeout=10,
+            )
+            if args.json:
+                print(json.dumps({
+                    "access_token": response.access_token,
+                    "token_type": response.token_type,
+                    "expires_in": response.expires_in,
+                    "key_id": response.key_id,
+                    "scopes": list(response.scopes),
+                }))
+            else:
+                print(response.access_token)
+            return EXIT_OK
+        if args.token_command == "validate":
+            reply = stub.ValidateToken(
+                auth_pb2.ValidateTokenRequest(
+                    token=_read_arg(args.token), audience=args.audience, required_scopes=args.scope
+                ),
+                timeout=10,
+            )
+            result = ValidationResult.from_proto(reply)
+            out: dict[str, Any] = {"valid": result.valid, "reason": result.reason_name}
+            if result.claims is not None:
+                c = result.claims
+                out["claims"] = {
+                    "iss": c.issuer, "sub": c.subject, "aud": c.audience, "scope": list(c.scopes),
+                    "iat": c.issued_at, "nbf": c.not_before, "exp": c.expires_at, "jti": c.jti,
+                    "kid": c.key_id,
+                }
+            print(json.dumps(out))
+            return EXIT_OK if result.valid else EXIT_INVALID
+        request = auth_pb2.RevokeTokenRequest(reason=args.reason)
+        metadata: list[tuple[str, str]] = []
+        if args.token:
+            request.token = _read_arg(args.token)
+        else:
+            admin = args.admin_token or os.environ.get("AUTHSVC_ADMIN_TOKEN")
+            if not admin:
+                raise SystemExit("authsvc: revoking by --jti or --service needs --admin-token")
+            metadata.append(("authorization", f"Bearer {admin}"))
+            if args.jti:
+                request.jti = args.jti
+            else:
+                request.service_id = args.service
+        response = stub.RevokeToken(request, metadata=metadata, timeout=10)
+        print(json.dumps({"revoked": response.revoked}))
+        return EXIT_OK if response.revoked else EXIT_INVALID
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {
+        "serve": _cmd_serve,
+        "db": _cmd_db,
+        "services": _cmd_services,
+        "keys": _cmd_keys,
+        "token": _cmd_token,
+    }
+    try:
+        return handlers[args.command](args)
+    except AlreadyExists:
+        print("authsvc: that service already exists", file=sys.stderr)
+        return EXIT_USAGE
+    except NotFound:
+        print("authsvc: no such service", file=sys.stderr)
+        return EXIT_USAGE
+    except AuthsvcError as exc:
+        print(f"authsvc: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except grpc.RpcError as exc:
+        print(f"authsvc: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Settings: built once at the edge (the CLI) from the environment and flags, then frozen.
+
+Nothing else reads the environment. Validation fails fast and names the setting, never its value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from authsvc.crypto.kek import KeyEncryptionKey
+from authsvc.errors import ConfigError
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_SERVER_NAME = "authsvc"
+DEFAULT_DEV_DIR = ".authsvc-dev"
+DEV_ISSUER = "https://authsvc.dev.invalid"
+
+# Settings whose value must never be shown (repr, logs, errors).
+_SENSITIVE = frozenset({"kek"})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the server. Environment names are AUTHSVC_<FIELD upper-cased>."""
+
+    database_url: str
+    issuer: str
+    kek: KeyEncryptionKey
+    listen: str = DEFAULT_LISTEN
+    server_name: str = DEFAULT_SERVER_NAME
+    dev: bool = False
+    dev_dir: str = DEFAULT_DEV_DIR
+    default_ttl_seconds: int = 900
+    max_ttl_seconds: int = 3600
+    leeway_seconds: int = 30
+    key_rotation_interval_seconds: int = 7 * 24 * 3600
+    rsa_key_bits: int = 2048
+    max_token_bytes: int = 8192
+    sync_interval_seconds: float = 0.5
+    max_secret_grace_seconds: int = 7 * 24 * 3600
+    throttle_id_failures: int = 100
+    throttle_peer_failures: int = 200
+    throttle_window_seconds: int = 900
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    tls_terminated_upstream: bool = False
+    http_listen: str | None = None
+    shutdown_grace_seconds: float = 10.0
+    log_level: str = "INFO"
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in fields(self):
+            value: Any = "***" if f.name in _SENSITIVE else getattr(self, f.name)
+            parts.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(parts)})"
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def admin_audience(self) -> str:
+        return self.server_name
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool = False) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false")
+
+
+def split_host_port(address: str, name: str = "AUTHSVC_LISTEN") -> tuple[str, int]:
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{name} must be HOST:PORT")
+    return host.strip("[]"), int(port_text)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _read_kek_file(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise ConfigError("AUTHSVC_KEK_FILE cannot be read") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError("AUTHSVC_KEK_FILE must not be readable by group or others (chmod 600)")
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        raise ConfigError("AUTHSVC_KEK_FILE cannot be read") from None
+
+
+def _load_kek(env: Mapping[str, str]) -> KeyEncryptionKey | None:
+    text = env.get("AUTHSVC_KEK")
+    name = "AUTHSVC_KEK"
+    if not text and env.get("AUTHSVC_KEK_FILE"):
+        text = _read_kek_file(env["AUTHSVC_KEK_FILE"])
+        name = "AUTHSVC_KEK_FILE"
+    if not text:
+        return None
+    try:
+        return KeyEncryptionKey.from_base64(text)
+    except ValueError as exc:
+        # The message from from_base64 never echoes the value; prefix the variable's name.
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def _dev_kek(dev_dir: Path) -> KeyEncryptionKey:
+    """Dev mode keeps a generated KEK beside its database, readable by the owner only."""
+    path = dev_dir / "kek"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(KeyEncryptionKey.generate_base64() + "\n")
+    os.chmod(path, 0o600)
+    return KeyEncryptionKey.from_base64(path.read_text().strip())
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+) -> Settings:
+    """Build Settings from the environment, then flags (`overrides`, None values ignored).
+
+    Raises ConfigError naming the first missing or unsafe setting.
+    """
+    env = dict(os.environ if environ is None else environ)
+    over = {k: v for k, v in (overrides or {}).items() if v is not None}
+    dev = bool(over.get("dev", False)) or _bool(env, "AUTHSVC_DEV")
+    dev_dir = str(over.get("dev_dir") or env.get("AUTHSVC_DEV_DIR") or DEFAULT_DEV_DIR)
+    listen = str(over.get("listen") or env.get("AUTHSVC_LISTEN") or DEFAULT_LISTEN)
+    host, _port = split_host_port(listen)
+
+    database_url = over.get("database_url") or env.get("AUTHSVC_DATABASE_URL")
+    issuer = over.get("issuer") or env.get("AUTHSVC_ISSUER")
+    kek = _load_kek(env)
+
+    if dev:
+        if not is_loopback(host):
+            raise ConfigError("--dev serves on a loopback address only (AUTHSVC_LISTEN)")
+        folder = Path(dev_dir)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        database_url = database_url or f"sqlite:///{(folder / 'authsvc.db').resolve()}"
+        issuer = issuer or DEV_ISSUER
+        kek = kek or _dev_kek(folder)
+    else:
+        if kek is None:
+            raise ConfigError("AUTHSVC_KEK (or AUTHSVC_KEK_FILE) is required outside --dev")
+        if not issuer:
+            raise ConfigError("AUTHSVC_ISSUER is required outside --dev")
+        database_url = database_url or "sqlite:///authsvc.db"
+
+    tls_cert = over.get("tls_cert") or env.get("AUTHSVC_TLS_CERT") or None
+    tls_key = over.get("tls_key") or env.get("AUTHSVC_TLS_KEY") or None
+    tls_client_ca = over.get("tls_client_ca") or env.get("AUTHSVC_TLS_CLIENT_CA") or None
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("AUTHSVC_TLS_CERT and AUTHSVC_TLS_KEY go together")
+    if tls_client_ca and not tls_cert:
+        raise ConfigError("AUTHSVC_TLS_CLIENT_CA needs AUTHSVC_TLS_CERT and AUTHSVC_TLS_KEY")
+    upstream = bool(over.get("tls_terminated_upstream", False)) or _bool(
+        env, "AUTHSVC_TLS_TERMINATED_UPSTREAM"
+    )
+    if not tls_cert and not is_loopback(host) and not upstream:
+        raise ConfigError(
+            "refusing plaintext gRPC on a non-loopback address: set AUTHSVC_TLS_CERT and "
+            "AUTHSVC_TLS_KEY, or AUTHSVC_TLS_TERMINATED_UPSTREAM=true if TLS ends in front of authsvc"
+        )
+
+    default_ttl = _int(env, "AUTHSVC_DEFAULT_TTL_SECONDS", 900, 1)
+    max_ttl = _int(env, "AUTHSVC_MAX_TTL_SECONDS", 3600, 1)
+    if default_ttl > max_ttl:
+        raise ConfigError("AUTHSVC_DEFAULT_TTL_SECONDS must not exceed AUTHSVC_MAX_TTL_SECONDS")
+    rsa_bits = _int(env, "AUTHSVC_RSA_KEY_BITS", 2048, 2048)
+    http_listen = over.get("http_listen") or env.get("AUTHSVC_HTTP_LISTEN") or None
+    if http_listen:
+        split_host_port(http_listen, "AUTHSVC_HTTP_LISTEN")
+
+    return Settings(
+        database_url=str(database_url),
+        issuer=str(issuer),
+        kek=kek,
+        listen=listen,
+        server_name=env.get("AUTHSVC_SERVER_NAME") or DEFAULT_SERVER_NAME,
+        dev=dev,
+        dev_dir=dev_dir,
+        default_ttl_seconds=default_ttl,
+        max_ttl_seconds=max_ttl,
+        leeway_seconds=_int(env, "AUTHSVC_LEEWAY_SECONDS", 30, 0),
+        key_rotation_interval_seconds=_int(
+            env, "AUTHSVC_KEY_ROTATION_INTERVAL_SECONDS", 7 * 24 * 3600, 0
+        ),
+        rsa_key_bits=rsa_bits,
+        max_token_bytes=_int(env, "AUTHSVC_MAX_TOKEN_BYTES", 8192, 512),
+        sync_interval_seconds=_float(env, "AUTHSVC_SYNC_INTERVAL_SECONDS", 0.5, 0.05),
+        max_secret_grace_seconds=_int(env, "AUTHSVC_MAX_SECRET_GRACE_SECONDS", 7 * 24 * 3600, 0),
+        throttle_id_failures=_int(env, "AUTHSVC_THROTTLE_ID_FAILURES", 100, 1),
+        throttle_peer_failures=_int(env, "AUTHSVC_THROTTLE_PEER_FAILURES", 200, 1),
+        throttle_window_seconds=_int(env, "AUTHSVC_THROTTLE_WINDOW_SECONDS", 900, 1),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_client_ca=tls_client_ca,
+        tls_terminated_upstream=upstream,
+        http_listen=http_listen,
+        shutdown_grace_seconds=_float(env, "AUTHSVC_SHUTDOWN_GRACE_SECONDS", 10.0, 0.0),
+        log_level=(env.get("AUTHSVC_LOG_LEVEL") or "INFO").upper(),
+    )

@@ -1,0 +1,276 @@
+"""Assemble and run one server process: storage, keys, in-memory state, gRPC, background loops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from authsvc.clock import Clock, SystemClock, to_datetime
+from authsvc.config import Settings
+from authsvc.crypto.secrets import SecretHasher, mint_secret
+from authsvc.errors import AlreadyExists, AuthsvcError, ConfigError, DecryptError
+from authsvc.keys.manager import KeyManager
+from authsvc.server.servicer import AuthServicer
+from authsvc.storage import migrate
+from authsvc.storage.engine import make_engine
+from authsvc.storage.repository import Repository
+from authsvc.sync import RevocationFeed, ServerState
+from authsvc.tokens.issuer import TokenIssuer
+from authsvc_client.claims import ADMIN_SCOPE
+from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
+from authsvc_client.verifier import TokenVerifier
+
+log = logging.getLogger("authsvc.server")
+
+SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
+DEV_ADMIN_SERVICE = "authsvc-admin"
+SECRET_HASH_PURPOSE = b"authsvc/service-secret-hash/v1"
+
+
+@dataclass
+class Core:
+    """Everything a server process or a CLI command needs, built from Settings."""
+
+    settings: Settings
+    clock: Clock
+    repo: Repository
+    manager: KeyManager
+    hasher: SecretHasher
+
+    def dispose(self) -> None:
+        self.repo.engine.dispose()
+
+
+def build_core(settings: Settings, clock: Clock | None = None, *, upgrade: bool = True) -> Core:
+    """Connect storage and check (or bring) the schema to head.
+
+    `serve` upgrades the schema itself (documented in README), under a database lock on
+    PostgreSQL so replicas starting together do not collide. Other commands refuse a stale schema.
+    """
+    clock = clock or SystemClock()
+    if settings.database_url.startswith("sqlite:///"):
+        Path(settings.database_url.removeprefix("sqlite:///")).parent.mkdir(
+            parents=True, exist_ok=True
+        )
+    engine = make_engine(settings.database_url)
+    if upgrade:
+        migrate.upgrade(engine)
+    elif not migrate.is_current(engine):
+        engine.dispose()
+        raise ConfigError("the database schema is not current: run `authsvc db upgrade`")
+    repo = Repository(engine)
+    manager = KeyManager(
+        repo,
+        settings.kek,
+        clock,
+        rsa_key_bits=settings.rsa_key_bits,
+        max_ttl_seconds=settings.max_ttl_seconds,
+        leeway_seconds=settings.leeway_seconds,
+    )
+    return Core(
+        settings=settings,
+        clock=clock,
+        repo=repo,
+        manager=manager,
+        hasher=SecretHasher(settings.kek.derive(SECRET_HASH_PURPOSE)),
+    )
+
+
+def create_service(
+    core: Core, service_id: str, audiences: list[str], scopes: list[str], *, admin: bool = False
+) -> str:
+    """Register a service; returns its secret, which is never stored in clear."""
+    if admin:
+        audiences = [*audiences, core.settings.admin_audience]
+        scopes = [*scopes, ADMIN_SCOPE]
+    secret = mint_secret()
+    core.repo.create_service(
+        service_id,
+        list(dict.fromkeys(audiences)),
+        list(dict.fromkeys(scopes)),
+        core.hasher.hash(secret),
+        to_datetime(core.clock.now()),
+    )
+    return secret
+
+
+def bootstrap_dev_admin(core: Core, out: TextIO) -> None:
+    """Dev mode: create an admin credential on first start and print it once."""
+    try:
+        secret = create_service(core, DEV_ADMIN_SERVICE, [], [], admin=True)
+    except AlreadyExists:
+        return
+    out.write(
+        "authsvc DEV MODE: bootstrap admin credential (shown once, not stored in clear):\n"
+        f"  AUTHSVC_SERVICE_ID={DEV_ADMIN_SERVICE}\n"
+        f"  AUTHSVC_SERVICE_SECRET={secret}\n"
+    )
+    out.flush()
+
+
+class AuthsvcServer:
+    """One server process. `start()` returns once it reports SERVING."""
+
+    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.port: int | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._server: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._core: Core | None = None
+        self._stopping = asyncio.Event()
+
+    async def start(self, out: TextIO = sys.stdout) -> int:
+        s = self.settings
+        core = await asyncio.to_thread(build_core, s, self.clock)
+        self._core = core
+        await asyncio.to_thread(core.manager.ensure_active)
+        if s.dev:
+            bootstrap_dev_admin(core, out)
+        state = ServerState(core.repo, core.manager, self.clock)
+        try:
+            await asyncio.to_thread(state.load)
+        except DecryptError:
+            raise ConfigError(
+                "AUTHSVC_KEK cannot decrypt the stored signing keys (wrong key-encryption key?)"
+            ) from None
+        feed = RevocationFeed(state.revocation_cursor)
+        loop = asyncio.get_running_loop()
+        state.on_revocations = lambda records: loop.call_soon_threadsafe(feed.publish, records)
+        verifier = TokenVerifier(
+            keys=lambda: state.keyring,
+            revocations=state.revocations,
+            issuer=s.issuer,
+            leeway_seconds=s.leeway_seconds,
+            max_token_bytes=s.max_token_bytes,
+            is_subject_enabled=state.is_subject_enabled,
+            clock=self.clock.now,
+        )
+        servicer = AuthServicer(
+            settings=s,
+            repo=core.repo,
+            state=state,
+            manager=core.manager,
+            verifier=verifier,
+            issuer=TokenIssuer(s.issuer),
+            hasher=core.hasher,
+            clock=self.clock,
+            feed=feed,
+        )
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", 64 * 1024),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        self.port = self._add_port(server)
+        await server.start()
+        self._server = server
+        self._tasks = [
+            asyncio.create_task(self._sync_loop(state)),
+            asyncio.create_task(self._maintenance_loop(core, state)),
+        ]
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        host = s.listen.rpartition(":")[0]
+        out.write(f"authsvc listening on {host}:{self.port} ({'TLS' if s.tls_enabled else 'plaintext'})\n")
+        out.flush()
+        return self.port
+
+    def _add_port(self, server: grpc.aio.Server) -> int:
+        s = self.settings
+        if s.tls_cert and s.tls_key:
+            key = Path(s.tls_key).read_bytes()
+            cert = Path(s.tls_cert).read_bytes()
+            ca = Path(s.tls_client_ca).read_bytes() if s.tls_client_ca else None
+            creds = grpc.ssl_server_credentials(
+                [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+            )
+            port = server.add_secure_port(s.listen, creds)
+        else:
+            port = server.add_insecure_port(s.listen)
+        if port == 0:
+            raise ConfigError("cannot listen on AUTHSVC_LISTEN (address in use or not available)")
+        return port
+
+    async def _sync_loop(self, state: ServerState) -> None:
+        interval = self.settings.sync_interval_seconds
+        while not self._stopping.is_set():
+            try:
+                await asyncio.to_thread(state.refresh)
+            except AuthsvcError as exc:
+                log.warning("state sync failed: %s", exc)
+            except Exception:
+                log.exception("state sync failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval)
+
+    async def _maintenance_loop(self, core: Core, state: ServerState) -> None:
+        """Scheduled key rotation (SPIRE's rotator) and pruning of what has expired."""
+        interval = self.settings.key_rotation_interval_seconds
+        period = 60.0 if interval <= 0 else min(60.0, max(0.5, interval / 4))
+        while not self._stopping.is_set():
+            try:
+                result = await asyncio.to_thread(core.manager.rotate_if_due, interval)
+                if result is not None and result.rotated_here:
+                    log.info("scheduled key rotation: new active key %s", result.key.kid)
+                await asyncio.to_thread(core.manager.prune)
+                now = to_datetime(self.clock.now())
+                await asyncio.to_thread(core.repo.prune_revocations, now)
+                await asyncio.to_thread(state.refresh)
+            except AuthsvcError as exc:
+                log.warning("maintenance failed: %s", exc)
+            except Exception:
+                log.exception("maintenance failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), period)
+
+    async def stop(self) -> None:
+        """Graceful: report NOT_SERVING, stop accepting, drain in-flight calls, then close."""
+        self._stopping.set()
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.settings.shutdown_grace_seconds)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._core is not None:
+            self._core.dispose()
+
+
+async def serve(settings: Settings, *, on_started: Callable[[int], None] | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    server = AuthsvcServer(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        port = await server.start()
+        if on_started is not None:
+            on_started(port)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await server.stop()

@@ -1,0 +1,710 @@
+"""AuthService over grpc.aio: proto <-> domain translation; errors become status in one place.
+
+Validation runs inline on the event loop (pure CPU, no I/O). Anything touching the database or
+signing runs in worker threads so that open WatchRevocations streams and slow queries never
+starve other calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import functools
+import json
+import logging
+import math
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from authsvc.clock import Clock, to_datetime, to_timestamp
+from authsvc.config import Settings
+from authsvc.crypto.secrets import SecretHasher, mint_secret
+from authsvc.errors import (
+    AuthsvcError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
+from authsvc.keys.manager import KeyManager
+from authsvc.storage.records import RevocationRecord, ServiceRecord, SigningKeyRecord
+from authsvc.storage.repository import Repository
+from authsvc.sync import RevocationFeed, ServerState
+from authsvc.tokens.issuer import TokenIssuer
+from authsvc_client.claims import ADMIN_SCOPE, Claims, ValidationResult
+from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
+from authsvc_client.verifier import TokenVerifier
+
+log = logging.getLogger("authsvc.server")
+
+BAD_CREDENTIALS = "invalid service credentials"
+MAX_ID_LENGTH = 128
+MAX_SCOPES = 64
+_WATCH_PAGE = 1000
+
+T = TypeVar("T")
+
+
+def timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1_000_000_000))
+    return ts
+
+
+def _check_name(value: str, field: str, *, required: bool = True) -> None:
+    if not value:
+        if required:
+            raise InvalidArgument(f"{field} is required")
+        return
+    if len(value) > MAX_ID_LENGTH or not value.isprintable() or value != value.strip():
+        raise InvalidArgument(f"{field} must be at most {MAX_ID_LENGTH} printable characters")
+
+
+def _check_scopes(scopes: Sequence[str], field: str) -> None:
+    if len(scopes) > MAX_SCOPES:
+        raise InvalidArgument(f"{field}: at most {MAX_SCOPES} scopes")
+    for s in scopes:
+        # RFC 6749 3.3 scope-token: printable ASCII except space, quote and backslash.
+        if not s or any(c in ' "\\' or not 0x21 <= ord(c) <= 0x7E for c in s):
+            raise InvalidArgument(f"{field}: each scope is printable ASCII without spaces")
+
+
+def _peer_address(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The peer without its port, so one host's connections count as one peer."""
+    peer = context.peer() or "unknown"
+    if peer.startswith(("ipv4:", "ipv6:")):
+        return peer.rsplit(":", 1)[0]
+    return peer
+
+
+def _metadata(context: grpc.aio.ServicerContext[Any, Any], key: str) -> list[str]:
+    return [str(v) for k, v in (context.invocation_metadata() or ()) if k == key]
+
+
+def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    given = _metadata(context, "x-request-id")
+    if given and 0 < len(given[0]) <= 128 and given[0].isprintable():
+        return given[0]
+    return uuid.uuid4().hex
+
+
+def _service_proto(record: ServiceRecord) -> auth_pb2.Service:
+    return auth_pb2.Service(
+        service_id=record.service_id,
+        audiences=list(record.audiences),
+        scopes=list(record.scopes),
+        disabled=record.disabled,
+        created_at=timestamp(to_timestamp(record.created_at)),
+    )
+
+
+def _key_proto(record: SigningKeyRecord) -> auth_pb2.SigningKey:
+    msg = auth_pb2.SigningKey(
+        key_id=record.kid, state=record.state, created_at=timestamp(to_timestamp(record.created_at))
+    )
+    if record.activated_at is not None:
+        msg.activated_at.CopyFrom(timestamp(to_timestamp(record.activated_at)))
+    if record.retired_at is not None:
+        msg.retired_at.CopyFrom(timestamp(to_timestamp(record.retired_at)))
+    if record.publish_until is not None:
+        msg.publish_until.CopyFrom(timestamp(to_timestamp(record.publish_until)))
+    return msg
+
+
+def revocation_event(record: RevocationRecord) -> auth_pb2.RevocationEvent:
+    event = auth_pb2.RevocationEvent(
+        cursor=record.cursor,
+        jti=record.jti or "",
+        service_id=record.service_id or "",
+        expires_at=timestamp(to_timestamp(record.expires_at)),
+    )
+    if record.revoked_before is not None:
+        event.revoked_before.CopyFrom(timestamp(to_timestamp(record.revoked_before)))
+    return event
+
+
+def unverified_audience(token: str) -> str | None:
+    """Read `aud` without trusting it, only to choose what to verify the token against."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error, RecursionError):
+        return None
+    aud = payload.get("aud") if isinstance(payload, dict) else None
+    return aud if isinstance(aud, str) and aud else None
+
+
+def handle_errors(
+    method: Callable[..., Awaitable[T]],
+) -> Callable[..., Awaitable[T]]:
+    """Turn domain errors into status codes: the only place that does."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> T:
+        try:
+            return await method(self, request, context)
+        except AuthsvcError as exc:
+            if isinstance(exc, ResourceExhausted):
+                context.set_trailing_metadata((("retry-after", str(exc.retry_after)),))
+            await context.abort(exc.grpc_code, str(exc))
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception:
+            # The exception may carry request data; log its type only, never its text.
+            log.exception("unexpected error in %s", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    return wrapper
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who called an admin RPC, from the bearer token."""
+
+    claims: Claims
+
+
+class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        repo: Repository,
+        state: ServerState,
+        manager: KeyManager,
+        verifier: TokenVerifier,
+        issuer: TokenIssuer,
+        hasher: SecretHasher,
+        clock: Clock,
+        feed: RevocationFeed,
+    ) -> None:
+        self._s = settings
+        self._repo = repo
+        self._state = state
+        self._manager = manager
+        self._verifier = verifier
+        self._issuer = issuer
+        self._hasher = hasher
+        self._clock = clock
+        self._feed = feed
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    async def _refresh(self) -> None:
+        """Make a write on this replica visible here at once, not at the next sync tick."""
+        await asyncio.to_thread(self._state.refresh)
+
+    def _bearer(self, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+        values = _metadata(context, "authorization")
+        if not values:
+            return None
+        if len(values) > 1:
+            raise Unauthenticated("more than one authorization value")
+        scheme, _, token = values[0].partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated("authorization must be 'Bearer <token>'")
+        return token.strip()
+
+    def _admin(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+        token = self._bearer(context)
+        if token is None:
+            raise Unauthenticated("this call needs an admin bearer token")
+        return self._admin_from_token(token)
+
+    def _admin_from_token(self, token: str) -> Caller:
+        if len(token) > self._s.max_token_bytes:
+            raise Unauthenticated("admin token rejected: MALFORMED")
+        result = self._verifier.verify(
+            token, audience=self._s.admin_audience, required_scopes=(ADMIN_SCOPE,)
+        )
+        if result.valid and result.claims is not None:
+            return Caller(result.claims)
+        if result.reason == auth_pb2.INSUFFICIENT_SCOPE:
+            raise PermissionDenied(f"this call needs scope {ADMIN_SCOPE}")
+        raise Unauthenticated(f"admin token rejected: {result.reason_name}")
+
+    def _audit(
+        self,
+        *,
+        actor: str,
+        action: str,
+        target: str,
+        outcome: str,
+        peer: str,
+        request_id: str,
+        detail: str = "",
+    ) -> None:
+        log.info(
+            "audit action=%s actor=%s target=%s outcome=%s peer=%s request_id=%s",
+            action, actor, target, outcome, peer, request_id,
+        )
+        self._repo.create_audit_event(
+            at=to_datetime(self._clock.now()),
+            actor=actor,
+            action=action,
+            target=target,
+            outcome=outcome,
+            peer=peer,
+            request_id=request_id,
+            detail=detail,
+        )
+
+    # -- IssueToken ------------------------------------------------------------------------
+
+    @handle_errors
+    async def IssueToken(
+        self, request: auth_pb2.IssueTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> auth_pb2.IssueTokenResponse:
+        _check_name(request.service_id, "service_id")
+        if not request.service_secret or len(request.service_secret) > 256:
+            raise InvalidArgument("service_secret is required")
+        _check_name(request.audience, "audience")
+        _check_scopes(request.scopes, "scopes")
+        if request.ttl_seconds < 0:
+            raise InvalidArgument("ttl_seconds must not be negative")
+        return await asyncio.to_thread(
+            self._issue, request, _peer_address(context), _request_id(context)
+        )
+
+    def _throttle_keys(self, service_id: str, peer: str) -> tuple[str, str]:
+        return f"id:{service_id}", f"peer:{peer}"
+
+    def _check_throttle(self, service_id: str, peer: str) -> None:
+        now = to_datetime(self._clock.now())
+        id_key, peer_key = self._throttle_keys(service_id, peer)
+        window = self._s.throttle_window_seconds
+        if (
+            self._repo.count_auth_failures(id_key, now, window) >= self._s.throttle_id_failures
+            or self._repo.count_auth_failures(peer_key, now, window)
+            >= self._s.throttle_peer_failures
+        ):
+            raise ResourceExhausted("too many failed attempts; retry later", retry_after=window)
+
+    def _record_failure(self, service_id: str, peer: str) -> None:
+        now = to_datetime(self._clock.now())
+        window = self._s.throttle_window_seconds
+        for key in self._throttle_keys(service_id, peer):
+            self._repo.update_auth_failures(key, now, window)
+
+    def _authenticate(
+        self, service_id: str, secret: str, peer: str, request_id: str, action: str
+    ) -> ServiceRecord:
+        """Check a service's secret. Unknown id and wrong secret cost the same and look the same."""
+        self._check_throttle(service_id, peer)
+        now = self._clock.now()
+        service = self._repo.fetch_service(service_id)
+        ok = False
+        if service is None:
+            self._hasher.dummy_verify(secret)
+        else:
+            # Check every live secret (current and, within its grace period, previous) so the
+            # timing does not depend on which one matched.
+            for record in self._repo.list_secrets(service_id, to_datetime(now)):
+                ok = self._hasher.verify(secret, record.secret_hash) | ok
+        if service is None or not ok:
+            self._record_failure(service_id, peer)
+            self._audit(
+                actor=service_id, action=action, target=service_id, outcome="bad_credentials",
+                peer=peer, request_id=request_id,
+            )
+            raise Unauthenticated(BAD_CREDENTIALS)
+        self._repo.delete_auth_failures(self._throttle_keys(service_id, peer)[0])
+        if service.disabled:
+            self._audit(
+                actor=service_id, action=action, target=service_id, outcome="disabled",
+                peer=peer, request_id=request_id,
+            )
+            raise Unauthenticated("service is disabled")
+        return service
+
+    def _issue(
+        self, request: auth_pb2.IssueTokenRequest, peer: str, request_id: str
+    ) -> auth_pb2.IssueTokenResponse:
+        service = self._authenticate(
+            request.service_id, request.service_secret, peer, request_id, "issue_token"
+        )
+        if request.audience not in service.audiences:
+            self._audit(
+                actor=service.service_id, action="issue_token", target=request.audience,
+                outcome="audience_denied", peer=peer, request_id=request_id,
+            )
+            raise PermissionDenied("audience not allowed for this service")
+        wanted = list(dict.fromkeys(request.scopes)) or list(service.scopes)
+        denied = [s for s in wanted if s not in service.scopes]
+        if denied:
+            self._audit(
+                actor=service.service_id, action="issue_token", target=request.audience,
+                outcome="scope_denied", peer=peer, request_id=request_id,
+            )
+            raise PermissionDenied("scope not allowed for this service: " + " ".join(denied))
+        ttl = request.ttl_seconds or self._s.default_ttl_seconds
+        ttl = min(ttl, self._s.max_ttl_seconds)
+        signer = self._state.signer
+        if signer is None:
+            raise AuthsvcError("no active signing key")
+        issued = self._issuer.issue(
+            private_key=signer.private_key,
+            kid=signer.kid,
+            subject=service.service_id,
+            audience=request.audience,
+            scopes=wanted,
+            ttl_seconds=ttl,
+            now=self._clock.now(),
+        )
+        claims = issued.claims
+        self._audit(
+            actor=service.service_id, action="issue_token", target=request.audience,
+            outcome="ok", peer=peer, request_id=request_id, detail=f"jti={claims.jti}",
+        )
+        return auth_pb2.IssueTokenResponse(
+            access_token=issued.token,
+            token_type="Bearer",
+            expires_in=claims.expires_at - claims.issued_at,
+            expires_at=timestamp(claims.expires_at),
+            key_id=claims.key_id,
+            scopes=list(claims.scopes),
+        )
+
+    # -- ValidateToken ---------------------------------------------------------------------
+
+    @handle_errors
+    async def ValidateToken(
+        self, request: auth_pb2.ValidateTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> auth_pb2.ValidateTokenResponse:
+        if not request.token:
+            raise InvalidArgument("token is required")
+        if len(request.token) > self._s.max_token_bytes:
+            raise InvalidArgument(f"token is longer than {self._s.max_token_bytes} bytes")
+        if not request.audience:
+            raise InvalidArgument("audience is required (the validating service's own id)")
+        _check_scopes(request.required_scopes, "required_scopes")
+        result: ValidationResult = self._verifier.verify(
+            request.token, audience=request.audience, required_scopes=request.required_scopes
+        )
+        return result.to_proto()
+
+    # -- RevokeToken -----------------------------------------------------------------------
+
+    @handle_errors
+    async def RevokeToken(
+        self, request: auth_pb2.RevokeTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> auth_pb2.RevokeTokenResponse:
+        target = request.WhichOneof("target")
+        peer, request_id = _peer_address(context), _request_id(context)
+        reason = request.reason[:256]
+        if target is None:
+            raise InvalidArgument("one of token, jti or service_id is required")
+        if target == "token":
+            if len(request.token) > self._s.max_token_bytes:
+                raise InvalidArgument(f"token is longer than {self._s.max_token_bytes} bytes")
+            if not request.token:
+                raise InvalidArgument("token is required")
+            revoked = await self._revoke_presented(request.token, reason, peer, request_id)
+        else:
+            caller = self._admin(context)
+            if target == "jti":
+                _check_name(request.jti, "jti")
+                revoked = await asyncio.to_thread(
+                    self._revoke_jti, request.jti, None, caller.claims.subject, reason, peer,
+                    request_id,
+                )
+            else:
+                _check_name(request.service_id, "service_id")
+                revoked = await self._revoke_service(
+                    request.service_id, caller.claims.subject, reason, peer, request_id
+                )
+        await self._refresh()
+        return auth_pb2.RevokeTokenResponse(revoked=revoked)
+
+    async def _revoke_presented(self, token: str, reason: str, peer: str, request_id: str) -> bool:
+        """RFC 7009: whoever holds a token may revoke it. An invalid token revokes nothing."""
+        audience = unverified_audience(token)
+        if audience is None:
+            return False
+        result = self._verifier.verify(token, audience=audience)
+        if result.reason == auth_pb2.REVOKED:
+            return True
+        if result.claims is None:
+            return False
+        claims = result.claims
+        return await asyncio.to_thread(
+            self._revoke_jti, claims.jti, claims.expires_at, claims.subject, reason, peer,
+            request_id,
+        )
+
+    def _revoke_jti(
+        self,
+        jti: str,
+        expires_at: int | None,
+        actor: str,
+        reason: str,
+        peer: str,
+        request_id: str,
+    ) -> bool:
+        now = self._clock.now()
+        if expires_at is None:
+            # Unknown token: keep the revocation as long as any token could live.
+            expires_at = math.ceil(now) + self._s.max_ttl_seconds
+        self._repo.create_revocation(
+            jti=jti,
+            service_id=None,
+            revoked_before=None,
+            expires_at=to_datetime(expires_at + self._s.leeway_seconds),
+            reason=reason,
+            now=to_datetime(now),
+        )
+        self._audit(
+            actor=actor, action="revoke_token", target=f"jti:{jti}", outcome="ok", peer=peer,
+            request_id=request_id,
+        )
+        return True
+
+    async def _revoke_service(
+        self, service_id: str, actor: str, reason: str, peer: str, request_id: str
+    ) -> bool:
+        """Revoke every token of a service issued until this call returns.
+
+        `iat` has whole-second resolution, so a cutoff inside a second could not tell a token
+        issued just before the call from one issued just after. The cutoff is therefore the next
+        whole second and the call returns only once that second has begun: every token issued
+        before the return has iat < cutoff (revoked), every token issued after has iat >= cutoff.
+        """
+        now = self._clock.now()
+        cutoff = math.floor(now) + 1
+
+        def write() -> None:
+            if self._repo.fetch_service(service_id) is None:
+                raise NotFound("no such service")
+            self._repo.create_revocation(
+                jti=None,
+                service_id=service_id,
+                revoked_before=to_datetime(cutoff),
+                expires_at=to_datetime(cutoff + self._s.max_ttl_seconds + self._s.leeway_seconds),
+                reason=reason,
+                now=to_datetime(now),
+            )
+            self._audit(
+                actor=actor, action="revoke_service_tokens", target=f"service:{service_id}",
+                outcome="ok", peer=peer, request_id=request_id,
+            )
+
+        await asyncio.to_thread(write)
+        remaining = cutoff - self._clock.now()
+        if remaining > 0:
+            await asyncio.sleep(remaining)
+        return True
+
+    # -- RotateServiceSecret ---------------------------------------------------------------
+
+    @handle_errors
+    async def RotateServiceSecret(
+        self,
+        request: auth_pb2.RotateServiceSecretRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> auth_pb2.RotateServiceSecretResponse:
+        _check_name(request.service_id, "service_id")
+        if request.grace_period_seconds < 0:
+            raise InvalidArgument("grace_period_seconds must not be negative")
+        if request.grace_period_seconds > self._s.max_secret_grace_seconds:
+            raise InvalidArgument(
+                f"grace_period_seconds must not exceed {self._s.max_secret_grace_seconds}"
+            )
+        if len(request.current_secret) > 256:
+            raise InvalidArgument("current_secret is too long")
+        peer, request_id = _peer_address(context), _request_id(context)
+        admin: Caller | None = None
+        if not request.current_secret:
+            admin = self._admin(context)
+        return await asyncio.to_thread(self._rotate_secret, request, admin, peer, request_id)
+
+    def _rotate_secret(
+        self,
+        request: auth_pb2.RotateServiceSecretRequest,
+        admin: Caller | None,
+        peer: str,
+        request_id: str,
+    ) -> auth_pb2.RotateServiceSecretResponse:
+        if admin is None:
+            self._authenticate(
+                request.service_id, request.current_secret, peer, request_id, "rotate_secret"
+            )
+            actor = request.service_id
+        else:
+            if self._repo.fetch_service(request.service_id) is None:
+                raise NotFound("no such service")
+            actor = admin.claims.subject
+        now = self._clock.now()
+        secret = mint_secret()
+        previous_until = (
+            to_datetime(now + request.grace_period_seconds)
+            if request.grace_period_seconds > 0
+            else None
+        )
+        self._repo.update_service_secret(
+            request.service_id, self._hasher.hash(secret), to_datetime(now), previous_until
+        )
+        self._audit(
+            actor=actor, action="rotate_secret", target=f"service:{request.service_id}",
+            outcome="ok", peer=peer, request_id=request_id,
+            detail=f"grace_seconds={request.grace_period_seconds}",
+        )
+        response = auth_pb2.RotateServiceSecretResponse(service_secret=secret)
+        if previous_until is not None:
+            response.previous_secret_expires_at.CopyFrom(timestamp(to_timestamp(previous_until)))
+        return response
+
+    # -- Keys ------------------------------------------------------------------------------
+
+    @handle_errors
+    async def RotateSigningKey(
+        self, request: auth_pb2.RotateSigningKeyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> auth_pb2.RotateSigningKeyResponse:
+        caller = self._admin(context)
+        peer, request_id = _peer_address(context), _request_id(context)
+
+        def rotate() -> SigningKeyRecord:
+            result = self._manager.rotate(revoke_previous=request.revoke_previous)
+            self._audit(
+                actor=caller.claims.subject, action="rotate_signing_key",
+                target=f"key:{result.key.kid}",
+                outcome="ok" if result.rotated_here else "already_rotated", peer=peer,
+                request_id=request_id, detail=f"revoke_previous={request.revoke_previous}",
+            )
+            return result.key
+
+        key = await asyncio.to_thread(rotate)
+        await self._refresh()
+        activated = key.activated_at or key.created_at
+        return auth_pb2.RotateSigningKeyResponse(
+            key_id=key.kid, activated_at=timestamp(to_timestamp(activated))
+        )
+
+    @handle_errors
+    async def GetJwks(
+        self, request: auth_pb2.GetJwksRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> auth_pb2.GetJwksResponse:
+        return auth_pb2.GetJwksResponse(jwks_json=self._state.jwks_json)
+
+    @handle_errors
+    async def ListSigningKeys(
+        self, request: auth_pb2.ListSigningKeysRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> auth_pb2.ListSigningKeysResponse:
+        self._admin(context)
+        keys = await asyncio.to_thread(self._repo.list_signing_keys)
+        return auth_pb2.ListSigningKeysResponse(keys=[_key_proto(k) for k in keys])
+
+    # -- Services --------------------------------------------------------------------------
+
+    @handle_errors
+    async def CreateService(
+        self, request: auth_pb2.CreateServiceRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> auth_pb2.CreateServiceResponse:
+        caller = self._admin(context)
+        _check_name(request.service_id, "service_id")
+        if not request.audiences:
+            raise InvalidArgument("at least one audience is required")
+        for audience in request.audiences:
+            _check_name(audience, "audiences")
+        _check_scopes(request.scopes, "scopes")
+        peer, request_id = _peer_address(context), _request_id(context)
+
+        def create() -> tuple[ServiceRecord, str]:
+            secret = mint_secret()
+            record = self._repo.create_service(
+                request.service_id,
+                list(dict.fromkeys(request.audiences)),
+                list(dict.fromkeys(request.scopes)),
+                self._hasher.hash(secret),
+                to_datetime(self._clock.now()),
+            )
+            self._audit(
+                actor=caller.claims.subject, action="create_service",
+                target=f"service:{record.service_id}", outcome="ok", peer=peer,
+                request_id=request_id,
+            )
+            return record, secret
+
+        record, secret = await asyncio.to_thread(create)
+        return auth_pb2.CreateServiceResponse(service=_service_proto(record), service_secret=secret)
+
+    @handle_errors
+    async def ListServices(
+        self, request: auth_pb2.ListServicesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> auth_pb2.ListServicesResponse:
+        self._admin(context)
+        services = await asyncio.to_thread(self._repo.list_services)
+        return auth_pb2.ListServicesResponse(services=[_service_proto(s) for s in services])
+
+    @handle_errors
+    async def DisableService(
+        self, request: auth_pb2.DisableServiceRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> auth_pb2.DisableServiceResponse:
+        caller = self._admin(context)
+        _check_name(request.service_id, "service_id")
+        peer, request_id = _peer_address(context), _request_id(context)
+
+        def disable() -> ServiceRecord:
+            record = self._repo.update_service_disabled(
+                request.service_id, True, to_datetime(self._clock.now())
+            )
+            self._audit(
+                actor=caller.claims.subject, action="disable_service",
+                target=f"service:{record.service_id}", outcome="ok", peer=peer,
+                request_id=request_id,
+            )
+            return record
+
+        record = await asyncio.to_thread(disable)
+        await self._refresh()
+        return auth_pb2.DisableServiceResponse(service=_service_proto(record))
+
+    # -- WatchRevocations ------------------------------------------------------------------
+
+    async def WatchRevocations(
+        self,
+        request: auth_pb2.WatchRevocationsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[auth_pb2.RevocationEvent]:
+        if request.after_cursor < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "after_cursor must be >= 0")
+        cursor = request.after_cursor
+        while True:
+            live = self._feed.since(cursor)
+            if live is None:
+                # Behind what the live buffer holds: replay from storage, page by page.
+                horizon = self._feed.horizon
+                try:
+                    async for record in self._replay(cursor):
+                        yield revocation_event(record)
+                        cursor = record.cursor
+                except AuthsvcError as exc:
+                    await context.abort(exc.grpc_code, str(exc))
+                # Everything up to the horizon was in storage when the replay ran; what it did
+                # not return had expired.
+                cursor = max(cursor, horizon)
+                continue
+            for record in live:
+                yield revocation_event(record)
+                cursor = record.cursor
+            await self._feed.wait(timeout=30.0)
+
+    async def _replay(self, cursor: int) -> AsyncIterator[RevocationRecord]:
+        while True:
+            page = await asyncio.to_thread(
+                self._repo.list_revocations, cursor, to_datetime(self._clock.now()), _WATCH_PAGE
+            )
+            for record in page:
+                yield record
+                cursor = record.cursor
+            if len(page) < _WATCH_PAGE:
+                return

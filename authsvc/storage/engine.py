@@ -1,0 +1,107 @@
+"""Engine construction: SQLite (WAL, one writer, BEGIN IMMEDIATE) or PostgreSQL over psycopg 3."""
+
+from __future__ import annotations
+
+import threading
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, cast
+
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.pool import ConnectionPoolEntry
+
+__all__ = ["READ_ONLY", "is_sqlite", "make_engine", "write_lock"]
+
+# Execution option: the transaction only reads (plain BEGIN on SQLite, READ ONLY on PostgreSQL).
+# Without it a SQLite transaction opens with BEGIN IMMEDIATE, so Alembic's DDL works unchanged.
+READ_ONLY = "authsvc_read_only"
+# Execution option holding the engine's process-local writer lock (SQLite only).
+_WRITE_LOCK = "authsvc_write_lock"
+_BUSY_TIMEOUT_MS = 5000
+_PG_CONNECT_TIMEOUT_S = 5
+
+
+def make_engine(url: str) -> Engine:
+    """Build an engine for a `sqlite:///path` or `postgresql[+psycopg]://` URL.
+
+    Raises:
+        ValueError: for any other database (the message names the backend, not the URL).
+    """
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return _sqlite_engine(parsed)
+    if backend == "postgresql":
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        elif parsed.drivername != "postgresql+psycopg":
+            raise ValueError("only the psycopg (v3) driver is supported for PostgreSQL")
+        return _postgres_engine(parsed)
+    raise ValueError(f"unsupported database backend {backend!r}: use sqlite or postgresql")
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def write_lock(engine: Engine) -> AbstractContextManager[object]:
+    """The lock this process's write transactions hold on SQLite (one writer); no-op otherwise."""
+    lock = engine.get_execution_options().get(_WRITE_LOCK)
+    return cast(AbstractContextManager[object], lock) if lock is not None else nullcontext()
+
+
+def _postgres_engine(url: URL) -> Engine:
+    engine = create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=5,
+        max_overflow=10,
+        pool_timeout=10,
+        # Never put parameter values (hashes, wrapped keys) into exception text.
+        hide_parameters=True,
+        connect_args={"connect_timeout": _PG_CONNECT_TIMEOUT_S},
+    )
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        if conn.get_execution_options().get(READ_ONLY):
+            # A stray write in a read method fails instead of committing.
+            conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+
+    return engine
+
+
+def _sqlite_engine(url: URL) -> Engine:
+    engine = create_engine(
+        url,
+        hide_parameters=True,
+        connect_args={"timeout": _BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+        execution_options={_WRITE_LOCK: threading.Lock()},
+    )
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, record: ConnectionPoolEntry) -> None:
+        # Take BEGIN away from the sqlite3 module (SQLAlchemy's pysqlite recipe); _begin emits it.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            cur.execute("PRAGMA journal_mode = WAL")
+            cur.execute("PRAGMA foreign_keys = ON")
+            cur.execute("PRAGMA synchronous = NORMAL")
+        finally:
+            cur.close()
+        record.info["query_only"] = False
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        read_only = bool(conn.get_execution_options().get(READ_ONLY))
+        if conn.info.get("query_only") != read_only:
+            # query_only makes a stray write in a read method fail loudly.
+            conn.exec_driver_sql(f"PRAGMA query_only = {int(read_only)}")
+            conn.info["query_only"] = read_only
+        # Writers take the database write lock up front: two processes rotating at once queue
+        # here (busy_timeout) instead of both reading the old state and failing to upgrade later.
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+    return engine

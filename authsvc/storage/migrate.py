@@ -1,0 +1,67 @@
+"""Schema migrations (Alembic, shipped in the package and configured in code: no alembic.ini)."""
+
+from __future__ import annotations
+
+import threading
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, text
+
+from authsvc.storage.engine import READ_ONLY
+
+__all__ = ["current_revision", "head_revision", "is_current", "upgrade"]
+
+SCRIPT_LOCATION = "authsvc.storage:migrations"
+# Session-level advisory lock held while migrating PostgreSQL, so replicas starting together
+# upgrade one after another (the later ones then find the schema at head and do nothing).
+_PG_MIGRATION_LOCK = 0x6175_7468_7376_0001
+# Alembic's `context` and `op` are module-level proxies: two migrations running on threads of one
+# process would trample each other, so this process runs one at a time.
+_ALEMBIC_LOCK = threading.Lock()
+
+
+def _config() -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", SCRIPT_LOCATION)
+    return cfg
+
+
+def upgrade(engine: Engine) -> None:
+    """Bring the schema to head; safe to call from several processes at once."""
+    cfg = _config()
+    postgres = engine.dialect.name == "postgresql"
+    with _ALEMBIC_LOCK, engine.connect() as conn:
+        if postgres:
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+            conn.commit()
+        try:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+        finally:
+            if postgres:
+                conn.rollback()
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_MIGRATION_LOCK})
+                conn.commit()
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The revision the database is at, or None for an empty database."""
+    with engine.connect().execution_options(**{READ_ONLY: True}) as conn, conn.begin() as tx:
+        try:
+            return MigrationContext.configure(conn).get_current_revision()
+        finally:
+            tx.rollback()
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(_config()).get_current_head()
+    if head is None:  # pragma: no cover - the package always ships 0001
+        raise RuntimeError("no migrations found")
+    return head
+
+
+def is_current(engine: Engine) -> bool:
+    return current_revision(engine) == head_revision()

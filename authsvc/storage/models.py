@@ -1,0 +1,150 @@
+"""SQLAlchemy models: the one schema that migration 0001 creates on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite batch migrations recreate tables and need every constraint to have a stable name.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+ID_LENGTH = 255
+TS = DateTime(timezone=True)
+# Cursors must never be reused after a prune (a follower would skip rows): BIGSERIAL on
+# PostgreSQL, INTEGER PRIMARY KEY AUTOINCREMENT on SQLite (only INTEGER may alias the rowid).
+CURSOR = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class ServiceRow(Base):
+    __tablename__ = "services"
+
+    service_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    audiences: Mapped[str] = mapped_column(Text)  # JSON array
+    scopes: Mapped[str] = mapped_column(Text)  # JSON array
+    disabled: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(TS)
+    updated_at: Mapped[datetime] = mapped_column(TS)
+
+
+class ServiceSecretRow(Base):
+    __tablename__ = "service_secrets"
+    __table_args__ = (CheckConstraint("slot IN ('current', 'previous')", name="slot"),)
+
+    service_id: Mapped[str] = mapped_column(
+        String(ID_LENGTH),
+        ForeignKey("services.service_id", ondelete="CASCADE"),
+        primary_key=True,
+    )
+    slot: Mapped[str] = mapped_column(String(16), primary_key=True)
+    secret_hash: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(TS)
+    expires_at: Mapped[datetime | None] = mapped_column(TS)
+
+
+class SigningKeyRow(Base):
+    __tablename__ = "signing_keys"
+    __table_args__ = (
+        CheckConstraint("state IN ('next', 'active', 'retired', 'revoked')", name="state"),
+        # At most one active key, enforced by the database whoever races.
+        Index(
+            "uq_signing_keys_one_active",
+            "state",
+            unique=True,
+            sqlite_where=text("state = 'active'"),
+            postgresql_where=text("state = 'active'"),
+        ),
+    )
+
+    kid: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(TS)
+    activated_at: Mapped[datetime | None] = mapped_column(TS)
+    retired_at: Mapped[datetime | None] = mapped_column(TS)
+    publish_until: Mapped[datetime | None] = mapped_column(TS)
+    public_jwk: Mapped[str] = mapped_column(Text)
+    private_key_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
+
+
+class RevocationRow(Base):
+    __tablename__ = "revocations"
+    __table_args__ = (
+        CheckConstraint("(jti IS NULL) <> (service_id IS NULL)", name="one_target"),
+        Index(
+            "uq_revocations_jti",
+            "jti",
+            unique=True,
+            sqlite_where=text("jti IS NOT NULL"),
+            postgresql_where=text("jti IS NOT NULL"),
+        ),
+        {"sqlite_autoincrement": True},
+    )
+
+    cursor: Mapped[int] = mapped_column(CURSOR, primary_key=True, autoincrement=True)
+    jti: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    service_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    revoked_before: Mapped[datetime | None] = mapped_column(TS)
+    expires_at: Mapped[datetime] = mapped_column(TS, index=True)
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(TS)
+
+
+class ChangeRow(Base):
+    __tablename__ = "changes"
+    __table_args__ = (
+        CheckConstraint("kind IN ('key', 'service')", name="kind"),
+        {"sqlite_autoincrement": True},
+    )
+
+    cursor: Mapped[int] = mapped_column(CURSOR, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    ref: Mapped[str] = mapped_column(String(ID_LENGTH))
+    created_at: Mapped[datetime] = mapped_column(TS)
+
+
+class AuditEventRow(Base):
+    __tablename__ = "audit_events"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(CURSOR, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(TS, index=True)
+    actor: Mapped[str] = mapped_column(Text)
+    action: Mapped[str] = mapped_column(Text)
+    target: Mapped[str] = mapped_column(Text)
+    outcome: Mapped[str] = mapped_column(Text)
+    peer: Mapped[str] = mapped_column(Text)
+    request_id: Mapped[str] = mapped_column(Text)
+    detail: Mapped[str] = mapped_column(Text)
+
+
+class AuthFailureRow(Base):
+    __tablename__ = "auth_failures"
+
+    key: Mapped[str] = mapped_column(String(512), primary_key=True)
+    count: Mapped[int] = mapped_column(Integer)
+    window_start: Mapped[datetime] = mapped_column(TS)
+    last_failure_at: Mapped[datetime] = mapped_column(TS)

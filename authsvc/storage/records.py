@@ -1,0 +1,76 @@
+"""Immutable rows handed out by the repository; every datetime is aware UTC."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+SecretSlot = Literal["current", "previous"]
+KeyState = Literal["next", "active", "retired", "revoked"]
+ChangeKind = Literal["key", "service"]
+
+
+@dataclass(frozen=True)
+class ServiceRecord:
+    service_id: str
+    audiences: tuple[str, ...]
+    scopes: tuple[str, ...]
+    disabled: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class SecretRecord:
+    service_id: str
+    slot: SecretSlot
+    # Only a keyed hash, but still kept out of reprs and logs.
+    secret_hash: bytes = field(repr=False)
+    created_at: datetime
+    expires_at: datetime | None
+
+
+@dataclass(frozen=True)
+class SigningKeyRecord:
+    kid: str
+    state: KeyState
+    created_at: datetime
+    activated_at: datetime | None
+    retired_at: datetime | None
+    publish_until: datetime | None
+    public_jwk: str
+    # Wrapped under the KEK; None once the key is retired or revoked.
+    private_key_enc: bytes | None = field(repr=False)
+
+
+@dataclass(frozen=True)
+class RevocationRecord:
+    cursor: int
+    jti: str | None
+    service_id: str | None
+    revoked_before: datetime | None
+    expires_at: datetime
+    reason: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ChangeRecord:
+    cursor: int
+    kind: ChangeKind
+    ref: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    outcome: str
+    peer: str
+    request_id: str
+    detail: str

@@ -1,0 +1,636 @@
+"""The repository: the only module issuing SQL; every method is one short transaction."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import cast
+
+from sqlalchemy import Engine, case, delete, func, select, text, update
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, sessionmaker
+
+from authsvc.errors import AlreadyExists, NotFound, StorageUnavailable
+from authsvc.storage.engine import READ_ONLY, write_lock
+from authsvc.storage.models import (
+    AuditEventRow,
+    AuthFailureRow,
+    ChangeRow,
+    RevocationRow,
+    ServiceRow,
+    ServiceSecretRow,
+    SigningKeyRow,
+)
+from authsvc.storage.records import (
+    AuditRecord,
+    ChangeKind,
+    ChangeRecord,
+    KeyState,
+    RevocationRecord,
+    SecretRecord,
+    SecretSlot,
+    ServiceRecord,
+    SigningKeyRecord,
+)
+
+__all__ = ["Repository"]
+
+# pg_advisory_xact_lock keys. Taken in this order only (rotation, then changes), so they
+# cannot deadlock; SQLite needs none of them since BEGIN IMMEDIATE admits one writer at a time.
+_LOCK_ROTATION = 0x6175_7468_7376_0002
+_LOCK_CHANGES = 0x6175_7468_7376_0003
+_LOCK_REVOCATIONS = 0x6175_7468_7376_0004
+
+_UNAVAILABLE = "database unavailable"
+
+
+def _utc_in(value: datetime) -> datetime:
+    """Normalise a datetime before it is stored; SQLite keeps no offset, so it must be UTC."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("datetimes passed to storage must be timezone-aware")
+    return value.astimezone(UTC)
+
+
+def _opt_in(value: datetime | None) -> datetime | None:
+    return None if value is None else _utc_in(value)
+
+
+def _utc_out(value: datetime) -> datetime:
+    # SQLite hands back naive values (stored as UTC); PostgreSQL hands back the session zone.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _opt_out(value: datetime | None) -> datetime | None:
+    return None if value is None else _utc_out(value)
+
+
+def _service(row: ServiceRow) -> ServiceRecord:
+    return ServiceRecord(
+        service_id=row.service_id,
+        audiences=tuple(json.loads(row.audiences)),
+        scopes=tuple(json.loads(row.scopes)),
+        disabled=row.disabled,
+        created_at=_utc_out(row.created_at),
+        updated_at=_utc_out(row.updated_at),
+    )
+
+
+def _secret(row: ServiceSecretRow) -> SecretRecord:
+    return SecretRecord(
+        service_id=row.service_id,
+        slot=cast(SecretSlot, row.slot),
+        secret_hash=row.secret_hash,
+        created_at=_utc_out(row.created_at),
+        expires_at=_opt_out(row.expires_at),
+    )
+
+
+def _key(row: SigningKeyRow) -> SigningKeyRecord:
+    return SigningKeyRecord(
+        kid=row.kid,
+        state=cast(KeyState, row.state),
+        created_at=_utc_out(row.created_at),
+        activated_at=_opt_out(row.activated_at),
+        retired_at=_opt_out(row.retired_at),
+        publish_until=_opt_out(row.publish_until),
+        public_jwk=row.public_jwk,
+        private_key_enc=row.private_key_enc,
+    )
+
+
+def _revocation(row: RevocationRow) -> RevocationRecord:
+    return RevocationRecord(
+        cursor=row.cursor,
+        jti=row.jti,
+        service_id=row.service_id,
+        revoked_before=_opt_out(row.revoked_before),
+        expires_at=_utc_out(row.expires_at),
+        reason=row.reason,
+        created_at=_utc_out(row.created_at),
+    )
+
+
+def _change(row: ChangeRow) -> ChangeRecord:
+    return ChangeRecord(
+        cursor=row.cursor,
+        kind=cast(ChangeKind, row.kind),
+        ref=row.ref,
+        created_at=_utc_out(row.created_at),
+    )
+
+
+def _audit(row: AuditEventRow) -> AuditRecord:
+    return AuditRecord(
+        id=row.id,
+        at=_utc_out(row.at),
+        actor=row.actor,
+        action=row.action,
+        target=row.target,
+        outcome=row.outcome,
+        peer=row.peer,
+        request_id=row.request_id,
+        detail=row.detail,
+    )
+
+
+@contextmanager
+def _storage_errors() -> Iterator[None]:
+    """Turn connection and transient failures into StorageUnavailable.
+
+    The message is fixed: driver errors may name the host, and statements may carry values.
+    """
+    try:
+        yield
+    except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
+        raise StorageUnavailable(_UNAVAILABLE) from exc
+    except sa_exc.DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise StorageUnavailable(_UNAVAILABLE) from exc
+        raise
+
+
+class Repository:
+    """Storage for services, secrets, signing keys, revocations, changes, audit and throttling.
+
+    Each public method runs in its own transaction and never leaves one open. Read methods run
+    read-only and always roll back. All datetimes in and out are timezone-aware (out: UTC).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._postgres = engine.dialect.name == "postgresql"
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    # -- transactions -------------------------------------------------------------------------
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with _storage_errors(), self._sessions() as session:
+            # Procure the connection with the option set, so the BEGIN it emits is read-only.
+            session.connection(execution_options={READ_ONLY: True})
+            try:
+                yield session
+            finally:
+                session.rollback()
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        # Lock order: the process-local writer lock, then the database's (BEGIN IMMEDIATE).
+        with (
+            _storage_errors(),
+            write_lock(self.engine),
+            self._sessions() as session,
+            session.begin(),
+        ):
+            session.connection()
+            yield session
+
+    def _advisory_lock(self, session: Session, key: int) -> None:
+        """Serialize with other PostgreSQL writers until commit; SQLite already has one writer."""
+        if self._postgres:
+            session.execute(select(func.pg_advisory_xact_lock(key)))
+
+    def _add_change(self, session: Session, kind: ChangeKind, ref: str, now: datetime) -> None:
+        # Serialized so change rows commit in cursor order: a follower reading "cursor > N"
+        # must never see N+2 before N+1 becomes visible.
+        self._advisory_lock(session, _LOCK_CHANGES)
+        session.add(ChangeRow(kind=kind, ref=ref, created_at=now))
+        session.flush()
+
+    # -- health -------------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        """Raises StorageUnavailable when the database cannot answer."""
+        with self._read() as s:
+            s.execute(text("SELECT 1"))
+
+    # -- services -----------------------------------------------------------------------------
+
+    def create_service(
+        self,
+        service_id: str,
+        audiences: Sequence[str],
+        scopes: Sequence[str],
+        secret_hash: bytes,
+        now: datetime,
+    ) -> ServiceRecord:
+        """Register a service with its first ('current') secret.
+
+        Raises:
+            AlreadyExists: a service with this id exists.
+        """
+        now = _utc_in(now)
+        try:
+            with self._write() as s:
+                if s.get(ServiceRow, service_id) is not None:
+                    raise AlreadyExists(f"service {service_id!r} already exists")
+                row = ServiceRow(
+                    service_id=service_id,
+                    audiences=json.dumps(list(audiences)),
+                    scopes=json.dumps(list(scopes)),
+                    disabled=False,
+                    created_at=now,
+                    updated_at=now,
+                )
+                s.add(row)
+                s.add(
+                    ServiceSecretRow(
+                        service_id=service_id,
+                        slot="current",
+                        secret_hash=secret_hash,
+                        created_at=now,
+                        expires_at=None,
+                    )
+                )
+                s.flush()
+                self._add_change(s, "service", service_id, now)
+                return _service(row)
+        except sa_exc.IntegrityError:
+            # A concurrent create on another replica won the race.
+            raise AlreadyExists(f"service {service_id!r} already exists") from None
+
+    def fetch_service(self, service_id: str) -> ServiceRecord | None:
+        with self._read() as s:
+            row = s.get(ServiceRow, service_id)
+            return None if row is None else _service(row)
+
+    def list_services(self) -> list[ServiceRecord]:
+        with self._read() as s:
+            rows = s.scalars(select(ServiceRow).order_by(ServiceRow.service_id))
+            return [_service(r) for r in rows]
+
+    def update_service_disabled(
+        self, service_id: str, disabled: bool, now: datetime
+    ) -> ServiceRecord:
+        """Raises NotFound for an unknown service."""
+        now = _utc_in(now)
+        with self._write() as s:
+            row = s.get(ServiceRow, service_id)
+            if row is None:
+                raise NotFound(f"service {service_id!r} not found")
+            row.disabled = disabled
+            row.updated_at = now
+            s.flush()
+            self._add_change(s, "service", service_id, now)
+            return _service(row)
+
+    def list_disabled_service_ids(self) -> list[str]:
+        with self._read() as s:
+            ids = s.scalars(
+                select(ServiceRow.service_id)
+                .where(ServiceRow.disabled.is_(True))
+                .order_by(ServiceRow.service_id)
+            )
+            return list(ids)
+
+    # -- service secrets ----------------------------------------------------------------------
+
+    def list_secrets(self, service_id: str, now: datetime) -> list[SecretRecord]:
+        """The current secret and, while its grace period lasts, the previous one."""
+        now = _utc_in(now)
+        with self._read() as s:
+            rows = s.scalars(
+                select(ServiceSecretRow)
+                .where(
+                    ServiceSecretRow.service_id == service_id,
+                    (ServiceSecretRow.slot == "current") | (ServiceSecretRow.expires_at > now),
+                )
+                .order_by(ServiceSecretRow.slot)  # 'current' before 'previous'
+            )
+            return [_secret(r) for r in rows]
+
+    def update_service_secret(
+        self,
+        service_id: str,
+        new_hash: bytes,
+        now: datetime,
+        previous_expires_at: datetime | None,
+    ) -> SecretRecord | None:
+        """Install a new current secret; the old one stays valid until `previous_expires_at`.
+
+        At most one previous secret exists: an older one is dropped. Returns the new previous
+        secret, or None when the old secret ends now.
+
+        Raises:
+            NotFound: no such service.
+        """
+        now = _utc_in(now)
+        previous_until = _opt_in(previous_expires_at)
+        with self._write() as s:
+            if s.get(ServiceRow, service_id) is None:
+                raise NotFound(f"service {service_id!r} not found")
+            mine = ServiceSecretRow.service_id == service_id
+            s.execute(delete(ServiceSecretRow).where(mine, ServiceSecretRow.slot == "previous"))
+            current = ServiceSecretRow.slot == "current"
+            previous: SecretRecord | None = None
+            if previous_until is not None and previous_until > now:
+                s.execute(
+                    update(ServiceSecretRow)
+                    .where(mine, current)
+                    .values(slot="previous", expires_at=previous_until)
+                )
+                row = s.scalars(
+                    select(ServiceSecretRow)
+                    .where(mine, ServiceSecretRow.slot == "previous")
+                    .execution_options(populate_existing=True)
+                ).first()
+                previous = None if row is None else _secret(row)
+            else:
+                s.execute(delete(ServiceSecretRow).where(mine, current))
+            s.add(
+                ServiceSecretRow(
+                    service_id=service_id,
+                    slot="current",
+                    secret_hash=new_hash,
+                    created_at=now,
+                    expires_at=None,
+                )
+            )
+            return previous
+
+    # -- signing keys -------------------------------------------------------------------------
+
+    def create_signing_key(
+        self,
+        record: SigningKeyRecord,
+        now: datetime,
+        *,
+        expected_active_kid: str | None,
+        publish_until: datetime,
+        revoke_others: bool = False,
+    ) -> bool:
+        """Activate `record` if the active key is still `expected_active_kid` (None: no key).
+
+        The caller generates the key outside the transaction; the check happens again inside
+        it, serialized across processes (Dex rotation). False means another rotation won the
+        race, which is a normal outcome. The old active key is retired (public part published
+        until `publish_until`); with `revoke_others` every other key is revoked at once.
+
+        Raises:
+            AlreadyExists: a key with this kid exists.
+        """
+        now = _utc_in(now)
+        publish_until = _utc_in(publish_until)
+        try:
+            with self._write() as s:
+                self._advisory_lock(s, _LOCK_ROTATION)
+                active_kid = s.scalar(
+                    select(SigningKeyRow.kid).where(SigningKeyRow.state == "active")
+                )
+                if active_kid != expected_active_kid:
+                    return False
+                if active_kid is not None:
+                    s.execute(
+                        update(SigningKeyRow)
+                        .where(SigningKeyRow.kid == active_kid)
+                        .values(
+                            state="retired",
+                            retired_at=now,
+                            publish_until=publish_until,
+                            private_key_enc=None,
+                        )
+                    )
+                if revoke_others:
+                    s.execute(
+                        update(SigningKeyRow)
+                        .where(SigningKeyRow.state != "revoked", SigningKeyRow.kid != record.kid)
+                        .values(state="revoked", publish_until=now, private_key_enc=None)
+                    )
+                s.add(
+                    SigningKeyRow(
+                        kid=record.kid,
+                        state="active",
+                        created_at=_utc_in(record.created_at),
+                        activated_at=now,
+                        retired_at=None,
+                        publish_until=_opt_in(record.publish_until),
+                        public_jwk=record.public_jwk,
+                        private_key_enc=record.private_key_enc,
+                    )
+                )
+                s.flush()
+                self._add_change(s, "key", record.kid, now)
+                return True
+        except sa_exc.IntegrityError:
+            raise AlreadyExists(f"signing key {record.kid!r} already exists") from None
+
+    def fetch_active_signing_key(self) -> SigningKeyRecord | None:
+        with self._read() as s:
+            row = s.scalars(select(SigningKeyRow).where(SigningKeyRow.state == "active")).first()
+            return None if row is None else _key(row)
+
+    def list_signing_keys(self) -> list[SigningKeyRecord]:
+        """Every key in every state, newest first."""
+        with self._read() as s:
+            rows = s.scalars(
+                select(SigningKeyRow).order_by(
+                    SigningKeyRow.created_at.desc(), SigningKeyRow.kid.desc()
+                )
+            )
+            return [_key(r) for r in rows]
+
+    def prune_signing_keys(self, now: datetime) -> int:
+        """Delete retired and revoked keys no longer published; returns how many."""
+        now = _utc_in(now)
+        with self._write() as s:
+            kids = list(
+                s.scalars(
+                    select(SigningKeyRow.kid).where(
+                        SigningKeyRow.state.in_(("retired", "revoked")),
+                        SigningKeyRow.publish_until <= now,
+                    )
+                )
+            )
+            if kids:
+                s.execute(delete(SigningKeyRow).where(SigningKeyRow.kid.in_(kids)))
+                for kid in kids:
+                    self._add_change(s, "key", kid, now)
+            return len(kids)
+
+    # -- revocations --------------------------------------------------------------------------
+
+    def create_revocation(
+        self,
+        *,
+        jti: str | None,
+        service_id: str | None,
+        revoked_before: datetime | None,
+        expires_at: datetime,
+        reason: str,
+        now: datetime,
+    ) -> RevocationRecord | None:
+        """Revoke one token (`jti`) or a service's tokens issued before `revoked_before`.
+
+        Returns None when that jti is already revoked.
+
+        Raises:
+            ValueError: not exactly one of `jti` and `service_id` given.
+        """
+        if (jti is None) == (service_id is None):
+            raise ValueError("exactly one of jti and service_id is required")
+        now = _utc_in(now)
+        with self._write() as s:
+            # Serialized so rows commit in cursor order (followers read "cursor > N").
+            self._advisory_lock(s, _LOCK_REVOCATIONS)
+            if (
+                jti is not None
+                and s.scalar(select(RevocationRow.cursor).where(RevocationRow.jti == jti))
+                is not None
+            ):
+                return None
+            row = RevocationRow(
+                jti=jti,
+                service_id=service_id,
+                revoked_before=_opt_in(revoked_before),
+                expires_at=_utc_in(expires_at),
+                reason=reason,
+                created_at=now,
+            )
+            s.add(row)
+            s.flush()
+            return _revocation(row)
+
+    def list_revocations(
+        self, after_cursor: int, now: datetime, limit: int = 10000
+    ) -> list[RevocationRecord]:
+        """Revocations still in force with a cursor above `after_cursor`, in cursor order."""
+        now = _utc_in(now)
+        with self._read() as s:
+            rows = s.scalars(
+                select(RevocationRow)
+                .where(RevocationRow.cursor > after_cursor, RevocationRow.expires_at > now)
+                .order_by(RevocationRow.cursor)
+                .limit(limit)
+            )
+            return [_revocation(r) for r in rows]
+
+    def fetch_latest_revocation_cursor(self) -> int:
+        with self._read() as s:
+            return s.scalar(select(func.max(RevocationRow.cursor))) or 0
+
+    def prune_revocations(self, now: datetime) -> int:
+        """Delete revocations whose tokens have all expired; returns how many."""
+        now = _utc_in(now)
+        with self._write() as s:
+            result = s.execute(delete(RevocationRow).where(RevocationRow.expires_at <= now))
+            return _rowcount(result)
+
+    # -- changes ------------------------------------------------------------------------------
+
+    def list_changes(self, after_cursor: int, limit: int = 1000) -> list[ChangeRecord]:
+        with self._read() as s:
+            rows = s.scalars(
+                select(ChangeRow)
+                .where(ChangeRow.cursor > after_cursor)
+                .order_by(ChangeRow.cursor)
+                .limit(limit)
+            )
+            return [_change(r) for r in rows]
+
+    def fetch_latest_change_cursor(self) -> int:
+        with self._read() as s:
+            return s.scalar(select(func.max(ChangeRow.cursor))) or 0
+
+    # -- audit --------------------------------------------------------------------------------
+
+    def create_audit_event(
+        self,
+        *,
+        at: datetime,
+        actor: str,
+        action: str,
+        target: str,
+        outcome: str,
+        peer: str,
+        request_id: str,
+        detail: str = "",
+    ) -> None:
+        at = _utc_in(at)
+        with self._write() as s:
+            s.add(
+                AuditEventRow(
+                    at=at,
+                    actor=actor,
+                    action=action,
+                    target=target,
+                    outcome=outcome,
+                    peer=peer,
+                    request_id=request_id,
+                    detail=detail,
+                )
+            )
+
+    def list_audit_events(
+        self, *, limit: int = 100, before_id: int | None = None
+    ) -> list[AuditRecord]:
+        """Newest first; pass the last id seen as `before_id` for the next page."""
+        with self._read() as s:
+            query = select(AuditEventRow).order_by(AuditEventRow.id.desc()).limit(limit)
+            if before_id is not None:
+                query = query.where(AuditEventRow.id < before_id)
+            return [_audit(r) for r in s.scalars(query)]
+
+    def prune_audit_events(self, before: datetime) -> int:
+        """Delete audit events older than `before`; returns how many."""
+        before = _utc_in(before)
+        with self._write() as s:
+            result = s.execute(delete(AuditEventRow).where(AuditEventRow.at < before))
+            return _rowcount(result)
+
+    # -- authentication failures (throttling) -------------------------------------------------
+
+    def update_auth_failures(self, key: str, now: datetime, window_seconds: int) -> int:
+        """Count one more failure for `key` and return the count in the current window.
+
+        A window that started `window_seconds` or more ago restarts at 1. One atomic upsert, so
+        replicas counting at once never lose an increment.
+        """
+        now = _utc_in(now)
+        cutoff = now - timedelta(seconds=window_seconds)
+        row = AuthFailureRow
+        dialect_insert = postgresql.insert if self._postgres else sqlite.insert
+        insert = dialect_insert(row).values(key=key, count=1, window_start=now, last_failure_at=now)
+        expired = row.window_start <= cutoff
+        upsert = insert.on_conflict_do_update(
+            index_elements=[row.key],
+            set_={
+                "count": case((expired, 1), else_=row.count + 1),
+                "window_start": case(
+                    (expired, insert.excluded.window_start), else_=row.window_start
+                ),
+                "last_failure_at": insert.excluded.last_failure_at,
+            },
+        ).returning(row.count)
+        with self._write() as s:
+            return int(s.execute(upsert).scalar_one())
+
+    def count_auth_failures(self, key: str, now: datetime, window_seconds: int) -> int:
+        """Failures for `key` in the current window; 0 once the window has passed."""
+        cutoff = _utc_in(now) - timedelta(seconds=window_seconds)
+        with self._read() as s:
+            count = s.scalar(
+                select(AuthFailureRow.count).where(
+                    AuthFailureRow.key == key, AuthFailureRow.window_start > cutoff
+                )
+            )
+            return count or 0
+
+    def delete_auth_failures(self, key: str) -> None:
+        with self._write() as s:
+            s.execute(delete(AuthFailureRow).where(AuthFailureRow.key == key))
+
+    def prune_auth_failures(self, before: datetime) -> int:
+        """Delete counters whose last failure is older than `before`; returns how many."""
+        before = _utc_in(before)
+        with self._write() as s:
+            result = s.execute(
+                delete(AuthFailureRow).where(AuthFailureRow.last_failure_at < before)
+            )
+            return _rowcount(result)
+
+
+def _rowcount(result: object) -> int:
+    return int(getattr(result, "rowcount", 0))

@@ -1,0 +1,152 @@
+"""Signs RFC 9068 access tokens as compact RS256 JWS, then verifies what it signed (SPIRE style)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from authsvc_client._b64 import b64url_encode
+from authsvc_client.claims import ALGORITHM, DEFAULT_MAX_TOKEN_BYTES, TOKEN_TYPE, Claims
+from authsvc_client.keyring import MIN_RSA_KEY_BITS, KeyRing
+from authsvc_client.revocations import RevocationSet
+from authsvc_client.verifier import TokenVerifier
+from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+from cryptography.hazmat.primitives.hashes import SHA256
+
+__all__ = ["IssuedToken", "TokenIssuer"]
+
+_JTI_BYTES = 18  # 144 random bits (RFC 9068 section 2.2 / DESIGN: at least 128)
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    """A freshly signed token and its claims; repr shows the claims, never the token."""
+
+    token: str = field(repr=False)
+    claims: Claims
+
+
+def _compact_json(obj: dict[str, object]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
+        "utf-8"
+    )
+
+
+class TokenIssuer:
+    """Builds and signs access tokens for one issuer (`iss`)."""
+
+    def __init__(self, issuer: str, *, max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES) -> None:
+        """Sign as `issuer`.
+
+        Args:
+            issuer: the `iss` of every token.
+            max_token_bytes: refuse to issue a token that validators with this limit would
+                reject as MALFORMED (too many or too long scopes).
+        """
+        if not issuer:
+            raise ValueError("issuer is required")
+        self._issuer = issuer
+        self._max_token_bytes = max_token_bytes
+
+    def __repr__(self) -> str:
+        return f"TokenIssuer(issuer={self._issuer!r})"
+
+    def issue(
+        self,
+        *,
+        private_key: RSAPrivateKey,
+        kid: str,
+        subject: str,
+        audience: str,
+        scopes: Sequence[str],
+        ttl_seconds: int,
+        now: float,
+        not_after: float | None = None,
+    ) -> IssuedToken:
+        """Sign a token valid from int(now) for ttl_seconds, never past not_after.
+
+        Args:
+            not_after: the signing key's retirement time; exp is capped at it so that no
+                token outlives the key's publication (SPIRE caps TTLs the same way).
+
+        Raises:
+            ValueError: empty subject, audience or kid; a scope that is empty or holds a
+                space; ttl_seconds < 1; not_after leaves no validity; a key under 2048 bits;
+                or a token longer than max_token_bytes.
+            RuntimeError: the signed token did not verify to exactly these claims.
+        """
+        if not subject or not audience or not kid:
+            raise ValueError("subject, audience and kid are required")
+        if isinstance(scopes, str):
+            raise TypeError("scopes must be a sequence of scope names, not a str")
+        if any(not scope or " " in scope for scope in scopes):
+            raise ValueError("scope names must be non-empty and contain no spaces")
+        if ttl_seconds < 1:
+            raise ValueError("ttl_seconds must be at least 1")
+        if private_key.key_size < MIN_RSA_KEY_BITS:
+            raise ValueError(f"signing keys must be at least {MIN_RSA_KEY_BITS} bits")
+        iat = int(now)
+        exp = iat + ttl_seconds
+        if not_after is not None:
+            exp = min(exp, int(not_after))
+            if exp <= iat:
+                raise ValueError("the signing key retires before the token would be valid")
+        claims = Claims(
+            issuer=self._issuer,
+            subject=subject,
+            audience=audience,
+            scopes=tuple(scopes),
+            issued_at=iat,
+            not_before=iat,
+            expires_at=exp,
+            jti=secrets.token_urlsafe(_JTI_BYTES),
+            key_id=kid,
+            client_id=subject,
+        )
+        # RFC 9068 section 2.1 header; RFC 7515 section 7.1 compact serialisation.
+        header = _compact_json({"alg": ALGORITHM, "typ": TOKEN_TYPE, "kid": kid})
+        payload = _compact_json(
+            {
+                "iss": claims.issuer,
+                "sub": claims.subject,
+                "aud": claims.audience,
+                "exp": claims.expires_at,
+                "nbf": claims.not_before,
+                "iat": claims.issued_at,
+                "jti": claims.jti,
+                "scope": " ".join(claims.scopes),
+                "client_id": claims.client_id,
+            }
+        )
+        signing_input = f"{b64url_encode(header)}.{b64url_encode(payload)}"
+        # 4 base64 characters per 3 bytes, for a signature as long as the modulus.
+        signature_chars = -(-((private_key.key_size + 7) // 8) * 4 // 3)
+        if len(signing_input) + 1 + signature_chars > self._max_token_bytes:
+            raise ValueError("the token would exceed max_token_bytes; request fewer scopes")
+        signature = private_key.sign(signing_input.encode("ascii"), PKCS1v15(), SHA256())
+        token = f"{signing_input}.{b64url_encode(signature)}"
+        self._self_verify(token, claims, private_key)
+        return IssuedToken(token=token, claims=claims)
+
+    def _self_verify(self, token: str, claims: Claims, private_key: RSAPrivateKey) -> None:
+        """Run the token through the very verifier the fleet uses (SPIRE CredValidator)."""
+        ring = KeyRing({claims.key_id: private_key.public_key()})
+        verifier = TokenVerifier(
+            keys=lambda: ring,
+            revocations=RevocationSet(),
+            issuer=self._issuer,
+            leeway_seconds=0,
+            max_token_bytes=self._max_token_bytes,
+            cache_size=0,
+        )
+        result = verifier.verify(
+            token,
+            audience=claims.audience,
+            required_scopes=claims.scopes,
+            now=float(claims.issued_at),
+        )
+        if not result.valid or result.claims != claims:
+            raise RuntimeError("issued token failed self-verification")

@@ -1,0 +1,131 @@
+"""Verified access-token claims (RFC 9068 section 2.2) and the outcome of validating a token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from authsvc_client.v1 import auth_pb2
+
+__all__ = [
+    "ADMIN_SCOPE",
+    "ALGORITHM",
+    "DEFAULT_LEEWAY_SECONDS",
+    "DEFAULT_MAX_TOKEN_BYTES",
+    "TOKEN_TYPE",
+    "Claims",
+    "ValidationResult",
+]
+
+# RFC 9068 section 2.1: access tokens are explicitly typed "at+jwt" (RFC 8725 section 3.11).
+TOKEN_TYPE = "at+jwt"  # noqa: S105 (a media type, not a password)
+# The only algorithm authsvc signs or accepts (RFC 8725 section 3.1: never trust the header's alg).
+ALGORITHM = "RS256"
+ADMIN_SCOPE = "authsvc.admin"
+DEFAULT_MAX_TOKEN_BYTES = 8192
+DEFAULT_LEEWAY_SECONDS = 30
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    """The claims of a token whose signature and contents were checked; times in epoch seconds."""
+
+    issuer: str
+    subject: str
+    audience: str
+    scopes: tuple[str, ...]
+    issued_at: int
+    not_before: int
+    expires_at: int
+    jti: str
+    key_id: str
+    client_id: str
+
+    def to_proto(self) -> auth_pb2.Claims:
+        msg = auth_pb2.Claims(
+            issuer=self.issuer,
+            subject=self.subject,
+            audience=self.audience,
+            scopes=self.scopes,
+            jti=self.jti,
+            key_id=self.key_id,
+            client_id=self.client_id,
+        )
+        msg.issued_at.seconds = self.issued_at
+        msg.not_before.seconds = self.not_before
+        msg.expires_at.seconds = self.expires_at
+        return msg
+
+    @classmethod
+    def from_proto(cls, msg: auth_pb2.Claims) -> Claims:
+        return cls(
+            issuer=msg.issuer,
+            subject=msg.subject,
+            audience=msg.audience,
+            scopes=tuple(msg.scopes),
+            issued_at=int(msg.issued_at.seconds),
+            not_before=int(msg.not_before.seconds),
+            expires_at=int(msg.expires_at.seconds),
+            jti=msg.jti,
+            key_id=msg.key_id,
+            client_id=msg.client_id,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationResult:
+    """Either valid with claims, or invalid with one auth_pb2.ValidationFailure reason.
+
+    Invariant: reason is VALIDATION_FAILURE_UNSPECIFIED exactly when valid, and claims is set
+    exactly when valid. Instances are immutable and may be shared.
+    """
+
+    valid: bool
+    reason: int
+    claims: Claims | None
+
+    def __post_init__(self) -> None:
+        if self.valid != (self.reason == auth_pb2.VALIDATION_FAILURE_UNSPECIFIED):
+            raise ValueError("reason must be VALIDATION_FAILURE_UNSPECIFIED iff the token is valid")
+        if self.valid != (self.claims is not None):
+            raise ValueError("claims must be set iff the token is valid")
+
+    @classmethod
+    def ok(cls, claims: Claims) -> ValidationResult:
+        return cls(True, auth_pb2.VALIDATION_FAILURE_UNSPECIFIED, claims)
+
+    @classmethod
+    def fail(cls, reason: int) -> ValidationResult:
+        cached = _FAILURES.get(reason)
+        return cached if cached is not None else cls(False, reason, None)
+
+    @property
+    def reason_name(self) -> str:
+        """The enum name, e.g. "EXPIRED" ("VALIDATION_FAILURE_UNSPECIFIED" when valid)."""
+        try:
+            return str(auth_pb2.ValidationFailure.Name(self.reason))
+        except ValueError:
+            return f"UNKNOWN_REASON_{self.reason}"
+
+    def to_proto(self) -> auth_pb2.ValidateTokenResponse:
+        if self.claims is None:
+            return auth_pb2.ValidateTokenResponse(valid=False, reason=self.reason)  # type: ignore[arg-type]
+        return auth_pb2.ValidateTokenResponse(valid=True, claims=self.claims.to_proto())
+
+    @classmethod
+    def from_proto(cls, msg: auth_pb2.ValidateTokenResponse) -> ValidationResult:
+        """Read a server answer, failing closed on one that breaks the invariant."""
+        if msg.valid:
+            if not msg.HasField("claims"):
+                return cls.fail(auth_pb2.MALFORMED)
+            return cls.ok(Claims.from_proto(msg.claims))
+        reason = int(msg.reason)
+        if reason == auth_pb2.VALIDATION_FAILURE_UNSPECIFIED:
+            reason = auth_pb2.MALFORMED
+        return cls.fail(reason)
+
+
+_FAILURES: dict[int, ValidationResult] = {
+    value: ValidationResult(False, value, None)
+    for value in auth_pb2.ValidationFailure.values()
+    if value != auth_pb2.VALIDATION_FAILURE_UNSPECIFIED
+}

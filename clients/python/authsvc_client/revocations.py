@@ -1,0 +1,128 @@
+"""In-memory revocations, applied by cursor from WatchRevocations or storage, read lock-free."""
+
+from __future__ import annotations
+
+import heapq
+import threading
+from dataclasses import dataclass
+
+from authsvc_client.v1 import auth_pb2
+
+__all__ = ["RevocationEntry", "RevocationSet"]
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationEntry:
+    """One revocation event; times in epoch seconds.
+
+    A jti entry revokes that one token. A service entry (service_id with revoked_before) revokes
+    every token of that service with iat < revoked_before. expires_at is when the entry stops
+    mattering because every token it covers has expired.
+    """
+
+    cursor: int
+    jti: str | None
+    service_id: str | None
+    revoked_before: int | None
+    expires_at: int
+
+    @classmethod
+    def from_proto(cls, msg: auth_pb2.RevocationEvent) -> RevocationEntry:
+        return cls(
+            cursor=int(msg.cursor),
+            jti=msg.jti or None,
+            service_id=msg.service_id or None,
+            revoked_before=(
+                int(msg.revoked_before.seconds) if msg.HasField("revoked_before") else None
+            ),
+            expires_at=int(msg.expires_at.seconds),
+        )
+
+
+class RevocationSet:
+    """Revoked jtis and per-service cutoffs.
+
+    Writers (add, prune) serialise on a lock; is_revoked takes no lock: it does two dict
+    lookups, each atomic, and values are replaced whole, never mutated in place.
+
+    Memory is kept to one dict entry per jti (jti -> expires_at); entries are also filed in
+    per-second expiry buckets so that prune touches only what has expired.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jtis: dict[str, int] = {}
+        # service_id -> (revoked_before, expires_at)
+        self._services: dict[str, tuple[int, int]] = {}
+        # expires_at second -> (that second, jtis filed under it); a jti may sit in several
+        self._buckets: dict[int, tuple[int, list[str]]] = {}
+        self._bucket_heap: list[int] = []
+        self._cursor = 0
+
+    @property
+    def cursor(self) -> int:
+        """The highest cursor applied so far (0 before any)."""
+        return self._cursor
+
+    def __len__(self) -> int:
+        return len(self._jtis) + len(self._services)
+
+    def __repr__(self) -> str:
+        return (
+            f"RevocationSet(jtis={len(self._jtis)}, services={len(self._services)}, "
+            f"cursor={self._cursor})"
+        )
+
+    def add(self, entry: RevocationEntry) -> None:
+        """Apply one entry; applying it again (a replayed event) changes nothing."""
+        with self._lock:
+            if entry.jti is not None:
+                current = self._jtis.get(entry.jti)
+                if current is None or entry.expires_at > current:
+                    bucket = self._buckets.get(entry.expires_at)
+                    if bucket is None:
+                        bucket = self._buckets[entry.expires_at] = (entry.expires_at, [])
+                        heapq.heappush(self._bucket_heap, entry.expires_at)
+                    bucket[1].append(entry.jti)
+                    # Share the bucket's int object: one per second instead of one per jti.
+                    self._jtis[entry.jti] = bucket[0]
+            if entry.service_id is not None and entry.revoked_before is not None:
+                current_service = self._services.get(entry.service_id)
+                if current_service is None:
+                    merged = (entry.revoked_before, entry.expires_at)
+                else:
+                    # A later cutoff covers every token an earlier one did.
+                    merged = (
+                        max(current_service[0], entry.revoked_before),
+                        max(current_service[1], entry.expires_at),
+                    )
+                self._services[entry.service_id] = merged
+            if entry.cursor > self._cursor:
+                self._cursor = entry.cursor
+
+    def is_revoked(self, jti: str, subject: str, issued_at: int) -> bool:
+        """True when this jti is revoked, or every token of `subject` issued before a cutoff
+        later than issued_at is."""
+        if jti in self._jtis:
+            return True
+        service = self._services.get(subject)
+        return service is not None and issued_at < service[0]
+
+    def prune(self, now: float) -> int:
+        """Drop entries with expires_at <= now; returns how many were dropped."""
+        dropped = 0
+        with self._lock:
+            heap = self._bucket_heap
+            while heap and heap[0] <= now:
+                second = heapq.heappop(heap)
+                for jti in self._buckets.pop(second)[1]:
+                    # A jti re-added with a later expiry also sits in a later bucket.
+                    expires = self._jtis.get(jti)
+                    if expires is not None and expires <= now:
+                        del self._jtis[jti]
+                        dropped += 1
+            expired = [sid for sid, (_, exp) in self._services.items() if exp <= now]
+            for sid in expired:
+                del self._services[sid]
+            dropped += len(expired)
+        return dropped

@@ -1,0 +1,439 @@
+"""The strict RS256 access-token verifier (RFC 7515/7519/8725/9068) for server and clients."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
+from cryptography.hazmat.primitives.hashes import SHA256
+
+from authsvc_client._b64 import b64url_decode, b64url_decode_lenient, b64url_encode_bytes
+from authsvc_client.claims import (
+    ALGORITHM,
+    DEFAULT_LEEWAY_SECONDS,
+    DEFAULT_MAX_TOKEN_BYTES,
+    TOKEN_TYPE,
+    Claims,
+    ValidationResult,
+)
+from authsvc_client.errors import (
+    BadSignature,
+    Expired,
+    InsufficientScope,
+    Malformed,
+    NotYetValid,
+    Revoked,
+    ServiceDisabled,
+    TokenInvalid,
+    UnknownKey,
+    WrongAudience,
+    WrongIssuer,
+)
+from authsvc_client.keyring import KeyRing
+from authsvc_client.revocations import RevocationSet
+
+__all__ = ["TokenVerifier"]
+
+# RFC 7515 section 4: the only header parameters we accept. Anything else, notably jku, jwk,
+# x5u, x5c (keys named by the token itself; RFC 8725 section 3.10) and crit (section 4.1.11:
+# extensions we would be obliged to understand), makes the token MALFORMED.
+_HEADER_NAMES = frozenset(("alg", "typ", "kid"))
+# RFC 9068 section 2.1 / RFC 7515 section 4.1.9: "at+jwt", optionally with the "application/"
+# prefix, compared case-insensitively like any media type.
+_TOKEN_TYPES = frozenset((TOKEN_TYPE, "application/" + TOKEN_TYPE))
+# Largest NumericDate a protobuf Timestamp can carry (9999-12-31T23:59:59Z); beyond it the
+# claims could not be sent on in a ValidateTokenResponse.
+_MAX_NUMERIC_DATE = 253_402_300_799
+_UTF8_BOM = b"\xef\xbb\xbf"
+# Header segments known good (exact bytes -> kid); cleared when full, since anyone can mint
+# headers that pass the header rules.
+_HEADER_CACHE_SIZE = 256
+# RFC 7518 section 3.3: RS256 is RSASSA-PKCS1-v1_5 with SHA-256.
+_PADDING = PKCS1v15()
+_HASH = SHA256()
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # RFC 7515 section 5.2 / RFC 7519 section 4: duplicate member names MUST be rejected, since
+    # parsers disagree about which one wins.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("duplicate member name")
+    return obj
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise ValueError("NaN and Infinity are not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 would otherwise become inf
+        raise ValueError("number out of range")
+    return value
+
+
+_JSON = json.JSONDecoder(
+    object_pairs_hook=_object_without_duplicates,
+    parse_constant=_no_constant,
+    parse_float=_finite_float,
+)
+
+
+def _parse_segment(segment: bytes) -> tuple[dict[str, Any], bytes]:
+    """Read a header or payload segment as a JSON object; not yet trusted, not yet canonical."""
+    try:
+        raw = b64url_decode_lenient(segment)
+        if raw.startswith(_UTF8_BOM):  # RFC 8259 section 8.1: MUST NOT add a BOM
+            raise Malformed
+        text = raw.decode("utf-8")  # strict: invalid UTF-8 and encoded surrogates fail
+        obj = _JSON.decode(text)
+        if "\\u" in text:
+            # An escaped lone surrogate parses to a str that cannot be encoded as UTF-8 and
+            # would crash protobuf serialisation later; only escapes can produce one.
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError):
+        raise Malformed from None
+    if not isinstance(obj, dict):
+        raise Malformed
+    return obj, raw
+
+
+def _checked_kid(header: dict[str, Any]) -> str:
+    """Apply the JOSE header rules; returns the kid."""
+    # Exactly alg, typ and kid, all strings.
+    if header.keys() != _HEADER_NAMES:
+        raise Malformed
+    alg, typ, kid = header["alg"], header["typ"], header["kid"]
+    if type(alg) is not str or type(typ) is not str or type(kid) is not str:
+        raise Malformed
+    # RFC 8725 sections 3.1-3.2: the algorithm is pinned, never taken from the token
+    # ("none" in any casing, HS256 keyed with our public key, RS384, PS256, ES256...).
+    if alg != ALGORITHM:
+        raise BadSignature
+    # RFC 8725 section 3.11 explicit typing; ASCII-only case folding as for media types.
+    if not typ.isascii() or typ.lower() not in _TOKEN_TYPES:
+        raise Malformed
+    return kid
+
+
+def _numeric_date(value: Any) -> int:
+    # RFC 7519 section 2 NumericDate, narrowed to an integer: bool is an int subclass in Python
+    # and floats are not issued by authsvc, so both are refused by exact type.
+    if type(value) is not int or not 0 <= value <= _MAX_NUMERIC_DATE:
+        raise Malformed
+    return value
+
+
+def _nonempty_str(value: Any) -> str:
+    if type(value) is not str or not value:
+        raise Malformed
+    return value
+
+
+class _Entry:
+    """What a verified token still needs checked on each use; kept in the cache."""
+
+    __slots__ = ("aud", "exp", "iat", "iss", "jti", "kid", "nbf", "result", "scopes", "sub")
+
+    def __init__(self, claims: Claims) -> None:
+        self.iss = claims.issuer
+        self.sub = claims.subject
+        self.aud = claims.audience
+        self.jti = claims.jti
+        self.kid = claims.key_id
+        self.iat = claims.issued_at
+        self.nbf = claims.not_before
+        self.exp = claims.expires_at
+        self.scopes = frozenset(claims.scopes)
+        self.result = ValidationResult.ok(claims)
+
+
+class TokenVerifier:
+    """Checks authsvc access tokens offline against a KeyRing and a RevocationSet.
+
+    Every security option is fixed and written out below rather than taken from the token:
+    the algorithm is pinned to RS256, the key comes only from our own ring by kid, `typ` must
+    say at+jwt, and every claim RFC 9068 section 2.2 requires must be present with its exact
+    JSON type. Tokens that verified are cached by the SHA-256 of their exact bytes, so a repeat
+    costs a hash and a few dictionary lookups; what can change (key ring, revocations, time,
+    the caller's audience and scopes, whether the subject is enabled) is checked every time.
+    """
+
+    def __init__(
+        self,
+        *,
+        keys: Callable[[], KeyRing],
+        revocations: RevocationSet,
+        issuer: str,
+        leeway_seconds: int = DEFAULT_LEEWAY_SECONDS,
+        max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES,
+        is_subject_enabled: Callable[[str], bool] | None = None,
+        cache_size: int = 10_000,
+        clock: Callable[[], float] = time.time,
+        on_unknown_kid: Callable[[str], KeyRing | None] | None = None,
+    ) -> None:
+        """Fix the verification policy; nothing about it is read from tokens.
+
+        Args:
+            keys: returns the current ring; called once per verification, so swapping the
+                ring takes effect at once (a key removed by revoke_previous stops its tokens,
+                cached or not).
+            revocations: consulted on every verification.
+            issuer: the exact `iss` required (RFC 8725 section 3.8).
+            leeway_seconds: clock skew allowed on exp, nbf and iat.
+            max_token_bytes: longer tokens are MALFORMED before any decoding.
+            is_subject_enabled: False makes the subject's tokens SERVICE_DISABLED.
+            cache_size: verified tokens remembered (oldest evicted first); 0 disables it.
+            clock: epoch seconds, used when verify() gets no `now`.
+            on_unknown_kid: called once with a kid not in the ring (say, to refetch the JWK
+                Set); it may return the new ring. It should rate-limit itself, since the kid
+                comes from the token. An exception from it counts as "still unknown".
+        """
+        if leeway_seconds < 0:
+            raise ValueError("leeway_seconds must not be negative")
+        if max_token_bytes <= 0:
+            raise ValueError("max_token_bytes must be positive")
+        if cache_size < 0:
+            raise ValueError("cache_size must not be negative")
+        if not issuer:
+            raise ValueError("issuer is required")
+        self._keys = keys
+        self._revocations = revocations
+        self._issuer = issuer
+        self._leeway = leeway_seconds
+        self._max_bytes = max_token_bytes
+        self._is_subject_enabled = is_subject_enabled
+        self._cache_size = cache_size
+        self._clock = clock
+        self._on_unknown_kid = on_unknown_kid
+        # sha256(token bytes) -> _Entry, in insertion order. Reads take no lock (one atomic
+        # dict.get); every write, eviction included, holds _cache_lock.
+        self._cache: dict[bytes, _Entry] = {}
+        self._cache_lock = threading.Lock()
+        # Single atomic get/set/clear operations only, so no lock.
+        self._headers: dict[bytes, str] = {}
+
+    def __repr__(self) -> str:
+        return f"TokenVerifier(issuer={self._issuer!r}, cached={len(self._cache)})"
+
+    @property
+    def cached_tokens(self) -> int:
+        """How many verified tokens the cache holds now (at most cache_size)."""
+        return len(self._cache)
+
+    def verify(
+        self,
+        token: str | bytes,
+        *,
+        audience: str,
+        required_scopes: Sequence[str] = (),
+        now: float | None = None,
+    ) -> ValidationResult:
+        """Validate a compact JWS access token for `audience`.
+
+        Never raises for any token input: every problem with the token is a ValidationResult
+        with valid=False and its reason.
+
+        Raises:
+            ValueError: audience is empty.
+            TypeError: required_scopes is a single str (a sequence of names is expected).
+        """
+        if not audience:
+            raise ValueError("audience is required")
+        if isinstance(required_scopes, str):
+            raise TypeError("required_scopes must be a sequence of scope names, not a str")
+        if now is None:
+            now = self._clock()
+        try:
+            return self._verify(token, audience, required_scopes, now)
+        except TokenInvalid as exc:
+            return ValidationResult.fail(exc.reason)
+
+    def _verify(
+        self, token: object, audience: str, required_scopes: Sequence[str], now: float
+    ) -> ValidationResult:
+        # Size first, before any decoding (RFC 8725 section 3.4 spirit: bound the work).
+        if isinstance(token, str):
+            if len(token) > self._max_bytes:
+                raise Malformed
+            try:
+                raw = token.encode("ascii")
+            except UnicodeEncodeError:
+                raise Malformed from None
+        elif isinstance(token, bytes):
+            if len(token) > self._max_bytes or not token.isascii():
+                raise Malformed
+            raw = token
+        else:
+            raise Malformed
+
+        # Cache key: the exact bytes, never the jti, so a token re-encoded or altered under a
+        # cached jti misses and is verified in full.
+        digest = hashlib.sha256(raw).digest()
+        entry = self._cache.get(digest)
+        if entry is not None:
+            if entry.kid in self._keys() and now < entry.exp + self._leeway:
+                return self._check(entry, audience, required_scopes, now)
+            # Key gone or token expired: forget it and let a full verification decide.
+            self._forget(digest)
+
+        entry = self._verify_signed(raw)
+        if self._cache_size and now < entry.exp + self._leeway:
+            self._remember(digest, entry)
+        return self._check(entry, audience, required_scopes, now)
+
+    def _verify_signed(self, raw: bytes) -> _Entry:
+        """Decoding, revocation by the raw jti, header rules, key lookup and RSA."""
+        # RFC 7515 section 7.1: compact serialisation only. JWE (5 parts, RFC 7516) and the JSON
+        # serialisation are not access tokens here.
+        parts = raw.split(b".")
+        if len(parts) != 3:
+            raise Malformed
+        h64, p64, s64 = parts
+        # A header segment that already passed every header check needs no second look; the
+        # outcome is a pure function of its bytes.
+        kid = self._headers.get(h64)
+        header: dict[str, Any] = {}
+        header_raw = b""
+        if kid is None:
+            header, header_raw = _parse_segment(h64)
+        payload, payload_raw = _parse_segment(p64)
+
+        # Revocation before canonical-form checks: a revoked token stays REVOKED however its
+        # base64 is respelled (padding, +/ alphabet).
+        jti, sub, iat = payload.get("jti"), payload.get("sub"), payload.get("iat")
+        if self._revocations.is_revoked(
+            jti if type(jti) is str else "",
+            sub if type(sub) is str else "",
+            # Without an integer iat no service cutoff can apply; such a token is MALFORMED below.
+            iat if type(iat) is int else sys.maxsize,
+        ):
+            raise Revoked
+
+        # RFC 7515 section 2 / appendix C: base64url without padding, in canonical form, in
+        # every segment; otherwise one signature would cover many token strings.
+        if kid is None and b64url_encode_bytes(header_raw) != h64:
+            raise Malformed
+        if b64url_encode_bytes(payload_raw) != p64:
+            raise Malformed
+        try:
+            signature = b64url_decode(s64)
+        except ValueError:
+            raise Malformed from None
+
+        if kid is None:
+            kid = _checked_kid(header)
+            if len(self._headers) >= _HEADER_CACHE_SIZE:
+                self._headers.clear()  # one entry per signing key in normal use
+            self._headers[h64] = kid
+
+        # RFC 8725 section 3.10 / RFC 7515 sections 4.1.2-4.1.6: the key is looked up only by
+        # kid among our own keys; jku, x5u, jwk and x5c were refused above.
+        key = self._keys().get(kid)
+        if key is None and self._on_unknown_kid is not None:
+            try:
+                refreshed = self._on_unknown_kid(kid)
+            except Exception:
+                refreshed = None
+            key = (refreshed if refreshed is not None else self._keys()).get(kid)
+        if key is None:
+            raise UnknownKey
+
+        # RFC 7518 section 3.3 / RFC 8017 section 8.2.2: the signature is exactly k octets
+        # (k = modulus length); checked over the signing input exactly as sent.
+        if len(signature) != (key.key_size + 7) // 8:
+            raise BadSignature
+        try:
+            key.verify(signature, raw[: len(h64) + 1 + len(p64)], _PADDING, _HASH)
+        except (InvalidSignature, ValueError):
+            raise BadSignature from None
+
+        return _Entry(self._claims(payload, kid))
+
+    @staticmethod
+    def _claims(payload: dict[str, Any], kid: str) -> Claims:
+        """RFC 9068 section 2.2 required claims with exact JSON types; extra claims ignored."""
+        iss = payload.get("iss")
+        if type(iss) is not str:
+            raise Malformed
+        sub = _nonempty_str(payload.get("sub"))
+        aud = payload.get("aud")
+        # RFC 7519 allows an array; authsvc tokens carry exactly one audience, so an array is
+        # refused rather than searched (no "any of" audience confusion).
+        if type(aud) is not str:
+            raise Malformed
+        exp = _numeric_date(payload.get("exp"))
+        nbf = _numeric_date(payload.get("nbf"))
+        iat = _numeric_date(payload.get("iat"))
+        jti = _nonempty_str(payload.get("jti"))
+        scope = payload.get("scope")
+        if type(scope) is not str:
+            raise Malformed
+        # RFC 8693 section 4.2 / RFC 6749 section 3.3: space-delimited, no empty names.
+        scopes = tuple(scope.split(" ")) if scope else ()
+        if "" in scopes:
+            raise Malformed
+        # RFC 9068 section 2.2: client_id; for service-to-service tokens it is the subject.
+        if payload.get("client_id") != sub:
+            raise Malformed
+        return Claims(
+            issuer=iss,
+            subject=sub,
+            audience=aud,
+            scopes=scopes,
+            issued_at=iat,
+            not_before=nbf,
+            expires_at=exp,
+            jti=jti,
+            key_id=kid,
+            client_id=sub,
+        )
+
+    def _check(
+        self, entry: _Entry, audience: str, required_scopes: Sequence[str], now: float
+    ) -> ValidationResult:
+        """The checks that can change between two uses of the same signed token."""
+        if self._revocations.is_revoked(entry.jti, entry.sub, entry.iat):
+            raise Revoked
+        # RFC 7519 section 4.1.1 / RFC 8725 section 3.8: exact issuer.
+        if entry.iss != self._issuer:
+            raise WrongIssuer
+        # RFC 7519 section 4.1.3 / RFC 8725 section 3.9: exact audience, the caller's own id.
+        if entry.aud != audience:
+            raise WrongAudience
+        # RFC 7519 section 4.1.4: not accepted on or after exp (plus leeway).
+        if now >= entry.exp + self._leeway:
+            raise Expired
+        # RFC 7519 sections 4.1.5-4.1.6: not before nbf, and not issued in the future.
+        if entry.nbf > now + self._leeway or entry.iat > now + self._leeway:
+            raise NotYetValid
+        if self._is_subject_enabled is not None and not self._is_subject_enabled(entry.sub):
+            raise ServiceDisabled
+        if required_scopes:
+            granted = entry.scopes
+            for scope in required_scopes:
+                if scope not in granted:
+                    raise InsufficientScope
+        return entry.result
+
+    def _remember(self, digest: bytes, entry: _Entry) -> None:
+        with self._cache_lock:
+            cache = self._cache
+            if digest in cache:
+                return
+            while len(cache) >= self._cache_size:
+                del cache[next(iter(cache))]  # oldest first (dicts keep insertion order)
+            cache[digest] = entry
+
+    def _forget(self, digest: bytes) -> None:
+        with self._cache_lock:
+            self._cache.pop(digest, None)

@@ -1,0 +1,446 @@
+"""Repository conformance: every method behaves the same on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from authsvc.errors import AlreadyExists, NotFound
+from authsvc.storage.repository import Repository
+from tests.storage.helpers import T0, at, key_record
+
+
+def _aware_utc(value: datetime | None) -> bool:
+    return value is None or value.utcoffset() == timedelta(0)
+
+
+class TestServices:
+    def test_create_then_fetch_round_trips_every_field(self, repo: Repository) -> None:
+        created = repo.create_service("orders", ["billing", "inventory"], ["b.read"], b"h1", T0)
+        fetched = repo.fetch_service("orders")
+        assert fetched == created
+        assert fetched.audiences == ("billing", "inventory")
+        assert fetched.scopes == ("b.read",)
+        assert fetched.disabled is False
+        assert fetched.created_at == fetched.updated_at == T0
+        assert fetched.created_at.tzinfo is not None and _aware_utc(fetched.created_at)
+
+    def test_unknown_service_is_none(self, repo: Repository) -> None:
+        assert repo.fetch_service("nobody") is None
+
+    def test_duplicate_id_is_already_exists_and_keeps_the_first(self, repo: Repository) -> None:
+        repo.create_service("orders", ["a"], ["s"], b"first", T0)
+        with pytest.raises(AlreadyExists):
+            repo.create_service("orders", ["b"], ["t"], b"second", at(1))
+        assert repo.fetch_service("orders").audiences == ("a",)  # type: ignore[union-attr]
+        assert [s.secret_hash for s in repo.list_secrets("orders", at(1))] == [b"first"]
+
+    def test_list_is_ordered_by_id(self, repo: Repository) -> None:
+        for name in ["zeta", "alpha", "mid"]:
+            repo.create_service(name, ["x"], [], b"h", T0)
+        assert [s.service_id for s in repo.list_services()] == ["alpha", "mid", "zeta"]
+
+    def test_disable_and_enable(self, repo: Repository) -> None:
+        repo.create_service("a", ["x"], [], b"h", T0)
+        repo.create_service("b", ["x"], [], b"h", T0)
+        disabled = repo.update_service_disabled("b", True, at(5))
+        assert disabled.disabled is True and disabled.updated_at == at(5)
+        assert disabled.created_at == T0
+        assert repo.list_disabled_service_ids() == ["b"]
+        repo.update_service_disabled("b", False, at(6))
+        assert repo.list_disabled_service_ids() == []
+        assert repo.fetch_service("b").disabled is False  # type: ignore[union-attr]
+
+    def test_disable_unknown_is_not_found(self, repo: Repository) -> None:
+        with pytest.raises(NotFound):
+            repo.update_service_disabled("ghost", True, T0)
+
+    def test_non_utc_input_is_stored_as_the_same_instant_in_utc(self, repo: Repository) -> None:
+        plus2 = datetime(2030, 1, 1, 14, 0, tzinfo=timezone(timedelta(hours=2)))
+        record = repo.create_service("tz", ["x"], [], b"h", plus2)
+        assert record.created_at == T0 and record.created_at.tzinfo == UTC
+        assert repo.fetch_service("tz").created_at.tzinfo == UTC  # type: ignore[union-attr]
+
+    def test_naive_datetime_is_refused(self, repo: Repository) -> None:
+        with pytest.raises(ValueError, match="timezone-aware"):
+            repo.create_service("naive", ["x"], [], b"h", datetime(2030, 1, 1))
+        assert repo.fetch_service("naive") is None
+
+
+class TestSecrets:
+    def test_new_service_has_one_current_secret(self, repo: Repository) -> None:
+        repo.create_service("svc", ["x"], [], b"hash-1", T0)
+        [secret] = repo.list_secrets("svc", T0)
+        assert (secret.slot, secret.secret_hash, secret.expires_at) == ("current", b"hash-1", None)
+
+    def test_rotation_with_grace_keeps_the_old_secret_until_it_expires(
+        self, repo: Repository
+    ) -> None:
+        repo.create_service("svc", ["x"], [], b"hash-1", T0)
+        previous = repo.update_service_secret("svc", b"hash-2", at(10), at(70))
+        assert previous is not None
+        assert (previous.slot, previous.secret_hash, previous.expires_at) == (
+            "previous",
+            b"hash-1",
+            at(70),
+        )
+        live = repo.list_secrets("svc", at(69))
+        assert [(s.slot, s.secret_hash) for s in live] == [
+            ("current", b"hash-2"),
+            ("previous", b"hash-1"),
+        ]
+        assert [s.secret_hash for s in repo.list_secrets("svc", at(70))] == [b"hash-2"]
+
+    def test_at_most_one_previous_secret(self, repo: Repository) -> None:
+        repo.create_service("svc", ["x"], [], b"hash-1", T0)
+        repo.update_service_secret("svc", b"hash-2", at(1), at(1000))
+        previous = repo.update_service_secret("svc", b"hash-3", at(2), at(1000))
+        assert previous is not None and previous.secret_hash == b"hash-2"
+        hashes = [s.secret_hash for s in repo.list_secrets("svc", at(3))]
+        assert hashes == [b"hash-3", b"hash-2"]
+
+    @pytest.mark.parametrize("grace_end", [None, 10, 5])
+    def test_no_grace_ends_the_old_secret_now(
+        self, repo: Repository, grace_end: int | None
+    ) -> None:
+        repo.create_service("svc", ["x"], [], b"hash-1", T0)
+        repo.update_service_secret("svc", b"hash-2", at(1), at(1000))
+        # None, "now" and a time in the past all mean: no previous secret at all.
+        until = None if grace_end is None else at(grace_end)
+        assert repo.update_service_secret("svc", b"hash-3", at(10), until) is None
+        assert [s.secret_hash for s in repo.list_secrets("svc", at(10))] == [b"hash-3"]
+
+    def test_rotate_unknown_service_is_not_found(self, repo: Repository) -> None:
+        with pytest.raises(NotFound):
+            repo.update_service_secret("ghost", b"h", T0, None)
+
+    def test_secrets_of_unknown_service_are_empty(self, repo: Repository) -> None:
+        assert repo.list_secrets("ghost", T0) == []
+
+    def test_repr_never_shows_the_hash(self, repo: Repository) -> None:
+        repo.create_service("svc", ["x"], [], b"\x01SENSITIVE-HASH", T0)
+        [secret] = repo.list_secrets("svc", T0)
+        assert "SENSITIVE" not in repr(secret) and "secret_hash" not in repr(secret)
+
+
+class TestSigningKeys:
+    def test_first_key_becomes_active(self, repo: Repository) -> None:
+        assert repo.fetch_active_signing_key() is None
+        won = repo.create_signing_key(
+            key_record("k1"), at(1), expected_active_kid=None, publish_until=at(100)
+        )
+        assert won is True
+        active = repo.fetch_active_signing_key()
+        assert active is not None
+        assert (active.kid, active.state, active.activated_at) == ("k1", "active", at(1))
+        assert active.private_key_enc == b"wrapped-private-k1"
+        assert json.loads(active.public_jwk)["kid"] == "k1"
+
+    def test_stale_expectation_inserts_nothing(self, repo: Repository) -> None:
+        repo.create_signing_key(key_record("k1"), T0, expected_active_kid=None, publish_until=T0)
+        assert not repo.create_signing_key(
+            key_record("k2"), at(1), expected_active_kid=None, publish_until=at(9)
+        )
+        assert not repo.create_signing_key(
+            key_record("k3"), at(1), expected_active_kid="other", publish_until=at(9)
+        )
+        assert [k.kid for k in repo.list_signing_keys()] == ["k1"]
+
+    def test_rotation_retires_the_old_key_and_drops_its_private_part(
+        self, repo: Repository
+    ) -> None:
+        repo.create_signing_key(key_record("k1"), T0, expected_active_kid=None, publish_until=T0)
+        assert repo.create_signing_key(
+            key_record("k2", at(10)), at(10), expected_active_kid="k1", publish_until=at(3610)
+        )
+        by_kid = {k.kid: k for k in repo.list_signing_keys()}
+        old, new = by_kid["k1"], by_kid["k2"]
+        assert (old.state, old.retired_at, old.publish_until) == ("retired", at(10), at(3610))
+        assert old.private_key_enc is None
+        assert old.activated_at == T0
+        assert (new.state, new.activated_at) == ("active", at(10))
+        assert repo.fetch_active_signing_key() == new
+
+    def test_revoke_others_revokes_every_older_key_at_once(self, repo: Repository) -> None:
+        repo.create_signing_key(key_record("k1"), T0, expected_active_kid=None, publish_until=T0)
+        repo.create_signing_key(
+            key_record("k2", at(1)), at(1), expected_active_kid="k1", publish_until=at(3600)
+        )
+        assert repo.create_signing_key(
+            key_record("k3", at(2)),
+            at(2),
+            expected_active_kid="k2",
+            publish_until=at(3600),
+            revoke_others=True,
+        )
+        states = {
+            k.kid: (k.state, k.publish_until, k.private_key_enc) for k in repo.list_signing_keys()
+        }
+        assert states["k1"] == ("revoked", at(2), None)
+        assert states["k2"] == ("revoked", at(2), None)
+        assert states["k3"][0] == "active" and states["k3"][2] == b"wrapped-private-k3"
+
+    def test_list_is_newest_first(self, repo: Repository) -> None:
+        previous = None
+        for i in range(3):
+            repo.create_signing_key(
+                key_record(f"k{i}", at(i)),
+                at(i),
+                expected_active_kid=previous,
+                publish_until=at(100),
+            )
+            previous = f"k{i}"
+        keys = repo.list_signing_keys()
+        assert [k.kid for k in keys] == ["k2", "k1", "k0"]
+        assert all(_aware_utc(k.created_at) and _aware_utc(k.publish_until) for k in keys)
+
+    def test_duplicate_kid_is_already_exists(self, repo: Repository) -> None:
+        repo.create_signing_key(key_record("k1"), T0, expected_active_kid=None, publish_until=T0)
+        with pytest.raises(AlreadyExists):
+            repo.create_signing_key(
+                key_record("k1"), at(1), expected_active_kid="k1", publish_until=at(2)
+            )
+        assert [(k.kid, k.state) for k in repo.list_signing_keys()] == [("k1", "active")]
+
+    def test_prune_drops_only_unpublished_retired_and_revoked_keys(self, repo: Repository) -> None:
+        repo.create_signing_key(key_record("k1"), T0, expected_active_kid=None, publish_until=T0)
+        repo.create_signing_key(
+            key_record("k2", at(1)), at(1), expected_active_kid="k1", publish_until=at(100)
+        )
+        repo.create_signing_key(
+            key_record("k3", at(2)), at(2), expected_active_kid="k2", publish_until=at(200)
+        )
+        assert repo.prune_signing_keys(at(99)) == 0
+        assert repo.prune_signing_keys(at(100)) == 1  # k1 (publish_until reached)
+        assert [k.kid for k in repo.list_signing_keys()] == ["k3", "k2"]
+        assert repo.prune_signing_keys(at(10_000)) == 1  # k2; the active key always stays
+        assert [k.kid for k in repo.list_signing_keys()] == ["k3"]
+
+    def test_repr_never_shows_the_private_key(self, repo: Repository) -> None:
+        repo.create_signing_key(key_record("k1"), T0, expected_active_kid=None, publish_until=T0)
+        active = repo.fetch_active_signing_key()
+        assert "wrapped-private" not in repr(active) and "private_key_enc" not in repr(active)
+
+
+class TestRevocations:
+    def _revoke_jti(self, repo: Repository, jti: str, expires: int, now: int = 0) -> object:
+        return repo.create_revocation(
+            jti=jti,
+            service_id=None,
+            revoked_before=None,
+            expires_at=at(expires),
+            reason="leaked",
+            now=at(now),
+        )
+
+    def test_jti_revocation_round_trips(self, repo: Repository) -> None:
+        record = repo.create_revocation(
+            jti="j1",
+            service_id=None,
+            revoked_before=None,
+            expires_at=at(900),
+            reason="leaked",
+            now=at(1),
+        )
+        assert record is not None and record.cursor >= 1
+        assert (record.jti, record.service_id, record.reason) == ("j1", None, "leaked")
+        assert (record.expires_at, record.created_at) == (at(900), at(1))
+        assert repo.list_revocations(0, at(2)) == [record]
+
+    def test_service_revocation_round_trips(self, repo: Repository) -> None:
+        record = repo.create_revocation(
+            jti=None,
+            service_id="orders",
+            revoked_before=at(5),
+            expires_at=at(3600),
+            reason="compromised",
+            now=at(4),
+        )
+        assert record is not None
+        [listed] = repo.list_revocations(0, at(4))
+        assert listed == record
+        assert (listed.service_id, listed.jti, listed.revoked_before) == ("orders", None, at(5))
+        assert _aware_utc(listed.revoked_before)
+
+    def test_same_jti_twice_adds_nothing(self, repo: Repository) -> None:
+        assert self._revoke_jti(repo, "j1", 900) is not None
+        assert self._revoke_jti(repo, "j1", 5000) is None
+        [only] = repo.list_revocations(0, T0)
+        assert only.expires_at == at(900)
+
+    def test_several_service_revocations_may_coexist(self, repo: Repository) -> None:
+        for i in range(2):
+            repo.create_revocation(
+                jti=None,
+                service_id="orders",
+                revoked_before=at(i),
+                expires_at=at(900),
+                reason="",
+                now=at(i),
+            )
+        assert len(repo.list_revocations(0, T0)) == 2
+
+    @pytest.mark.parametrize(("jti", "service_id"), [(None, None), ("j", "svc")])
+    def test_exactly_one_target(
+        self, repo: Repository, jti: str | None, service_id: str | None
+    ) -> None:
+        with pytest.raises(ValueError, match="exactly one"):
+            repo.create_revocation(
+                jti=jti,
+                service_id=service_id,
+                revoked_before=None,
+                expires_at=at(9),
+                reason="",
+                now=T0,
+            )
+        assert repo.fetch_latest_revocation_cursor() == 0
+
+    def test_cursors_increase_and_paging_by_cursor_sees_each_row_once(
+        self, repo: Repository
+    ) -> None:
+        cursors = [self._revoke_jti(repo, f"j{i}", 900).cursor for i in range(7)]  # type: ignore[attr-defined]
+        assert cursors == sorted(cursors) and len(set(cursors)) == 7
+        assert repo.fetch_latest_revocation_cursor() == cursors[-1]
+        seen: list[str | None] = []
+        after = 0
+        while page := repo.list_revocations(after, T0, limit=3):
+            assert len(page) <= 3
+            seen.extend(r.jti for r in page)
+            after = page[-1].cursor
+        assert seen == [f"j{i}" for i in range(7)]
+        assert repo.list_revocations(cursors[3], T0) == repo.list_revocations(0, T0)[4:]
+
+    def test_expired_revocations_are_hidden_then_pruned(self, repo: Repository) -> None:
+        self._revoke_jti(repo, "short", 60)
+        self._revoke_jti(repo, "long", 600)
+        assert [r.jti for r in repo.list_revocations(0, at(59))] == ["short", "long"]
+        assert [r.jti for r in repo.list_revocations(0, at(60))] == ["long"]
+        assert repo.prune_revocations(at(60)) == 1
+        assert repo.prune_revocations(at(60)) == 0
+        assert [r.jti for r in repo.list_revocations(0, T0)] == ["long"]
+
+    def test_cursors_are_never_reused_after_a_prune(self, repo: Repository) -> None:
+        last = self._revoke_jti(repo, "a", 10).cursor  # type: ignore[attr-defined]
+        assert repo.prune_revocations(at(10)) == 1
+        assert repo.fetch_latest_revocation_cursor() == 0
+        again = self._revoke_jti(repo, "b", 900, now=11)
+        assert again.cursor > last  # type: ignore[attr-defined]
+
+    def test_latest_cursor_of_empty_table_is_zero(self, repo: Repository) -> None:
+        assert repo.fetch_latest_revocation_cursor() == 0
+        assert repo.list_revocations(0, T0) == []
+
+
+class TestChanges:
+    def test_every_state_change_is_recorded_in_order(self, repo: Repository) -> None:
+        assert repo.fetch_latest_change_cursor() == 0
+        repo.create_service("svc", ["x"], [], b"h", T0)
+        repo.update_service_disabled("svc", True, at(1))
+        repo.create_signing_key(
+            key_record("k1"), at(2), expected_active_kid=None, publish_until=at(2)
+        )
+        repo.create_signing_key(
+            key_record("k2", at(3)), at(3), expected_active_kid="k1", publish_until=at(4)
+        )
+        repo.prune_signing_keys(at(4))
+        changes = repo.list_changes(0)
+        assert [(c.kind, c.ref) for c in changes] == [
+            ("service", "svc"),
+            ("service", "svc"),
+            ("key", "k1"),
+            ("key", "k2"),
+            ("key", "k1"),
+        ]
+        assert [c.created_at for c in changes] == [T0, at(1), at(2), at(3), at(4)]
+        cursors = [c.cursor for c in changes]
+        assert cursors == sorted(set(cursors))
+        assert repo.fetch_latest_change_cursor() == cursors[-1]
+        assert repo.list_changes(cursors[1], limit=2) == changes[2:4]
+
+    def test_lost_rotation_and_failed_writes_record_nothing(self, repo: Repository) -> None:
+        repo.create_service("svc", ["x"], [], b"h", T0)
+        before = repo.fetch_latest_change_cursor()
+        repo.create_signing_key(key_record("k1"), T0, expected_active_kid="nope", publish_until=T0)
+        with pytest.raises(AlreadyExists):
+            repo.create_service("svc", ["x"], [], b"h", T0)
+        assert repo.prune_signing_keys(at(1)) == 0
+        assert repo.fetch_latest_change_cursor() == before
+
+
+class TestAudit:
+    def _event(self, repo: Repository, i: int, **extra: str) -> None:
+        repo.create_audit_event(
+            at=at(i),
+            actor=f"actor{i}",
+            action="rotate_secret",
+            target="service:x",
+            outcome="ok",
+            peer="ipv4:127.0.0.1:5",
+            request_id=f"r{i}",
+            **extra,
+        )
+
+    def test_events_round_trip_newest_first(self, repo: Repository) -> None:
+        self._event(repo, 1, detail="grace_seconds=60")
+        self._event(repo, 2)
+        newest, oldest = repo.list_audit_events()
+        assert (newest.actor, newest.at, newest.detail) == ("actor2", at(2), "")
+        assert (oldest.actor, oldest.action, oldest.target, oldest.outcome) == (
+            "actor1",
+            "rotate_secret",
+            "service:x",
+            "ok",
+        )
+        assert (oldest.peer, oldest.request_id, oldest.detail) == (
+            "ipv4:127.0.0.1:5",
+            "r1",
+            "grace_seconds=60",
+        )
+        assert newest.id > oldest.id
+
+    def test_paging_with_before_id(self, repo: Repository) -> None:
+        for i in range(5):
+            self._event(repo, i)
+        first = repo.list_audit_events(limit=2)
+        second = repo.list_audit_events(limit=2, before_id=first[-1].id)
+        third = repo.list_audit_events(limit=2, before_id=second[-1].id)
+        assert [e.actor for e in first + second + third] == [f"actor{i}" for i in range(4, -1, -1)]
+
+    def test_prune_drops_events_older_than_the_cutoff(self, repo: Repository) -> None:
+        for i in range(4):
+            self._event(repo, i)
+        assert repo.prune_audit_events(at(2)) == 2
+        assert [e.actor for e in repo.list_audit_events()] == ["actor3", "actor2"]
+
+
+class TestAuthFailures:
+    def test_failures_count_up_within_the_window(self, repo: Repository) -> None:
+        assert repo.count_auth_failures("id:svc", T0, 60) == 0
+        assert [repo.update_auth_failures("id:svc", at(i), 60) for i in range(3)] == [1, 2, 3]
+        assert repo.count_auth_failures("id:svc", at(59), 60) == 3
+        assert repo.count_auth_failures("id:other", at(1), 60) == 0
+
+    def test_window_expiry_restarts_the_count(self, repo: Repository) -> None:
+        repo.update_auth_failures("k", T0, 60)
+        repo.update_auth_failures("k", at(30), 60)
+        # The window started at T0, not at the last failure.
+        assert repo.count_auth_failures("k", at(60), 60) == 0
+        assert repo.update_auth_failures("k", at(60), 60) == 1
+        assert repo.update_auth_failures("k", at(61), 60) == 2
+        assert repo.count_auth_failures("k", at(119), 60) == 2
+
+    def test_delete_resets(self, repo: Repository) -> None:
+        repo.update_auth_failures("k", T0, 60)
+        repo.delete_auth_failures("k")
+        repo.delete_auth_failures("never-seen")
+        assert repo.count_auth_failures("k", T0, 60) == 0
+        assert repo.update_auth_failures("k", T0, 60) == 1
+
+    def test_prune_drops_stale_counters(self, repo: Repository) -> None:
+        repo.update_auth_failures("old", T0, 60)
+        repo.update_auth_failures("new", at(100), 60)
+        assert repo.prune_auth_failures(at(50)) == 1
+        assert repo.count_auth_failures("old", at(1), 60) == 0
+        assert repo.count_auth_failures("new", at(100), 60) == 1

@@ -1,0 +1,73 @@
+"""Settings: fail fast, name the variable, never show a secret."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from authsvc.config import load_settings
+from authsvc.errors import ConfigError
+from tests.support.server import TEST_KEK
+
+BASE = {"AUTHSVC_KEK": TEST_KEK, "AUTHSVC_ISSUER": "https://issuer.example"}
+
+
+class TestLoadSettings:
+    def test_loopback_with_kek_and_issuer_needs_nothing_else(self) -> None:
+        s = load_settings(BASE)
+        assert s.listen == "127.0.0.1:50051"
+        assert s.server_name == "authsvc"
+        assert (s.default_ttl_seconds, s.max_ttl_seconds) == (900, 3600)
+        assert s.database_url.startswith("sqlite:///")
+
+    def test_repr_masks_the_kek(self) -> None:
+        assert TEST_KEK not in repr(load_settings(BASE))
+        assert "***" in repr(load_settings(BASE))
+
+    @pytest.mark.parametrize("missing", ["AUTHSVC_KEK", "AUTHSVC_ISSUER"])
+    def test_missing_required_setting_is_named(self, missing: str) -> None:
+        env = {k: v for k, v in BASE.items() if k != missing}
+        with pytest.raises(ConfigError, match=missing):
+            load_settings(env)
+
+    def test_flags_override_the_environment(self) -> None:
+        s = load_settings(
+            {**BASE, "AUTHSVC_LISTEN": "127.0.0.1:1"}, {"listen": "127.0.0.1:2", "database_url": None}
+        )
+        assert s.listen == "127.0.0.1:2"
+
+    def test_plaintext_on_public_address_needs_explicit_upstream_tls(self) -> None:
+        with pytest.raises(ConfigError, match="plaintext"):
+            load_settings({**BASE, "AUTHSVC_LISTEN": "0.0.0.0:50051"})
+        s = load_settings({**BASE, "AUTHSVC_LISTEN": "0.0.0.0:50051",
+                           "AUTHSVC_TLS_TERMINATED_UPSTREAM": "true"})
+        assert s.tls_terminated_upstream
+
+    def test_tls_cert_and_key_go_together(self) -> None:
+        with pytest.raises(ConfigError, match="AUTHSVC_TLS_KEY"):
+            load_settings({**BASE, "AUTHSVC_TLS_CERT": "/x.pem"})
+
+    @pytest.mark.parametrize(
+        ("name", "value"),
+        [("AUTHSVC_MAX_TTL_SECONDS", "abc"), ("AUTHSVC_RSA_KEY_BITS", "1024"),
+         ("AUTHSVC_LISTEN", "nohostport")],
+    )
+    def test_bad_values_are_named(self, name: str, value: str) -> None:
+        with pytest.raises(ConfigError, match=name):
+            load_settings({**BASE, name: value})
+
+    def test_default_ttl_above_maximum_is_refused(self) -> None:
+        with pytest.raises(ConfigError, match="AUTHSVC_DEFAULT_TTL_SECONDS"):
+            load_settings({**BASE, "AUTHSVC_DEFAULT_TTL_SECONDS": "7200"})
+
+    def test_dev_mode_generates_a_private_kek_beside_its_database(self, tmp_path: Path) -> None:
+        s = load_settings({}, {"dev": True, "dev_dir": str(tmp_path / "d")})
+        assert s.dev and s.database_url.endswith("/d/authsvc.db")
+        assert (tmp_path / "d" / "kek").stat().st_mode & 0o777 == 0o600
+        again = load_settings({}, {"dev": True, "dev_dir": str(tmp_path / "d")})
+        assert again.kek.derive(b"x") == s.kek.derive(b"x")
+
+    def test_dev_mode_is_loopback_only(self, tmp_path: Path) -> None:
+        with pytest.raises(ConfigError, match="loopback"):
+            load_settings({"AUTHSVC_LISTEN": "0.0.0.0:1"}, {"dev": True, "dev_dir": str(tmp_path)})

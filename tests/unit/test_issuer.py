@@ -1,0 +1,135 @@
+"""TokenIssuer: what it signs, that the verifier accepts it, and the exp cap at key retirement."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+from authsvc_client.keyring import KeyRing
+from authsvc_client.revocations import RevocationSet
+from authsvc_client.verifier import TokenVerifier
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+
+from authsvc.keys.jwks import jwk_thumbprint
+from authsvc.tokens.issuer import TokenIssuer
+
+NOW = 1_700_000_000.75
+ISSUER = "https://authsvc.internal"
+
+
+@pytest.fixture(scope="module")
+def key() -> RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def decode(segment: str) -> dict[str, Any]:
+    raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    parsed: dict[str, Any] = json.loads(raw)
+    return parsed
+
+
+def issue(key: RSAPrivateKey, **over: Any) -> Any:
+    options: dict[str, Any] = {
+        "private_key": key,
+        "kid": jwk_thumbprint(key.public_key()),
+        "subject": "svc-a",
+        "audience": "svc-b",
+        "scopes": ["read", "write"],
+        "ttl_seconds": 900,
+        "now": NOW,
+    }
+    options.update(over)
+    return TokenIssuer(ISSUER).issue(**options)
+
+
+class TestIssue:
+    def test_issued_token_verifies(self, key: RSAPrivateKey) -> None:
+        issued = issue(key)
+        kid = jwk_thumbprint(key.public_key())
+        verifier = TokenVerifier(
+            keys=lambda: KeyRing({kid: key.public_key()}),
+            revocations=RevocationSet(),
+            issuer=ISSUER,
+        )
+        result = verifier.verify(issued.token, audience="svc-b", required_scopes=["write"], now=NOW)
+        assert result.valid and result.claims == issued.claims
+
+    def test_header_is_exactly_rfc_9068(self, key: RSAPrivateKey) -> None:
+        issued = issue(key)
+        header_segment = issued.token.split(".")[0]
+        raw = base64.urlsafe_b64decode(header_segment + "=" * (-len(header_segment) % 4))
+        kid = jwk_thumbprint(key.public_key())
+        assert raw == f'{{"alg":"RS256","typ":"at+jwt","kid":"{kid}"}}'.encode()
+
+    def test_claims(self, key: RSAPrivateKey) -> None:
+        issued = issue(key)
+        body = decode(issued.token.split(".")[1])
+        assert body == {
+            "iss": ISSUER,
+            "sub": "svc-a",
+            "aud": "svc-b",
+            "exp": int(NOW) + 900,
+            "nbf": int(NOW),
+            "iat": int(NOW),
+            "jti": issued.claims.jti,
+            "scope": "read write",
+            "client_id": "svc-a",
+        }
+        assert issued.claims.scopes == ("read", "write")
+        assert issued.claims.key_id == jwk_thumbprint(key.public_key())
+
+    def test_jti_has_at_least_128_random_bits(self, key: RSAPrivateKey) -> None:
+        jtis = {issue(key).claims.jti for _ in range(20)}
+        assert len(jtis) == 20
+        for jti in jtis:
+            assert len(base64.urlsafe_b64decode(jti + "=" * (-len(jti) % 4))) * 8 >= 128
+
+    def test_no_scopes_is_an_empty_scope_claim(self, key: RSAPrivateKey) -> None:
+        issued = issue(key, scopes=[])
+        assert decode(issued.token.split(".")[1])["scope"] == ""
+
+    def test_exp_is_capped_at_the_keys_retirement(self, key: RSAPrivateKey) -> None:
+        issued = issue(key, ttl_seconds=900, not_after=int(NOW) + 120.5)
+        assert issued.claims.expires_at == int(NOW) + 120
+        uncapped = issue(key, ttl_seconds=900, not_after=NOW + 5000)
+        assert uncapped.claims.expires_at == int(NOW) + 900
+
+    def test_a_key_retiring_now_cannot_issue(self, key: RSAPrivateKey) -> None:
+        with pytest.raises(ValueError):
+            issue(key, not_after=NOW)
+
+    def test_repr_never_shows_the_token(self, key: RSAPrivateKey) -> None:
+        issued = issue(key)
+        assert issued.token not in repr(issued)
+        assert issued.token.split(".")[2][:20] not in repr(issued)
+        assert issued.claims.jti in repr(issued)
+
+    @pytest.mark.parametrize(
+        "over",
+        [
+            {"subject": ""},
+            {"audience": ""},
+            {"kid": ""},
+            {"scopes": ["read", ""]},
+            {"scopes": ["read write"]},
+            {"ttl_seconds": 0},
+            {"scopes": ["x" * 200] * 50},
+        ],
+    )
+    def test_bad_requests_are_refused(self, key: RSAPrivateKey, over: dict[str, Any]) -> None:
+        with pytest.raises(ValueError):
+            issue(key, **over)
+
+    def test_short_keys_are_refused(self) -> None:
+        small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+        with pytest.raises(ValueError):
+            issue(small)
+
+    def test_a_token_the_fleet_would_reject_is_never_handed_out(self, key: RSAPrivateKey) -> None:
+        # Past 9999-12-31 a NumericDate no longer fits a protobuf Timestamp, so the verifier
+        # calls it MALFORMED; self-verification catches that before the token leaves.
+        with pytest.raises(RuntimeError, match="issued token failed self-verification"):
+            issue(key, now=253_402_300_800.0)
