@@ -34,5 +34,9 @@ lint: $(BIN)/authsvc
 bench: $(BIN)/authsvc
 	$(BIN)/python -m bench
 
+# Start authsvc (dev mode) and two example services; show auth, denial, revocation, rotation.
+demo: $(BIN)/authsvc
+	$(BIN)/python examples/demo.py
+
 clean:
 	rm -rf $(VENV) .authsvc-dev

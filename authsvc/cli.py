@@ -1,4 +1,4 @@
-"""The `authsvc` command: serve, db, services, keys, token. The only place that reads the environment."""
+"""The `authsvc` command: serve, db, services, keys, token. The only reader of the environment."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ EXIT_USAGE = 2
 
 def _common(parser: argparse.ArgumentParser) -> None:
     """Every command reads the same configuration as `serve`: environment, then these flags."""
-    parser.add_argument("--dev", action="store_true", default=None, help="dev mode (loopback, local SQLite)")
+    parser.add_argument(
+        "--dev", action="store_true", default=None, help="dev mode (loopback, local SQLite)"
+    )
     parser.add_argument("--dev-dir", help="dev mode folder (default .authsvc-dev)")
     parser.add_argument("--database-url", help="overrides AUTHSVC_DATABASE_URL")
 
@@ -51,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow plaintext on a non-loopback address because TLS ends in front of authsvc",
     )
 
-    db = sub.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True)
+    db = sub.add_parser("db", help="database schema").add_subparsers(
+        dest="db_command", required=True
+    )
     _common(db.add_parser("upgrade", help="migrate the schema to the latest version"))
 
     services = sub.add_parser("services", help="register and manage services").add_subparsers(
@@ -62,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--audience", action="append", default=[], help="may ask tokens for A")
     create.add_argument("--scope", action="append", default=[], help="may ask for scope S")
-    create.add_argument("--admin", action="store_true", help="grant authsvc.admin for audience authsvc")
+    create.add_argument(
+        "--admin", action="store_true", help="grant authsvc.admin for audience authsvc"
+    )
     create.add_argument("--json", action="store_true", help="print {service_id, service_secret}")
     create.add_argument("--format", choices=["text", "json", "env"], default=None)
     lst = services.add_parser("list", help="list services")
@@ -72,11 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(disable)
     disable.add_argument("name")
 
-    keys = sub.add_parser("keys", help="signing keys").add_subparsers(dest="keys_command", required=True)
+    keys = sub.add_parser("keys", help="signing keys").add_subparsers(
+        dest="keys_command", required=True
+    )
     rotate = keys.add_parser("rotate", help="activate a new signing key now")
     _common(rotate)
     rotate.add_argument(
-        "--revoke-previous", action="store_true", help="compromise: older keys stop validating at once"
+        "--revoke-previous",
+        action="store_true",
+        help="compromise: older keys stop validating at once",
     )
     klist = keys.add_parser("list", help="list signing keys")
     _common(klist)
@@ -85,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", help="talk to a running server").add_subparsers(
         dest="token_command", required=True
     )
-    issue = token.add_parser("issue", help="get a token (credentials from AUTHSVC_SERVICE_ID/_SECRET)")
+    issue = token.add_parser(
+        "issue", help="get a token (credentials from AUTHSVC_SERVICE_ID/_SECRET)"
+    )
     _client(issue)
     issue.add_argument("--audience", required=True)
     issue.add_argument("--scope", action="append", default=[])
@@ -104,9 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--jti")
     target.add_argument("--service")
     revoke.add_argument("--reason", default="")
-    revoke.add_argument(
-        "--admin-token", help="admin bearer token (default AUTHSVC_ADMIN_TOKEN)"
-    )
+    revoke.add_argument("--admin-token", help="admin bearer token (default AUTHSVC_ADMIN_TOKEN)")
     return p
 
 
@@ -175,15 +185,19 @@ def _cmd_services(args: argparse.Namespace) -> int:
         elif args.services_command == "list":
             services = core.repo.list_services()
             if args.json:
-                print(json.dumps([
-                    {
-                        "service_id": s.service_id,
-                        "audiences": list(s.audiences),
-                        "scopes": list(s.scopes),
-                        "disabled": s.disabled,
-                    }
-                    for s in services
-                ]))
+                print(
+                    json.dumps(
+                        [
+                            {
+                                "service_id": s.service_id,
+                                "audiences": list(s.audiences),
+                                "scopes": list(s.scopes),
+                                "disabled": s.disabled,
+                            }
+                            for s in services
+                        ]
+                    )
+                )
             else:
                 for s in services:
                     state = "disabled" if s.disabled else "enabled"
@@ -192,9 +206,9 @@ def _cmd_services(args: argparse.Namespace) -> int:
                         f"\tscopes={','.join(s.scopes)}"
                     )
         else:
-            from authsvc.clock import SystemClock, to_datetime
+            from authsvc.server.app import disable
 
-            core.repo.update_service_disabled(args.name, True, to_datetime(SystemClock().now()))
+            disable(core, args.name)
             print(f"service {args.name} disabled")
     finally:
         core.dispose()
@@ -259,7 +273,7 @@ def _cmd_token(args: argparse.Namespace) -> int:
 
     with grpc.insecure_channel(_target(args)) as channel:
         stub = auth_pb2_grpc.AuthServiceStub(channel)
-        if args.token_command == "issue":
+        if args.token_command == "issue":  # noqa: S105 - a subcommand name
             service_id = args.service_id or os.environ.get("AUTHSVC_SERVICE_ID")
             if not service_id:
                 raise SystemExit("authsvc: set AUTHSVC_SERVICE_ID or --service-id")
@@ -274,17 +288,21 @@ def _cmd_token(args: argparse.Namespace) -> int:
                 timeout=10,
             )
             if args.json:
-                print(json.dumps({
-                    "access_token": response.access_token,
-                    "token_type": response.token_type,
-                    "expires_in": response.expires_in,
-                    "key_id": response.key_id,
-                    "scopes": list(response.scopes),
-                }))
+                print(
+                    json.dumps(
+                        {
+                            "access_token": response.access_token,
+                            "token_type": response.token_type,
+                            "expires_in": response.expires_in,
+                            "key_id": response.key_id,
+                            "scopes": list(response.scopes),
+                        }
+                    )
+                )
             else:
                 print(response.access_token)
             return EXIT_OK
-        if args.token_command == "validate":
+        if args.token_command == "validate":  # noqa: S105 - a subcommand name
             reply = stub.ValidateToken(
                 auth_pb2.ValidateTokenRequest(
                     token=_read_arg(args.token), audience=args.audience, required_scopes=args.scope
@@ -296,8 +314,14 @@ def _cmd_token(args: argparse.Namespace) -> int:
             if result.claims is not None:
                 c = result.claims
                 out["claims"] = {
-                    "iss": c.issuer, "sub": c.subject, "aud": c.audience, "scope": list(c.scopes),
-                    "iat": c.issued_at, "nbf": c.not_before, "exp": c.expires_at, "jti": c.jti,
+                    "iss": c.issuer,
+                    "sub": c.subject,
+                    "aud": c.audience,
+                    "scope": list(c.scopes),
+                    "iat": c.issued_at,
+                    "nbf": c.not_before,
+                    "exp": c.expires_at,
+                    "jti": c.jti,
                     "kid": c.key_id,
                 }
             print(json.dumps(out))

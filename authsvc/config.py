@@ -212,7 +212,7 @@ def load_settings(
     if not tls_cert and not is_loopback(host) and not upstream:
         raise ConfigError(
             "refusing plaintext gRPC on a non-loopback address: set AUTHSVC_TLS_CERT and "
-            "AUTHSVC_TLS_KEY, or AUTHSVC_TLS_TERMINATED_UPSTREAM=true if TLS ends in front of authsvc"
+            "AUTHSVC_TLS_KEY, or AUTHSVC_TLS_TERMINATED_UPSTREAM=true if TLS ends before authsvc"
         )
 
     default_ttl = _int(env, "AUTHSVC_DEFAULT_TTL_SECONDS", 900, 1)

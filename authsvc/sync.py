@@ -66,6 +66,12 @@ class RevocationFeed:
         # Every revocation with a cursor <= this is in storage and not in the buffer.
         self.horizon = start_cursor
         self._changed = asyncio.Event()
+        self.closed = False
+
+    def close(self) -> None:
+        """Wake every stream so it can end (server shutdown)."""
+        self.closed = True
+        self._changed.set()
 
     def publish(self, records: list[RevocationRecord]) -> None:
         for record in records:
@@ -90,7 +96,7 @@ class RevocationFeed:
 
 
 class ServerState:
-    """What this replica knows; every attribute the hot path reads is swapped whole, never mutated."""
+    """What this replica knows. Attributes the hot path reads are swapped whole, never mutated."""
 
     def __init__(self, repo: Repository, manager: KeyManager, clock: Clock) -> None:
         self._repo = repo

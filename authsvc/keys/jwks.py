@@ -6,9 +6,10 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+
 from authsvc_client._b64 import b64url_encode, b64url_uint
 from authsvc_client.claims import ALGORITHM
-from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 __all__ = ["jwk_thumbprint", "public_jwk", "render_jwks"]
 

@@ -18,12 +18,14 @@ from grpc_reflection.v1alpha import reflection
 
 from authsvc.clock import Clock, SystemClock, to_datetime
 from authsvc.config import Settings
-from authsvc.crypto.secrets import SecretHasher, mint_secret
+from authsvc.crypto.secrets import SecretHasher
 from authsvc.errors import AlreadyExists, AuthsvcError, ConfigError, DecryptError
 from authsvc.keys.manager import KeyManager
 from authsvc.server.servicer import AuthServicer
+from authsvc.services import disable_service, register_service
 from authsvc.storage import migrate
 from authsvc.storage.engine import make_engine
+from authsvc.storage.records import RevocationRecord
 from authsvc.storage.repository import Repository
 from authsvc.sync import RevocationFeed, ServerState
 from authsvc.tokens.issuer import TokenIssuer
@@ -90,19 +92,20 @@ def build_core(settings: Settings, clock: Clock | None = None, *, upgrade: bool 
 def create_service(
     core: Core, service_id: str, audiences: list[str], scopes: list[str], *, admin: bool = False
 ) -> str:
-    """Register a service; returns its secret, which is never stored in clear."""
+    """Register a service (the CLI's way); `admin` adds the admin audience and scope."""
     if admin:
         audiences = [*audiences, core.settings.admin_audience]
         scopes = [*scopes, ADMIN_SCOPE]
-    secret = mint_secret()
-    core.repo.create_service(
+    return register_service(core.repo, core.hasher, core.clock, service_id, audiences, scopes)[1]
+
+
+def disable(core: Core, service_id: str) -> None:
+    disable_service(
+        core.repo,
+        core.clock,
         service_id,
-        list(dict.fromkeys(audiences)),
-        list(dict.fromkeys(scopes)),
-        core.hasher.hash(secret),
-        to_datetime(core.clock.now()),
+        token_lifetime_seconds=core.settings.max_ttl_seconds + core.settings.leeway_seconds,
     )
-    return secret
 
 
 def bootstrap_dev_admin(core: Core, out: TextIO) -> None:
@@ -131,6 +134,7 @@ class AuthsvcServer:
         self._health: health.aio.HealthServicer | None = None
         self._core: Core | None = None
         self._stopping = asyncio.Event()
+        self._feed: RevocationFeed | None = None
 
     async def start(self, out: TextIO = sys.stdout) -> int:
         s = self.settings
@@ -148,7 +152,12 @@ class AuthsvcServer:
             ) from None
         feed = RevocationFeed(state.revocation_cursor)
         loop = asyncio.get_running_loop()
-        state.on_revocations = lambda records: loop.call_soon_threadsafe(feed.publish, records)
+
+        def publish(records: list[RevocationRecord]) -> None:
+            loop.call_soon_threadsafe(feed.publish, records)
+
+        state.on_revocations = publish
+        self._feed = feed
         verifier = TokenVerifier(
             keys=lambda: state.keyring,
             revocations=state.revocations,
@@ -191,7 +200,9 @@ class AuthsvcServer:
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         host = s.listen.rpartition(":")[0]
-        out.write(f"authsvc listening on {host}:{self.port} ({'TLS' if s.tls_enabled else 'plaintext'})\n")
+        out.write(
+            f"authsvc listening on {host}:{self.port} ({'TLS' if s.tls_enabled else 'plaintext'})\n"
+        )
         out.flush()
         return self.port
 
@@ -204,9 +215,9 @@ class AuthsvcServer:
             creds = grpc.ssl_server_credentials(
                 [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
             )
-            port = server.add_secure_port(s.listen, creds)
+            port = int(server.add_secure_port(s.listen, creds))
         else:
-            port = server.add_insecure_port(s.listen)
+            port = int(server.add_insecure_port(s.listen))
         if port == 0:
             raise ConfigError("cannot listen on AUTHSVC_LISTEN (address in use or not available)")
         return port
@@ -248,6 +259,9 @@ class AuthsvcServer:
         self._stopping.set()
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        if self._feed is not None:
+            # Open WatchRevocations streams end now; clients reconnect to another replica.
+            self._feed.close()
         if self._server is not None:
             await self._server.stop(self.settings.shutdown_grace_seconds)
         for task in self._tasks:

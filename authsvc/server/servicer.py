@@ -34,6 +34,7 @@ from authsvc.errors import (
     Unauthenticated,
 )
 from authsvc.keys.manager import KeyManager
+from authsvc.services import disable_service, register_service
 from authsvc.storage.records import RevocationRecord, ServiceRecord, SigningKeyRecord
 from authsvc.storage.repository import Repository
 from authsvc.sync import RevocationFeed, ServerState
@@ -246,7 +247,12 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
     ) -> None:
         log.info(
             "audit action=%s actor=%s target=%s outcome=%s peer=%s request_id=%s",
-            action, actor, target, outcome, peer, request_id,
+            action,
+            actor,
+            target,
+            outcome,
+            peer,
+            request_id,
         )
         self._repo.create_audit_event(
             at=to_datetime(self._clock.now()),
@@ -314,15 +320,23 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         if service is None or not ok:
             self._record_failure(service_id, peer)
             self._audit(
-                actor=service_id, action=action, target=service_id, outcome="bad_credentials",
-                peer=peer, request_id=request_id,
+                actor=service_id,
+                action=action,
+                target=service_id,
+                outcome="bad_credentials",
+                peer=peer,
+                request_id=request_id,
             )
             raise Unauthenticated(BAD_CREDENTIALS)
         self._repo.delete_auth_failures(self._throttle_keys(service_id, peer)[0])
         if service.disabled:
             self._audit(
-                actor=service_id, action=action, target=service_id, outcome="disabled",
-                peer=peer, request_id=request_id,
+                actor=service_id,
+                action=action,
+                target=service_id,
+                outcome="disabled",
+                peer=peer,
+                request_id=request_id,
             )
             raise Unauthenticated("service is disabled")
         return service
@@ -335,16 +349,24 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         )
         if request.audience not in service.audiences:
             self._audit(
-                actor=service.service_id, action="issue_token", target=request.audience,
-                outcome="audience_denied", peer=peer, request_id=request_id,
+                actor=service.service_id,
+                action="issue_token",
+                target=request.audience,
+                outcome="audience_denied",
+                peer=peer,
+                request_id=request_id,
             )
             raise PermissionDenied("audience not allowed for this service")
         wanted = list(dict.fromkeys(request.scopes)) or list(service.scopes)
         denied = [s for s in wanted if s not in service.scopes]
         if denied:
             self._audit(
-                actor=service.service_id, action="issue_token", target=request.audience,
-                outcome="scope_denied", peer=peer, request_id=request_id,
+                actor=service.service_id,
+                action="issue_token",
+                target=request.audience,
+                outcome="scope_denied",
+                peer=peer,
+                request_id=request_id,
             )
             raise PermissionDenied("scope not allowed for this service: " + " ".join(denied))
         ttl = request.ttl_seconds or self._s.default_ttl_seconds
@@ -363,12 +385,17 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         )
         claims = issued.claims
         self._audit(
-            actor=service.service_id, action="issue_token", target=request.audience,
-            outcome="ok", peer=peer, request_id=request_id, detail=f"jti={claims.jti}",
+            actor=service.service_id,
+            action="issue_token",
+            target=request.audience,
+            outcome="ok",
+            peer=peer,
+            request_id=request_id,
+            detail=f"jti={claims.jti}",
         )
         return auth_pb2.IssueTokenResponse(
             access_token=issued.token,
-            token_type="Bearer",
+            token_type="Bearer",  # noqa: S106 - the RFC 6750 scheme, not a secret
             expires_in=claims.expires_at - claims.issued_at,
             expires_at=timestamp(claims.expires_at),
             key_id=claims.key_id,
@@ -415,7 +442,12 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
             if target == "jti":
                 _check_name(request.jti, "jti")
                 revoked = await asyncio.to_thread(
-                    self._revoke_jti, request.jti, None, caller.claims.subject, reason, peer,
+                    self._revoke_jti,
+                    request.jti,
+                    None,
+                    caller.claims.subject,
+                    reason,
+                    peer,
                     request_id,
                 )
             else:
@@ -438,7 +470,12 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
             return False
         claims = result.claims
         return await asyncio.to_thread(
-            self._revoke_jti, claims.jti, claims.expires_at, claims.subject, reason, peer,
+            self._revoke_jti,
+            claims.jti,
+            claims.expires_at,
+            claims.subject,
+            reason,
+            peer,
             request_id,
         )
 
@@ -464,7 +501,11 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
             now=to_datetime(now),
         )
         self._audit(
-            actor=actor, action="revoke_token", target=f"jti:{jti}", outcome="ok", peer=peer,
+            actor=actor,
+            action="revoke_token",
+            target=f"jti:{jti}",
+            outcome="ok",
+            peer=peer,
             request_id=request_id,
         )
         return True
@@ -494,8 +535,12 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
                 now=to_datetime(now),
             )
             self._audit(
-                actor=actor, action="revoke_service_tokens", target=f"service:{service_id}",
-                outcome="ok", peer=peer, request_id=request_id,
+                actor=actor,
+                action="revoke_service_tokens",
+                target=f"service:{service_id}",
+                outcome="ok",
+                peer=peer,
+                request_id=request_id,
             )
 
         await asyncio.to_thread(write)
@@ -554,8 +599,12 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
             request.service_id, self._hasher.hash(secret), to_datetime(now), previous_until
         )
         self._audit(
-            actor=actor, action="rotate_secret", target=f"service:{request.service_id}",
-            outcome="ok", peer=peer, request_id=request_id,
+            actor=actor,
+            action="rotate_secret",
+            target=f"service:{request.service_id}",
+            outcome="ok",
+            peer=peer,
+            request_id=request_id,
             detail=f"grace_seconds={request.grace_period_seconds}",
         )
         response = auth_pb2.RotateServiceSecretResponse(service_secret=secret)
@@ -575,10 +624,13 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         def rotate() -> SigningKeyRecord:
             result = self._manager.rotate(revoke_previous=request.revoke_previous)
             self._audit(
-                actor=caller.claims.subject, action="rotate_signing_key",
+                actor=caller.claims.subject,
+                action="rotate_signing_key",
                 target=f"key:{result.key.kid}",
-                outcome="ok" if result.rotated_here else "already_rotated", peer=peer,
-                request_id=request_id, detail=f"revoke_previous={request.revoke_previous}",
+                outcome="ok" if result.rotated_here else "already_rotated",
+                peer=peer,
+                request_id=request_id,
+                detail=f"revoke_previous={request.revoke_previous}",
             )
             return result.key
 
@@ -619,17 +671,20 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         peer, request_id = _peer_address(context), _request_id(context)
 
         def create() -> tuple[ServiceRecord, str]:
-            secret = mint_secret()
-            record = self._repo.create_service(
+            record, secret = register_service(
+                self._repo,
+                self._hasher,
+                self._clock,
                 request.service_id,
-                list(dict.fromkeys(request.audiences)),
-                list(dict.fromkeys(request.scopes)),
-                self._hasher.hash(secret),
-                to_datetime(self._clock.now()),
+                request.audiences,
+                request.scopes,
             )
             self._audit(
-                actor=caller.claims.subject, action="create_service",
-                target=f"service:{record.service_id}", outcome="ok", peer=peer,
+                actor=caller.claims.subject,
+                action="create_service",
+                target=f"service:{record.service_id}",
+                outcome="ok",
+                peer=peer,
                 request_id=request_id,
             )
             return record, secret
@@ -654,12 +709,18 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         peer, request_id = _peer_address(context), _request_id(context)
 
         def disable() -> ServiceRecord:
-            record = self._repo.update_service_disabled(
-                request.service_id, True, to_datetime(self._clock.now())
+            record = disable_service(
+                self._repo,
+                self._clock,
+                request.service_id,
+                token_lifetime_seconds=self._s.max_ttl_seconds + self._s.leeway_seconds,
             )
             self._audit(
-                actor=caller.claims.subject, action="disable_service",
-                target=f"service:{record.service_id}", outcome="ok", peer=peer,
+                actor=caller.claims.subject,
+                action="disable_service",
+                target=f"service:{record.service_id}",
+                outcome="ok",
+                peer=peer,
                 request_id=request_id,
             )
             return record
@@ -696,6 +757,8 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
             for record in live:
                 yield revocation_event(record)
                 cursor = record.cursor
+            if self._feed.closed:
+                return
             await self._feed.wait(timeout=30.0)
 
     async def _replay(self, cursor: int) -> AsyncIterator[RevocationRecord]:

@@ -7,14 +7,15 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+from cryptography.hazmat.primitives.hashes import SHA256
+
 from authsvc_client._b64 import b64url_encode
 from authsvc_client.claims import ALGORITHM, DEFAULT_MAX_TOKEN_BYTES, TOKEN_TYPE, Claims
 from authsvc_client.keyring import MIN_RSA_KEY_BITS, KeyRing
 from authsvc_client.revocations import RevocationSet
 from authsvc_client.verifier import TokenVerifier
-from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
-from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
-from cryptography.hazmat.primitives.hashes import SHA256
 
 __all__ = ["IssuedToken", "TokenIssuer"]
 

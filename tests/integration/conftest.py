@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.postgres import postgres_url  # noqa: F401  (a fixture)
 from tests.support.server import RunningServer, base_env, run_cli, start_server
 
 ADMIN = "ops-admin"

@@ -1,4 +1,4 @@
-"""Process lifecycle: start-up checks, dev mode, graceful shutdown, restart, replicas on PostgreSQL."""
+"""Process lifecycle: start-up checks, dev mode, shutdown, restart, replicas on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import pytest
 
 from authsvc_client.v1 import auth_pb2
 from tests.integration.conftest import sqlite_env
-from tests.support.postgres import postgres_url  # noqa: F401  (fixture)
 from tests.support.server import (
     TEST_KEK,
     authsvc_command,
@@ -30,7 +29,11 @@ from tests.support.server import (
 def _serve_fails(env: dict[str, str], *args: str) -> str:
     proc = subprocess.run(
         [*authsvc_command(), "serve", "--listen", "127.0.0.1:0", *args],
-        env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
     )
     assert proc.returncode != 0
     return proc.stdout + proc.stderr
@@ -66,7 +69,11 @@ class TestFailFast:
         env = sqlite_env(tmp_path)
         proc = subprocess.run(
             [*authsvc_command(), "serve", "--listen", "0.0.0.0:0"],
-            env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
         )
         assert proc.returncode != 0
         assert "plaintext" in proc.stderr
@@ -115,7 +122,7 @@ class TestDevMode:
         assert (dev_dir / "authsvc.db").exists()
         again = start_server(env, "--dev", "--dev-dir", str(dev_dir))
         try:
-            # Same KEK and database: the admin from the first start still works, and is not reprinted.
+            # Same KEK and database: the first admin still works and is not printed again.
             server2_output = "".join(again.output)
             assert "AUTHSVC_SERVICE_SECRET" not in server2_output
             assert again.issue(
@@ -127,9 +134,20 @@ class TestDevMode:
     def test_dev_mode_refuses_a_public_address(self, tmp_path: Path) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHSVC_")}
         proc = subprocess.run(
-            [*authsvc_command(), "serve", "--dev", "--dev-dir", str(tmp_path), "--listen",
-             "0.0.0.0:0"],
-            env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+            [
+                *authsvc_command(),
+                "serve",
+                "--dev",
+                "--dev-dir",
+                str(tmp_path),
+                "--listen",
+                "0.0.0.0:0",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
         )
         assert proc.returncode != 0 and "loopback" in proc.stderr
 
@@ -145,11 +163,13 @@ class TestShutdownAndRestart:
         def slow_call() -> None:
             # Revoking by service waits for the next whole second: an in-flight call at SIGTERM.
             try:
-                results.append(server.stub.RevokeToken(
-                    auth_pb2.RevokeTokenRequest(service_id="admin"),
-                    metadata=[("authorization", f"Bearer {token}")],
-                    timeout=20,
-                ).revoked)
+                results.append(
+                    server.stub.RevokeToken(
+                        auth_pb2.RevokeTokenRequest(service_id="admin"),
+                        metadata=[("authorization", f"Bearer {token}")],
+                        timeout=20,
+                    ).revoked
+                )
             except grpc.RpcError as exc:  # pragma: no cover - shows in the assertion
                 results.append(exc)
 
@@ -167,10 +187,13 @@ class TestShutdownAndRestart:
             secret = server.create_service("orders", ["billing"], [])
             revoked = server.issue("orders", secret, "billing").access_token
             kept = server.issue("orders", secret, "billing")
-            assert server.stub.RevokeToken(auth_pb2.RevokeTokenRequest(token=revoked), timeout=10).revoked
+            assert server.stub.RevokeToken(
+                auth_pb2.RevokeTokenRequest(token=revoked), timeout=10
+            ).revoked
         with running_server(env) as server:
             v = server.stub.ValidateToken(
-                auth_pb2.ValidateTokenRequest(token=kept.access_token, audience="billing"), timeout=10
+                auth_pb2.ValidateTokenRequest(token=kept.access_token, audience="billing"),
+                timeout=10,
             )
             assert v.valid and v.claims.key_id == kept.key_id
             v = server.stub.ValidateToken(
@@ -186,8 +209,16 @@ class TestCli:
         run_cli(env, "db", "upgrade")
         with running_server(env) as server:
             creds = run_cli(
-                env, "services", "create", "orders", "--audience", "billing", "--scope", "billing.read",
-                "--format", "env",
+                env,
+                "services",
+                "create",
+                "orders",
+                "--audience",
+                "billing",
+                "--scope",
+                "billing.read",
+                "--format",
+                "env",
             ).stdout
             pairs = dict(line.split("=", 1) for line in creds.strip().splitlines())
             assert set(pairs) == {"AUTHSVC_SERVICE_ID", "AUTHSVC_SERVICE_SECRET"}
@@ -200,8 +231,16 @@ class TestCli:
             assert json.loads(run_cli(client_env, "token", "revoke", "--token", token).stdout) == {
                 "revoked": True
             }
-            out = run_cli(client_env, "token", "validate", "-", "--audience", "billing",
-                          check=False, input_text=token)
+            out = run_cli(
+                client_env,
+                "token",
+                "validate",
+                "-",
+                "--audience",
+                "billing",
+                check=False,
+                input_text=token,
+            )
             assert json.loads(out.stdout)["reason"] == "REVOKED"
             listed = json.loads(run_cli(env, "services", "list", "--json").stdout)
             assert [s["service_id"] for s in listed] == ["orders"]
@@ -240,8 +279,13 @@ class TestPostgresReplicas:
         run_cli(env, "keys", "rotate")
         for _ in range(3):
             procs = [
-                subprocess.Popen([*authsvc_command(), "keys", "rotate"], env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                subprocess.Popen(
+                    [*authsvc_command(), "keys", "rotate"],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
                 for _ in range(2)
             ]
             for p in procs:

@@ -36,8 +36,9 @@ def _header(token: str) -> dict[str, object]:
     return json.loads(base64.urlsafe_b64decode(seg + "=" * (-len(seg) % 4)))  # type: ignore[no-any-return]
 
 
-def _validate(world: World, token: str, audience: str = "billing",
-              scopes: list[str] | None = None) -> auth_pb2.ValidateTokenResponse:
+def _validate(
+    world: World, token: str, audience: str = "billing", scopes: list[str] | None = None
+) -> auth_pb2.ValidateTokenResponse:
     return world.server.stub.ValidateToken(
         auth_pb2.ValidateTokenRequest(token=token, audience=audience, required_scopes=scopes or []),
         timeout=10,
@@ -73,7 +74,9 @@ class TestIssueToken:
 
     def test_every_token_has_a_fresh_jti(self, world: World) -> None:
         jtis = {
-            _payload(world.server.issue("orders", world.orders_secret, "billing").access_token)["jti"]
+            _payload(world.server.issue("orders", world.orders_secret, "billing").access_token)[
+                "jti"
+            ]
             for _ in range(5)
         }
         assert len(jtis) == 5
@@ -103,8 +106,18 @@ class TestIssueToken:
             {"service_secret": "x", "audience": "billing"},
             {"service_id": "orders", "audience": "billing"},
             {"service_id": "orders", "service_secret": "x"},
-            {"service_id": "orders", "service_secret": "x", "audience": "billing", "ttl_seconds": -1},
-            {"service_id": "orders", "service_secret": "x", "audience": "billing", "scopes": ["a b"]},
+            {
+                "service_id": "orders",
+                "service_secret": "x",
+                "audience": "billing",
+                "ttl_seconds": -1,
+            },
+            {
+                "service_id": "orders",
+                "service_secret": "x",
+                "audience": "billing",
+                "scopes": ["a b"],
+            },
         ],
     )
     def test_malformed_request_is_invalid_argument(
@@ -132,13 +145,17 @@ class TestValidateToken:
         assert not r.HasField("claims")
 
     def test_missing_scope_is_insufficient_scope(self, world: World) -> None:
-        token = world.server.issue("orders", world.orders_secret, "billing", ["billing.read"]).access_token
+        token = world.server.issue(
+            "orders", world.orders_secret, "billing", ["billing.read"]
+        ).access_token
         r = _validate(world, token, scopes=["billing.write"])
         assert not r.valid and r.reason == auth_pb2.INSUFFICIENT_SCOPE
 
     def test_tampered_payload_is_bad_signature(self, world: World) -> None:
-        token = world.server.issue("orders", world.orders_secret, "billing", ["billing.read"]).access_token
-        h, p, s = token.split(".")
+        token = world.server.issue(
+            "orders", world.orders_secret, "billing", ["billing.read"]
+        ).access_token
+        h, _p, s = token.split(".")
         claims = _payload(token)
         claims["scope"] = "billing.read billing.write"
         forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
@@ -152,7 +169,7 @@ class TestValidateToken:
 
     def test_unknown_kid_is_unknown_key(self, world: World) -> None:
         token = world.server.issue("orders", world.orders_secret, "billing").access_token
-        h, p, s = token.split(".")
+        _h, p, s = token.split(".")
         header = _header(token)
         header["kid"] = "not-our-key"
         h2 = base64.urlsafe_b64encode(json.dumps(header).encode()).rstrip(b"=").decode()
@@ -167,7 +184,9 @@ class TestValidateToken:
         self, world: World, request_fields: dict[str, object]
     ) -> None:
         with pytest.raises(grpc.RpcError) as exc:
-            world.server.stub.ValidateToken(auth_pb2.ValidateTokenRequest(**request_fields), timeout=10)
+            world.server.stub.ValidateToken(
+                auth_pb2.ValidateTokenRequest(**request_fields), timeout=10
+            )
         assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -181,7 +200,9 @@ class TestRevokeToken:
         # The same token re-encoded (padding added to the signature) is still that token.
         assert _validate(world, token + "==").reason == auth_pb2.REVOKED
         # Revoking again is harmless.
-        assert world.server.stub.RevokeToken(auth_pb2.RevokeTokenRequest(token=token), timeout=10).revoked
+        assert world.server.stub.RevokeToken(
+            auth_pb2.RevokeTokenRequest(token=token), timeout=10
+        ).revoked
 
     def test_presenting_a_forged_token_revokes_nothing(self, world: World) -> None:
         r = world.server.stub.RevokeToken(auth_pb2.RevokeTokenRequest(token="a.b.c"), timeout=10)
@@ -234,7 +255,9 @@ class TestRevokeToken:
     def test_unknown_service_is_not_found(self, world: World) -> None:
         with pytest.raises(grpc.RpcError) as exc:
             world.server.stub.RevokeToken(
-                auth_pb2.RevokeTokenRequest(service_id="ghost"), metadata=world.admin_md(), timeout=10
+                auth_pb2.RevokeTokenRequest(service_id="ghost"),
+                metadata=world.admin_md(),
+                timeout=10,
             )
         assert _code(exc) == grpc.StatusCode.NOT_FOUND
 
@@ -322,13 +345,17 @@ class TestAdminServices:
     def test_create_list_disable(self, world: World) -> None:
         md = world.admin_md()
         created = world.server.stub.CreateService(
-            auth_pb2.CreateServiceRequest(service_id="ledger", audiences=["billing"], scopes=["x.y"]),
+            auth_pb2.CreateServiceRequest(
+                service_id="ledger", audiences=["billing"], scopes=["x.y"]
+            ),
             metadata=md,
             timeout=10,
         )
         assert created.service_secret.startswith("asvcs_")
         token = world.server.issue("ledger", created.service_secret, "billing").access_token
-        listed = world.server.stub.ListServices(auth_pb2.ListServicesRequest(), metadata=md, timeout=10)
+        listed = world.server.stub.ListServices(
+            auth_pb2.ListServicesRequest(), metadata=md, timeout=10
+        )
         assert "ledger" in [s.service_id for s in listed.services]
         with pytest.raises(grpc.RpcError) as exc:
             world.server.stub.CreateService(
@@ -341,6 +368,11 @@ class TestAdminServices:
             auth_pb2.DisableServiceRequest(service_id="ledger"), metadata=md, timeout=10
         )
         assert _validate(world, token).reason == auth_pb2.SERVICE_DISABLED
+        # Local validators learn of it through the revocation feed: every token it holds ends.
+        stream = _watch(world, 0)
+        event = next(e for e in stream if e.service_id == "ledger")
+        stream.cancel()  # type: ignore[attr-defined]
+        assert event.revoked_before.seconds >= int(_payload(token)["iat"]) + 1  # type: ignore[call-overload]
         with pytest.raises(grpc.RpcError) as exc:
             world.server.issue("ledger", created.service_secret, "billing")
         assert _code(exc) == grpc.StatusCode.UNAUTHENTICATED
@@ -351,14 +383,18 @@ class TestAdminServices:
         assert _code(exc) == grpc.StatusCode.UNAUTHENTICATED
         with pytest.raises(grpc.RpcError) as exc:
             world.server.stub.ListServices(
-                auth_pb2.ListServicesRequest(), metadata=[("authorization", "Basic abc")], timeout=10
+                auth_pb2.ListServicesRequest(),
+                metadata=[("authorization", "Basic abc")],
+                timeout=10,
             )
         assert _code(exc) == grpc.StatusCode.UNAUTHENTICATED
 
     def test_disable_unknown_service_is_not_found(self, world: World) -> None:
         with pytest.raises(grpc.RpcError) as exc:
             world.server.stub.DisableService(
-                auth_pb2.DisableServiceRequest(service_id="ghost"), metadata=world.admin_md(), timeout=10
+                auth_pb2.DisableServiceRequest(service_id="ghost"),
+                metadata=world.admin_md(),
+                timeout=10,
             )
         assert _code(exc) == grpc.StatusCode.NOT_FOUND
 
@@ -370,16 +406,22 @@ class TestSigningKeys:
         with pytest.raises(grpc.RpcError) as exc:
             world.server.stub.RotateSigningKey(auth_pb2.RotateSigningKeyRequest(), timeout=10)
         assert _code(exc) == grpc.StatusCode.UNAUTHENTICATED
-        r = world.server.stub.RotateSigningKey(auth_pb2.RotateSigningKeyRequest(), metadata=md, timeout=30)
+        r = world.server.stub.RotateSigningKey(
+            auth_pb2.RotateSigningKeyRequest(), metadata=md, timeout=30
+        )
         assert r.key_id and r.key_id != old.key_id
         new = world.server.issue("orders", world.orders_secret, "billing")
         assert new.key_id == r.key_id
         assert _validate(world, old.access_token).valid
         assert _validate(world, new.access_token).valid
-        jwks = json.loads(world.server.stub.GetJwks(auth_pb2.GetJwksRequest(), timeout=10).jwks_json)
+        jwks = json.loads(
+            world.server.stub.GetJwks(auth_pb2.GetJwksRequest(), timeout=10).jwks_json
+        )
         kids = {k["kid"] for k in jwks["keys"]}
         assert {old.key_id, r.key_id} <= kids
-        keys = world.server.stub.ListSigningKeys(auth_pb2.ListSigningKeysRequest(), metadata=md, timeout=10)
+        keys = world.server.stub.ListSigningKeys(
+            auth_pb2.ListSigningKeysRequest(), metadata=md, timeout=10
+        )
         states = {k.key_id: k.state for k in keys.keys}
         assert states[r.key_id] == "active" and states[old.key_id] == "retired"
         assert list(states.values()).count("active") == 1
@@ -387,17 +429,25 @@ class TestSigningKeys:
     def test_revoke_previous_stops_old_tokens_at_once(self, world: World) -> None:
         old = world.server.issue("orders", world.orders_secret, "billing")
         r = world.server.stub.RotateSigningKey(
-            auth_pb2.RotateSigningKeyRequest(revoke_previous=True), metadata=world.admin_md(), timeout=30
+            auth_pb2.RotateSigningKeyRequest(revoke_previous=True),
+            metadata=world.admin_md(),
+            timeout=30,
         )
         assert _validate(world, old.access_token).reason == auth_pb2.UNKNOWN_KEY
-        jwks = json.loads(world.server.stub.GetJwks(auth_pb2.GetJwksRequest(), timeout=10).jwks_json)
+        jwks = json.loads(
+            world.server.stub.GetJwks(auth_pb2.GetJwksRequest(), timeout=10).jwks_json
+        )
         assert [k["kid"] for k in jwks["keys"]] == [r.key_id]
-        assert _validate(world, world.server.issue("orders", world.orders_secret, "billing").access_token).valid
+        assert _validate(
+            world, world.server.issue("orders", world.orders_secret, "billing").access_token
+        ).valid
 
 
 class TestGetJwks:
     def test_publishes_rsa_public_keys_only(self, world: World) -> None:
-        jwks = json.loads(world.server.stub.GetJwks(auth_pb2.GetJwksRequest(), timeout=10).jwks_json)
+        jwks = json.loads(
+            world.server.stub.GetJwks(auth_pb2.GetJwksRequest(), timeout=10).jwks_json
+        )
         assert jwks["keys"]
         for key in jwks["keys"]:
             assert key["kty"] == "RSA" and key["alg"] == "RS256" and key["use"] == "sig"

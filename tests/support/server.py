@@ -32,9 +32,7 @@ def authsvc_command() -> list[str]:
 
 
 def base_env(database_url: str, **extra: str) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith("AUTHSVC_")
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHSVC_")}
     env.update(
         {
             "AUTHSVC_DATABASE_URL": database_url,
@@ -48,8 +46,9 @@ def base_env(database_url: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(env: Mapping[str, str], *args: str, input_text: str | None = None,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    env: Mapping[str, str], *args: str, input_text: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         [*authsvc_command(), *args],
         env=dict(env),
@@ -85,8 +84,14 @@ class RunningServer:
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run_cli(self.env, *args, check=check)
 
-    def create_service(self, name: str, audiences: list[str], scopes: list[str] | None = None,
-                       *, admin: bool = False) -> str:
+    def create_service(
+        self,
+        name: str,
+        audiences: list[str],
+        scopes: list[str] | None = None,
+        *,
+        admin: bool = False,
+    ) -> str:
         args = ["services", "create", name, "--json"]
         for a in audiences:
             args += ["--audience", a]
@@ -96,12 +101,21 @@ class RunningServer:
             args.append("--admin")
         return str(json.loads(self.cli(*args).stdout)["service_secret"])
 
-    def issue(self, service_id: str, secret: str, audience: str,
-              scopes: list[str] | None = None, ttl: int = 0) -> auth_pb2.IssueTokenResponse:
+    def issue(
+        self,
+        service_id: str,
+        secret: str,
+        audience: str,
+        scopes: list[str] | None = None,
+        ttl: int = 0,
+    ) -> auth_pb2.IssueTokenResponse:
         return self.stub.IssueToken(
             auth_pb2.IssueTokenRequest(
-                service_id=service_id, service_secret=secret, audience=audience,
-                scopes=scopes or [], ttl_seconds=ttl,
+                service_id=service_id,
+                service_secret=secret,
+                audience=audience,
+                scopes=scopes or [],
+                ttl_seconds=ttl,
             ),
             timeout=10,
         )
@@ -157,7 +171,9 @@ def start_server(env: Mapping[str, str], *extra_args: str, timeout: float = 60) 
             continue
         if line.startswith("authsvc listening on "):
             address = line.split()[3]
-            return RunningServer(proc=proc, address=address, env=dict(env), output=output, pump=pump)
+            return RunningServer(
+                proc=proc, address=address, env=dict(env), output=output, pump=pump
+            )
     proc.kill()
     proc.wait()
     pump.join(timeout=10)

@@ -33,15 +33,17 @@ class TestLoadSettings:
 
     def test_flags_override_the_environment(self) -> None:
         s = load_settings(
-            {**BASE, "AUTHSVC_LISTEN": "127.0.0.1:1"}, {"listen": "127.0.0.1:2", "database_url": None}
+            {**BASE, "AUTHSVC_LISTEN": "127.0.0.1:1"},
+            {"listen": "127.0.0.1:2", "database_url": None},
         )
         assert s.listen == "127.0.0.1:2"
 
     def test_plaintext_on_public_address_needs_explicit_upstream_tls(self) -> None:
         with pytest.raises(ConfigError, match="plaintext"):
             load_settings({**BASE, "AUTHSVC_LISTEN": "0.0.0.0:50051"})
-        s = load_settings({**BASE, "AUTHSVC_LISTEN": "0.0.0.0:50051",
-                           "AUTHSVC_TLS_TERMINATED_UPSTREAM": "true"})
+        s = load_settings(
+            {**BASE, "AUTHSVC_LISTEN": "0.0.0.0:50051", "AUTHSVC_TLS_TERMINATED_UPSTREAM": "true"}
+        )
         assert s.tls_terminated_upstream
 
     def test_tls_cert_and_key_go_together(self) -> None:
@@ -50,8 +52,11 @@ class TestLoadSettings:
 
     @pytest.mark.parametrize(
         ("name", "value"),
-        [("AUTHSVC_MAX_TTL_SECONDS", "abc"), ("AUTHSVC_RSA_KEY_BITS", "1024"),
-         ("AUTHSVC_LISTEN", "nohostport")],
+        [
+            ("AUTHSVC_MAX_TTL_SECONDS", "abc"),
+            ("AUTHSVC_RSA_KEY_BITS", "1024"),
+            ("AUTHSVC_LISTEN", "nohostport"),
+        ],
     )
     def test_bad_values_are_named(self, name: str, value: str) -> None:
         with pytest.raises(ConfigError, match=name):

@@ -7,14 +7,14 @@ import json
 from typing import Any
 
 import pytest
-from authsvc_client.keyring import KeyRing
-from authsvc_client.revocations import RevocationSet
-from authsvc_client.verifier import TokenVerifier
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
 from authsvc.keys.jwks import jwk_thumbprint
 from authsvc.tokens.issuer import TokenIssuer
+from authsvc_client.keyring import KeyRing
+from authsvc_client.revocations import RevocationSet
+from authsvc_client.verifier import TokenVerifier
 
 NOW = 1_700_000_000.75
 ISSUER = "https://authsvc.internal"

@@ -6,11 +6,11 @@ import base64
 import json
 
 import pytest
-from authsvc_client.keyring import KeyRing
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicNumbers
 
 from authsvc.keys.jwks import jwk_thumbprint, public_jwk, render_jwks
+from authsvc_client.keyring import KeyRing
 
 # RFC 7638 section 3.1: the example key and its SHA-256 thumbprint.
 RFC7638_N = (

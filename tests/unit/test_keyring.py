@@ -7,9 +7,10 @@ import json
 from typing import Any
 
 import pytest
-from authsvc_client.keyring import KeyRing
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
+
+from authsvc_client.keyring import KeyRing
 
 
 @pytest.fixture(scope="module")

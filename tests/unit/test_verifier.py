@@ -11,12 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from authsvc_client.claims import Claims, ValidationResult
-from authsvc_client.errors import TokenInvalid, error_for_reason
-from authsvc_client.keyring import KeyRing
-from authsvc_client.revocations import RevocationEntry, RevocationSet
-from authsvc_client.v1 import auth_pb2
-from authsvc_client.verifier import TokenVerifier
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
@@ -24,6 +18,13 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.hashes import SHA256
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from authsvc_client.claims import Claims, ValidationResult
+from authsvc_client.errors import TokenInvalid, error_for_reason
+from authsvc_client.keyring import KeyRing
+from authsvc_client.revocations import RevocationEntry, RevocationSet
+from authsvc_client.v1 import auth_pb2
+from authsvc_client.verifier import TokenVerifier
 
 NOW = 1_700_000_000
 ISSUER = "https://authsvc.internal"

@@ -1,5 +1,54 @@
 """authsvc client: generated stubs, token sources, call credentials and server interceptors."""
 
+from __future__ import annotations
+
+from authsvc_client.claims import ADMIN_SCOPE, TOKEN_TYPE, Claims, ValidationResult
+from authsvc_client.credentials import AuthMetadataPlugin, BearerTokenInterceptor, call_credentials
+from authsvc_client.errors import (
+    AuthsvcClientError,
+    CredentialsError,
+    TokenInvalid,
+    TokenUnavailable,
+    ValidatorUnavailable,
+)
+from authsvc_client.interceptors import (
+    DEFAULT_PUBLIC_SERVICES,
+    AuthServerInterceptor,
+    current_claims,
+)
+from authsvc_client.keyring import KeyRing
+from authsvc_client.revocations import RevocationSet
+from authsvc_client.tokens import AccessToken, AsyncTokenSource, TokenSource, TokenState
+from authsvc_client.validation import LocalValidator, RemoteValidator, Validator
+from authsvc_client.verifier import TokenVerifier
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "ADMIN_SCOPE",
+    "DEFAULT_PUBLIC_SERVICES",
+    "TOKEN_TYPE",
+    "AccessToken",
+    "AsyncTokenSource",
+    "AuthMetadataPlugin",
+    "AuthServerInterceptor",
+    "AuthsvcClientError",
+    "BearerTokenInterceptor",
+    "Claims",
+    "CredentialsError",
+    "KeyRing",
+    "LocalValidator",
+    "RemoteValidator",
+    "RevocationSet",
+    "TokenInvalid",
+    "TokenSource",
+    "TokenState",
+    "TokenUnavailable",
+    "TokenVerifier",
+    "ValidationResult",
+    "Validator",
+    "ValidatorUnavailable",
+    "__version__",
+    "call_credentials",
+    "current_claims",
+]

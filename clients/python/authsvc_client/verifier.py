@@ -317,7 +317,7 @@ class TokenVerifier:
             # Without an integer iat no service cutoff can apply; such a token is MALFORMED below.
             iat if type(iat) is int else sys.maxsize,
         ):
-            raise Revoked
+            raise self._revoked(sub if type(sub) is str else "")
 
         # RFC 7515 section 2 / appendix C: base64url without padding, in canonical form, in
         # every segment; otherwise one signature would cover many token strings.
@@ -398,12 +398,19 @@ class TokenVerifier:
             client_id=sub,
         )
 
+    def _revoked(self, subject: str) -> type[Revoked] | type[ServiceDisabled]:
+        """Disabling a service also revokes its tokens (so local validators learn of it);
+        where the subject is known to be disabled, that is the more useful reason."""
+        if self._is_subject_enabled is not None and not self._is_subject_enabled(subject):
+            return ServiceDisabled
+        return Revoked
+
     def _check(
         self, entry: _Entry, audience: str, required_scopes: Sequence[str], now: float
     ) -> ValidationResult:
         """The checks that can change between two uses of the same signed token."""
         if self._revocations.is_revoked(entry.jti, entry.sub, entry.iat):
-            raise Revoked
+            raise self._revoked(entry.sub)
         # RFC 7519 section 4.1.1 / RFC 8725 section 3.8: exact issuer.
         if entry.iss != self._issuer:
             raise WrongIssuer

@@ -1,0 +1,216 @@
+"""Outgoing calls: call credentials (AuthMetadataPlugin) and a client interceptor over tokens."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import grpc
+
+from authsvc_client.errors import AuthsvcClientError, TokenUnavailable
+from authsvc_client.tokens import TokenProvider, TokenSource
+
+__all__ = [
+    "AuthMetadataPlugin",
+    "BearerTokenInterceptor",
+    "call_credentials",
+    "with_bearer",
+]
+
+_LOG = logging.getLogger(__name__)
+
+# The only text the plugin ever hands to gRPC on failure: gRPC copies it into the status
+# details, so it must not depend on anything that could hold a secret.
+_NO_TOKEN = "authsvc: no access token available"  # noqa: S105 - a message, not a secret
+
+
+def with_bearer(metadata: Any, token: str) -> list[tuple[str, str | bytes]]:
+    """Call metadata with `authorization: Bearer <token>` replacing any earlier value."""
+    kept = [
+        (key, value) for key, value in (metadata or ()) if key.lower() != "authorization"
+    ]
+    kept.append(("authorization", f"Bearer {token}"))
+    return kept
+
+
+class AuthMetadataPlugin(grpc.AuthMetadataPlugin):  # type: ignore[misc]
+    """Adds the bearer token to each call; for `grpc.metadata_call_credentials`.
+
+    gRPC may run plugins on its own threads. This one never blocks: it answers at once from
+    the cached token, or when the single refresh in flight ends. It never raises, and on
+    failure reports a fixed message, so no secret can reach a status.
+    """
+
+    def __init__(self, source: TokenProvider) -> None:
+        self._source = source
+
+    def __call__(
+        self, context: grpc.AuthMetadataContext, callback: grpc.AuthMetadataPluginCallback
+    ) -> None:
+        def deliver(token: str | None, error: AuthsvcClientError | None) -> None:
+            if token is None:
+                callback((), TokenUnavailable(_NO_TOKEN))
+            else:
+                callback((("authorization", f"Bearer {token}"),), None)
+
+        try:
+            self._source.request(deliver)
+        except Exception:
+            _LOG.exception("token source failed inside the call-credentials plugin")
+            callback((), TokenUnavailable(_NO_TOKEN))
+
+    def __repr__(self) -> str:
+        return f"AuthMetadataPlugin({self._source!r})"
+
+
+def call_credentials(source: TokenProvider) -> grpc.CallCredentials:
+    """Call credentials for a secure or local channel, e.g.
+    `grpc.composite_channel_credentials(grpc.ssl_channel_credentials(), call_credentials(src))`.
+
+    gRPC sends call credentials only over channels with transport security (TLS, or
+    `grpc.local_channel_credentials()`); for a plaintext channel use BearerTokenInterceptor.
+    """
+    return grpc.metadata_call_credentials(AuthMetadataPlugin(source), name="authsvc")
+
+
+class _CallDetails(
+    NamedTuple(
+        "_CallDetails",
+        [
+            ("method", str),
+            ("timeout", float | None),
+            ("metadata", Any),
+            ("credentials", Any),
+            ("wait_for_ready", bool | None),
+            ("compression", Any),
+        ],
+    ),
+    grpc.ClientCallDetails,  # type: ignore[misc]
+):
+    pass
+
+
+class BearerTokenInterceptor(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[misc]
+):
+    """Adds the bearer token on a channel without transport security, which you chose
+    explicitly: `grpc.intercept_channel(grpc.insecure_channel(t), BearerTokenInterceptor(s))`.
+
+    Runs on the caller's thread, so it waits for a refresh when no token is usable; a failure
+    surfaces as an RpcError with status UNAVAILABLE before anything is sent.
+    """
+
+    def __init__(self, source: TokenSource) -> None:
+        self._source = source
+
+    def _details(self, details: grpc.ClientCallDetails) -> _CallDetails:
+        token = self._source.token()
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            with_bearer(details.metadata, token),
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+
+    def _intercept(
+        self, continuation: Callable[[Any, Any], Any], details: grpc.ClientCallDetails, request: Any
+    ) -> Any:
+        try:
+            new_details = self._details(details)
+        except AuthsvcClientError as exc:
+            return _FailedCall(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return continuation(new_details, request)
+
+    def intercept_unary_unary(
+        self, continuation: Callable[[Any, Any], Any], client_call_details: Any, request: Any
+    ) -> Any:
+        return self._intercept(continuation, client_call_details, request)
+
+    def intercept_unary_stream(
+        self, continuation: Callable[[Any, Any], Any], client_call_details: Any, request: Any
+    ) -> Any:
+        return self._intercept(continuation, client_call_details, request)
+
+    def intercept_stream_unary(
+        self, continuation: Callable[[Any, Any], Any], client_call_details: Any,
+        request_iterator: Any,
+    ) -> Any:
+        return self._intercept(continuation, client_call_details, request_iterator)
+
+    def intercept_stream_stream(
+        self, continuation: Callable[[Any, Any], Any], client_call_details: Any,
+        request_iterator: Any,
+    ) -> Any:
+        return self._intercept(continuation, client_call_details, request_iterator)
+
+    def __repr__(self) -> str:
+        return f"BearerTokenInterceptor({self._source!r})"
+
+
+class _FailedCall(grpc.RpcError, grpc.Call, grpc.Future):  # type: ignore[misc]
+    """What a call returns when no token could be had: raises like a failed RPC."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code = code
+        self._details = details
+
+    # grpc.Call / RpcError
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def initial_metadata(self) -> tuple[()]:
+        return ()
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+    def is_active(self) -> bool:
+        return False
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        return False
+
+    # grpc.Future
+    def cancel(self) -> bool:
+        return False
+
+    def cancelled(self) -> bool:
+        return False
+
+    def running(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return True
+
+    def result(self, timeout: float | None = None) -> Any:
+        raise self
+
+    def exception(self, timeout: float | None = None) -> Exception:
+        return self
+
+    def traceback(self, timeout: float | None = None) -> None:
+        return None
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        fn(self)
+
+    # response-streaming calls are iterated
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        raise self

@@ -1,0 +1,306 @@
+"""Server side: check the caller's bearer token per method, expose its claims via a contextvar."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from authsvc_client.claims import Claims, ValidationResult
+from authsvc_client.errors import ValidatorUnavailable
+from authsvc_client.v1 import auth_pb2
+from authsvc_client.validation import Validator
+
+__all__ = [
+    "DEFAULT_PUBLIC_SERVICES",
+    "AuthServerInterceptor",
+    "Denial",
+    "MethodPolicy",
+    "bearer_token",
+    "current_claims",
+]
+
+_LOG = logging.getLogger(__name__)
+
+# Public by explicit choice: load balancers and tooling must reach these without a token.
+DEFAULT_PUBLIC_SERVICES: tuple[str, ...] = (
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+)
+
+_CALLER: contextvars.ContextVar[Claims | None] = contextvars.ContextVar(
+    "authsvc_caller", default=None
+)
+
+# RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+_AUTHORIZATION = re.compile(r"([A-Za-z]+) +(\S+)")
+
+
+def current_claims() -> Claims | None:
+    """The authenticated caller of the RPC being handled, or None (public method, or outside
+    an RPC)."""
+    return _CALLER.get()
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """Why a call is refused, as the status the client sees. Details never hold the token."""
+
+    code: grpc.StatusCode
+    details: str
+
+
+_MISSING = Denial(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token")
+_MALFORMED_HEADER = Denial(grpc.StatusCode.UNAUTHENTICATED, "malformed authorization metadata")
+_SEVERAL = Denial(grpc.StatusCode.UNAUTHENTICATED, "more than one authorization value")
+_NOT_ALLOWED = Denial(grpc.StatusCode.PERMISSION_DENIED, "method is not open to any caller")
+_UNAVAILABLE = Denial(grpc.StatusCode.UNAVAILABLE, "authentication is unavailable")
+_INSUFFICIENT = Denial(grpc.StatusCode.PERMISSION_DENIED, "insufficient scope")
+
+
+def _invalid(reason_name: str) -> Denial:
+    return Denial(grpc.StatusCode.UNAUTHENTICATED, f"invalid token: {reason_name}")
+
+
+_BY_REASON: dict[int, Denial] = {
+    value: _invalid(auth_pb2.ValidationFailure.Name(value))
+    for value in auth_pb2.ValidationFailure.values()
+    if value not in (auth_pb2.VALIDATION_FAILURE_UNSPECIFIED, auth_pb2.INSUFFICIENT_SCOPE)
+}
+_BY_REASON[auth_pb2.INSUFFICIENT_SCOPE] = _INSUFFICIENT
+
+ALL_DENIALS: tuple[Denial, ...] = (
+    _MISSING,
+    _MALFORMED_HEADER,
+    _SEVERAL,
+    _NOT_ALLOWED,
+    _UNAVAILABLE,
+    *_BY_REASON.values(),
+)
+
+
+def bearer_token(metadata: Iterable[Any] | None) -> str | Denial:
+    """The token of the single `authorization: Bearer <token>` value (scheme in any case)."""
+    values = [value for key, value in (metadata or ()) if key == "authorization"]
+    if not values:
+        return _MISSING
+    if len(values) > 1:
+        return _SEVERAL
+    value = values[0]
+    if not isinstance(value, str):
+        return _MALFORMED_HEADER
+    match = _AUTHORIZATION.fullmatch(value.strip(" "))
+    if match is None or match.group(1).lower() != "bearer":
+        return _MALFORMED_HEADER
+    token = match.group(2)
+    if _B64TOKEN.fullmatch(token) is None:
+        return _MALFORMED_HEADER
+    return token
+
+
+class MethodPolicy:
+    """Which scopes each method needs; methods in no map and no public list are refused."""
+
+    def __init__(
+        self,
+        method_scopes: Mapping[str, Sequence[str]],
+        *,
+        public_methods: Iterable[str] = (),
+        public_services: Iterable[str] = DEFAULT_PUBLIC_SERVICES,
+    ) -> None:
+        """Args:
+        method_scopes: full method name ("/pkg.Service/Method") -> scopes it requires (an
+            empty sequence: any authenticated caller of this audience).
+        public_methods: full method names served without a token.
+        public_services: full service names ("pkg.Service") whose methods are all public.
+        """
+        for name in (*method_scopes, *public_methods):
+            if not name.startswith("/") or name.count("/") != 2:
+                raise ValueError(f"not a full method name: {name!r} (want '/pkg.Service/Method')")
+        self._scopes = {name: tuple(scopes) for name, scopes in method_scopes.items()}
+        for scopes in self._scopes.values():
+            if any(not isinstance(s, str) or not s for s in scopes):
+                raise ValueError("scopes must be non-empty strings")
+        self._public_methods = frozenset(public_methods)
+        self._public_services = frozenset(public_services)
+
+    def is_public(self, method: str) -> bool:
+        if method in self._public_methods:
+            return True
+        service = method[1:].split("/", 1)[0] if method.startswith("/") else ""
+        return service in self._public_services
+
+    def required_scopes(self, method: str) -> tuple[str, ...] | None:
+        """None: the method is not open to anyone."""
+        return self._scopes.get(method)
+
+
+def decide(result: ValidationResult) -> Denial | None:
+    if result.valid:
+        return None
+    return _BY_REASON.get(result.reason, _invalid("MALFORMED"))
+
+
+def validate_sync(validator: Validator, token: str, scopes: Sequence[str]) -> Claims | Denial:
+    """Run a validator and turn every outcome, failures included, into claims or a denial."""
+    try:
+        result = validator.validate(token, required_scopes=scopes)
+    except ValidatorUnavailable:
+        return _UNAVAILABLE
+    except Exception:
+        _LOG.exception("token validator failed; denying the call")
+        return _UNAVAILABLE
+    denial = decide(result)
+    if denial is not None or result.claims is None:
+        return denial or _UNAVAILABLE
+    return result.claims
+
+
+# --- prebuilt terminators (grpc examples): one handler per denial and per RPC shape -----------
+
+
+def _abort_behavior(denial: Denial) -> Callable[[Any, grpc.ServicerContext], Any]:
+    def terminate(_request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(denial.code, denial.details)
+
+    return terminate
+
+
+def _terminators(denial: Denial) -> dict[tuple[bool, bool], grpc.RpcMethodHandler]:
+    behavior = _abort_behavior(denial)
+    return {
+        (False, False): grpc.unary_unary_rpc_method_handler(behavior),
+        (False, True): grpc.unary_stream_rpc_method_handler(behavior),
+        (True, False): grpc.stream_unary_rpc_method_handler(behavior),
+        (True, True): grpc.stream_stream_rpc_method_handler(behavior),
+    }
+
+
+_TERMINATORS: dict[Denial, dict[tuple[bool, bool], grpc.RpcMethodHandler]] = {
+    denial: _terminators(denial) for denial in ALL_DENIALS
+}
+
+
+def terminator(denial: Denial, handler: Any) -> grpc.RpcMethodHandler:
+    shape = (
+        (bool(handler.request_streaming), bool(handler.response_streaming))
+        if handler is not None
+        else (False, False)
+    )
+    return _TERMINATORS[denial][shape]
+
+
+def _behavior(handler: Any) -> Callable[..., Any]:
+    request_streaming = bool(handler.request_streaming)
+    response_streaming = bool(handler.response_streaming)
+    if request_streaming:
+        return handler.stream_stream if response_streaming else handler.stream_unary  # type: ignore[no-any-return]
+    return handler.unary_stream if response_streaming else handler.unary_unary  # type: ignore[no-any-return]
+
+
+def _rebuild(handler: Any, behavior: Callable[..., Any]) -> grpc.RpcMethodHandler:
+    factory = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(bool(handler.request_streaming), bool(handler.response_streaming))]
+    return factory(
+        behavior,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class AuthServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """For `grpc.server(..., interceptors=[AuthServerInterceptor(validator, {...})])`.
+
+    Checks every call: a method must be public or in `method_scopes`, and then needs exactly
+    one `authorization: Bearer <token>` value with a token the validator accepts for this
+    service's audience and the method's scopes. Refusals go through prebuilt handlers that
+    abort with UNAUTHENTICATED, PERMISSION_DENIED or, when the validator cannot decide,
+    UNAVAILABLE; the interceptor itself never raises. Validation runs on the server's worker
+    thread for the call (not on gRPC's polling thread), and the handler reads the caller
+    with current_claims().
+
+    `validator` is anything with the Validator protocol (RemoteValidator, LocalValidator, or
+    the authsvc server's in-process verifier).
+    """
+
+    def __init__(
+        self,
+        validator: Validator,
+        method_scopes: Mapping[str, Sequence[str]],
+        *,
+        public_methods: Iterable[str] = (),
+        public_services: Iterable[str] = DEFAULT_PUBLIC_SERVICES,
+    ) -> None:
+        self._validator = validator
+        self.policy = MethodPolicy(
+            method_scopes, public_methods=public_methods, public_services=public_services
+        )
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        try:
+            return self._intercept(continuation, handler_call_details)
+        except Exception:
+            _LOG.exception("auth interceptor failed; denying the call")
+            return terminator(_UNAVAILABLE, None)
+
+    def _intercept(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        method = details.method
+        if self.policy.is_public(method):
+            return continuation(details)
+        handler = continuation(details)
+        if handler is None:
+            return None
+        scopes = self.policy.required_scopes(method)
+        if scopes is None:
+            return terminator(_NOT_ALLOWED, handler)
+        token = bearer_token(details.invocation_metadata)
+        if isinstance(token, Denial):
+            return terminator(token, handler)
+        return _rebuild(handler, self._guarded(handler, token, scopes))
+
+    def _guarded(self, handler: Any, token: str, scopes: tuple[str, ...]) -> Callable[..., Any]:
+        behavior = _behavior(handler)
+        validator = self._validator
+        streaming_response = bool(handler.response_streaming)
+
+        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+            outcome = validate_sync(validator, token, scopes)
+            if isinstance(outcome, Denial):
+                return _abort_behavior(outcome)(request, context)
+            # A copied context scopes the caller to this call, whatever thread runs it.
+            ctx = contextvars.copy_context()
+            ctx.run(_CALLER.set, outcome)
+            if not streaming_response:
+                return ctx.run(behavior, request, context)
+            return _run_iterator_in(ctx, ctx.run(behavior, request, context))
+
+        return guarded
+
+
+def _run_iterator_in(ctx: contextvars.Context, iterator: Any) -> Iterator[Any]:
+    iterator = iter(iterator)
+    while True:
+        try:
+            item = ctx.run(next, iterator)
+        except StopIteration:
+            return
+        yield item

@@ -1,0 +1,726 @@
+"""Token sources: get access tokens with IssueToken, cache them and refresh them ahead of expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import ipaddress
+import logging
+import os
+import random
+import stat
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+
+from authsvc_client.errors import AuthsvcClientError, CredentialsError, TokenUnavailable
+from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
+
+__all__ = [
+    "ENV_SERVICE_ID",
+    "ENV_SERVICE_SECRET",
+    "ENV_SERVICE_SECRET_FILE",
+    "ENV_TARGET",
+    "AccessToken",
+    "AsyncTokenSource",
+    "TokenCallback",
+    "TokenProvider",
+    "TokenSource",
+    "TokenState",
+    "channel_for_target",
+]
+
+_LOG = logging.getLogger(__name__)
+
+ENV_SERVICE_ID = "AUTHSVC_SERVICE_ID"
+ENV_SERVICE_SECRET = "AUTHSVC_SERVICE_SECRET"  # noqa: S105 - a variable name, not a secret
+ENV_SERVICE_SECRET_FILE = "AUTHSVC_SERVICE_SECRET_FILE"  # noqa: S105
+ENV_TARGET = "AUTHSVC_TARGET"
+
+# Statuses after which retrying at once would only add load (or trip the server's throttling).
+_BACKOFF_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+TokenCallback = Callable[[str | None, AuthsvcClientError | None], None]
+
+
+class TokenProvider(Protocol):
+    """What call credentials need: hand over a token without ever blocking the caller."""
+
+    def request(self, callback: TokenCallback) -> None: ...
+
+
+class TokenState(enum.Enum):
+    """google-auth's token states: FRESH is served, STALE is served while a refresh runs,
+    INVALID (none, expired or about to) makes callers wait for a refresh."""
+
+    FRESH = "fresh"
+    STALE = "stale"
+    INVALID = "invalid"
+
+
+@dataclass(frozen=True, slots=True)
+class AccessToken:
+    """One issued token; times are on the source's clock, derived from `expires_in` so that
+    skew between this host and authsvc does not matter."""
+
+    value: str = field(repr=False)
+    key_id: str
+    scopes: tuple[str, ...]
+    obtained_at: float
+    refresh_at: float
+    invalid_at: float
+    expires_at: float
+
+    def state(self, now: float) -> TokenState:
+        if now >= self.invalid_at:
+            return TokenState.INVALID
+        if now >= self.refresh_at:
+            return TokenState.STALE
+        return TokenState.FRESH
+
+
+class _Backoff:
+    """Exponential backoff with full jitter on the upper half, reset by a success."""
+
+    def __init__(self, initial: float, maximum: float, rng: random.Random) -> None:
+        self._initial = initial
+        self._maximum = maximum
+        self._rng = rng
+        self._delay = 0.0
+        self.not_before = 0.0
+
+    def failed(self, now: float) -> None:
+        self._delay = self._initial if self._delay == 0 else min(self._maximum, self._delay * 2)
+        self.not_before = now + self._delay * (0.5 + 0.5 * self._rng.random())
+
+    def succeeded(self) -> None:
+        self._delay = 0.0
+        self.not_before = 0.0
+
+    def ready(self, now: float) -> bool:
+        return now >= self.not_before
+
+
+class _Core:
+    """The network-free part shared by the sync and asyncio sources: request, schedule, state."""
+
+    def __init__(
+        self,
+        *,
+        service_id: str,
+        service_secret: str,
+        audience: str,
+        scopes: Sequence[str],
+        ttl_seconds: int,
+        refresh_ratio: float,
+        jitter_ratio: float,
+        expiry_margin_seconds: float,
+        timeout_seconds: float,
+        backoff_initial_seconds: float,
+        backoff_max_seconds: float,
+        clock: Callable[[], float],
+        rng: random.Random | None,
+    ) -> None:
+        if not service_id or not service_secret:
+            raise CredentialsError("service id and service secret must both be non-empty")
+        if not audience:
+            raise CredentialsError("audience must be non-empty")
+        if not 0 < refresh_ratio < 1 or not 0 <= jitter_ratio < refresh_ratio:
+            raise ValueError("need 0 <= jitter_ratio < refresh_ratio < 1")
+        self.service_id = service_id
+        self._secret = service_secret
+        self.audience = audience
+        self.scopes = tuple(scopes)
+        self._ttl = ttl_seconds
+        self._refresh_ratio = refresh_ratio
+        self._jitter_ratio = jitter_ratio
+        self._margin = expiry_margin_seconds
+        self.timeout = timeout_seconds
+        self.clock = clock
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
+        self.backoff = _Backoff(backoff_initial_seconds, backoff_max_seconds, self._rng)
+        self.token: AccessToken | None = None
+        self.last_error: AuthsvcClientError | None = None
+
+    def request_message(self) -> auth_pb2.IssueTokenRequest:
+        return auth_pb2.IssueTokenRequest(
+            service_id=self.service_id,
+            service_secret=self._secret,
+            audience=self.audience,
+            scopes=self.scopes,
+            ttl_seconds=self._ttl,
+        )
+
+    def state(self, now: float) -> TokenState:
+        return TokenState.INVALID if self.token is None else self.token.state(now)
+
+    def accept(self, response: auth_pb2.IssueTokenResponse, obtained_at: float) -> AccessToken:
+        lifetime = max(float(response.expires_in), 0.0)
+        # Refresh at ~80% of the lifetime, pulled earlier by up to jitter_ratio so that a fleet
+        # started together does not refresh together.
+        refresh_after = lifetime * (self._refresh_ratio - self._jitter_ratio * self._rng.random())
+        # A token about to expire would die in flight: stop handing it out a little early.
+        margin = min(self._margin, lifetime * (1 - self._refresh_ratio) / 2)
+        token = AccessToken(
+            value=response.access_token,
+            key_id=response.key_id,
+            scopes=tuple(response.scopes),
+            obtained_at=obtained_at,
+            refresh_at=obtained_at + refresh_after,
+            invalid_at=obtained_at + lifetime - margin,
+            expires_at=obtained_at + lifetime,
+        )
+        self.token = token
+        self.last_error = None
+        self.backoff.succeeded()
+        return token
+
+    def reject(self, exc: grpc.RpcError, now: float) -> TokenUnavailable:
+        code = exc.code() if isinstance(exc, grpc.Call) else None
+        if not isinstance(code, grpc.StatusCode):
+            code = grpc.StatusCode.UNKNOWN
+        # The server's details are left out on purpose: the message must stay secret-free
+        # whatever a proxy in between puts there.
+        error = TokenUnavailable(f"IssueToken for audience {self.audience!r} failed: {code.name}")
+        error.code = code
+        self.last_error = error
+        self.backoff.failed(now)
+        if code not in _BACKOFF_CODES:
+            _LOG.warning("authsvc refused a token for %r: %s", self.audience, code.name)
+        return error
+
+    def describe(self, kind: str) -> str:
+        return (
+            f"{kind}(service_id={self.service_id!r}, audience={self.audience!r}, "
+            f"scopes={self.scopes!r}, secret=<redacted>)"
+        )
+
+
+# --- configuration from the environment ------------------------------------------------------
+
+
+def _read_secret_file(path_text: str) -> str:
+    path = Path(path_text)
+    try:
+        info = path.stat()
+    except OSError:
+        raise CredentialsError(f"{ENV_SERVICE_SECRET_FILE}: cannot read the file") from None
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise CredentialsError(
+            f"{ENV_SERVICE_SECRET_FILE}: the file is accessible by group or others; "
+            "make it readable by its owner only (chmod 600)"
+        )
+    try:
+        secret = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        raise CredentialsError(f"{ENV_SERVICE_SECRET_FILE}: cannot read the file") from None
+    if not secret:
+        raise CredentialsError(f"{ENV_SERVICE_SECRET_FILE}: the file is empty")
+    return secret
+
+
+def _credentials_from_env(
+    environ: Mapping[str, str] | None, target: str | None
+) -> tuple[str, str, str]:
+    env = os.environ if environ is None else environ
+    service_id = env.get(ENV_SERVICE_ID, "").strip()
+    if not service_id:
+        raise CredentialsError(f"{ENV_SERVICE_ID} is not set")
+    inline = env.get(ENV_SERVICE_SECRET, "")
+    file_path = env.get(ENV_SERVICE_SECRET_FILE, "")
+    if inline and file_path:
+        raise CredentialsError(
+            f"set only one of {ENV_SERVICE_SECRET} and {ENV_SERVICE_SECRET_FILE}"
+        )
+    if file_path:
+        secret = _read_secret_file(file_path)
+    elif inline.strip():
+        secret = inline.strip()
+    else:
+        raise CredentialsError(f"{ENV_SERVICE_SECRET} or {ENV_SERVICE_SECRET_FILE} must be set")
+    resolved = target or env.get(ENV_TARGET, "").strip()
+    if not resolved:
+        raise CredentialsError(f"{ENV_TARGET} is not set and no target was given")
+    return service_id, secret, resolved
+
+
+def _is_local_target(target: str) -> bool:
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = target.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
+    if host.startswith("["):
+        host = host[1 : host.find("]")]
+    elif host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def channel_for_target(
+    target: str,
+    channel_credentials: grpc.ChannelCredentials | None = None,
+    *,
+    asyncio_channel: bool = False,
+) -> Any:
+    """A channel to authsvc that never sends a secret in clear off this host.
+
+    Loopback and Unix-socket targets get a plaintext channel unless credentials are given;
+    any other target gets TLS with the system roots unless credentials are given.
+    """
+    module: Any = grpc.aio if asyncio_channel else grpc
+    if channel_credentials is None and _is_local_target(target):
+        return module.insecure_channel(target)
+    creds = channel_credentials or grpc.ssl_channel_credentials()
+    return module.secure_channel(target, creds)
+
+
+# --- sync ------------------------------------------------------------------------------------
+
+
+class TokenSource:
+    """Access tokens for one audience and scope set, shared by every call on a channel.
+
+    `request()` never blocks (for call credentials); `token()` blocks until a usable token is
+    there. However many callers ask at once, at most one IssueToken is in flight.
+    Thread-safe.
+    """
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        *,
+        service_id: str,
+        service_secret: str,
+        audience: str,
+        scopes: Sequence[str] = (),
+        ttl_seconds: int = 0,
+        refresh_ratio: float = 0.8,
+        jitter_ratio: float = 0.1,
+        expiry_margin_seconds: float = 10.0,
+        timeout_seconds: float = 5.0,
+        backoff_initial_seconds: float = 0.5,
+        backoff_max_seconds: float = 30.0,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        """Args:
+        channel: a channel to authsvc (it is not closed by `close()`).
+        service_id, service_secret: this service's credentials.
+        audience, scopes: what the tokens are for; empty scopes ask for every allowed one.
+        refresh_ratio, jitter_ratio: refresh after refresh_ratio minus up to jitter_ratio of
+            the lifetime.
+        expiry_margin_seconds: stop serving a token this long before it expires.
+        clock: epoch seconds; injected by tests.
+
+        Raises:
+            CredentialsError: empty id, secret or audience.
+        """
+        self._core = _Core(
+            service_id=service_id,
+            service_secret=service_secret,
+            audience=audience,
+            scopes=scopes,
+            ttl_seconds=ttl_seconds,
+            refresh_ratio=refresh_ratio,
+            jitter_ratio=jitter_ratio,
+            expiry_margin_seconds=expiry_margin_seconds,
+            timeout_seconds=timeout_seconds,
+            backoff_initial_seconds=backoff_initial_seconds,
+            backoff_max_seconds=backoff_max_seconds,
+            clock=clock,
+            rng=rng,
+        )
+        self._stub = auth_pb2_grpc.AuthServiceStub(channel)
+        self._owned_channel: grpc.Channel | None = None
+        self._lock = threading.Lock()
+        self._waiters: list[TokenCallback] = []
+        self._worker: threading.Thread | None = None
+        self._closed = False
+
+    @classmethod
+    def from_env(
+        cls,
+        audience: str,
+        scopes: Sequence[str] = (),
+        target: str | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+        channel_credentials: grpc.ChannelCredentials | None = None,
+        **options: Any,
+    ) -> TokenSource:
+        """Build a source from AUTHSVC_SERVICE_ID, AUTHSVC_SERVICE_SECRET or
+        AUTHSVC_SERVICE_SECRET_FILE, and AUTHSVC_TARGET (unless `target` is given).
+
+        Raises:
+            CredentialsError: a variable is missing, or the secret file is readable by group
+                or others. The message names the variable, never its value.
+        """
+        service_id, secret, resolved = _credentials_from_env(environ, target)
+        channel = channel_for_target(resolved, channel_credentials)
+        source = cls(
+            channel,
+            service_id=service_id,
+            service_secret=secret,
+            audience=audience,
+            scopes=scopes,
+            **options,
+        )
+        source._owned_channel = channel
+        return source
+
+    @property
+    def audience(self) -> str:
+        return self._core.audience
+
+    @property
+    def state(self) -> TokenState:
+        with self._lock:
+            return self._core.state(self._core.clock())
+
+    def cached_token(self) -> str | None:
+        """The current token if it can still be used, starting a refresh when it is due.
+
+        Never blocks.
+        """
+        box: list[str | None] = []
+        self._request(lambda token, _error: box.append(token), wait=False)
+        return box[0] if box else None
+
+    def request(self, callback: TokenCallback) -> None:
+        """Call `callback(token, None)` now if a usable token is cached, otherwise when the
+        refresh in flight ends (`callback(None, error)` if it fails). Never blocks; the
+        callback may run on a worker thread."""
+        self._request(callback, wait=True)
+
+    def token(self, timeout: float | None = None) -> str:
+        """A usable token, waiting for a refresh when none is cached.
+
+        Raises:
+            TokenUnavailable: authsvc refused or could not be reached (the message holds the
+                status code name only), or no token came within the timeout.
+        """
+        done = threading.Event()
+        box: list[tuple[str | None, AuthsvcClientError | None]] = []
+
+        def deliver(token: str | None, error: AuthsvcClientError | None) -> None:
+            box.append((token, error))
+            done.set()
+
+        self._request(deliver, wait=True)
+        if not done.wait(self._core.timeout * 2 if timeout is None else timeout):
+            raise TokenUnavailable("timed out waiting for an access token")
+        token, error = box[0]
+        if token is None:
+            raise error or TokenUnavailable("no access token available")
+        return token
+
+    def close(self) -> None:
+        """Stop refreshing and close the channel this source opened itself (from_env)."""
+        with self._lock:
+            self._closed = True
+            worker = self._worker
+        if worker is not None:
+            worker.join(self._core.timeout + 1)
+        if self._owned_channel is not None:
+            self._owned_channel.close()
+
+    def __enter__(self) -> TokenSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return self._core.describe(type(self).__name__)
+
+    __str__ = __repr__
+
+    def _request(self, callback: TokenCallback, *, wait: bool) -> None:
+        core = self._core
+        now = core.clock()
+        immediate: tuple[str | None, AuthsvcClientError | None] | None = None
+        start = False
+        with self._lock:
+            state = core.state(now)
+            if state is not TokenState.INVALID:
+                assert core.token is not None
+                immediate = (core.token.value, None)
+                start = state is TokenState.STALE and self._can_start(now)
+            elif self._worker is not None or self._can_start(now):
+                if wait:
+                    self._waiters.append(callback)
+                else:
+                    immediate = (None, None)
+                start = self._worker is None
+            else:
+                # Backing off after a failure: fail fast instead of piling onto authsvc.
+                immediate = (None, core.last_error or TokenUnavailable("no access token"))
+            if start:
+                self._worker = threading.Thread(
+                    target=self._refresh, name="authsvc-token-refresh", daemon=True
+                )
+                self._worker.start()
+        if immediate is not None:
+            callback(*immediate)
+
+    def _can_start(self, now: float) -> bool:
+        return self._worker is None and not self._closed and self._core.backoff.ready(now)
+
+    def _refresh(self) -> None:
+        core = self._core
+        token: str | None = None
+        error: AuthsvcClientError | None = None
+        try:
+            response = self._stub.IssueToken(core.request_message(), timeout=core.timeout)
+        except grpc.RpcError as exc:
+            with self._lock:
+                error = core.reject(exc, core.clock())
+        except Exception:  # a bug must not leave waiters hanging
+            _LOG.exception("unexpected failure refreshing an authsvc token")
+            with self._lock:
+                error = TokenUnavailable("IssueToken failed")
+                core.last_error = error
+                core.backoff.failed(core.clock())
+        else:
+            with self._lock:
+                token = core.accept(response, core.clock()).value
+        with self._lock:
+            waiters, self._waiters = self._waiters, []
+            self._worker = None
+        for callback in waiters:
+            try:
+                callback(token, error)
+            except Exception:
+                _LOG.exception("token callback failed")
+
+
+# --- asyncio ---------------------------------------------------------------------------------
+
+
+def _retrieve_exception(task: asyncio.Task[str]) -> None:
+    # A background refresh may fail with nobody awaiting it; the failure is kept in
+    # last_error, so asyncio need not report it as never retrieved.
+    if not task.cancelled():
+        task.exception()
+
+
+class AsyncTokenSource:
+    """The asyncio twin of TokenSource, over a `grpc.aio` channel.
+
+    Bound to the event loop it is first used on. `request()` may be called from any thread
+    (call credentials run on gRPC threads).
+    """
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        service_id: str,
+        service_secret: str,
+        audience: str,
+        scopes: Sequence[str] = (),
+        ttl_seconds: int = 0,
+        refresh_ratio: float = 0.8,
+        jitter_ratio: float = 0.1,
+        expiry_margin_seconds: float = 10.0,
+        timeout_seconds: float = 5.0,
+        backoff_initial_seconds: float = 0.5,
+        backoff_max_seconds: float = 30.0,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        """Arguments as for TokenSource; `channel` is a grpc.aio channel."""
+        self._core = _Core(
+            service_id=service_id,
+            service_secret=service_secret,
+            audience=audience,
+            scopes=scopes,
+            ttl_seconds=ttl_seconds,
+            refresh_ratio=refresh_ratio,
+            jitter_ratio=jitter_ratio,
+            expiry_margin_seconds=expiry_margin_seconds,
+            timeout_seconds=timeout_seconds,
+            backoff_initial_seconds=backoff_initial_seconds,
+            backoff_max_seconds=backoff_max_seconds,
+            clock=clock,
+            rng=rng,
+        )
+        self._stub = auth_pb2_grpc.AuthServiceStub(channel)
+        self._owned_channel: grpc.aio.Channel | None = None
+        self._task: asyncio.Task[str] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    @classmethod
+    def from_env(
+        cls,
+        audience: str,
+        scopes: Sequence[str] = (),
+        target: str | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+        channel_credentials: grpc.ChannelCredentials | None = None,
+        **options: Any,
+    ) -> AsyncTokenSource:
+        """As TokenSource.from_env, with a grpc.aio channel. Call it inside the event loop."""
+        service_id, secret, resolved = _credentials_from_env(environ, target)
+        channel = channel_for_target(resolved, channel_credentials, asyncio_channel=True)
+        source = cls(
+            channel,
+            service_id=service_id,
+            service_secret=secret,
+            audience=audience,
+            scopes=scopes,
+            **options,
+        )
+        source._owned_channel = channel
+        return source
+
+    @property
+    def audience(self) -> str:
+        return self._core.audience
+
+    @property
+    def state(self) -> TokenState:
+        return self._core.state(self._core.clock())
+
+    def cached_token(self) -> str | None:
+        """The current token if usable, starting a refresh when due. Call it in the loop."""
+        core = self._core
+        now = core.clock()
+        state = core.state(now)
+        if state is not TokenState.FRESH:
+            self._start(now)
+        if state is TokenState.INVALID or core.token is None:
+            return None
+        return core.token.value
+
+    async def token(self) -> str:
+        """A usable token, awaiting the single refresh in flight when none is cached.
+
+        Raises:
+            TokenUnavailable: authsvc refused or could not be reached.
+        """
+        core = self._core
+        now = core.clock()
+        state = core.state(now)
+        if state is not TokenState.INVALID and core.token is not None:
+            if state is TokenState.STALE:
+                self._start(now)
+            return core.token.value
+        task = self._start(now)
+        if task is None:
+            raise core.last_error or TokenUnavailable("no access token available")
+        # shield: one caller giving up must not cancel the fetch the others wait for.
+        return await asyncio.shield(task)
+
+    def request(self, callback: TokenCallback) -> None:
+        """Thread-safe, never blocks: as TokenSource.request."""
+        core = self._core
+        token = core.token
+        if token is not None and token.state(core.clock()) is TokenState.FRESH:
+            callback(token.value, None)
+            return
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            if token is not None and token.state(core.clock()) is TokenState.STALE:
+                callback(token.value, None)
+            else:
+                callback(None, TokenUnavailable("token source is not running in an event loop"))
+            return
+        try:
+            in_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            in_loop = False
+        if in_loop:
+            self._request_in_loop(callback)
+        else:
+            loop.call_soon_threadsafe(self._request_in_loop, callback)
+
+    async def close(self) -> None:
+        """Stop refreshing and close the channel this source opened itself (from_env)."""
+        self._closed = True
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, AuthsvcClientError):
+                pass
+        if self._owned_channel is not None:
+            await self._owned_channel.close()
+
+    async def __aenter__(self) -> AsyncTokenSource:
+        self._loop = asyncio.get_running_loop()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return self._core.describe(type(self).__name__)
+
+    __str__ = __repr__
+
+    def _request_in_loop(self, callback: TokenCallback) -> None:
+        core = self._core
+        now = core.clock()
+        state = core.state(now)
+        if state is not TokenState.INVALID and core.token is not None:
+            if state is TokenState.STALE:
+                self._start(now)
+            callback(core.token.value, None)
+            return
+        task = self._start(now)
+        if task is None:
+            callback(None, core.last_error or TokenUnavailable("no access token available"))
+            return
+
+        def done(finished: asyncio.Task[str]) -> None:
+            if finished.cancelled():
+                callback(None, TokenUnavailable("token refresh was cancelled"))
+                return
+            exc = finished.exception()
+            if exc is None:
+                callback(finished.result(), None)
+            elif isinstance(exc, AuthsvcClientError):
+                callback(None, exc)
+            else:
+                callback(None, TokenUnavailable("IssueToken failed"))
+
+        task.add_done_callback(done)
+
+    def _start(self, now: float) -> asyncio.Task[str] | None:
+        if self._task is not None and not self._task.done():
+            return self._task
+        if self._closed or not self._core.backoff.ready(now):
+            return None
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        task = loop.create_task(self._refresh(), name="authsvc-token-refresh")
+        task.add_done_callback(_retrieve_exception)
+        self._task = task
+        return task
+
+    async def _refresh(self) -> str:
+        core = self._core
+        try:
+            response = await self._stub.IssueToken(core.request_message(), timeout=core.timeout)
+        except grpc.RpcError as exc:
+            raise core.reject(exc, core.clock()) from None
+        return core.accept(response, core.clock()).value

@@ -1,0 +1,565 @@
+"""Validators: ask authsvc (RemoteValidator) or verify locally from JWKS + WatchRevocations."""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import grpc
+
+from authsvc_client.claims import DEFAULT_LEEWAY_SECONDS, Claims, ValidationResult
+from authsvc_client.errors import ValidatorUnavailable
+from authsvc_client.keyring import KeyRing
+from authsvc_client.revocations import RevocationEntry, RevocationSet
+from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
+from authsvc_client.verifier import TokenVerifier
+
+__all__ = ["LocalValidator", "RemoteValidator", "Validator", "insufficient_scope"]
+
+_LOG = logging.getLogger(__name__)
+
+_INSUFFICIENT_SCOPE = ValidationResult.fail(auth_pb2.INSUFFICIENT_SCOPE)
+_MALFORMED = ValidationResult.fail(auth_pb2.MALFORMED)
+_REVOKED = ValidationResult.fail(auth_pb2.REVOKED)
+
+
+@runtime_checkable
+class Validator(Protocol):
+    """Checks a bearer token for the audience the validator was built for.
+
+    Returns a ValidationResult for every token (valid or not, with the reason); raises
+    ValidatorUnavailable only when it cannot decide, which callers must treat as a denial.
+    """
+
+    def validate(
+        self, token: str, *, required_scopes: Sequence[str] = ()
+    ) -> ValidationResult: ...
+
+
+def insufficient_scope(claims: Claims, required_scopes: Sequence[str]) -> bool:
+    """True when a required scope is missing from the token's granted scopes."""
+    return any(scope not in claims.scopes for scope in required_scopes)
+
+
+def _with_scopes(result: ValidationResult, required_scopes: Sequence[str]) -> ValidationResult:
+    if result.claims is not None and insufficient_scope(result.claims, required_scopes):
+        return _INSUFFICIENT_SCOPE
+    return result
+
+
+class PositiveCache:
+    """Valid answers from authsvc, by SHA-256 of the exact token, for at most `ttl` seconds and
+    never past the token's own expiry. Only positive answers are kept: a denial is always
+    asked again. Shared by the sync and asyncio remote validators."""
+
+    def __init__(
+        self,
+        ttl_seconds: float,
+        max_entries: int,
+        revocations: RevocationSet | None,
+    ) -> None:
+        self._ttl = ttl_seconds
+        self._max = max_entries
+        self._revocations = revocations
+        self._entries: OrderedDict[bytes, tuple[Claims, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(token: str) -> bytes:
+        return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+    def get(self, key: bytes, now: float) -> Claims | None:
+        if self._ttl <= 0 or self._max <= 0:
+            return None
+        found = self._entries.get(key)
+        if found is None:
+            return None
+        claims, until = found
+        revoked = self._revocations is not None and self._revocations.is_revoked(
+            claims.jti, claims.subject, claims.issued_at
+        )
+        if now >= until or revoked:
+            with self._lock:
+                self._entries.pop(key, None)
+            return None
+        return claims
+
+    def put(self, key: bytes, claims: Claims, now: float) -> None:
+        if self._ttl <= 0 or self._max <= 0:
+            return
+        until = min(now + self._ttl, float(claims.expires_at))
+        if until <= now:
+            return
+        with self._lock:
+            self._entries[key] = (claims, until)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._max:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def remote_result(
+    response: auth_pb2.ValidateTokenResponse, required_scopes: Sequence[str]
+) -> ValidationResult:
+    return _with_scopes(ValidationResult.from_proto(response), required_scopes)
+
+
+def remote_error(exc: grpc.RpcError) -> ValidationResult:
+    """Map a failed ValidateToken call: INVALID_ARGUMENT is the token's fault (empty, too
+    long), anything else means authsvc could not decide, so deny as unavailable."""
+    code = exc.code() if isinstance(exc, grpc.Call) else None
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return _MALFORMED
+    name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+    raise ValidatorUnavailable(f"authsvc ValidateToken failed: {name}") from None
+
+
+class RemoteValidator:
+    """Validates by calling authsvc's ValidateToken, with a small positive cache.
+
+    Fails closed: when authsvc is down or slower than `timeout_seconds`, validate() raises
+    ValidatorUnavailable and interceptors answer UNAVAILABLE. Cached answers live at most
+    `cache_ttl_seconds` (so a revocation takes effect within that bound), or are dropped at
+    once when `follow_revocations` is on and the revocation arrives on the feed.
+    """
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        audience: str,
+        *,
+        cache_ttl_seconds: float = 5.0,
+        cache_size: int = 10_000,
+        timeout_seconds: float = 2.0,
+        follow_revocations: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not audience:
+            raise ValueError("audience is required")
+        self.audience = audience
+        self._stub = auth_pb2_grpc.AuthServiceStub(channel)
+        self._timeout = timeout_seconds
+        self._clock = clock
+        self._follower: RevocationFollower | None = None
+        revocations: RevocationSet | None = None
+        if follow_revocations:
+            revocations = RevocationSet()
+            self._follower = RevocationFollower(
+                channel, revocations, clock=clock, on_disconnect=lambda: self._cache.clear()
+            )
+        self._cache = PositiveCache(cache_ttl_seconds, cache_size, revocations)
+        if self._follower is not None:
+            self._follower.start()
+
+    def validate(self, token: str, *, required_scopes: Sequence[str] = ()) -> ValidationResult:
+        """Raises:
+        ValidatorUnavailable: authsvc did not answer in time (never read as valid).
+        """
+        now = self._clock()
+        key = PositiveCache.key(token)
+        use_cache = self._follower is None or self._follower.connected
+        claims = self._cache.get(key, now) if use_cache else None
+        if claims is not None:
+            return _with_scopes(ValidationResult.ok(claims), required_scopes)
+        try:
+            response = self._stub.ValidateToken(
+                auth_pb2.ValidateTokenRequest(token=token, audience=self.audience),
+                timeout=self._timeout,
+            )
+        except grpc.RpcError as exc:
+            return remote_error(exc)
+        result = ValidationResult.from_proto(response)
+        if result.claims is not None and use_cache:
+            self._cache.put(key, result.claims, now)
+        return _with_scopes(result, required_scopes)
+
+    def close(self) -> None:
+        if self._follower is not None:
+            self._follower.stop()
+
+    def __repr__(self) -> str:
+        return f"RemoteValidator(audience={self.audience!r}, cached={len(self._cache)})"
+
+
+# --- local validation ------------------------------------------------------------------------
+
+
+class KeySetCache:
+    """The last good JWK Set from GetJwks.
+
+    A failed fetch keeps the previous ring. Fetches are single flight, and those triggered by
+    an unknown kid (which comes from an untrusted token) run at most once per interval.
+    """
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        *,
+        timeout_seconds: float,
+        unknown_kid_interval_seconds: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self._stub = auth_pb2_grpc.AuthServiceStub(channel)
+        self._timeout = timeout_seconds
+        self._interval = unknown_kid_interval_seconds
+        self._clock = clock
+        self.ring = KeyRing({})
+        self.loaded = False
+        self._fetch_lock = threading.Lock()
+        self._generation = 0
+        self._last_unknown_fetch = float("-inf")
+
+    def current(self) -> KeyRing:
+        return self.ring
+
+    def refresh(self) -> bool:
+        """Fetch the key set now (waiting for a fetch in flight instead of starting another)."""
+        seen = self._generation
+        with self._fetch_lock:
+            if self._generation != seen:
+                return True  # someone else fetched while we waited
+            return self._fetch_locked()
+
+    def _fetch_locked(self) -> bool:
+        try:
+            response = self._stub.GetJwks(auth_pb2.GetJwksRequest(), timeout=self._timeout)
+            ring = KeyRing.from_jwks_json(response.jwks_json)
+        except (grpc.RpcError, ValueError) as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else type(exc).__name__
+            _LOG.warning("GetJwks failed (%s); keeping the last good key set", code)
+            return False
+        self.ring = ring
+        self.loaded = True
+        self._generation += 1
+        return True
+
+    def on_unknown_kid(self, kid: str) -> KeyRing | None:
+        if _NO_BLOCKING_FETCH.get():
+            _FETCH_WANTED.set(True)
+            return None
+        seen = self._generation
+        with self._fetch_lock:
+            if self._generation != seen:
+                return self.ring
+            now = self._clock()
+            if now - self._last_unknown_fetch < self._interval:
+                return None
+            self._last_unknown_fetch = now
+            return self.ring if self._fetch_locked() else None
+
+    def fetch_allowed(self) -> bool:
+        return self._clock() - self._last_unknown_fetch >= self._interval
+
+
+# Set by the asyncio wrapper so that an unknown kid never blocks the event loop: the
+# verifier then reports UNKNOWN_KEY and the wrapper retries in a worker thread.
+_NO_BLOCKING_FETCH: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "authsvc_no_blocking_fetch", default=False
+)
+_FETCH_WANTED: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "authsvc_fetch_wanted", default=False
+)
+
+
+class RevocationFollower:
+    """Follows WatchRevocations from the set's cursor on a daemon thread.
+
+    authsvc sends nothing on an idle stream, so silence is normal: health is the state of the
+    stream, not the time of the last event. The stream counts as connected once an event
+    arrived, or once it has stayed open for `settle_seconds` on a READY channel (a call that
+    cannot reach authsvc fails well within that). After a disconnect it reconnects with
+    after_cursor = the last cursor applied, so nothing is missed, and RevocationSet.add is
+    idempotent, so nothing is applied twice.
+    """
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        revocations: RevocationSet,
+        *,
+        clock: Callable[[], float],
+        reconnect_initial_seconds: float = 0.1,
+        reconnect_max_seconds: float = 2.0,
+        settle_seconds: float = 0.25,
+        on_disconnect: Callable[[], None] | None = None,
+    ) -> None:
+        self._channel = channel
+        self._stub = auth_pb2_grpc.AuthServiceStub(channel)
+        self.revocations = revocations
+        self._clock = clock
+        self._initial = reconnect_initial_seconds
+        self._max = reconnect_max_seconds
+        self._settle = settle_seconds
+        self._on_disconnect = on_disconnect
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._call: Any = None
+        self._channel_ready = False
+        self._call_started: float | None = None  # monotonic; None while no call is open
+        self._confirmed = False
+        self._ever_connected = False
+        self._down_since: float | None = None  # clock time the last connection was lost
+        self.connects = 0
+        self.events_applied = 0
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._channel.subscribe(self._on_connectivity, try_to_connect=True)
+        self._thread = threading.Thread(
+            target=self._run, name="authsvc-revocations", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            call = self._call
+        if call is not None:
+            call.cancel()
+        if self._thread is not None:
+            self._thread.join(5)
+        try:
+            self._channel.unsubscribe(self._on_connectivity)
+        except (ValueError, AttributeError):
+            pass
+
+    @property
+    def connected(self) -> bool:
+        with self._lock:
+            return self._connected_locked()
+
+    def outage_seconds(self, now: float) -> float:
+        """0 while connected; how long the feed has been down otherwise (infinite before the
+        first connection: until then revocations are unknown)."""
+        with self._lock:
+            if self._connected_locked():
+                return 0.0
+            if not self._ever_connected or self._down_since is None:
+                return float("inf")
+            return max(0.0, now - self._down_since)
+
+    def _connected_locked(self) -> bool:
+        if self._call_started is None or not self._channel_ready:
+            return False
+        if not self._confirmed and time.monotonic() - self._call_started >= self._settle:
+            self._confirm_locked()
+        return self._confirmed
+
+    def _confirm_locked(self) -> None:
+        self._confirmed = True
+        self._ever_connected = True
+        self._down_since = None
+
+    def _lose_locked(self) -> None:
+        if self._confirmed:
+            self._down_since = self._clock()
+        self._confirmed = False
+
+    def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
+        with self._lock:
+            self._channel_ready = state == grpc.ChannelConnectivity.READY
+            if not self._channel_ready:
+                self._lose_locked()
+
+    def _run(self) -> None:
+        delay = self._initial
+        while not self._stop.is_set():
+            request = auth_pb2.WatchRevocationsRequest(after_cursor=self.revocations.cursor)
+            call = self._stub.WatchRevocations(request)
+            with self._lock:
+                self._call = call
+                self._call_started = time.monotonic()
+            if self._stop.is_set():
+                call.cancel()
+            self.connects += 1
+            try:
+                for event in call:
+                    self.revocations.add(RevocationEntry.from_proto(event))
+                    self.events_applied += 1
+                    delay = self._initial
+                    with self._lock:
+                        if not self._confirmed:
+                            self._channel_ready = True  # an event proves it
+                            self._confirm_locked()
+            except grpc.RpcError as exc:
+                code = exc.code() if isinstance(exc, grpc.Call) else None
+                if code != grpc.StatusCode.CANCELLED or not self._stop.is_set():
+                    _LOG.info("revocation feed closed (%s); reconnecting", code)
+            except Exception:
+                _LOG.exception("revocation feed failed; reconnecting")
+            with self._lock:
+                if self._confirmed:
+                    delay = self._initial
+                self._lose_locked()
+                self._call_started = None
+                self._call = None
+            if self._on_disconnect is not None:
+                self._on_disconnect()
+            self._stop.wait(delay)
+            delay = min(self._max, delay * 2)
+
+
+class LocalValidator:
+    """Verifies tokens in-process: keys from GetJwks, revocations from WatchRevocations.
+
+    Fails closed (ValidatorUnavailable) while no key set has ever been loaded, and when the
+    revocation feed has been disconnected for longer than `max_feed_outage_seconds` (or has
+    not connected yet), because revocations could then be missing. A failed key fetch keeps
+    the last good key set, so known keys keep working while authsvc is down.
+    """
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        audience: str,
+        issuer: str,
+        *,
+        max_feed_outage_seconds: float = 30.0,
+        jwks_refresh_seconds: float = 300.0,
+        unknown_kid_interval_seconds: float = 5.0,
+        leeway_seconds: int = DEFAULT_LEEWAY_SECONDS,
+        timeout_seconds: float = 5.0,
+        cache_size: int = 10_000,
+        prune_interval_seconds: float = 60.0,
+        clock: Callable[[], float] = time.time,
+        start: bool = True,
+    ) -> None:
+        """Args:
+        channel: a channel to authsvc, used from background threads. Configure keepalive
+            on it so that a silently dead connection is noticed; its reconnect backoff
+            (grpc.max_reconnect_backoff_ms) bounds how fast the feed resumes after an outage.
+        audience: this service's own id; tokens for anyone else are WRONG_AUDIENCE.
+        issuer: authsvc's issuer (AUTHSVC_ISSUER).
+        max_feed_outage_seconds: the bound on how stale revocations may be.
+        unknown_kid_interval_seconds: at most one unknown-kid key fetch per interval.
+        start: start the background threads now (otherwise call start()).
+        """
+        if not audience or not issuer:
+            raise ValueError("audience and issuer are required")
+        self.audience = audience
+        self._clock = clock
+        self._max_outage = max_feed_outage_seconds
+        self._jwks_every = jwks_refresh_seconds
+        self._prune_every = prune_interval_seconds
+        self.keys = KeySetCache(
+            channel,
+            timeout_seconds=timeout_seconds,
+            unknown_kid_interval_seconds=unknown_kid_interval_seconds,
+            clock=clock,
+        )
+        self.revocations = RevocationSet()
+        self.feed = RevocationFollower(channel, self.revocations, clock=clock)
+        self._verifier = TokenVerifier(
+            keys=self.keys.current,
+            revocations=self.revocations,
+            issuer=issuer,
+            leeway_seconds=leeway_seconds,
+            cache_size=cache_size,
+            clock=clock,
+            on_unknown_kid=self.keys.on_unknown_kid,
+        )
+        self._stop = threading.Event()
+        self._maintenance: threading.Thread | None = None
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        if self._maintenance is not None:
+            return
+        self.feed.start()
+        self._maintenance = threading.Thread(
+            target=self._maintain, name="authsvc-jwks", daemon=True
+        )
+        self._maintenance.start()
+
+    def wait_ready(self, timeout: float = 10.0) -> bool:
+        """Wait until keys are loaded and the revocation feed is connected."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.keys.loaded and self.feed.connected:
+                return True
+            if self._stop.wait(0.02):
+                return False
+        return False
+
+    @property
+    def healthy(self) -> bool:
+        return self.keys.loaded and self.feed.outage_seconds(self._clock()) <= self._max_outage
+
+    def validate(self, token: str, *, required_scopes: Sequence[str] = ()) -> ValidationResult:
+        """Raises:
+        ValidatorUnavailable: no key set loaded yet, or revocations may be stale.
+        """
+        if not self.keys.loaded:
+            raise ValidatorUnavailable("no signing keys loaded from authsvc yet")
+        if self.feed.outage_seconds(self._clock()) > self._max_outage:
+            raise ValidatorUnavailable("revocation feed from authsvc is down")
+        result = self._verifier.verify(
+            token, audience=self.audience, required_scopes=required_scopes
+        )
+        if result.claims is not None and self.revocations.is_revoked(
+            result.claims.jti, result.claims.subject, result.claims.issued_at
+        ):
+            return _REVOKED  # belt and braces: the verifier checks this too
+        return result
+
+    def validate_nonblocking(
+        self, token: str, *, required_scopes: Sequence[str] = ()
+    ) -> tuple[ValidationResult, bool]:
+        """As validate(), but never fetches keys: also says whether an unknown kid wants a
+        fetch (then call validate() off the event loop)."""
+        reset_block = _NO_BLOCKING_FETCH.set(True)
+        reset_wanted = _FETCH_WANTED.set(False)
+        try:
+            result = self.validate(token, required_scopes=required_scopes)
+            wanted = _FETCH_WANTED.get() and self.keys.fetch_allowed()
+        finally:
+            _FETCH_WANTED.reset(reset_wanted)
+            _NO_BLOCKING_FETCH.reset(reset_block)
+        return result, wanted
+
+    def close(self) -> None:
+        self._stop.set()
+        self.feed.stop()
+        if self._maintenance is not None:
+            self._maintenance.join(5)
+
+    def __enter__(self) -> LocalValidator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"LocalValidator(audience={self.audience!r}, keys={sorted(self.keys.ring.kids)!r}, "
+            f"revocations={len(self.revocations)}, connected={self.feed.connected})"
+        )
+
+    def _maintain(self) -> None:
+        next_jwks = 0.0
+        next_prune = time.monotonic() + self._prune_every
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_jwks:
+                ok = self.keys.refresh()
+                # Until the first success retry quickly; after that, on schedule.
+                next_jwks = now + (self._jwks_every if ok else min(1.0, self._jwks_every))
+            if now >= next_prune:
+                self.revocations.prune(self._clock())
+                next_prune = now + self._prune_every
+            self._stop.wait(max(0.05, min(next_jwks, next_prune) - time.monotonic()))
