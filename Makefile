@@ -28,7 +28,7 @@ proto: $(BIN)/authsvc
 		../../protos/authsvc/v1/auth.proto
 
 lint: $(BIN)/authsvc
-	$(BIN)/ruff check authsvc clients/python/authsvc_client tests bench
+	$(BIN)/ruff check authsvc clients/python/authsvc_client tests examples
 	$(BIN)/mypy authsvc clients/python/authsvc_client
 
 bench: $(BIN)/authsvc

@@ -135,6 +135,7 @@ class AuthsvcServer:
         self._core: Core | None = None
         self._stopping = asyncio.Event()
         self._feed: RevocationFeed | None = None
+        self._state: ServerState | None = None
 
     async def start(self, out: TextIO = sys.stdout) -> int:
         s = self.settings
@@ -150,6 +151,7 @@ class AuthsvcServer:
             raise ConfigError(
                 "AUTHSVC_KEK cannot decrypt the stored signing keys (wrong key-encryption key?)"
             ) from None
+        self._state = state
         feed = RevocationFeed(state.revocation_cursor)
         loop = asyncio.get_running_loop()
 
@@ -195,7 +197,7 @@ class AuthsvcServer:
         self._server = server
         self._tasks = [
             asyncio.create_task(self._sync_loop(state)),
-            asyncio.create_task(self._maintenance_loop(core, state)),
+            asyncio.create_task(self._maintenance_loop()),
         ]
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -234,19 +236,28 @@ class AuthsvcServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), interval)
 
-    async def _maintenance_loop(self, core: Core, state: ServerState) -> None:
-        """Scheduled key rotation (SPIRE's rotator) and pruning of what has expired."""
+    async def run_maintenance(self) -> None:
+        """One round of scheduled rotation (SPIRE's rotator) and pruning of what has expired."""
+        core, state = self._core, self._state
+        if core is None or state is None:
+            raise RuntimeError("server not started")
+        interval = self.settings.key_rotation_interval_seconds
+        result = await asyncio.to_thread(core.manager.rotate_if_due, interval)
+        if result is not None and result.rotated_here:
+            log.info("scheduled key rotation: new active key %s", result.key.kid)
+        await asyncio.to_thread(core.manager.prune)
+        now = to_datetime(self.clock.now())
+        await asyncio.to_thread(core.repo.prune_revocations, now)
+        window_start = to_datetime(self.clock.now() - self.settings.throttle_window_seconds)
+        await asyncio.to_thread(core.repo.prune_auth_failures, window_start)
+        await asyncio.to_thread(state.refresh)
+
+    async def _maintenance_loop(self) -> None:
         interval = self.settings.key_rotation_interval_seconds
         period = 60.0 if interval <= 0 else min(60.0, max(0.5, interval / 4))
         while not self._stopping.is_set():
             try:
-                result = await asyncio.to_thread(core.manager.rotate_if_due, interval)
-                if result is not None and result.rotated_here:
-                    log.info("scheduled key rotation: new active key %s", result.key.kid)
-                await asyncio.to_thread(core.manager.prune)
-                now = to_datetime(self.clock.now())
-                await asyncio.to_thread(core.repo.prune_revocations, now)
-                await asyncio.to_thread(state.refresh)
+                await self.run_maintenance()
             except AuthsvcError as exc:
                 log.warning("maintenance failed: %s", exc)
             except Exception:

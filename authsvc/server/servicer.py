@@ -546,7 +546,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         await asyncio.to_thread(write)
         remaining = cutoff - self._clock.now()
         if remaining > 0:
-            await asyncio.sleep(remaining)
+            await asyncio.to_thread(self._clock.sleep, remaining)
         return True
 
     # -- RotateServiceSecret ---------------------------------------------------------------
