@@ -3,8 +3,13 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PROTO_OUT := clients/python
+# buf (proto lint + breaking check) from npm, kept inside the virtualenv folder; skipped without npm.
+BUF_VERSION := 1.75.0
+BUF := $(VENV)/buf/node_modules/.bin/buf
+# What `buf breaking` compares protos/ against: the last commit (CI: the commit before it).
+BUF_AGAINST ?= HEAD
 
-.PHONY: run test proto proto-check lint bench demo clean
+.PHONY: run test proto proto-check lint proto-lint bench demo clean
 
 $(BIN)/authsvc: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +32,17 @@ proto: $(BIN)/authsvc
 		--python_out=. --pyi_out=. --grpc_python_out=. \
 		../../protos/authsvc/v1/auth.proto
 
-lint: $(BIN)/authsvc
+lint: $(BIN)/authsvc proto-lint
 	$(BIN)/ruff check authsvc clients/python/authsvc_client tests examples
 	$(BIN)/mypy authsvc clients/python/authsvc_client
+
+$(BUF):
+	@if command -v npm >/dev/null; then \
+		npm install --silent --no-audit --no-fund --prefix $(VENV)/buf @bufbuild/buf@$(BUF_VERSION); \
+	else echo "npm not found: buf lint will be skipped"; fi
+
+proto-lint: $(BUF)
+	BUF=$(BUF) scripts/proto-lint.sh $(BUF_AGAINST)
 
 bench: $(BIN)/authsvc
 	$(BIN)/python -m bench

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ import grpc
 from authsvc.clock import to_timestamp
 from authsvc.config import Settings, load_settings
 from authsvc.errors import AlreadyExists, AuthsvcError, NotFound
+from authsvc.logs import configure_logging
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -117,6 +117,23 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--service")
     revoke.add_argument("--reason", default="")
     revoke.add_argument("--admin-token", help="admin bearer token (default AUTHSVC_ADMIN_TOKEN)")
+    health = sub.add_parser(
+        "health", help="ask a running server's gRPC health service; exit 0 if SERVING"
+    )
+    _client(health)
+    health.add_argument("--service", default="", help="service name (default: the server)")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    health.add_argument(
+        "--tls-ca", help="CA to trust; TLS when set (default AUTHSVC_HEALTH_TLS_CA)"
+    )
+    health.add_argument(
+        "--tls-server-name",
+        help="name in the server certificate (default AUTHSVC_HEALTH_TLS_SERVER_NAME)",
+    )
+    health.add_argument(
+        "--tls-cert", help="client certificate for mTLS (default AUTHSVC_HEALTH_TLS_CERT)"
+    )
+    health.add_argument("--tls-key", help="its private key (default AUTHSVC_HEALTH_TLS_KEY)")
     return p
 
 
@@ -141,9 +158,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         http_listen=args.http_listen,
         tls_terminated_upstream=args.tls_terminated_upstream,
     )
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    configure_logging(dev=settings.dev, level=settings.log_level)
     if settings.dev:
         sys.stderr.write(
             "*** authsvc DEV MODE: local SQLite and a generated key-encryption key in "
@@ -253,6 +268,43 @@ def _target(args: argparse.Namespace) -> str:
     )
 
 
+def _health_channel(args: argparse.Namespace, target: str) -> grpc.Channel:
+    """Plaintext, or TLS (and mTLS) when a CA is given, so the HEALTHCHECK works in every mode."""
+    env = os.environ
+    ca = args.tls_ca or env.get("AUTHSVC_HEALTH_TLS_CA")
+    if not ca:
+        return grpc.insecure_channel(target)
+    cert = args.tls_cert or env.get("AUTHSVC_HEALTH_TLS_CERT")
+    key = args.tls_key or env.get("AUTHSVC_HEALTH_TLS_KEY")
+    if (cert is None) != (key is None):
+        raise SystemExit("authsvc: --tls-cert and --tls-key go together")
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=Path(ca).read_bytes(),
+        private_key=Path(key).read_bytes() if key else None,
+        certificate_chain=Path(cert).read_bytes() if cert else None,
+    )
+    name = args.tls_server_name or env.get("AUTHSVC_HEALTH_TLS_SERVER_NAME")
+    options = [("grpc.ssl_target_name_override", name)] if name else []
+    return grpc.secure_channel(target, creds, options=options)
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    """For container HEALTHCHECKs: asks the local port, over TLS when a CA is configured."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    target = _target(args)
+    host, _, port = target.rpartition(":")
+    if host in ("0.0.0.0", "[::]", "::"):  # noqa: S104 - a wildcard bind means ask loopback
+        target = f"127.0.0.1:{port}"
+    with _health_channel(args, target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+        )
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return EXIT_OK if reply.status == health_pb2.HealthCheckResponse.SERVING else EXIT_INVALID
+
+
 def _read_arg(value: str) -> str:
     return sys.stdin.read().strip() if value == "-" else value
 
@@ -352,6 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "services": _cmd_services,
         "keys": _cmd_keys,
         "token": _cmd_token,
+        "health": _cmd_health,
     }
     try:
         return handlers[args.command](args)

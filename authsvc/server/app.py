@@ -21,6 +21,8 @@ from authsvc.config import Settings
 from authsvc.crypto.secrets import SecretHasher
 from authsvc.errors import AlreadyExists, AuthsvcError, ConfigError, DecryptError
 from authsvc.keys.manager import KeyManager
+from authsvc.server.http import HttpSidePort, ReadinessPolicy
+from authsvc.server.metrics import Metrics, MetricsInterceptor, StateCollector
 from authsvc.server.servicer import AuthServicer
 from authsvc.services import disable_service, register_service
 from authsvc.storage import migrate
@@ -136,6 +138,9 @@ class AuthsvcServer:
         self._stopping = asyncio.Event()
         self._feed: RevocationFeed | None = None
         self._state: ServerState | None = None
+        self._http: HttpSidePort | None = None
+        self.http_port: int | None = None
+        self.metrics = Metrics()
 
     async def start(self, out: TextIO = sys.stdout) -> int:
         s = self.settings
@@ -180,7 +185,9 @@ class AuthsvcServer:
             clock=self.clock,
             feed=feed,
         )
+        self.metrics.registry.register(StateCollector(state, core.repo, self.clock))
         server = grpc.aio.server(
+            interceptors=[MetricsInterceptor(self.metrics)],
             options=[
                 ("grpc.max_receive_message_length", 64 * 1024),
                 ("grpc.so_reuseport", 0),
@@ -201,6 +208,20 @@ class AuthsvcServer:
         ]
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        if s.http_listen:
+            self._http = HttpSidePort(
+                s.http_listen,
+                state=state,
+                registry=self.metrics.registry,
+                clock=self.clock,
+                ping=core.repo.ping,
+                rotation_interval_seconds=s.key_rotation_interval_seconds,
+                readiness=ReadinessPolicy.for_sync_interval(s.sync_interval_seconds),
+            )
+            self._http.start()
+            self.http_port = self._http.port
+            http_host = f"[{self._http.host}]" if ":" in self._http.host else self._http.host
+            out.write(f"authsvc http listening on {http_host}:{self._http.port}\n")
         host = s.listen.rpartition(":")[0]
         out.write(
             f"authsvc listening on {host}:{self.port} ({'TLS' if s.tls_enabled else 'plaintext'})\n"
@@ -268,6 +289,8 @@ class AuthsvcServer:
     async def stop(self) -> None:
         """Graceful: report NOT_SERVING, stop accepting, drain in-flight calls, then close."""
         self._stopping.set()
+        if self._http is not None:
+            self._http.stopping = True  # /readyz fails while in-flight calls drain
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         if self._feed is not None:
@@ -280,6 +303,8 @@ class AuthsvcServer:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._http is not None:
+            await asyncio.to_thread(self._http.stop)
         if self._core is not None:
             self._core.dispose()
 

@@ -24,7 +24,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from authsvc.clock import Clock, to_datetime, to_timestamp
 from authsvc.config import Settings
-from authsvc.crypto.secrets import SecretHasher, mint_secret
+from authsvc.crypto.secrets import SECRET_PREFIX, SecretHasher, mint_secret
 from authsvc.errors import (
     AuthsvcError,
     InvalidArgument,
@@ -66,6 +66,14 @@ def _check_name(value: str, field: str, *, required: bool = True) -> None:
         return
     if len(value) > MAX_ID_LENGTH or not value.isprintable() or value != value.strip():
         raise InvalidArgument(f"{field} must be at most {MAX_ID_LENGTH} printable characters")
+
+
+def _check_service_id(value: str) -> None:
+    _check_name(value, "service_id")
+    # A secret pasted into the id field (swapped arguments) would otherwise be written to the
+    # audit log as the actor; the prefix makes it recognisable, so refuse it unlogged.
+    if value.startswith(SECRET_PREFIX):
+        raise InvalidArgument("service_id looks like a service secret")
 
 
 def _check_scopes(scopes: Sequence[str], field: str) -> None:
@@ -271,7 +279,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
     async def IssueToken(
         self, request: auth_pb2.IssueTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.IssueTokenResponse:
-        _check_name(request.service_id, "service_id")
+        _check_service_id(request.service_id)
         if not request.service_secret or len(request.service_secret) > 256:
             raise InvalidArgument("service_secret is required")
         _check_name(request.audience, "audience")
@@ -557,7 +565,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         request: auth_pb2.RotateServiceSecretRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> auth_pb2.RotateServiceSecretResponse:
-        _check_name(request.service_id, "service_id")
+        _check_service_id(request.service_id)
         if request.grace_period_seconds < 0:
             raise InvalidArgument("grace_period_seconds must not be negative")
         if request.grace_period_seconds > self._s.max_secret_grace_seconds:
@@ -662,7 +670,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         self, request: auth_pb2.CreateServiceRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.CreateServiceResponse:
         caller = self._admin(context)
-        _check_name(request.service_id, "service_id")
+        _check_service_id(request.service_id)
         if not request.audiences:
             raise InvalidArgument("at least one audience is required")
         for audience in request.audiences:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import sys
 import threading
 import time
@@ -53,9 +54,20 @@ _TOKEN_TYPES = frozenset((TOKEN_TYPE, "application/" + TOKEN_TYPE))
 # claims could not be sent on in a ValidateTokenResponse.
 _MAX_NUMERIC_DATE = 253_402_300_799
 _UTF8_BOM = b"\xef\xbb\xbf"
+# Bytes outside the base64 and base64url alphabets, dropped before the lenient read so that junk
+# spliced into a revoked token (spaces, newlines, '!') still reads as that token: REVOKED, not
+# MALFORMED. Nothing read this way is trusted; the canonical check comes later.
+_NOT_BASE64 = bytes(
+    sorted(
+        set(range(256))
+        - set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_=")
+    )
+)
 # Header segments known good (exact bytes -> kid); cleared when full, since anyone can mint
 # headers that pass the header rules.
 _HEADER_CACHE_SIZE = 256
+# RFC 6749 section 3.3 scope-token: printable ASCII except space, double quote and backslash.
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 # RFC 7518 section 3.3: RS256 is RSASSA-PKCS1-v1_5 with SHA-256.
 _PADDING = PKCS1v15()
 _HASH = SHA256()
@@ -91,7 +103,7 @@ _JSON = json.JSONDecoder(
 def _parse_segment(segment: bytes) -> tuple[dict[str, Any], bytes]:
     """Read a header or payload segment as a JSON object; not yet trusted, not yet canonical."""
     try:
-        raw = b64url_decode_lenient(segment)
+        raw = b64url_decode_lenient(segment.translate(None, _NOT_BASE64))
         if raw.startswith(_UTF8_BOM):  # RFC 8259 section 8.1: MUST NOT add a BOM
             raise Malformed
         text = raw.decode("utf-8")  # strict: invalid UTF-8 and encoded surrogates fail
@@ -378,9 +390,10 @@ class TokenVerifier:
         scope = payload.get("scope")
         if type(scope) is not str:
             raise Malformed
-        # RFC 8693 section 4.2 / RFC 6749 section 3.3: space-delimited, no empty names.
+        # RFC 8693 section 4.2 / RFC 6749 section 3.3: space-delimited scope-tokens (no empty
+        # names, no tabs, controls or non-ASCII that another parser might split differently).
         scopes = tuple(scope.split(" ")) if scope else ()
-        if "" in scopes:
+        if any(_SCOPE_TOKEN.fullmatch(name) is None for name in scopes):
             raise Malformed
         # RFC 9068 section 2.2: client_id; for service-to-service tokens it is the subject.
         if payload.get("client_id") != sub:

@@ -1,0 +1,133 @@
+"""Log setup: one JSON object per line in production, readable lines in dev; secrets scrubbed."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from authsvc.crypto.secrets import SECRET_PREFIX
+
+__all__ = [
+    "RPC_FIELDS",
+    "HumanFormatter",
+    "JsonFormatter",
+    "configure_logging",
+    "redact",
+    "rpc_context",
+]
+
+# Per-call fields, set by the RPC interceptor and added to every record logged during the call
+# (the servicer's own audit lines included), so one request id ties them together.
+RPC_FIELDS = ("request_id", "method", "peer", "outcome", "duration_ms")
+_rpc: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "authsvc_rpc_log_fields", default=None
+)
+
+# A JWT (three base64url parts, header starting `{"`), a service secret, a bearer header value.
+_SECRET_PATTERNS = (
+    re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"),
+    re.compile(re.escape(SECRET_PREFIX) + r"[A-Za-z0-9_-]+"),
+    re.compile(r"(?i)(bearer\s+)\S+"),
+)
+
+
+def redact(text: str) -> str:
+    """Scrub anything shaped like a token or a secret: a second line of defence, not the first."""
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(
+            lambda m: (m.group(1) if m.re.groups else "") + "[REDACTED]",
+            text,
+        )
+    return text
+
+
+@contextmanager
+def rpc_context(**fields: Any) -> Iterator[dict[str, Any]]:
+    """Attach per-call fields to every record logged inside; the dict may be updated in place."""
+    current = dict(fields)
+    token = _rpc.set(current)
+    try:
+        yield current
+    finally:
+        _rpc.reset(token)
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    ctx = _rpc.get()
+    if ctx:
+        out.update({k: v for k, v in ctx.items() if v is not None})
+    for name in RPC_FIELDS:
+        value = record.__dict__.get(name)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def _exception(record: logging.LogRecord) -> dict[str, Any]:
+    """The exception's type and stack, never its message: messages may hold request data."""
+    if not record.exc_info or record.exc_info[0] is None:
+        return {}
+    exc_type, _exc, tb = record.exc_info
+    return {
+        "exc_type": exc_type.__name__,
+        "stack": redact("".join(traceback.format_tb(tb))),
+    }
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: timestamp, level, logger, event, then the per-call fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "timestamp": datetime.fromtimestamp(record.created, tz=UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": redact(record.getMessage()),
+        }
+        entry.update(_fields(record))
+        entry.update(_exception(record))
+        return json.dumps(entry, separators=(",", ":"), default=str)
+
+
+class HumanFormatter(logging.Formatter):
+    """Dev mode: `time LEVEL logger message key=value…`."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text
+        record.exc_info, record.exc_text = None, None
+        try:
+            line = redact(super().format(record))
+        finally:
+            record.exc_info, record.exc_text = saved
+        extra = " ".join(f"{k}={v}" for k, v in _fields(record).items())
+        exc = _exception(record)
+        if extra:
+            line = f"{line} [{extra}]"
+        if exc:
+            line = f"{line}\n{exc['exc_type']}\n{exc['stack']}".rstrip()
+        return line
+
+
+def configure_logging(*, dev: bool, level: str = "INFO", stream: TextIO | None = None) -> None:
+    """Send every `authsvc` record (and grpc's) to one stream in the mode's format."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(HumanFormatter() if dev else JsonFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)

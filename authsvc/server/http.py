@@ -1,0 +1,183 @@
+"""The HTTP side port: /metrics, /.well-known/jwks.json, /healthz and /readyz, in one thread."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from authsvc.clock import Clock
+from authsvc.config import split_host_port
+from authsvc.errors import ConfigError
+from authsvc.sync import ServerState
+
+__all__ = ["HttpSidePort", "ReadinessPolicy", "jwks_max_age"]
+
+log = logging.getLogger("authsvc.http")
+
+JWKS_PATH = "/.well-known/jwks.json"
+_JWKS_MAX_AGE_CAP = 300
+
+
+def jwks_max_age(rotation_interval_seconds: int) -> int:
+    """How long a validator may cache the JWK Set.
+
+    A scheduled rotation activates a new key at once, so a cache must not outlive a small part
+    of the interval; validators also refetch on an unknown `kid`. Capped at five minutes.
+    """
+    if rotation_interval_seconds <= 0:
+        return _JWKS_MAX_AGE_CAP
+    return max(1, min(_JWKS_MAX_AGE_CAP, rotation_interval_seconds // 10))
+
+
+@dataclass(frozen=True)
+class ReadinessPolicy:
+    """The replica is ready when its state is loaded, fresh, and the database answers."""
+
+    max_sync_lag_seconds: float
+
+    @classmethod
+    def for_sync_interval(cls, sync_interval_seconds: float) -> ReadinessPolicy:
+        # Ten missed syncs, and never less than 5 s so a slow query does not flap readiness.
+        return cls(max_sync_lag_seconds=max(5.0, 10 * sync_interval_seconds))
+
+
+class HttpSidePort:
+    """A ThreadingHTTPServer on its own daemon thread; handlers only read swapped-whole state."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        state: ServerState,
+        registry: CollectorRegistry,
+        clock: Clock,
+        ping: Callable[[], None],
+        rotation_interval_seconds: int,
+        readiness: ReadinessPolicy,
+    ) -> None:
+        host, port = split_host_port(address, "AUTHSVC_HTTP_LISTEN")
+        self.state = state
+        self.registry = registry
+        self.clock = clock
+        self.ping = ping
+        self.jwks_max_age = jwks_max_age(rotation_interval_seconds)
+        self.readiness = readiness
+        self.stopping = False
+        try:
+            self._httpd = _Server((host, port), _Handler, self)
+        except OSError:
+            raise ConfigError(
+                "cannot listen on AUTHSVC_HTTP_LISTEN (address in use or not available)"
+            ) from None
+        self.host = host
+        self.port = int(self._httpd.server_address[1])
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="authsvc-http", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        checks: dict[str, Any] = {}
+        last = self.state.last_sync_at
+        checks["state_loaded"] = last is not None
+        lag = None if last is None else max(0.0, self.clock.now() - last)
+        checks["sync_lag_seconds"] = None if lag is None else round(lag, 3)
+        checks["sync_recent"] = lag is not None and lag <= self.readiness.max_sync_lag_seconds
+        try:
+            self.ping()
+            checks["database"] = True
+        except Exception:  # any failure means not ready; the cause goes to the log, not out
+            log.warning("readiness: database ping failed", exc_info=True)
+            checks["database"] = False
+        checks["shutting_down"] = self.stopping
+        ok = (
+            checks["state_loaded"]
+            and checks["sync_recent"]
+            and checks["database"]
+            and not self.stopping
+        )
+        return bool(ok), checks
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(
+        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], port: HttpSidePort
+    ) -> None:
+        self.side_port = port
+        super().__init__(address, handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    server_version = "authsvc"
+    sys_version = ""
+
+    def do_GET(self) -> None:
+        port = self.server.side_port
+        path = self.path.split("?", 1)[0]
+        try:
+            if path == "/metrics":
+                self._send(200, generate_latest(port.registry), CONTENT_TYPE_LATEST)
+            elif path == JWKS_PATH:
+                self._jwks(port)
+            elif path == "/healthz":
+                self._send(200, b"ok\n", "text/plain; charset=utf-8")
+            elif path == "/readyz":
+                ready, checks = port.ready()
+                body = json.dumps({"ready": ready, "checks": checks}).encode() + b"\n"
+                self._send(200 if ready else 503, body, "application/json")
+            else:
+                self._send(404, b"not found\n", "text/plain; charset=utf-8")
+        except Exception:
+            log.exception("http handler failed for %s", path)
+            self._send(500, b"internal error\n", "text/plain; charset=utf-8")
+
+    def _jwks(self, port: HttpSidePort) -> None:
+        body = port.state.jwks_json.encode()
+        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        headers = {
+            "Cache-Control": f"public, max-age={port.jwks_max_age}",
+            "ETag": etag,
+        }
+        if self.headers.get("If-None-Match") == etag:
+            self._send(304, b"", None, headers)
+        else:
+            self._send(200, body, "application/json", headers)
+
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str | None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.send_response(status)
+        if content_type is not None:
+            self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if body and self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # Probes and scrapes every few seconds: keep them out of the info log.
+        log.debug("http %s", format % args)

@@ -1,0 +1,297 @@
+"""Prometheus metrics: an RPC interceptor (counts, latency, access log) and state gauges."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from authsvc.clock import Clock, to_timestamp
+from authsvc.logs import rpc_context
+from authsvc.storage.repository import Repository
+from authsvc.sync import ServerState
+from authsvc_client.v1 import auth_pb2
+
+__all__ = ["Metrics", "MetricsInterceptor", "StateCollector"]
+
+access_log = logging.getLogger("authsvc.access")
+
+# Validation runs in well under a millisecond; issuing signs (RSA) and may touch the database.
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+# Health probes run every few seconds: their access lines stay at debug.
+_QUIET_SERVICES = frozenset({"grpc.health.v1.Health"})
+_VALIDATE = "/authsvc.v1.AuthService/ValidateToken"
+
+
+class Metrics:
+    """Every metric of one server process, in its own registry (no process-global state)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        labels = ("grpc_service", "grpc_method")
+        self.handled = Counter(
+            "grpc_server_handled",
+            "RPCs completed on the server, by method and status code.",
+            (*labels, "grpc_code"),
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "grpc_server_handling_seconds",
+            "Time to handle a unary RPC (IssueToken, ValidateToken, …), by method.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.streams_open = Gauge(
+            "grpc_server_streams_open",
+            "Server-streaming RPCs open now (WatchRevocations followers), by method.",
+            labels,
+            registry=self.registry,
+        )
+        self.validation_failures = Counter(
+            "authsvc_token_validation_failures",
+            "ValidateToken answers with valid=false, by reason.",
+            ("reason",),
+            registry=self.registry,
+        )
+        ProcessCollector(registry=self.registry)
+
+    def observe(
+        self, method: str, code: grpc.StatusCode, seconds: float | None, response: Any
+    ) -> None:
+        service, name = _split(method)
+        self.handled.labels(service, name, code.name).inc()
+        if seconds is not None:
+            self.latency.labels(service, name).observe(seconds)
+        if (
+            method == _VALIDATE
+            and isinstance(response, auth_pb2.ValidateTokenResponse)
+            and not response.valid
+        ):
+            self.validation_failures.labels(auth_pb2.ValidationFailure.Name(response.reason)).inc()
+
+
+def _split(method: str) -> tuple[str, str]:
+    service, _, name = method.lstrip("/").partition("/")
+    return service, name
+
+
+class StateCollector(Collector):
+    """Gauges read from the replica's in-memory state at scrape time."""
+
+    def __init__(self, state: ServerState, repo: Repository, clock: Clock) -> None:
+        self._state = state
+        self._repo = repo
+        self._clock = clock
+        # The active key's activation time, fetched again only when the active kid changes.
+        self._active: tuple[str, float | None] | None = None
+
+    def _activated_at(self, kid: str) -> float | None:
+        if self._active is None or self._active[0] != kid:
+            record = self._repo.fetch_active_signing_key()
+            if record is None or record.kid != kid:
+                return None
+            when = record.activated_at or record.created_at
+            self._active = (kid, to_timestamp(when))
+        return self._active[1]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        now = self._clock.now()
+        state = self._state
+        lag = GaugeMetricFamily(
+            "authsvc_replica_sync_lag_seconds",
+            "Seconds since this replica last pulled changes from the database.",
+        )
+        if state.last_sync_at is not None:
+            lag.add_metric([], max(0.0, now - state.last_sync_at))
+        yield lag
+        yield GaugeMetricFamily(
+            "authsvc_revocations_held",
+            "Revocations held in memory (still in force).",
+            value=len(state.revocations),
+        )
+        yield GaugeMetricFamily(
+            "authsvc_signing_keys_published",
+            "Public keys in the JWK Set (active, next and retired-but-published).",
+            value=len(state.keyring),
+        )
+        age = GaugeMetricFamily(
+            "authsvc_signing_key_active_age_seconds",
+            "Seconds since the active signing key was activated.",
+        )
+        signer = state.signer
+        if signer is not None:
+            try:
+                activated = self._activated_at(signer.kid)
+            except Exception:  # a scrape must not fail because the database is away
+                activated = None
+            if activated is not None:
+                age.add_metric([], max(0.0, now - activated))
+        yield age
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        # No describe at registration time: collect() reads live state.
+        return iter(())
+
+
+def _code(context: grpc.aio.ServicerContext[Any, Any], default: grpc.StatusCode) -> grpc.StatusCode:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, int):
+        for member in grpc.StatusCode:
+            if member.value[0] == code:
+                return member
+    return default
+
+
+def _request_id(details: grpc.HandlerCallDetails) -> str:
+    for key, value in details.invocation_metadata or ():
+        if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 128:
+            if value.isprintable():
+                return value
+    return uuid.uuid4().hex
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Counts every RPC by method and code, times unary ones, and writes one access-log line.
+
+    Never raises and never changes what the handler returns. Unknown methods are not counted,
+    so a caller cannot grow the label set.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = str(handler_call_details.method)
+        request_id = _request_id(handler_call_details)
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary, method, request_id),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(handler.unary_stream, method, request_id),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(handler.stream_unary, method, request_id),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                self._stream(handler.stream_stream, method, request_id),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _done(
+        self,
+        fields: dict[str, Any],
+        method: str,
+        code: grpc.StatusCode,
+        started: float,
+        response: Any,
+        *,
+        timed: bool,
+    ) -> None:
+        # perf_counter measures an interval, it does not read the wall clock.
+        seconds = time.perf_counter() - started
+        try:
+            self._metrics.observe(method, code, seconds if timed else None, response)
+        except Exception:
+            access_log.exception("metrics update failed")
+        fields["outcome"] = code.name
+        fields["duration_ms"] = round(seconds * 1000, 3)
+        level = logging.DEBUG if _split(method)[0] in _QUIET_SERVICES else logging.INFO
+        access_log.log(level, "rpc")
+
+    def _unary(self, behavior: Any, method: str, request_id: str) -> Any:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            with rpc_context(request_id=request_id, method=method, peer=context.peer()) as f:
+                response, code = None, grpc.StatusCode.UNKNOWN
+                try:
+                    response = await behavior(request, context)
+                    code = _code(context, grpc.StatusCode.OK)
+                    return response
+                except grpc.aio.AbortError:
+                    code = _code(context, grpc.StatusCode.UNKNOWN)
+                    raise
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                finally:
+                    self._done(f, method, code, started, response, timed=True)
+
+        return wrapper
+
+    def _stream(self, behavior: Any, method: str, request_id: str) -> Any:
+        """Streams come as async generators (ours) or coroutines calling context.write (health)."""
+        service, name = _split(method)
+
+        @contextlib.asynccontextmanager
+        async def observed(
+            context: grpc.aio.ServicerContext[Any, Any],
+        ) -> AsyncIterator[None]:
+            started = time.perf_counter()
+            gauge = self._metrics.streams_open.labels(service, name)
+            gauge.inc()
+            with rpc_context(request_id=request_id, method=method, peer=context.peer()) as f:
+                code = grpc.StatusCode.UNKNOWN
+                try:
+                    yield
+                    code = _code(context, grpc.StatusCode.OK)
+                except grpc.aio.AbortError:
+                    code = _code(context, grpc.StatusCode.UNKNOWN)
+                    raise
+                except (asyncio.CancelledError, GeneratorExit):
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                finally:
+                    gauge.dec()
+                    self._done(f, method, code, started, None, timed=False)
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def generator(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                async with observed(context):
+                    async for item in behavior(request, context):
+                        yield item
+
+            return generator
+
+        async def coroutine(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async with observed(context):
+                return await behavior(request, context)
+
+        return coroutine

@@ -1,0 +1,166 @@
+"""Structured logs of a real server: JSON lines in production, readable lines in dev; no secret."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from authsvc.logs import JsonFormatter, redact, rpc_context
+from authsvc_client.v1 import auth_pb2
+from tests.ops.conftest import OpsServer
+from tests.support.server import run_cli, start_server
+
+REQUIRED = {"timestamp", "level", "event"}
+
+
+def json_lines(output: list[str]) -> list[dict[str, Any]]:
+    """Every log line; the two 'authsvc … listening' lines are plain stdout, not logs."""
+    out = []
+    for line in output:
+        if line.startswith("authsvc ") or not line.strip():
+            continue
+        out.append(json.loads(line))
+    return out
+
+
+def access_lines(output: list[str], method: str) -> list[dict[str, Any]]:
+    return [e for e in json_lines(output) if e.get("event") == "rpc" and e["method"] == method]
+
+
+def wait_for(predicate: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+class TestJsonLogs:
+    def test_every_line_is_one_json_object(self, ops: OpsServer) -> None:
+        ops.server.issue("orders", ops.orders_secret, "billing")
+        entries = json_lines(ops.server.output)
+        assert entries
+        for entry in entries:
+            assert REQUIRED <= entry.keys()
+
+    def test_an_rpc_logs_request_id_method_peer_outcome_duration(self, ops: OpsServer) -> None:
+        method = "/authsvc.v1.AuthService/IssueToken"
+        ops.server.stub.IssueToken(
+            auth_pb2.IssueTokenRequest(
+                service_id="orders", service_secret=ops.orders_secret, audience="billing"
+            ),
+            metadata=[("x-request-id", "req-ops-1")],
+            timeout=10,
+        )
+        wait_for(
+            lambda: any(
+                e.get("request_id") == "req-ops-1" for e in access_lines(ops.server.output, method)
+            )
+        )
+        [entry] = [
+            e for e in access_lines(ops.server.output, method) if e["request_id"] == "req-ops-1"
+        ]
+        assert entry["level"] == "info"
+        assert entry["outcome"] == "OK"
+        assert entry["peer"].startswith("ipv4:127.0.0.1:")
+        assert entry["duration_ms"] >= 0
+
+    def test_failed_call_logs_its_status_and_no_secret_or_token(self, ops: OpsServer) -> None:
+        wrong = "asvcs_" + "Z" * 43
+        try:
+            ops.server.stub.IssueToken(
+                auth_pb2.IssueTokenRequest(
+                    service_id="orders", service_secret=wrong, audience="billing"
+                ),
+                metadata=[("x-request-id", "req-ops-2")],
+                timeout=10,
+            )
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
+        token = ops.server.issue("orders", ops.orders_secret, "billing").access_token
+        ops.server.stub.ValidateToken(auth_pb2.ValidateTokenRequest(token=token, audience="x"))
+        ops.server.stub.RevokeToken(auth_pb2.RevokeTokenRequest(token=token))
+        method = "/authsvc.v1.AuthService/IssueToken"
+        wait_for(
+            lambda: any(
+                e.get("request_id") == "req-ops-2" for e in access_lines(ops.server.output, method)
+            )
+        )
+        [entry] = [
+            e for e in access_lines(ops.server.output, method) if e["request_id"] == "req-ops-2"
+        ]
+        assert entry["outcome"] == "UNAUTHENTICATED"
+        text = "".join(ops.server.output)
+        for secret in (wrong, ops.orders_secret, ops.admin_secret, token):
+            assert secret not in text
+
+    def test_audit_lines_carry_the_callers_request_id(self, ops: OpsServer) -> None:
+        token = ops.server.issue("orders", ops.orders_secret, "billing").access_token
+        ops.server.stub.RevokeToken(
+            auth_pb2.RevokeTokenRequest(token=token),
+            metadata=[("x-request-id", "req-ops-3")],
+            timeout=10,
+        )
+        wait_for(
+            lambda: any(
+                e.get("request_id") == "req-ops-3" and e["event"] != "rpc"
+                for e in json_lines(ops.server.output)
+            )
+        )
+        audit = [
+            e
+            for e in json_lines(ops.server.output)
+            if e.get("request_id") == "req-ops-3" and e["event"].startswith("audit")
+        ]
+        assert audit
+        assert audit[0]["method"] == "/authsvc.v1.AuthService/RevokeToken"
+
+
+class TestDevLogs:
+    def test_dev_mode_logs_are_readable_lines(self, tmp_path: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHSVC_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        server = start_server(env, "--dev", "--dev-dir", str(tmp_path / "dev"))
+        try:
+            server.stub.ValidateToken(
+                auth_pb2.ValidateTokenRequest(token="x.y.z", audience="billing"), timeout=10
+            )
+            wait_for(lambda: any("ValidateToken" in line for line in server.output))
+        finally:
+            server.stop()
+        [line] = [line for line in server.output if "ValidateToken" in line]
+        assert " INFO authsvc.access rpc " in line
+        assert "outcome=OK" in line
+        assert not line.lstrip().startswith("{")
+        assert run_cli(env, "keys", "list", "--dev", "--dev-dir", str(tmp_path / "dev")).stdout
+
+
+class TestRedaction:
+    """The formatter's last line of defence, for a message that slipped through with a secret."""
+
+    def test_tokens_secrets_and_bearer_values_are_scrubbed(self) -> None:
+        jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJvcmRlcnMifQ.c2lnbmF0dXJl"
+        text = f"got {jwt} and asvcs_abcDEF123_-x and Authorization: Bearer opaque123"
+        out = redact(text)
+        assert jwt not in out
+        assert "asvcs_abcDEF123" not in out
+        assert "opaque123" not in out
+        assert "Bearer [REDACTED]" in out
+
+    def test_exception_text_is_left_out_of_json_lines(self) -> None:
+        hidden = "-".join(["secret", "value", "in", "message"])
+        try:
+            raise ValueError(hidden)
+        except ValueError:
+            record = logging.LogRecord("t", logging.ERROR, __file__, 1, "boom", (), sys.exc_info())
+        with rpc_context(request_id="r1", method="/m"):
+            line = JsonFormatter().format(record)
+        entry = json.loads(line)
+        assert entry["exc_type"] == "ValueError"
+        assert entry["request_id"] == "r1"
+        assert hidden not in line
