@@ -8,7 +8,8 @@ import logging
 import re
 import sys
 import traceback
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -47,6 +48,25 @@ def redact(text: str) -> str:
             text,
         )
     return text
+
+
+def request_id_from(metadata: Iterable[tuple[str, Any]] | None) -> str:
+    """The caller's `x-request-id` if it is short and printable, else a fresh one.
+
+    Only the RPC interceptor calls this; everything else reads the id of the current call
+    through `current_request_id()`, so logs and audit rows carry the same id.
+    """
+    for key, value in metadata or ():
+        if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 128:
+            if value.isprintable() and redact(value) == value:
+                return value
+    return uuid.uuid4().hex
+
+
+def current_request_id() -> str | None:
+    fields = _rpc.get()
+    value = fields.get("request_id") if fields else None
+    return value if isinstance(value, str) else None
 
 
 @contextmanager

@@ -6,7 +6,8 @@ import math
 from collections.abc import Sequence
 
 from authsvc.clock import Clock, to_datetime
-from authsvc.crypto.secrets import SecretHasher, mint_secret
+from authsvc.crypto.secrets import SECRET_PREFIX, SecretHasher, mint_secret
+from authsvc.errors import InvalidArgument
 from authsvc.storage.records import ServiceRecord
 from authsvc.storage.repository import Repository
 
@@ -20,6 +21,9 @@ def register_service(
     scopes: Sequence[str],
 ) -> tuple[ServiceRecord, str]:
     """Create a service; returns it with its secret, which is shown once and stored only hashed."""
+    if service_id.startswith(SECRET_PREFIX):
+        # Swapped arguments would put a secret-looking name in every audit row and log line.
+        raise InvalidArgument("a service id must not start with the secret prefix")
     secret = mint_secret()
     record = repo.create_service(
         service_id,

@@ -7,7 +7,6 @@ import contextlib
 import inspect
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -18,7 +17,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from authsvc.clock import Clock, to_timestamp
-from authsvc.logs import rpc_context
+from authsvc.logs import request_id_from, rpc_context
 from authsvc.storage.repository import Repository
 from authsvc.sync import ServerState
 from authsvc_client.v1 import auth_pb2
@@ -158,14 +157,6 @@ def _code(context: grpc.aio.ServicerContext[Any, Any], default: grpc.StatusCode)
     return default
 
 
-def _request_id(details: grpc.HandlerCallDetails) -> str:
-    for key, value in details.invocation_metadata or ():
-        if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 128:
-            if value.isprintable():
-                return value
-    return uuid.uuid4().hex
-
-
 class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Counts every RPC by method and code, times unary ones, and writes one access-log line.
 
@@ -185,7 +176,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return handler
         method = str(handler_call_details.method)
-        request_id = _request_id(handler_call_details)
+        request_id = request_id_from(handler_call_details.invocation_metadata)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(handler.unary_unary, method, request_id),

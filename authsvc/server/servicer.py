@@ -14,7 +14,6 @@ import functools
 import json
 import logging
 import math
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -34,6 +33,7 @@ from authsvc.errors import (
     Unauthenticated,
 )
 from authsvc.keys.manager import KeyManager
+from authsvc.logs import current_request_id, request_id_from
 from authsvc.services import disable_service, register_service
 from authsvc.storage.records import RevocationRecord, ServiceRecord, SigningKeyRecord
 from authsvc.storage.repository import Repository
@@ -98,10 +98,8 @@ def _metadata(context: grpc.aio.ServicerContext[Any, Any], key: str) -> list[str
 
 
 def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    given = _metadata(context, "x-request-id")
-    if given and 0 < len(given[0]) <= 128 and given[0].isprintable():
-        return given[0]
-    return uuid.uuid4().hex
+    """The id the RPC interceptor gave this call, so audit rows and log lines agree."""
+    return current_request_id() or request_id_from(context.invocation_metadata())
 
 
 def _service_proto(record: ServiceRecord) -> auth_pb2.Service:

@@ -562,3 +562,27 @@ class TestExpiryAndThrottling:
 
 def test_admin_constant_is_the_created_admin(world: World) -> None:
     assert world.server.issue(ADMIN, world.admin_secret, "authsvc").scopes == ["authsvc.admin"]
+
+
+class TestAudit:
+    def test_every_issue_is_one_audit_row_with_the_callers_request_id(self, world: World) -> None:
+        from authsvc.storage.engine import make_engine
+        from authsvc.storage.repository import Repository
+
+        world.server.stub.IssueToken(
+            auth_pb2.IssueTokenRequest(
+                service_id="orders", service_secret=world.orders_secret, audience="billing"
+            ),
+            metadata=[("x-request-id", "req-audit-1")],
+            timeout=10,
+        )
+        engine = make_engine(world.server.env["AUTHSVC_DATABASE_URL"])
+        try:
+            rows = Repository(engine).list_audit_events(limit=20)
+        finally:
+            engine.dispose()
+        mine = [r for r in rows if r.request_id == "req-audit-1"]
+        assert [(r.actor, r.action, r.target, r.outcome) for r in mine] == [
+            ("orders", "issue_token", "billing", "ok")
+        ]
+        assert mine[0].peer.startswith("ipv4:127.0.0.1")
