@@ -33,8 +33,8 @@ proto: $(BIN)/authsvc
 		../../protos/authsvc/v1/auth.proto
 
 lint: $(BIN)/authsvc proto-lint
-	$(BIN)/ruff check authsvc clients/python/authsvc_client tests examples
-	$(BIN)/mypy authsvc clients/python/authsvc_client
+	$(BIN)/ruff check authsvc clients/python/authsvc_client tests examples bench
+	MYPYPATH=clients/python $(BIN)/mypy authsvc clients/python/authsvc_client bench
 
 $(BUF):
 	@if command -v npm >/dev/null; then \

@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="allow plaintext on a non-loopback address because TLS ends in front of authsvc",
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="server processes sharing the port (default AUTHSVC_WORKERS or 1)",
+    )
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
 
     db = sub.add_parser("db", help="database schema").add_subparsers(
         dest="db_command", required=True
@@ -91,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     klist = keys.add_parser("list", help="list signing keys")
     _common(klist)
     klist.add_argument("--json", action="store_true")
+
+    audit = sub.add_parser("audit", help="the audit trail").add_subparsers(
+        dest="audit_command", required=True
+    )
+    alist = audit.add_parser("list", help="audit events, newest first")
+    _common(alist)
+    alist.add_argument("--limit", type=int, default=100, help="at most N events (default 100)")
+    alist.add_argument("--json", action="store_true", help="one JSON array of events")
 
     token = sub.add_parser("token", help="talk to a running server").add_subparsers(
         dest="token_command", required=True
@@ -157,9 +171,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         listen=args.listen,
         http_listen=args.http_listen,
         tls_terminated_upstream=args.tls_terminated_upstream,
+        workers=args.workers,
     )
+    if args.workers is not None and args.workers < 1:
+        raise SystemExit("authsvc: --workers must be at least 1")
     configure_logging(dev=settings.dev, level=settings.log_level)
-    if settings.dev:
+    if settings.workers > 1 and args.worker_index is None:
+        return _supervise(args, settings)
+    if args.worker_index is not None:
+        settings = settings.with_overrides(
+            reuse_port=True, http_listen=settings.http_listen if args.worker_index == 0 else None
+        )
+    if settings.dev and not args.worker_index:
         sys.stderr.write(
             "*** authsvc DEV MODE: local SQLite and a generated key-encryption key in "
             f"{settings.dev_dir}/ ; loopback only; NOT FOR PRODUCTION ***\n"
@@ -168,10 +191,33 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _supervise(args: argparse.Namespace, settings: Settings) -> int:
+    from authsvc.server.workers import supervise
+
+    flags: list[str] = []
+    if settings.dev:
+        flags += ["--dev", "--dev-dir", settings.dev_dir]
+    if args.database_url:
+        flags += ["--database-url", args.database_url]
+    if settings.tls_terminated_upstream:
+        flags.append("--tls-terminated-upstream")
+    http = ["--http-listen", settings.http_listen] if settings.http_listen else []
+    return supervise(
+        listen=settings.listen,
+        workers=settings.workers,
+        worker_argv=flags,
+        http_argv=http,
+        tls=settings.tls_enabled,
+    )
+
+
 def _core(args: argparse.Namespace, *, upgrade: bool = False) -> Any:
     from authsvc.server.app import build_core
 
-    return build_core(_settings(args), upgrade=upgrade)
+    settings = _settings(args)
+    # Changes made here are audited; their log events go to stderr like the server's.
+    configure_logging(dev=settings.dev, level=settings.log_level)
+    return build_core(settings, upgrade=upgrade)
 
 
 def _cmd_db(args: argparse.Namespace) -> int:
@@ -235,6 +281,13 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     try:
         if args.keys_command == "rotate":
             result = core.manager.rotate(revoke_previous=args.revoke_previous)
+            _audit_cli(
+                core,
+                action="rotate_signing_key",
+                target=f"key:{result.key.kid}",
+                outcome="ok" if result.rotated_here else "already_rotated",
+                detail=f"revoke_previous={args.revoke_previous}",
+            )
             note = "" if result.rotated_here else " (another replica rotated at the same moment)"
             print(f"active signing key: {result.key.kid}{note}")
         else:
@@ -256,6 +309,54 @@ def _cmd_keys(args: argparse.Namespace) -> int:
                     print(f"{k.kid}\t{k.state}\tcreated={k.created_at.isoformat()}")
     finally:
         core.dispose()
+    return EXIT_OK
+
+
+def _audit_cli(core: Any, *, action: str, target: str, outcome: str, detail: str = "") -> None:
+    from authsvc.clock import to_datetime
+    from authsvc.server.servicer import CLI_ACTOR, local_audit
+
+    local_audit(
+        core.repo,
+        to_datetime(core.clock.now()),
+        actor=CLI_ACTOR,
+        action=action,
+        target=target,
+        outcome=outcome,
+        detail=detail,
+    )
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    if args.limit < 1:
+        raise SystemExit("authsvc: --limit must be at least 1")
+    core = _core(args)
+    try:
+        events = core.repo.list_audit_events(limit=args.limit)
+    finally:
+        core.dispose()
+    rows = [
+        {
+            "id": e.id,
+            "time": e.at.isoformat(),
+            "actor": e.actor,
+            "action": e.action,
+            "target": e.target,
+            "outcome": e.outcome,
+            "peer": e.peer,
+            "request_id": e.request_id,
+            "detail": e.detail,
+        }
+        for e in events
+    ]
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            print(
+                f"{r['time']}\t{r['actor']}\t{r['action']}\t{r['target']}\t{r['outcome']}"
+                f"\t{r['peer']}\t{r['request_id']}"
+            )
     return EXIT_OK
 
 
@@ -405,6 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "keys": _cmd_keys,
         "token": _cmd_token,
         "health": _cmd_health,
+        "audit": _cmd_audit,
     }
     try:
         return handlers[args.command](args)

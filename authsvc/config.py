@@ -47,12 +47,20 @@ class Settings:
     throttle_id_failures: int = 100
     throttle_peer_failures: int = 200
     throttle_window_seconds: int = 900
+    # A peer that logged in as a service id this recently is not locked out by that id's
+    # failure count (an attacker cannot lock a victim out from the victim's own address).
+    throttle_known_peer_seconds: int = 30 * 24 * 3600
+    audit_retention_days: int = 90
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
     tls_terminated_upstream: bool = False
     http_listen: str | None = None
     shutdown_grace_seconds: float = 10.0
+    # Server processes sharing the port (SO_REUSEPORT); see authsvc/server/workers.py.
+    workers: int = 1
+    # Set on the processes the supervisor starts: bind with SO_REUSEPORT.
+    reuse_port: bool = False
     log_level: str = "INFO"
 
     def __repr__(self) -> str:
@@ -245,11 +253,17 @@ def load_settings(
         throttle_id_failures=_int(env, "AUTHSVC_THROTTLE_ID_FAILURES", 100, 1),
         throttle_peer_failures=_int(env, "AUTHSVC_THROTTLE_PEER_FAILURES", 200, 1),
         throttle_window_seconds=_int(env, "AUTHSVC_THROTTLE_WINDOW_SECONDS", 900, 1),
+        throttle_known_peer_seconds=_int(
+            env, "AUTHSVC_THROTTLE_KNOWN_PEER_SECONDS", 30 * 24 * 3600, 0
+        ),
+        audit_retention_days=_int(env, "AUTHSVC_AUDIT_RETENTION_DAYS", 90, 1),
         tls_cert=tls_cert,
         tls_key=tls_key,
         tls_client_ca=tls_client_ca,
         tls_terminated_upstream=upstream,
         http_listen=http_listen,
         shutdown_grace_seconds=_float(env, "AUTHSVC_SHUTDOWN_GRACE_SECONDS", 10.0, 0.0),
+        workers=int(over.get("workers") or _int(env, "AUTHSVC_WORKERS", 1, 1)),
+        reuse_port=bool(over.get("reuse_port", False)),
         log_level=(env.get("AUTHSVC_LOG_LEVEL") or "INFO").upper(),
     )

@@ -54,6 +54,45 @@ def revocation_entry(record: RevocationRecord) -> RevocationEntry:
     )
 
 
+class MonotonicClock:
+    """The server's time: the wall clock, except that it never runs backwards.
+
+    A step back (NTP correction, a VM restored, an operator) would otherwise let an expired
+    token validate again, reopen a secret's grace period, re-publish a retired key and let
+    pruned revocations' tokens back in. On a step back this clock carries on from its last
+    reading at the wall clock's rate, i.e. it stays ahead of the wall clock by the size of the
+    step until the process restarts. Per process: a restart accepts the wall clock as it is.
+    """
+
+    def __init__(self, wall: Clock) -> None:
+        self._wall = wall
+        self._lock = threading.Lock()
+        self._last = float("-inf")
+        # Seconds this clock runs ahead of the wall clock (sum of the steps back seen).
+        self.offset = 0.0
+
+    def now(self) -> float:
+        wall = self._wall.now()
+        with self._lock:
+            t = wall + self.offset
+            if t < self._last:
+                step = self._last - t
+                self.offset += step
+                t = self._last
+                if step >= 1.0:
+                    log.warning(
+                        "wall clock stepped back by %.1f s: authsvc time carries on from its "
+                        "last reading (now %.1f s ahead of the wall clock until restart)",
+                        step,
+                        self.offset,
+                    )
+            self._last = t
+            return t
+
+    def sleep(self, seconds: float) -> None:
+        self._wall.sleep(seconds)
+
+
 class RevocationFeed:
     """Recent revocations for WatchRevocations streams, owned by the event loop.
 

@@ -13,23 +13,32 @@ from pathlib import Path
 from typing import TextIO
 
 import grpc
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from authsvc.clock import Clock, SystemClock, to_datetime
 from authsvc.config import Settings
 from authsvc.crypto.secrets import SecretHasher
-from authsvc.errors import AlreadyExists, AuthsvcError, ConfigError, DecryptError
+from authsvc.errors import (
+    AlreadyExists,
+    AuthsvcError,
+    ConfigError,
+    DecryptError,
+    StorageUnavailable,
+)
 from authsvc.keys.manager import KeyManager
 from authsvc.server.http import HttpSidePort, ReadinessPolicy
 from authsvc.server.metrics import Metrics, MetricsInterceptor, StateCollector
-from authsvc.server.servicer import AuthServicer
+from authsvc.server.servicer import CLI_ACTOR, SCHEDULER_ACTOR, AuthServicer, local_audit
 from authsvc.services import disable_service, register_service
 from authsvc.storage import migrate
 from authsvc.storage.engine import make_engine
 from authsvc.storage.records import RevocationRecord
 from authsvc.storage.repository import Repository
-from authsvc.sync import RevocationFeed, ServerState
+from authsvc.sync import MonotonicClock, RevocationFeed, ServerState
 from authsvc.tokens.issuer import TokenIssuer
 from authsvc_client.claims import ADMIN_SCOPE
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
@@ -38,6 +47,8 @@ from authsvc_client.verifier import TokenVerifier
 log = logging.getLogger("authsvc.server")
 
 SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
+# A gRPC health entry of its own: NOT_SERVING while the database does not answer.
+DATABASE_HEALTH_SERVICE = "authsvc.database"
 DEV_ADMIN_SERVICE = "authsvc-admin"
 SECRET_HASH_PURPOSE = b"authsvc/service-secret-hash/v1"
 
@@ -98,15 +109,32 @@ def create_service(
     if admin:
         audiences = [*audiences, core.settings.admin_audience]
         scopes = [*scopes, ADMIN_SCOPE]
-    return register_service(core.repo, core.hasher, core.clock, service_id, audiences, scopes)[1]
+    record, secret = register_service(
+        core.repo, core.hasher, core.clock, service_id, audiences, scopes
+    )
+    local_audit(
+        core.repo,
+        to_datetime(core.clock.now()),
+        actor=CLI_ACTOR,
+        action="create_service",
+        target=f"service:{record.service_id}",
+    )
+    return secret
 
 
 def disable(core: Core, service_id: str) -> None:
-    disable_service(
+    record = disable_service(
         core.repo,
         core.clock,
         service_id,
         token_lifetime_seconds=core.settings.max_ttl_seconds + core.settings.leeway_seconds,
+    )
+    local_audit(
+        core.repo,
+        to_datetime(core.clock.now()),
+        actor=CLI_ACTOR,
+        action="disable_service",
+        target=f"service:{record.service_id}",
     )
 
 
@@ -129,7 +157,8 @@ class AuthsvcServer:
 
     def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
         self.settings = settings
-        self.clock = clock or SystemClock()
+        # Never backwards: a clock step back must not extend any expiry (authsvc.sync).
+        self.clock: Clock = MonotonicClock(clock or SystemClock())
         self.port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._server: grpc.aio.Server | None = None
@@ -190,7 +219,9 @@ class AuthsvcServer:
             interceptors=[MetricsInterceptor(self.metrics)],
             options=[
                 ("grpc.max_receive_message_length", 64 * 1024),
-                ("grpc.so_reuseport", 0),
+                # Only worker processes of one `serve --workers N` share a port; a lone server
+                # must fail on a port that is already taken.
+                ("grpc.so_reuseport", 1 if s.reuse_port else 0),
             ]
         )
         auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
@@ -202,6 +233,9 @@ class AuthsvcServer:
         self.port = self._add_port(server)
         await server.start()
         self._server = server
+        # One maintenance round before SERVING: a key overdue for rotation is rotated and
+        # what expired while the server was down is pruned before the first call.
+        await self._maintenance_round()
         self._tasks = [
             asyncio.create_task(self._sync_loop(state)),
             asyncio.create_task(self._maintenance_loop()),
@@ -232,9 +266,7 @@ class AuthsvcServer:
     def _add_port(self, server: grpc.aio.Server) -> int:
         s = self.settings
         if s.tls_cert and s.tls_key:
-            key = Path(s.tls_key).read_bytes()
-            cert = Path(s.tls_cert).read_bytes()
-            ca = Path(s.tls_client_ca).read_bytes() if s.tls_client_ca else None
+            key, cert, ca = _read_tls_files(s.tls_key, s.tls_cert, s.tls_client_ca)
             creds = grpc.ssl_server_credentials(
                 [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
             )
@@ -246,16 +278,49 @@ class AuthsvcServer:
         return port
 
     async def _sync_loop(self, state: ServerState) -> None:
+        """Pull changes every interval; track whether the database answers.
+
+        A database outage leaves the server SERVING (README, Operations): validation, JWKS and
+        revocation streams go on from memory, and every replica shares the database, so draining
+        one helps nothing. Only the health entry DATABASE_HEALTH_SERVICE turns NOT_SERVING (and
+        /readyz 503); both recover at the first successful sync, without a restart.
+        """
         interval = self.settings.sync_interval_seconds
-        while not self._stopping.is_set():
+        database_ok = True
+        await self._set_health(DATABASE_HEALTH_SERVICE, serving=True)
+        # start() has just loaded the state: wait an interval before the first pull.
+        while not await self._wait_stopping(interval):
             try:
                 await asyncio.to_thread(state.refresh)
+            except StorageUnavailable:
+                if database_ok:
+                    log.warning(
+                        "database unreachable: validating from memory; calls that need the "
+                        "database answer UNAVAILABLE until it is back"
+                    )
+                    database_ok = False
+                    await self._set_health(DATABASE_HEALTH_SERVICE, serving=False)
             except AuthsvcError as exc:
                 log.warning("state sync failed: %s", exc)
             except Exception:
                 log.exception("state sync failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), interval)
+            else:
+                if not database_ok:
+                    log.info("database reachable again: state synced")
+                    database_ok = True
+                    await self._set_health(DATABASE_HEALTH_SERVICE, serving=True)
+
+    async def _wait_stopping(self, seconds: float) -> bool:
+        """Sleep up to `seconds`; True once the server is stopping."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        return self._stopping.is_set()
+
+    async def _set_health(self, service: str, *, serving: bool) -> None:
+        # After enter_graceful_shutdown() the health servicer ignores this (stays NOT_SERVING).
+        if self._health is not None:
+            status = health_pb2.HealthCheckResponse
+            await self._health.set(service, status.SERVING if serving else status.NOT_SERVING)
 
     async def run_maintenance(self) -> None:
         """One round of scheduled rotation (SPIRE's rotator) and pruning of what has expired."""
@@ -266,25 +331,43 @@ class AuthsvcServer:
         result = await asyncio.to_thread(core.manager.rotate_if_due, interval)
         if result is not None and result.rotated_here:
             log.info("scheduled key rotation: new active key %s", result.key.kid)
+            # Only the replica that won the race audits it: one row per rotation.
+            await asyncio.to_thread(
+                local_audit,
+                core.repo,
+                to_datetime(self.clock.now()),
+                actor=SCHEDULER_ACTOR,
+                action="rotate_signing_key",
+                target=f"key:{result.key.kid}",
+                detail="scheduled",
+            )
         await asyncio.to_thread(core.manager.prune)
         now = to_datetime(self.clock.now())
         await asyncio.to_thread(core.repo.prune_revocations, now)
         window_start = to_datetime(self.clock.now() - self.settings.throttle_window_seconds)
         await asyncio.to_thread(core.repo.prune_auth_failures, window_start)
+        s = self.settings
+        if s.throttle_known_peer_seconds > 0:
+            forget = to_datetime(self.clock.now() - s.throttle_known_peer_seconds)
+            await asyncio.to_thread(core.repo.prune_known_peers, forget)
+        keep_from = to_datetime(self.clock.now() - s.audit_retention_days * 86400)
+        await asyncio.to_thread(core.repo.prune_audit_events, keep_from)
         await asyncio.to_thread(state.refresh)
 
     async def _maintenance_loop(self) -> None:
         interval = self.settings.key_rotation_interval_seconds
         period = 60.0 if interval <= 0 else min(60.0, max(0.5, interval / 4))
-        while not self._stopping.is_set():
-            try:
-                await self.run_maintenance()
-            except AuthsvcError as exc:
-                log.warning("maintenance failed: %s", exc)
-            except Exception:
-                log.exception("maintenance failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), period)
+        # start() ran the first round itself.
+        while not await self._wait_stopping(period):
+            await self._maintenance_round()
+
+    async def _maintenance_round(self) -> None:
+        try:
+            await self.run_maintenance()
+        except AuthsvcError as exc:
+            log.warning("maintenance failed: %s", exc)
+        except Exception:
+            log.exception("maintenance failed")
 
     async def stop(self) -> None:
         """Graceful: report NOT_SERVING, stop accepting, drain in-flight calls, then close."""
@@ -307,6 +390,42 @@ class AuthsvcServer:
             await asyncio.to_thread(self._http.stop)
         if self._core is not None:
             self._core.dispose()
+
+
+def _read_tls_files(
+    key_path: str, cert_path: str, client_ca_path: str | None
+) -> tuple[bytes, bytes, bytes | None]:
+    """Read and check the TLS files at start, so a bad file fails here, naming the variable.
+
+    gRPC would otherwise accept them and fail every handshake later (or report a bind error).
+    """
+
+    def read(path: str, name: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError:
+            raise ConfigError(f"cannot read {name}") from None
+
+    key_pem = read(key_path, "AUTHSVC_TLS_KEY")
+    cert_pem = read(cert_path, "AUTHSVC_TLS_CERT")
+    ca_pem = read(client_ca_path, "AUTHSVC_TLS_CLIENT_CA") if client_ca_path else None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ConfigError("AUTHSVC_TLS_KEY is not an unencrypted PEM private key") from None
+    try:
+        leaf = x509.load_pem_x509_certificates(cert_pem)[0]
+    except ValueError:
+        raise ConfigError("AUTHSVC_TLS_CERT is not a PEM certificate chain") from None
+    der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(der, spki) != leaf.public_key().public_bytes(der, spki):
+        raise ConfigError("AUTHSVC_TLS_KEY does not match the certificate in AUTHSVC_TLS_CERT")
+    if ca_pem is not None:
+        try:
+            x509.load_pem_x509_certificates(ca_pem)
+        except ValueError:
+            raise ConfigError("AUTHSVC_TLS_CLIENT_CA is not a PEM certificate bundle") from None
+    return key_pem, cert_pem, ca_pem
 
 
 async def serve(settings: Settings, *, on_started: Callable[[int], None] | None = None) -> None:

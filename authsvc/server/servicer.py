@@ -14,8 +14,10 @@ import functools
 import json
 import logging
 import math
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 import grpc
@@ -46,6 +48,10 @@ from authsvc_client.verifier import TokenVerifier
 log = logging.getLogger("authsvc.server")
 
 BAD_CREDENTIALS = "invalid service credentials"
+# Actor and peer of audit events made on this host without a gRPC call (CLI, scheduler).
+CLI_ACTOR = "cli"
+SCHEDULER_ACTOR = "scheduler"
+LOCAL_PEER = "local"
 MAX_ID_LENGTH = 128
 MAX_SCOPES = 64
 _WATCH_PAGE = 1000
@@ -174,6 +180,67 @@ def handle_errors(
     return wrapper
 
 
+def write_audit(
+    repo: Repository,
+    at: datetime,
+    *,
+    actor: str,
+    action: str,
+    target: str,
+    outcome: str,
+    peer: str,
+    request_id: str,
+    detail: str = "",
+) -> None:
+    """One structured log event and one audit row: the RPCs, the CLI and the scheduler share it.
+
+    The log line comes first so an event still leaves a trace when the database is down.
+    """
+    log.info(
+        "audit action=%s actor=%s target=%s outcome=%s peer=%s request_id=%s",
+        action,
+        actor,
+        target,
+        outcome,
+        peer,
+        request_id,
+    )
+    repo.create_audit_event(
+        at=at,
+        actor=actor,
+        action=action,
+        target=target,
+        outcome=outcome,
+        peer=peer,
+        request_id=request_id,
+        detail=detail,
+    )
+
+
+def local_audit(
+    repo: Repository,
+    at: datetime,
+    *,
+    actor: str,
+    action: str,
+    target: str,
+    outcome: str = "ok",
+    detail: str = "",
+) -> None:
+    """Audit a change made on this host without a gRPC peer (CLI, scheduler)."""
+    write_audit(
+        repo,
+        at,
+        actor=actor,
+        action=action,
+        target=target,
+        outcome=outcome,
+        peer=LOCAL_PEER,
+        request_id=uuid.uuid4().hex,
+        detail=detail,
+    )
+
+
 @dataclass(frozen=True)
 class Caller:
     """Who called an admin RPC, from the bearer token."""
@@ -251,17 +318,9 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         request_id: str,
         detail: str = "",
     ) -> None:
-        log.info(
-            "audit action=%s actor=%s target=%s outcome=%s peer=%s request_id=%s",
-            action,
-            actor,
-            target,
-            outcome,
-            peer,
-            request_id,
-        )
-        self._repo.create_audit_event(
-            at=to_datetime(self._clock.now()),
+        write_audit(
+            self._repo,
+            to_datetime(self._clock.now()),
             actor=actor,
             action=action,
             target=target,
@@ -292,15 +351,34 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         return f"id:{service_id}", f"peer:{peer}"
 
     def _check_throttle(self, service_id: str, peer: str) -> None:
-        now = to_datetime(self._clock.now())
+        """Refuse a peer over its own limit, or anyone but a known peer over the id's limit.
+
+        The per-peer limit binds everyone. The per-id limit spares a peer that logged in as this
+        id recently: otherwise an attacker could lock a service out from its own address just by
+        failing logins under its name.
+        """
+        now = self._clock.now()
         id_key, peer_key = self._throttle_keys(service_id, peer)
         window = self._s.throttle_window_seconds
+        exhausted = ResourceExhausted("too many failed attempts; retry later", retry_after=window)
         if (
-            self._repo.count_auth_failures(id_key, now, window) >= self._s.throttle_id_failures
-            or self._repo.count_auth_failures(peer_key, now, window)
+            self._repo.count_auth_failures(peer_key, to_datetime(now), window)
             >= self._s.throttle_peer_failures
         ):
-            raise ResourceExhausted("too many failed attempts; retry later", retry_after=window)
+            raise exhausted
+        if (
+            self._repo.count_auth_failures(id_key, to_datetime(now), window)
+            >= self._s.throttle_id_failures
+            and not self._is_known_peer(service_id, peer, now)
+        ):
+            raise exhausted
+
+    def _is_known_peer(self, service_id: str, peer: str, now: float) -> bool:
+        memory = self._s.throttle_known_peer_seconds
+        if memory <= 0:
+            return False
+        last = self._repo.fetch_known_peer(service_id, peer)
+        return last is not None and to_timestamp(last) > now - memory
 
     def _record_failure(self, service_id: str, peer: str) -> None:
         now = to_datetime(self._clock.now())
@@ -311,8 +389,23 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
     def _authenticate(
         self, service_id: str, secret: str, peer: str, request_id: str, action: str
     ) -> ServiceRecord:
-        """Check a service's secret. Unknown id and wrong secret cost the same and look the same."""
-        self._check_throttle(service_id, peer)
+        """Check a service's secret. Unknown id and wrong secret cost the same and look the same.
+
+        A storage fault anywhere here raises StorageUnavailable (UNAVAILABLE) before a verdict is
+        given or a failure counted: it must never read as a wrong secret.
+        """
+        try:
+            self._check_throttle(service_id, peer)
+        except ResourceExhausted:
+            self._audit(
+                actor=service_id,
+                action=action,
+                target=service_id,
+                outcome="throttled",
+                peer=peer,
+                request_id=request_id,
+            )
+            raise
         now = self._clock.now()
         service = self._repo.fetch_service(service_id)
         ok = False
@@ -334,7 +427,9 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
                 request_id=request_id,
             )
             raise Unauthenticated(BAD_CREDENTIALS)
-        self._repo.delete_auth_failures(self._throttle_keys(service_id, peer)[0])
+        self._repo.update_auth_success(
+            self._throttle_keys(service_id, peer)[0], service_id, peer, to_datetime(now)
+        )
         if service.disabled:
             self._audit(
                 actor=service_id,
@@ -591,9 +686,17 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
             )
             actor = request.service_id
         else:
-            if self._repo.fetch_service(request.service_id) is None:
-                raise NotFound("no such service")
             actor = admin.claims.subject
+            if self._repo.fetch_service(request.service_id) is None:
+                self._audit(
+                    actor=actor,
+                    action="rotate_secret",
+                    target=f"service:{request.service_id}",
+                    outcome="not_found",
+                    peer=peer,
+                    request_id=request_id,
+                )
+                raise NotFound("no such service")
         now = self._clock.now()
         secret = mint_secret()
         previous_until = (

@@ -148,3 +148,13 @@ class AuthFailureRow(Base):
     count: Mapped[int] = mapped_column(Integer)
     window_start: Mapped[datetime] = mapped_column(TS)
     last_failure_at: Mapped[datetime] = mapped_column(TS)
+
+
+class KnownPeerRow(Base):
+    """Where a service id last logged in successfully (migration 0002)."""
+
+    __tablename__ = "known_peers"
+
+    service_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    peer: Mapped[str] = mapped_column(String(512), primary_key=True)
+    last_success_at: Mapped[datetime] = mapped_column(TS, index=True)

@@ -19,6 +19,7 @@ from authsvc.storage.models import (
     AuditEventRow,
     AuthFailureRow,
     ChangeRow,
+    KnownPeerRow,
     RevocationRow,
     ServiceRow,
     ServiceSecretRow,
@@ -147,9 +148,16 @@ def _storage_errors() -> Iterator[None]:
     except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError) as exc:
         raise StorageUnavailable(_UNAVAILABLE) from exc
     except sa_exc.DBAPIError as exc:
-        if exc.connection_invalidated:
+        if exc.connection_invalidated or _transient_sqlstate(exc):
             raise StorageUnavailable(_UNAVAILABLE) from exc
         raise
+
+
+def _transient_sqlstate(exc: sa_exc.DBAPIError) -> bool:
+    """PostgreSQL faults of the server, not of the statement: a read-only database (a standby
+    after failover, or one set read-only for maintenance) and insufficient resources."""
+    state = getattr(exc.orig, "sqlstate", None)
+    return isinstance(state, str) and (state == "25006" or state.startswith("53"))
 
 
 class Repository:
@@ -617,6 +625,42 @@ class Repository:
                 )
             )
             return count or 0
+
+    def update_auth_success(
+        self, failure_key: str, service_id: str, peer: str, now: datetime
+    ) -> None:
+        """A login succeeded: reset `failure_key` and remember `peer` as known for `service_id`.
+
+        One transaction, so a success costs one write like the reset alone did.
+        """
+        now = _utc_in(now)
+        row = KnownPeerRow
+        dialect_insert = postgresql.insert if self._postgres else sqlite.insert
+        insert = dialect_insert(row).values(service_id=service_id, peer=peer, last_success_at=now)
+        upsert = insert.on_conflict_do_update(
+            index_elements=[row.service_id, row.peer],
+            set_={"last_success_at": insert.excluded.last_success_at},
+        )
+        with self._write() as s:
+            s.execute(delete(AuthFailureRow).where(AuthFailureRow.key == failure_key))
+            s.execute(upsert)
+
+    def fetch_known_peer(self, service_id: str, peer: str) -> datetime | None:
+        """When `peer` last logged in as `service_id`, or None if never (or pruned)."""
+        with self._read() as s:
+            at = s.scalar(
+                select(KnownPeerRow.last_success_at).where(
+                    KnownPeerRow.service_id == service_id, KnownPeerRow.peer == peer
+                )
+            )
+            return None if at is None else _utc_out(at)
+
+    def prune_known_peers(self, before: datetime) -> int:
+        """Forget peers whose last success is older than `before`; returns how many."""
+        before = _utc_in(before)
+        with self._write() as s:
+            result = s.execute(delete(KnownPeerRow).where(KnownPeerRow.last_success_at < before))
+            return _rowcount(result)
 
     def delete_auth_failures(self, key: str) -> None:
         with self._write() as s:

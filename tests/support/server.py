@@ -70,12 +70,20 @@ class RunningServer:
     output: list[str] = field(default_factory=list)
     pump: threading.Thread | None = None
     _channel: grpc.Channel | None = None
+    # Set for a TLS server: `channel` (and so `stub`, `issue`) then speaks TLS.
+    credentials: grpc.ChannelCredentials | None = None
 
     @property
     def channel(self) -> grpc.Channel:
         if self._channel is None:
-            self._channel = grpc.insecure_channel(self.address)
+            self._channel = self.open_channel(self.credentials)
         return self._channel
+
+    def open_channel(self, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
+        """A new channel of the caller's own (plaintext when `credentials` is None)."""
+        if credentials is None:
+            return grpc.insecure_channel(self.address)
+        return grpc.secure_channel(self.address, credentials)
 
     @property
     def stub(self) -> auth_pb2_grpc.AuthServiceStub:
@@ -109,7 +117,7 @@ class RunningServer:
         scopes: list[str] | None = None,
         ttl: int = 0,
     ) -> auth_pb2.IssueTokenResponse:
-        return self.stub.IssueToken(
+        return self.stub.IssueToken(  # type: ignore[no-any-return]
             auth_pb2.IssueTokenRequest(
                 service_id=service_id,
                 service_secret=secret,
@@ -147,8 +155,16 @@ def _pump(stream: object, sink: queue.Queue[str], keep: list[str]) -> None:
         sink.put(line)
 
 
-def start_server(env: Mapping[str, str], *extra_args: str, timeout: float = 60) -> RunningServer:
-    """Start `authsvc serve --listen 127.0.0.1:0` and wait until it reports its port."""
+def start_server(
+    env: Mapping[str, str],
+    *extra_args: str,
+    timeout: float = 60,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> RunningServer:
+    """Start `authsvc serve --listen 127.0.0.1:0` and wait until it reports its port.
+
+    With TLS in `env` (AUTHSVC_TLS_CERT/KEY), pass the client's `credentials` for `channel`.
+    """
     proc = subprocess.Popen(
         [*authsvc_command(), "serve", "--listen", "127.0.0.1:0", *extra_args],
         env=dict(env),
@@ -172,7 +188,12 @@ def start_server(env: Mapping[str, str], *extra_args: str, timeout: float = 60) 
         if line.startswith("authsvc listening on "):
             address = line.split()[3]
             return RunningServer(
-                proc=proc, address=address, env=dict(env), output=output, pump=pump
+                proc=proc,
+                address=address,
+                env=dict(env),
+                output=output,
+                pump=pump,
+                credentials=credentials,
             )
     proc.kill()
     proc.wait()

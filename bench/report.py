@@ -1,0 +1,289 @@
+"""The human-readable report and the issue 5 target checks, from one run's results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _target(
+    name: str, measured: float, limit: float, unit: str, *, at_least: bool, note: str = ""
+) -> dict[str, Any]:
+    met = measured >= limit if at_least else measured <= limit
+    # How far from the limit, as a fraction of it: positive is headroom, negative a miss.
+    margin = (measured - limit) / limit if at_least else (limit - measured) / limit
+    return {
+        "target": name,
+        "limit": f"{'>=' if at_least else '<='} {limit:g} {unit}".strip(),
+        "measured": round(measured, 3),
+        "unit": unit,
+        "met": met,
+        "margin_pct": round(100 * margin, 1),
+        "note": note,
+    }
+
+
+def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 5's targets, each with the figure from this run."""
+    out: list[dict[str, Any]] = []
+    local = result.get("local")
+    if local:
+        out.append(
+            _target(
+                "local validation cold vs raw RSA verify",
+                local["ratios"]["cold_over_raw_rsa"],
+                1.5,
+                "x",
+                at_least=False,
+            )
+        )
+        out.append(
+            _target(
+                "local validation cached",
+                local["us_per_call"]["verifier_cached"],
+                3.0,
+                "us",
+                at_least=False,
+            )
+        )
+    ratios = result.get("ratios")
+    if ratios:
+        for key, what in (
+            ("validate_valid_over_get_jwks", "valid / GetJwks"),
+            ("validate_mix_over_get_jwks", "10% invalid / GetJwks"),
+        ):
+            out.append(
+                _target(
+                    f"ValidateToken rps, {what}",
+                    ratios[key]["value"],
+                    0.85,
+                    "x",
+                    at_least=True,
+                    note="authsvc has no echo RPC: GetJwks (same servicer, interceptors and "
+                    "access log) stands in for it",
+                )
+            )
+        workers = result["settings"].get("authsvc_workers", 1)
+        out.append(
+            _target(
+                "IssueToken throughput",
+                result["load"]["issue"]["rps"],
+                1000.0,
+                "tokens/s",
+                at_least=True,
+                note=f"authsvc with {workers} process(es); the target assumes --workers 2",
+            )
+        )
+    rev = result.get("revocations")
+    if rev:
+        n = f"{rev['revocations']:,}"
+        out.append(
+            _target(
+                f"cold validation, {n} revocations vs none",
+                rev["ratios"]["cold_1m_over_empty"],
+                1.10,
+                "x",
+                at_least=False,
+                note="in-process TokenVerifier (what ValidateToken runs)",
+            )
+        )
+        out.append(
+            _target(
+                f"cached validation, {n} revocations vs none",
+                rev["ratios"]["cached_1m_over_empty"],
+                1.10,
+                "x",
+                at_least=False,
+                note="in-process TokenVerifier (what ValidateToken runs)",
+            )
+        )
+        out.append(
+            _target(f"memory for {n} revocations", rev["held_mb"], 200.0, "MB", at_least=False)
+        )
+    return out
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def render(result: dict[str, Any]) -> str:
+    m, s = result["machine"], result["settings"]
+    parts = [
+        "authsvc benchmark",
+        f"machine: {m['nproc']} cpus, {m['cpu_model']}, {m['mem_gb']} GB, Linux {m['kernel']}; "
+        f"Python {m['python']}, grpcio {m['grpcio']}, protobuf {m['protobuf']}, "
+        f"PyJWT {m['PyJWT']}, cryptography {m['cryptography']}",
+        f"code: {m.get('git', 'unknown')}; load average at start {m['loadavg_at_start']}, "
+        f"at end {m.get('loadavg_at_end')}",
+        f"load: concurrency {s['concurrency']} over {s.get('connections', 1)} connections, "
+        f"warm-up {s['warmup_s']:g} s per target, "
+        f"{s['slices']} alternating slices of {s['slice_s']:g} s per target "
+        f"({2 * s['slices']} for the echo pair); "
+        f"authsvc processes: {s.get('authsvc_workers', 1)}",
+    ]
+    local = result.get("local")
+    if local:
+        us = local["us_per_call"]
+        names = {
+            "raw_rsa_verify": "raw cryptography RSA PKCS1v15 SHA-256 verify",
+            "verifier_cold": "TokenVerifier.verify, cold (cache_size=0)",
+            "verifier_cached": "TokenVerifier.verify, cached",
+            "local_validator_cached": "LocalValidator.validate, cached",
+            "pyjwt_decode": "PyJWT jwt.decode (key object)",
+            "pyjwt_decode_pem": "PyJWT jwt.decode (PEM string key)",
+            "raw_rsa_sign": "raw RSA PKCS1v15 SHA-256 sign (IssueToken's floor)",
+            "handler_plain": "sync server per-call path, no interceptor",
+            "handler_intercepted": "same, through AuthServerInterceptor (local)",
+        }
+        rows = [
+            [
+                names[k],
+                f"{us[k]:.2f}",
+                f"{local['min_us_per_call'][k]:.2f}",
+                f"{local['vs_raw_rsa'][k]:.2f}x" if k in local["vs_raw_rsa"] else "",
+            ]
+            for k in names
+            if k in us
+        ]
+        r = local["ratios"]
+        parts += [
+            "",
+            f"1. In-process validation of one RS256 token (median of {local['rounds']} "
+            "interleaved rounds; ratios are medians of same-round ratios)",
+            _table(["path", "us/call", "min", "vs raw RSA"], rows),
+            f"cold/raw RSA {r['cold_over_raw_rsa']:.2f}x, cold/PyJWT {r['cold_over_pyjwt']:.2f}x,"
+            f" PyJWT/cached {r['pyjwt_over_cached']:.0f}x",
+        ]
+        if "interceptor_us_per_call" in local:
+            parts.append(
+                f"interceptor work per call (intercepted - plain path): "
+                f"{local['interceptor_us_per_call']:.1f} us"
+            )
+    rev = result.get("revocations")
+    if rev:
+        us = rev["us_per_call"]
+        parts += [
+            "",
+            f"1b. {rev['revocations']:,} revocations held: {rev['held_mb']} MB RSS "
+            f"(filled in {rev['fill_seconds']} s)",
+            _table(
+                ["TokenVerifier.verify", "none us", f"{rev['revocations']:,} us", "ratio"],
+                [
+                    [
+                        "cold",
+                        f"{us['cold_empty']:.2f}",
+                        f"{us['cold_1m']:.2f}",
+                        f"{rev['ratios']['cold_1m_over_empty']:.3f}",
+                    ],
+                    [
+                        "cached",
+                        f"{us['cached_empty']:.2f}",
+                        f"{us['cached_1m']:.2f}",
+                        f"{rev['ratios']['cached_1m_over_empty']:.3f}",
+                    ],
+                ],
+            ),
+        ]
+    load = result.get("load")
+    if load:
+        rows = []
+        for key in (
+            "echo_plain",
+            "echo_local",
+            "health_check",
+            "get_jwks",
+            "validate_valid",
+            "validate_mix",
+            "issue",
+        ):
+            x = load[key]
+            errors = sum(x["errors"].values())
+            rows.append(
+                [
+                    x["label"],
+                    f"{x['rps']:,.0f}",
+                    f"{x['slice_rps_p25']:,.0f}-{x['slice_rps_p75']:,.0f}",
+                    f"{x['p50_ms']:.2f}",
+                    f"{x['p99_ms']:.2f}",
+                    f"{x['server_cpu_pct']:.0f}%",
+                    f"{x['server_cpu_us_per_call']:.0f}",
+                    f"{x['client_cpu_pct']:.0f}%",
+                    f"{x['others_cpu_pct']:.0f}%",
+                    str(errors),
+                ]
+            )
+        parts += [
+            "",
+            "2-3. Load over loopback (grpc.aio client in its own process)",
+            _table(
+                [
+                    "RPC",
+                    "rps",
+                    "slices p25-p75",
+                    "p50 ms",
+                    "p99 ms",
+                    "server CPU",
+                    "srv us/call",
+                    "client CPU",
+                    "rest of machine",
+                    "errors",
+                ],
+                rows,
+            ),
+        ]
+        ratios = result["ratios"]
+        labels = {
+            "echo_local_over_plain": "echo with interceptor / without",
+            "validate_valid_over_get_jwks": "ValidateToken (valid) / GetJwks",
+            "validate_mix_over_get_jwks": "ValidateToken (10% invalid) / GetJwks",
+            "validate_valid_over_health": "ValidateToken (valid) / Health.Check",
+            "validate_mix_over_health": "ValidateToken (10% invalid) / Health.Check",
+            "get_jwks_over_health": "GetJwks / Health.Check",
+        }
+        parts += [
+            "",
+            "Ratios: rps (median of slice pairs; their p25-p75; all calls pooled), server CPU/call",
+            _table(
+                ["ratio", "rps", "slices p25-p75", "pooled", "srv CPU/call", "extra srv us/call"],
+                [
+                    [
+                        labels[k],
+                        f"{v['value']:.3f}",
+                        f"{v['slice_p25']:.3f}-{v['slice_p75']:.3f}",
+                        f"{v['pooled']:.3f}",
+                        f"{v['server_cpu_per_call']:.3f}",
+                        f"{v['extra_server_cpu_us_per_call']:+.0f}",
+                    ]
+                    for k, v in ratios.items()
+                ],
+            ),
+        ]
+    marks = result.get("targets") or []
+    if marks:
+        parts += [
+            "",
+            "Issue 5 targets",
+            _table(
+                ["target", "limit", "measured", "", "margin"],
+                [
+                    [
+                        t["target"],
+                        t["limit"],
+                        f"{t['measured']:g} {t['unit']}",
+                        "MET" if t["met"] else "MISSED",
+                        f"{t['margin_pct']:+.1f}%",
+                    ]
+                    for t in marks
+                ],
+            ),
+        ]
+    parts.append(f"\ntotal {result.get('total_seconds', 0):.0f} s")
+    return "\n".join(parts)
