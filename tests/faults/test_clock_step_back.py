@@ -31,25 +31,11 @@ from authsvc.config import load_settings
 from authsvc.server.app import AuthsvcServer, build_core, create_service
 from authsvc.sync import MonotonicClock
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
+from tests.support.clock import START, FakeClock
 from tests.support.server import TEST_ISSUER, TEST_KEK
 
-START = 1_900_000_000.0
 STEP_BACK = 5 * 3600.0  # bigger than max TTL + leeway + any grace period used here
 LEEWAY = 30
-
-
-class FakeClock:
-    def __init__(self, now: float = START) -> None:
-        self.t = now
-
-    def now(self) -> float:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.t += max(0.0, seconds)
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 class World:

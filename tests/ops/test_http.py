@@ -20,6 +20,7 @@ from authsvc.storage.repository import Repository
 from authsvc.sync import ServerState
 from authsvc_client.v1 import auth_pb2
 from tests.ops.conftest import OpsServer, Reply, http_get
+from tests.support.clock import FakeClock
 from tests.support.server import TEST_ISSUER, TEST_KEK
 
 START = 1_900_000_000.0
@@ -164,17 +165,6 @@ class TestMetrics:
             time.sleep(0.05)
         assert metric(ops, name, **labels) == 0
         assert metric(ops, "grpc_server_handled_total", grpc_code="CANCELLED", **labels) >= 1
-
-
-class FakeClock:
-    def __init__(self, now: float = START) -> None:
-        self.t = now
-
-    def now(self) -> float:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.t += max(0.0, seconds)
 
 
 class TestReadiness:

@@ -13,8 +13,8 @@ from authsvc.keys.manager import KeyManager
 from authsvc.storage import migrate
 from authsvc.storage.engine import make_engine
 from authsvc.storage.repository import Repository
+from tests.support.clock import START, FakeClock
 from tests.support.server import TEST_KEK
-from tests.unit.test_servicer import START, FakeClock
 
 
 @pytest.fixture

@@ -18,23 +18,8 @@ import pytest
 from authsvc.config import Settings, load_settings
 from authsvc.server.app import AuthsvcServer, build_core, create_service
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
+from tests.support.clock import START, FakeClock
 from tests.support.server import TEST_ISSUER, TEST_KEK
-
-START = 1_900_000_000.0
-
-
-class FakeClock:
-    def __init__(self, now: float = START) -> None:
-        self.t = now
-
-    def now(self) -> float:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.t += max(0.0, seconds)
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 class Harness:
