@@ -235,3 +235,29 @@ class TestAuthsvcOutage:
             remote_billing.stop()
             local.close()
             authsvc.close()
+
+
+class TestEmergencyKeyRevocation:
+    def test_revoke_previous_reaches_a_local_validator_within_its_refresh_interval(
+        self, own_world: OwnWorld
+    ) -> None:
+        assert own_world.server is not None
+        admin = own_world.server.create_service("ops", [], [], admin=True)
+        authsvc = grpc.insecure_channel(own_world.address)
+        local = LocalValidator(authsvc, "billing", ISSUER, jwks_refresh_seconds=1)
+        try:
+            assert local.wait_ready(10)
+            old = own_world.issue()
+            assert local.validate(old).valid
+            token = own_world.server.issue("ops", admin, "authsvc").access_token
+            own_world.server.stub.RotateSigningKey(
+                auth_pb2.RotateSigningKeyRequest(revoke_previous=True),
+                metadata=[("authorization", f"Bearer {token}")],
+                timeout=30,
+            )
+            # The cached answer for `old` must not outlive the key: refused after one refresh.
+            assert _wait_for(lambda: local.validate(old).reason_name == "UNKNOWN_KEY", 5)
+            assert local.validate(own_world.issue()).valid
+        finally:
+            local.close()
+            authsvc.close()

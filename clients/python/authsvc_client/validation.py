@@ -429,7 +429,7 @@ class LocalValidator:
         issuer: str,
         *,
         max_feed_outage_seconds: float = 30.0,
-        jwks_refresh_seconds: float = 300.0,
+        jwks_refresh_seconds: float = 30.0,
         unknown_kid_interval_seconds: float = 5.0,
         leeway_seconds: int = DEFAULT_LEEWAY_SECONDS,
         timeout_seconds: float = 5.0,
@@ -445,6 +445,9 @@ class LocalValidator:
         audience: this service's own id; tokens for anyone else are WRONG_AUDIENCE.
         issuer: authsvc's issuer (AUTHSVC_ISSUER).
         max_feed_outage_seconds: the bound on how stale revocations may be.
+        jwks_refresh_seconds: how often the key set is fetched again; it bounds how long a
+            key revoked in an emergency (`revoke_previous`) keeps validating here. GetJwks is
+            one small unary call, so the 30 s default costs a fleet little.
         unknown_kid_interval_seconds: at most one unknown-kid key fetch per interval.
         start: start the background threads now (otherwise call start()).
         """
