@@ -19,7 +19,6 @@ covered: a restart while the wall clock is behind (the process accepts the clock
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -27,12 +26,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from authsvc.config import load_settings
-from authsvc.server.app import AuthsvcServer, build_core, create_service
+from authsvc.server.app import AuthsvcServer
 from authsvc.sync import MonotonicClock
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 from tests.support.clock import START, FakeClock
-from tests.support.server import TEST_ISSUER, TEST_KEK
+from tests.support.inprocess import in_process_settings, run_in_process
 
 STEP_BACK = 5 * 3600.0  # bigger than max TTL + leeway + any grace period used here
 LEEWAY = 30
@@ -87,34 +85,17 @@ class World:
 
 
 def run(tmp_path: Path, body: Callable[[World], Awaitable[None]]) -> None:
-    settings = load_settings(
-        {
-            "AUTHSVC_KEK": TEST_KEK,
-            "AUTHSVC_ISSUER": TEST_ISSUER,
-            "AUTHSVC_DATABASE_URL": f"sqlite:///{tmp_path / 'a.db'}",
-            "AUTHSVC_SYNC_INTERVAL_SECONDS": "0.05",
-            "AUTHSVC_LEEWAY_SECONDS": str(LEEWAY),
-        },
-        {"listen": "127.0.0.1:0"},
-    )
     clock = FakeClock()
-    core = build_core(settings, clock)
-    secrets = {
-        "admin": create_service(core, "admin", [], [], admin=True),
-        "orders": create_service(core, "orders", ["billing"], []),
-    }
-    core.dispose()
 
-    async def main() -> None:
-        server = AuthsvcServer(settings, clock)
-        port = await server.start(io.StringIO())
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                await body(World(server, auth_pb2_grpc.AuthServiceStub(channel), secrets, clock))
-        finally:
-            await server.stop()
+    async def wrapped(
+        server: AuthsvcServer, stub: auth_pb2_grpc.AuthServiceStub, secrets: dict[str, str]
+    ) -> None:
+        await body(World(server, stub, secrets, clock))
 
-    asyncio.run(main())
+    settings = in_process_settings(
+        tmp_path, AUTHSVC_SYNC_INTERVAL_SECONDS="0.05", AUTHSVC_LEEWAY_SECONDS=str(LEEWAY)
+    )
+    run_in_process(settings, clock, {"orders": (["billing"], [])}, wrapped)
 
 
 class TestTokensAfterAStepBack:

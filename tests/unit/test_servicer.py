@@ -6,8 +6,6 @@ real in-process server instead and move time with a FakeClock rather than sleepi
 
 from __future__ import annotations
 
-import asyncio
-import io
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -15,11 +13,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from authsvc.config import Settings, load_settings
-from authsvc.server.app import AuthsvcServer, build_core, create_service
+from authsvc.server.app import AuthsvcServer
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 from tests.support.clock import START, FakeClock
-from tests.support.server import TEST_ISSUER, TEST_KEK
+from tests.support.inprocess import in_process_settings, run_in_process
 
 
 class Harness:
@@ -55,38 +52,20 @@ class Harness:
         return [k["kid"] for k in jwks["keys"]]
 
 
-def _settings(tmp_path: Path, **env: str) -> Settings:
-    return load_settings(
-        {
-            "AUTHSVC_KEK": TEST_KEK,
-            "AUTHSVC_ISSUER": TEST_ISSUER,
-            "AUTHSVC_DATABASE_URL": f"sqlite:///{tmp_path / 'a.db'}",
-            **env,
-        },
-        {"listen": "127.0.0.1:0"},
-    )
-
-
 def run(tmp_path: Path, body: Callable[[Harness], Awaitable[None]], **env: str) -> None:
-    settings = _settings(tmp_path, **env)
     clock = FakeClock()
-    core = build_core(settings, clock)
-    secrets = {
-        "admin": create_service(core, "admin", [], [], admin=True),
-        "orders": create_service(core, "orders", ["billing"], ["billing.read"]),
-    }
-    core.dispose()
 
-    async def main() -> None:
-        server = AuthsvcServer(settings, clock)
-        port = await server.start(io.StringIO())
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                await body(Harness(server, auth_pb2_grpc.AuthServiceStub(channel), secrets, clock))
-        finally:
-            await server.stop()
+    async def wrapped(
+        server: AuthsvcServer, stub: auth_pb2_grpc.AuthServiceStub, secrets: dict[str, str]
+    ) -> None:
+        await body(Harness(server, stub, secrets, clock))
 
-    asyncio.run(main())
+    run_in_process(
+        in_process_settings(tmp_path, **env),
+        clock,
+        {"orders": (["billing"], ["billing.read"])},
+        wrapped,
+    )
 
 
 class TestTimeWithAFakeClock:
