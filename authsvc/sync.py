@@ -147,7 +147,6 @@ class ServerState:
         self.jwks_json = render_jwks([])
         self.signer: Signer | None = None
         self.disabled: frozenset[str] = frozenset()
-        self._key_records: list[SigningKeyRecord] = []
         self._next_key_expiry: float | None = None
         self._change_cursor = 0
         self._revocation_cursor = 0
@@ -236,5 +235,4 @@ class ServerState:
         self.jwks_json = render_jwks(jwks)
         self.keyring = KeyRing.from_jwks_json(self.jwks_json)
         self.signer = signer
-        self._key_records = records
         self._next_key_expiry = next_expiry

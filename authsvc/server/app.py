@@ -7,7 +7,6 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -428,7 +427,7 @@ def _read_tls_files(
     return key_pem, cert_pem, ca_pem
 
 
-async def serve(settings: Settings, *, on_started: Callable[[int], None] | None = None) -> None:
+async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     server = AuthsvcServer(settings)
     stop = asyncio.Event()
@@ -436,9 +435,7 @@ async def serve(settings: Settings, *, on_started: Callable[[int], None] | None 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        port = await server.start()
-        if on_started is not None:
-            on_started(port)
+        await server.start()
         await stop.wait()
         log.info("shutting down")
     finally:
