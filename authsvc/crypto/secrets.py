@@ -25,7 +25,7 @@ class SecretHasher:
     hash per secret, and a stolen database alone cannot even test a guess.
     """
 
-    __slots__ = ("_dummy", "_key")
+    __slots__ = ("_key",)
 
     def __init__(self, key: bytes) -> None:
         """Key with a dedicated subkey, e.g. KeyEncryptionKey.derive(...).
@@ -36,8 +36,6 @@ class SecretHasher:
         if not isinstance(key, bytes) or len(key) < 32:
             raise ValueError("the secret-hash key must be at least 32 bytes")
         self._key = key
-        # What an unknown service id is compared against, so it costs the same as a known one.
-        self._dummy = self.hash(secrets.token_urlsafe(_SECRET_BYTES))
 
     def __repr__(self) -> str:
         return "SecretHasher(<redacted>)"
@@ -48,11 +46,6 @@ class SecretHasher:
     def verify(self, secret: str, stored: bytes) -> bool:
         """Constant-time comparison of the secret's hash with a stored one."""
         return hmac.compare_digest(self.hash(secret), stored)
-
-    def dummy_verify(self, secret: str) -> bool:
-        """The same work as verify() against a fixed dummy hash; always False."""
-        hmac.compare_digest(self.hash(secret), self._dummy)
-        return False
 
 
 def _encode(secret: str) -> bytes:

@@ -30,6 +30,7 @@ from authsvc.errors import (
 )
 from authsvc.keys.manager import KeyManager
 from authsvc.server.http import HttpSidePort, ReadinessPolicy
+from authsvc.server.ledger import LoginLedger
 from authsvc.server.metrics import Metrics, MetricsInterceptor, StateCollector
 from authsvc.server.servicer import CLI_ACTOR, SCHEDULER_ACTOR, AuthServicer, local_audit
 from authsvc.services import disable_service, register_service
@@ -166,6 +167,7 @@ class AuthsvcServer:
         self._stopping = asyncio.Event()
         self._feed: RevocationFeed | None = None
         self._state: ServerState | None = None
+        self._ledger: LoginLedger | None = None
         self._http: HttpSidePort | None = None
         self.http_port: int | None = None
         self.metrics = Metrics()
@@ -193,6 +195,9 @@ class AuthsvcServer:
 
         state.on_revocations = publish
         self._feed = feed
+        self._ledger = LoginLedger(
+            core.repo, s, self.clock, on_batch=self.metrics.observe_login_batch
+        )
         verifier = TokenVerifier(
             keys=lambda: state.keyring,
             revocations=state.revocations,
@@ -212,6 +217,7 @@ class AuthsvcServer:
             hasher=core.hasher,
             clock=self.clock,
             feed=feed,
+            ledger=self._ledger,
         )
         self.metrics.registry.register(StateCollector(state, core.repo, self.clock))
         server = grpc.aio.server(
@@ -221,7 +227,7 @@ class AuthsvcServer:
                 # Only worker processes of one `serve --workers N` share a port; a lone server
                 # must fail on a port that is already taken.
                 ("grpc.so_reuseport", 1 if s.reuse_port else 0),
-            ]
+            ],
         )
         auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
         self._health = health.aio.HealthServicer()
@@ -385,6 +391,9 @@ class AuthsvcServer:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._ledger is not None:
+            # After the drain: logins of calls still in flight are settled, then it stops.
+            await asyncio.to_thread(self._ledger.close)
         if self._http is not None:
             await asyncio.to_thread(self._http.stop)
         if self._core is not None:

@@ -66,7 +66,23 @@ class Metrics:
             ("reason",),
             registry=self.registry,
         )
+        self.login_batch_size = Histogram(
+            "authsvc_login_batch_size",
+            "Logins (IssueToken, self-rotation) settled per database transaction.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
+        self.login_batch_seconds = Histogram(
+            "authsvc_login_batch_seconds",
+            "Time to settle one batch of logins, transaction and commit included.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         ProcessCollector(registry=self.registry)
+
+    def observe_login_batch(self, size: int, seconds: float) -> None:
+        self.login_batch_size.observe(size)
+        self.login_batch_seconds.observe(seconds)
 
     def observe(
         self, method: str, code: grpc.StatusCode, seconds: float | None, response: Any

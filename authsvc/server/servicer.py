@@ -36,18 +36,18 @@ from authsvc.errors import (
 )
 from authsvc.keys.manager import KeyManager
 from authsvc.logs import current_request_id, request_id_from
+from authsvc.server.ledger import Grant, Login, LoginLedger, log_audit
 from authsvc.services import disable_service, register_service
 from authsvc.storage.records import RevocationRecord, ServiceRecord, SigningKeyRecord
 from authsvc.storage.repository import Repository
-from authsvc.sync import RevocationFeed, ServerState
-from authsvc.tokens.issuer import TokenIssuer
+from authsvc.sync import RevocationFeed, ServerState, Signer
+from authsvc.tokens.issuer import IssuedToken, TokenIssuer
 from authsvc_client.claims import ADMIN_SCOPE, Claims, ValidationResult
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 from authsvc_client.verifier import TokenVerifier
 
 log = logging.getLogger("authsvc.server")
 
-BAD_CREDENTIALS = "invalid service credentials"
 # Actor and peer of audit events made on this host without a gRPC call (CLI, scheduler).
 CLI_ACTOR = "cli"
 SCHEDULER_ACTOR = "scheduler"
@@ -196,14 +196,8 @@ def write_audit(
 
     The log line comes first so an event still leaves a trace when the database is down.
     """
-    log.info(
-        "audit action=%s actor=%s target=%s outcome=%s peer=%s request_id=%s",
-        action,
-        actor,
-        target,
-        outcome,
-        peer,
-        request_id,
+    log_audit(
+        action=action, actor=actor, target=target, outcome=outcome, peer=peer, request_id=request_id
     )
     repo.create_audit_event(
         at=at,
@@ -261,6 +255,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         hasher: SecretHasher,
         clock: Clock,
         feed: RevocationFeed,
+        ledger: LoginLedger,
     ) -> None:
         self._s = settings
         self._repo = repo
@@ -271,6 +266,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         self._hasher = hasher
         self._clock = clock
         self._feed = feed
+        self._ledger = ledger
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -343,157 +339,89 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         _check_scopes(request.scopes, "scopes")
         if request.ttl_seconds < 0:
             raise InvalidArgument("ttl_seconds must not be negative")
-        return await asyncio.to_thread(
-            self._issue, request, _peer_address(context), _request_id(context)
+        return await self._issue(request, _peer_address(context), _request_id(context))
+
+    def _login(
+        self,
+        service_id: str,
+        secret: str,
+        peer: str,
+        request_id: str,
+        action: str,
+        authorize: Callable[[ServiceRecord], Grant] | None = None,
+    ) -> Login:
+        # The HMAC is computed here for every login, known id or not, so an unknown id costs
+        # what a known one does; only the digest travels on.
+        return Login(
+            service_id=service_id,
+            digest=self._hasher.hash(secret),
+            peer=peer,
+            request_id=request_id,
+            action=action,
+            authorize=authorize,
         )
 
-    def _throttle_keys(self, service_id: str, peer: str) -> tuple[str, str]:
-        return f"id:{service_id}", f"peer:{peer}"
+    def _authorize_issue(
+        self, request: auth_pb2.IssueTokenRequest, signer: Signer
+    ) -> Callable[[ServiceRecord], Grant]:
+        """IssueToken's policy for an authenticated service, run inside the ledger's
+        transaction: the audience and scopes it may have, then the token, prepared (jti and
+        all) so that its audit row is written before it is signed."""
+        ttl = min(request.ttl_seconds or self._s.default_ttl_seconds, self._s.max_ttl_seconds)
 
-    def _check_throttle(self, service_id: str, peer: str) -> None:
-        """Refuse a peer over its own limit, or anyone but a known peer over the id's limit.
-
-        The per-peer limit binds everyone. The per-id limit spares a peer that logged in as this
-        id recently: otherwise an attacker could lock a service out from its own address just by
-        failing logins under its name.
-        """
-        now = self._clock.now()
-        id_key, peer_key = self._throttle_keys(service_id, peer)
-        window = self._s.throttle_window_seconds
-        exhausted = ResourceExhausted("too many failed attempts; retry later", retry_after=window)
-        if (
-            self._repo.count_auth_failures(peer_key, to_datetime(now), window)
-            >= self._s.throttle_peer_failures
-        ):
-            raise exhausted
-        if (
-            self._repo.count_auth_failures(id_key, to_datetime(now), window)
-            >= self._s.throttle_id_failures
-            and not self._is_known_peer(service_id, peer, now)
-        ):
-            raise exhausted
-
-    def _is_known_peer(self, service_id: str, peer: str, now: float) -> bool:
-        memory = self._s.throttle_known_peer_seconds
-        if memory <= 0:
-            return False
-        last = self._repo.fetch_known_peer(service_id, peer)
-        return last is not None and to_timestamp(last) > now - memory
-
-    def _record_failure(self, service_id: str, peer: str) -> None:
-        now = to_datetime(self._clock.now())
-        window = self._s.throttle_window_seconds
-        for key in self._throttle_keys(service_id, peer):
-            self._repo.update_auth_failures(key, now, window)
-
-    def _authenticate(
-        self, service_id: str, secret: str, peer: str, request_id: str, action: str
-    ) -> ServiceRecord:
-        """Check a service's secret. Unknown id and wrong secret cost the same and look the same.
-
-        A storage fault anywhere here raises StorageUnavailable (UNAVAILABLE) before a verdict is
-        given or a failure counted: it must never read as a wrong secret.
-        """
-        try:
-            self._check_throttle(service_id, peer)
-        except ResourceExhausted:
-            self._audit(
-                actor=service_id,
-                action=action,
-                target=service_id,
-                outcome="throttled",
-                peer=peer,
-                request_id=request_id,
+        def authorize(service: ServiceRecord) -> Grant:
+            if request.audience not in service.audiences:
+                return Grant(
+                    "audience_denied",
+                    request.audience,
+                    error=PermissionDenied("audience not allowed for this service"),
+                )
+            wanted = list(dict.fromkeys(request.scopes)) or list(service.scopes)
+            denied = [s for s in wanted if s not in service.scopes]
+            if denied:
+                return Grant(
+                    "scope_denied",
+                    request.audience,
+                    error=PermissionDenied(
+                        "scope not allowed for this service: " + " ".join(denied)
+                    ),
+                )
+            unsigned = self._issuer.prepare(
+                key_bits=signer.private_key.key_size,
+                kid=signer.kid,
+                subject=service.service_id,
+                audience=request.audience,
+                scopes=wanted,
+                ttl_seconds=ttl,
+                now=self._clock.now(),
             )
-            raise
-        now = self._clock.now()
-        service = self._repo.fetch_service(service_id)
-        ok = False
-        if service is None:
-            self._hasher.dummy_verify(secret)
-        else:
-            # Check every live secret (current and, within its grace period, previous) so the
-            # timing does not depend on which one matched.
-            for record in self._repo.list_secrets(service_id, to_datetime(now)):
-                ok = self._hasher.verify(secret, record.secret_hash) | ok
-        if service is None or not ok:
-            self._record_failure(service_id, peer)
-            self._audit(
-                actor=service_id,
-                action=action,
-                target=service_id,
-                outcome="bad_credentials",
-                peer=peer,
-                request_id=request_id,
+            return Grant(
+                "ok",
+                request.audience,
+                f"jti={unsigned.claims.jti}",
+                complete=functools.partial(self._issuer.sign, unsigned, signer.private_key),
             )
-            raise Unauthenticated(BAD_CREDENTIALS)
-        self._repo.update_auth_success(
-            self._throttle_keys(service_id, peer)[0], service_id, peer, to_datetime(now)
-        )
-        if service.disabled:
-            self._audit(
-                actor=service_id,
-                action=action,
-                target=service_id,
-                outcome="disabled",
-                peer=peer,
-                request_id=request_id,
-            )
-            raise Unauthenticated("service is disabled")
-        return service
 
-    def _issue(
+        return authorize
+
+    async def _issue(
         self, request: auth_pb2.IssueTokenRequest, peer: str, request_id: str
     ) -> auth_pb2.IssueTokenResponse:
-        service = self._authenticate(
-            request.service_id, request.service_secret, peer, request_id, "issue_token"
-        )
-        if request.audience not in service.audiences:
-            self._audit(
-                actor=service.service_id,
-                action="issue_token",
-                target=request.audience,
-                outcome="audience_denied",
-                peer=peer,
-                request_id=request_id,
-            )
-            raise PermissionDenied("audience not allowed for this service")
-        wanted = list(dict.fromkeys(request.scopes)) or list(service.scopes)
-        denied = [s for s in wanted if s not in service.scopes]
-        if denied:
-            self._audit(
-                actor=service.service_id,
-                action="issue_token",
-                target=request.audience,
-                outcome="scope_denied",
-                peer=peer,
-                request_id=request_id,
-            )
-            raise PermissionDenied("scope not allowed for this service: " + " ".join(denied))
-        ttl = request.ttl_seconds or self._s.default_ttl_seconds
-        ttl = min(ttl, self._s.max_ttl_seconds)
         signer = self._state.signer
         if signer is None:
             raise AuthsvcError("no active signing key")
-        issued = self._issuer.issue(
-            private_key=signer.private_key,
-            kid=signer.kid,
-            subject=service.service_id,
-            audience=request.audience,
-            scopes=wanted,
-            ttl_seconds=ttl,
-            now=self._clock.now(),
+        result = await self._ledger.settle(
+            self._login(
+                request.service_id,
+                request.service_secret,
+                peer,
+                request_id,
+                "issue_token",
+                self._authorize_issue(request, signer),
+            )
         )
+        issued: IssuedToken = result.value
         claims = issued.claims
-        self._audit(
-            actor=service.service_id,
-            action="issue_token",
-            target=request.audience,
-            outcome="ok",
-            peer=peer,
-            request_id=request_id,
-            detail=f"jti={claims.jti}",
-        )
         return auth_pb2.IssueTokenResponse(
             access_token=issued.token,
             token_type="Bearer",  # noqa: S106 - the RFC 6750 scheme, not a secret
@@ -681,8 +609,10 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         request_id: str,
     ) -> auth_pb2.RotateServiceSecretResponse:
         if admin is None:
-            self._authenticate(
-                request.service_id, request.current_secret, peer, request_id, "rotate_secret"
+            self._ledger.settle_sync(
+                self._login(
+                    request.service_id, request.current_secret, peer, request_id, "rotate_secret"
+                )
             )
             actor = request.service_id
         else:

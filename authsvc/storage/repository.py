@@ -8,7 +8,19 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import cast
 
-from sqlalchemy import Engine, case, delete, func, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
@@ -37,7 +49,7 @@ from authsvc.storage.records import (
     SigningKeyRecord,
 )
 
-__all__ = ["Repository"]
+__all__ = ["LoginBatch", "Repository"]
 
 # pg_advisory_xact_lock keys. Taken in this order only (rotation, then changes), so they
 # cannot deadlock; SQLite needs none of them since BEGIN IMMEDIATE admits one writer at a time.
@@ -171,6 +183,7 @@ class Repository:
         self.engine = engine
         self._postgres = engine.dialect.name == "postgresql"
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._login_sql = _LoginStatements(self._postgres)
 
     # -- transactions -------------------------------------------------------------------------
 
@@ -593,27 +606,13 @@ class Repository:
     def update_auth_failures(self, key: str, now: datetime, window_seconds: int) -> int:
         """Count one more failure for `key` and return the count in the current window.
 
-        A window that started `window_seconds` or more ago restarts at 1. One atomic upsert, so
-        replicas counting at once never lose an increment.
+        A window that started `window_seconds` or more ago restarts at 1.
         """
         now = _utc_in(now)
-        cutoff = now - timedelta(seconds=window_seconds)
-        row = AuthFailureRow
-        dialect_insert = postgresql.insert if self._postgres else sqlite.insert
-        insert = dialect_insert(row).values(key=key, count=1, window_start=now, last_failure_at=now)
-        expired = row.window_start <= cutoff
-        upsert = insert.on_conflict_do_update(
-            index_elements=[row.key],
-            set_={
-                "count": case((expired, 1), else_=row.count + 1),
-                "window_start": case(
-                    (expired, insert.excluded.window_start), else_=row.window_start
-                ),
-                "last_failure_at": insert.excluded.last_failure_at,
-            },
-        ).returning(row.count)
+        params = {"key": key, "now": now, "cutoff": now - timedelta(seconds=window_seconds)}
         with self._write() as s:
-            return int(s.execute(upsert).scalar_one())
+            upsert = self._login_sql.count_failure.returning(AuthFailureRow.count)
+            return int(s.execute(upsert, params).scalar_one())
 
     def count_auth_failures(self, key: str, now: datetime, window_seconds: int) -> int:
         """Failures for `key` in the current window; 0 once the window has passed."""
@@ -625,35 +624,6 @@ class Repository:
                 )
             )
             return count or 0
-
-    def update_auth_success(
-        self, failure_key: str, service_id: str, peer: str, now: datetime
-    ) -> None:
-        """A login succeeded: reset `failure_key` and remember `peer` as known for `service_id`.
-
-        One transaction, so a success costs one write like the reset alone did.
-        """
-        now = _utc_in(now)
-        row = KnownPeerRow
-        dialect_insert = postgresql.insert if self._postgres else sqlite.insert
-        insert = dialect_insert(row).values(service_id=service_id, peer=peer, last_success_at=now)
-        upsert = insert.on_conflict_do_update(
-            index_elements=[row.service_id, row.peer],
-            set_={"last_success_at": insert.excluded.last_success_at},
-        )
-        with self._write() as s:
-            s.execute(delete(AuthFailureRow).where(AuthFailureRow.key == failure_key))
-            s.execute(upsert)
-
-    def fetch_known_peer(self, service_id: str, peer: str) -> datetime | None:
-        """When `peer` last logged in as `service_id`, or None if never (or pruned)."""
-        with self._read() as s:
-            at = s.scalar(
-                select(KnownPeerRow.last_success_at).where(
-                    KnownPeerRow.service_id == service_id, KnownPeerRow.peer == peer
-                )
-            )
-            return None if at is None else _utc_out(at)
 
     def prune_known_peers(self, before: datetime) -> int:
         """Forget peers whose last success is older than `before`; returns how many."""
@@ -674,6 +644,205 @@ class Repository:
                 delete(AuthFailureRow).where(AuthFailureRow.last_failure_at < before)
             )
             return _rowcount(result)
+
+    # -- logins (the login ledger's unit of work) ---------------------------------------------
+
+    @contextmanager
+    def login_batch(self, now: datetime, window_seconds: int) -> Iterator[LoginBatch]:
+        """One write transaction settling a batch of logins (authsvc.server.ledger).
+
+        Everything a login is decided on (the service, its live secrets, the failure counters,
+        known peers) is read inside the same transaction that records the outcome, so a batch
+        is exactly as consistent as one login per transaction was, at one commit per batch.
+        It runs on a plain connection with statements built once (_LoginStatements): this is
+        the IssueToken path, where building statements and ORM sessions per call would be most
+        of the transaction's cost.
+        """
+        with _storage_errors(), write_lock(self.engine), self.engine.begin() as conn:
+            batch = LoginBatch(conn, self._login_sql, _utc_in(now), window_seconds)
+            yield batch
+            batch.flush()
+
+
+class _LoginStatements:
+    """The login ledger's statements, built once per repository (the dialect fixes the upserts)
+    so that each execution is a compiled-cache hit."""
+
+    def __init__(self, postgres: bool) -> None:
+        services = cast(Table, ServiceRow.__table__)
+        secrets = cast(Table, ServiceSecretRow.__table__)
+        failures = cast(Table, AuthFailureRow.__table__)
+        peers = cast(Table, KnownPeerRow.__table__)
+        dialect_insert = postgresql.insert if postgres else sqlite.insert
+        # A service with its live secrets (current and, within its grace period, previous):
+        # one row per secret, or one row with a NULL hash when it has none.
+        live = (secrets.c.service_id == services.c.service_id) & (
+            (secrets.c.slot == "current") | (secrets.c.expires_at > bindparam("now"))
+        )
+        self.credentials = (
+            select(services, secrets.c.secret_hash)
+            .select_from(services.outerjoin(secrets, live))
+            .where(services.c.service_id == bindparam("service_id"))
+            .order_by(secrets.c.slot)
+        )
+        # The two counters of one login (its id's and its peer's) in one statement.
+        self.failures = select(failures.c.key, failures.c.count).where(
+            failures.c.key.in_([bindparam("id_key"), bindparam("peer_key")]),
+            failures.c.window_start > bindparam("cutoff"),
+        )
+        # One more failure; a window that started at or before `cutoff` restarts at 1. One
+        # atomic upsert, so replicas counting at once never lose an increment.
+        count = dialect_insert(failures).values(
+            key=bindparam("key"),
+            count=1,
+            window_start=bindparam("now"),
+            last_failure_at=bindparam("now"),
+        )
+        expired = failures.c.window_start <= bindparam("cutoff")
+        self.count_failure = count.on_conflict_do_update(
+            index_elements=[failures.c.key],
+            set_={
+                "count": case((expired, 1), else_=failures.c.count + 1),
+                "window_start": case(
+                    (expired, count.excluded.window_start), else_=failures.c.window_start
+                ),
+                "last_failure_at": count.excluded.last_failure_at,
+            },
+        )
+        self.reset_failures = delete(failures).where(failures.c.key == bindparam("key"))
+        self.known_peer = select(peers.c.last_success_at).where(
+            peers.c.service_id == bindparam("service_id"), peers.c.peer == bindparam("peer")
+        )
+        remember = dialect_insert(peers).values(
+            service_id=bindparam("service_id"),
+            peer=bindparam("peer"),
+            last_success_at=bindparam("now"),
+        )
+        self.remember_peer = remember.on_conflict_do_update(
+            index_elements=[peers.c.service_id, peers.c.peer],
+            set_={"last_success_at": remember.excluded.last_success_at},
+        )
+        self.audit = insert(cast(Table, AuditEventRow.__table__))
+
+
+class LoginBatch:
+    """Reads and writes of one login-ledger transaction; see Repository.login_batch.
+
+    Each service and failure counter is read once per batch and then kept up to date here as
+    the batch's own logins count failures and reset them, so a later login in the batch sees
+    the earlier ones exactly as it would have in a transaction of its own.
+    """
+
+    def __init__(
+        self, conn: Connection, sql: _LoginStatements, now: datetime, window_seconds: int
+    ) -> None:
+        self._c = conn
+        self._sql = sql
+        self.now = now
+        self._cutoff = now - timedelta(seconds=window_seconds)
+        self._services: dict[str, tuple[ServiceRecord | None, tuple[bytes, ...]]] = {}
+        self._failures: dict[str, int] = {}
+        self._peers_remembered: set[tuple[str, str]] = set()
+        self._audit: list[dict[str, object]] = []
+
+    def _credentials(self, service_id: str) -> tuple[ServiceRecord | None, tuple[bytes, ...]]:
+        found = self._services.get(service_id)
+        if found is None:
+            rows = self._c.execute(
+                self._sql.credentials, {"service_id": service_id, "now": self.now}
+            ).all()
+            if not rows:
+                found = (None, ())
+            else:
+                row = rows[0]
+                record = ServiceRecord(
+                    service_id=row.service_id,
+                    audiences=tuple(json.loads(row.audiences)),
+                    scopes=tuple(json.loads(row.scopes)),
+                    disabled=bool(row.disabled),
+                    created_at=_utc_out(row.created_at),
+                    updated_at=_utc_out(row.updated_at),
+                )
+                found = (record, tuple(r.secret_hash for r in rows if r.secret_hash is not None))
+            self._services[service_id] = found
+        return found
+
+    def service(self, service_id: str) -> ServiceRecord | None:
+        return self._credentials(service_id)[0]
+
+    def secret_hashes(self, service_id: str) -> tuple[bytes, ...]:
+        """The current secret's hash and, within its grace period, the previous one's."""
+        return self._credentials(service_id)[1]
+
+    def failures(self, id_key: str, peer_key: str) -> tuple[int, int]:
+        """Failures counted for a login's id and peer in the current window, this batch's own
+        included."""
+        counts = self._failures
+        if id_key not in counts or peer_key not in counts:
+            found = dict(
+                self._c.execute(
+                    self._sql.failures,
+                    {"id_key": id_key, "peer_key": peer_key, "cutoff": self._cutoff},
+                ).all()
+            )
+            counts.setdefault(id_key, found.get(id_key, 0))
+            counts.setdefault(peer_key, found.get(peer_key, 0))
+        return counts[id_key], counts[peer_key]
+
+    def known_peer_since(self, service_id: str, peer: str) -> datetime | None:
+        """When `peer` last logged in as `service_id` (None: never, or forgotten)."""
+        at = self._c.scalar(self._sql.known_peer, {"service_id": service_id, "peer": peer})
+        return None if at is None else _utc_out(at)
+
+    def count_failure(self, key: str) -> None:
+        """One more failure for a key read with failures()."""
+        self._c.execute(
+            self._sql.count_failure, {"key": key, "now": self.now, "cutoff": self._cutoff}
+        )
+        self._failures[key] += 1
+
+    def reset_failures(self, key: str) -> None:
+        self._c.execute(self._sql.reset_failures, {"key": key})
+        self._failures[key] = 0
+
+    def remember_peer(self, service_id: str, peer: str) -> None:
+        """Record a successful login from `peer` (once per batch and pair)."""
+        if (service_id, peer) in self._peers_remembered:
+            return
+        self._c.execute(
+            self._sql.remember_peer, {"service_id": service_id, "peer": peer, "now": self.now}
+        )
+        self._peers_remembered.add((service_id, peer))
+
+    def audit(
+        self,
+        *,
+        actor: str,
+        action: str,
+        target: str,
+        outcome: str,
+        peer: str,
+        request_id: str,
+        detail: str = "",
+    ) -> None:
+        """Add an audit row; the batch's rows are inserted together at commit."""
+        self._audit.append(
+            {
+                "at": self.now,
+                "actor": actor,
+                "action": action,
+                "target": target,
+                "outcome": outcome,
+                "peer": peer,
+                "request_id": request_id,
+                "detail": detail,
+            }
+        )
+
+    def flush(self) -> None:
+        if self._audit:
+            self._c.execute(self._sql.audit, self._audit)
+            self._audit = []
 
 
 def _rowcount(result: object) -> int:

@@ -17,9 +17,27 @@ from authsvc_client.keyring import MIN_RSA_KEY_BITS, KeyRing
 from authsvc_client.revocations import RevocationSet
 from authsvc_client.verifier import TokenVerifier
 
-__all__ = ["IssuedToken", "TokenIssuer"]
+__all__ = ["IssuedToken", "TokenIssuer", "UnsignedToken", "new_jti"]
 
 _JTI_BYTES = 18  # 144 random bits (RFC 9068 section 2.2 / DESIGN: at least 128)
+# Self-verifiers kept, one per signing key (kid) seen: a handful over a process's life.
+_VERIFIERS_KEPT = 8
+_PADDING = PKCS1v15()
+_HASH = SHA256()
+
+
+def new_jti() -> str:
+    """A token id: 144 bits from `secrets`, base64url."""
+    return secrets.token_urlsafe(_JTI_BYTES)
+
+
+@dataclass(frozen=True)
+class UnsignedToken:
+    """A token's claims and signing input (header.payload), ready for an RS256 signature."""
+
+    claims: Claims
+    signing_input: str = field(repr=False)
+    key_bits: int
 
 
 @dataclass(frozen=True)
@@ -51,6 +69,8 @@ class TokenIssuer:
             raise ValueError("issuer is required")
         self._issuer = issuer
         self._max_token_bytes = max_token_bytes
+        # kid -> verifier over that key's public half; plain dict get/set from worker threads.
+        self._verifiers: dict[str, TokenVerifier] = {}
 
     def __repr__(self) -> str:
         return f"TokenIssuer(issuer={self._issuer!r})"
@@ -69,15 +89,46 @@ class TokenIssuer:
     ) -> IssuedToken:
         """Sign a token valid from int(now) for ttl_seconds, never past not_after.
 
+        The same as prepare() then sign(); see both for the arguments and errors.
+        """
+        unsigned = self.prepare(
+            key_bits=private_key.key_size,
+            kid=kid,
+            subject=subject,
+            audience=audience,
+            scopes=scopes,
+            ttl_seconds=ttl_seconds,
+            now=now,
+            not_after=not_after,
+        )
+        return self.sign(unsigned, private_key)
+
+    def prepare(
+        self,
+        *,
+        key_bits: int,
+        kid: str,
+        subject: str,
+        audience: str,
+        scopes: Sequence[str],
+        ttl_seconds: int,
+        now: float,
+        not_after: float | None = None,
+        jti: str | None = None,
+    ) -> UnsignedToken:
+        """Everything but the signature, so the server can record a token's jti (audit) before
+        it spends an RSA signature on it, and refuse a token that could not be issued first.
+
         Args:
+            key_bits: the signing key's modulus length (the signature's length follows).
             not_after: the signing key's retirement time; exp is capped at it so that no
                 token outlives the key's publication (SPIRE caps TTLs the same way).
+            jti: the token's id; by default 144 fresh random bits.
 
         Raises:
             ValueError: empty subject, audience or kid; a scope that is empty or holds a
                 space; ttl_seconds < 1; not_after leaves no validity; a key under 2048 bits;
                 or a token longer than max_token_bytes.
-            RuntimeError: the signed token did not verify to exactly these claims.
         """
         if not subject or not audience or not kid:
             raise ValueError("subject, audience and kid are required")
@@ -87,7 +138,7 @@ class TokenIssuer:
             raise ValueError("scope names must be non-empty and contain no spaces")
         if ttl_seconds < 1:
             raise ValueError("ttl_seconds must be at least 1")
-        if private_key.key_size < MIN_RSA_KEY_BITS:
+        if key_bits < MIN_RSA_KEY_BITS:
             raise ValueError(f"signing keys must be at least {MIN_RSA_KEY_BITS} bits")
         iat = int(now)
         exp = iat + ttl_seconds
@@ -103,7 +154,7 @@ class TokenIssuer:
             issued_at=iat,
             not_before=iat,
             expires_at=exp,
-            jti=secrets.token_urlsafe(_JTI_BYTES),
+            jti=jti or new_jti(),
             key_id=kid,
             client_id=subject,
         )
@@ -124,25 +175,41 @@ class TokenIssuer:
         )
         signing_input = f"{b64url_encode(header)}.{b64url_encode(payload)}"
         # 4 base64 characters per 3 bytes, for a signature as long as the modulus.
-        signature_chars = -(-((private_key.key_size + 7) // 8) * 4 // 3)
+        signature_chars = -(-((key_bits + 7) // 8) * 4 // 3)
         if len(signing_input) + 1 + signature_chars > self._max_token_bytes:
             raise ValueError("the token would exceed max_token_bytes; request fewer scopes")
-        signature = private_key.sign(signing_input.encode("ascii"), PKCS1v15(), SHA256())
-        token = f"{signing_input}.{b64url_encode(signature)}"
-        self._self_verify(token, claims, private_key)
-        return IssuedToken(token=token, claims=claims)
+        return UnsignedToken(claims=claims, signing_input=signing_input, key_bits=key_bits)
+
+    def sign(self, unsigned: UnsignedToken, private_key: RSAPrivateKey) -> IssuedToken:
+        """RS256-sign a prepared token, then verify what was signed.
+
+        Raises:
+            ValueError: the key is not the size the token was prepared for.
+            RuntimeError: the signed token did not verify to exactly its claims.
+        """
+        if private_key.key_size != unsigned.key_bits:
+            raise ValueError("the token was prepared for a key of another size")
+        signature = private_key.sign(unsigned.signing_input.encode("ascii"), _PADDING, _HASH)
+        token = f"{unsigned.signing_input}.{b64url_encode(signature)}"
+        self._self_verify(token, unsigned.claims, private_key)
+        return IssuedToken(token=token, claims=unsigned.claims)
 
     def _self_verify(self, token: str, claims: Claims, private_key: RSAPrivateKey) -> None:
         """Run the token through the very verifier the fleet uses (SPIRE CredValidator)."""
-        ring = KeyRing({claims.key_id: private_key.public_key()})
-        verifier = TokenVerifier(
-            keys=lambda: ring,
-            revocations=RevocationSet(),
-            issuer=self._issuer,
-            leeway_seconds=0,
-            max_token_bytes=self._max_token_bytes,
-            cache_size=0,
-        )
+        verifier = self._verifiers.get(claims.key_id)
+        if verifier is None:
+            ring = KeyRing({claims.key_id: private_key.public_key()})
+            verifier = TokenVerifier(
+                keys=lambda: ring,
+                revocations=RevocationSet(),
+                issuer=self._issuer,
+                leeway_seconds=0,
+                max_token_bytes=self._max_token_bytes,
+                cache_size=0,
+            )
+            if len(self._verifiers) >= _VERIFIERS_KEPT:
+                self._verifiers.clear()  # one entry per signing key in normal use
+            self._verifiers[claims.key_id] = verifier
         result = verifier.verify(
             token,
             audience=claims.audience,

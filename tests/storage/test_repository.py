@@ -444,3 +444,93 @@ class TestAuthFailures:
         assert repo.prune_auth_failures(at(50)) == 1
         assert repo.count_auth_failures("old", at(1), 60) == 0
         assert repo.count_auth_failures("new", at(100), 60) == 1
+
+
+class TestLoginBatch:
+    """The login ledger's unit of work: reads inside the transaction, writes at its commit."""
+
+    def _service(self, repo: Repository, sid: str = "svc", secret: bytes = b"h" * 32) -> None:
+        repo.create_service(sid, ["billing"], ["read"], secret, T0)
+
+    def test_credentials_are_the_service_and_its_live_secret_hashes(
+        self, repo: Repository
+    ) -> None:
+        self._service(repo, secret=b"a" * 32)
+        repo.update_service_secret("svc", b"b" * 32, at(1), previous_expires_at=at(61))
+        with repo.login_batch(at(30), 60) as batch:
+            service = batch.service("svc")
+            assert service is not None and service.audiences == ("billing",)
+            assert batch.secret_hashes("svc") == (b"b" * 32, b"a" * 32)  # current first
+            assert batch.service("nobody") is None and batch.secret_hashes("nobody") == ()
+        with repo.login_batch(at(61), 60) as batch:
+            assert batch.secret_hashes("svc") == (b"b" * 32,)  # the grace period has ended
+
+    def test_a_service_without_a_live_secret_has_no_hashes(self, repo: Repository) -> None:
+        self._service(repo)
+        repo.update_service_secret("svc", b"b" * 32, at(1), previous_expires_at=None)
+        with repo.login_batch(at(2), 60) as batch:
+            assert batch.service("svc") is not None
+            assert batch.secret_hashes("svc") == (b"b" * 32,)
+
+    def test_failures_counted_in_a_batch_are_seen_by_the_batch_and_committed(
+        self, repo: Repository
+    ) -> None:
+        repo.update_auth_failures("id:svc", T0, 60)
+        with repo.login_batch(at(1), 60) as batch:
+            assert batch.failures("id:svc", "peer:p") == (1, 0)
+            batch.count_failure("id:svc")
+            batch.count_failure("peer:p")
+            assert batch.failures("id:svc", "peer:p") == (2, 1)
+            batch.reset_failures("id:svc")
+            assert batch.failures("id:svc", "peer:p") == (0, 1)
+            batch.count_failure("id:svc")
+        assert repo.count_auth_failures("id:svc", at(2), 60) == 1
+        assert repo.count_auth_failures("peer:p", at(2), 60) == 1
+
+    def test_an_expired_window_reads_zero_and_restarts_at_one(self, repo: Repository) -> None:
+        repo.update_auth_failures("k", T0, 60)
+        with repo.login_batch(at(60), 60) as batch:
+            assert batch.failures("k", "peer:p") == (0, 0)
+            batch.count_failure("k")
+        assert repo.count_auth_failures("k", at(61), 60) == 1
+
+    def test_known_peers_and_audit_rows_commit_with_the_batch(self, repo: Repository) -> None:
+        with repo.login_batch(at(5), 60) as batch:
+            assert batch.known_peer_since("svc", "ipv4:10.0.0.1") is None
+            batch.remember_peer("svc", "ipv4:10.0.0.1")
+            batch.remember_peer("svc", "ipv4:10.0.0.1")  # once per batch and pair
+            for i in range(3):
+                batch.audit(
+                    actor="svc",
+                    action="issue_token",
+                    target="billing",
+                    outcome="ok",
+                    peer="ipv4:10.0.0.1",
+                    request_id=f"r{i}",
+                    detail=f"jti=j{i}",
+                )
+        with repo.login_batch(at(6), 60) as batch:
+            assert batch.known_peer_since("svc", "ipv4:10.0.0.1") == at(5)
+        rows = repo.list_audit_events()
+        assert [(r.request_id, r.detail, r.at) for r in rows] == [
+            (f"r{i}", f"jti=j{i}", at(5)) for i in (2, 1, 0)
+        ]
+
+    def test_an_error_inside_the_batch_commits_nothing(self, repo: Repository) -> None:
+        with pytest.raises(RuntimeError), repo.login_batch(at(1), 60) as batch:
+            batch.failures("id:svc", "peer:p")
+            batch.count_failure("id:svc")
+            batch.remember_peer("svc", "peer:p")
+            batch.audit(
+                actor="svc",
+                action="issue_token",
+                target="billing",
+                outcome="bad_credentials",
+                peer="p",
+                request_id="r",
+            )
+            raise RuntimeError("the ledger failed mid-batch")
+        assert repo.count_auth_failures("id:svc", at(2), 60) == 0
+        assert repo.list_audit_events() == []
+        with repo.login_batch(at(2), 60) as batch:
+            assert batch.known_peer_since("svc", "peer:p") is None

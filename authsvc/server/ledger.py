@@ -1,0 +1,355 @@
+"""The login ledger: logins that arrive together are settled in one database transaction.
+
+Every login (IssueToken, and RotateServiceSecret with the current secret) is decided on what
+the database holds: the service, its live secrets, the failure counters of its id and of the
+peer, the peer's record as a known peer. Its outcome is recorded in the same transaction
+(failure counts, the success reset, the known peer, the audit row). Done one login per
+transaction, that was four reads and two writes per token behind SQLite's single writer: about
+200 tokens/s whatever the number of cores (BENCHMARKS.md). Here one thread takes every login
+waiting when it is free and settles them in order inside one transaction (group commit), so
+the cost of a transaction is shared by all the logins that queued behind the previous one, and
+the batch grows by itself with the load. The decision is exactly the one a transaction of its
+own would give: counters are read once per batch and then kept up to date as the batch's own
+logins count and reset them.
+
+No answer leaves before its transaction commits. A granted IssueToken is therefore audited
+before the server spends a signature on it (write-ahead: the audit row names the jti), and a
+database fault fails the whole batch with UNAVAILABLE, counting nothing, for right and wrong
+secrets alike.
+
+After the commit the same thread completes the grants (IssueToken: the RSA signature), one by
+one. Signing releases the GIL, so it runs beside the event loop; doing it here rather than in a
+pool means the event loop, this thread and nothing else share the GIL on the IssueToken path,
+which costs far less CPU than a pool's threads contending for it (BENCHMARKS.md). A process
+therefore signs serially, about one token per millisecond on the benchmark machine: more cores
+are used with `serve --workers N`, grpcio's recommended way for Python anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import hmac
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from authsvc.clock import Clock, to_datetime, to_timestamp
+from authsvc.config import Settings
+from authsvc.errors import AuthsvcError, ResourceExhausted, StorageUnavailable, Unauthenticated
+from authsvc.storage.records import ServiceRecord
+from authsvc.storage.repository import LoginBatch, Repository
+
+__all__ = [
+    "BAD_CREDENTIALS",
+    "Grant",
+    "Login",
+    "LoginLedger",
+    "LoginResult",
+    "log_audit",
+]
+
+log = logging.getLogger("authsvc.server")
+
+BAD_CREDENTIALS = "invalid service credentials"
+# Logins settled in one transaction at most; under a longer queue the next batch follows at once.
+MAX_BATCH = 256
+# Compared against for an unknown service id, so that it costs what a known one does.
+_NO_SECRET = bytes(32)
+# Known-peer rows remembered as written (per process) before the map is cleared.
+_PEERS_REMEMBERED = 100_000
+
+
+def log_audit(
+    *, action: str, actor: str, target: str, outcome: str, peer: str, request_id: str
+) -> None:
+    """The log line of an audit event: every audit row has one (RPCs, CLI, scheduler)."""
+    log.info(
+        "audit action=%s actor=%s target=%s outcome=%s peer=%s request_id=%s",
+        action,
+        actor,
+        target,
+        outcome,
+        peer,
+        request_id,
+    )
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What an authenticated login may do, decided by the caller's `authorize` inside the
+    ledger's transaction (so it sees the service as committed), and audited with it."""
+
+    outcome: str  # "ok", or why the login may not do it ("audience_denied", …)
+    target: str
+    detail: str = ""
+    # Raised to the caller instead of a result (the audit row is written all the same).
+    error: AuthsvcError | None = None
+    # Run in the ledger's thread once the grant is committed; what it returns is the result's
+    # `value` (IssueToken: the RSA signature, which releases the GIL while it runs).
+    complete: Callable[[], Any] | None = None
+
+
+@dataclass(frozen=True)
+class Login:
+    """One login waiting for its verdict."""
+
+    service_id: str
+    # HMAC of the presented secret under the server's hash key, as storage keeps it; the
+    # secret itself never reaches the ledger.
+    digest: bytes = field(repr=False)
+    peer: str
+    request_id: str
+    action: str
+    # None: a success is not audited here (the caller audits what it then does).
+    authorize: Callable[[ServiceRecord], Grant] | None = None
+
+
+@dataclass(frozen=True)
+class LoginResult:
+    service: ServiceRecord
+    grant: Grant | None
+    value: Any = None
+
+
+@dataclass
+class _Pending:
+    login: Login
+    future: concurrent.futures.Future[LoginResult]
+    # The caller's context (request id, method, peer), for the audit log line.
+    context: contextvars.Context
+    audit_lines: list[dict[str, str]] = field(default_factory=list)
+
+
+_STOP = object()
+
+
+class LoginLedger:
+    """One settling thread per server process; `settle()` from the event loop, `settle_sync()`
+    from worker threads."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        settings: Settings,
+        clock: Clock,
+        *,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        """`on_batch(size, seconds)` is called from the settling thread after each batch."""
+        self._repo = repo
+        self._on_batch = on_batch
+        self._s = settings
+        self._clock = clock
+        self._queue: queue.SimpleQueue[_Pending | object] = queue.SimpleQueue()
+        # (service id, peer) -> when this process last recorded that success in storage.
+        self._peers_written: dict[tuple[str, str], float] = {}
+        # Refresh a known peer's row at most this often: its memory (30 days by default) is
+        # then kept to within 1%, without a write per token.
+        self._peer_refresh = min(3600.0, settings.throttle_known_peer_seconds / 100)
+        self._thread = threading.Thread(target=self._run, name="login-ledger", daemon=True)
+        self._thread.start()
+
+    def submit(self, login: Login) -> concurrent.futures.Future[LoginResult]:
+        future: concurrent.futures.Future[LoginResult] = concurrent.futures.Future()
+        self._queue.put(_Pending(login, future, contextvars.copy_context()))
+        return future
+
+    async def settle(self, login: Login) -> LoginResult:
+        """The verdict on `login`, once its transaction has committed.
+
+        Raises:
+            ResourceExhausted: too many failures for this id (from an unknown peer) or peer.
+            Unauthenticated: wrong id or secret (one message for both), or a disabled service.
+            StorageUnavailable: the database could not settle it; nothing was counted.
+            AuthsvcError: whatever the login's `authorize` refused it with.
+        """
+        return await asyncio.wrap_future(self.submit(login))
+
+    def settle_sync(self, login: Login) -> LoginResult:
+        return self.submit(login).result()
+
+    def close(self) -> None:
+        """Settle what is queued, then stop the thread."""
+        self._queue.put(_STOP)
+        self._thread.join()
+
+    # -- the settling thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            assert isinstance(item, _Pending)
+            batch = [item]
+            stop = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _STOP:
+                    stop = True
+                    break
+                assert isinstance(more, _Pending)
+                batch.append(more)
+            # A call cancelled while it queued (its client went away) is not settled at all:
+            # nothing counted, nothing audited, as if it had never arrived.
+            batch = [p for p in batch if p.future.set_running_or_notify_cancel()]
+            if not batch:
+                if stop:
+                    return
+                continue
+            started = time.perf_counter()
+            try:
+                granted = self._settle_batch(batch)
+                if self._on_batch is not None:
+                    self._on_batch(len(batch), time.perf_counter() - started)
+                self._complete(granted)
+            except Exception:  # the thread must outlive any one batch
+                log.exception("login ledger failed a batch")
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(AuthsvcError("internal error"))
+            if stop:
+                return
+
+    def _settle_batch(self, batch: list[_Pending]) -> list[tuple[_Pending, LoginResult]]:
+        """Decide and commit the batch; answer its refusals. Returns the grants to complete."""
+        now = self._clock.now()
+        peers_written: list[tuple[str, str]] = []
+        for pending in batch:
+            pending.audit_lines.clear()
+        try:
+            with self._repo.login_batch(to_datetime(now), self._s.throttle_window_seconds) as txn:
+                outcomes = [self._settle(txn, p, now, peers_written) for p in batch]
+        except StorageUnavailable:
+            for pending in batch:
+                pending.future.set_exception(StorageUnavailable("database unavailable"))
+            return []
+        except Exception:
+            if len(batch) > 1:
+                # Whatever failed, it must fail only the login it came from.
+                return [g for pending in batch for g in self._settle_batch([pending])]
+            log.exception("login transaction failed")
+            batch[0].future.set_exception(AuthsvcError("internal error"))
+            return []
+        for key in peers_written:
+            self._peers_written[key] = now
+        granted: list[tuple[_Pending, LoginResult]] = []
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            for line in pending.audit_lines:
+                pending.context.run(log_audit, **line)
+            if isinstance(outcome, BaseException):
+                pending.future.set_exception(outcome)
+            elif outcome.grant is not None and outcome.grant.complete is not None:
+                granted.append((pending, outcome))
+            else:
+                pending.future.set_result(outcome)
+        return granted
+
+    @staticmethod
+    def _complete(granted: list[tuple[_Pending, LoginResult]]) -> None:
+        """Do each committed grant's work, answering each caller as soon as its own is done."""
+        for pending, outcome in granted:
+            assert outcome.grant is not None and outcome.grant.complete is not None
+            try:
+                value = outcome.grant.complete()
+            except Exception as exc:
+                pending.future.set_exception(exc)
+            else:
+                pending.future.set_result(replace(outcome, value=value))
+
+    def _settle(
+        self,
+        txn: LoginBatch,
+        pending: _Pending,
+        now: float,
+        peers_written: list[tuple[str, str]],
+    ) -> LoginResult | BaseException:
+        login = pending.login
+        s = self._s
+        id_key, peer_key = _throttle_keys(login)
+
+        def audit(outcome: str, target: str = login.service_id, detail: str = "") -> None:
+            line = {
+                "action": login.action,
+                "actor": login.service_id,
+                "target": target,
+                "outcome": outcome,
+                "peer": login.peer,
+                "request_id": login.request_id,
+            }
+            txn.audit(**line, detail=detail)
+            pending.audit_lines.append(line)
+
+        # The per-peer limit binds everyone. The per-id limit spares a peer that logged in as
+        # this id recently: otherwise an attacker could lock a service out from its own address
+        # just by failing logins under its name.
+        id_failures, peer_failures = txn.failures(id_key, peer_key)
+        if peer_failures >= s.throttle_peer_failures or (
+            id_failures >= s.throttle_id_failures and not self._known(txn, login, now)
+        ):
+            audit("throttled")
+            return ResourceExhausted(
+                "too many failed attempts; retry later", retry_after=s.throttle_window_seconds
+            )
+        service = txn.service(login.service_id)
+        # Check every live secret (current and, within its grace period, previous) so the
+        # timing does not depend on which one matched.
+        hashes = txn.secret_hashes(login.service_id) if service is not None else (_NO_SECRET,)
+        ok = False
+        for stored in hashes:
+            ok = hmac.compare_digest(login.digest, stored) | ok
+        if service is None or not ok:
+            txn.count_failure(id_key)
+            txn.count_failure(peer_key)
+            audit("bad_credentials")
+            return Unauthenticated(BAD_CREDENTIALS)
+        if id_failures:
+            txn.reset_failures(id_key)
+        self._remember_peer(txn, login, now, peers_written)
+        if service.disabled:
+            audit("disabled")
+            return Unauthenticated("service is disabled")
+        grant: Grant | None = None
+        if login.authorize is not None:
+            try:
+                grant = login.authorize(service)
+            except Exception as exc:  # a bug in the caller's policy fails its own login only
+                return exc
+            audit(grant.outcome, grant.target, grant.detail)
+            if grant.error is not None:
+                return grant.error
+        return LoginResult(service=service, grant=grant)
+
+    def _known(self, txn: LoginBatch, login: Login, now: float) -> bool:
+        memory = self._s.throttle_known_peer_seconds
+        if memory <= 0:
+            return False
+        last = txn.known_peer_since(login.service_id, login.peer)
+        return last is not None and to_timestamp(last) > now - memory
+
+    def _remember_peer(
+        self, txn: LoginBatch, login: Login, now: float, written: list[tuple[str, str]]
+    ) -> None:
+        if self._s.throttle_known_peer_seconds <= 0:
+            return
+        key = (login.service_id, login.peer)
+        last = self._peers_written.get(key)
+        if last is not None and 0 <= now - last < self._peer_refresh:
+            return
+        if len(self._peers_written) >= _PEERS_REMEMBERED:
+            self._peers_written.clear()
+        txn.remember_peer(*key)
+        written.append(key)
+
+
+def _throttle_keys(login: Login) -> tuple[str, str]:
+    return f"id:{login.service_id}", f"peer:{login.peer}"

@@ -1,0 +1,281 @@
+"""The login ledger on a real SQLite database: batching must never change a login's verdict."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from authsvc.clock import to_datetime
+from authsvc.config import Settings
+from authsvc.errors import (
+    AuthsvcError,
+    PermissionDenied,
+    ResourceExhausted,
+    StorageUnavailable,
+    Unauthenticated,
+)
+from authsvc.server.app import Core, build_core, create_service
+from authsvc.server.ledger import Grant, Login, LoginLedger, LoginResult
+from authsvc.storage.records import ServiceRecord
+from tests.support.clock import FakeClock
+from tests.support.inprocess import in_process_settings
+
+PEER = "ipv4:10.0.0.7"
+
+
+@dataclass
+class World:
+    core: Core
+    ledger: LoginLedger
+    clock: FakeClock
+    secret: str
+    batches: list[int]
+    settings: Settings
+
+    def login(
+        self,
+        secret: str | None = None,
+        *,
+        sid: str = "orders",
+        peer: str = PEER,
+        authorize: Grant | None = None,
+        request_id: str = "r",
+    ) -> Login:
+        return Login(
+            service_id=sid,
+            digest=self.core.hasher.hash(self.secret if secret is None else secret),
+            peer=peer,
+            request_id=request_id,
+            action="issue_token",
+            authorize=(lambda service: authorize) if authorize is not None else None,
+        )
+
+    def failures(self, key: str) -> int:
+        now = to_datetime(self.clock.now())
+        return self.core.repo.count_auth_failures(key, now, self.settings.throttle_window_seconds)
+
+    def audit_outcomes(self) -> list[str]:
+        """Outcomes of the logins audited so far, oldest first."""
+        events = reversed(self.core.repo.list_audit_events(limit=1000))
+        return [e.outcome for e in events if e.action == "issue_token"]
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    settings = in_process_settings(
+        tmp_path,
+        AUTHSVC_THROTTLE_ID_FAILURES="2",
+        AUTHSVC_THROTTLE_PEER_FAILURES="50",
+        AUTHSVC_THROTTLE_KNOWN_PEER_SECONDS="1000",
+    )
+    clock = FakeClock()
+    core = build_core(settings, clock)
+    secret = create_service(core, "orders", ["billing"], ["billing.read"])
+    batches: list[int] = []
+    ledger = LoginLedger(
+        core.repo, settings, clock, on_batch=lambda size, seconds: batches.append(size)
+    )
+    try:
+        yield World(core, ledger, clock, secret, batches, settings)
+    finally:
+        ledger.close()
+        core.dispose()
+
+
+def _hold_the_ledger(world: World) -> tuple[threading.Event, Future[LoginResult]]:
+    """Occupy the ledger's thread inside a batch until the event is set, so that what is
+    submitted meanwhile queues up and is settled as one batch."""
+    entered, release = threading.Event(), threading.Event()
+
+    def authorize(service: ServiceRecord) -> Grant:
+        entered.set()
+        release.wait(10)
+        return Grant("ok", "billing")
+
+    blocker = world.ledger.submit(
+        Login(
+            "orders", world.core.hasher.hash(world.secret), PEER, "hold", "issue_token", authorize
+        )
+    )
+    assert entered.wait(10)
+    return release, blocker
+
+
+def _outcome(future: Future[LoginResult]) -> str:
+    try:
+        future.result(timeout=10)
+    except AuthsvcError as exc:
+        return type(exc).__name__
+    return "ok"
+
+
+class TestBatchesDecideAsSingleTransactions:
+    def test_every_failure_in_a_batch_is_counted(self, world: World) -> None:
+        release, blocker = _hold_the_ledger(world)
+        wrong = [world.ledger.submit(world.login("asvcs_wrong")) for _ in range(4)]
+        release.set()
+        assert _outcome(blocker) == "ok"
+        # Over the id limit (2), but the blocker's success made PEER a known peer: spared.
+        assert [_outcome(f) for f in wrong] == ["Unauthenticated"] * 4
+        assert world.batches[-1] == 4
+        assert world.failures("id:orders") == 4
+
+    def test_an_unknown_peer_is_throttled_by_the_id_count_within_the_batch(
+        self, world: World
+    ) -> None:
+        release, blocker = _hold_the_ledger(world)
+        stranger = "ipv4:203.0.113.9"
+        futures = [world.ledger.submit(world.login("asvcs_wrong", peer=stranger)) for _ in range(3)]
+        futures.append(world.ledger.submit(world.login(peer=stranger)))  # the right secret
+        release.set()
+        _outcome(blocker)
+        assert [_outcome(f) for f in futures] == [
+            "Unauthenticated",
+            "Unauthenticated",
+            "ResourceExhausted",
+            "ResourceExhausted",
+        ]
+        assert world.batches[-1] == 4
+        # Throttled attempts are not counted.
+        assert world.failures("id:orders") == 2
+        assert world.failures(f"peer:{stranger}") == 2
+
+    def test_a_success_in_a_batch_resets_the_id_count_for_the_logins_after_it(
+        self, world: World
+    ) -> None:
+        release, blocker = _hold_the_ledger(world)
+        stranger = "ipv4:203.0.113.10"
+        futures = [
+            world.ledger.submit(world.login("asvcs_wrong", peer=stranger)),
+            world.ledger.submit(world.login(peer=PEER)),  # reset by the known peer
+            world.ledger.submit(world.login("asvcs_wrong", peer=stranger)),
+            world.ledger.submit(world.login("asvcs_wrong", peer=stranger)),
+        ]
+        release.set()
+        _outcome(blocker)
+        assert [_outcome(f) for f in futures] == [
+            "Unauthenticated",
+            "ok",
+            "Unauthenticated",
+            "Unauthenticated",
+        ]
+        assert world.failures("id:orders") == 2
+
+
+class TestOutcomes:
+    def test_unknown_id_and_wrong_secret_are_one_answer(self, world: World) -> None:
+        for login in (world.login("asvcs_wrong"), world.login(sid="nobody")):
+            with pytest.raises(Unauthenticated) as caught:
+                world.ledger.settle_sync(login)
+            assert str(caught.value) == "invalid service credentials"
+        assert world.audit_outcomes() == ["bad_credentials", "bad_credentials"]
+
+    def test_a_grant_is_committed_before_its_work_runs(self, world: World) -> None:
+        seen: list[list[str]] = []
+
+        def sign() -> str:
+            seen.append(world.audit_outcomes())  # another connection: only committed rows
+            return "signed"
+
+        result = world.ledger.settle_sync(
+            world.login(authorize=Grant("ok", "billing", "jti=abc", complete=sign))
+        )
+        assert result.value == "signed" and result.service.service_id == "orders"
+        assert seen == [["ok"]]
+
+    def test_a_refusal_by_policy_is_audited_and_raised(self, world: World) -> None:
+        denied = Grant("audience_denied", "ledger", error=PermissionDenied("audience not allowed"))
+        with pytest.raises(PermissionDenied):
+            world.ledger.settle_sync(world.login(authorize=denied))
+        assert world.audit_outcomes() == ["audience_denied"]
+
+    def test_a_policy_that_raises_fails_only_its_own_login(self, world: World) -> None:
+        def broken(service: ServiceRecord) -> Grant:
+            raise ValueError("bug in a policy")
+
+        release, blocker = _hold_the_ledger(world)
+        bad = world.ledger.submit(
+            Login("orders", world.core.hasher.hash(world.secret), PEER, "b", "issue_token", broken)
+        )
+        good = world.ledger.submit(world.login(authorize=Grant("ok", "billing")))
+        release.set()
+        _outcome(blocker)
+        with pytest.raises(ValueError):
+            bad.result(10)
+        assert good.result(10).grant == Grant("ok", "billing")
+
+    def test_a_disabled_service_is_refused_after_its_secret_checks(self, world: World) -> None:
+        world.core.repo.update_service_disabled("orders", True, to_datetime(world.clock.now()))
+        with pytest.raises(Unauthenticated, match="disabled"):
+            world.ledger.settle_sync(world.login())
+        assert world.audit_outcomes() == ["disabled"]
+
+    def test_a_call_cancelled_while_queued_is_never_settled(self, world: World) -> None:
+        release, blocker = _hold_the_ledger(world)
+        cancelled = world.ledger.submit(world.login("asvcs_wrong"))
+        assert cancelled.cancel()
+        release.set()
+        _outcome(blocker)
+        world.ledger.settle_sync(world.login())  # the queue has been worked through
+        assert world.failures("id:orders") == 0
+        assert world.audit_outcomes() == ["ok"]  # the blocker's grant, nothing else
+
+
+class TestDatabaseFaults:
+    def test_a_batch_the_database_cannot_take_fails_every_login_and_counts_nothing(
+        self, world: World
+    ) -> None:
+        path = world.settings.database_url.removeprefix("sqlite:///")
+        locker = sqlite3.connect(path, isolation_level=None)
+        try:
+            locker.execute("BEGIN EXCLUSIVE")  # every writer now waits, then gives up
+            futures = [
+                world.ledger.submit(world.login()),
+                world.ledger.submit(world.login("asvcs_wrong")),
+                world.ledger.submit(world.login(sid="nobody")),
+            ]
+            for future in futures:
+                with pytest.raises(StorageUnavailable):
+                    future.result(timeout=30)
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        assert world.failures("id:orders") == 0 and world.failures(f"peer:{PEER}") == 0
+        assert world.audit_outcomes() == []
+        world.ledger.settle_sync(world.login())  # and it recovers by itself
+
+
+class TestKnownPeers:
+    def test_a_known_peer_is_rewritten_at_most_once_per_hundredth_of_its_memory(
+        self, world: World
+    ) -> None:
+        def last_success() -> float | None:
+            with world.core.repo.login_batch(to_datetime(world.clock.now()), 60) as batch:
+                at = batch.known_peer_since("orders", PEER)
+            return None if at is None else at.timestamp()
+
+        start = world.clock.now()
+        world.ledger.settle_sync(world.login())
+        assert last_success() == start
+        world.clock.advance(9)  # memory 1000 s: refreshed every 10 s at most
+        world.ledger.settle_sync(world.login())
+        assert last_success() == start
+        world.clock.advance(2)
+        world.ledger.settle_sync(world.login())
+        assert last_success() == start + 11
+
+    def test_a_known_peer_is_spared_the_id_limit(self, world: World) -> None:
+        world.ledger.settle_sync(world.login())  # PEER is now known
+        stranger = "ipv4:198.51.100.1"
+        for _ in range(2):
+            with pytest.raises(Unauthenticated):
+                world.ledger.settle_sync(world.login("asvcs_wrong", peer=stranger))
+        with pytest.raises(ResourceExhausted):
+            world.ledger.settle_sync(world.login(peer=stranger))
+        assert world.ledger.settle_sync(world.login(peer=PEER)).service.service_id == "orders"
