@@ -103,21 +103,38 @@ def _exception(record: logging.LogRecord) -> dict[str, Any]:
     }
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: timestamp, level, logger, event, then the per-call fields."""
+    """One JSON object per line: timestamp, level, logger, event, then the per-call fields.
+
+    Every RPC writes one of these, so the timestamp's whole seconds are formatted once per
+    second rather than once per line.
+    """
+
+    # (whole second, its ISO 8601 text without the offset); swapped whole, so threads logging
+    # at once never see a second with another second's text.
+    _second: tuple[int, str] = (-1, "")
+
+    def _timestamp(self, created: float) -> str:
+        second = int(created)
+        cached = self._second
+        if cached[0] != second:
+            stamp = datetime.fromtimestamp(second, tz=UTC).isoformat(timespec="seconds")
+            cached = self._second = (second, stamp[: -len("+00:00")])
+        return f"{cached[1]}.{int((created - second) * 1000):03d}+00:00"
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "timestamp": datetime.fromtimestamp(record.created, tz=UTC).isoformat(
-                timespec="milliseconds"
-            ),
+            "timestamp": self._timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "event": redact(record.getMessage()),
         }
         entry.update(_fields(record))
         entry.update(_exception(record))
-        return json.dumps(entry, separators=(",", ":"), default=str)
+        return _ENCODER.encode(entry)
 
 
 class HumanFormatter(logging.Formatter):
@@ -151,3 +168,10 @@ def configure_logging(*, dev: bool, level: str = "INFO", stream: TextIO | None =
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # Neither formatter shows the caller's file and line, thread, process or multiprocessing
+    # name; skipping their lookup is the logging documentation's own advice ("Optimization"),
+    # worth about a fifth of the cost of the access line every RPC writes.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False

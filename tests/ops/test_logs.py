@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -164,3 +165,21 @@ class TestRedaction:
         assert entry["exc_type"] == "ValueError"
         assert entry["request_id"] == "r1"
         assert hidden not in line
+
+
+class TestJsonTimestamps:
+    def test_the_timestamp_is_iso_8601_utc_to_the_millisecond(self) -> None:
+        """The formatter caches each second's text; every line must still read as if
+        datetime.isoformat had written it, across second boundaries and out-of-order records."""
+        formatter = JsonFormatter()
+        for created in (
+            1_900_000_000.0,
+            1_900_000_000.25,
+            1_899_999_999.5,
+            1_900_000_001.75,
+            0.125,
+        ):
+            record = logging.LogRecord("t", logging.INFO, __file__, 1, "m", (), None)
+            record.created = created
+            expected = datetime.fromtimestamp(created, tz=UTC).isoformat(timespec="milliseconds")
+            assert json.loads(formatter.format(record))["timestamp"] == expected
