@@ -168,7 +168,7 @@ class ServerState:
             self._change_cursor = self._repo.fetch_latest_change_cursor()
             self._reload_keys()
             self._reload_disabled()
-            self._pull_revocations()
+            self._load_revocations()
             self.last_sync_at = self._clock.now()
 
     def refresh(self) -> list[RevocationRecord]:
@@ -193,7 +193,20 @@ class ServerState:
             self.last_sync_at = now
         return new
 
+    def _load_revocations(self) -> None:
+        """Every revocation in force, before SERVING. Nothing is published (no stream can be
+        open yet) or kept: a million revocations load page by page, as the few fields held."""
+        now = to_datetime(self._clock.now())
+        while True:
+            page = self._repo.list_held_revocations(self._revocation_cursor, now, _PAGE)
+            self.revocations.add_all(RevocationEntry(*held) for held in page)
+            if page:
+                self._revocation_cursor = page[-1].cursor
+            if len(page) < _PAGE:
+                break
+
     def _pull_revocations(self) -> list[RevocationRecord]:
+        """Revocations made since the last pull: applied, published to streams, returned."""
         new: list[RevocationRecord] = []
         now = to_datetime(self._clock.now())
         while True:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Literal, NamedTuple
 
 SecretSlot = Literal["current", "previous"]
 KeyState = Literal["next", "active", "retired", "revoked"]
@@ -53,6 +53,20 @@ class RevocationRecord:
     expires_at: datetime
     reason: str
     created_at: datetime
+
+
+class HeldRevocation(NamedTuple):
+    """What a replica holds of a revocation in memory; times are whole epoch seconds.
+
+    The full RevocationRecord costs several times as much to build, and a replica starting
+    beside a million revocations builds one per revocation.
+    """
+
+    cursor: int
+    jti: str | None
+    service_id: str | None
+    revoked_before: int | None
+    expires_at: int
 
 
 @dataclass(frozen=True)

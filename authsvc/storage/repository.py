@@ -6,11 +6,12 @@ import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import (
     Connection,
     Engine,
+    Row,
     Table,
     bindparam,
     case,
@@ -41,6 +42,7 @@ from authsvc.storage.records import (
     AuditRecord,
     ChangeKind,
     ChangeRecord,
+    HeldRevocation,
     KeyState,
     RevocationRecord,
     SecretRecord,
@@ -114,7 +116,7 @@ def _key(row: SigningKeyRow) -> SigningKeyRecord:
     )
 
 
-def _revocation(row: RevocationRow) -> RevocationRecord:
+def _revocation(row: RevocationRow | Row[Any]) -> RevocationRecord:
     return RevocationRecord(
         cursor=row.cursor,
         jti=row.jti,
@@ -519,14 +521,45 @@ class Repository:
     ) -> list[RevocationRecord]:
         """Revocations still in force with a cursor above `after_cursor`, in cursor order."""
         now = _utc_in(now)
+        table = cast(Table, RevocationRow.__table__)
         with self._read() as s:
-            rows = s.scalars(
-                select(RevocationRow)
-                .where(RevocationRow.cursor > after_cursor, RevocationRow.expires_at > now)
-                .order_by(RevocationRow.cursor)
+            # Core rows, not ORM objects: a replica starting beside a million revocations
+            # reads them all through here, and the ORM's per-object cost would dominate.
+            rows = s.connection().execute(
+                select(table)
+                .where(table.c.cursor > after_cursor, table.c.expires_at > now)
+                .order_by(table.c.cursor)
                 .limit(limit)
             )
             return [_revocation(r) for r in rows]
+
+    def list_held_revocations(
+        self, after_cursor: int, now: datetime, limit: int = 10000
+    ) -> list[HeldRevocation]:
+        """list_revocations, cut to what a replica holds in memory (whole epoch seconds)."""
+        now = _utc_in(now)
+        t = cast(Table, RevocationRow.__table__).c
+        query = (
+            select(
+                t.cursor,
+                t.jti,
+                t.service_id,
+                # Whole seconds computed by the database: STRFTIME('%s') on SQLite, EXTRACT on
+                # PostgreSQL (truncated below), instead of a datetime built per row here.
+                func.extract("epoch", t.revoked_before),
+                func.extract("epoch", t.expires_at),
+            )
+            .where(t.cursor > after_cursor, t.expires_at > now)
+            .order_by(t.cursor)
+            .limit(limit)
+        )
+        with self._read() as s:
+            return [
+                HeldRevocation(
+                    cursor, jti, service_id, None if before is None else int(before), int(expires)
+                )
+                for cursor, jti, service_id, before, expires in s.connection().execute(query).all()
+            ]
 
     def fetch_latest_revocation_cursor(self) -> int:
         with self._read() as s:

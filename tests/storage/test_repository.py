@@ -249,6 +249,35 @@ class TestRevocations:
         assert (record.expires_at, record.created_at) == (at(900), at(1))
         assert repo.list_revocations(0, at(2)) == [record]
 
+    def test_held_revocations_are_the_records_in_whole_epoch_seconds(
+        self, repo: Repository
+    ) -> None:
+        """What a replica loads at start must equal what it would derive from the records."""
+        self._revoke_jti(repo, "j1", 900)
+        self._revoke_jti(repo, "j2", 1)  # expires before `now`: not held
+        repo.create_revocation(
+            jti=None,
+            service_id="orders",
+            revoked_before=at(5.75),
+            expires_at=at(3600.5),
+            reason="disabled",
+            now=at(1),
+        )
+        records = repo.list_revocations(0, at(2))
+        held = repo.list_held_revocations(0, at(2))
+        assert held == [
+            (
+                r.cursor,
+                r.jti,
+                r.service_id,
+                None if r.revoked_before is None else int(r.revoked_before.timestamp()),
+                int(r.expires_at.timestamp()),
+            )
+            for r in records
+        ]
+        assert [h.jti or h.service_id for h in held] == ["j1", "orders"]
+        assert repo.list_held_revocations(held[0].cursor, at(2), limit=1) == held[1:]
+
     def test_service_revocation_round_trips(self, repo: Repository) -> None:
         record = repo.create_revocation(
             jti=None,

@@ -133,3 +133,24 @@ class TestRevocationSet:
             tracemalloc.stop()
         assert len(revocations) == count
         assert used * (1_000_000 // count) < 160 * 1024 * 1024
+
+
+class TestAddAll:
+    def test_add_all_is_add_one_by_one(self) -> None:
+        entries = [
+            jti_entry(1, "j1"),
+            service_entry(2, "svc-a", NOW - 10, NOW + 3600),
+            jti_entry(3, "j1", expires_at=NOW + 1800),  # the same jti, later expiry
+            service_entry(4, "svc-a", NOW - 20, NOW + 60),  # an earlier cutoff changes nothing
+            jti_entry(5, "j2", expires_at=NOW + 5),
+        ]
+        one_by_one, together = RevocationSet(), RevocationSet()
+        for entry in entries:
+            one_by_one.add(entry)
+        together.add_all(iter(entries))
+        for s in (one_by_one, together):
+            assert (len(s), s.cursor) == (3, 5)
+            assert s.is_revoked("j1", "other", NOW) and s.is_revoked("j2", "other", NOW)
+            assert s.is_revoked("x", "svc-a", NOW - 11) and not s.is_revoked("x", "svc-a", NOW)
+        assert one_by_one.prune(NOW + 900) == together.prune(NOW + 900) == 1  # j2
+        assert together.is_revoked("j1", "other", NOW)  # kept until its later expiry

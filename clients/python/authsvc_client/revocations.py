@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import heapq
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from authsvc_client.v1 import auth_pb2
@@ -76,29 +77,39 @@ class RevocationSet:
     def add(self, entry: RevocationEntry) -> None:
         """Apply one entry; applying it again (a replayed event) changes nothing."""
         with self._lock:
-            if entry.jti is not None:
-                current = self._jtis.get(entry.jti)
-                if current is None or entry.expires_at > current:
-                    bucket = self._buckets.get(entry.expires_at)
-                    if bucket is None:
-                        bucket = self._buckets[entry.expires_at] = (entry.expires_at, [])
-                        heapq.heappush(self._bucket_heap, entry.expires_at)
-                    bucket[1].append(entry.jti)
-                    # Share the bucket's int object: one per second instead of one per jti.
-                    self._jtis[entry.jti] = bucket[0]
-            if entry.service_id is not None and entry.revoked_before is not None:
-                current_service = self._services.get(entry.service_id)
-                if current_service is None:
-                    merged = (entry.revoked_before, entry.expires_at)
-                else:
-                    # A later cutoff covers every token an earlier one did.
-                    merged = (
-                        max(current_service[0], entry.revoked_before),
-                        max(current_service[1], entry.expires_at),
-                    )
-                self._services[entry.service_id] = merged
-            if entry.cursor > self._cursor:
-                self._cursor = entry.cursor
+            self._add(entry)
+
+    def add_all(self, entries: Iterable[RevocationEntry]) -> None:
+        """add() for many entries under one lock (a replica loading what storage holds)."""
+        with self._lock:
+            for entry in entries:
+                self._add(entry)
+
+    def _add(self, entry: RevocationEntry) -> None:
+        """Callers hold the lock."""
+        if entry.jti is not None:
+            current = self._jtis.get(entry.jti)
+            if current is None or entry.expires_at > current:
+                bucket = self._buckets.get(entry.expires_at)
+                if bucket is None:
+                    bucket = self._buckets[entry.expires_at] = (entry.expires_at, [])
+                    heapq.heappush(self._bucket_heap, entry.expires_at)
+                bucket[1].append(entry.jti)
+                # Share the bucket's int object: one per second instead of one per jti.
+                self._jtis[entry.jti] = bucket[0]
+        if entry.service_id is not None and entry.revoked_before is not None:
+            current_service = self._services.get(entry.service_id)
+            if current_service is None:
+                merged = (entry.revoked_before, entry.expires_at)
+            else:
+                # A later cutoff covers every token an earlier one did.
+                merged = (
+                    max(current_service[0], entry.revoked_before),
+                    max(current_service[1], entry.expires_at),
+                )
+            self._services[entry.service_id] = merged
+        if entry.cursor > self._cursor:
+            self._cursor = entry.cursor
 
     def is_revoked(self, jti: str, subject: str, issued_at: int) -> bool:
         """True when this jti is revoked, or every token of `subject` issued before a cutoff
