@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -16,15 +18,15 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.hashes import SHA256
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from authsvc_client.claims import Claims, ValidationResult
+from authsvc_client.claims import Claims, ValidationResult, valid_result
 from authsvc_client.errors import TokenInvalid, error_for_reason
 from authsvc_client.keyring import KeyRing
 from authsvc_client.revocations import RevocationEntry, RevocationSet
 from authsvc_client.v1 import auth_pb2
-from authsvc_client.verifier import TokenVerifier
+from authsvc_client.verifier import _JSON, _SCOPE, TokenVerifier, _json_object
 
 NOW = 1_700_000_000
 ISSUER = "https://authsvc.internal"
@@ -781,3 +783,102 @@ class TestErrors:
                 message = str(error_for_reason(r)())
                 assert token not in message and jti_of(token) not in message
         assert token not in repr(make(env))
+
+
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+# JSON texts near the shapes the fast paths care about: objects with or without nesting,
+# whitespace around them, duplicates, trailing text, non-objects and broken text.
+_JSON_TEXTS = st.one_of(
+    st.builds(
+        lambda value, before, after: before + json.dumps(value) + after,
+        _JSON_VALUES,
+        st.sampled_from(["", " ", "\n", "\t\r"]),
+        st.sampled_from(["", " ", "\n", "x", "}", "{}", ",", '"']),
+    ),
+    st.builds(
+        lambda members, dup: (
+            "{"
+            + ",".join(f"{json.dumps(k)}:{json.dumps(v)}" for k, v in members + members[:dup])
+            + "}"
+        ),
+        st.lists(st.tuples(st.text(max_size=3), _JSON_VALUES), max_size=4),
+        st.integers(min_value=0, max_value=2),
+    ),
+    st.text(alphabet='{}[]":,0123456789.eE-+ ntrufalsNIy\\', max_size=24),
+)
+
+
+class TestShortcutsKeepTheRules:
+    """The cheaper forms on the cold path equal the plain forms they replaced."""
+
+    def test_valid_result_builds_what_the_dataclasses_build(self) -> None:
+        values = {
+            "issuer": "https://iss",
+            "subject": "svc-a",
+            "audience": "svc-b",
+            "scopes": ("read", "write"),
+            "issued_at": 1,
+            "not_before": 2,
+            "expires_at": 3,
+            "jti": "j",
+            "key_id": "k",
+            "client_id": "svc-c",
+        }
+        # A field added to Claims fails here until valid_result sets it too.
+        assert [f.name for f in dataclasses.fields(Claims)] == list(values)
+        built = valid_result(**values)
+        expected = ValidationResult.ok(Claims(**values))
+        assert type(built) is ValidationResult and type(built.claims) is Claims
+        assert built == expected and hash(built) == hash(expected)
+        assert repr(built) == repr(expected)
+        assert built.claims is not None
+        assert dataclasses.asdict(built.claims) == values
+        for obj, name in ((built, "valid"), (built.claims, "issuer")):
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                setattr(obj, name, None)
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                delattr(obj, name)
+
+    @settings(max_examples=400, deadline=None)
+    @given(text=_JSON_TEXTS)
+    def test_json_object_decodes_exactly_like_the_decoder(self, text: str) -> None:
+        try:
+            expected: Any = _JSON.decode(text)
+        except (ValueError, RecursionError) as exc:
+            with pytest.raises(type(exc)):
+                _json_object(text)
+        else:
+            assert _json_object(text) == expected
+
+    @pytest.mark.parametrize(
+        "text", ['{"a":1,"a":2}', '{"a":{"b":1,"b":2}}', '{"a":[{"b":1,"b":2}]}', "{", '{"a":}']
+    )
+    def test_json_object_refuses_what_the_decoder_refuses(self, text: str) -> None:
+        with pytest.raises(ValueError):
+            _JSON.decode(text)
+        with pytest.raises(ValueError):
+            _json_object(text)
+
+    @settings(max_examples=500, deadline=None)
+    @given(
+        scope=st.one_of(
+            st.text(alphabet=" ab~!#[]", max_size=10),
+            st.text(alphabet=' ab"\\\t\x7f\x00\u00e9', max_size=6),
+        )
+    )
+    @example(scope="a  b")
+    @example(scope=" a")
+    @example(scope="a ")
+    @example(scope=" ")
+    @example(scope="a\tb")
+    def test_one_scope_regex_equals_matching_each_name(self, scope: str) -> None:
+        names = scope.split(" ") if scope else []
+        each = all(_SCOPE_TOKEN.fullmatch(name) is not None for name in names)
+        assert (scope == "" or _SCOPE.fullmatch(scope) is not None) == each
+
+    @pytest.mark.parametrize("dots", [0, 1, 3, 4, 5])
+    def test_anything_but_two_dots_is_malformed(self, env: Env, dots: int) -> None:
+        h, p, s = good(env).split(".")
+        shaped = ".".join([h, p, s, s, s, s][: dots + 1])
+        assert reason(make(env).verify(shaped, audience=AUD)) == "MALFORMED"
+        assert make(env).verify(".".join([h, p, s]), audience=AUD).valid

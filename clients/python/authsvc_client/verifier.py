@@ -16,14 +16,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
 from cryptography.hazmat.primitives.hashes import SHA256
 
-from authsvc_client._b64 import b64url_decode, b64url_decode_lenient, b64url_encode_bytes
+from authsvc_client._b64 import b64url_decode_canonical, b64url_decode_lenient
 from authsvc_client.claims import (
     ALGORITHM,
     DEFAULT_LEEWAY_SECONDS,
     DEFAULT_MAX_TOKEN_BYTES,
     TOKEN_TYPE,
-    Claims,
     ValidationResult,
+    valid_result,
 )
 from authsvc_client.errors import (
     BadSignature,
@@ -66,8 +66,10 @@ _NOT_BASE64 = bytes(
 # Header segments known good (exact bytes -> kid); cleared when full, since anyone can mint
 # headers that pass the header rules.
 _HEADER_CACHE_SIZE = 256
-# RFC 6749 section 3.3 scope-token: printable ASCII except space, double quote and backslash.
-_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+# RFC 6749 section 3.3 scope-token: printable ASCII except space, double quote and backslash;
+# RFC 8693 section 4.2 scope: scope-tokens joined by single spaces. The token class excludes the
+# space, so one match of the whole string equals splitting on " " and matching each name.
+_SCOPE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+(?: [\x21\x23-\x5b\x5d-\x7e]+)*")
 # RFC 7518 section 3.3: RS256 is RSASSA-PKCS1-v1_5 with SHA-256.
 _PADDING = PKCS1v15()
 _HASH = SHA256()
@@ -98,17 +100,39 @@ _JSON = json.JSONDecoder(
     parse_constant=_no_constant,
     parse_float=_finite_float,
 )
+# The scanner under _JSON.decode: every JSONDecoder has one, but typeshed does not declare it.
+_scan: Callable[[str, int], tuple[Any, int]] = _JSON.scan_once  # type: ignore[attr-defined]
 
 
-def _parse_segment(segment: bytes) -> tuple[dict[str, Any], bytes]:
-    """Read a header or payload segment as a JSON object; not yet trusted, not yet canonical."""
+def _json_object(text: str) -> Any:
+    """_JSON.decode(text), minus its two whitespace regex passes and a Python frame when the
+    text starts with the object itself (as authsvc issues it). Anything else, and any text
+    with more after the object, takes _JSON.decode, so errors and values are always _JSON's.
+    """
+    if text.startswith("{"):
+        try:
+            obj, end = _scan(text, 0)
+        except StopIteration:  # what raw_decode turns into "Expecting value"
+            return _JSON.decode(text)
+        if end == len(text):
+            return obj
+    return _JSON.decode(text)
+
+
+def _parse_segment(segment: bytes) -> tuple[dict[str, Any], bool]:
+    """Read a header or payload segment as a JSON object, and say whether its base64url was
+    canonical; the object is not yet trusted, and a non-canonical one is still read (for the
+    revocation check) but must end MALFORMED."""
+    raw = b64url_decode_canonical(segment)
+    canonical = raw is not None
     try:
-        raw = b64url_decode_lenient(segment.translate(None, _NOT_BASE64))
+        if raw is None:
+            raw = b64url_decode_lenient(segment.translate(None, _NOT_BASE64))
         if raw.startswith(_UTF8_BOM):  # RFC 8259 section 8.1: MUST NOT add a BOM
             raise Malformed
         text = raw.decode("utf-8")  # strict: invalid UTF-8 and encoded surrogates fail
-        obj = _JSON.decode(text)
-        if "\\u" in text:
+        obj = _json_object(text)
+        if 92 in raw and "\\u" in text:  # 92 is a backslash; an int scans the bytes fastest
             # An escaped lone surrogate parses to a str that cannot be encoded as UTF-8 and
             # would crash protobuf serialisation later; only escapes can produce one.
             json.dumps(obj, ensure_ascii=False).encode("utf-8")
@@ -116,7 +140,7 @@ def _parse_segment(segment: bytes) -> tuple[dict[str, Any], bytes]:
         raise Malformed from None
     if not isinstance(obj, dict):
         raise Malformed
-    return obj, raw
+    return obj, canonical
 
 
 def _checked_kid(header: dict[str, Any]) -> str:
@@ -137,36 +161,33 @@ def _checked_kid(header: dict[str, Any]) -> str:
     return kid
 
 
-def _numeric_date(value: Any) -> int:
-    # RFC 7519 section 2 NumericDate, narrowed to an integer: bool is an int subclass in Python
-    # and floats are not issued by authsvc, so both are refused by exact type.
-    if type(value) is not int or not 0 <= value <= _MAX_NUMERIC_DATE:
-        raise Malformed
-    return value
-
-
-def _nonempty_str(value: Any) -> str:
-    if type(value) is not str or not value:
-        raise Malformed
-    return value
-
-
 class _Entry:
     """What a verified token still needs checked on each use; kept in the cache."""
 
     __slots__ = ("aud", "exp", "iat", "iss", "jti", "kid", "nbf", "result", "scopes", "sub")
 
-    def __init__(self, claims: Claims) -> None:
-        self.iss = claims.issuer
-        self.sub = claims.subject
-        self.aud = claims.audience
-        self.jti = claims.jti
-        self.kid = claims.key_id
-        self.iat = claims.issued_at
-        self.nbf = claims.not_before
-        self.exp = claims.expires_at
-        self.scopes = frozenset(claims.scopes)
-        self.result = ValidationResult.ok(claims)
+    def __init__(
+        self,
+        iss: str,
+        sub: str,
+        aud: str,
+        jti: str,
+        kid: str,
+        iat: int,
+        nbf: int,
+        exp: int,
+        scopes: tuple[str, ...],
+    ) -> None:
+        self.iss = iss
+        self.sub = sub
+        self.aud = aud
+        self.jti = jti
+        self.kid = kid
+        self.iat = iat
+        self.nbf = nbf
+        self.exp = exp
+        self.scopes = frozenset(scopes)
+        self.result = valid_result(iss, sub, aud, scopes, iat, nbf, exp, jti, kid, sub)
 
 
 class TokenVerifier:
@@ -266,59 +287,54 @@ class TokenVerifier:
         if now is None:
             now = self._clock()
         try:
-            return self._verify(token, audience, required_scopes, now)
+            # Size first, before any decoding (RFC 8725 section 3.4 spirit: bound the work).
+            if isinstance(token, str):
+                if len(token) > self._max_bytes or not token.isascii():
+                    raise Malformed
+                raw = token.encode()  # ASCII, so the UTF-8 encoder only copies
+            elif isinstance(token, bytes):
+                if len(token) > self._max_bytes or not token.isascii():
+                    raise Malformed
+                raw = token
+            else:
+                raise Malformed
+
+            if not self._cache_size:  # nothing is ever cached, so no cache key either
+                return self._check(self._verify_signed(raw), audience, required_scopes, now)
+
+            # Cache key: the exact bytes, never the jti, so a token re-encoded or altered under
+            # a cached jti misses and is verified in full.
+            digest = hashlib.sha256(raw).digest()
+            entry = self._cache.get(digest)
+            if entry is not None:
+                if entry.kid in self._keys() and now < entry.exp + self._leeway:
+                    return self._check(entry, audience, required_scopes, now)
+                # Key gone or token expired: forget it and let a full verification decide.
+                self._forget(digest)
+
+            entry = self._verify_signed(raw)
+            if now < entry.exp + self._leeway:
+                self._remember(digest, entry)
+            return self._check(entry, audience, required_scopes, now)
         except TokenInvalid as exc:
             return ValidationResult.fail(exc.reason)
-
-    def _verify(
-        self, token: object, audience: str, required_scopes: Sequence[str], now: float
-    ) -> ValidationResult:
-        # Size first, before any decoding (RFC 8725 section 3.4 spirit: bound the work).
-        if isinstance(token, str):
-            if len(token) > self._max_bytes:
-                raise Malformed
-            try:
-                raw = token.encode("ascii")
-            except UnicodeEncodeError:
-                raise Malformed from None
-        elif isinstance(token, bytes):
-            if len(token) > self._max_bytes or not token.isascii():
-                raise Malformed
-            raw = token
-        else:
-            raise Malformed
-
-        # Cache key: the exact bytes, never the jti, so a token re-encoded or altered under a
-        # cached jti misses and is verified in full.
-        digest = hashlib.sha256(raw).digest()
-        entry = self._cache.get(digest)
-        if entry is not None:
-            if entry.kid in self._keys() and now < entry.exp + self._leeway:
-                return self._check(entry, audience, required_scopes, now)
-            # Key gone or token expired: forget it and let a full verification decide.
-            self._forget(digest)
-
-        entry = self._verify_signed(raw)
-        if self._cache_size and now < entry.exp + self._leeway:
-            self._remember(digest, entry)
-        return self._check(entry, audience, required_scopes, now)
 
     def _verify_signed(self, raw: bytes) -> _Entry:
         """Decoding, revocation by the raw jti, header rules, key lookup and RSA."""
         # RFC 7515 section 7.1: compact serialisation only. JWE (5 parts, RFC 7516) and the JSON
         # serialisation are not access tokens here.
-        parts = raw.split(b".")
-        if len(parts) != 3:
+        h64, _, rest = raw.partition(b".")
+        p64, dot, s64 = rest.partition(b".")
+        if not dot or 46 in s64:  # not exactly two '.' (46); an int scans fastest
             raise Malformed
-        h64, p64, s64 = parts
         # A header segment that already passed every header check needs no second look; the
         # outcome is a pure function of its bytes.
         kid = self._headers.get(h64)
         header: dict[str, Any] = {}
-        header_raw = b""
+        header_canonical = True
         if kid is None:
-            header, header_raw = _parse_segment(h64)
-        payload, payload_raw = _parse_segment(p64)
+            header, header_canonical = _parse_segment(h64)
+        payload, payload_canonical = _parse_segment(p64)
 
         # Revocation before canonical-form checks: a revoked token stays REVOKED however its
         # base64 is respelled (padding, +/ alphabet).
@@ -333,14 +349,11 @@ class TokenVerifier:
 
         # RFC 7515 section 2 / appendix C: base64url without padding, in canonical form, in
         # every segment; otherwise one signature would cover many token strings.
-        if kid is None and b64url_encode_bytes(header_raw) != h64:
+        if not header_canonical or not payload_canonical:
             raise Malformed
-        if b64url_encode_bytes(payload_raw) != p64:
+        signature = b64url_decode_canonical(s64)
+        if signature is None:
             raise Malformed
-        try:
-            signature = b64url_decode(s64)
-        except ValueError:
-            raise Malformed from None
 
         if kid is None:
             kid = _checked_kid(header)
@@ -369,47 +382,48 @@ class TokenVerifier:
         except (InvalidSignature, ValueError):
             raise BadSignature from None
 
-        return _Entry(self._claims(payload, kid))
+        return self._entry(payload, kid, jti, sub, iat)
 
     @staticmethod
-    def _claims(payload: dict[str, Any], kid: str) -> Claims:
-        """RFC 9068 section 2.2 required claims with exact JSON types; extra claims ignored."""
-        iss = payload.get("iss")
-        if type(iss) is not str:
+    def _entry(payload: dict[str, Any], kid: str, jti: Any, sub: Any, iat: Any) -> _Entry:
+        """RFC 9068 section 2.2 required claims with exact JSON types; extra claims ignored.
+
+        jti, sub and iat are payload.get() of those names, already read for revocation.
+        """
+        try:
+            iss, aud, scope = payload["iss"], payload["aud"], payload["scope"]
+            exp, nbf, client_id = payload["exp"], payload["nbf"], payload["client_id"]
+        except KeyError:
+            raise Malformed from None
+        # Every failure here is MALFORMED, so one expression makes all the checks.
+        if (
+            type(iss) is not str
+            or type(sub) is not str
+            or not sub
+            # RFC 7519 allows an array; authsvc tokens carry exactly one audience, so an array
+            # is refused rather than searched (no "any of" audience confusion).
+            or type(aud) is not str
+            or type(jti) is not str
+            or not jti
+            # RFC 7519 section 2 NumericDate, narrowed to an integer: bool is an int subclass in
+            # Python and floats are not issued by authsvc, so both are refused by exact type.
+            or type(exp) is not int
+            or not 0 <= exp <= _MAX_NUMERIC_DATE
+            or type(nbf) is not int
+            or not 0 <= nbf <= _MAX_NUMERIC_DATE
+            or type(iat) is not int
+            or not 0 <= iat <= _MAX_NUMERIC_DATE
+            or type(scope) is not str
+            # RFC 8693 section 4.2 / RFC 6749 section 3.3: space-delimited scope-tokens (no
+            # empty names, no tabs, controls or non-ASCII that another parser might split
+            # differently).
+            or (scope and _SCOPE.fullmatch(scope) is None)
+            # RFC 9068 section 2.2: client_id; for service-to-service tokens it is the subject.
+            or client_id != sub
+        ):
             raise Malformed
-        sub = _nonempty_str(payload.get("sub"))
-        aud = payload.get("aud")
-        # RFC 7519 allows an array; authsvc tokens carry exactly one audience, so an array is
-        # refused rather than searched (no "any of" audience confusion).
-        if type(aud) is not str:
-            raise Malformed
-        exp = _numeric_date(payload.get("exp"))
-        nbf = _numeric_date(payload.get("nbf"))
-        iat = _numeric_date(payload.get("iat"))
-        jti = _nonempty_str(payload.get("jti"))
-        scope = payload.get("scope")
-        if type(scope) is not str:
-            raise Malformed
-        # RFC 8693 section 4.2 / RFC 6749 section 3.3: space-delimited scope-tokens (no empty
-        # names, no tabs, controls or non-ASCII that another parser might split differently).
         scopes = tuple(scope.split(" ")) if scope else ()
-        if any(_SCOPE_TOKEN.fullmatch(name) is None for name in scopes):
-            raise Malformed
-        # RFC 9068 section 2.2: client_id; for service-to-service tokens it is the subject.
-        if payload.get("client_id") != sub:
-            raise Malformed
-        return Claims(
-            issuer=iss,
-            subject=sub,
-            audience=aud,
-            scopes=scopes,
-            issued_at=iat,
-            not_before=nbf,
-            expires_at=exp,
-            jti=jti,
-            key_id=kid,
-            client_id=sub,
-        )
+        return _Entry(iss, sub, aud, jti, kid, iat, nbf, exp, scopes)
 
     def _revoked(self, subject: str) -> type[Revoked] | type[ServiceDisabled]:
         """Disabling a service also revokes its tokens (so local validators learn of it);
