@@ -153,6 +153,19 @@ class TestRedaction:
         assert "opaque123" not in out
         assert "Bearer [REDACTED]" in out
 
+    def test_each_shape_is_scrubbed_alone_in_any_casing_and_clean_text_is_untouched(
+        self,
+    ) -> None:
+        for text, hidden in (
+            ("token eyJhbGciOi.eyJzdWIi.c2ln here", "eyJhbGciOi.eyJzdWIi.c2ln"),
+            ("secret asvcs_abcDEF123_-x here", "asvcs_abcDEF123"),
+            ("authorization: BEARER opaque123", "opaque123"),
+            ("authorization: bEaReR opaque123", "opaque123"),
+        ):
+            assert hidden not in redact(text) and "[REDACTED]" in redact(text)
+        clean = "rpc outcome=OK method=/authsvc.v1.AuthService/ValidateToken"
+        assert redact(clean) is clean
+
     def test_exception_text_is_left_out_of_json_lines(self) -> None:
         hidden = "-".join(["secret", "value", "in", "message"])
         try:
