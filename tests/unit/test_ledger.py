@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -225,6 +226,44 @@ class TestOutcomes:
         world.ledger.settle_sync(world.login())  # the queue has been worked through
         assert world.failures("id:orders") == 0
         assert world.audit_outcomes() == ["ok"]  # the blocker's grant, nothing else
+
+    def test_an_event_loop_caller_cancelled_while_queued_is_never_settled(
+        self, world: World
+    ) -> None:
+        release, blocker = _hold_the_ledger(world)
+
+        async def cancelled_call() -> None:
+            task = asyncio.create_task(world.ledger.settle(world.login("asvcs_wrong")))
+            await asyncio.sleep(0.05)  # queued behind the blocker
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            release.set()
+            # The next login from the loop is answered: the ledger went on past the cancelled one.
+            result = await world.ledger.settle(world.login())
+            assert result.service.service_id == "orders"
+
+        asyncio.run(cancelled_call())
+        _outcome(blocker)
+        assert world.failures("id:orders") == 0
+        assert world.audit_outcomes() == ["ok"]  # the blocker's grant, nothing else
+
+    def test_event_loop_callers_of_one_batch_get_their_own_answers(self, world: World) -> None:
+        release, blocker = _hold_the_ledger(world)
+
+        async def batch() -> list[str]:
+            calls = [
+                asyncio.create_task(world.ledger.settle(world.login(secret)))
+                for secret in (None, "asvcs_wrong", None)
+            ]
+            await asyncio.sleep(0.05)
+            release.set()
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            return [type(o).__name__ for o in outcomes]
+
+        assert asyncio.run(batch()) == ["LoginResult", "Unauthenticated", "LoginResult"]
+        _outcome(blocker)
+        assert world.batches[-1] == 3
 
 
 class TestDatabaseFaults:
