@@ -14,13 +14,15 @@ NOW = 1_700_000_000
 
 
 def jti_entry(cursor: int, jti: str, expires_at: int = NOW + 900) -> RevocationEntry:
-    return RevocationEntry(cursor=cursor, jti=jti, service_id=None, revoked_before=None,
-                           expires_at=expires_at)
+    return RevocationEntry(
+        cursor=cursor, jti=jti, service_id=None, revoked_before=None, expires_at=expires_at
+    )
 
 
 def service_entry(cursor: int, service: str, before: int, expires_at: int) -> RevocationEntry:
-    return RevocationEntry(cursor=cursor, jti=None, service_id=service, revoked_before=before,
-                           expires_at=expires_at)
+    return RevocationEntry(
+        cursor=cursor, jti=None, service_id=service, revoked_before=before, expires_at=expires_at
+    )
 
 
 class TestRevocationEntry:
@@ -154,3 +156,15 @@ class TestAddAll:
             assert s.is_revoked("x", "svc-a", NOW - 11) and not s.is_revoked("x", "svc-a", NOW)
         assert one_by_one.prune(NOW + 900) == together.prune(NOW + 900) == 1  # j2
         assert together.is_revoked("j1", "other", NOW)  # kept until its later expiry
+
+
+class TestJtiWatchers:
+    def test_a_watcher_hears_each_newly_revoked_jti_once(self) -> None:
+        heard: list[str] = []
+        revocations = RevocationSet()
+        revocations.watch_jtis(heard.append)
+        revocations.add(jti_entry(1, "j1"))
+        revocations.add(jti_entry(2, "j1", expires_at=NOW + 1800))  # already revoked
+        revocations.add(service_entry(3, "svc-a", NOW, NOW + 3600))
+        revocations.add_all([jti_entry(4, "j2"), jti_entry(5, "j3")])
+        assert heard == ["j1", "j2", "j3"]

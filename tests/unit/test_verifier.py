@@ -693,6 +693,31 @@ class TestCache:
         verifier.verify("garbage", audience=AUD)
         assert verifier.cached_tokens == 0
 
+    def test_a_revoked_jti_leaves_the_cache_at_once(self, env: Env) -> None:
+        revocations = RevocationSet()
+        verifier = make(env, revocations=revocations, cache_size=2)
+        tokens = [good(env) for _ in range(3)]
+        for token in tokens:
+            assert verifier.verify(token, audience=AUD).valid
+        assert verifier.cached_tokens == 2  # the first was evicted
+        revocations.add(RevocationEntry(1, jti_of(tokens[0]), None, None, NOW + 900))
+        assert verifier.cached_tokens == 2  # not cached: nothing to drop
+        revocations.add(RevocationEntry(2, jti_of(tokens[1]), None, None, NOW + 900))
+        assert verifier.cached_tokens == 1
+        assert reason(verifier.verify(tokens[1], audience=AUD)) == "REVOKED"
+        assert verifier.verify(tokens[2], audience=AUD).valid
+        assert verifier.cached_tokens == 1
+
+    def test_a_ring_swapped_for_an_equal_one_keeps_cached_tokens_valid(self, env: Env) -> None:
+        holder = {"ring": env.ring}
+        verifier = make(env, keys=lambda: holder["ring"])
+        token = good(env)
+        assert verifier.verify(token, audience=AUD).valid
+        for ring in (KeyRing({env.kid: env.key.public_key()}), KeyRing({}), env.ring):
+            holder["ring"] = ring
+            expected = "UNKNOWN_KEY" if env.kid not in ring else "VALIDATION_FAILURE_UNSPECIFIED"
+            assert reason(verifier.verify(token, audience=AUD)) == expected
+
     def test_cache_can_be_disabled(self, env: Env) -> None:
         verifier = make(env, cache_size=0)
         assert verifier.verify(good(env), audience=AUD).valid
@@ -734,9 +759,12 @@ class TestNeverRaises:
         assert not make(env).verify(token, audience=AUD).valid
 
     @settings(max_examples=200, deadline=None)
-    @given(position=st.integers(min_value=0), char=st.sampled_from(
-        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=+/. "
-    ))
+    @given(
+        position=st.integers(min_value=0),
+        char=st.sampled_from(
+            "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=+/. "
+        ),
+    )
     def test_no_single_character_change_of_a_valid_token_is_valid(
         self, env: Env, position: int, char: str
     ) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import heapq
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from authsvc_client.v1 import auth_pb2
@@ -59,6 +59,9 @@ class RevocationSet:
         self._buckets: dict[int, tuple[int, list[str]]] = {}
         self._bucket_heap: list[int] = []
         self._cursor = 0
+        # Called with each newly revoked jti, under the lock (TokenVerifier drops it from its
+        # cache); a callback must be quick and must not call back into this set.
+        self._jti_watchers: list[Callable[[str], None]] = []
 
     @property
     def cursor(self) -> int:
@@ -73,6 +76,11 @@ class RevocationSet:
             f"RevocationSet(jtis={len(self._jtis)}, services={len(self._services)}, "
             f"cursor={self._cursor})"
         )
+
+    def watch_jtis(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(jti)` for every jti revoked from now on."""
+        with self._lock:
+            self._jti_watchers.append(callback)
 
     def add(self, entry: RevocationEntry) -> None:
         """Apply one entry; applying it again (a replayed event) changes nothing."""
@@ -97,6 +105,9 @@ class RevocationSet:
                 bucket[1].append(entry.jti)
                 # Share the bucket's int object: one per second instead of one per jti.
                 self._jtis[entry.jti] = bucket[0]
+                if current is None:
+                    for watcher in self._jti_watchers:
+                        watcher(entry.jti)
         if entry.service_id is not None and entry.revoked_before is not None:
             current_service = self._services.get(entry.service_id)
             if current_service is None:

@@ -164,7 +164,19 @@ def _checked_kid(header: dict[str, Any]) -> str:
 class _Entry:
     """What a verified token still needs checked on each use; kept in the cache."""
 
-    __slots__ = ("aud", "exp", "iat", "iss", "jti", "kid", "nbf", "result", "scopes", "sub")
+    __slots__ = (
+        "aud",
+        "exp",
+        "iat",
+        "iss",
+        "jti",
+        "kid",
+        "nbf",
+        "result",
+        "ring",
+        "scopes",
+        "sub",
+    )
 
     def __init__(
         self,
@@ -188,6 +200,9 @@ class _Entry:
         self.exp = exp
         self.scopes = frozenset(scopes)
         self.result = valid_result(iss, sub, aud, scopes, iat, nbf, exp, jti, kid, sub)
+        # The last ring seen holding `kid`. Rings are immutable and replaced whole, so while
+        # the current ring is this very object the kid is in it: no lookup needed.
+        self.ring: KeyRing | None = None
 
 
 class TokenVerifier:
@@ -251,7 +266,11 @@ class TokenVerifier:
         # sha256(token bytes) -> _Entry, in insertion order. Reads take no lock (one atomic
         # dict.get); every write, eviction included, holds _cache_lock.
         self._cache: dict[bytes, _Entry] = {}
+        # jti -> digest of the cached token carrying it, so a revocation drops it at once.
+        self._cached_jtis: dict[str, bytes] = {}
         self._cache_lock = threading.Lock()
+        if cache_size:
+            revocations.watch_jtis(self._drop_revoked)
         # Single atomic get/set/clear operations only, so no lock.
         self._headers: dict[bytes, str] = {}
 
@@ -307,7 +326,9 @@ class TokenVerifier:
             digest = hashlib.sha256(raw).digest()
             entry = self._cache.get(digest)
             if entry is not None:
-                if entry.kid in self._keys() and now < entry.exp + self._leeway:
+                ring = self._keys()
+                if (entry.ring is ring or entry.kid in ring) and now < entry.exp + self._leeway:
+                    entry.ring = ring  # any thread may store it: every candidate holds the kid
                     return self._check(entry, audience, required_scopes, now)
                 # Key gone or token expired: forget it and let a full verification decide.
                 self._forget(digest)
@@ -465,9 +486,28 @@ class TokenVerifier:
             if digest in cache:
                 return
             while len(cache) >= self._cache_size:
-                del cache[next(iter(cache))]  # oldest first (dicts keep insertion order)
+                oldest = next(iter(cache))  # dicts keep insertion order
+                self._unindex(oldest, cache.pop(oldest))
             cache[digest] = entry
+            # A jti names one token; should two cached spellings share one (a forged copy
+            # cannot verify, so only our own), the index keeps the newest, and the per-use
+            # revocation check in _check still stops the other.
+            self._cached_jtis[entry.jti] = digest
 
     def _forget(self, digest: bytes) -> None:
         with self._cache_lock:
-            self._cache.pop(digest, None)
+            entry = self._cache.pop(digest, None)
+            if entry is not None:
+                self._unindex(digest, entry)
+
+    def _unindex(self, digest: bytes, entry: _Entry) -> None:
+        """Callers hold _cache_lock; `entry` has just left the cache from under `digest`."""
+        if self._cached_jtis.get(entry.jti) == digest:
+            del self._cached_jtis[entry.jti]
+
+    def _drop_revoked(self, jti: str) -> None:
+        """RevocationSet watcher: a revoked token leaves the cache at once."""
+        with self._cache_lock:
+            digest = self._cached_jtis.pop(jti, None)
+            if digest is not None:
+                self._cache.pop(digest, None)
