@@ -93,7 +93,7 @@ def _calibrate(fn: Callable[[], object], target_seconds: float) -> int:
 
 
 def time_all(
-    candidates: dict[str, Callable[[], object]], *, rounds: int = 15, round_seconds: float = 0.1
+    candidates: dict[str, Callable[[], object]], *, rounds: int = 25, round_seconds: float = 0.1
 ) -> dict[str, Timing]:
     """timeit rounds, interleaved across candidates so drift on a shared machine hits all of
     them alike."""
@@ -114,7 +114,7 @@ def run_local(
     scopes: list[str],
     issuer: str,
     validator: LocalValidator | None = None,
-    rounds: int = 15,
+    rounds: int = 25,
 ) -> dict[str, Any]:
     """Time each way of validating `token` and return µs per call and the ratios."""
     ring = KeyRing({kid: key})

@@ -62,7 +62,22 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                     "access log) stands in for it",
                 )
             )
+        for key, what in (
+            ("validate_valid_over_health", "valid / Health.Check"),
+            ("validate_mix_over_health", "10% invalid / Health.Check"),
+        ):
+            out.append(
+                _target(
+                    f"ValidateToken rps, {what}",
+                    ratios[key]["value"],
+                    0.85,
+                    "x",
+                    at_least=True,
+                    note="the bare RPC of the same server: no servicer wrapper, no access line",
+                )
+            )
         workers = result["settings"].get("authsvc_workers", 1)
+        ceiling = result.get("issue_ceiling", {}).get("tokens_per_s")
         out.append(
             _target(
                 "IssueToken throughput",
@@ -70,7 +85,10 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 1000.0,
                 "tokens/s",
                 at_least=True,
-                note=f"authsvc with {workers} process(es); the target assumes --workers 2",
+                note=f"authsvc with {workers} process(es); this machine's ceiling in this run: "
+                f"{ceiling:,.0f}/s"
+                if ceiling
+                else f"authsvc with {workers} process(es)",
             )
         )
     rev = result.get("revocations")
@@ -98,6 +116,29 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         )
         out.append(
             _target(f"memory for {n} revocations", rev["held_mb"], 200.0, "MB", at_least=False)
+        )
+    rpc = result.get("revocations_rpc")
+    if rpc:
+        n = f"{rpc['revocations']:,}"
+        for key in ("p50", "p99"):
+            out.append(
+                _target(
+                    f"ValidateToken RPC {key} latency, {n} revocations vs none",
+                    rpc["ratios"][key],
+                    1.10,
+                    "x",
+                    at_least=False,
+                    note="two single-process servers from one database snapshot",
+                )
+            )
+        out.append(
+            _target(
+                f"server memory for {n} revocations (RSS growth)",
+                rpc["held_rss_growth_mb"],
+                200.0,
+                "MB",
+                at_least=False,
+            )
         )
     return out
 
@@ -192,6 +233,35 @@ def render(result: dict[str, Any]) -> str:
                 ],
             ),
         ]
+    rpc = result.get("revocations_rpc")
+    if rpc:
+        n = f"{rpc['revocations']:,}"
+        rows = [
+            [
+                label,
+                f"{x['rps']:,.0f}",
+                f"{x['p50_ms']:.2f}",
+                f"{x['p99_ms']:.2f}",
+                f"{x['server_cpu_us_per_call']:.0f}",
+                f"{rpc[f'{name}_start_seconds']:.1f}",
+                f"{rpc[f'{name}_rss_mb']:.0f}",
+            ]
+            for name, label in (("empty", "no revocations"), ("held", f"{n} revocations"))
+            for x in (rpc["load"][name],)
+        ]
+        r = rpc["ratios"]
+        parts += [
+            "",
+            f"1c. ValidateToken RPC on single-process servers holding none and {n} revocations "
+            f"(seeded in {rpc['seed_seconds']} s)",
+            _table(
+                ["server", "rps", "p50 ms", "p99 ms", "srv us/call", "SERVING after s", "RSS MB"],
+                rows,
+            ),
+            f"{n} / none: rps {r['rps']['value']:.3f} (slices {r['rps']['slice_p25']:.3f}-"
+            f"{r['rps']['slice_p75']:.3f}), p50 {r['p50']:.3f}, p99 {r['p99']:.3f}; "
+            f"memory +{rpc['held_rss_growth_mb']:.0f} MB",
+        ]
     load = result.get("load")
     if load:
         rows = []
@@ -265,6 +335,16 @@ def render(result: dict[str, Any]) -> str:
                     for k, v in ratios.items()
                 ],
             ),
+        ]
+    ceiling = result.get("issue_ceiling")
+    if ceiling:
+        parts += [
+            "",
+            f"IssueToken ceiling of this machine in this run: {ceiling['tokens_per_s']:,.0f} "
+            f"tokens/s = {ceiling['cpus']} cores / ({ceiling['sign_us']:.0f} us RSA sign + "
+            f"{ceiling['no_work_rpc_server_us']:.0f} us server CPU of a no-work RPC + "
+            f"{ceiling['client_us']:.0f} us load-generator CPU per call); "
+            f"IssueToken reached {ceiling['fraction']:.0%} of it",
         ]
     marks = result.get("targets") or []
     if marks:

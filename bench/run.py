@@ -26,7 +26,7 @@ from bench.echo import SCOPE, EchoProcess
 from bench.loadgen import Target, TargetResult, run_load
 from bench.local import run_local
 from bench.report import check_targets, render
-from bench.revocations import run_revocations
+from bench.revocations import rss_mb, run_revocations, seed_revocations, snapshot_database
 from bench.stats import median, percentile, write_frames
 from tests.support.server import (
     TEST_ISSUER,
@@ -152,6 +152,82 @@ def _check_echo(plain: EchoProcess, local: EchoProcess, token: str) -> None:
                 raise
         else:
             raise RuntimeError("the intercepted echo server accepted a call without a token")
+
+
+def _revocations_rpc(
+    args: argparse.Namespace,
+    folder: Path,
+    env: dict[str, str],
+    requests: Path,
+    measured: dict[str, TargetResult],
+) -> dict[str, Any]:
+    """ValidateToken on two single-process servers started from one snapshot of the database,
+    one with `args.revocations` revocations seeded into its copy: how long each takes to serve,
+    its memory, and its ValidateToken throughput and latency, measured in alternating slices."""
+    source = Path(env["AUTHSVC_DATABASE_URL"].removeprefix("sqlite:///"))
+    copies = {"empty": folder / "rev-empty.db", "held": folder / "rev-held.db"}
+    for copy in copies.values():
+        snapshot_database(source, copy)
+    seed_seconds = seed_revocations(copies["held"], args.revocations)
+    servers: dict[str, RunningServer] = {}
+    out: dict[str, Any] = {"revocations": args.revocations, "seed_seconds": round(seed_seconds, 1)}
+    try:
+        for name, copy in copies.items():
+            began = time.monotonic()
+            servers[name] = start_server(
+                {**env, "AUTHSVC_DATABASE_URL": f"sqlite:///{copy}"}, timeout=600
+            )
+            out[f"{name}_start_seconds"] = round(time.monotonic() - began, 1)
+        time.sleep(2)  # let start-up garbage be collected before reading RSS
+        for name, server in servers.items():
+            out[f"{name}_rss_mb"] = round(rss_mb(server.proc.pid), 1)
+        out["held_rss_growth_mb"] = round(out["held_rss_mb"] - out["empty_rss_mb"], 1)
+        targets = [
+            Target(f"validate_{name}_revocations", server.address, VALIDATE, str(requests),
+                   server.proc.pid)
+            for name, server in servers.items()
+        ]  # fmt: skip
+        results = run_load(
+            targets,
+            folder=folder,
+            label="revocations",
+            concurrency=args.concurrency,
+            connections=args.connections,
+            warmup=args.warmup,
+            slice_seconds=args.slice,
+            slices=args.slices,
+        )
+    finally:
+        for server in servers.values():
+            server.stop()
+    measured.update(results)
+    empty, held = (results[f"validate_{n}_revocations"].summary() for n in ("empty", "held"))
+    out["load"] = {"empty": empty, "held": held}
+    out["ratios"] = {
+        "rps": _ratio(results, "validate_held_revocations", "validate_empty_revocations"),
+        "p50": round(held["p50_ms"] / empty["p50_ms"], 3) if empty["p50_ms"] else 0.0,
+        "p99": round(held["p99_ms"] / empty["p99_ms"], 3) if empty["p99_ms"] else 0.0,
+    }
+    return out
+
+
+def _issue_ceiling(result: dict[str, Any]) -> dict[str, Any]:
+    """What IssueToken could reach on this machine in this run if authsvc added nothing to a
+    token but its signature: every core busy with one RSA sign, the server CPU a no-work RPC
+    costs on the same stack (GetJwks) and the load generator's CPU per call, nothing else."""
+    cpus = int(result["machine"]["nproc"])
+    sign = float(result["local"]["us_per_call"]["raw_rsa_sign"])
+    stack = float(result["load"]["get_jwks"]["server_cpu_us_per_call"])
+    client = float(result["load"]["issue"]["client_cpu_us_per_call"])
+    ceiling = cpus * 1e6 / (sign + stack + client)
+    return {
+        "cpus": cpus,
+        "sign_us": round(sign, 1),
+        "no_work_rpc_server_us": round(stack, 1),
+        "client_us": round(client, 1),
+        "tokens_per_s": round(ceiling, 1),
+        "fraction": round(result["load"]["issue"]["rps"] / ceiling, 3),
+    }
 
 
 def _ratio(results: dict[str, TargetResult], num: str, den: str) -> dict[str, Any]:
@@ -353,6 +429,14 @@ def main(argv: list[str] | None = None) -> int:
                         slices=args.slices * (2 if group == "echo" else 1),
                     )
                 )
+            if args.revocations:
+                _log(
+                    started,
+                    f"ValidateToken on servers holding 0 and {args.revocations:,} revocations",
+                )
+                result["revocations_rpc"] = _revocations_rpc(
+                    args, folder, env, files["valid"], measured
+                )
             load_summary: dict[str, dict[str, Any]] = {}
             for name, label in labels.items():
                 load_summary[name] = {"label": label, **measured[name].summary()}
@@ -374,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
                 echo.close()
             server.stop()
 
+    if "local" in result and "load" in result:
+        result["issue_ceiling"] = _issue_ceiling(result)
     result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["total_seconds"] = round(time.monotonic() - started, 1)
     result["targets"] = check_targets(result)
