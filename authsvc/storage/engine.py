@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, cast
 
@@ -86,7 +88,7 @@ def _sqlite_engine(url: URL) -> Engine:
         cur = dbapi_conn.cursor()
         try:
             cur.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-            cur.execute("PRAGMA journal_mode = WAL")
+            _enable_wal(cur)
             cur.execute("PRAGMA foreign_keys = ON")
             cur.execute("PRAGMA synchronous = NORMAL")
         finally:
@@ -105,3 +107,22 @@ def _sqlite_engine(url: URL) -> Engine:
         conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
+
+
+def _enable_wal(cur: Any) -> None:
+    """Switch to WAL, waiting out another process doing the same.
+
+    Processes opening a new database at once (replicas or CLI commands starting together)
+    race to convert it to WAL; the losers get "database is locked" at once, without SQLite's
+    busy handler being consulted (seen in tests/storage/test_concurrency.py in about 1 run in
+    5 with three processes). Retried here for as long as the busy timeout would have waited.
+    """
+    deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)

@@ -6,6 +6,7 @@ import multiprocessing
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -138,6 +139,32 @@ class TestRotationRace:
         _start_with_k0(repo)
         results = _run_processes(_rotate_in_process, [(migrated_url, "p1"), (migrated_url, "p2")])
         _assert_one_winner(repo, dict(results))
+
+
+def _connect_in_process(urls: list[str], barrier: Any, results: Any) -> None:
+    """Child process: for each new database, wait for the others, then open it."""
+    outcome = "ok"
+    for url in urls:
+        engine = make_engine(url)
+        try:
+            barrier.wait(timeout=_TIMEOUT_S)
+            with engine.connect() as conn:  # a new connection switches a new database to WAL
+                conn.exec_driver_sql("SELECT 1")
+        except BaseException as exc:
+            outcome = f"error: {type(exc).__name__}: {exc}"
+        finally:
+            engine.dispose()
+    results.put(outcome)
+
+
+class TestConcurrentFirstConnections:
+    def test_processes_opening_a_new_sqlite_database_at_once_all_connect(
+        self, tmp_path: Path
+    ) -> None:
+        """Their WAL switches race: before the retry, about one database in five had a loser."""
+        urls = [f"sqlite:///{tmp_path / f'new{i}.db'}" for i in range(20)]
+        results = _run_processes(_connect_in_process, [(urls,), (urls,), (urls,)])
+        assert results == ["ok", "ok", "ok"]
 
 
 class TestConcurrentMigrations:
