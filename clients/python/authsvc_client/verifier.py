@@ -162,19 +162,22 @@ def _checked_kid(header: dict[str, Any]) -> str:
 
 
 class _Entry:
-    """What a verified token still needs checked on each use; kept in the cache."""
+    """What a verified token still needs checked on each use; kept in the cache.
+
+    The time limits are folded with the verifier's leeway once, here, rather than on every use.
+    """
 
     __slots__ = (
         "aud",
-        "exp",
+        "exp_limit",
         "iat",
         "iss",
         "jti",
         "kid",
-        "nbf",
         "result",
         "ring",
         "scopes",
+        "start_limit",
         "sub",
     )
 
@@ -189,6 +192,7 @@ class _Entry:
         nbf: int,
         exp: int,
         scopes: tuple[str, ...],
+        leeway: int,
     ) -> None:
         self.iss = iss
         self.sub = sub
@@ -196,8 +200,11 @@ class _Entry:
         self.jti = jti
         self.kid = kid
         self.iat = iat
-        self.nbf = nbf
-        self.exp = exp
+        # RFC 7519 section 4.1.4: refused on or after exp (plus leeway).
+        self.exp_limit = exp + leeway
+        # RFC 7519 sections 4.1.5-4.1.6: refused before nbf, or if issued in the future; the
+        # later of the two decides (checked as start_limit > now + leeway).
+        self.start_limit = max(nbf, iat)
         self.scopes = frozenset(scopes)
         self.result = valid_result(iss, sub, aud, scopes, iat, nbf, exp, jti, kid, sub)
         # The last ring seen holding `kid`. Rings are immutable and replaced whole, so while
@@ -327,14 +334,14 @@ class TokenVerifier:
             entry = self._cache.get(digest)
             if entry is not None:
                 ring = self._keys()
-                if (entry.ring is ring or entry.kid in ring) and now < entry.exp + self._leeway:
+                if (entry.ring is ring or entry.kid in ring) and now < entry.exp_limit:
                     entry.ring = ring  # any thread may store it: every candidate holds the kid
                     return self._check(entry, audience, required_scopes, now)
                 # Key gone or token expired: forget it and let a full verification decide.
                 self._forget(digest)
 
             entry = self._verify_signed(raw)
-            if now < entry.exp + self._leeway:
+            if now < entry.exp_limit:
                 self._remember(digest, entry)
             return self._check(entry, audience, required_scopes, now)
         except TokenInvalid as exc:
@@ -405,8 +412,7 @@ class TokenVerifier:
 
         return self._entry(payload, kid, jti, sub, iat)
 
-    @staticmethod
-    def _entry(payload: dict[str, Any], kid: str, jti: Any, sub: Any, iat: Any) -> _Entry:
+    def _entry(self, payload: dict[str, Any], kid: str, jti: Any, sub: Any, iat: Any) -> _Entry:
         """RFC 9068 section 2.2 required claims with exact JSON types; extra claims ignored.
 
         jti, sub and iat are payload.get() of those names, already read for revocation.
@@ -444,7 +450,7 @@ class TokenVerifier:
         ):
             raise Malformed
         scopes = tuple(scope.split(" ")) if scope else ()
-        return _Entry(iss, sub, aud, jti, kid, iat, nbf, exp, scopes)
+        return _Entry(iss, sub, aud, jti, kid, iat, nbf, exp, scopes, self._leeway)
 
     def _revoked(self, subject: str) -> type[Revoked] | type[ServiceDisabled]:
         """Disabling a service also revokes its tokens (so local validators learn of it);
@@ -457,8 +463,9 @@ class TokenVerifier:
         self, entry: _Entry, audience: str, required_scopes: Sequence[str], now: float
     ) -> ValidationResult:
         """The checks that can change between two uses of the same signed token."""
-        if self._revocations.is_revoked(entry.jti, entry.sub, entry.iat):
-            raise self._revoked(entry.sub)
+        sub = entry.sub
+        if self._revocations.is_revoked(entry.jti, sub, entry.iat):
+            raise self._revoked(sub)
         # RFC 7519 section 4.1.1 / RFC 8725 section 3.8: exact issuer.
         if entry.iss != self._issuer:
             raise WrongIssuer
@@ -466,12 +473,13 @@ class TokenVerifier:
         if entry.aud != audience:
             raise WrongAudience
         # RFC 7519 section 4.1.4: not accepted on or after exp (plus leeway).
-        if now >= entry.exp + self._leeway:
+        if now >= entry.exp_limit:
             raise Expired
         # RFC 7519 sections 4.1.5-4.1.6: not before nbf, and not issued in the future.
-        if entry.nbf > now + self._leeway or entry.iat > now + self._leeway:
+        if entry.start_limit > now + self._leeway:
             raise NotYetValid
-        if self._is_subject_enabled is not None and not self._is_subject_enabled(entry.sub):
+        enabled = self._is_subject_enabled
+        if enabled is not None and not enabled(sub):
             raise ServiceDisabled
         if required_scopes:
             granted = entry.scopes
