@@ -62,6 +62,9 @@ class Settings:
     # Set on the processes the supervisor starts: bind with SO_REUSEPORT.
     reuse_port: bool = False
     log_level: str = "INFO"
+    # Successful ValidateToken and GetJwks calls log their access line at INFO too (by default
+    # at DEBUG: they are the fleet's bulk of calls, counted and timed in /metrics).
+    access_log_all: bool = False
 
     def __repr__(self) -> str:
         parts = []
@@ -266,4 +269,5 @@ def load_settings(
         workers=int(over.get("workers") or _int(env, "AUTHSVC_WORKERS", 1, 1)),
         reuse_port=bool(over.get("reuse_port", False)),
         log_level=(env.get("AUTHSVC_LOG_LEVEL") or "INFO").upper(),
+        access_log_all=_bool(env, "AUTHSVC_ACCESS_LOG_ALL"),
     )

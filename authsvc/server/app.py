@@ -31,7 +31,7 @@ from authsvc.errors import (
 from authsvc.keys.manager import KeyManager
 from authsvc.server.http import HttpSidePort, ReadinessPolicy
 from authsvc.server.ledger import LoginLedger
-from authsvc.server.metrics import Metrics, MetricsInterceptor, StateCollector
+from authsvc.server.metrics import QUIET_WHEN_OK, Metrics, MetricsInterceptor, StateCollector
 from authsvc.server.servicer import CLI_ACTOR, SCHEDULER_ACTOR, AuthServicer, local_audit
 from authsvc.services import disable_service, register_service
 from authsvc.storage import migrate
@@ -221,7 +221,12 @@ class AuthsvcServer:
         )
         self.metrics.registry.register(StateCollector(state, core.repo, self.clock))
         server = grpc.aio.server(
-            interceptors=[MetricsInterceptor(self.metrics)],
+            interceptors=[
+                MetricsInterceptor(
+                    self.metrics,
+                    quiet_when_ok=frozenset() if s.access_log_all else QUIET_WHEN_OK,
+                )
+            ],
             options=[
                 ("grpc.max_receive_message_length", 64 * 1024),
                 # Only worker processes of one `serve --workers N` share a port; a lone server

@@ -22,7 +22,7 @@ from authsvc.storage.repository import Repository
 from authsvc.sync import ServerState
 from authsvc_client.v1 import auth_pb2
 
-__all__ = ["Metrics", "MetricsInterceptor", "StateCollector"]
+__all__ = ["QUIET_WHEN_OK", "Metrics", "MetricsInterceptor", "StateCollector"]
 
 access_log = logging.getLogger("authsvc.access")
 
@@ -33,6 +33,11 @@ _LATENCY_BUCKETS = (
 # Health probes run every few seconds: their access lines stay at debug.
 _QUIET_SERVICES = frozenset({"grpc.health.v1.Health"})
 _VALIDATE = "/authsvc.v1.AuthService/ValidateToken"
+# Every call in the fleet may cost a ValidateToken, and every local validator reads the key
+# set: when they succeed, their access lines stay at debug (they are counted and timed in
+# /metrics). A token found invalid, any other status and every other RPC log at info.
+# AUTHSVC_ACCESS_LOG_ALL=true logs them at info too.
+QUIET_WHEN_OK = frozenset({_VALIDATE, "/authsvc.v1.AuthService/GetJwks"})
 
 
 class Metrics:
@@ -180,8 +185,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     so a caller cannot grow the label set.
     """
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, *, quiet_when_ok: frozenset[str] = QUIET_WHEN_OK) -> None:
         self._metrics = metrics
+        self._quiet_when_ok = quiet_when_ok
 
     async def intercept_service(
         self,
@@ -237,8 +243,15 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             access_log.exception("metrics update failed")
         fields["outcome"] = code.name
         fields["duration_ms"] = round(seconds * 1000, 3)
-        level = logging.DEBUG if _split(method)[0] in _QUIET_SERVICES else logging.INFO
-        access_log.log(level, "rpc")
+        access_log.log(self._level(method, code, response), "rpc")
+
+    def _level(self, method: str, code: grpc.StatusCode, response: Any) -> int:
+        if _split(method)[0] in _QUIET_SERVICES:
+            return logging.DEBUG
+        if method in self._quiet_when_ok and code == grpc.StatusCode.OK:
+            invalid = isinstance(response, auth_pb2.ValidateTokenResponse) and not response.valid
+            return logging.INFO if invalid else logging.DEBUG
+        return logging.INFO
 
     def _unary(self, behavior: Any, method: str, request_id: str) -> Any:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:

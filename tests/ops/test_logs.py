@@ -15,7 +15,7 @@ import grpc
 
 from authsvc.logs import JsonFormatter, redact, rpc_context
 from authsvc_client.v1 import auth_pb2
-from tests.ops.conftest import OpsServer
+from tests.ops.conftest import OpsServer, start_ops_server
 from tests.support.server import run_cli, start_server
 
 REQUIRED = {"timestamp", "level", "event"}
@@ -120,6 +120,60 @@ class TestJsonLogs:
         ]
         assert audit
         assert audit[0]["method"] == "/authsvc.v1.AuthService/RevokeToken"
+
+
+def _calls_then_marker(ops: OpsServer, tag: str) -> set[str]:
+    """A valid and an invalid ValidateToken, a GetJwks, then an IssueToken (always logged at
+    info); once the marker's line is out, every line before it is too. The request ids of the
+    access lines seen, marker excluded."""
+    server = ops.server
+    token = server.issue("orders", ops.orders_secret, "billing").access_token
+    for audience, rid in (("billing", "valid"), ("elsewhere", "invalid")):
+        server.stub.ValidateToken(
+            auth_pb2.ValidateTokenRequest(token=token, audience=audience),
+            metadata=[("x-request-id", f"{tag}-{rid}")],
+            timeout=10,
+        )
+    server.stub.GetJwks(
+        auth_pb2.GetJwksRequest(), metadata=[("x-request-id", f"{tag}-jwks")], timeout=10
+    )
+    server.stub.IssueToken(
+        auth_pb2.IssueTokenRequest(
+            service_id="orders", service_secret=ops.orders_secret, audience="billing"
+        ),
+        metadata=[("x-request-id", f"{tag}-marker")],
+        timeout=10,
+    )
+
+    def ids() -> set[str]:
+        return {
+            str(e["request_id"])
+            for e in json_lines(server.output)
+            if e.get("event") == "rpc" and str(e.get("request_id", "")).startswith(f"{tag}-")
+        }
+
+    wait_for(lambda: f"{tag}-marker" in ids())
+    return ids() - {f"{tag}-marker"}
+
+
+class TestAccessLineLevels:
+    def test_successful_validations_and_key_reads_stay_at_debug(self, ops: OpsServer) -> None:
+        """The fleet's bulk of calls: counted and timed in /metrics, not one info line each;
+        a token found invalid still logs its line."""
+        assert _calls_then_marker(ops, "lvl") == {"lvl-invalid"}
+
+    def test_access_log_all_logs_them_at_info(self, tmp_path: Path) -> None:
+        loud = start_ops_server(tmp_path, AUTHSVC_ACCESS_LOG_ALL="true")
+        try:
+            assert _calls_then_marker(loud, "all") == {"all-valid", "all-invalid", "all-jwks"}
+            levels = {
+                e["level"]
+                for e in json_lines(loud.server.output)
+                if str(e.get("request_id", "")).startswith("all-") and e.get("event") == "rpc"
+            }
+            assert levels == {"info"}
+        finally:
+            loud.server.stop()
 
 
 class TestDevLogs:

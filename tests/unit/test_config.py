@@ -56,11 +56,16 @@ class TestLoadSettings:
             ("AUTHSVC_MAX_TTL_SECONDS", "abc"),
             ("AUTHSVC_RSA_KEY_BITS", "1024"),
             ("AUTHSVC_LISTEN", "nohostport"),
+            ("AUTHSVC_ACCESS_LOG_ALL", "sometimes"),
         ],
     )
     def test_bad_values_are_named(self, name: str, value: str) -> None:
         with pytest.raises(ConfigError, match=name):
             load_settings({**BASE, name: value})
+
+    def test_access_log_all_is_off_unless_asked(self) -> None:
+        assert load_settings(BASE).access_log_all is False
+        assert load_settings({**BASE, "AUTHSVC_ACCESS_LOG_ALL": "true"}).access_log_all is True
 
     def test_default_ttl_above_maximum_is_refused(self) -> None:
         with pytest.raises(ConfigError, match="AUTHSVC_DEFAULT_TTL_SECONDS"):
