@@ -58,8 +58,8 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                     0.85,
                     "x",
                     at_least=True,
-                    note="authsvc has no echo RPC: GetJwks (same servicer, interceptors and "
-                    "access log) stands in for it",
+                    note="authsvc has no echo RPC: GetJwks (same servicer wrapper and "
+                    "interceptors) stands in for it",
                 )
             )
         for key, what in (
@@ -73,7 +73,7 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                     0.85,
                     "x",
                     at_least=True,
-                    note="the bare RPC of the same server: no servicer wrapper, no access line",
+                    note="the bare RPC of the same server: no servicer wrapper",
                 )
             )
         workers = result["settings"].get("authsvc_workers", 1)
