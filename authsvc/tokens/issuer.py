@@ -17,18 +17,13 @@ from authsvc_client.keyring import MIN_RSA_KEY_BITS, KeyRing
 from authsvc_client.revocations import RevocationSet
 from authsvc_client.verifier import TokenVerifier
 
-__all__ = ["IssuedToken", "TokenIssuer", "UnsignedToken", "new_jti"]
+__all__ = ["IssuedToken", "TokenIssuer", "UnsignedToken"]
 
 _JTI_BYTES = 18  # 144 random bits (RFC 9068 section 2.2 / DESIGN: at least 128)
 # Self-verifiers kept, one per signing key (kid) seen: a handful over a process's life.
 _VERIFIERS_KEPT = 8
 _PADDING = PKCS1v15()
 _HASH = SHA256()
-
-
-def new_jti() -> str:
-    """A token id: 144 bits from `secrets`, base64url."""
-    return secrets.token_urlsafe(_JTI_BYTES)
 
 
 @dataclass(frozen=True)
@@ -69,8 +64,9 @@ class TokenIssuer:
             raise ValueError("issuer is required")
         self._issuer = issuer
         self._max_token_bytes = max_token_bytes
-        # kid -> verifier over that key's public half; plain dict get/set from worker threads.
-        self._verifiers: dict[str, TokenVerifier] = {}
+        # kid -> (the signing key, a verifier over its public half); plain dict get/set from
+        # worker threads.
+        self._verifiers: dict[str, tuple[RSAPrivateKey, TokenVerifier]] = {}
 
     def __repr__(self) -> str:
         return f"TokenIssuer(issuer={self._issuer!r})"
@@ -114,7 +110,6 @@ class TokenIssuer:
         ttl_seconds: int,
         now: float,
         not_after: float | None = None,
-        jti: str | None = None,
     ) -> UnsignedToken:
         """Everything but the signature, so the server can record a token's jti (audit) before
         it spends an RSA signature on it, and refuse a token that could not be issued first.
@@ -123,7 +118,6 @@ class TokenIssuer:
             key_bits: the signing key's modulus length (the signature's length follows).
             not_after: the signing key's retirement time; exp is capped at it so that no
                 token outlives the key's publication (SPIRE caps TTLs the same way).
-            jti: the token's id; by default 144 fresh random bits.
 
         Raises:
             ValueError: empty subject, audience or kid; a scope that is empty or holds a
@@ -154,7 +148,7 @@ class TokenIssuer:
             issued_at=iat,
             not_before=iat,
             expires_at=exp,
-            jti=jti or new_jti(),
+            jti=secrets.token_urlsafe(_JTI_BYTES),
             key_id=kid,
             client_id=subject,
         )
@@ -196,8 +190,11 @@ class TokenIssuer:
 
     def _self_verify(self, token: str, claims: Claims, private_key: RSAPrivateKey) -> None:
         """Run the token through the very verifier the fleet uses (SPIRE CredValidator)."""
-        verifier = self._verifiers.get(claims.key_id)
-        if verifier is None:
+        kept = self._verifiers.get(claims.key_id)
+        if kept is not None and kept[0] is private_key:
+            verifier = kept[1]
+        else:
+            # A kid names one key (its RFC 7638 thumbprint) but nothing here relies on it.
             ring = KeyRing({claims.key_id: private_key.public_key()})
             verifier = TokenVerifier(
                 keys=lambda: ring,
@@ -209,7 +206,7 @@ class TokenIssuer:
             )
             if len(self._verifiers) >= _VERIFIERS_KEPT:
                 self._verifiers.clear()  # one entry per signing key in normal use
-            self._verifiers[claims.key_id] = verifier
+            self._verifiers[claims.key_id] = (private_key, verifier)
         result = verifier.verify(
             token,
             audience=claims.audience,

@@ -133,3 +133,44 @@ class TestIssue:
         # calls it MALFORMED; self-verification catches that before the token leaves.
         with pytest.raises(RuntimeError, match="issued token failed self-verification"):
             issue(key, now=253_402_300_800.0)
+
+
+class TestPrepareThenSign:
+    def test_prepare_then_sign_is_issue(self, key: RSAPrivateKey) -> None:
+        issuer = TokenIssuer(ISSUER)
+        unsigned = issuer.prepare(
+            key_bits=key.key_size,
+            kid="k1",
+            subject="svc-a",
+            audience="svc-b",
+            scopes=["read"],
+            ttl_seconds=60,
+            now=NOW,
+        )
+        issued = issuer.sign(unsigned, key)
+        assert issued.claims == unsigned.claims and issued.token.startswith(unsigned.signing_input)
+        assert unsigned.signing_input not in repr(unsigned)
+
+    def test_each_key_is_self_verified_with_its_own_public_half(self, key: RSAPrivateKey) -> None:
+        """The self-verifiers are kept per kid; another key under the same kid must get its own."""
+        other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        issuer = TokenIssuer(ISSUER)
+        for signing_key in (key, other, key):
+            unsigned = issuer.prepare(
+                key_bits=2048,
+                kid="same-kid",
+                subject="svc-a",
+                audience="svc-b",
+                scopes=[],
+                ttl_seconds=60,
+                now=NOW,
+            )
+            assert issuer.sign(unsigned, signing_key).claims == unsigned.claims
+
+    def test_a_key_of_another_size_than_prepared_for_is_refused(self, key: RSAPrivateKey) -> None:
+        issuer = TokenIssuer(ISSUER)
+        unsigned = issuer.prepare(
+            key_bits=3072, kid="k", subject="s", audience="a", scopes=[], ttl_seconds=60, now=NOW
+        )
+        with pytest.raises(ValueError, match="another size"):
+            issuer.sign(unsigned, key)
