@@ -82,7 +82,7 @@ def _opt_out(value: datetime | None) -> datetime | None:
     return None if value is None else _utc_out(value)
 
 
-def _service(row: ServiceRow) -> ServiceRecord:
+def _service(row: ServiceRow | Row[Any]) -> ServiceRecord:
     return ServiceRecord(
         service_id=row.service_id,
         audiences=tuple(json.loads(row.audiences)),
@@ -787,16 +787,8 @@ class LoginBatch:
             if not rows:
                 found = (None, ())
             else:
-                row = rows[0]
-                record = ServiceRecord(
-                    service_id=row.service_id,
-                    audiences=tuple(json.loads(row.audiences)),
-                    scopes=tuple(json.loads(row.scopes)),
-                    disabled=bool(row.disabled),
-                    created_at=_utc_out(row.created_at),
-                    updated_at=_utc_out(row.updated_at),
-                )
-                found = (record, tuple(r.secret_hash for r in rows if r.secret_hash is not None))
+                hashes = tuple(r.secret_hash for r in rows if r.secret_hash is not None)
+                found = (_service(rows[0]), hashes)
             self._services[service_id] = found
         return found
 
