@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from datetime import datetime
 
 from authsvc.clock import Clock, to_datetime
-from authsvc.crypto.secrets import SECRET_PREFIX, SecretHasher, mint_secret
-from authsvc.errors import InvalidArgument
+from authsvc.crypto.secrets import SecretHasher, mint_secret
+from authsvc.inputs import check_audiences, check_new_service_id, check_scopes
 from authsvc.storage.records import ServiceRecord
 from authsvc.storage.repository import Repository
 
@@ -20,10 +21,14 @@ def register_service(
     audiences: Sequence[str],
     scopes: Sequence[str],
 ) -> tuple[ServiceRecord, str]:
-    """Create a service; returns it with its secret, which is shown once and stored only hashed."""
-    if service_id.startswith(SECRET_PREFIX):
-        # Swapped arguments would put a secret-looking name in every audit row and log line.
-        raise InvalidArgument("a service id must not start with the secret prefix")
+    """Create a service; returns it with its secret, which is shown once and stored only hashed.
+
+    The input rules run here too, so no caller (RPC, CLI, a script) can store a name that a
+    later login or token would choke on.
+    """
+    check_new_service_id(service_id)
+    check_audiences(audiences)
+    check_scopes(scopes, "scopes")
     secret = mint_secret()
     record = repo.create_service(
         service_id,
@@ -57,3 +62,17 @@ def disable_service(
         now=to_datetime(now),
     )
     return record
+
+
+def rotate_service_secret(
+    repo: Repository, hasher: SecretHasher, clock: Clock, service_id: str, grace_seconds: int
+) -> tuple[str, datetime | None]:
+    """Give a service a new secret; the previous one works for `grace_seconds` more (0: ends now).
+
+    Returns the new secret (shown once, stored only hashed) and when the previous one stops.
+    """
+    now = clock.now()
+    secret = mint_secret()
+    previous_until = to_datetime(now + grace_seconds) if grace_seconds > 0 else None
+    repo.update_service_secret(service_id, hasher.hash(secret), to_datetime(now), previous_until)
+    return secret, previous_until

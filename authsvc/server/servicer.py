@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -25,7 +25,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from authsvc.clock import Clock, to_datetime, to_timestamp
 from authsvc.config import Settings
-from authsvc.crypto.secrets import SECRET_PREFIX, SecretHasher, mint_secret
+from authsvc.crypto.secrets import SecretHasher
 from authsvc.errors import (
     AuthsvcError,
     InvalidArgument,
@@ -34,10 +34,18 @@ from authsvc.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
+from authsvc.inputs import (
+    check_audiences,
+    check_grace_period,
+    check_name,
+    check_new_service_id,
+    check_scopes,
+    check_service_id,
+)
 from authsvc.keys.manager import KeyManager
 from authsvc.logs import current_request_id, request_id_from
 from authsvc.server.ledger import Grant, Login, LoginLedger, log_audit
-from authsvc.services import disable_service, register_service
+from authsvc.services import disable_service, register_service, rotate_service_secret
 from authsvc.storage.records import RevocationRecord, ServiceRecord, SigningKeyRecord
 from authsvc.storage.repository import Repository
 from authsvc.sync import RevocationFeed, ServerState, Signer
@@ -52,8 +60,6 @@ log = logging.getLogger("authsvc.server")
 CLI_ACTOR = "cli"
 SCHEDULER_ACTOR = "scheduler"
 LOCAL_PEER = "local"
-MAX_ID_LENGTH = 128
-MAX_SCOPES = 64
 _WATCH_PAGE = 1000
 
 T = TypeVar("T")
@@ -63,32 +69,6 @@ def timestamp(seconds: float) -> Timestamp:
     ts = Timestamp()
     ts.FromNanoseconds(int(seconds * 1_000_000_000))
     return ts
-
-
-def _check_name(value: str, field: str, *, required: bool = True) -> None:
-    if not value:
-        if required:
-            raise InvalidArgument(f"{field} is required")
-        return
-    if len(value) > MAX_ID_LENGTH or not value.isprintable() or value != value.strip():
-        raise InvalidArgument(f"{field} must be at most {MAX_ID_LENGTH} printable characters")
-
-
-def _check_service_id(value: str) -> None:
-    _check_name(value, "service_id")
-    # A secret pasted into the id field (swapped arguments) would otherwise be written to the
-    # audit log as the actor; the prefix makes it recognisable, so refuse it unlogged.
-    if value.startswith(SECRET_PREFIX):
-        raise InvalidArgument("service_id looks like a service secret")
-
-
-def _check_scopes(scopes: Sequence[str], field: str) -> None:
-    if len(scopes) > MAX_SCOPES:
-        raise InvalidArgument(f"{field}: at most {MAX_SCOPES} scopes")
-    for s in scopes:
-        # RFC 6749 3.3 scope-token: printable ASCII except space, quote and backslash.
-        if not s or any(c in ' "\\' or not 0x21 <= ord(c) <= 0x7E for c in s):
-            raise InvalidArgument(f"{field}: each scope is printable ASCII without spaces")
 
 
 def _peer_address(context: grpc.aio.ServicerContext[Any, Any]) -> str:
@@ -332,11 +312,11 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
     async def IssueToken(
         self, request: auth_pb2.IssueTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.IssueTokenResponse:
-        _check_service_id(request.service_id)
+        check_service_id(request.service_id)
         if not request.service_secret or len(request.service_secret) > 256:
             raise InvalidArgument("service_secret is required")
-        _check_name(request.audience, "audience")
-        _check_scopes(request.scopes, "scopes")
+        check_name(request.audience, "audience")
+        check_scopes(request.scopes, "scopes")
         if request.ttl_seconds < 0:
             raise InvalidArgument("ttl_seconds must not be negative")
         return await self._issue(request, _peer_address(context), _request_id(context))
@@ -443,7 +423,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
             raise InvalidArgument(f"token is longer than {self._s.max_token_bytes} bytes")
         if not request.audience:
             raise InvalidArgument("audience is required (the validating service's own id)")
-        _check_scopes(request.required_scopes, "required_scopes")
+        check_scopes(request.required_scopes, "required_scopes")
         result: ValidationResult = self._verifier.verify(
             request.token, audience=request.audience, required_scopes=request.required_scopes
         )
@@ -469,7 +449,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         else:
             caller = self._admin(context)
             if target == "jti":
-                _check_name(request.jti, "jti")
+                check_name(request.jti, "jti")
                 revoked = await asyncio.to_thread(
                     self._revoke_jti,
                     request.jti,
@@ -480,7 +460,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
                     request_id,
                 )
             else:
-                _check_name(request.service_id, "service_id")
+                check_name(request.service_id, "service_id")
                 revoked = await self._revoke_service(
                     request.service_id, caller.claims.subject, reason, peer, request_id
                 )
@@ -586,13 +566,8 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         request: auth_pb2.RotateServiceSecretRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> auth_pb2.RotateServiceSecretResponse:
-        _check_service_id(request.service_id)
-        if request.grace_period_seconds < 0:
-            raise InvalidArgument("grace_period_seconds must not be negative")
-        if request.grace_period_seconds > self._s.max_secret_grace_seconds:
-            raise InvalidArgument(
-                f"grace_period_seconds must not exceed {self._s.max_secret_grace_seconds}"
-            )
+        check_service_id(request.service_id)
+        check_grace_period(request.grace_period_seconds, self._s.max_secret_grace_seconds)
         if len(request.current_secret) > 256:
             raise InvalidArgument("current_secret is too long")
         peer, request_id = _peer_address(context), _request_id(context)
@@ -627,15 +602,8 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
                     request_id=request_id,
                 )
                 raise NotFound("no such service")
-        now = self._clock.now()
-        secret = mint_secret()
-        previous_until = (
-            to_datetime(now + request.grace_period_seconds)
-            if request.grace_period_seconds > 0
-            else None
-        )
-        self._repo.update_service_secret(
-            request.service_id, self._hasher.hash(secret), to_datetime(now), previous_until
+        secret, previous_until = rotate_service_secret(
+            self._repo, self._hasher, self._clock, request.service_id, request.grace_period_seconds
         )
         self._audit(
             actor=actor,
@@ -701,12 +669,11 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         self, request: auth_pb2.CreateServiceRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.CreateServiceResponse:
         caller = self._admin(context)
-        _check_service_id(request.service_id)
+        check_new_service_id(request.service_id)
         if not request.audiences:
             raise InvalidArgument("at least one audience is required")
-        for audience in request.audiences:
-            _check_name(audience, "audiences")
-        _check_scopes(request.scopes, "scopes")
+        check_audiences(request.audiences)
+        check_scopes(request.scopes, "scopes")
         peer, request_id = _peer_address(context), _request_id(context)
 
         def create() -> tuple[ServiceRecord, str]:
@@ -744,7 +711,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         self, request: auth_pb2.DisableServiceRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.DisableServiceResponse:
         caller = self._admin(context)
-        _check_name(request.service_id, "service_id")
+        check_name(request.service_id, "service_id")
         peer, request_id = _peer_address(context), _request_id(context)
 
         def disable() -> ServiceRecord:
