@@ -146,9 +146,14 @@ def _read_kek_file(path: str) -> str:
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError("AUTHSVC_KEK_FILE must not be readable by group or others (chmod 600)")
     try:
-        return Path(path).read_text().strip()
+        return Path(path).read_text(encoding="ascii").strip()
     except OSError:
         raise ConfigError("AUTHSVC_KEK_FILE cannot be read") from None
+    except UnicodeDecodeError:
+        raise ConfigError(
+            "AUTHSVC_KEK_FILE must hold the base64 text of the key, not raw bytes "
+            "(e.g. `openssl rand -base64 32`)"
+        ) from None
 
 
 def _load_kek(env: Mapping[str, str]) -> KeyEncryptionKey | None:
@@ -200,6 +205,9 @@ def load_settings(
             raise ConfigError("--dev serves on a loopback address only (AUTHSVC_LISTEN)")
         folder = Path(dev_dir)
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # An existing folder (made by hand, or before this rule) is tightened too: it holds the
+        # KEK and the database.
+        os.chmod(folder, 0o700)
         database_url = database_url or f"sqlite:///{(folder / 'authsvc.db').resolve()}"
         issuer = issuer or DEV_ISSUER
         kek = kek or _dev_kek(folder)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import sys
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
@@ -17,6 +19,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
 
 from authsvc.clock import Clock, SystemClock, to_datetime
 from authsvc.config import Settings
@@ -28,14 +31,15 @@ from authsvc.errors import (
     DecryptError,
     StorageUnavailable,
 )
+from authsvc.inputs import check_grace_period
 from authsvc.keys.manager import KeyManager
 from authsvc.server.http import HttpSidePort, ReadinessPolicy
 from authsvc.server.ledger import LoginLedger
 from authsvc.server.metrics import QUIET_WHEN_OK, Metrics, MetricsInterceptor, StateCollector
 from authsvc.server.servicer import CLI_ACTOR, SCHEDULER_ACTOR, AuthServicer, local_audit
-from authsvc.services import disable_service, register_service
+from authsvc.services import disable_service, register_service, rotate_service_secret
 from authsvc.storage import migrate
-from authsvc.storage.engine import make_engine
+from authsvc.storage.engine import describe_db_error, make_engine
 from authsvc.storage.records import RevocationRecord
 from authsvc.storage.repository import Repository
 from authsvc.sync import MonotonicClock, RevocationFeed, ServerState
@@ -74,16 +78,26 @@ def build_core(settings: Settings, clock: Clock | None = None, *, upgrade: bool 
     PostgreSQL so replicas starting together do not collide. Other commands refuse a stale schema.
     """
     clock = clock or SystemClock()
-    if settings.database_url.startswith("sqlite:///"):
-        Path(settings.database_url.removeprefix("sqlite:///")).parent.mkdir(
-            parents=True, exist_ok=True
-        )
-    engine = make_engine(settings.database_url)
-    if upgrade:
-        migrate.upgrade(engine)
-    elif not migrate.is_current(engine):
+    try:
+        engine = make_engine(settings.database_url)
+    except ArgumentError:
+        # SQLAlchemy's message quotes the URL, which may carry a password.
+        raise ConfigError(
+            "AUTHSVC_DATABASE_URL is not a database URL (sqlite:///PATH or postgresql://...)"
+        ) from None
+    except ValueError as exc:
+        raise ConfigError(f"AUTHSVC_DATABASE_URL: {exc}") from None
+    try:
+        if upgrade:
+            migrate.upgrade(engine)
+        elif not migrate.is_current(engine):
+            raise ConfigError("the database schema is not current: run `authsvc db upgrade`")
+    except (OperationalError, InterfaceError) as exc:
         engine.dispose()
-        raise ConfigError("the database schema is not current: run `authsvc db upgrade`")
+        raise StorageUnavailable(f"cannot use the database: {describe_db_error(exc)}") from None
+    except BaseException:
+        engine.dispose()
+        raise
     repo = Repository(engine)
     manager = KeyManager(
         repo,
@@ -120,6 +134,21 @@ def create_service(
         target=f"service:{record.service_id}",
     )
     return secret
+
+
+def rotate_secret(core: Core, service_id: str, grace_seconds: int) -> tuple[str, datetime | None]:
+    """Rotate a service's secret from this host (the CLI's way); audited like the RPC."""
+    check_grace_period(grace_seconds, core.settings.max_secret_grace_seconds)
+    result = rotate_service_secret(core.repo, core.hasher, core.clock, service_id, grace_seconds)
+    local_audit(
+        core.repo,
+        to_datetime(core.clock.now()),
+        actor=CLI_ACTOR,
+        action="rotate_secret",
+        target=f"service:{service_id}",
+        detail=f"grace_seconds={grace_seconds}",
+    )
+    return result
 
 
 def disable(core: Core, service_id: str) -> None:
@@ -280,11 +309,18 @@ class AuthsvcServer:
             creds = grpc.ssl_server_credentials(
                 [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
             )
-            port = int(server.add_secure_port(s.listen, creds))
+            add = functools.partial(server.add_secure_port, s.listen, creds)
         else:
-            port = int(server.add_insecure_port(s.listen))
+            add = functools.partial(server.add_insecure_port, s.listen)
+        try:
+            port = int(add())
+        except RuntimeError:
+            # grpcio raises "Failed to bind" here (older versions returned 0).
+            port = 0
         if port == 0:
-            raise ConfigError("cannot listen on AUTHSVC_LISTEN (address in use or not available)")
+            raise ConfigError(
+                f"cannot listen on {s.listen} (AUTHSVC_LISTEN): address in use or not available"
+            )
         return port
 
     async def _sync_loop(self, state: ServerState) -> None:

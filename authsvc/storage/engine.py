@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import ConnectionPoolEntry
 
-__all__ = ["READ_ONLY", "is_sqlite", "make_engine", "write_lock"]
+from authsvc.errors import ConfigError
+
+__all__ = ["READ_ONLY", "describe_db_error", "is_sqlite", "make_engine", "write_lock"]
 
 # Execution option: the transaction only reads (plain BEGIN on SQLite, READ ONLY on PostgreSQL).
 # Without it a SQLite transaction opens with BEGIN IMMEDIATE, so Alembic's DDL works unchanged.
@@ -28,10 +32,15 @@ def make_engine(url: str) -> Engine:
 
     Raises:
         ValueError: for any other database (the message names the backend, not the URL).
+        ConfigError: a SQLite file whose folder is missing and outside the working directory.
     """
     parsed = make_url(url)
+    if parsed.drivername == "postgres":
+        # What Heroku, libpq docs and most dashboards print; SQLAlchemy dropped the alias.
+        parsed = parsed.set(drivername="postgresql")
     backend = parsed.get_backend_name()
     if backend == "sqlite":
+        _prepare_sqlite_file(parsed.database)
         return _sqlite_engine(parsed)
     if backend == "postgresql":
         if parsed.drivername == "postgresql":
@@ -40,6 +49,36 @@ def make_engine(url: str) -> Engine:
             raise ValueError("only the psycopg (v3) driver is supported for PostgreSQL")
         return _postgres_engine(parsed)
     raise ValueError(f"unsupported database backend {backend!r}: use sqlite or postgresql")
+
+
+def _prepare_sqlite_file(database: str | None) -> None:
+    """Create the database file owner-only (it holds wrapped keys and secret hashes).
+
+    SQLite gives its -wal and -shm files the main file's mode, so 0600 here covers all three.
+    A missing folder is created only inside the working directory: a typo such as
+    `sqlite:////nonexistent/dir/a.db` must not quietly make folders elsewhere.
+    """
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database)
+    folder = path.parent.resolve()
+    if not folder.is_dir():
+        if not folder.is_relative_to(Path.cwd().resolve()):
+            raise ConfigError(
+                f"the folder of the SQLite database does not exist: {folder} (create it first)"
+            )
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
+def describe_db_error(exc: BaseException) -> str:
+    """One line from a driver error: psycopg's text is many lines and names no password."""
+    orig = getattr(exc, "orig", None) or exc
+    text = " ".join(str(orig).split())
+    return text[:300] or type(orig).__name__
 
 
 def is_sqlite(engine: Engine) -> bool:
