@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -30,6 +31,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dev-dir", help="dev mode folder (default .authsvc-dev)")
     parser.add_argument("--database-url", help="overrides AUTHSVC_DATABASE_URL")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show log lines (migrations, audit) on stderr; `serve` logs at DEBUG",
+    )
 
 
 def _client(parser: argparse.ArgumentParser) -> None:
@@ -83,6 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
     disable = services.add_parser("disable", help="disable a service and its tokens")
     _common(disable)
     disable.add_argument("name")
+    rotate_secret = services.add_parser(
+        "rotate-secret", help="give a service a new secret; prints it once"
+    )
+    _common(rotate_secret)
+    rotate_secret.add_argument("name")
+    rotate_secret.add_argument(
+        "--grace",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="how long the previous secret keeps working (default 0: it ends now)",
+    )
+    rotate_secret.add_argument(
+        "--json",
+        action="store_true",
+        help="print {service_id, service_secret, previous_secret_expires_at}",
+    )
+    rotate_secret.add_argument("--format", choices=["text", "json", "env"], default=None)
 
     keys = sub.add_parser("keys", help="signing keys").add_subparsers(
         dest="keys_command", required=True
@@ -120,17 +145,30 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("--json", action="store_true", help="print the whole response")
     validate = token.add_parser("validate", help="validate a token; exit 0 if valid, 1 if not")
     _client(validate)
-    validate.add_argument("token", help="the token, or - to read it from standard input")
+    validate.add_argument(
+        "token",
+        nargs="?",
+        help="- (or nothing) reads the token from standard input; a token here is visible to "
+        "other local users, so prefer stdin, --token-file or AUTHSVC_TOKEN",
+    )
+    validate.add_argument("--token-file", help="read the token from FILE (- for standard input)")
     validate.add_argument("--audience", required=True, help="your own service id")
     validate.add_argument("--scope", action="append", default=[], help="required scope")
     revoke = token.add_parser("revoke", help="revoke a token (by jti or service: admin)")
     _client(revoke)
     target = revoke.add_mutually_exclusive_group(required=True)
-    target.add_argument("--token", help="the token itself, or - for standard input")
+    target.add_argument(
+        "--token", help="- reads the token from standard input (a token here warns: see README)"
+    )
+    target.add_argument("--token-file", help="read the token to revoke from FILE (- for stdin)")
     target.add_argument("--jti")
     target.add_argument("--service")
     revoke.add_argument("--reason", default="")
-    revoke.add_argument("--admin-token", help="admin bearer token (default AUTHSVC_ADMIN_TOKEN)")
+    revoke.add_argument(
+        "--admin-token",
+        help="- reads it from standard input; a token here warns (prefer AUTHSVC_ADMIN_TOKEN)",
+    )
+    revoke.add_argument("--admin-token-file", help="read the admin bearer token from FILE")
     health = sub.add_parser(
         "health", help="ask a running server's gRPC health service; exit 0 if SERVING"
     )
@@ -175,7 +213,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     if args.workers is not None and args.workers < 1:
         raise SystemExit("authsvc: --workers must be at least 1")
-    configure_logging(dev=settings.dev, level=settings.log_level)
+    configure_logging(dev=settings.dev, level="DEBUG" if args.verbose else settings.log_level)
+    if not args.verbose:
+        # Alembic reports its dialect and each step at INFO: noise in a server's log.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     if settings.workers > 1 and args.worker_index is None:
         return _supervise(args, settings)
     if args.worker_index is not None:
@@ -215,8 +256,10 @@ def _core(args: argparse.Namespace, *, upgrade: bool = False) -> Any:
     from authsvc.server.app import build_core
 
     settings = _settings(args)
-    # Changes made here are audited; their log events go to stderr like the server's.
-    configure_logging(dev=settings.dev, level=settings.log_level)
+    # Changes made here are audited in the database; their log events (and Alembic's) go to
+    # stderr only when asked, so a command's output is its answer.
+    asked = getattr(args, "verbose", False) or os.environ.get("AUTHSVC_LOG_LEVEL")
+    configure_logging(dev=settings.dev, level=settings.log_level if asked else "WARNING")
     return build_core(settings, upgrade=upgrade)
 
 
@@ -243,6 +286,8 @@ def _cmd_services(args: argparse.Namespace) -> int:
                 print(f"AUTHSVC_SERVICE_ID={args.name}\nAUTHSVC_SERVICE_SECRET={secret}")
             else:
                 print(f"service {args.name} created; its secret (shown once):\n{secret}")
+        elif args.services_command == "rotate-secret":
+            _rotate_secret(core, args)
         elif args.services_command == "list":
             services = core.repo.list_services()
             if args.json:
@@ -263,8 +308,9 @@ def _cmd_services(args: argparse.Namespace) -> int:
                 for s in services:
                     state = "disabled" if s.disabled else "enabled"
                     print(
-                        f"{s.service_id}\t{state}\taudiences={','.join(s.audiences)}"
-                        f"\tscopes={','.join(s.scopes)}"
+                        f"{_shown(s.service_id)}\t{state}"
+                        f"\taudiences={_shown(','.join(s.audiences))}"
+                        f"\tscopes={_shown(','.join(s.scopes))}"
                     )
         else:
             from authsvc.server.app import disable
@@ -274,6 +320,43 @@ def _cmd_services(args: argparse.Namespace) -> int:
     finally:
         core.dispose()
     return EXIT_OK
+
+
+def _shown(text: str) -> str:
+    """Text for a terminal: anything but printable ASCII becomes a Python escape.
+
+    Databases written before the service id grammar may hold ids with control characters (an
+    ESC sequence would drive the terminal) or look-alike letters; both show up escaped.
+    """
+    return "".join(
+        c if 0x20 <= ord(c) < 0x7F and c != "\\" else c.encode("unicode_escape").decode("ascii")
+        for c in text
+    )
+
+
+def _rotate_secret(core: Any, args: argparse.Namespace) -> None:
+    from authsvc.inputs import check_service_id
+    from authsvc.server.app import rotate_secret
+
+    check_service_id(args.name)
+    secret, previous_until = rotate_secret(core, args.name, args.grace)
+    until = previous_until.isoformat() if previous_until is not None else None
+    fmt = args.format or ("json" if args.json else "text")
+    if fmt == "json":
+        print(
+            json.dumps(
+                {
+                    "service_id": args.name,
+                    "service_secret": secret,
+                    "previous_secret_expires_at": until,
+                }
+            )
+        )
+    elif fmt == "env":
+        print(f"AUTHSVC_SERVICE_ID={args.name}\nAUTHSVC_SERVICE_SECRET={secret}")
+    else:
+        ends = f"works until {until}" if until else "no longer works"
+        print(f"service {args.name}: new secret (shown once; the previous one {ends}):\n{secret}")
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
@@ -406,8 +489,49 @@ def _cmd_health(args: argparse.Namespace) -> int:
     return EXIT_OK if reply.status == health_pb2.HealthCheckResponse.SERVING else EXIT_INVALID
 
 
-def _read_arg(value: str) -> str:
-    return sys.stdin.read().strip() if value == "-" else value
+def _warn_command_line(flag: str, instead: str) -> None:
+    sys.stderr.write(
+        f"authsvc: warning: {flag} on the command line is readable by every local user "
+        f"(ps, /proc/PID/cmdline); use {instead}\n"
+    )
+
+
+def _read_secret_file(path: str, flag: str) -> str:
+    if path == "-":
+        return sys.stdin.read().strip()
+    try:
+        return Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        raise SystemExit(f"authsvc: cannot read {flag} {path}") from None
+
+
+def _bearer(
+    literal: str | None, path: str | None, env_name: str | None, flag: str, instead: str
+) -> str | None:
+    """A token from a file, stdin (`-`), the environment or (warned against) the command line."""
+    if path:
+        return _read_secret_file(path, f"{flag}-file")
+    if literal == "-":
+        return sys.stdin.read().strip()
+    if literal:
+        _warn_command_line(flag, instead)
+        return literal
+    return os.environ.get(env_name) if env_name else None
+
+
+def _revoke_refusal(stub: Any, token: str) -> str:
+    """Why presenting this token revoked nothing: the server's validation reason for it."""
+    from authsvc.server.servicer import unverified_audience
+    from authsvc_client.claims import ValidationResult
+    from authsvc_client.v1 import auth_pb2
+
+    audience = unverified_audience(token)
+    if audience is None:
+        return "MALFORMED"
+    reply = stub.ValidateToken(
+        auth_pb2.ValidateTokenRequest(token=token, audience=audience), timeout=10
+    )
+    return ValidationResult.from_proto(reply).reason_name or "UNKNOWN"
 
 
 def _service_secret() -> str:
@@ -454,11 +578,26 @@ def _cmd_token(args: argparse.Namespace) -> int:
                 )
             else:
                 print(response.access_token)
+            if 0 < response.expires_in < args.ttl:
+                sys.stderr.write(
+                    f"authsvc: note: the token lives {response.expires_in}s, not the {args.ttl}s "
+                    "asked for (the server's maximum is AUTHSVC_MAX_TTL_SECONDS, and no token "
+                    "outlives its signing key)\n"
+                )
             return EXIT_OK
         if args.token_command == "validate":  # noqa: S105 - a subcommand name
+            token = _bearer(
+                args.token or None,
+                args.token_file,
+                "AUTHSVC_TOKEN",
+                "a token",
+                "standard input, --token-file or AUTHSVC_TOKEN",
+            )
+            if token is None:
+                token = sys.stdin.read().strip()
             reply = stub.ValidateToken(
                 auth_pb2.ValidateTokenRequest(
-                    token=_read_arg(args.token), audience=args.audience, required_scopes=args.scope
+                    token=token, audience=args.audience, required_scopes=args.scope
                 ),
                 timeout=10,
             )
@@ -481,19 +620,37 @@ def _cmd_token(args: argparse.Namespace) -> int:
             return EXIT_OK if result.valid else EXIT_INVALID
         request = auth_pb2.RevokeTokenRequest(reason=args.reason)
         metadata: list[tuple[str, str]] = []
-        if args.token:
-            request.token = _read_arg(args.token)
+        if args.token or args.token_file:
+            request.token = (
+                _bearer(args.token, args.token_file, None, "--token", "--token - or --token-file")
+                or ""
+            )
+            if not request.token:
+                raise SystemExit("authsvc: the token to revoke is empty")
         else:
-            admin = args.admin_token or os.environ.get("AUTHSVC_ADMIN_TOKEN")
+            admin = _bearer(
+                args.admin_token,
+                args.admin_token_file,
+                "AUTHSVC_ADMIN_TOKEN",
+                "--admin-token",
+                "AUTHSVC_ADMIN_TOKEN, --admin-token-file FILE or --admin-token -",
+            )
             if not admin:
-                raise SystemExit("authsvc: revoking by --jti or --service needs --admin-token")
+                raise SystemExit(
+                    "authsvc: revoking by --jti or --service needs an admin token "
+                    "(AUTHSVC_ADMIN_TOKEN or --admin-token-file)"
+                )
             metadata.append(("authorization", f"Bearer {admin}"))
             if args.jti:
                 request.jti = args.jti
             else:
                 request.service_id = args.service
         response = stub.RevokeToken(request, metadata=metadata, timeout=10)
-        print(json.dumps({"revoked": response.revoked}))
+        answer: dict[str, Any] = {"revoked": response.revoked}
+        if not response.revoked:
+            # Only a presented token can revoke nothing: it was not one this server would accept.
+            answer["reason"] = _revoke_refusal(stub, request.token)
+        print(json.dumps(answer))
         return EXIT_OK if response.revoked else EXIT_INVALID
 
 
@@ -509,7 +666,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "audit": _cmd_audit,
     }
     try:
-        return handlers[args.command](args)
+        code = handlers[args.command](args)
+        # Inside the try: a reader that left (`| head`) shows up here, not at interpreter exit.
+        sys.stdout.flush()
+        return code
     except AlreadyExists:
         print("authsvc: that service already exists", file=sys.stderr)
         return EXIT_USAGE
@@ -524,6 +684,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_OK
+    except BrokenPipeError:
+        # `authsvc ... | head`: the reader left. Point stdout at /dev/null so the interpreter's
+        # final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        print("authsvc: output closed early (broken pipe)", file=sys.stderr)
+        return EXIT_INVALID
 
 
 if __name__ == "__main__":
