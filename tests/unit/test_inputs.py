@@ -1,0 +1,65 @@
+"""authsvc.inputs: the one copy of the input rules (the RPCs and the CLI are tested end to end)."""
+
+from __future__ import annotations
+
+import pytest
+
+from authsvc.errors import InvalidArgument
+from authsvc.inputs import (
+    MAX_ID_LENGTH,
+    check_audiences,
+    check_name,
+    check_new_service_id,
+    check_scopes,
+    check_service_id,
+)
+
+
+class TestNewServiceIds:
+    @pytest.mark.parametrize("sid", ["orders", "a", "pay-v2.eu_1", "9lives", "o" * MAX_ID_LENGTH])
+    def test_the_grammar_admits(self, sid: str) -> None:
+        check_new_service_id(sid)
+
+    @pytest.mark.parametrize(
+        "sid",
+        [
+            "",
+            "Orders",
+            "\u043erders",
+            "\uff4frders",
+            " orders",
+            "orders\n",
+            "\x1b[31morders",
+            "o" * (MAX_ID_LENGTH + 1),
+            ".orders",
+            "or ders",
+            "asvcs_abc",
+        ],
+    )
+    def test_the_grammar_refuses_without_echoing(self, sid: str) -> None:
+        with pytest.raises(InvalidArgument) as exc:
+            check_new_service_id(sid)
+        assert "service_id" in str(exc.value)
+        if sid:
+            assert sid not in str(exc.value)
+
+    @pytest.mark.parametrize("sid", ["Orders", "\u043erders"])
+    def test_an_existing_id_outside_the_grammar_may_still_name_a_service(self, sid: str) -> None:
+        check_service_id(sid)
+        check_name(sid, "service_id")
+
+
+class TestAudiencesAndScopes:
+    @pytest.mark.parametrize("audience", ["b\u00eflling", "a b", ""])
+    def test_registration_audiences_are_printable_ascii(self, audience: str) -> None:
+        with pytest.raises(InvalidArgument):
+            check_audiences([audience])
+
+    @pytest.mark.parametrize("scope", ["a b", "caf\u00e9", "", 'q"', "back\\slash"])
+    def test_scopes_follow_rfc6749(self, scope: str) -> None:
+        with pytest.raises(InvalidArgument):
+            check_scopes([scope], "scopes")
+
+    def test_good_ones_pass(self) -> None:
+        check_audiences(["billing", "https://x.example/api"])
+        check_scopes(["billing.read", "authsvc.admin"], "scopes")
