@@ -39,7 +39,7 @@ from authsvc.server.metrics import QUIET_WHEN_OK, Metrics, MetricsInterceptor, S
 from authsvc.server.servicer import CLI_ACTOR, SCHEDULER_ACTOR, AuthServicer, local_audit
 from authsvc.services import disable_service, register_service, rotate_service_secret
 from authsvc.storage import migrate
-from authsvc.storage.engine import describe_db_error, make_engine
+from authsvc.storage.engine import describe_db_error, make_engine, prepare_sqlite_file
 from authsvc.storage.records import RevocationRecord
 from authsvc.storage.repository import Repository
 from authsvc.sync import MonotonicClock, RevocationFeed, ServerState
@@ -80,6 +80,7 @@ def build_core(settings: Settings, clock: Clock | None = None, *, upgrade: bool 
     clock = clock or SystemClock()
     try:
         engine = make_engine(settings.database_url)
+        prepare_sqlite_file(settings.database_url)
     except ArgumentError:
         # SQLAlchemy's message quotes the URL, which may carry a password.
         raise ConfigError(

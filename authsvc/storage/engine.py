@@ -16,7 +16,14 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from authsvc.errors import ConfigError
 
-__all__ = ["READ_ONLY", "describe_db_error", "is_sqlite", "make_engine", "write_lock"]
+__all__ = [
+    "READ_ONLY",
+    "describe_db_error",
+    "is_sqlite",
+    "make_engine",
+    "prepare_sqlite_file",
+    "write_lock",
+]
 
 # Execution option: the transaction only reads (plain BEGIN on SQLite, READ ONLY on PostgreSQL).
 # Without it a SQLite transaction opens with BEGIN IMMEDIATE, so Alembic's DDL works unchanged.
@@ -32,7 +39,6 @@ def make_engine(url: str) -> Engine:
 
     Raises:
         ValueError: for any other database (the message names the backend, not the URL).
-        ConfigError: a SQLite file whose folder is missing and outside the working directory.
     """
     parsed = make_url(url)
     if parsed.drivername == "postgres":
@@ -40,7 +46,6 @@ def make_engine(url: str) -> Engine:
         parsed = parsed.set(drivername="postgresql")
     backend = parsed.get_backend_name()
     if backend == "sqlite":
-        _prepare_sqlite_file(parsed.database)
         return _sqlite_engine(parsed)
     if backend == "postgresql":
         if parsed.drivername == "postgresql":
@@ -51,14 +56,21 @@ def make_engine(url: str) -> Engine:
     raise ValueError(f"unsupported database backend {backend!r}: use sqlite or postgresql")
 
 
-def _prepare_sqlite_file(database: str | None) -> None:
-    """Create the database file owner-only (it holds wrapped keys and secret hashes).
+def prepare_sqlite_file(url: str) -> None:
+    """Create a SQLite database file owner-only (it holds wrapped keys and secret hashes).
+
+    A no-op for other databases. Called where a process opens its configured database
+    (`build_core`), so an engine itself stays lazy.
 
     SQLite gives its -wal and -shm files the main file's mode, so 0600 here covers all three.
     A missing folder is created only inside the working directory: a typo such as
     `sqlite:////nonexistent/dir/a.db` must not quietly make folders elsewhere.
     """
-    if not database or database == ":memory:" or database.startswith("file:"):
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return
+    if database.startswith("file:"):
         return
     path = Path(database)
     folder = path.parent.resolve()

@@ -107,13 +107,13 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Audited]:
         unauth, denied = grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED
         payroll = server.create_service("payroll", ["billing"])
         victim = server.create_service("victim", ["billing"])
-        # CLI changes: no peer, actor "cli".
+        # CLI changes: no peer, actor "cli"; --verbose shows their log events on stderr.
         cli: dict[str, subprocess.CompletedProcess[str]] = {
             "create": server.cli(
-                "services", "create", "retired", "--audience", "billing", "--json"
+                "services", "create", "retired", "--audience", "billing", "--json", "--verbose"
             ),
-            "disable": server.cli("services", "disable", "retired"),
-            "rotate": server.cli("keys", "rotate"),
+            "disable": server.cli("services", "disable", "retired", "--verbose"),
+            "rotate": server.cli("keys", "rotate", "--verbose"),
         }
 
         # IssueToken, ok and every way it fails.
