@@ -220,6 +220,8 @@ class AuthsvcServer:
             ledger=self._ledger,
         )
         self.metrics.registry.register(StateCollector(state, core.repo, self.clock))
+        self.metrics.key_rotation_interval.set(s.key_rotation_interval_seconds)
+        self.metrics.database_up.set(1)  # state.load() has just read the database
         server = grpc.aio.server(
             interceptors=[
                 MetricsInterceptor(
@@ -309,6 +311,7 @@ class AuthsvcServer:
                         "database answer UNAVAILABLE until it is back"
                     )
                     database_ok = False
+                    self.metrics.database_up.set(0)
                     await self._set_health(DATABASE_HEALTH_SERVICE, serving=False)
             except AuthsvcError as exc:
                 log.warning("state sync failed: %s", exc)
@@ -318,6 +321,7 @@ class AuthsvcServer:
                 if not database_ok:
                     log.info("database reachable again: state synced")
                     database_ok = True
+                    self.metrics.database_up.set(1)
                     await self._set_health(DATABASE_HEALTH_SERVICE, serving=True)
 
     async def _wait_stopping(self, seconds: float) -> bool:

@@ -83,6 +83,18 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        # Alert inputs (deploy/prometheus/alerts.yml): whether the last state sync reached the
+        # database, and the schedule the active key's age is compared with.
+        self.database_up = Gauge(
+            "authsvc_database_up",
+            "1 when this replica's last state sync reached the database, 0 when it failed.",
+            registry=self.registry,
+        )
+        self.key_rotation_interval = Gauge(
+            "authsvc_signing_key_rotation_interval_seconds",
+            "The configured scheduled signing-key rotation interval (0: no schedule).",
+            registry=self.registry,
+        )
         ProcessCollector(registry=self.registry)
 
     def observe_login_batch(self, size: int, seconds: float) -> None:

@@ -149,6 +149,11 @@ class TestMetrics:
         # The test server syncs every 0.2 s.
         assert 0 <= lag < 5
 
+    def test_rotation_interval_and_database_up_are_exported(self, ops: OpsServer) -> None:
+        # The inputs of the rotation-overdue and database alerts (deploy/prometheus/alerts.yml).
+        assert metric(ops, "authsvc_signing_key_rotation_interval_seconds") == 600
+        assert metric(ops, "authsvc_database_up") == 1
+
     def test_open_watch_streams_are_a_gauge(self, ops: OpsServer) -> None:
         name = "grpc_server_streams_open"
         labels = dict(grpc_service=AUTH, grpc_method="WatchRevocations")
