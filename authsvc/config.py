@@ -65,6 +65,8 @@ class Settings:
     # Successful ValidateToken and GetJwks calls log their access line at INFO too (by default
     # at DEBUG: they are the fleet's bulk of calls, counted and timed in /metrics).
     access_log_all: bool = False
+    # OpenTelemetry spans for every RPC (needs the `otel` extra; authsvc/server/tracing.py).
+    tracing: bool = False
 
     def __repr__(self) -> str:
         parts = []
@@ -270,4 +272,5 @@ def load_settings(
         reuse_port=bool(over.get("reuse_port", False)),
         log_level=(env.get("AUTHSVC_LOG_LEVEL") or "INFO").upper(),
         access_log_all=_bool(env, "AUTHSVC_ACCESS_LOG_ALL"),
+        tracing=_bool(env, "AUTHSVC_TRACING"),
     )

@@ -33,6 +33,7 @@ from authsvc.server.http import HttpSidePort, ReadinessPolicy
 from authsvc.server.ledger import LoginLedger
 from authsvc.server.metrics import QUIET_WHEN_OK, Metrics, MetricsInterceptor, StateCollector
 from authsvc.server.servicer import CLI_ACTOR, SCHEDULER_ACTOR, AuthServicer, local_audit
+from authsvc.server.tracing import tracing_interceptors
 from authsvc.services import disable_service, register_service
 from authsvc.storage import migrate
 from authsvc.storage.engine import make_engine
@@ -224,6 +225,7 @@ class AuthsvcServer:
         self.metrics.database_up.set(1)  # state.load() has just read the database
         server = grpc.aio.server(
             interceptors=[
+                *tracing_interceptors(s),
                 MetricsInterceptor(
                     self.metrics,
                     quiet_when_ok=frozenset() if s.access_log_all else QUIET_WHEN_OK,
