@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -17,7 +18,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from authsvc.errors import ConfigError
 from authsvc.server.app import AuthsvcServer
+from authsvc.server.tracing import tracing_interceptors
 from authsvc_client import AuthServerInterceptor, current_claims
 from authsvc_client.aio import AsyncAuthServerInterceptor, AsyncRemoteValidator
 from authsvc_client.otel import (
@@ -332,3 +335,16 @@ class TestInterceptors:
 
         run_in_process(settings, FakeClock(START), SERVICES, body)
 
+
+
+class TestOptional:
+    def test_tracing_asked_without_the_extra_is_a_clear_error(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # As if opentelemetry were not installed: importing it raises ImportError.
+        monkeypatch.setitem(sys.modules, "opentelemetry", None)
+        monkeypatch.delitem(sys.modules, "authsvc_client.otel", raising=False)
+        settings = in_process_settings(tmp_path, AUTHSVC_TRACING="true")
+        with pytest.raises(ConfigError, match=r"pip install 'authsvc\[otel\]'"):
+            tracing_interceptors(settings)
+        assert tracing_interceptors(in_process_settings(tmp_path)) == []
