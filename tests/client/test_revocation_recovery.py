@@ -220,3 +220,39 @@ class TestAioRecovery:
 
         first, last = asyncio.run(scenario())
         assert first != last
+
+    def test_interceptor_retries_once_on_unauthenticated_without_following(
+        self, caller: Caller, world: World, billing: Billing
+    ) -> None:
+        me = caller.service_id.encode()
+        clock = FakeClock()
+
+        async def scenario() -> tuple[grpc.StatusCode, bytes, str, str]:
+            authsvc = grpc.aio.insecure_channel(world.server.address)
+            source = AsyncTokenSource(authsvc, service_id=caller.service_id,
+                                      service_secret=caller.secret, audience="billing",
+                                      clock=clock, follow_revocations=False)
+            channel = grpc.aio.insecure_channel(
+                billing.address, interceptors=bearer_interceptors(source)
+            )
+            try:
+                assert await channel.unary_unary(CHARGE)(b"", timeout=10) == me
+                first = await source.token()
+                await asyncio.to_thread(caller.revoke_all)
+                await asyncio.to_thread(caller.wait_refused, billing, first)
+                try:
+                    await channel.unary_unary(CHARGE)(b"", timeout=10)
+                    young = grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as exc:
+                    young = exc.code()
+                clock.advance(60)
+                reply = await channel.unary_unary(CHARGE)(b"", timeout=10)
+                return young, reply, first, await source.token()
+            finally:
+                await channel.close()
+                await source.close()
+                await authsvc.close()
+
+        young, reply, first, last = asyncio.run(scenario())
+        assert young == grpc.StatusCode.UNAUTHENTICATED  # seconds-old token: not dropped
+        assert reply == me and last != first
