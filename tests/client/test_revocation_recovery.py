@@ -182,6 +182,19 @@ class TestSyncRecovery:
         src._follower.join(DEADLINE_SECONDS)
         assert not src._follower.is_alive()
 
+    def test_following_ends_when_the_channel_is_closed(
+        self, caller: Caller, world: World
+    ) -> None:
+        channel = grpc.insecure_channel(world.server.address)
+        src = TokenSource(channel, service_id=caller.service_id,
+                          service_secret=caller.secret, audience="billing")
+        src.token()
+        wait_for(lambda: src._follow_call is not None)
+        channel.close()  # without closing the source
+        assert src._follower is not None
+        src._follower.join(DEADLINE_SECONDS)
+        assert not src._follower.is_alive()
+
 
 class TestAioRecovery:
     def test_call_credentials_and_interceptors_recover_after_revoke_all(

@@ -675,6 +675,12 @@ class TokenSource:
             except grpc.RpcError as exc:
                 with self._lock:
                     error = core.reject(exc, core.clock())
+            except ValueError:
+                # grpc's "Cannot invoke RPC on closed channel": nothing can work any more.
+                with self._lock:
+                    error = core.last_error = TokenUnavailable(_CHANNEL_CLOSED)
+                    self._closed = True
+                self._stopped.set()
             except Exception:  # a bug must not leave waiters hanging
                 _LOG.exception("unexpected failure refreshing an authsvc token")
                 with self._lock:
@@ -739,7 +745,11 @@ class TokenSource:
                     watch.invalidate(bearer)
                 reported = _report_follow_failure(reported, code.name)
             except AuthsvcClientError as exc:
+                if watch._closed:  # its channel is closed
+                    return
                 reported = _report_follow_failure(reported, str(exc))
+            except ValueError:  # the channel is closed
+                return
             except Exception:
                 _LOG.exception("following authsvc revocations failed")
             now = time.monotonic()
@@ -763,6 +773,8 @@ def _report_follow_failure(reported: str | None, reason: str) -> str:
 
 # --- asyncio ---------------------------------------------------------------------------------
 
+
+_CHANNEL_CLOSED = "the channel to authsvc is closed"
 
 _NO_LOOP = (
     "AsyncTokenSource is not bound to an event loop: create it inside the running loop "
@@ -1028,6 +1040,10 @@ class AsyncTokenSource:
                 )
             except grpc.RpcError as exc:
                 raise core.reject(exc, core.clock()) from None
+            except grpc.aio.UsageError:
+                self._closed = True
+                core.last_error = TokenUnavailable(_CHANNEL_CLOSED)
+                raise core.last_error from None
             accepted = core.accept(response, core.clock())
             delay = core.dead_on_arrival(accepted)
             if delay is None or self._closed:
@@ -1066,7 +1082,11 @@ class AsyncTokenSource:
                     watch.invalidate(bearer)
                 reported = _report_follow_failure(reported, code.name)
             except AuthsvcClientError as exc:
+                if watch._closed:  # its channel is closed
+                    return
                 reported = _report_follow_failure(reported, str(exc))
+            except grpc.aio.UsageError:  # the channel is closed
+                return
             except Exception:
                 _LOG.exception("following authsvc revocations failed")
             now = time.monotonic()
