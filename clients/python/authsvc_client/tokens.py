@@ -250,8 +250,8 @@ class _Core:
     def _refusal(self, code: grpc.StatusCode, exc: grpc.RpcError) -> str:
         # The server's details are never copied: the message must stay secret-free whatever
         # a proxy in between puts there. They are only compared with the texts authsvc
-        # sends, and a scope is named only if this source asked for it.
-        # grpc.aio's AioRpcError has code() and details() but is no grpc.Call.
+        # sends, and a scope is named only if this source asked for it. (grpc.aio's
+        # AioRpcError has details() but is no grpc.Call.)
         details = exc.details() if callable(getattr(exc, "details", None)) else None
         details = details if isinstance(details, str) else ""
         head = (
