@@ -42,16 +42,25 @@ class FakeClock:
             self.now += seconds
 
 
+# The audience a token source's revocation follower asks for (tokens.OWN_AUDIENCE).
+FOLLOWER_AUDIENCE = "authsvc"
+
+
 class Counter(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    """Counts unary calls per method on a client channel."""
+    """Counts unary calls per method on a client channel; IssueToken calls a source makes for
+    its own revocation follower (audience authsvc) are counted apart, under `follower`."""
 
     def __init__(self) -> None:
         self.calls: dict[str, int] = {}
+        self.follower = 0
         self._lock = threading.Lock()
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         with self._lock:
-            self.calls[details.method] = self.calls.get(details.method, 0) + 1
+            if getattr(request, "audience", None) == FOLLOWER_AUDIENCE:
+                self.follower += 1
+            else:
+                self.calls[details.method] = self.calls.get(details.method, 0) + 1
         return continuation(details, request)
 
     def count(self, method: str = "/authsvc.v1.AuthService/IssueToken") -> int:
