@@ -227,7 +227,7 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(404, b"not found\n", "text/plain; charset=utf-8")
         except Exception:
-            log.exception("http handler failed for %s", path)
+            log.exception("http handler failed for %r", path)  # repr: the path is the caller's
             self._send(500, b"internal error\n", "text/plain; charset=utf-8")
 
     def _jwks(self, port: HttpSidePort) -> None:
@@ -261,4 +261,4 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         # Probes and scrapes every few seconds: keep them out of the info log.
-        log.debug("http %s", format % args)
+        log.debug("http %r", format % args)  # repr: the request line is the caller's
