@@ -56,6 +56,10 @@ class Settings:
     tls_client_ca: str | None = None
     tls_terminated_upstream: bool = False
     http_listen: str | None = None
+    # The HTTP side port: time a connection has to send its request (and to take the answer),
+    # and connections served at once (one thread each; more are answered 503).
+    http_read_timeout_seconds: float = 10.0
+    http_max_connections: int = 32
     shutdown_grace_seconds: float = 10.0
     # Server processes sharing the port (SO_REUSEPORT); see authsvc/server/workers.py.
     workers: int = 1
@@ -267,6 +271,8 @@ def load_settings(
         tls_client_ca=tls_client_ca,
         tls_terminated_upstream=upstream,
         http_listen=http_listen,
+        http_read_timeout_seconds=_float(env, "AUTHSVC_HTTP_READ_TIMEOUT_SECONDS", 10.0, 0.1),
+        http_max_connections=_int(env, "AUTHSVC_HTTP_MAX_CONNECTIONS", 32, 1),
         shutdown_grace_seconds=_float(env, "AUTHSVC_SHUTDOWN_GRACE_SECONDS", 10.0, 0.0),
         workers=int(over.get("workers") or _int(env, "AUTHSVC_WORKERS", 1, 1)),
         reuse_port=bool(over.get("reuse_port", False)),

@@ -265,6 +265,8 @@ class AuthsvcServer:
                 ping=core.repo.ping,
                 rotation_interval_seconds=s.key_rotation_interval_seconds,
                 readiness=ReadinessPolicy.for_sync_interval(s.sync_interval_seconds),
+                read_timeout_seconds=s.http_read_timeout_seconds,
+                max_connections=s.http_max_connections,
             )
             self._http.start()
             self.http_port = self._http.port

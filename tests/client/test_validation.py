@@ -62,7 +62,7 @@ class TestLocalValidator:
             "INSUFFICIENT_SCOPE"
         )
         _revoke(world.server, token)
-        assert _wait_for(lambda: local_validator.validate(token).reason_name == "REVOKED", 5)
+        assert _wait_for(lambda: local_validator.validate(token).reason_name == "REVOKED", 30)
 
     def test_revocation_reaches_local_validator_within_bound(
         self, world: World, local_validator: LocalValidator
@@ -116,15 +116,19 @@ class TestLocalValidator:
         try:
             for w in workers:
                 w.start()
-            time.sleep(0.3)
+            # Progress, not time: calls before the rotation, between it and the clients'
+            # refresh, and after it, however slowly a loaded machine runs them.
+            assert _wait_for(lambda: ok[0] >= 20, 60)
             kids_before = set(validator.keys.ring.kids)
             rotated = world.server.stub.RotateSigningKey(
                 auth_pb2.RotateSigningKeyRequest(), metadata=world.admin_md(), timeout=10
             )
-            time.sleep(0.3)
+            done = ok[0]
+            assert _wait_for(lambda: ok[0] >= done + 15, 60)
             clock.advance(3600)  # every client now needs a token from the new key
-            assert _wait_for(lambda: rotated.key_id in validator.keys.ring.kids, 5)
-            time.sleep(0.5)
+            assert _wait_for(lambda: rotated.key_id in validator.keys.ring.kids, 30)
+            done = ok[0]
+            assert _wait_for(lambda: ok[0] >= done + 20, 60)
         finally:
             stop_traffic.set()
             for w in workers:
@@ -205,7 +209,7 @@ class TestAuthsvcOutage:
         try:
             assert own_world.server is not None
             _revoke(own_world.server, revoked_early)
-            assert _wait_for(lambda: local.validate(revoked_early).reason_name == "REVOKED", 5)
+            assert _wait_for(lambda: local.validate(revoked_early).reason_name == "REVOKED", 30)
             applied = local.feed.events_applied
 
             own_world.crash()  # authsvc goes away
@@ -213,7 +217,7 @@ class TestAuthsvcOutage:
                 assert status_of(lambda: call(ch, metadata=md)) == grpc.StatusCode.UNAVAILABLE
             with grpc.insecure_channel(local_billing.address) as ch:
                 assert call(ch, metadata=md) == b"orders"  # known key, within the bound
-                assert _wait_for(lambda: not local.healthy, 5)
+                assert _wait_for(lambda: not local.healthy, 30)
                 assert status_of(lambda: call(ch, metadata=md)) == grpc.StatusCode.UNAVAILABLE
             with pytest.raises(ValidatorUnavailable):
                 local.validate(kept)
@@ -221,8 +225,8 @@ class TestAuthsvcOutage:
             # authsvc comes back on the same address: the feed resumes from its cursor
             restarted = own_world.start()
             _revoke(restarted, revoked_later)
-            assert _wait_for(lambda: local.healthy, 10)
-            assert _wait_for(lambda: local.validate(revoked_later).reason_name == "REVOKED", 5)
+            assert _wait_for(lambda: local.healthy, 30)
+            assert _wait_for(lambda: local.validate(revoked_later).reason_name == "REVOKED", 30)
             assert local.validate(revoked_early).reason_name == "REVOKED"
             assert local.validate(kept).valid
             # exactly one new event applied: nothing replayed twice, nothing missed

@@ -67,6 +67,21 @@ class TestLoadSettings:
         assert load_settings(BASE).access_log_all is False
         assert load_settings({**BASE, "AUTHSVC_ACCESS_LOG_ALL": "true"}).access_log_all is True
 
+    def test_http_side_port_limits_are_read_and_bounded(self) -> None:
+        s = load_settings(BASE)
+        assert (s.http_read_timeout_seconds, s.http_max_connections) == (10.0, 32)
+        s = load_settings(
+            {
+                **BASE,
+                "AUTHSVC_HTTP_READ_TIMEOUT_SECONDS": "2.5",
+                "AUTHSVC_HTTP_MAX_CONNECTIONS": "8",
+            }
+        )
+        assert (s.http_read_timeout_seconds, s.http_max_connections) == (2.5, 8)
+        for name in ("AUTHSVC_HTTP_READ_TIMEOUT_SECONDS", "AUTHSVC_HTTP_MAX_CONNECTIONS"):
+            with pytest.raises(ConfigError, match=name):
+                load_settings({**BASE, name: "0"})
+
     def test_default_ttl_above_maximum_is_refused(self) -> None:
         with pytest.raises(ConfigError, match="AUTHSVC_DEFAULT_TTL_SECONDS"):
             load_settings({**BASE, "AUTHSVC_DEFAULT_TTL_SECONDS": "7200"})
