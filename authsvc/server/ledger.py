@@ -41,12 +41,19 @@ from typing import Any
 
 from authsvc.clock import Clock, to_datetime, to_timestamp
 from authsvc.config import Settings
-from authsvc.errors import AuthsvcError, ResourceExhausted, StorageUnavailable, Unauthenticated
-from authsvc.storage.records import ServiceRecord
+from authsvc.errors import (
+    AuthsvcError,
+    PermissionDenied,
+    ResourceExhausted,
+    StorageUnavailable,
+    Unauthenticated,
+)
+from authsvc.storage.records import SecretSlot, ServiceRecord
 from authsvc.storage.repository import LoginBatch, Repository
 
 __all__ = [
     "BAD_CREDENTIALS",
+    "CURRENT_ONLY",
     "Grant",
     "Login",
     "LoginLedger",
@@ -57,10 +64,14 @@ __all__ = [
 log = logging.getLogger("authsvc.server")
 
 BAD_CREDENTIALS = "invalid service credentials"
+CURRENT_ONLY = (
+    "only the current secret (or an admin) may do this; "
+    "a previous secret in its grace period may only get tokens"
+)
 # Logins settled in one transaction at most; under a longer queue the next batch follows at once.
 MAX_BATCH = 256
 # Compared against for an unknown service id, so that it costs what a known one does.
-_NO_SECRET = bytes(32)
+_NO_SECRETS: tuple[tuple[SecretSlot, bytes], ...] = (("current", bytes(32)),)
 # Known-peer rows remembered as written (per process) before the map is cleared.
 _PEERS_REMEMBERED = 100_000
 
@@ -108,6 +119,9 @@ class Login:
     action: str
     # None: a success is not audited here (the caller audits what it then does).
     authorize: Callable[[ServiceRecord], Grant] | None = None
+    # True for what only the current secret may do (rotating it): a previous secret still in
+    # its grace period authenticates, but is refused with PermissionDenied.
+    current_secret_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -303,10 +317,12 @@ class LoginLedger:
         service = txn.service(login.service_id)
         # Check every live secret (current and, within its grace period, previous) so the
         # timing does not depend on which one matched.
-        hashes = txn.secret_hashes(login.service_id) if service is not None else (_NO_SECRET,)
-        ok = False
-        for stored in hashes:
-            ok = hmac.compare_digest(login.digest, stored) | ok
+        secrets = txn.secrets(login.service_id) if service is not None else _NO_SECRETS
+        ok = current = False
+        for slot, stored in secrets:
+            matched = hmac.compare_digest(login.digest, stored)
+            ok |= matched
+            current |= matched and slot == "current"
         if service is None or not ok:
             txn.count_failure(id_key)
             txn.count_failure(peer_key)
@@ -318,6 +334,9 @@ class LoginLedger:
         if service.disabled:
             audit("disabled")
             return Unauthenticated("service is disabled")
+        if login.current_secret_only and not current:
+            audit("previous_secret_denied")
+            return PermissionDenied(CURRENT_ONLY)
         grant: Grant | None = None
         if login.authorize is not None:
             try:

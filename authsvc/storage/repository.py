@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from authsvc.errors import AlreadyExists, NotFound, StorageUnavailable
+from authsvc.errors import AlreadyExists, FailedPrecondition, NotFound, StorageUnavailable
 from authsvc.storage.engine import READ_ONLY, write_lock
 from authsvc.storage.models import (
     AuditEventRow,
@@ -52,6 +53,8 @@ from authsvc.storage.records import (
 )
 
 __all__ = ["LoginBatch", "Repository"]
+
+_Secret = tuple[SecretSlot, bytes]
 
 # pg_advisory_xact_lock keys. Taken in this order only (rotation, then changes), so they
 # cannot deadlock; SQLite needs none of them since BEGIN IMMEDIATE admits one writer at a time.
@@ -331,14 +334,19 @@ class Repository:
         new_hash: bytes,
         now: datetime,
         previous_expires_at: datetime | None,
+        *,
+        expected_current_hash: bytes | None = None,
     ) -> SecretRecord | None:
         """Install a new current secret; the old one stays valid until `previous_expires_at`.
 
         At most one previous secret exists: an older one is dropped. Returns the new previous
-        secret, or None when the old secret ends now.
+        secret, or None when the old secret ends now. A self-rotation passes the hash it
+        authenticated with as `expected_current_hash`: checked again inside this transaction,
+        so a rotation that committed since the login cannot be undone by a secret it demoted.
 
         Raises:
             NotFound: no such service.
+            FailedPrecondition: the current secret is no longer `expected_current_hash`.
         """
         now = _utc_in(now)
         previous_until = _opt_in(previous_expires_at)
@@ -346,6 +354,14 @@ class Repository:
             if s.get(ServiceRow, service_id) is None:
                 raise NotFound(f"service {service_id!r} not found")
             mine = ServiceSecretRow.service_id == service_id
+            if expected_current_hash is not None:
+                stored = s.scalar(
+                    select(ServiceSecretRow.secret_hash).where(
+                        mine, ServiceSecretRow.slot == "current"
+                    )
+                )
+                if stored is None or not hmac.compare_digest(stored, expected_current_hash):
+                    raise FailedPrecondition("the current secret has changed")
             s.execute(delete(ServiceSecretRow).where(mine, ServiceSecretRow.slot == "previous"))
             current = ServiceSecretRow.slot == "current"
             previous: SecretRecord | None = None
@@ -713,7 +729,7 @@ class _LoginStatements:
             (secrets.c.slot == "current") | (secrets.c.expires_at > bindparam("now"))
         )
         self.credentials = (
-            select(services, secrets.c.secret_hash)
+            select(services, secrets.c.slot, secrets.c.secret_hash)
             .select_from(services.outerjoin(secrets, live))
             .where(services.c.service_id == bindparam("service_id"))
             .order_by(secrets.c.slot)
@@ -773,12 +789,12 @@ class LoginBatch:
         self._sql = sql
         self.now = now
         self._cutoff = now - timedelta(seconds=window_seconds)
-        self._services: dict[str, tuple[ServiceRecord | None, tuple[bytes, ...]]] = {}
+        self._services: dict[str, tuple[ServiceRecord | None, tuple[_Secret, ...]]] = {}
         self._failures: dict[str, int] = {}
         self._peers_remembered: set[tuple[str, str]] = set()
         self._audit: list[dict[str, object]] = []
 
-    def _credentials(self, service_id: str) -> tuple[ServiceRecord | None, tuple[bytes, ...]]:
+    def _credentials(self, service_id: str) -> tuple[ServiceRecord | None, tuple[_Secret, ...]]:
         found = self._services.get(service_id)
         if found is None:
             rows = self._c.execute(
@@ -787,8 +803,12 @@ class LoginBatch:
             if not rows:
                 found = (None, ())
             else:
-                hashes = tuple(r.secret_hash for r in rows if r.secret_hash is not None)
-                found = (_service(rows[0]), hashes)
+                secrets = tuple(
+                    (cast(SecretSlot, r.slot), r.secret_hash)
+                    for r in rows
+                    if r.secret_hash is not None
+                )
+                found = (_service(rows[0]), secrets)
             self._services[service_id] = found
         return found
 
@@ -797,6 +817,10 @@ class LoginBatch:
 
     def secret_hashes(self, service_id: str) -> tuple[bytes, ...]:
         """The current secret's hash and, within its grace period, the previous one's."""
+        return tuple(h for _, h in self._credentials(service_id)[1])
+
+    def secrets(self, service_id: str) -> tuple[tuple[SecretSlot, bytes], ...]:
+        """secret_hashes with the slot of each: only the current secret may rotate itself."""
         return self._credentials(service_id)[1]
 
     def failures(self, id_key: str, peer_key: str) -> tuple[int, int]:

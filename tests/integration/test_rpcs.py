@@ -305,6 +305,35 @@ class TestRotateServiceSecret:
         assert _code(exc) == grpc.StatusCode.UNAUTHENTICATED
         assert world.server.issue("search", new, "billing").access_token
 
+    def test_a_previous_secret_in_its_grace_may_log_in_but_never_rotate(
+        self, world: World
+    ) -> None:
+        s1 = world.server.create_service("wallet", ["billing"], [])
+        s2 = world.server.stub.RotateServiceSecret(
+            auth_pb2.RotateServiceSecretRequest(
+                service_id="wallet", current_secret=s1, grace_period_seconds=300
+            ),
+            timeout=10,
+        ).service_secret
+        # Whoever holds only the old secret tries to take the service over.
+        with pytest.raises(grpc.RpcError) as exc:
+            world.server.stub.RotateServiceSecret(
+                auth_pb2.RotateServiceSecretRequest(
+                    service_id="wallet", current_secret=s1, grace_period_seconds=0
+                ),
+                timeout=10,
+            )
+        assert _code(exc) == grpc.StatusCode.PERMISSION_DENIED
+        assert "previous secret" in _details(exc) and s1 not in _details(exc)
+        # Nothing changed: the owner's secret works, and the old one still logs in.
+        assert world.server.issue("wallet", s2, "billing").access_token
+        assert world.server.issue("wallet", s1, "billing").access_token
+        s3 = world.server.stub.RotateServiceSecret(
+            auth_pb2.RotateServiceSecretRequest(service_id="wallet", current_secret=s2),
+            timeout=10,
+        ).service_secret
+        assert world.server.issue("wallet", s3, "billing").access_token
+
     def test_wrong_current_secret_is_unauthenticated(self, world: World) -> None:
         with pytest.raises(grpc.RpcError) as exc:
             world.server.stub.RotateServiceSecret(

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from authsvc.errors import AlreadyExists, NotFound
+from authsvc.errors import AlreadyExists, FailedPrecondition, NotFound
 from authsvc.storage.repository import Repository
 from tests.storage.helpers import T0, at, key_record
 
@@ -111,6 +111,24 @@ class TestSecrets:
         until = None if grace_end is None else at(grace_end)
         assert repo.update_service_secret("svc", b"hash-3", at(10), until) is None
         assert [s.secret_hash for s in repo.list_secrets("svc", at(10))] == [b"hash-3"]
+
+    def test_a_rotation_expecting_a_superseded_current_secret_changes_nothing(
+        self, repo: Repository
+    ) -> None:
+        repo.create_service("svc", ["a"], [], b"1" * 32, T0)
+        repo.update_service_secret(
+            "svc", b"2" * 32, at(1), at(100), expected_current_hash=b"1" * 32
+        )
+        # A second rotation authenticated with the first secret, committing after the first.
+        with pytest.raises(FailedPrecondition):
+            repo.update_service_secret(
+                "svc", b"3" * 32, at(2), None, expected_current_hash=b"1" * 32
+            )
+        live = repo.list_secrets("svc", at(2))
+        assert [(s.slot, s.secret_hash) for s in live] == [
+            ("current", b"2" * 32),
+            ("previous", b"1" * 32),
+        ]
 
     def test_rotate_unknown_service_is_not_found(self, repo: Repository) -> None:
         with pytest.raises(NotFound):

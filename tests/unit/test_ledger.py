@@ -7,7 +7,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -216,6 +216,22 @@ class TestOutcomes:
         with pytest.raises(Unauthenticated, match="disabled"):
             world.ledger.settle_sync(world.login())
         assert world.audit_outcomes() == ["disabled"]
+
+    def test_a_previous_secret_logs_in_but_is_refused_what_needs_the_current_one(
+        self, world: World
+    ) -> None:
+        now = world.clock.now()
+        new = "asvcs_" + "N" * 43
+        world.core.repo.update_service_secret(
+            "orders", world.core.hasher.hash(new), to_datetime(now), to_datetime(now + 300)
+        )
+        old = world.login()  # the original secret, now in its grace period
+        assert world.ledger.settle_sync(old).service.service_id == "orders"
+        with pytest.raises(PermissionDenied, match="previous secret"):
+            world.ledger.settle_sync(replace(old, current_secret_only=True))
+        assert world.ledger.settle_sync(replace(world.login(new), current_secret_only=True))
+        assert world.audit_outcomes() == ["previous_secret_denied"]
+        assert world.failures("id:orders") == 0
 
     def test_a_call_cancelled_while_queued_is_never_settled(self, world: World) -> None:
         release, blocker = _hold_the_ledger(world)
