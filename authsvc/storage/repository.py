@@ -151,6 +151,8 @@ def _audit(row: AuditEventRow) -> AuditRecord:
         peer=row.peer,
         request_id=row.request_id,
         detail=row.detail,
+        count=row.count,
+        first_at=_opt_out(row.first_at),
     )
 
 
@@ -771,7 +773,27 @@ class _LoginStatements:
             index_elements=[peers.c.service_id, peers.c.peer],
             set_={"last_success_at": remember.excluded.last_success_at},
         )
-        self.audit = insert(cast(Table, AuditEventRow.__table__))
+        audit = cast(Table, AuditEventRow.__table__)
+        self.audit = insert(audit)
+        # One more batch of attempts on an aggregated row: the first batch inserts it (its
+        # time is the row's first_at), later ones add to its count and move its `at`.
+        aggregate = dialect_insert(audit).values(
+            at=bindparam("at"),
+            first_at=bindparam("at"),
+            actor=bindparam("actor"),
+            action=bindparam("action"),
+            target=bindparam("target"),
+            outcome=bindparam("outcome"),
+            peer=bindparam("peer"),
+            request_id=bindparam("request_id"),
+            detail=bindparam("detail"),
+            count=bindparam("count"),
+            aggregate_key=bindparam("aggregate_key"),
+        )
+        self.aggregate = aggregate.on_conflict_do_update(
+            index_elements=[audit.c.aggregate_key],
+            set_={"count": audit.c.count + aggregate.excluded.count, "at": aggregate.excluded.at},
+        ).returning(audit.c.count)
 
 
 class LoginBatch:
@@ -793,6 +815,9 @@ class LoginBatch:
         self._failures: dict[str, int] = {}
         self._peers_remembered: set[tuple[str, str]] = set()
         self._audit: list[dict[str, object]] = []
+        self._aggregates: dict[str, dict[str, object]] = {}
+        # Aggregate keys whose row this batch's commit created (rather than added to).
+        self.created_aggregates: set[str] = set()
 
     def _credentials(self, service_id: str) -> tuple[ServiceRecord | None, tuple[_Secret, ...]]:
         found = self._services.get(service_id)
@@ -888,10 +913,46 @@ class LoginBatch:
             }
         )
 
+    def aggregate(
+        self,
+        key: str,
+        *,
+        actor: str,
+        action: str,
+        target: str,
+        outcome: str,
+        peer: str,
+        request_id: str,
+        detail: str = "",
+    ) -> None:
+        """Count one attempt on the aggregated row `key` (created by its first attempt, whose
+        fields it keeps); the batch writes each key once, at commit."""
+        found = self._aggregates.get(key)
+        if found is not None:
+            found["count"] = cast(int, found["count"]) + 1
+            return
+        self._aggregates[key] = {
+            "at": self.now,
+            "actor": actor,
+            "action": action,
+            "target": target,
+            "outcome": outcome,
+            "peer": peer,
+            "request_id": request_id,
+            "detail": detail,
+            "count": 1,
+            "aggregate_key": key,
+        }
+
     def flush(self) -> None:
         if self._audit:
             self._c.execute(self._sql.audit, self._audit)
             self._audit = []
+        for key, params in self._aggregates.items():
+            total = self._c.execute(self._sql.aggregate, params).scalar_one()
+            if total == params["count"]:
+                self.created_aggregates.add(key)
+        self._aggregates = {}
 
 
 def _rowcount(result: object) -> int:

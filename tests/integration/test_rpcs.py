@@ -305,9 +305,7 @@ class TestRotateServiceSecret:
         assert _code(exc) == grpc.StatusCode.UNAUTHENTICATED
         assert world.server.issue("search", new, "billing").access_token
 
-    def test_a_previous_secret_in_its_grace_may_log_in_but_never_rotate(
-        self, world: World
-    ) -> None:
+    def test_a_previous_secret_in_its_grace_may_log_in_but_never_rotate(self, world: World) -> None:
         s1 = world.server.create_service("wallet", ["billing"], [])
         s2 = world.server.stub.RotateServiceSecret(
             auth_pb2.RotateServiceSecretRequest(

@@ -23,7 +23,7 @@ from authsvc.errors import (
 )
 from authsvc.server.app import Core, build_core, create_service
 from authsvc.server.ledger import Grant, Login, LoginLedger, LoginResult
-from authsvc.storage.records import ServiceRecord
+from authsvc.storage.records import AuditRecord, ServiceRecord
 from tests.support.clock import FakeClock
 from tests.support.inprocess import in_process_settings
 
@@ -175,7 +175,8 @@ class TestOutcomes:
             with pytest.raises(Unauthenticated) as caught:
                 world.ledger.settle_sync(login)
             assert str(caught.value) == "invalid service credentials"
-        assert world.audit_outcomes() == ["bad_credentials", "bad_credentials"]
+        # The unknown id is audited on its peer's aggregated row.
+        assert world.audit_outcomes() == ["bad_credentials", "unknown_service"]
 
     def test_a_grant_is_committed_before_its_work_runs(self, world: World) -> None:
         seen: list[list[str]] = []
@@ -334,3 +335,88 @@ class TestKnownPeers:
         with pytest.raises(ResourceExhausted):
             world.ledger.settle_sync(world.login(peer=stranger))
         assert world.ledger.settle_sync(world.login(peer=PEER)).service.service_id == "orders"
+
+
+def _login_rows(world: World) -> list[AuditRecord]:
+    return [e for e in world.core.repo.list_audit_events() if e.action == "issue_token"]
+
+
+class TestAggregatedAudit:
+    """Throttled and unknown-id attempts: one row per key and window, every attempt counted."""
+
+    def test_throttled_attempts_add_to_one_row_per_key_in_a_batch_and_across_batches(
+        self, world: World
+    ) -> None:
+        counted: list[tuple[str, str]] = []
+        ledger = LoginLedger(
+            world.core.repo,
+            world.settings,
+            world.clock,
+            on_outcome=lambda action, outcome: counted.append((action, outcome)),
+        )
+        try:
+            stranger = "ipv4:203.0.113.20"
+            for _ in range(2):  # the id limit (2)
+                with pytest.raises(Unauthenticated):
+                    ledger.settle_sync(world.login("asvcs_wrong", peer=stranger))
+            futures = [
+                ledger.submit(world.login(peer=stranger, request_id=f"t{i}")) for i in range(30)
+            ]
+            assert {_outcome(f) for f in futures} == {"ResourceExhausted"}
+            for i in range(5):
+                with pytest.raises(ResourceExhausted):
+                    ledger.settle_sync(world.login(peer=stranger, request_id=f"late{i}"))
+        finally:
+            ledger.close()
+        rows = [e for e in _login_rows(world) if e.outcome == "throttled"]
+        assert len(rows) == 1
+        (row,) = rows
+        assert (row.actor, row.target, row.peer, row.count) == ("orders", "orders", "*", 35)
+        assert row.request_id == "t0" and row.first_at is not None and row.first_at <= row.at
+        assert counted.count(("issue_token", "throttled")) == 35
+        assert counted.count(("issue_token", "bad_credentials")) == 2
+
+    def test_unknown_ids_from_one_peer_share_one_row_whatever_the_ids(self, world: World) -> None:
+        for i in range(40):
+            with pytest.raises(Unauthenticated, match="invalid service credentials"):
+                world.ledger.settle_sync(world.login(sid=f"ghost-{i}", request_id=f"g{i}"))
+        (row,) = _login_rows(world)
+        assert (row.outcome, row.actor, row.peer, row.count) == ("unknown_service", "*", PEER, 40)
+        assert row.request_id == "g0"
+        # Still counted as failures, as for a known id: the same cost and the same answer.
+        assert world.failures(f"peer:{PEER}") == 40
+
+    def test_a_peer_over_its_limit_is_one_row_for_every_id_it_tries(self, world: World) -> None:
+        stranger = "ipv4:203.0.113.21"
+        for i in range(50):  # the peer limit (50), spent on unknown ids
+            with pytest.raises(Unauthenticated):
+                world.ledger.settle_sync(world.login(sid=f"guess-{i}", peer=stranger))
+        for i in range(20):
+            with pytest.raises(ResourceExhausted):
+                world.ledger.settle_sync(world.login(sid=f"more-{i}", peer=stranger))
+        rows = {e.outcome: e for e in _login_rows(world)}
+        assert set(rows) == {"unknown_service", "throttled"}
+        throttled = rows["throttled"]
+        assert (throttled.actor, throttled.peer, throttled.count) == ("*", stranger, 20)
+
+    def test_a_new_window_starts_a_new_row(self, world: World) -> None:
+        for i in range(3):
+            with pytest.raises(Unauthenticated):
+                world.ledger.settle_sync(world.login(sid=f"ghost-{i}"))
+        world.clock.advance(world.settings.throttle_window_seconds)
+        with pytest.raises(Unauthenticated):
+            world.ledger.settle_sync(world.login(sid="ghost-3"))
+        assert [e.count for e in _login_rows(world)] == [1, 3]
+
+    def test_successes_and_known_id_failures_keep_one_row_each(self, world: World) -> None:
+        for _ in range(3):
+            world.ledger.settle_sync(world.login(authorize=Grant("ok", "billing")))
+        with pytest.raises(Unauthenticated):
+            world.ledger.settle_sync(world.login("asvcs_wrong"))
+        rows = _login_rows(world)
+        assert [(e.outcome, e.count, e.first_at) for e in rows] == [
+            ("bad_credentials", 1, None),
+            ("ok", 1, None),
+            ("ok", 1, None),
+            ("ok", 1, None),
+        ]
