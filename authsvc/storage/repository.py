@@ -353,7 +353,9 @@ class Repository:
         now = _utc_in(now)
         previous_until = _opt_in(previous_expires_at)
         with self._write() as s:
-            if s.get(ServiceRow, service_id) is None:
+            # Rotations of one service queue on its row (PostgreSQL; SQLite has one writer), so
+            # each one reads the secrets the one before it committed.
+            if s.get(ServiceRow, service_id, with_for_update=True) is None:
                 raise NotFound(f"service {service_id!r} not found")
             mine = ServiceSecretRow.service_id == service_id
             if expected_current_hash is not None:
