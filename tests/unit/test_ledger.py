@@ -9,8 +9,10 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import event
 
 from authsvc.clock import to_datetime
 from authsvc.config import Settings
@@ -407,6 +409,26 @@ class TestAggregatedAudit:
         with pytest.raises(Unauthenticated):
             world.ledger.settle_sync(world.login(sid="ghost-3"))
         assert [e.count for e in _login_rows(world)] == [1, 3]
+
+    def test_an_unknown_id_costs_the_database_what_a_wrong_secret_does(self, world: World) -> None:
+        statements: list[str] = []
+
+        def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            statements.append(statement.split()[0].upper())
+
+        engine = world.core.repo.engine
+        costs = []
+        event.listen(engine, "before_cursor_execute", count)
+        try:
+            for i, login in enumerate((world.login("asvcs_wrong"), world.login(sid="ghost"))):
+                statements.clear()
+                with pytest.raises(Unauthenticated) as caught:
+                    world.ledger.settle_sync(replace(login, request_id=f"c{i}"))
+                assert str(caught.value) == "invalid service credentials"
+                costs.append(sorted(statements))
+        finally:
+            event.remove(engine, "before_cursor_execute", count)
+        assert costs[0] == costs[1]
 
     def test_successes_and_known_id_failures_keep_one_row_each(self, world: World) -> None:
         for _ in range(3):
