@@ -71,6 +71,14 @@ class Metrics:
             ("reason",),
             registry=self.registry,
         )
+        self.login_outcomes = Counter(
+            "authsvc_login_outcomes",
+            "Logins settled, by action and outcome (ok, bad_credentials, unknown_service, "
+            "throttled, …): one count per attempt, where the audit trail keeps one row per "
+            "throttle key and window for throttled and unknown-id attempts.",
+            ("action", "outcome"),
+            registry=self.registry,
+        )
         self.login_batch_size = Histogram(
             "authsvc_login_batch_size",
             "Logins (IssueToken, self-rotation) settled per database transaction.",
@@ -81,14 +89,6 @@ class Metrics:
             "authsvc_login_batch_seconds",
             "Time to settle one batch of logins, transaction and commit included.",
             buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.login_outcomes = Counter(
-            "authsvc_login_outcomes",
-            "Logins settled, by action and outcome (ok, bad_credentials, unknown_service, "
-            "throttled, …): one count per attempt, where the audit trail keeps one row per "
-            "throttle key and window for throttled and unknown-id attempts.",
-            ("action", "outcome"),
             registry=self.registry,
         )
         ProcessCollector(registry=self.registry)
