@@ -346,6 +346,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
             "peer": e.peer,
             "request_id": e.request_id,
             "detail": e.detail,
+            # An aggregated row: `count` attempts from `first_time` until `time`.
+            "count": e.count,
+            "first_time": None if e.first_at is None else e.first_at.isoformat(),
         }
         for e in events
     ]
@@ -353,8 +356,11 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         print(json.dumps(rows))
     else:
         for r in rows:
+            outcome = r["outcome"]
+            if r["first_time"] is not None:
+                outcome += f" ({r['count']} attempts since {r['first_time']})"
             print(
-                f"{r['time']}\t{r['actor']}\t{r['action']}\t{r['target']}\t{r['outcome']}"
+                f"{r['time']}\t{r['actor']}\t{r['action']}\t{r['target']}\t{outcome}"
                 f"\t{r['peer']}\t{r['request_id']}"
             )
     return EXIT_OK

@@ -197,7 +197,11 @@ class AuthsvcServer:
         state.on_revocations = publish
         self._feed = feed
         self._ledger = LoginLedger(
-            core.repo, s, self.clock, on_batch=self.metrics.observe_login_batch
+            core.repo,
+            s,
+            self.clock,
+            on_batch=self.metrics.observe_login_batch,
+            on_outcome=self.metrics.observe_login,
         )
         verifier = TokenVerifier(
             keys=lambda: state.keyring,

@@ -71,6 +71,14 @@ class Metrics:
             ("reason",),
             registry=self.registry,
         )
+        self.login_outcomes = Counter(
+            "authsvc_login_outcomes",
+            "Logins settled, by action and outcome (ok, bad_credentials, unknown_service, "
+            "throttled, …): one count per attempt, where the audit trail keeps one row per "
+            "throttle key and window for throttled and unknown-id attempts.",
+            ("action", "outcome"),
+            registry=self.registry,
+        )
         self.login_batch_size = Histogram(
             "authsvc_login_batch_size",
             "Logins (IssueToken, self-rotation) settled per database transaction.",
@@ -100,6 +108,9 @@ class Metrics:
     def observe_login_batch(self, size: int, seconds: float) -> None:
         self.login_batch_size.observe(size)
         self.login_batch_seconds.observe(seconds)
+
+    def observe_login(self, action: str, outcome: str) -> None:
+        self.login_outcomes.labels(action, outcome).inc()
 
     def observe(
         self, method: str, code: grpc.StatusCode, seconds: float | None, response: Any

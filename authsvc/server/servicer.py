@@ -16,7 +16,7 @@ import logging
 import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -28,6 +28,7 @@ from authsvc.config import Settings
 from authsvc.crypto.secrets import SECRET_PREFIX, SecretHasher, mint_secret
 from authsvc.errors import (
     AuthsvcError,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -36,7 +37,7 @@ from authsvc.errors import (
 )
 from authsvc.keys.manager import KeyManager
 from authsvc.logs import current_request_id, request_id_from
-from authsvc.server.ledger import Grant, Login, LoginLedger, log_audit
+from authsvc.server.ledger import CURRENT_ONLY, Grant, Login, LoginLedger, log_audit
 from authsvc.services import disable_service, register_service
 from authsvc.storage.records import RevocationRecord, ServiceRecord, SigningKeyRecord
 from authsvc.storage.repository import Repository
@@ -608,13 +609,16 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         peer: str,
         request_id: str,
     ) -> auth_pb2.RotateServiceSecretResponse:
+        expected: bytes | None = None
         if admin is None:
-            self._ledger.settle_sync(
+            login = replace(
                 self._login(
                     request.service_id, request.current_secret, peer, request_id, "rotate_secret"
-                )
+                ),
+                current_secret_only=True,
             )
-            actor = request.service_id
+            self._ledger.settle_sync(login)
+            actor, expected = request.service_id, login.digest
         else:
             actor = admin.claims.subject
             if self._repo.fetch_service(request.service_id) is None:
@@ -634,9 +638,26 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
             if request.grace_period_seconds > 0
             else None
         )
-        self._repo.update_service_secret(
-            request.service_id, self._hasher.hash(secret), to_datetime(now), previous_until
-        )
+        try:
+            self._repo.update_service_secret(
+                request.service_id,
+                self._hasher.hash(secret),
+                to_datetime(now),
+                previous_until,
+                expected_current_hash=expected,
+            )
+        except FailedPrecondition:
+            # Another rotation committed since this login: the presented secret is no longer
+            # the current one, which is the rule the ledger applies, decided late.
+            self._audit(
+                actor=actor,
+                action="rotate_secret",
+                target=f"service:{request.service_id}",
+                outcome="previous_secret_denied",
+                peer=peer,
+                request_id=request_id,
+            )
+            raise PermissionDenied(CURRENT_ONLY) from None
         self._audit(
             actor=actor,
             action="rotate_secret",

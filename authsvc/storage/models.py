@@ -127,8 +127,15 @@ class ChangeRow(Base):
 
 
 class AuditEventRow(Base):
+    """One audited event, or (aggregate_key set, migration 0003) every unauthenticated attempt
+    of one kind for one throttle key within one throttle window: `count` of them, from
+    `first_at` to `at`. An attacker's throttled or unknown-id logins cost O(1) rows so."""
+
     __tablename__ = "audit_events"
-    __table_args__ = ({"sqlite_autoincrement": True},)
+    __table_args__ = (
+        Index("uq_audit_events_aggregate_key", "aggregate_key", unique=True),
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = mapped_column(CURSOR, primary_key=True, autoincrement=True)
     at: Mapped[datetime] = mapped_column(TS, index=True)
@@ -139,6 +146,9 @@ class AuditEventRow(Base):
     peer: Mapped[str] = mapped_column(Text)
     request_id: Mapped[str] = mapped_column(Text)
     detail: Mapped[str] = mapped_column(Text)
+    count: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+    first_at: Mapped[datetime | None] = mapped_column(TS)
+    aggregate_key: Mapped[str | None] = mapped_column(Text)
 
 
 class AuthFailureRow(Base):

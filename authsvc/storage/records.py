@@ -88,3 +88,6 @@ class AuditRecord:
     peer: str
     request_id: str
     detail: str
+    # An aggregated row (see AuditEventRow): `count` attempts from `first_at` until `at`.
+    count: int = 1
+    first_at: datetime | None = None

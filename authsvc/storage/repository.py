@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from authsvc.errors import AlreadyExists, NotFound, StorageUnavailable
+from authsvc.errors import AlreadyExists, FailedPrecondition, NotFound, StorageUnavailable
 from authsvc.storage.engine import READ_ONLY, write_lock
 from authsvc.storage.models import (
     AuditEventRow,
@@ -52,6 +53,8 @@ from authsvc.storage.records import (
 )
 
 __all__ = ["LoginBatch", "Repository"]
+
+_Secret = tuple[SecretSlot, bytes]
 
 # pg_advisory_xact_lock keys. Taken in this order only (rotation, then changes), so they
 # cannot deadlock; SQLite needs none of them since BEGIN IMMEDIATE admits one writer at a time.
@@ -148,6 +151,8 @@ def _audit(row: AuditEventRow) -> AuditRecord:
         peer=row.peer,
         request_id=row.request_id,
         detail=row.detail,
+        count=row.count,
+        first_at=_opt_out(row.first_at),
     )
 
 
@@ -331,21 +336,36 @@ class Repository:
         new_hash: bytes,
         now: datetime,
         previous_expires_at: datetime | None,
+        *,
+        expected_current_hash: bytes | None = None,
     ) -> SecretRecord | None:
         """Install a new current secret; the old one stays valid until `previous_expires_at`.
 
         At most one previous secret exists: an older one is dropped. Returns the new previous
-        secret, or None when the old secret ends now.
+        secret, or None when the old secret ends now. A self-rotation passes the hash it
+        authenticated with as `expected_current_hash`: checked again inside this transaction,
+        so a rotation that committed since the login cannot be undone by a secret it demoted.
 
         Raises:
             NotFound: no such service.
+            FailedPrecondition: the current secret is no longer `expected_current_hash`.
         """
         now = _utc_in(now)
         previous_until = _opt_in(previous_expires_at)
         with self._write() as s:
-            if s.get(ServiceRow, service_id) is None:
+            # Rotations of one service queue on its row (PostgreSQL; SQLite has one writer), so
+            # each one reads the secrets the one before it committed.
+            if s.get(ServiceRow, service_id, with_for_update=True) is None:
                 raise NotFound(f"service {service_id!r} not found")
             mine = ServiceSecretRow.service_id == service_id
+            if expected_current_hash is not None:
+                stored = s.scalar(
+                    select(ServiceSecretRow.secret_hash).where(
+                        mine, ServiceSecretRow.slot == "current"
+                    )
+                )
+                if stored is None or not hmac.compare_digest(stored, expected_current_hash):
+                    raise FailedPrecondition("the current secret has changed")
             s.execute(delete(ServiceSecretRow).where(mine, ServiceSecretRow.slot == "previous"))
             current = ServiceSecretRow.slot == "current"
             previous: SecretRecord | None = None
@@ -713,7 +733,7 @@ class _LoginStatements:
             (secrets.c.slot == "current") | (secrets.c.expires_at > bindparam("now"))
         )
         self.credentials = (
-            select(services, secrets.c.secret_hash)
+            select(services, secrets.c.slot, secrets.c.secret_hash)
             .select_from(services.outerjoin(secrets, live))
             .where(services.c.service_id == bindparam("service_id"))
             .order_by(secrets.c.slot)
@@ -755,7 +775,27 @@ class _LoginStatements:
             index_elements=[peers.c.service_id, peers.c.peer],
             set_={"last_success_at": remember.excluded.last_success_at},
         )
-        self.audit = insert(cast(Table, AuditEventRow.__table__))
+        audit = cast(Table, AuditEventRow.__table__)
+        self.audit = insert(audit)
+        # One more batch of attempts on an aggregated row: the first batch inserts it (its
+        # time is the row's first_at), later ones add to its count and move its `at`.
+        aggregate = dialect_insert(audit).values(
+            at=bindparam("at"),
+            first_at=bindparam("at"),
+            actor=bindparam("actor"),
+            action=bindparam("action"),
+            target=bindparam("target"),
+            outcome=bindparam("outcome"),
+            peer=bindparam("peer"),
+            request_id=bindparam("request_id"),
+            detail=bindparam("detail"),
+            count=bindparam("count"),
+            aggregate_key=bindparam("aggregate_key"),
+        )
+        self.aggregate = aggregate.on_conflict_do_update(
+            index_elements=[audit.c.aggregate_key],
+            set_={"count": audit.c.count + aggregate.excluded.count, "at": aggregate.excluded.at},
+        ).returning(audit.c.count)
 
 
 class LoginBatch:
@@ -773,12 +813,15 @@ class LoginBatch:
         self._sql = sql
         self.now = now
         self._cutoff = now - timedelta(seconds=window_seconds)
-        self._services: dict[str, tuple[ServiceRecord | None, tuple[bytes, ...]]] = {}
+        self._services: dict[str, tuple[ServiceRecord | None, tuple[_Secret, ...]]] = {}
         self._failures: dict[str, int] = {}
         self._peers_remembered: set[tuple[str, str]] = set()
         self._audit: list[dict[str, object]] = []
+        self._aggregates: dict[str, dict[str, object]] = {}
+        # Aggregate keys whose row this batch's commit created (rather than added to).
+        self.created_aggregates: set[str] = set()
 
-    def _credentials(self, service_id: str) -> tuple[ServiceRecord | None, tuple[bytes, ...]]:
+    def _credentials(self, service_id: str) -> tuple[ServiceRecord | None, tuple[_Secret, ...]]:
         found = self._services.get(service_id)
         if found is None:
             rows = self._c.execute(
@@ -787,8 +830,12 @@ class LoginBatch:
             if not rows:
                 found = (None, ())
             else:
-                hashes = tuple(r.secret_hash for r in rows if r.secret_hash is not None)
-                found = (_service(rows[0]), hashes)
+                secrets = tuple(
+                    (cast(SecretSlot, r.slot), r.secret_hash)
+                    for r in rows
+                    if r.secret_hash is not None
+                )
+                found = (_service(rows[0]), secrets)
             self._services[service_id] = found
         return found
 
@@ -797,6 +844,10 @@ class LoginBatch:
 
     def secret_hashes(self, service_id: str) -> tuple[bytes, ...]:
         """The current secret's hash and, within its grace period, the previous one's."""
+        return tuple(h for _, h in self._credentials(service_id)[1])
+
+    def secrets(self, service_id: str) -> tuple[tuple[SecretSlot, bytes], ...]:
+        """secret_hashes with the slot of each: only the current secret may rotate itself."""
         return self._credentials(service_id)[1]
 
     def failures(self, id_key: str, peer_key: str) -> tuple[int, int]:
@@ -864,10 +915,46 @@ class LoginBatch:
             }
         )
 
+    def aggregate(
+        self,
+        key: str,
+        *,
+        actor: str,
+        action: str,
+        target: str,
+        outcome: str,
+        peer: str,
+        request_id: str,
+        detail: str = "",
+    ) -> None:
+        """Count one attempt on the aggregated row `key` (created by its first attempt, whose
+        fields it keeps); the batch writes each key once, at commit."""
+        found = self._aggregates.get(key)
+        if found is not None:
+            found["count"] = cast(int, found["count"]) + 1
+            return
+        self._aggregates[key] = {
+            "at": self.now,
+            "actor": actor,
+            "action": action,
+            "target": target,
+            "outcome": outcome,
+            "peer": peer,
+            "request_id": request_id,
+            "detail": detail,
+            "count": 1,
+            "aggregate_key": key,
+        }
+
     def flush(self) -> None:
         if self._audit:
             self._c.execute(self._sql.audit, self._audit)
             self._audit = []
+        for key, params in self._aggregates.items():
+            total = self._c.execute(self._sql.aggregate, params).scalar_one()
+            if total == params["count"]:
+                self.created_aggregates.add(key)
+        self._aggregates = {}
 
 
 def _rowcount(result: object) -> int:

@@ -305,6 +305,66 @@ class TestRotateServiceSecret:
         assert _code(exc) == grpc.StatusCode.UNAUTHENTICATED
         assert world.server.issue("search", new, "billing").access_token
 
+    def test_a_previous_secret_in_its_grace_may_log_in_but_never_rotate(self, world: World) -> None:
+        s1 = world.server.create_service("wallet", ["billing"], [])
+        s2 = world.server.stub.RotateServiceSecret(
+            auth_pb2.RotateServiceSecretRequest(
+                service_id="wallet", current_secret=s1, grace_period_seconds=300
+            ),
+            timeout=10,
+        ).service_secret
+        # Whoever holds only the old secret tries to take the service over.
+        with pytest.raises(grpc.RpcError) as exc:
+            world.server.stub.RotateServiceSecret(
+                auth_pb2.RotateServiceSecretRequest(
+                    service_id="wallet", current_secret=s1, grace_period_seconds=0
+                ),
+                timeout=10,
+            )
+        assert _code(exc) == grpc.StatusCode.PERMISSION_DENIED
+        assert "previous secret" in _details(exc) and s1 not in _details(exc)
+        # Nothing changed: the owner's secret works, and the old one still logs in.
+        assert world.server.issue("wallet", s2, "billing").access_token
+        assert world.server.issue("wallet", s1, "billing").access_token
+        s3 = world.server.stub.RotateServiceSecret(
+            auth_pb2.RotateServiceSecretRequest(service_id="wallet", current_secret=s2),
+            timeout=10,
+        ).service_secret
+        assert world.server.issue("wallet", s3, "billing").access_token
+
+    def test_self_rotations_racing_with_one_secret_let_exactly_one_win(self, world: World) -> None:
+        s1 = world.server.create_service("ledgerd", ["billing"], [])
+        racers = 6
+        barrier = threading.Barrier(racers)
+        outcomes: list[tuple[grpc.StatusCode, str]] = []
+
+        def rotate() -> None:
+            barrier.wait(timeout=30)
+            try:
+                r = world.server.stub.RotateServiceSecret(
+                    auth_pb2.RotateServiceSecretRequest(
+                        service_id="ledgerd", current_secret=s1, grace_period_seconds=300
+                    ),
+                    timeout=30,
+                )
+                outcomes.append((grpc.StatusCode.OK, r.service_secret))
+            except grpc.RpcError as exc:
+                outcomes.append((exc.code(), ""))
+
+        threads = [threading.Thread(target=rotate) for _ in range(racers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        codes = sorted(code.name for code, _ in outcomes)
+        assert codes == ["OK"] + ["PERMISSION_DENIED"] * (racers - 1)
+        (winner,) = [secret for code, secret in outcomes if code == grpc.StatusCode.OK]
+        # The winner's secret is current: it may rotate again.
+        assert world.server.stub.RotateServiceSecret(
+            auth_pb2.RotateServiceSecretRequest(service_id="ledgerd", current_secret=winner),
+            timeout=10,
+        ).service_secret
+
     def test_wrong_current_secret_is_unauthenticated(self, world: World) -> None:
         with pytest.raises(grpc.RpcError) as exc:
             world.server.stub.RotateServiceSecret(

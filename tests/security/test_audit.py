@@ -53,6 +53,8 @@ class Recorder:
         self.world = world
         self.stub = world.server.stub
         self.expected: dict[str, Row] = {}
+        # The peer each row names, when not PEER ("*": an aggregated row for a service id).
+        self.peers: dict[str, str] = {}
 
     def call(
         self,
@@ -127,9 +129,10 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Audited]:
             WRONG,
             code=unauth,
         )
+        # An unknown id: the first attempt of its peer's aggregated row.
         rec.issue(
             "issue-unknown-id",
-            ("nobody", "issue_token", "nobody", "bad_credentials"),
+            ("*", "issue_token", "*", "unknown_service"),
             "nobody",
             WRONG,
             code=unauth,
@@ -172,6 +175,7 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Audited]:
             victim,
             code=grpc.StatusCode.RESOURCE_EXHAUSTED,
         )
+        rec.peers["audit-issue-throttled"] = "*"  # the id's aggregated row: any peer
 
         # Revocations: the token itself, by jti and by service (admin).
         jti = world.server.stub.ValidateToken(
@@ -265,7 +269,7 @@ class TestEveryEventIsOneRowAndOneLogLine:
             mine = [r for r in rows if r["request_id"] == request_id]
             got = [(r["actor"], r["action"], r["target"], r["outcome"]) for r in mine]
             assert got == [expected], request_id
-            assert mine[0]["peer"] == PEER
+            assert mine[0]["peer"] == rec.peers.get(request_id, PEER)
             assert mine[0]["time"]
 
     def test_each_rpc_logs_exactly_one_structured_event(self, audited: Audited) -> None:
@@ -286,7 +290,7 @@ class TestEveryEventIsOneRowAndOneLogLine:
                 "actor": actor,
                 "target": target,
                 "outcome": outcome,
-                "peer": PEER,
+                "peer": rec.peers.get(request_id, PEER),
             }, request_id
 
     @pytest.mark.parametrize(
