@@ -12,16 +12,19 @@ was meant to protect is protected by state and margins instead, each where it is
   max TTL + D of real time, the price of the wrong clock, not of following the right one.
 - a revoked token: a revocation is kept (storage and each replica's set) until max TTL +
   leeway after the token's `exp`, and the pruner reads `earliest_now()` (the lower of the wall
-  clock and the process's start time plus elapsed monotonic time), so a wrong forward jump of
-  up to max TTL cannot prune a revocation whose token comes back after the correction.
+  clock and the process's start time plus elapsed monotonic time): a wrong forward jump while
+  the process runs prunes nothing early, and one it started with is covered up to max TTL. The
+  verified-token cache re-checks `exp` and `nbf` on each use, so it follows the same clock.
 - a retired key: its state never goes back to active, and once a replica has seen its
   publication end it does not publish it again (authsvc.sync.ServerState), whatever the clock
-  says later; storage deletes it at the same time by the pruner's clock.
+  says later; the next maintenance round deletes it from storage.
 - a secret's grace period: once seen ended, the previous secret's row is deleted
   (Repository.end_secret_graces, run every sync interval), so a later step back cannot revive it.
   A step back during the grace period lengthens it by the step (bounded, as for tokens).
 - the rotation schedule: a step back of D delays a scheduled rotation by at most D; a step
   forward brings it early. Neither weakens a key (rotation is hygiene, revocation is immediate).
+- failed-login windows: a step back keeps a window open longer (stricter); a step forward ends
+  one early, once per step.
 Steps are noticed by comparing wall-clock deltas to monotonic deltas between readings (WallClock),
 logged at WARNING and counted; time itself is never altered.
 """
