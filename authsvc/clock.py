@@ -92,18 +92,23 @@ class WallClock:
         self._threshold = threshold
         self.on_step = on_step
         self._lock = threading.Lock()
-        self._start_wall = wall.now()
         self._start_mono = self._monotonic()
+        self._start_wall = wall.now()
         self._last = (self._start_wall, self._start_mono)
 
     def now(self) -> float:
+        before = self._monotonic()
         wall = self._wall.now()
-        mono = self._monotonic()
+        after = self._monotonic()
+        if after - before >= self._threshold / 2:
+            # Descheduled between the readings (a loaded machine): the pair would look like a
+            # step. Not compared, not kept.
+            return wall
         with self._lock:
             last_wall, last_mono = self._last
-            step = (wall - last_wall) - (mono - last_mono)
-            if mono >= last_mono:
-                self._last = (wall, mono)
+            step = (wall - last_wall) - (before - last_mono)
+            if before >= last_mono:
+                self._last = (wall, before)
             else:  # two threads read in one order and locked in the other: keep the later one
                 step = 0.0
         if abs(step) >= self._threshold:

@@ -279,6 +279,26 @@ class TestWallClock:
         assert clock.now() == START + 7355.5
         assert len(seen) == 2
 
+    def test_a_thread_descheduled_between_its_readings_sees_no_step(self) -> None:
+        class Descheduled(FakeClock):
+            """Time can pass between reading the monotonic clock and reading the wall clock."""
+
+            delay = 0.0
+
+            def now(self) -> float:
+                self.advance(self.delay)
+                return self.t
+
+        seen: list[tuple[str, float]] = []
+        wall = Descheduled()
+        clock = WallClock(wall, on_step=lambda d, s: seen.append((d, s)))
+        clock.now()
+        wall.delay = 2
+        assert clock.now() == START + 2
+        wall.delay = 0
+        assert clock.now() == START + 2
+        assert seen == []
+
     def test_earliest_now_is_the_lower_of_wall_and_elapsed_time(self) -> None:
         wall = FakeClock()
         clock = WallClock(wall)
