@@ -21,8 +21,9 @@ was meant to protect is protected by state and margins instead, each where it is
 - a secret's grace period: once seen ended, the previous secret's row is deleted
   (Repository.end_secret_graces, run every sync interval), so a later step back cannot revive it.
   A step back during the grace period lengthens it by the step (bounded, as for tokens).
-- the rotation schedule: a step back of D delays a scheduled rotation by at most D; a step
-  forward brings it early. Neither weakens a key (rotation is hygiene, revocation is immediate).
+- the rotation schedule: a step forward brings a rotation early (harmless). After a step back,
+  an active key stamped as activated further in the future than the leeway is due at once
+  (KeyManager.rotate_if_due): waiting for that moment would put off rotation by the whole step.
 - failed-login windows: a step back keeps a window open longer (stricter); a step forward ends
   one early, once per step.
 Steps are noticed by comparing wall-clock deltas to monotonic deltas between readings (WallClock),
