@@ -54,45 +54,6 @@ def revocation_entry(record: RevocationRecord) -> RevocationEntry:
     )
 
 
-class MonotonicClock:
-    """The server's time: the wall clock, except that it never runs backwards.
-
-    A step back (NTP correction, a VM restored, an operator) would otherwise let an expired
-    token validate again, reopen a secret's grace period, re-publish a retired key and let
-    pruned revocations' tokens back in. On a step back this clock carries on from its last
-    reading at the wall clock's rate, i.e. it stays ahead of the wall clock by the size of the
-    step until the process restarts. Per process: a restart accepts the wall clock as it is.
-    """
-
-    def __init__(self, wall: Clock) -> None:
-        self._wall = wall
-        self._lock = threading.Lock()
-        self._last = float("-inf")
-        # Seconds this clock runs ahead of the wall clock (sum of the steps back seen).
-        self.offset = 0.0
-
-    def now(self) -> float:
-        wall = self._wall.now()
-        with self._lock:
-            t = wall + self.offset
-            if t < self._last:
-                step = self._last - t
-                self.offset += step
-                t = self._last
-                if step >= 1.0:
-                    log.warning(
-                        "wall clock stepped back by %.1f s: authsvc time carries on from its "
-                        "last reading (now %.1f s ahead of the wall clock until restart)",
-                        step,
-                        self.offset,
-                    )
-            self._last = t
-            return t
-
-    def sleep(self, seconds: float) -> None:
-        self._wall.sleep(seconds)
-
-
 class RevocationFeed:
     """Recent revocations for WatchRevocations streams, owned by the event loop.
 
@@ -137,10 +98,27 @@ class RevocationFeed:
 class ServerState:
     """What this replica knows. Attributes the hot path reads are swapped whole, never mutated."""
 
-    def __init__(self, repo: Repository, manager: KeyManager, clock: Clock) -> None:
+    def __init__(
+        self,
+        repo: Repository,
+        manager: KeyManager,
+        clock: Clock,
+        *,
+        revocations_kept_seconds: float = 0.0,
+        earliest: Callable[[], float] | None = None,
+    ) -> None:
+        """`revocations_kept_seconds`: how long after its token's `exp` a revocation is kept;
+        `earliest`: the clock that decides what to drop (authsvc.clock.WallClock.earliest_now).
+        Both so that a wrong forward jump of the clock, once corrected, finds every revocation
+        whose token can validate again (authsvc.clock)."""
         self._repo = repo
         self._manager = manager
         self._clock = clock
+        self._revocations_kept = revocations_kept_seconds
+        self._earliest = earliest or clock.now
+        # Retired keys whose publication this replica has seen end: never published again,
+        # whatever the clock says later.
+        self._unpublished: set[str] = set()
         self._lock = threading.Lock()
         self.revocations = RevocationSet()
         self.keyring = KeyRing({})
@@ -157,6 +135,10 @@ class ServerState:
     @property
     def revocation_cursor(self) -> int:
         return self._revocation_cursor
+
+    def revocation_horizon(self) -> float:
+        """Revocations whose token expired before this are no longer needed (storage included)."""
+        return self._earliest() - self._revocations_kept
 
     def is_subject_enabled(self, subject: str) -> bool:
         return subject not in self.disabled
@@ -189,14 +171,14 @@ class ServerState:
             if "service" in kinds:
                 self._reload_disabled()
             new = self._pull_revocations()
-            self.revocations.prune(now)
+            self.revocations.prune(self.revocation_horizon())
             self.last_sync_at = now
         return new
 
     def _load_revocations(self) -> None:
         """Every revocation in force, before SERVING. Nothing is published (no stream can be
         open yet) or kept: a million revocations load page by page, as the few fields held."""
-        now = to_datetime(self._clock.now())
+        now = to_datetime(self.revocation_horizon())
         while True:
             page = self._repo.list_held_revocations(self._revocation_cursor, now, _PAGE)
             self.revocations.add_all(RevocationEntry(*held) for held in page)
@@ -208,7 +190,7 @@ class ServerState:
     def _pull_revocations(self) -> list[RevocationRecord]:
         """Revocations made since the last pull: applied, published to streams, returned."""
         new: list[RevocationRecord] = []
-        now = to_datetime(self._clock.now())
+        now = to_datetime(self.revocation_horizon())
         while True:
             page = self._repo.list_revocations(self._revocation_cursor, now, _PAGE)
             for record in page:
@@ -228,16 +210,23 @@ class ServerState:
     def _reload_keys(self) -> None:
         now = self._clock.now()
         records = self._repo.list_signing_keys()
+        self._unpublished &= {r.kid for r in records}
         published: list[SigningKeyRecord] = []
         next_expiry: float | None = None
         for r in records:
             if r.state in ("active", "next"):
                 published.append(r)
-            elif r.state == "retired" and r.publish_until is not None:
+            elif (
+                r.state == "retired"
+                and r.publish_until is not None
+                and r.kid not in self._unpublished
+            ):
                 until = to_timestamp(r.publish_until)
                 if until > now:
                     published.append(r)
                     next_expiry = until if next_expiry is None else min(next_expiry, until)
+                else:
+                    self._unpublished.add(r.kid)
         jwks = [json.loads(r.public_jwk) for r in published]
         active = next((r for r in records if r.state == "active"), None)
         signer = self.signer

@@ -48,6 +48,7 @@ class KeyManager:
         self._bits = rsa_key_bits
         # A retired key stays published until every token it signed has expired.
         self._publish_after_retire = max_ttl_seconds + leeway_seconds
+        self._leeway = leeway_seconds
 
     def _generate(self) -> SigningKeyRecord:
         private = rsa.generate_private_key(public_exponent=65537, key_size=self._bits)
@@ -103,7 +104,11 @@ class KeyManager:
         if current is None:
             return self._activate(None, revoke_previous=False)
         activated = current.activated_at or current.created_at
-        if self._clock.now() - to_timestamp(activated) < interval_seconds:
+        age = self._clock.now() - to_timestamp(activated)
+        # Activated further in the future than the leeway: stamped by a clock that ran ahead
+        # and was stepped back. Its age is unknown, and waiting for that moment would put off
+        # rotation by the whole step (authsvc.clock): it is due now.
+        if -self._leeway <= age < interval_seconds:
             return None
         return self._activate(current.kid, revoke_previous=False)
 

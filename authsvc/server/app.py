@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from authsvc.clock import Clock, SystemClock, to_datetime
+from authsvc.clock import Clock, SystemClock, WallClock, to_datetime
 from authsvc.config import Settings
 from authsvc.crypto.secrets import SecretHasher
 from authsvc.errors import (
@@ -39,7 +39,7 @@ from authsvc.storage import migrate
 from authsvc.storage.engine import make_engine
 from authsvc.storage.records import RevocationRecord
 from authsvc.storage.repository import Repository
-from authsvc.sync import MonotonicClock, RevocationFeed, ServerState
+from authsvc.sync import RevocationFeed, ServerState
 from authsvc.tokens.issuer import TokenIssuer
 from authsvc_client.claims import ADMIN_SCOPE
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
@@ -158,8 +158,9 @@ class AuthsvcServer:
 
     def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
         self.settings = settings
-        # Never backwards: a clock step back must not extend any expiry (authsvc.sync).
-        self.clock: Clock = MonotonicClock(clock or SystemClock())
+        self.metrics = Metrics()
+        # The wall clock as it is, steps logged and counted (why: authsvc.clock).
+        self.clock = WallClock(clock or SystemClock(), on_step=self.metrics.observe_clock_step)
         self.port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._server: grpc.aio.Server | None = None
@@ -171,7 +172,6 @@ class AuthsvcServer:
         self._ledger: LoginLedger | None = None
         self._http: HttpSidePort | None = None
         self.http_port: int | None = None
-        self.metrics = Metrics()
 
     async def start(self, out: TextIO = sys.stdout) -> int:
         s = self.settings
@@ -180,7 +180,13 @@ class AuthsvcServer:
         await asyncio.to_thread(core.manager.ensure_active)
         if s.dev:
             bootstrap_dev_admin(core, out)
-        state = ServerState(core.repo, core.manager, self.clock)
+        state = ServerState(
+            core.repo,
+            core.manager,
+            self.clock,
+            revocations_kept_seconds=s.max_ttl_seconds + s.leeway_seconds,
+            earliest=self.clock.earliest_now,
+        )
         try:
             await asyncio.to_thread(state.load)
         except DecryptError:
@@ -255,7 +261,7 @@ class AuthsvcServer:
         # what expired while the server was down is pruned before the first call.
         await self._maintenance_round()
         self._tasks = [
-            asyncio.create_task(self._sync_loop(state)),
+            asyncio.create_task(self._sync_loop(state, core.repo)),
             asyncio.create_task(self._maintenance_loop()),
         ]
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -297,7 +303,7 @@ class AuthsvcServer:
             raise ConfigError("cannot listen on AUTHSVC_LISTEN (address in use or not available)")
         return port
 
-    async def _sync_loop(self, state: ServerState) -> None:
+    async def _sync_loop(self, state: ServerState, repo: Repository) -> None:
         """Pull changes every interval; track whether the database answers.
 
         A database outage leaves the server SERVING (README, Operations): validation, JWKS and
@@ -312,6 +318,8 @@ class AuthsvcServer:
         while not await self._wait_stopping(interval):
             try:
                 await asyncio.to_thread(state.refresh)
+                # Each sync interval, so that an ended grace is a state before any step back.
+                await asyncio.to_thread(repo.end_secret_graces, to_datetime(self.clock.now()))
             except StorageUnavailable:
                 if database_ok:
                     log.warning(
@@ -364,15 +372,17 @@ class AuthsvcServer:
                 detail="scheduled",
             )
         await asyncio.to_thread(core.manager.prune)
-        now = to_datetime(self.clock.now())
-        await asyncio.to_thread(core.repo.prune_revocations, now)
+        await asyncio.to_thread(
+            core.repo.prune_revocations, to_datetime(state.revocation_horizon())
+        )
         window_start = to_datetime(self.clock.now() - self.settings.throttle_window_seconds)
         await asyncio.to_thread(core.repo.prune_auth_failures, window_start)
         s = self.settings
         if s.throttle_known_peer_seconds > 0:
             forget = to_datetime(self.clock.now() - s.throttle_known_peer_seconds)
             await asyncio.to_thread(core.repo.prune_known_peers, forget)
-        keep_from = to_datetime(self.clock.now() - s.audit_retention_days * 86400)
+        # By the earlier clock: a wrong forward jump must not delete audit rows early.
+        keep_from = to_datetime(self.clock.earliest_now() - s.audit_retention_days * 86400)
         await asyncio.to_thread(core.repo.prune_audit_events, keep_from)
         await asyncio.to_thread(state.refresh)
 

@@ -103,7 +103,16 @@ class Metrics:
             "The configured scheduled signing-key rotation interval (0: no schedule).",
             registry=self.registry,
         )
+        self.clock_steps = Counter(
+            "authsvc_clock_steps",
+            "Steps of the wall clock (a change that is not time passing), by direction.",
+            ("direction",),
+            registry=self.registry,
+        )
         ProcessCollector(registry=self.registry)
+
+    def observe_clock_step(self, direction: str, seconds: float) -> None:
+        self.clock_steps.labels(direction).inc()
 
     def observe_login_batch(self, size: int, seconds: float) -> None:
         self.login_batch_size.observe(size)

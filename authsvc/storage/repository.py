@@ -330,6 +330,22 @@ class Repository:
             )
             return [_secret(r) for r in rows]
 
+    def end_secret_graces(self, now: datetime) -> int:
+        """Delete previous secrets whose grace period has ended; returns how many.
+
+        The end is then a state, not a comparison with the clock: a later step back of the
+        clock cannot revive the secret. Reads first, so that the usual call (nothing ended)
+        takes no write lock.
+        """
+        now = _utc_in(now)
+        ended = (ServiceSecretRow.slot == "previous") & (ServiceSecretRow.expires_at <= now)
+        with self._read() as s:
+            if s.scalar(select(ServiceSecretRow.service_id).where(ended).limit(1)) is None:
+                return 0
+        with self._write() as s:
+            result = s.execute(delete(ServiceSecretRow).where(ended))
+            return _rowcount(result)
+
     def update_service_secret(
         self,
         service_id: str,

@@ -380,14 +380,20 @@ class TestPruning:
                     peer="local",
                     request_id=name,
                 )
-            repo.create_revocation(
-                jti="long-expired",
-                service_id=None,
-                revoked_before=None,
-                expires_at=now - timedelta(hours=1),
-                reason="",
-                now=now - timedelta(hours=2),
-            )
+            # Kept max TTL (1 h) + leeway after the token's exp, so a clock step cannot let a
+            # revoked token back in: one is past that, one is not yet.
+            for jti, expired_for in (
+                ("long-expired", timedelta(hours=2)),
+                ("just-expired", timedelta(minutes=10)),
+            ):
+                repo.create_revocation(
+                    jti=jti,
+                    service_id=None,
+                    revoked_before=None,
+                    expires_at=now - expired_for,
+                    reason="",
+                    now=now - expired_for - timedelta(hours=1),
+                )
         finally:
             engine.dispose()
         server = start_server(env)
@@ -409,9 +415,9 @@ class TestPruning:
             engine = make_engine(url)
             try:
                 with engine.connect() as conn:
-                    left = conn.execute(text("SELECT count(*) FROM revocations")).scalar_one()
+                    left = list(conn.execute(text("SELECT jti FROM revocations")).scalars())
             finally:
                 engine.dispose()
-            assert left == 0
+            assert left == ["just-expired"]
         finally:
             server.stop()

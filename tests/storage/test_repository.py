@@ -130,6 +130,18 @@ class TestSecrets:
             ("previous", b"1" * 32),
         ]
 
+    def test_an_ended_grace_is_deleted_and_stays_ended_at_an_earlier_time(
+        self, repo: Repository
+    ) -> None:
+        repo.create_service("svc", ["x"], [], b"hash-1", T0)
+        repo.update_service_secret("svc", b"hash-2", at(10), at(70))
+        assert repo.end_secret_graces(at(69)) == 0
+        assert len(repo.list_secrets("svc", at(69))) == 2
+        assert repo.end_secret_graces(at(70)) == 1
+        # Read again at a time within the grace (a clock stepped back): it does not return.
+        assert [s.secret_hash for s in repo.list_secrets("svc", at(20))] == [b"hash-2"]
+        assert repo.end_secret_graces(at(100)) == 0
+
     def test_rotate_unknown_service_is_not_found(self, repo: Repository) -> None:
         with pytest.raises(NotFound):
             repo.update_service_secret("ghost", b"h", T0, None)
