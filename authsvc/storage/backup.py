@@ -13,9 +13,11 @@ from authsvc.errors import ConfigError
 
 __all__ = ["backup_sqlite"]
 
-# Pages copied per step; between steps the source is unlocked, so a running server's writes
-# go on (a write between steps makes SQLite restart the copy, so the result stays consistent).
-_PAGES_PER_STEP = 256
+# Every page in one step, inside one read transaction: in WAL mode a reader blocks no writer, so
+# the server goes on writing, and the copy is the snapshot of one moment. (Copying in several
+# steps would restart whenever another process writes between them: never ending beside a busy
+# server.)
+_ALL_PAGES = -1
 
 
 def backup_sqlite(database_url: str, dest: Path) -> None:
@@ -45,7 +47,7 @@ def backup_sqlite(database_url: str, dest: Path) -> None:
         try:
             dst = sqlite3.connect(partial)
             try:
-                src.backup(dst, pages=_PAGES_PER_STEP)
+                src.backup(dst, pages=_ALL_PAGES)
                 # A self-contained file: no -wal beside it is needed to restore.
                 dst.execute("PRAGMA journal_mode = DELETE")
             finally:
