@@ -163,7 +163,11 @@ class KeyEncryptionKey:
 
 
 class UnknownKek(DecryptError):
-    """Data is wrapped under a KEK this process was not given (told apart by its kek id)."""
+    """Data is wrapped under a KEK this process was not given (told apart by its kek id).
+
+    As opaque as any DecryptError; callers that know the context say what to fix
+    (authsvc.keys.wrapping names the variables).
+    """
 
 
 class KekRing:
