@@ -105,6 +105,11 @@ class TestKekRollWithoutDowntime:
             auth_pb2.RotateSigningKeyRequest(), metadata=_admin(rolled, admin_secret), timeout=30
         ).key_id
         _signs_with(rolled, orders, newer)
+        # The replica left on the old KEK says what to fix when it meets that key.
+        deadline = time.monotonic() + 30
+        while not any("AUTHSVC_KEK_PREVIOUS" in line for line in old.output):
+            assert time.monotonic() < deadline, "no warning from the replica on the old KEK"
+            time.sleep(0.1)
 
         # The roll ends: a replica with the new KEK alone serves everything from before.
         for server in servers:
