@@ -19,8 +19,11 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from authsvc.clock import Clock, to_datetime, to_timestamp
+from authsvc.crypto.kek import UnknownKek
+from authsvc.errors import ConfigError
 from authsvc.keys.jwks import render_jwks
 from authsvc.keys.manager import KeyManager
+from authsvc.keys.wrapping import NOT_HELD
 from authsvc.storage.records import RevocationRecord, SigningKeyRecord
 from authsvc.storage.repository import Repository
 from authsvc_client.keyring import KeyRing
@@ -233,7 +236,12 @@ class ServerState:
         if active is None:
             signer = None
         elif signer is None or signer.kid != active.kid:
-            signer = Signer(kid=active.kid, private_key=self._manager.private_key(active))
+            try:
+                private = self._manager.private_key(active)
+            except UnknownKek:
+                # A replica left on the old KEK after `authsvc kek rotate`: say what to fix.
+                raise ConfigError(NOT_HELD) from None
+            signer = Signer(kid=active.kid, private_key=private)
         self.jwks_json = render_jwks(jwks)
         self.keyring = KeyRing.from_jwks_json(self.jwks_json)
         self.signer = signer

@@ -29,6 +29,7 @@ from authsvc.errors import (
     StorageUnavailable,
 )
 from authsvc.keys.manager import KeyManager
+from authsvc.keys.wrapping import CANNOT_DECRYPT, check_wrapped_keys, load_secret_hash_key
 from authsvc.server.http import HttpSidePort, ReadinessPolicy
 from authsvc.server.ledger import LoginLedger
 from authsvc.server.metrics import QUIET_WHEN_OK, Metrics, MetricsInterceptor, StateCollector
@@ -51,7 +52,6 @@ SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 # A gRPC health entry of its own: NOT_SERVING while the database does not answer.
 DATABASE_HEALTH_SERVICE = "authsvc.database"
 DEV_ADMIN_SERVICE = "authsvc-admin"
-SECRET_HASH_PURPOSE = b"authsvc/service-secret-hash/v1"
 
 
 @dataclass
@@ -69,10 +69,13 @@ class Core:
 
 
 def build_core(settings: Settings, clock: Clock | None = None, *, upgrade: bool = True) -> Core:
-    """Connect storage and check (or bring) the schema to head.
+    """Connect storage, check (or bring) the schema to head, and unwrap the secret-hash key.
 
     `serve` upgrades the schema itself (documented in README), under a database lock on
     PostgreSQL so replicas starting together do not collide. Other commands refuse a stale schema.
+
+    Raises:
+        ConfigError: also when the stored keys are wrapped under a KEK not configured here.
     """
     clock = clock or SystemClock()
     if settings.database_url.startswith("sqlite:///"):
@@ -80,15 +83,21 @@ def build_core(settings: Settings, clock: Clock | None = None, *, upgrade: bool 
             parents=True, exist_ok=True
         )
     engine = make_engine(settings.database_url)
-    if upgrade:
-        migrate.upgrade(engine)
-    elif not migrate.is_current(engine):
+    keks = settings.kek_ring
+    try:
+        if upgrade:
+            migrate.upgrade(engine, keks)
+        elif not migrate.is_current(engine):
+            raise ConfigError("the database schema is not current: run `authsvc db upgrade`")
+        repo = Repository(engine)
+        check_wrapped_keys(repo, keks)
+        hash_key = load_secret_hash_key(repo, keks, to_datetime(clock.now()))
+    except BaseException:
         engine.dispose()
-        raise ConfigError("the database schema is not current: run `authsvc db upgrade`")
-    repo = Repository(engine)
+        raise
     manager = KeyManager(
         repo,
-        settings.kek,
+        keks,
         clock,
         rsa_key_bits=settings.rsa_key_bits,
         max_ttl_seconds=settings.max_ttl_seconds,
@@ -99,7 +108,7 @@ def build_core(settings: Settings, clock: Clock | None = None, *, upgrade: bool 
         clock=clock,
         repo=repo,
         manager=manager,
-        hasher=SecretHasher(settings.kek.derive(SECRET_HASH_PURPOSE)),
+        hasher=SecretHasher(hash_key),
     )
 
 
@@ -190,9 +199,7 @@ class AuthsvcServer:
         try:
             await asyncio.to_thread(state.load)
         except DecryptError:
-            raise ConfigError(
-                "AUTHSVC_KEK cannot decrypt the stored signing keys (wrong key-encryption key?)"
-            ) from None
+            raise ConfigError(CANNOT_DECRYPT) from None
         self._state = state
         feed = RevocationFeed(state.revocation_cursor)
         loop = asyncio.get_running_loop()

@@ -88,6 +88,22 @@ class SigningKeyRow(Base):
     publish_until: Mapped[datetime | None] = mapped_column(TS)
     public_jwk: Mapped[str] = mapped_column(Text)
     private_key_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # Which KEK wraps private_key_enc (KeyEncryptionKey.kek_id; migration 0005).
+    kek_id: Mapped[str | None] = mapped_column(String(32))
+
+
+class WrappedKeyRow(Base):
+    """Key material other than signing keys, wrapped under the KEK (migration 0005).
+
+    The secret-hash key lives here; its row's kek_id names the KEK the deployment wraps under.
+    """
+
+    __tablename__ = "wrapped_keys"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kek_id: Mapped[str] = mapped_column(String(32))
+    wrapped: Mapped[bytes] = mapped_column(LargeBinary)
+    updated_at: Mapped[datetime] = mapped_column(TS)
 
 
 class RevocationRow(Base):

@@ -9,6 +9,9 @@ from typing import Literal, NamedTuple
 SecretSlot = Literal["current", "previous"]
 KeyState = Literal["next", "active", "retired", "revoked"]
 ChangeKind = Literal["key", "service"]
+# The wrapped_keys row holding the secret-hash key; its kek_id is the KEK new data is wrapped
+# under (Repository.fetch_wrapping_kek_id).
+SECRET_HASH_KEY = "secret-hash"  # noqa: S105 (a row name, not a secret)
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,16 @@ class SigningKeyRecord:
     public_jwk: str
     # Wrapped under the KEK; None once the key is retired or revoked.
     private_key_enc: bytes | None = field(repr=False)
+    # The KEK that wraps private_key_enc (KeyEncryptionKey.kek_id); None without a private part.
+    kek_id: str | None = None
+
+
+@dataclass(frozen=True)
+class WrappedKeyRecord:
+    name: str
+    kek_id: str
+    wrapped: bytes = field(repr=False)
+    updated_at: datetime
 
 
 @dataclass(frozen=True)

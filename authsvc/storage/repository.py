@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -38,8 +38,10 @@ from authsvc.storage.models import (
     ServiceRow,
     ServiceSecretRow,
     SigningKeyRow,
+    WrappedKeyRow,
 )
 from authsvc.storage.records import (
+    SECRET_HASH_KEY,
     AuditRecord,
     ChangeKind,
     ChangeRecord,
@@ -50,9 +52,10 @@ from authsvc.storage.records import (
     SecretSlot,
     ServiceRecord,
     SigningKeyRecord,
+    WrappedKeyRecord,
 )
 
-__all__ = ["LoginBatch", "Repository"]
+__all__ = ["KekChanged", "LoginBatch", "Repository"]
 
 _Secret = tuple[SecretSlot, bytes]
 
@@ -63,6 +66,10 @@ _LOCK_CHANGES = 0x6175_7468_7376_0003
 _LOCK_REVOCATIONS = 0x6175_7468_7376_0004
 
 _UNAVAILABLE = "database unavailable"
+
+
+class KekChanged(FailedPrecondition):
+    """A key was wrapped under a KEK that is no longer the one the database wraps under."""
 
 
 def _utc_in(value: datetime) -> datetime:
@@ -116,6 +123,13 @@ def _key(row: SigningKeyRow) -> SigningKeyRecord:
         publish_until=_opt_out(row.publish_until),
         public_jwk=row.public_jwk,
         private_key_enc=row.private_key_enc,
+        kek_id=row.kek_id,
+    )
+
+
+def _wrapped(row: WrappedKeyRow) -> WrappedKeyRecord:
+    return WrappedKeyRecord(
+        name=row.name, kek_id=row.kek_id, wrapped=row.wrapped, updated_at=_utc_out(row.updated_at)
     )
 
 
@@ -430,6 +444,8 @@ class Repository:
 
         Raises:
             AlreadyExists: a key with this kid exists.
+            KekChanged: `record.kek_id` is not the KEK the database wraps under any more (an
+                `authsvc kek rotate` committed since the key was wrapped).
         """
         now = _utc_in(now)
         publish_until = _utc_in(publish_until)
@@ -441,6 +457,11 @@ class Repository:
                 )
                 if active_kid != expected_active_kid:
                     return False
+                wrapping = s.scalar(
+                    select(WrappedKeyRow.kek_id).where(WrappedKeyRow.name == SECRET_HASH_KEY)
+                )
+                if record.kek_id is not None and wrapping not in (None, record.kek_id):
+                    raise KekChanged("the key-encryption key changed during the rotation")
                 if active_kid is not None:
                     s.execute(
                         update(SigningKeyRow)
@@ -450,13 +471,16 @@ class Repository:
                             retired_at=now,
                             publish_until=publish_until,
                             private_key_enc=None,
+                            kek_id=None,
                         )
                     )
                 if revoke_others:
                     s.execute(
                         update(SigningKeyRow)
                         .where(SigningKeyRow.state != "revoked", SigningKeyRow.kid != record.kid)
-                        .values(state="revoked", publish_until=now, private_key_enc=None)
+                        .values(
+                            state="revoked", publish_until=now, private_key_enc=None, kek_id=None
+                        )
                     )
                 s.add(
                     SigningKeyRow(
@@ -468,6 +492,7 @@ class Repository:
                         publish_until=_opt_in(record.publish_until),
                         public_jwk=record.public_jwk,
                         private_key_enc=record.private_key_enc,
+                        kek_id=record.kek_id,
                     )
                 )
                 s.flush()
@@ -508,6 +533,84 @@ class Repository:
                 for kid in kids:
                     self._add_change(s, "key", kid, now)
             return len(kids)
+
+    # -- KEK-wrapped key material --------------------------------------------------------------
+
+    def fetch_wrapped_key(self, name: str) -> WrappedKeyRecord | None:
+        with self._read() as s:
+            row = s.get(WrappedKeyRow, name)
+            return None if row is None else _wrapped(row)
+
+    def fetch_wrapping_kek_id(self) -> str | None:
+        """The KEK new data is wrapped under: the one wrapping the secret-hash key (which
+        `authsvc kek rotate` re-wraps last, in the same transaction as everything else)."""
+        with self._read() as s:
+            return s.scalar(
+                select(WrappedKeyRow.kek_id).where(WrappedKeyRow.name == SECRET_HASH_KEY)
+            )
+
+    def create_wrapped_key(
+        self, name: str, kek_id: str, wrapped: bytes, now: datetime
+    ) -> WrappedKeyRecord:
+        """Store `wrapped` under `name` unless a row exists; returns the row that is stored
+        (another process's, when it won the race)."""
+        now = _utc_in(now)
+        table = cast(Table, WrappedKeyRow.__table__)
+        dialect_insert = postgresql.insert if self._postgres else sqlite.insert
+        with self._write() as s:
+            s.execute(
+                dialect_insert(table)
+                .values(name=name, kek_id=kek_id, wrapped=wrapped, updated_at=now)
+                .on_conflict_do_nothing(index_elements=[table.c.name])
+            )
+            row = s.get(WrappedKeyRow, name, populate_existing=True)
+            if row is None:  # pragma: no cover - inserted or already there
+                raise RuntimeError("wrapped key missing after insert")
+            return _wrapped(row)
+
+    def rewrap_keys(
+        self,
+        signing: Callable[[SigningKeyRecord], tuple[str, bytes] | None],
+        named: Callable[[WrappedKeyRecord], tuple[str, bytes] | None],
+        now: datetime,
+    ) -> int:
+        """Re-wrap every stored private key and wrapped key in one transaction.
+
+        Each callback gets a stored item and returns its new (kek_id, blob), or None to leave
+        it. An exception from a callback rolls everything back: the rotation is all or nothing,
+        a kill -9 at any moment leaves either the old wrapping or the new one. Serialized with
+        signing-key rotations, so no key is wrapped under the old KEK after this commits.
+        Returns how many items changed.
+        """
+        now = _utc_in(now)
+        changed = 0
+        with self._write() as s:
+            self._advisory_lock(s, _LOCK_ROTATION)
+            keys = list(
+                s.scalars(
+                    select(SigningKeyRow)
+                    .where(SigningKeyRow.private_key_enc.is_not(None))
+                    .order_by(SigningKeyRow.kid)
+                )
+            )
+            rewrapped = []
+            for row in keys:
+                new = signing(_key(row))
+                if new is not None:
+                    row.kek_id, row.private_key_enc = new
+                    rewrapped.append(row.kid)
+            s.flush()
+            for kid in rewrapped:
+                self._add_change(s, "key", kid, now)
+            changed += len(rewrapped)
+            for wrapped_row in s.scalars(select(WrappedKeyRow).order_by(WrappedKeyRow.name)):
+                new = named(_wrapped(wrapped_row))
+                if new is not None:
+                    wrapped_row.kek_id, wrapped_row.wrapped = new
+                    wrapped_row.updated_at = now
+                    changed += 1
+            s.flush()
+        return changed
 
     # -- revocations --------------------------------------------------------------------------
 
