@@ -9,6 +9,8 @@ from typing import Literal, NamedTuple
 SecretSlot = Literal["current", "previous"]
 KeyState = Literal["next", "active", "retired", "revoked"]
 ChangeKind = Literal["key", "service"]
+# What a revocation revokes: one token, a service's tokens, or a disabled service's tokens.
+RevocationKind = Literal["token", "service_tokens", "service_disabled"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class RevocationRecord:
     expires_at: datetime
     reason: str
     created_at: datetime
+    kind: RevocationKind = "token"
 
 
 class HeldRevocation(NamedTuple):
@@ -67,6 +70,7 @@ class HeldRevocation(NamedTuple):
     service_id: str | None
     revoked_before: int | None
     expires_at: int
+    kind: RevocationKind = "token"
 
 
 @dataclass(frozen=True)
