@@ -53,6 +53,10 @@ class Settings:
     # failure count (an attacker cannot lock a victim out from the victim's own address).
     throttle_known_peer_seconds: int = 30 * 24 * 3600
     audit_retention_days: int = 90
+    # Open WatchRevocations streams (one per local validator), per peer address and in all:
+    # every revocation wakes each of them.
+    watch_streams_per_peer: int = 8
+    watch_streams_max: int = 1000
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
@@ -293,6 +297,8 @@ def load_settings(
             env, "AUTHSVC_THROTTLE_KNOWN_PEER_SECONDS", 30 * 24 * 3600, 0
         ),
         audit_retention_days=_int(env, "AUTHSVC_AUDIT_RETENTION_DAYS", 90, 1),
+        watch_streams_per_peer=_int(env, "AUTHSVC_WATCH_STREAMS_PER_PEER", 8, 1),
+        watch_streams_max=_int(env, "AUTHSVC_WATCH_STREAMS_MAX", 1000, 1),
         tls_cert=tls_cert,
         tls_key=tls_key,
         tls_client_ca=tls_client_ca,

@@ -55,5 +55,6 @@ def disable_service(
         expires_at=to_datetime(cutoff + token_lifetime_seconds),
         reason="service disabled",
         now=to_datetime(now),
+        kind="service_disabled",
     )
     return record

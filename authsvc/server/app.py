@@ -201,7 +201,11 @@ class AuthsvcServer:
         except DecryptError:
             raise ConfigError(CANNOT_DECRYPT) from None
         self._state = state
-        feed = RevocationFeed(state.revocation_cursor)
+        feed = RevocationFeed(
+            state.revocation_cursor,
+            streams_per_peer=s.watch_streams_per_peer,
+            streams_max=s.watch_streams_max,
+        )
         loop = asyncio.get_running_loop()
 
         def publish(records: list[RevocationRecord]) -> None:

@@ -127,6 +127,8 @@ class RevocationRow(Base):
     expires_at: Mapped[datetime] = mapped_column(TS, index=True)
     reason: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(TS)
+    # RevocationKind; added by migration 0004.
+    kind: Mapped[str] = mapped_column(String(32), server_default="token")
 
 
 class ChangeRow(Base):

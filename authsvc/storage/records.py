@@ -12,6 +12,8 @@ ChangeKind = Literal["key", "service"]
 # The wrapped_keys row holding the secret-hash key; its kek_id is the KEK new data is wrapped
 # under (Repository.fetch_wrapping_kek_id).
 SECRET_HASH_KEY = "secret-hash"  # noqa: S105 (a row name, not a secret)
+# What a revocation revokes: one token, a service's tokens, or a disabled service's tokens.
+RevocationKind = Literal["token", "service_tokens", "service_disabled"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class RevocationRecord:
     expires_at: datetime
     reason: str
     created_at: datetime
+    kind: RevocationKind = "token"
 
 
 class HeldRevocation(NamedTuple):
@@ -80,6 +83,7 @@ class HeldRevocation(NamedTuple):
     service_id: str | None
     revoked_before: int | None
     expires_at: int
+    kind: RevocationKind = "token"
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ from authsvc.storage.records import (
     ChangeRecord,
     HeldRevocation,
     KeyState,
+    RevocationKind,
     RevocationRecord,
     SecretRecord,
     SecretSlot,
@@ -142,6 +143,7 @@ def _revocation(row: RevocationRow | Row[Any]) -> RevocationRecord:
         expires_at=_utc_out(row.expires_at),
         reason=row.reason,
         created_at=_utc_out(row.created_at),
+        kind=cast(RevocationKind, row.kind),
     )
 
 
@@ -623,16 +625,24 @@ class Repository:
         expires_at: datetime,
         reason: str,
         now: datetime,
+        kind: RevocationKind | None = None,
     ) -> RevocationRecord | None:
         """Revoke one token (`jti`) or a service's tokens issued before `revoked_before`.
 
+        `kind` defaults to what the target implies ("token" or "service_tokens"); disabling a
+        service passes "service_disabled".
         Returns None when that jti is already revoked.
 
         Raises:
-            ValueError: not exactly one of `jti` and `service_id` given.
+            ValueError: not exactly one of `jti` and `service_id` given, or a kind that does
+                not fit the target.
         """
         if (jti is None) == (service_id is None):
             raise ValueError("exactly one of jti and service_id is required")
+        if kind is None:
+            kind = "token" if jti is not None else "service_tokens"
+        if (kind == "token") != (jti is not None):
+            raise ValueError("kind 'token' goes with jti, the service kinds with service_id")
         now = _utc_in(now)
         with self._write() as s:
             # Serialized so rows commit in cursor order (followers read "cursor > N").
@@ -650,6 +660,7 @@ class Repository:
                 expires_at=_utc_in(expires_at),
                 reason=reason,
                 created_at=now,
+                kind=kind,
             )
             s.add(row)
             s.flush()
@@ -687,6 +698,7 @@ class Repository:
                 # PostgreSQL (truncated below), instead of a datetime built per row here.
                 func.extract("epoch", t.revoked_before),
                 func.extract("epoch", t.expires_at),
+                t.kind,
             )
             .where(t.cursor > after_cursor, t.expires_at > now)
             .order_by(t.cursor)
@@ -695,9 +707,16 @@ class Repository:
         with self._read() as s:
             return [
                 HeldRevocation(
-                    cursor, jti, service_id, None if before is None else int(before), int(expires)
+                    cursor,
+                    jti,
+                    service_id,
+                    None if before is None else int(before),
+                    int(expires),
+                    kind,
                 )
-                for cursor, jti, service_id, before, expires in s.connection().execute(query).all()
+                for cursor, jti, service_id, before, expires, kind in s.connection()
+                .execute(query)
+                .all()
             ]
 
     def fetch_latest_revocation_cursor(self) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import pytest
 
-from authsvc_client import AuthServerInterceptor, current_claims
+from authsvc_client import AuthServerInterceptor, TokenSource, current_claims
 from authsvc_client.validation import LocalValidator, RemoteValidator, Validator
 from tests.integration.conftest import World, make_world
 from tests.support.server import TEST_ISSUER, RunningServer
@@ -148,10 +148,15 @@ def stop(server: RunningServer) -> None:
 @pytest.fixture(scope="session")
 def local_validator(world: World) -> Iterator[LocalValidator]:
     channel = grpc.insecure_channel(world.server.address)
-    validator = LocalValidator(channel, "billing", ISSUER, leeway_seconds=0)
+    # What a deployed validator does: a TokenSource for authsvc's own audience, no scopes.
+    follower = TokenSource(
+        channel, service_id="billing", service_secret=world.billing_secret, audience="authsvc"
+    )
+    validator = LocalValidator(channel, "billing", ISSUER, leeway_seconds=0, token_source=follower)
     assert validator.wait_ready(10)
     yield validator
     validator.close()
+    follower.close()
     channel.close()
 
 

@@ -64,6 +64,30 @@ class TestLocalValidator:
         _revoke(world.server, token)
         assert _wait_for(lambda: local_validator.validate(token).reason_name == "REVOKED", 30)
 
+    def test_disabled_service_is_service_disabled_locally_and_remotely(
+        self, world: World, local_validator: LocalValidator, remote_validator: RemoteValidator
+    ) -> None:
+        # Disabling writes a revocation of the service's tokens; the feed says it is a disable,
+        # so the local validator gives the reason authsvc gives, not REVOKED.
+        secret = world.server.create_service("ledger", ["billing"], ["billing.read"])
+        token = world.server.issue("ledger", secret, "billing").access_token
+        assert local_validator.validate(token).valid
+        assert remote_validator.validate(token).valid
+        world.server.stub.DisableService(
+            auth_pb2.DisableServiceRequest(service_id="ledger"),
+            metadata=world.admin_md(),
+            timeout=10,
+        )
+        for validator in (local_validator, remote_validator):
+            assert _wait_for(lambda v=validator: not v.validate(token).valid, 10)
+        assert local_validator.validate(token).reason_name == "SERVICE_DISABLED"
+        assert remote_validator.validate(token).reason_name == "SERVICE_DISABLED"
+        # A token revoked on its own stays REVOKED from both.
+        other = _token(world)
+        _revoke(world.server, other)
+        for validator in (local_validator, remote_validator):
+            assert _wait_for(lambda v=validator: v.validate(other).reason_name == "REVOKED", 10)
+
     def test_revocation_reaches_local_validator_within_bound(
         self, world: World, local_validator: LocalValidator
     ) -> None:
@@ -89,7 +113,13 @@ class TestLocalValidator:
         self, world: World
     ) -> None:
         authsvc = grpc.insecure_channel(world.server.address)
-        validator = LocalValidator(authsvc, "billing", ISSUER, unknown_kid_interval_seconds=1)
+        validator = LocalValidator(
+            authsvc,
+            "billing",
+            ISSUER,
+            unknown_kid_interval_seconds=1,
+            token_source=world.follower_token,
+        )
         assert validator.wait_ready(10)
         billing = Billing(validator)
         clock = FakeClock()
@@ -182,6 +212,13 @@ class OwnWorld:
         assert self.server is not None
         return self.server.issue("orders", self.orders_secret, "billing").access_token
 
+    def follower_token(self) -> str:
+        """orders' scopeless token for authsvc: what the LocalValidator follows the feed with
+        (raises while the server is down, as a TokenSource would)."""
+        if self.server is None:
+            raise ConnectionError("authsvc is down")
+        return self.server.issue("orders", self.orders_secret, "authsvc").access_token
+
 
 @pytest.fixture
 def own_world(tmp_path: Path) -> Iterator[OwnWorld]:
@@ -200,7 +237,13 @@ class TestAuthsvcOutage:
         # channel of its own, so gRPC's process-wide subchannel pool (which keeps the backoff
         # of earlier failures to this address) does not slow other channels.
         authsvc = grpc.insecure_channel(own_world.address, options=FAST_RECONNECT)
-        local = LocalValidator(authsvc, "billing", ISSUER, max_feed_outage_seconds=1.5)
+        local = LocalValidator(
+            authsvc,
+            "billing",
+            ISSUER,
+            max_feed_outage_seconds=1.5,
+            token_source=own_world.follower_token,
+        )
         remote = RemoteValidator(authsvc, "billing", cache_ttl_seconds=0, timeout_seconds=1)
         assert local.wait_ready(10)
         local_billing, remote_billing = Billing(local), Billing(remote)
@@ -248,7 +291,13 @@ class TestEmergencyKeyRevocation:
         assert own_world.server is not None
         admin = own_world.server.create_service("ops", [], [], admin=True)
         authsvc = grpc.insecure_channel(own_world.address)
-        local = LocalValidator(authsvc, "billing", ISSUER, jwks_refresh_seconds=1)
+        local = LocalValidator(
+            authsvc,
+            "billing",
+            ISSUER,
+            jwks_refresh_seconds=1,
+            token_source=own_world.follower_token,
+        )
         try:
             assert local.wait_ready(10)
             old = own_world.issue()

@@ -175,7 +175,11 @@ class TestMetrics:
     def test_open_watch_streams_are_a_gauge(self, ops: OpsServer) -> None:
         name = "grpc_server_streams_open"
         labels = dict(grpc_service=AUTH, grpc_method="WatchRevocations")
-        stream = ops.server.stub.WatchRevocations(auth_pb2.WatchRevocationsRequest())
+        follower = ops.server.issue("orders", ops.orders_secret, "authsvc").access_token
+        stream = ops.server.stub.WatchRevocations(
+            auth_pb2.WatchRevocationsRequest(),
+            metadata=[("authorization", f"Bearer {follower}")],
+        )
         try:
             deadline = time.monotonic() + 30
             while metric(ops, name, **labels) < 1 and time.monotonic() < deadline:

@@ -79,7 +79,9 @@ def listener() -> Iterator[Listener]:
 @pytest.fixture(scope="module")
 def local_validator(target: Target) -> Iterator[LocalValidator]:
     channel = grpc.insecure_channel(target.address)
-    validator = LocalValidator(channel, AUDIENCE, TEST_ISSUER)
+    validator = LocalValidator(
+        channel, AUDIENCE, TEST_ISSUER, token_source=target.world.follower_token
+    )
     assert validator.wait_ready(10)
     yield validator
     validator.close()

@@ -221,7 +221,13 @@ def _exercise(ev: Evidence, server: RunningServer, cli: Callable[..., str], fold
     for i in range(THROTTLE_AFTER + 1):
         ev.failed(f"issue victim wrong {i}", lambda: issue("victim", near_miss))
     ev.failed("issue throttled", lambda: issue("victim", victim))
-    ev.failed("issue audience denied", lambda: issue("orders", orders, "authsvc"))
+    ev.failed("issue audience denied", lambda: issue("orders", orders, "inventory"))
+    ev.failed(
+        "issue authsvc scope denied",
+        lambda: ev.tokens.append(
+            server.issue("orders", orders, "authsvc", ["authsvc.admin"]).access_token
+        ),
+    )
 
     # Client objects given a wrong secret fail without echoing it.
     with grpc.insecure_channel(server.address) as channel:
@@ -250,7 +256,10 @@ def _exercise(ev: Evidence, server: RunningServer, cli: Callable[..., str], fold
         remote = RemoteValidator(channel, "billing")
         remote.validate(token)
         ev.add("RemoteValidator repr", repr(remote))
-        local = LocalValidator(channel, "billing", TEST_ISSUER)
+        # The feed's follower token (scopeless, for authsvc) is in the evidence too.
+        local = LocalValidator(
+            channel, "billing", TEST_ISSUER, token_source=lambda: issue("orders", orders, "authsvc")
+        )
         assert local.wait_ready(10)
         local.validate(token)
         ev.add("LocalValidator repr", repr(local))

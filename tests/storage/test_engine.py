@@ -136,6 +136,43 @@ class TestMigrations:
         finally:
             engine.dispose()
 
+    def test_0004_gives_existing_revocations_their_kind(self, database_url: str) -> None:
+        # Before 0004 a disable was told apart only by the reason disable_service wrote.
+        from alembic import command
+
+        engine = make_engine(database_url)
+        try:
+            cfg = migrate._config()
+            with engine.connect() as conn:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "0002")
+                conn.commit()
+            with engine.begin() as conn:
+                for jti, service, reason in [
+                    ("j1", None, "leaked"),
+                    (None, "orders", "rotated out"),
+                    (None, "billing", "service disabled"),
+                ]:
+                    conn.execute(
+                        text(
+                            "INSERT INTO revocations (jti, service_id, revoked_before, expires_at,"
+                            " reason, created_at) VALUES (:j, :s, :t, :t, :r, :t)"
+                        ),
+                        {"j": jti, "s": service, "t": T0, "r": reason},
+                    )
+            migrate.upgrade(engine)
+            with engine.connect() as conn:
+                kinds = conn.execute(
+                    text("SELECT reason, kind FROM revocations ORDER BY cursor")
+                ).all()
+            assert [tuple(k) for k in kinds] == [
+                ("leaked", "token"),
+                ("rotated out", "service_tokens"),
+                ("service disabled", "service_disabled"),
+            ]
+        finally:
+            engine.dispose()
+
     def test_migrated_schema_matches_the_models(self, engine: Engine) -> None:
         with engine.connect() as conn:
             context = MigrationContext.configure(

@@ -292,6 +292,7 @@ class TestRevocations:
             expires_at=at(3600.5),
             reason="disabled",
             now=at(1),
+            kind="service_disabled",
         )
         records = repo.list_revocations(0, at(2))
         held = repo.list_held_revocations(0, at(2))
@@ -302,11 +303,36 @@ class TestRevocations:
                 r.service_id,
                 None if r.revoked_before is None else int(r.revoked_before.timestamp()),
                 int(r.expires_at.timestamp()),
+                r.kind,
             )
             for r in records
         ]
         assert [h.jti or h.service_id for h in held] == ["j1", "orders"]
+        assert [h.kind for h in held] == ["token", "service_disabled"]
         assert repo.list_held_revocations(held[0].cursor, at(2), limit=1) == held[1:]
+
+    def test_kind_defaults_from_the_target_and_must_fit_it(self, repo: Repository) -> None:
+        self._revoke_jti(repo, "j-kind", 900)
+        service = repo.create_revocation(
+            jti=None,
+            service_id="orders",
+            revoked_before=at(5),
+            expires_at=at(900),
+            reason="all of them",
+            now=at(1),
+        )
+        assert service is not None and service.kind == "service_tokens"
+        assert [r.kind for r in repo.list_revocations(0, at(2))] == ["token", "service_tokens"]
+        with pytest.raises(ValueError):
+            repo.create_revocation(
+                jti="j-bad",
+                service_id=None,
+                revoked_before=None,
+                expires_at=at(900),
+                reason="x",
+                now=at(1),
+                kind="service_disabled",
+            )
 
     def test_service_revocation_round_trips(self, repo: Repository) -> None:
         record = repo.create_revocation(
