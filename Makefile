@@ -8,8 +8,11 @@ BUF_VERSION := 1.75.0
 BUF := $(VENV)/buf/node_modules/.bin/buf
 # What `buf breaking` compares protos/ against: the last commit (CI: the commit before it).
 BUF_AGAINST ?= HEAD
+# kubernetes-validate and checkov for `make deploy-check`, in their own virtualenv (checkov's
+# dependencies must not steer the project's).
+DEPLOY_TOOLS := $(VENV)/deploy
 
-.PHONY: run test proto proto-check lint proto-lint bench demo clean
+.PHONY: run test proto proto-check lint proto-lint bench demo clean deploy-check
 
 $(BIN)/authsvc: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +46,16 @@ $(BUF):
 
 proto-lint: $(BUF)
 	BUF=$(BUF) scripts/proto-lint.sh $(BUF_AGAINST)
+
+$(DEPLOY_TOOLS)/bin/checkov:
+	$(PYTHON) -m venv $(DEPLOY_TOOLS)
+	$(DEPLOY_TOOLS)/bin/pip install --quiet --upgrade pip
+	$(DEPLOY_TOOLS)/bin/pip install --quiet kubernetes-validate==1.37.0 checkov==3.3.30
+	touch $@
+
+# Kubernetes manifests (schemas, checkov), the Dockerfile (checkov) and the alert rules (promtool).
+deploy-check: $(DEPLOY_TOOLS)/bin/checkov
+	DEPLOY_TOOLS=$(DEPLOY_TOOLS)/bin scripts/check-deploy.sh
 
 bench: $(BIN)/authsvc
 	$(BIN)/python -m bench

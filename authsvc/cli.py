@@ -70,6 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
         dest="db_command", required=True
     )
     _common(db.add_parser("upgrade", help="migrate the schema to the latest version"))
+    backup = db.add_parser(
+        "backup", help="SQLite: a consistent copy of the database, safe beside a running server"
+    )
+    _common(backup)
+    backup.add_argument("path", help="the new backup file (must not exist)")
+
+    kek = sub.add_parser("kek", help="the key-encryption key").add_subparsers(
+        dest="kek_command", required=True
+    )
+    _common(
+        kek.add_parser(
+            "rotate",
+            help="re-wrap every stored key under AUTHSVC_NEW_KEK (or AUTHSVC_NEW_KEK_FILE)",
+        )
+    )
 
     services = sub.add_parser("services", help="register and manage services").add_subparsers(
         dest="services_command", required=True
@@ -264,9 +279,54 @@ def _core(args: argparse.Namespace, *, upgrade: bool = False) -> Any:
 
 
 def _cmd_db(args: argparse.Namespace) -> int:
+    if args.db_command == "backup":
+        return _cmd_db_backup(args)
     core = _core(args, upgrade=True)
     core.dispose()
     print("database schema is current")
+    return EXIT_OK
+
+
+def _cmd_db_backup(args: argparse.Namespace) -> int:
+    """SQLite's online backup API: a consistent snapshot while servers keep writing.
+
+    PostgreSQL is backed up with pg_dump (README, Operations): its snapshot is already
+    consistent, and this command would only be a worse pg_dump.
+    """
+    from authsvc.storage.backup import backup_sqlite
+
+    settings = _settings(args)
+    backup_sqlite(settings.database_url, Path(args.path))
+    print(f"backup written to {args.path} (it holds wrapped keys: keep it like the database)")
+    return EXIT_OK
+
+
+def _cmd_kek(args: argparse.Namespace) -> int:
+    """Re-wrap every stored key under the new KEK, in one transaction (all or nothing)."""
+    from authsvc.clock import to_datetime
+    from authsvc.config import load_new_kek
+    from authsvc.keys.wrapping import rotate_kek
+
+    new = load_new_kek(os.environ)
+    core = _core(args)
+    try:
+        result = rotate_kek(
+            core.repo, core.settings.kek_ring, new, to_datetime(core.clock.now())
+        )
+        _audit_cli(
+            core,
+            action="rotate_kek",
+            target=f"kek:{result.kek_id}",
+            outcome="ok" if result.rewrapped else "already_rotated",
+            detail=f"rewrapped={result.rewrapped}",
+        )
+    finally:
+        core.dispose()
+    print(
+        f"every stored key is wrapped under the new KEK (kek id {result.kek_id}; "
+        f"{result.rewrapped} re-wrapped now). Restart the servers with AUTHSVC_KEK set to it; "
+        "AUTHSVC_KEK_PREVIOUS is no longer needed."
+    )
     return EXIT_OK
 
 
@@ -429,6 +489,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
             "peer": e.peer,
             "request_id": e.request_id,
             "detail": e.detail,
+            # An aggregated row: `count` attempts from `first_time` until `time`.
+            "count": e.count,
+            "first_time": None if e.first_at is None else e.first_at.isoformat(),
         }
         for e in events
     ]
@@ -436,8 +499,11 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         print(json.dumps(rows))
     else:
         for r in rows:
+            outcome = r["outcome"]
+            if r["first_time"] is not None:
+                outcome += f" ({r['count']} attempts since {r['first_time']})"
             print(
-                f"{r['time']}\t{r['actor']}\t{r['action']}\t{r['target']}\t{r['outcome']}"
+                f"{r['time']}\t{r['actor']}\t{r['action']}\t{r['target']}\t{outcome}"
                 f"\t{r['peer']}\t{r['request_id']}"
             )
     return EXIT_OK
@@ -664,6 +730,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "token": _cmd_token,
         "health": _cmd_health,
         "audit": _cmd_audit,
+        "kek": _cmd_kek,
     }
     try:
         code = handlers[args.command](args)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from authsvc.crypto.kek import KeyEncryptionKey
+from authsvc.crypto.kek import KekRing, KeyEncryptionKey
 from authsvc.errors import ConfigError
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -22,7 +22,7 @@ DEFAULT_DEV_DIR = ".authsvc-dev"
 DEV_ISSUER = "https://authsvc.dev.invalid"
 
 # Settings whose value must never be shown (repr, logs, errors).
-_SENSITIVE = frozenset({"kek"})
+_SENSITIVE = frozenset({"kek", "kek_previous"})
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,8 @@ class Settings:
     database_url: str
     issuer: str
     kek: KeyEncryptionKey
+    # The KEK before `authsvc kek rotate`, held during a roll so its data still unwraps.
+    kek_previous: KeyEncryptionKey | None = None
     listen: str = DEFAULT_LISTEN
     server_name: str = DEFAULT_SERVER_NAME
     dev: bool = False
@@ -51,11 +53,19 @@ class Settings:
     # failure count (an attacker cannot lock a victim out from the victim's own address).
     throttle_known_peer_seconds: int = 30 * 24 * 3600
     audit_retention_days: int = 90
+    # Open WatchRevocations streams (one per local validator), per peer address and in all:
+    # every revocation wakes each of them.
+    watch_streams_per_peer: int = 8
+    watch_streams_max: int = 1000
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None
     tls_terminated_upstream: bool = False
     http_listen: str | None = None
+    # The HTTP side port: time a connection has to send its request (and to take the answer),
+    # and connections served at once (one thread each; more are answered 503).
+    http_read_timeout_seconds: float = 10.0
+    http_max_connections: int = 32
     shutdown_grace_seconds: float = 10.0
     # Server processes sharing the port (SO_REUSEPORT); see authsvc/server/workers.py.
     workers: int = 1
@@ -65,6 +75,8 @@ class Settings:
     # Successful ValidateToken and GetJwks calls log their access line at INFO too (by default
     # at DEBUG: they are the fleet's bulk of calls, counted and timed in /metrics).
     access_log_all: bool = False
+    # OpenTelemetry spans for every RPC (needs the `otel` extra; authsvc/server/tracing.py).
+    tracing: bool = False
 
     def __repr__(self) -> str:
         parts = []
@@ -76,6 +88,12 @@ class Settings:
     @property
     def tls_enabled(self) -> bool:
         return self.tls_cert is not None
+
+    @property
+    def kek_ring(self) -> KekRing:
+        if self.kek_previous is None:
+            return KekRing(self.kek)
+        return KekRing(self.kek, self.kek_previous)
 
     @property
     def admin_audience(self) -> str:
@@ -138,37 +156,51 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _read_kek_file(path: str) -> str:
+def _read_kek_file(path: str, name: str = "AUTHSVC_KEK_FILE") -> str:
     try:
         st = os.stat(path)
     except OSError:
-        raise ConfigError("AUTHSVC_KEK_FILE cannot be read") from None
+        raise ConfigError(f"{name} cannot be read") from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError("AUTHSVC_KEK_FILE must not be readable by group or others (chmod 600)")
+        raise ConfigError(f"{name} must not be readable by group or others (chmod 600)")
     try:
         return Path(path).read_text(encoding="ascii").strip()
     except OSError:
-        raise ConfigError("AUTHSVC_KEK_FILE cannot be read") from None
+        raise ConfigError(f"{name} cannot be read") from None
     except UnicodeDecodeError:
         raise ConfigError(
-            "AUTHSVC_KEK_FILE must hold the base64 text of the key, not raw bytes "
+            f"{name} must hold the base64 text of the key, not raw bytes "
             "(e.g. `openssl rand -base64 32`)"
         ) from None
 
 
-def _load_kek(env: Mapping[str, str]) -> KeyEncryptionKey | None:
-    text = env.get("AUTHSVC_KEK")
-    name = "AUTHSVC_KEK"
-    if not text and env.get("AUTHSVC_KEK_FILE"):
-        text = _read_kek_file(env["AUTHSVC_KEK_FILE"])
-        name = "AUTHSVC_KEK_FILE"
+def _load_kek(env: Mapping[str, str], base: str = "AUTHSVC_KEK") -> KeyEncryptionKey | None:
+    """The KEK in `base` or, when that is unset, in the file `base`_FILE names (the same rules
+    for AUTHSVC_KEK, AUTHSVC_KEK_PREVIOUS and AUTHSVC_NEW_KEK)."""
+    text = env.get(base)
+    name = base
+    if not text and env.get(f"{base}_FILE"):
+        name = f"{base}_FILE"
+        text = _read_kek_file(env[name], name)
     if not text:
         return None
     try:
-        return KeyEncryptionKey.from_base64(text)
+        return KeyEncryptionKey.from_base64(text, name=name)
     except ValueError as exc:
-        # The message from from_base64 never echoes the value; prefix the variable's name.
-        raise ConfigError(f"{name}: {exc}") from None
+        # The message from from_base64 names the variable and never echoes the value.
+        raise ConfigError(str(exc)) from None
+
+
+def load_new_kek(environ: Mapping[str, str] | None = None) -> KeyEncryptionKey:
+    """The target of `authsvc kek rotate`: AUTHSVC_NEW_KEK or AUTHSVC_NEW_KEK_FILE, never a flag
+    (a command line is visible to every user of the host and kept in shell history).
+
+    Raises ConfigError naming the variable when it is missing or unusable.
+    """
+    kek = _load_kek(os.environ if environ is None else environ, "AUTHSVC_NEW_KEK")
+    if kek is None:
+        raise ConfigError("AUTHSVC_NEW_KEK (or AUTHSVC_NEW_KEK_FILE) is required")
+    return kek
 
 
 def _dev_kek(dev_dir: Path) -> KeyEncryptionKey:
@@ -199,6 +231,7 @@ def load_settings(
     database_url = over.get("database_url") or env.get("AUTHSVC_DATABASE_URL")
     issuer = over.get("issuer") or env.get("AUTHSVC_ISSUER")
     kek = _load_kek(env)
+    kek_previous = _load_kek(env, "AUTHSVC_KEK_PREVIOUS")
 
     if dev:
         if not is_loopback(host):
@@ -217,6 +250,9 @@ def load_settings(
         if not issuer:
             raise ConfigError("AUTHSVC_ISSUER is required outside --dev")
         database_url = database_url or "sqlite:///authsvc.db"
+
+    if kek_previous is not None and kek_previous.kek_id == kek.kek_id:
+        kek_previous = None  # the roll is over on this host; nothing else to read
 
     tls_cert = over.get("tls_cert") or env.get("AUTHSVC_TLS_CERT") or None
     tls_key = over.get("tls_key") or env.get("AUTHSVC_TLS_KEY") or None
@@ -247,6 +283,7 @@ def load_settings(
         database_url=str(database_url),
         issuer=str(issuer),
         kek=kek,
+        kek_previous=kek_previous,
         listen=listen,
         server_name=env.get("AUTHSVC_SERVER_NAME") or DEFAULT_SERVER_NAME,
         dev=dev,
@@ -268,14 +305,19 @@ def load_settings(
             env, "AUTHSVC_THROTTLE_KNOWN_PEER_SECONDS", 30 * 24 * 3600, 0
         ),
         audit_retention_days=_int(env, "AUTHSVC_AUDIT_RETENTION_DAYS", 90, 1),
+        watch_streams_per_peer=_int(env, "AUTHSVC_WATCH_STREAMS_PER_PEER", 8, 1),
+        watch_streams_max=_int(env, "AUTHSVC_WATCH_STREAMS_MAX", 1000, 1),
         tls_cert=tls_cert,
         tls_key=tls_key,
         tls_client_ca=tls_client_ca,
         tls_terminated_upstream=upstream,
         http_listen=http_listen,
+        http_read_timeout_seconds=_float(env, "AUTHSVC_HTTP_READ_TIMEOUT_SECONDS", 10.0, 0.1),
+        http_max_connections=_int(env, "AUTHSVC_HTTP_MAX_CONNECTIONS", 32, 1),
         shutdown_grace_seconds=_float(env, "AUTHSVC_SHUTDOWN_GRACE_SECONDS", 10.0, 0.0),
         workers=int(over.get("workers") or _int(env, "AUTHSVC_WORKERS", 1, 1)),
         reuse_port=bool(over.get("reuse_port", False)),
         log_level=(env.get("AUTHSVC_LOG_LEVEL") or "INFO").upper(),
         access_log_all=_bool(env, "AUTHSVC_ACCESS_LOG_ALL"),
+        tracing=_bool(env, "AUTHSVC_TRACING"),
     )

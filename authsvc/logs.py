@@ -17,6 +17,7 @@ from typing import Any, TextIO
 from authsvc.crypto.secrets import SECRET_PREFIX
 
 __all__ = [
+    "AUDIT_FIELDS",
     "RPC_FIELDS",
     "HumanFormatter",
     "JsonFormatter",
@@ -28,6 +29,10 @@ __all__ = [
 # Per-call fields, set by the RPC interceptor and added to every record logged during the call
 # (the servicer's own audit lines included), so one request id ties them together.
 RPC_FIELDS = ("request_id", "method", "peer", "outcome", "duration_ms")
+# An audit event's fields, each its own member of the line (the event text stays "audit"), so
+# an id holding `outcome=ok actor=…` is one value and cannot pose as another field.
+AUDIT_FIELDS = ("action", "actor", "target", "outcome", "peer", "request_id")
+_RECORD_FIELDS = tuple(dict.fromkeys(RPC_FIELDS + AUDIT_FIELDS))
 _rpc: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "authsvc_rpc_log_fields", default=None
 )
@@ -58,15 +63,20 @@ def redact(text: str) -> str:
     return text
 
 
+# What a caller's `x-request-id` may hold to reach logs and audit rows as given: no space, quote,
+# `=` or control character, so it can neither split a log line nor pose as another field.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
 def request_id_from(metadata: Iterable[tuple[str, Any]] | None) -> str:
-    """The caller's `x-request-id` if it is short and printable, else a fresh one.
+    """The caller's `x-request-id` if it fits a safe grammar, else a fresh one.
 
     Only the RPC interceptor calls this; everything else reads the id of the current call
     through `current_request_id()`, so logs and audit rows carry the same id.
     """
     for key, value in metadata or ():
-        if key == "x-request-id" and isinstance(value, str) and 0 < len(value) <= 128:
-            if value.isprintable() and redact(value) == value:
+        if key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
+            if redact(value) == value:
                 return value
     return uuid.uuid4().hex
 
@@ -93,10 +103,10 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     ctx = _rpc.get()
     if ctx:
         out.update({k: v for k, v in ctx.items() if v is not None})
-    for name in RPC_FIELDS:
+    for name in _RECORD_FIELDS:
         value = record.__dict__.get(name)
         if value is not None:
-            out[name] = value
+            out[name] = redact(value) if isinstance(value, str) else value
     return out
 
 
@@ -145,6 +155,15 @@ class JsonFormatter(logging.Formatter):
         return _ENCODER.encode(entry)
 
 
+def _quoted(value: Any) -> str:
+    """A key=value value as one token: quoted and escaped when it holds a space, a quote, an
+    `=`, a control or other non-printable character (logfmt's rule), bare otherwise."""
+    text = redact(str(value))
+    if text and text.isprintable() and not any(c in text for c in ' "='):
+        return text
+    return _ENCODER.encode(text)
+
+
 class HumanFormatter(logging.Formatter):
     """Dev mode: `time LEVEL logger message key=value…`."""
 
@@ -158,7 +177,7 @@ class HumanFormatter(logging.Formatter):
             line = redact(super().format(record))
         finally:
             record.exc_info, record.exc_text = saved
-        extra = " ".join(f"{k}={v}" for k, v in _fields(record).items())
+        extra = " ".join(f"{k}={_quoted(v)}" for k, v in _fields(record).items())
         exc = _exception(record)
         if extra:
             line = f"{line} [{extra}]"

@@ -9,22 +9,27 @@ any replica is seen by every replica within one interval plus one query.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
 import threading
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import rsa
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from authsvc.clock import Clock, to_datetime, to_timestamp
+from authsvc.crypto.kek import UnknownKek
+from authsvc.errors import ConfigError, ResourceExhausted
 from authsvc.keys.jwks import render_jwks
 from authsvc.keys.manager import KeyManager
-from authsvc.storage.records import RevocationRecord, SigningKeyRecord
+from authsvc.keys.wrapping import NOT_HELD
+from authsvc.storage.records import HeldRevocation, RevocationRecord, SigningKeyRecord
 from authsvc.storage.repository import Repository
 from authsvc_client.keyring import KeyRing
 from authsvc_client.revocations import RevocationEntry, RevocationSet
+from authsvc_client.v1 import auth_pb2
 
 log = logging.getLogger("authsvc.sync")
 
@@ -51,81 +56,142 @@ def revocation_entry(record: RevocationRecord) -> RevocationEntry:
             int(to_timestamp(record.revoked_before)) if record.revoked_before is not None else None
         ),
         expires_at=int(to_timestamp(record.expires_at)),
+        kind=record.kind,
     )
 
 
-class MonotonicClock:
-    """The server's time: the wall clock, except that it never runs backwards.
+_EVENT_KIND = {
+    "token": auth_pb2.REVOCATION_KIND_TOKEN,
+    "service_tokens": auth_pb2.REVOCATION_KIND_SERVICE_TOKENS,
+    "service_disabled": auth_pb2.REVOCATION_KIND_SERVICE_DISABLED,
+}
 
-    A step back (NTP correction, a VM restored, an operator) would otherwise let an expired
-    token validate again, reopen a secret's grace period, re-publish a retired key and let
-    pruned revocations' tokens back in. On a step back this clock carries on from its last
-    reading at the wall clock's rate, i.e. it stays ahead of the wall clock by the size of the
-    step until the process restarts. Per process: a restart accepts the wall clock as it is.
-    """
 
-    def __init__(self, wall: Clock) -> None:
-        self._wall = wall
-        self._lock = threading.Lock()
-        self._last = float("-inf")
-        # Seconds this clock runs ahead of the wall clock (sum of the steps back seen).
-        self.offset = 0.0
+def held_event(held: HeldRevocation) -> auth_pb2.RevocationEvent:
+    """The WatchRevocations message for a revocation as storage lists it for a replay."""
+    event = auth_pb2.RevocationEvent(
+        cursor=held.cursor,
+        jti=held.jti or "",
+        service_id=held.service_id or "",
+        expires_at=Timestamp(seconds=held.expires_at),
+        kind=_EVENT_KIND[held.kind],
+    )
+    if held.revoked_before is not None:
+        event.revoked_before.seconds = held.revoked_before
+    return event
 
-    def now(self) -> float:
-        wall = self._wall.now()
-        with self._lock:
-            t = wall + self.offset
-            if t < self._last:
-                step = self._last - t
-                self.offset += step
-                t = self._last
-                if step >= 1.0:
-                    log.warning(
-                        "wall clock stepped back by %.1f s: authsvc time carries on from its "
-                        "last reading (now %.1f s ahead of the wall clock until restart)",
-                        step,
-                        self.offset,
-                    )
-            self._last = t
-            return t
 
-    def sleep(self, seconds: float) -> None:
-        self._wall.sleep(seconds)
+def revocation_event(record: RevocationRecord) -> auth_pb2.RevocationEvent:
+    """The WatchRevocations message for a new revocation; whole seconds, as a replay sends."""
+    entry = revocation_entry(record)
+    return held_event(
+        HeldRevocation(
+            entry.cursor,
+            entry.jti,
+            entry.service_id,
+            entry.revoked_before,
+            entry.expires_at,
+            entry.kind,
+        )
+    )
 
 
 class RevocationFeed:
-    """Recent revocations for WatchRevocations streams, owned by the event loop.
+    """Recent revocations for WatchRevocations streams: one shared log, owned by the event loop.
 
-    Streams whose cursor is older than what the buffer holds replay from storage first.
+    A stream holds a position in the log (a sequence number), so a new event costs each stream
+    one slice of what it has not sent, never a scan; the message is built once, at publish,
+    not once per stream. Streams whose cursor is older than the log replay from storage first.
+    The feed also counts open streams, per peer and in total, since each one is woken by every
+    revocation.
     """
 
-    def __init__(self, start_cursor: int, capacity: int = 10_000) -> None:
-        self._events: deque[RevocationRecord] = deque()
+    def __init__(
+        self,
+        start_cursor: int,
+        capacity: int = 10_000,
+        *,
+        streams_per_peer: int = 8,
+        streams_max: int = 1000,
+    ) -> None:
+        self._log: list[auth_pb2.RevocationEvent] = []
+        # Sequence number of self._log[0]: positions stay valid as the head is trimmed.
+        self._first = 0
         self._capacity = capacity
-        # Every revocation with a cursor <= this is in storage and not in the buffer.
+        # Every revocation with a cursor <= this is in storage and not in the log.
         self.horizon = start_cursor
         self._changed = asyncio.Event()
         self.closed = False
+        self._streams_per_peer = streams_per_peer
+        self._streams_max = streams_max
+        self._streams: dict[str, int] = {}
+        self.open_streams = 0
 
     def close(self) -> None:
         """Wake every stream so it can end (server shutdown)."""
         self.closed = True
         self._changed.set()
 
+    def acquire(self, peer: str) -> None:
+        """Take one stream slot for `peer`; release() gives it back.
+
+        Raises:
+            ResourceExhausted: the peer or the server already has as many streams as allowed.
+        """
+        held = self._streams.get(peer, 0)
+        if held >= self._streams_per_peer:
+            raise ResourceExhausted(
+                f"too many WatchRevocations streams from this peer (limit "
+                f"{self._streams_per_peer})",
+                retry_after=30,
+            )
+        if self.open_streams >= self._streams_max:
+            raise ResourceExhausted(
+                f"too many WatchRevocations streams (limit {self._streams_max})", retry_after=30
+            )
+        self._streams[peer] = held + 1
+        self.open_streams += 1
+
+    def release(self, peer: str) -> None:
+        self.open_streams -= 1
+        left = self._streams[peer] - 1
+        if left:
+            self._streams[peer] = left
+        else:
+            del self._streams[peer]
+
+    @property
+    def end(self) -> int:
+        """The position the next published event will take."""
+        return self._first + len(self._log)
+
     def publish(self, records: list[RevocationRecord]) -> None:
-        for record in records:
-            self._events.append(record)
-            while len(self._events) > self._capacity:
-                self.horizon = self._events.popleft().cursor
+        self._log.extend(revocation_event(record) for record in records)
+        # Trim in chunks so the head is cut (a list copy) once per capacity/2 events, not per
+        # event: at most 1.5 x capacity are held.
+        excess = len(self._log) - self._capacity
+        if excess > self._capacity // 2:
+            self.horizon = self._log[excess - 1].cursor
+            del self._log[:excess]
+            self._first += excess
         if records:
             self._changed.set()
             self._changed = asyncio.Event()
 
-    def since(self, cursor: int) -> list[RevocationRecord] | None:
-        """Events after `cursor`, or None when some of them are only in storage."""
+    def position(self, cursor: int) -> int | None:
+        """The position of the first event after `cursor`, or None when some events after it
+        are only in storage."""
         if cursor < self.horizon:
             return None
-        return [e for e in self._events if e.cursor > cursor]
+        return self._first + bisect.bisect_right(self._log, cursor, key=_cursor_of)
+
+    def read(self, position: int, limit: int) -> list[auth_pb2.RevocationEvent] | None:
+        """Up to `limit` events from `position` on, or None when the log was trimmed past it
+        (the stream then replays from storage)."""
+        if position < self._first:
+            return None
+        start = position - self._first
+        return self._log[start : start + limit]
 
     async def wait(self, timeout: float) -> None:
         try:
@@ -134,13 +200,34 @@ class RevocationFeed:
             pass
 
 
+def _cursor_of(event: auth_pb2.RevocationEvent) -> int:
+    return int(event.cursor)
+
+
 class ServerState:
     """What this replica knows. Attributes the hot path reads are swapped whole, never mutated."""
 
-    def __init__(self, repo: Repository, manager: KeyManager, clock: Clock) -> None:
+    def __init__(
+        self,
+        repo: Repository,
+        manager: KeyManager,
+        clock: Clock,
+        *,
+        revocations_kept_seconds: float = 0.0,
+        earliest: Callable[[], float] | None = None,
+    ) -> None:
+        """`revocations_kept_seconds`: how long after its token's `exp` a revocation is kept;
+        `earliest`: the clock that decides what to drop (authsvc.clock.WallClock.earliest_now).
+        Both so that a wrong forward jump of the clock, once corrected, finds every revocation
+        whose token can validate again (authsvc.clock)."""
         self._repo = repo
         self._manager = manager
         self._clock = clock
+        self._revocations_kept = revocations_kept_seconds
+        self._earliest = earliest or clock.now
+        # Retired keys whose publication this replica has seen end: never published again,
+        # whatever the clock says later.
+        self._unpublished: set[str] = set()
         self._lock = threading.Lock()
         self.revocations = RevocationSet()
         self.keyring = KeyRing({})
@@ -157,6 +244,10 @@ class ServerState:
     @property
     def revocation_cursor(self) -> int:
         return self._revocation_cursor
+
+    def revocation_horizon(self) -> float:
+        """Revocations whose token expired before this are no longer needed (storage included)."""
+        return self._earliest() - self._revocations_kept
 
     def is_subject_enabled(self, subject: str) -> bool:
         return subject not in self.disabled
@@ -189,14 +280,14 @@ class ServerState:
             if "service" in kinds:
                 self._reload_disabled()
             new = self._pull_revocations()
-            self.revocations.prune(now)
+            self.revocations.prune(self.revocation_horizon())
             self.last_sync_at = now
         return new
 
     def _load_revocations(self) -> None:
         """Every revocation in force, before SERVING. Nothing is published (no stream can be
         open yet) or kept: a million revocations load page by page, as the few fields held."""
-        now = to_datetime(self._clock.now())
+        now = to_datetime(self.revocation_horizon())
         while True:
             page = self._repo.list_held_revocations(self._revocation_cursor, now, _PAGE)
             self.revocations.add_all(RevocationEntry(*held) for held in page)
@@ -208,7 +299,7 @@ class ServerState:
     def _pull_revocations(self) -> list[RevocationRecord]:
         """Revocations made since the last pull: applied, published to streams, returned."""
         new: list[RevocationRecord] = []
-        now = to_datetime(self._clock.now())
+        now = to_datetime(self.revocation_horizon())
         while True:
             page = self._repo.list_revocations(self._revocation_cursor, now, _PAGE)
             for record in page:
@@ -228,23 +319,35 @@ class ServerState:
     def _reload_keys(self) -> None:
         now = self._clock.now()
         records = self._repo.list_signing_keys()
+        self._unpublished &= {r.kid for r in records}
         published: list[SigningKeyRecord] = []
         next_expiry: float | None = None
         for r in records:
             if r.state in ("active", "next"):
                 published.append(r)
-            elif r.state == "retired" and r.publish_until is not None:
+            elif (
+                r.state == "retired"
+                and r.publish_until is not None
+                and r.kid not in self._unpublished
+            ):
                 until = to_timestamp(r.publish_until)
                 if until > now:
                     published.append(r)
                     next_expiry = until if next_expiry is None else min(next_expiry, until)
+                else:
+                    self._unpublished.add(r.kid)
         jwks = [json.loads(r.public_jwk) for r in published]
         active = next((r for r in records if r.state == "active"), None)
         signer = self.signer
         if active is None:
             signer = None
         elif signer is None or signer.kid != active.kid:
-            signer = Signer(kid=active.kid, private_key=self._manager.private_key(active))
+            try:
+                private = self._manager.private_key(active)
+            except UnknownKek:
+                # A replica left on the old KEK after `authsvc kek rotate`: say what to fix.
+                raise ConfigError(NOT_HELD) from None
+            signer = Signer(kid=active.kid, private_key=private)
         self.jwks_json = render_jwks(jwks)
         self.keyring = KeyRing.from_jwks_json(self.jwks_json)
         self.signer = signer

@@ -8,6 +8,7 @@ so it never outlives the benchmark. `EchoProcess` is the parent's side.
 from __future__ import annotations
 
 import argparse
+import os
 import select
 import subprocess
 import sys
@@ -38,6 +39,7 @@ def serve(mode: str, authsvc: str, audience: str, issuer: str, threads: int) -> 
     authsvc_channel: grpc.Channel | None = None
     if mode == "local":
         authsvc_channel = grpc.insecure_channel(authsvc)
+        # The revocation feed authenticates as the service in AUTHSVC_SERVICE_ID/_SECRET.
         validator = LocalValidator(authsvc_channel, audience, issuer)
         if not validator.wait_ready(15):
             print("local validator did not get keys and the revocation feed", file=sys.stderr)
@@ -63,9 +65,25 @@ class EchoProcess:
     """A running `python -m bench.echo`; close() ends it."""
 
     def __init__(
-        self, mode: str, *, authsvc: str, audience: str, issuer: str, threads: int = 16
+        self,
+        mode: str,
+        *,
+        authsvc: str,
+        audience: str,
+        issuer: str,
+        threads: int = 16,
+        credentials: tuple[str, str] | None = None,
     ) -> None:
+        """`credentials` (service id, secret) authenticate the local validator's revocation
+        feed; they reach the child through its environment, never its command line."""
         self.mode = mode
+        env = dict(os.environ)
+        if credentials is not None:
+            env.update(
+                AUTHSVC_SERVICE_ID=credentials[0],
+                AUTHSVC_SERVICE_SECRET=credentials[1],
+                AUTHSVC_TARGET=authsvc,
+            )
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -80,6 +98,7 @@ class EchoProcess:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            env=env,
         )
         self.address = self._wait_ready(30)
 

@@ -251,6 +251,33 @@ def render(result: dict[str, Any]) -> str:
             f"{r['rps']['slice_p75']:.3f}), p50 {r['p50']:.3f}, p99 {r['p99']:.3f}; "
             f"memory +{rpc['held_rss_growth_mb']:.0f} MB",
         ]
+    watch = result.get("watch")
+    if watch and "error" in watch:
+        parts += ["", f"1d. WatchRevocations scenario did not complete: {watch['error']}"]
+    elif watch:
+        replay = watch["replay"]
+        rows = [
+            [label, str(x["calls"]), f"{x['p50_ms']:.2f}", f"{x['p99_ms']:.2f}",
+             f"{x['max_ms']:.2f}"]
+            for label, x in (
+                ("no streams", watch["no_streams"]),
+                (f"{watch['streams']:,} idle streams", watch["idle_streams"]),
+                (f"{watch['streams']:,} streams, a revocation every {watch['revoke_every_s']:g} s",
+                 watch["publishing"]),
+                (f"one replay of {replay['events']:,} from cursor 0", replay["validate_during"]),
+            )
+            if x
+        ]  # fmt: skip
+        parts += [
+            "",
+            f"1d. WatchRevocations: sequential ValidateToken beside {watch['streams']:,} open "
+            f"authenticated streams (opened in {watch['open_seconds']} s)",
+            _table(["while", "calls", "p50 ms", "p99 ms", "max ms"], rows),
+            f"events delivered {watch['delivered']:,} of {watch['expected']:,} "
+            f"({watch['published']} revocations), failed streams {watch['failed_streams']}; "
+            f"replay of {replay['events']:,} revocations from cursor 0: server CPU "
+            f"{replay['server_cpu_s']:.2f} s, {replay['wall_s']:.2f} s wall",
+        ]
     load = result.get("load")
     if load:
         rows = []

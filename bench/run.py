@@ -19,8 +19,9 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from authsvc_client.keyring import KeyRing
+from authsvc_client.tokens import TokenSource
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
-from authsvc_client.validation import LocalValidator
+from authsvc_client.validation import FOLLOWER_AUDIENCE, LocalValidator
 from bench.echo import METHOD as ECHO_METHOD
 from bench.echo import SCOPE, EchoProcess
 from bench.loadgen import Target, TargetResult, run_load
@@ -28,6 +29,7 @@ from bench.local import run_local
 from bench.report import check_targets, render
 from bench.revocations import rss_mb, run_revocations, seed_revocations, snapshot_database
 from bench.stats import median, percentile, write_frames
+from bench.watch import run_watch
 from tests.support.server import (
     TEST_ISSUER,
     RunningServer,
@@ -302,8 +304,15 @@ def main(argv: list[str] | None = None) -> int:
 
             # 1. In-process validation cost.
             _log(started, "in-process validation: TokenVerifier, PyJWT, raw RSA")
-            with grpc.insecure_channel(server.address) as channel:
-                with LocalValidator(channel, AUDIENCE, TEST_ISSUER) as validator:
+            with (
+                grpc.insecure_channel(server.address) as channel,
+                TokenSource(
+                    channel, service_id=CLIENT, service_secret=secret, audience=FOLLOWER_AUDIENCE
+                ) as follower,
+            ):
+                with LocalValidator(
+                    channel, AUDIENCE, TEST_ISSUER, token_source=follower
+                ) as validator:
                     if not validator.wait_ready(15):
                         raise RuntimeError("LocalValidator did not become ready")
                     result["local"] = run_local(
@@ -331,7 +340,13 @@ def main(argv: list[str] | None = None) -> int:
             _log(started, "starting the echo servers (plain, and interceptor in local mode)")
             for mode in ("plain", "local"):
                 echoes.append(
-                    EchoProcess(mode, authsvc=server.address, audience=AUDIENCE, issuer=TEST_ISSUER)
+                    EchoProcess(
+                        mode,
+                        authsvc=server.address,
+                        audience=AUDIENCE,
+                        issuer=TEST_ISSUER,
+                        credentials=(CLIENT, secret),
+                    )
                 )
             plain, local = echoes
             _check_echo(plain, local, token)
@@ -437,6 +452,11 @@ def main(argv: list[str] | None = None) -> int:
                 result["revocations_rpc"] = _revocations_rpc(
                     args, folder, env, files["valid"], measured
                 )
+            _log(started, "WatchRevocations: ValidateToken beside open streams, replay from 0")
+            try:
+                result["watch"] = run_watch(env, folder)
+            except RuntimeError as exc:
+                result["watch"] = {"error": str(exc)}
             load_summary: dict[str, dict[str, Any]] = {}
             for name, label in labels.items():
                 load_summary[name] = {"label": label, **measured[name].summary()}

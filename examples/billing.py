@@ -21,7 +21,8 @@ def charge(request: bytes, _context: grpc.ServicerContext) -> bytes:
 
 
 def main() -> None:
-    # Local validation: keys from GetJwks, revocations from WatchRevocations.
+    # Local validation: keys from GetJwks, revocations from WatchRevocations. The feed is
+    # authenticated as this service, from AUTHSVC_SERVICE_ID / _SECRET / AUTHSVC_TARGET.
     validator = LocalValidator(
         grpc.insecure_channel(os.environ["AUTHSVC_TARGET"]),
         "billing",

@@ -60,10 +60,13 @@ def main() -> None:
         orders_env = env_lines(cli("services", "create", "orders", "--audience", "billing",
                                    "--scope", "billing.write", "--format", "env"))
         print("   registered service orders (its secret stays in this process's memory)")
+        # billing validates locally; its revocation feed is served to registered services only.
+        billing_env = env_lines(cli("services", "create", "billing", "--audience", "orders",
+                                    "--format", "env"))
 
         svc_env = {**env, "AUTHSVC_TARGET": target}
-        billing, billing_addr = start([sys.executable, str(HERE / "billing.py")], svc_env,
-                                      "billing listening on ")
+        billing, billing_addr = start([sys.executable, str(HERE / "billing.py")],
+                                      {**svc_env, **billing_env}, "billing listening on ")
         procs.append(billing)
         orders, orders_addr = start(
             [sys.executable, str(HERE / "orders.py")],

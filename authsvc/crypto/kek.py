@@ -13,13 +13,24 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from authsvc.errors import DecryptError
 
-__all__ = ["KEY_BYTES", "KeyEncryptionKey", "load_private_key", "serialize_private_key"]
+__all__ = [
+    "KEY_BYTES",
+    "KekRing",
+    "KeyEncryptionKey",
+    "UnknownKek",
+    "load_private_key",
+    "serialize_private_key",
+]
 
 KEY_BYTES = 32
 _VERSION = b"\x01"
 _NONCE_BYTES = 12  # 96 bits, the size GCM is defined for (NIST SP 800-38D section 5.2.1.1)
 _TAG_BYTES = 16
 _AAD_PREFIX = b"authsvc/signing-key/"
+# Key material other than signing keys (the secret-hash key), bound to its name.
+_NAMED_AAD_PREFIX = b"authsvc/wrapped-key/"
+_KEK_ID_PURPOSE = b"authsvc/kek-id/v1"
+_KEK_ID_BYTES = 8
 # Words that mark a value copied from an example instead of generated.
 _PLACEHOLDER_WORDS = (
     "changeme", "change_me", "change-me", "replace", "placeholder", "example",
@@ -60,7 +71,7 @@ class KeyEncryptionKey:
     repr, str or an error message.
     """
 
-    __slots__ = ("_aead", "_key")
+    __slots__ = ("_aead", "_key", "kek_id")
 
     def __init__(self, key: bytes) -> None:
         """Use 32 raw key bytes (from_base64 is the checked way in from configuration).
@@ -72,10 +83,15 @@ class KeyEncryptionKey:
             raise ValueError(f"a key-encryption key must be exactly {KEY_BYTES} bytes")
         self._key = key
         self._aead = AESGCM(key)
+        # A check value stored beside what this key wraps, so a server can tell which KEK wraps
+        # what without trying to decrypt; an HKDF output, so it tells nothing about the key.
+        self.kek_id = self.derive(_KEK_ID_PURPOSE)[:_KEK_ID_BYTES].hex()
 
     @classmethod
-    def from_base64(cls, text: str) -> KeyEncryptionKey:
+    def from_base64(cls, text: str, *, name: str = "AUTHSVC_KEK") -> KeyEncryptionKey:
         """Read the base64 text of AUTHSVC_KEK / AUTHSVC_KEK_FILE (surrounding whitespace ignored).
+
+        `name` is the variable the text came from, for the message.
 
         Raises:
             ValueError: not strict base64, not 32 bytes, or an obviously weak or placeholder
@@ -85,11 +101,11 @@ class KeyEncryptionKey:
         try:
             key = base64.b64decode(stripped, validate=True)
         except (binascii.Error, ValueError):
-            raise ValueError("AUTHSVC_KEK is not valid base64") from None
+            raise ValueError(f"{name} is not valid base64") from None
         if len(key) != KEY_BYTES:
-            raise ValueError(f"AUTHSVC_KEK must be the base64 of exactly {KEY_BYTES} bytes")
+            raise ValueError(f"{name} must be the base64 of exactly {KEY_BYTES} bytes")
         if _looks_weak(stripped, key):
-            raise ValueError(_WEAK_KEY)
+            raise ValueError(_WEAK_KEY.replace("AUTHSVC_KEK", name, 1))
         return cls(key)
 
     @staticmethod
@@ -107,8 +123,7 @@ class KeyEncryptionKey:
     __str__ = __repr__
 
     def wrap(self, plaintext: bytes, *, kid: str) -> bytes:
-        nonce = os.urandom(_NONCE_BYTES)
-        return _VERSION + nonce + self._aead.encrypt(nonce, plaintext, _aad(kid))
+        return self._wrap(plaintext, _aad(kid))
 
     def unwrap(self, blob: bytes, *, kid: str) -> bytes:
         """Decrypt a blob made by wrap() for the same kid.
@@ -116,11 +131,26 @@ class KeyEncryptionKey:
         Raises:
             DecryptError: wrong KEK, wrong kid, or tampered or truncated blob; always the same.
         """
+        return self._unwrap(blob, _aad(kid))
+
+    def wrap_named(self, plaintext: bytes, *, name: str) -> bytes:
+        """Wrap key material that is not a signing key (AAD = its name, apart from any kid)."""
+        return self._wrap(plaintext, _NAMED_AAD_PREFIX + name.encode("utf-8"))
+
+    def unwrap_named(self, blob: bytes, *, name: str) -> bytes:
+        """Decrypt what wrap_named() wrapped under the same name; DecryptError as unwrap()."""
+        return self._unwrap(blob, _NAMED_AAD_PREFIX + name.encode("utf-8"))
+
+    def _wrap(self, plaintext: bytes, aad: bytes) -> bytes:
+        nonce = os.urandom(_NONCE_BYTES)
+        return _VERSION + nonce + self._aead.encrypt(nonce, plaintext, aad)
+
+    def _unwrap(self, blob: bytes, aad: bytes) -> bytes:
         try:
             if blob[:1] != _VERSION or len(blob) < 1 + _NONCE_BYTES + _TAG_BYTES:
                 raise DecryptError
             nonce = blob[1 : 1 + _NONCE_BYTES]
-            return self._aead.decrypt(nonce, blob[1 + _NONCE_BYTES :], _aad(kid))
+            return self._aead.decrypt(nonce, blob[1 + _NONCE_BYTES :], aad)
         except Exception:
             raise DecryptError from None
 
@@ -130,6 +160,64 @@ class KeyEncryptionKey:
         if not purpose:
             raise ValueError("purpose is required")
         return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=purpose).derive(self._key)
+
+
+class UnknownKek(DecryptError):
+    """Data is wrapped under a KEK this process was not given (told apart by its kek id).
+
+    As opaque as any DecryptError; callers that know the context say what to fix
+    (authsvc.keys.wrapping names the variables).
+    """
+
+
+class KekRing:
+    """The KEKs one process holds: AUTHSVC_KEK and, during a roll, AUTHSVC_KEK_PREVIOUS.
+
+    MultiFernet's shape, except that the database, not the order here, says which KEK wraps new
+    data (Repository.fetch_wrapping_kek_id): a replica restarted with the new KEK before
+    `authsvc kek rotate` ran keeps wrapping under the old one, which replicas not yet restarted
+    still read. Any held KEK unwraps, chosen by the kek id stored beside the blob.
+    """
+
+    __slots__ = ("_by_id", "primary")
+
+    def __init__(self, primary: KeyEncryptionKey, *others: KeyEncryptionKey) -> None:
+        self.primary = primary
+        self._by_id = {k.kek_id: k for k in (*reversed(others), primary)}
+
+    def __repr__(self) -> str:
+        return f"KekRing(<{len(self._by_id)} redacted>)"
+
+    @property
+    def kek_ids(self) -> frozenset[str]:
+        return frozenset(self._by_id)
+
+    @property
+    def keks(self) -> tuple[KeyEncryptionKey, ...]:
+        """The primary first, then the previous ones."""
+        return tuple(reversed(self._by_id.values()))
+
+    def get(self, kek_id: str) -> KeyEncryptionKey:
+        """Raises UnknownKek when no held KEK has this id."""
+        kek = self._by_id.get(kek_id)
+        if kek is None:
+            raise UnknownKek
+        return kek
+
+    def unwrap(self, blob: bytes, *, kid: str, kek_id: str | None) -> bytes:
+        """Unwrap with the KEK named by `kek_id`; None (a row written without one) tries each.
+
+        Raises:
+            DecryptError: no held KEK decrypts it (UnknownKek when `kek_id` names none held).
+        """
+        if kek_id is not None:
+            return self.get(kek_id).unwrap(blob, kid=kid)
+        for kek in self._by_id.values():
+            try:
+                return kek.unwrap(blob, kid=kid)
+            except DecryptError:
+                continue
+        raise DecryptError
 
 
 def _aad(kid: str) -> bytes:

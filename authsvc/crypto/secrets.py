@@ -19,7 +19,8 @@ def mint_secret() -> str:
 
 
 class SecretHasher:
-    """HMAC-SHA256 under a server-held key (derived from the KEK).
+    """HMAC-SHA256 under a server-held key: 32 random bytes stored wrapped under the KEK
+    (authsvc.keys.wrapping), so the KEK can rotate without invalidating a single hash.
 
     Secrets carry 256 random bits, so a keyed hash without salt or stretching is enough: one
     hash per secret, and a stolen database alone cannot even test a guess.
@@ -28,7 +29,7 @@ class SecretHasher:
     __slots__ = ("_key",)
 
     def __init__(self, key: bytes) -> None:
-        """Key with a dedicated subkey, e.g. KeyEncryptionKey.derive(...).
+        """Key with the deployment's secret-hash key (authsvc.keys.wrapping.load_secret_hash_key).
 
         Raises:
             ValueError: key shorter than 32 bytes.

@@ -14,10 +14,14 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from authsvc.clock import Clock, to_datetime, to_timestamp
-from authsvc.crypto.kek import KeyEncryptionKey, load_private_key, serialize_private_key
+from authsvc.crypto.kek import KekRing, KeyEncryptionKey, load_private_key, serialize_private_key
 from authsvc.keys.jwks import jwk_thumbprint, public_jwk
+from authsvc.keys.wrapping import wrapping_kek
 from authsvc.storage.records import SigningKeyRecord
-from authsvc.storage.repository import Repository
+from authsvc.storage.repository import KekChanged, Repository
+
+# Attempts at a rotation when `authsvc kek rotate` commits between wrapping and activating.
+_KEK_ATTEMPTS = 2
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class KeyManager:
     def __init__(
         self,
         repo: Repository,
-        kek: KeyEncryptionKey,
+        kek: KeyEncryptionKey | KekRing,
         clock: Clock,
         *,
         rsa_key_bits: int = 2048,
@@ -43,16 +47,18 @@ class KeyManager:
         if rsa_key_bits < 2048:
             raise ValueError("RSA signing keys must be at least 2048 bits")
         self._repo = repo
-        self._kek = kek
+        self._keks = kek if isinstance(kek, KekRing) else KekRing(kek)
         self._clock = clock
         self._bits = rsa_key_bits
         # A retired key stays published until every token it signed has expired.
         self._publish_after_retire = max_ttl_seconds + leeway_seconds
+        self._leeway = leeway_seconds
 
     def _generate(self) -> SigningKeyRecord:
         private = rsa.generate_private_key(public_exponent=65537, key_size=self._bits)
         kid = jwk_thumbprint(private.public_key())
         now = to_datetime(self._clock.now())
+        kek = wrapping_kek(self._repo, self._keks)
         return SigningKeyRecord(
             kid=kid,
             state="active",
@@ -61,21 +67,28 @@ class KeyManager:
             retired_at=None,
             publish_until=None,
             public_jwk=json.dumps(public_jwk(private.public_key(), kid), separators=(",", ":")),
-            private_key_enc=self._kek.wrap(serialize_private_key(private), kid=kid),
+            private_key_enc=kek.wrap(serialize_private_key(private), kid=kid),
+            kek_id=kek.kek_id,
         )
 
     def _activate(
         self, expected_active_kid: str | None, *, revoke_previous: bool
     ) -> RotationResult:
-        record = self._generate()
-        now = self._clock.now()
-        won = self._repo.create_signing_key(
-            record,
-            to_datetime(now),
-            expected_active_kid=expected_active_kid,
-            publish_until=to_datetime(now + self._publish_after_retire),
-            revoke_others=revoke_previous,
-        )
+        for attempt in range(_KEK_ATTEMPTS):
+            record = self._generate()
+            now = self._clock.now()
+            try:
+                won = self._repo.create_signing_key(
+                    record,
+                    to_datetime(now),
+                    expected_active_kid=expected_active_kid,
+                    publish_until=to_datetime(now + self._publish_after_retire),
+                    revoke_others=revoke_previous,
+                )
+                break
+            except KekChanged:
+                if attempt + 1 == _KEK_ATTEMPTS:
+                    raise
         active = self._repo.fetch_active_signing_key()
         if active is None:  # pragma: no cover - the transaction above guarantees one
             raise RuntimeError("no active signing key after rotation")
@@ -103,7 +116,11 @@ class KeyManager:
         if current is None:
             return self._activate(None, revoke_previous=False)
         activated = current.activated_at or current.created_at
-        if self._clock.now() - to_timestamp(activated) < interval_seconds:
+        age = self._clock.now() - to_timestamp(activated)
+        # Activated further in the future than the leeway: stamped by a clock that ran ahead
+        # and was stepped back. Its age is unknown, and waiting for that moment would put off
+        # rotation by the whole step (authsvc.clock): it is due now.
+        if -self._leeway <= age < interval_seconds:
             return None
         return self._activate(current.kid, revoke_previous=False)
 
@@ -115,4 +132,5 @@ class KeyManager:
         """Unwrap a key's private part; DecryptError (opaque) on a wrong KEK or tampering."""
         if record.private_key_enc is None:
             raise ValueError("this key has no private part (retired or revoked)")
-        return load_private_key(self._kek.unwrap(record.private_key_enc, kid=record.kid))
+        der = self._keks.unwrap(record.private_key_enc, kid=record.kid, kek_id=record.kek_id)
+        return load_private_key(der)

@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
 
-from authsvc.clock import Clock, SystemClock, to_datetime
+from authsvc.clock import Clock, SystemClock, WallClock, to_datetime
 from authsvc.config import Settings
 from authsvc.crypto.secrets import SecretHasher
 from authsvc.errors import (
@@ -33,16 +33,18 @@ from authsvc.errors import (
 )
 from authsvc.inputs import check_grace_period
 from authsvc.keys.manager import KeyManager
+from authsvc.keys.wrapping import CANNOT_DECRYPT, check_wrapped_keys, load_secret_hash_key
 from authsvc.server.http import HttpSidePort, ReadinessPolicy
 from authsvc.server.ledger import LoginLedger
 from authsvc.server.metrics import QUIET_WHEN_OK, Metrics, MetricsInterceptor, StateCollector
 from authsvc.server.servicer import CLI_ACTOR, SCHEDULER_ACTOR, AuthServicer, local_audit
+from authsvc.server.tracing import tracing_interceptors
 from authsvc.services import disable_service, register_service, rotate_service_secret
 from authsvc.storage import migrate
 from authsvc.storage.engine import describe_db_error, make_engine, prepare_sqlite_file
 from authsvc.storage.records import RevocationRecord
 from authsvc.storage.repository import Repository
-from authsvc.sync import MonotonicClock, RevocationFeed, ServerState
+from authsvc.sync import RevocationFeed, ServerState
 from authsvc.tokens.issuer import TokenIssuer
 from authsvc_client.claims import ADMIN_SCOPE
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
@@ -54,7 +56,6 @@ SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 # A gRPC health entry of its own: NOT_SERVING while the database does not answer.
 DATABASE_HEALTH_SERVICE = "authsvc.database"
 DEV_ADMIN_SERVICE = "authsvc-admin"
-SECRET_HASH_PURPOSE = b"authsvc/service-secret-hash/v1"
 
 
 @dataclass
@@ -72,10 +73,13 @@ class Core:
 
 
 def build_core(settings: Settings, clock: Clock | None = None, *, upgrade: bool = True) -> Core:
-    """Connect storage and check (or bring) the schema to head.
+    """Connect storage, check (or bring) the schema to head, and unwrap the secret-hash key.
 
     `serve` upgrades the schema itself (documented in README), under a database lock on
     PostgreSQL so replicas starting together do not collide. Other commands refuse a stale schema.
+
+    Raises:
+        ConfigError: also when the stored keys are wrapped under a KEK not configured here.
     """
     clock = clock or SystemClock()
     try:
@@ -88,21 +92,24 @@ def build_core(settings: Settings, clock: Clock | None = None, *, upgrade: bool 
         ) from None
     except ValueError as exc:
         raise ConfigError(f"AUTHSVC_DATABASE_URL: {exc}") from None
+    keks = settings.kek_ring
     try:
         if upgrade:
-            migrate.upgrade(engine)
+            migrate.upgrade(engine, keks)
         elif not migrate.is_current(engine):
             raise ConfigError("the database schema is not current: run `authsvc db upgrade`")
+        repo = Repository(engine)
+        check_wrapped_keys(repo, keks)
+        hash_key = load_secret_hash_key(repo, keks, to_datetime(clock.now()))
     except (OperationalError, InterfaceError) as exc:
         engine.dispose()
         raise StorageUnavailable(f"cannot use the database: {describe_db_error(exc)}") from None
     except BaseException:
         engine.dispose()
         raise
-    repo = Repository(engine)
     manager = KeyManager(
         repo,
-        settings.kek,
+        keks,
         clock,
         rsa_key_bits=settings.rsa_key_bits,
         max_ttl_seconds=settings.max_ttl_seconds,
@@ -113,7 +120,7 @@ def build_core(settings: Settings, clock: Clock | None = None, *, upgrade: bool 
         clock=clock,
         repo=repo,
         manager=manager,
-        hasher=SecretHasher(settings.kek.derive(SECRET_HASH_PURPOSE)),
+        hasher=SecretHasher(hash_key),
     )
 
 
@@ -187,8 +194,9 @@ class AuthsvcServer:
 
     def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
         self.settings = settings
-        # Never backwards: a clock step back must not extend any expiry (authsvc.sync).
-        self.clock: Clock = MonotonicClock(clock or SystemClock())
+        self.metrics = Metrics()
+        # The wall clock as it is, steps logged and counted (why: authsvc.clock).
+        self.clock = WallClock(clock or SystemClock(), on_step=self.metrics.observe_clock_step)
         self.port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._server: grpc.aio.Server | None = None
@@ -200,7 +208,6 @@ class AuthsvcServer:
         self._ledger: LoginLedger | None = None
         self._http: HttpSidePort | None = None
         self.http_port: int | None = None
-        self.metrics = Metrics()
 
     async def start(self, out: TextIO = sys.stdout) -> int:
         s = self.settings
@@ -209,15 +216,23 @@ class AuthsvcServer:
         await asyncio.to_thread(core.manager.ensure_active)
         if s.dev:
             bootstrap_dev_admin(core, out)
-        state = ServerState(core.repo, core.manager, self.clock)
+        state = ServerState(
+            core.repo,
+            core.manager,
+            self.clock,
+            revocations_kept_seconds=s.max_ttl_seconds + s.leeway_seconds,
+            earliest=self.clock.earliest_now,
+        )
         try:
             await asyncio.to_thread(state.load)
         except DecryptError:
-            raise ConfigError(
-                "AUTHSVC_KEK cannot decrypt the stored signing keys (wrong key-encryption key?)"
-            ) from None
+            raise ConfigError(CANNOT_DECRYPT) from None
         self._state = state
-        feed = RevocationFeed(state.revocation_cursor)
+        feed = RevocationFeed(
+            state.revocation_cursor,
+            streams_per_peer=s.watch_streams_per_peer,
+            streams_max=s.watch_streams_max,
+        )
         loop = asyncio.get_running_loop()
 
         def publish(records: list[RevocationRecord]) -> None:
@@ -226,7 +241,11 @@ class AuthsvcServer:
         state.on_revocations = publish
         self._feed = feed
         self._ledger = LoginLedger(
-            core.repo, s, self.clock, on_batch=self.metrics.observe_login_batch
+            core.repo,
+            s,
+            self.clock,
+            on_batch=self.metrics.observe_login_batch,
+            on_outcome=self.metrics.observe_login,
         )
         verifier = TokenVerifier(
             keys=lambda: state.keyring,
@@ -250,8 +269,11 @@ class AuthsvcServer:
             ledger=self._ledger,
         )
         self.metrics.registry.register(StateCollector(state, core.repo, self.clock))
+        self.metrics.key_rotation_interval.set(s.key_rotation_interval_seconds)
+        self.metrics.database_up.set(1)  # state.load() has just read the database
         server = grpc.aio.server(
             interceptors=[
+                *tracing_interceptors(s),
                 MetricsInterceptor(
                     self.metrics,
                     quiet_when_ok=frozenset() if s.access_log_all else QUIET_WHEN_OK,
@@ -277,7 +299,7 @@ class AuthsvcServer:
         # what expired while the server was down is pruned before the first call.
         await self._maintenance_round()
         self._tasks = [
-            asyncio.create_task(self._sync_loop(state)),
+            asyncio.create_task(self._sync_loop(state, core.repo)),
             asyncio.create_task(self._maintenance_loop()),
         ]
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -291,6 +313,8 @@ class AuthsvcServer:
                 ping=core.repo.ping,
                 rotation_interval_seconds=s.key_rotation_interval_seconds,
                 readiness=ReadinessPolicy.for_sync_interval(s.sync_interval_seconds),
+                read_timeout_seconds=s.http_read_timeout_seconds,
+                max_connections=s.http_max_connections,
             )
             self._http.start()
             self.http_port = self._http.port
@@ -324,7 +348,7 @@ class AuthsvcServer:
             )
         return port
 
-    async def _sync_loop(self, state: ServerState) -> None:
+    async def _sync_loop(self, state: ServerState, repo: Repository) -> None:
         """Pull changes every interval; track whether the database answers.
 
         A database outage leaves the server SERVING (README, Operations): validation, JWKS and
@@ -339,6 +363,8 @@ class AuthsvcServer:
         while not await self._wait_stopping(interval):
             try:
                 await asyncio.to_thread(state.refresh)
+                # Each sync interval, so that an ended grace is a state before any step back.
+                await asyncio.to_thread(repo.end_secret_graces, to_datetime(self.clock.now()))
             except StorageUnavailable:
                 if database_ok:
                     log.warning(
@@ -346,6 +372,7 @@ class AuthsvcServer:
                         "database answer UNAVAILABLE until it is back"
                     )
                     database_ok = False
+                    self.metrics.database_up.set(0)
                     await self._set_health(DATABASE_HEALTH_SERVICE, serving=False)
             except AuthsvcError as exc:
                 log.warning("state sync failed: %s", exc)
@@ -355,6 +382,7 @@ class AuthsvcServer:
                 if not database_ok:
                     log.info("database reachable again: state synced")
                     database_ok = True
+                    self.metrics.database_up.set(1)
                     await self._set_health(DATABASE_HEALTH_SERVICE, serving=True)
 
     async def _wait_stopping(self, seconds: float) -> bool:
@@ -389,15 +417,17 @@ class AuthsvcServer:
                 detail="scheduled",
             )
         await asyncio.to_thread(core.manager.prune)
-        now = to_datetime(self.clock.now())
-        await asyncio.to_thread(core.repo.prune_revocations, now)
+        await asyncio.to_thread(
+            core.repo.prune_revocations, to_datetime(state.revocation_horizon())
+        )
         window_start = to_datetime(self.clock.now() - self.settings.throttle_window_seconds)
         await asyncio.to_thread(core.repo.prune_auth_failures, window_start)
         s = self.settings
         if s.throttle_known_peer_seconds > 0:
             forget = to_datetime(self.clock.now() - s.throttle_known_peer_seconds)
             await asyncio.to_thread(core.repo.prune_known_peers, forget)
-        keep_from = to_datetime(self.clock.now() - s.audit_retention_days * 86400)
+        # By the earlier clock: a wrong forward jump must not delete audit rows early.
+        keep_from = to_datetime(self.clock.earliest_now() - s.audit_retention_days * 86400)
         await asyncio.to_thread(core.repo.prune_audit_events, keep_from)
         await asyncio.to_thread(state.refresh)
 

@@ -1,11 +1,14 @@
-"""The HTTP side port: /metrics, /.well-known/jwks.json, /healthz and /readyz, in one thread."""
+"""The HTTP side port: /metrics, /.well-known/jwks.json, /healthz and /readyz, off the loop."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,6 +27,10 @@ log = logging.getLogger("authsvc.http")
 
 JWKS_PATH = "/.well-known/jwks.json"
 _JWKS_MAX_AGE_CAP = 300
+_BUSY = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: 5\r\nRetry-After: 1\r\nConnection: close\r\n\r\nbusy\n"
+)
 
 
 def jwks_max_age(rotation_interval_seconds: int) -> int:
@@ -62,7 +69,13 @@ class HttpSidePort:
         ping: Callable[[], None],
         rotation_interval_seconds: int,
         readiness: ReadinessPolicy,
+        read_timeout_seconds: float,
+        max_connections: int,
     ) -> None:
+        """`read_timeout_seconds` bounds how long a connection may take to send its whole
+        request (a slow sender cannot stretch it byte by byte) and to take the answer;
+        `max_connections` bounds the connections served at once, each one a thread: a
+        further one is answered 503 and closed at once."""
         host, port = split_host_port(address, "AUTHSVC_HTTP_LISTEN")
         self.state = state
         self.registry = registry
@@ -71,8 +84,9 @@ class HttpSidePort:
         self.jwks_max_age = jwks_max_age(rotation_interval_seconds)
         self.readiness = readiness
         self.stopping = False
+        self.read_timeout_seconds = read_timeout_seconds
         try:
-            self._httpd = _Server((host, port), _Handler, self)
+            self._httpd = _Server((host, port), _Handler, self, max_connections)
         except OSError:
             raise ConfigError(
                 "cannot listen on AUTHSVC_HTTP_LISTEN (address in use or not available)"
@@ -116,18 +130,85 @@ class HttpSidePort:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # stop() does not wait for connections still open: each ends by its own deadline.
+    block_on_close = False
 
     def __init__(
-        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], port: HttpSidePort
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        port: HttpSidePort,
+        max_connections: int,
     ) -> None:
         self.side_port = port
+        self._slots = threading.BoundedSemaphore(max_connections)
         super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # On the accepting thread: a connection over the bound gets no thread of its own.
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.setblocking(False)
+                request.send(_BUSY)  # a fresh socket's send buffer is empty: never blocks
+                # Closing on unread bytes resets the connection, which may drop the answer.
+                request.recv(65536)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The connection's bytes, each read waiting at most until one deadline for the whole
+    request: a per-read timeout alone lets a client send a byte every few seconds forever."""
+
+    def __init__(self, sock: socket.socket, deadline: float, write_timeout: float) -> None:
+        self._sock = sock
+        self._deadline = deadline
+        self._write_timeout = write_timeout
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request not received in time")
+        self._sock.settimeout(left)
+        try:
+            return self._sock.recv_into(buffer)
+        finally:
+            self._sock.settimeout(self._write_timeout)
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     server_version = "authsvc"
     sys_version = ""
+
+    def setup(self) -> None:
+        timeout = self.server.side_port.read_timeout_seconds
+        super().setup()
+        self.rfile.close()  # the socket closes only once every file made from it is closed
+        # Bounds the answer too: sendall's timeout covers the whole write, not each chunk.
+        self.connection.settimeout(timeout)
+        # monotonic() measures an interval, it does not read the wall clock.
+        reader = _DeadlineReader(self.connection, time.monotonic() + timeout, timeout)
+        self.rfile = io.BufferedReader(reader)
+
+    def do_HEAD(self) -> None:
+        self.do_GET()  # `_send` leaves the body out for HEAD
 
     def do_GET(self) -> None:
         port = self.server.side_port
@@ -146,7 +227,7 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(404, b"not found\n", "text/plain; charset=utf-8")
         except Exception:
-            log.exception("http handler failed for %s", path)
+            log.exception("http handler failed for %r", path)  # repr: the path is the caller's
             self._send(500, b"internal error\n", "text/plain; charset=utf-8")
 
     def _jwks(self, port: HttpSidePort) -> None:
@@ -180,4 +261,4 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         # Probes and scrapes every few seconds: keep them out of the info log.
-        log.debug("http %s", format % args)
+        log.debug("http %r", format % args)  # repr: the request line is the caller's

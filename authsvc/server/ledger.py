@@ -12,6 +12,12 @@ the batch grows by itself with the load. The decision is exactly the one a trans
 own would give: counters are read once per batch and then kept up to date as the batch's own
 logins count and reset them.
 
+Every login leaves one audit row, except those no one authenticated that an attacker can
+repeat at will: throttled attempts, and failures for ids that do not exist. Those are counted
+on one aggregated row per kind, throttle key and throttle window ("N attempts throttled for
+key K from T1 to T2"), written in the same transaction, so a flood costs the database O(1) rows
+per key and window; each attempt is still counted in metrics (`on_outcome`).
+
 No answer leaves before its transaction commits. A granted IssueToken is therefore audited
 before the server spends a signature on it (write-ahead: the audit row names the jti), and a
 database fault fails the whole batch with UNAVAILABLE, counting nothing, for right and wrong
@@ -41,12 +47,19 @@ from typing import Any
 
 from authsvc.clock import Clock, to_datetime, to_timestamp
 from authsvc.config import Settings
-from authsvc.errors import AuthsvcError, ResourceExhausted, StorageUnavailable, Unauthenticated
-from authsvc.storage.records import ServiceRecord
+from authsvc.errors import (
+    AuthsvcError,
+    PermissionDenied,
+    ResourceExhausted,
+    StorageUnavailable,
+    Unauthenticated,
+)
+from authsvc.storage.records import SecretSlot, ServiceRecord
 from authsvc.storage.repository import LoginBatch, Repository
 
 __all__ = [
     "BAD_CREDENTIALS",
+    "CURRENT_ONLY",
     "Grant",
     "Login",
     "LoginLedger",
@@ -57,10 +70,14 @@ __all__ = [
 log = logging.getLogger("authsvc.server")
 
 BAD_CREDENTIALS = "invalid service credentials"
+CURRENT_ONLY = (
+    "only the current secret (or an admin) may do this; "
+    "a previous secret in its grace period may only get tokens"
+)
 # Logins settled in one transaction at most; under a longer queue the next batch follows at once.
 MAX_BATCH = 256
 # Compared against for an unknown service id, so that it costs what a known one does.
-_NO_SECRET = bytes(32)
+_NO_SECRETS: tuple[tuple[SecretSlot, bytes], ...] = (("current", bytes(32)),)
 # Known-peer rows remembered as written (per process) before the map is cleared.
 _PEERS_REMEMBERED = 100_000
 
@@ -68,16 +85,20 @@ _PEERS_REMEMBERED = 100_000
 def log_audit(
     *, action: str, actor: str, target: str, outcome: str, peer: str, request_id: str
 ) -> None:
-    """The log line of an audit event: every audit row has one (RPCs, CLI, scheduler)."""
-    log.info(
-        "audit action=%s actor=%s target=%s outcome=%s peer=%s request_id=%s",
-        action,
-        actor,
-        target,
-        outcome,
-        peer,
-        request_id,
-    )
+    """The log line of an audit event: every audit row has one (RPCs, CLI, scheduler).
+
+    The event text is constant and each field its own member (`AUDIT_FIELDS`): an id is data
+    and never becomes part of the text a reader splits into key=value pairs.
+    """
+    fields = {
+        "action": action,
+        "actor": actor,
+        "target": target,
+        "outcome": outcome,
+        "peer": peer,
+        "request_id": request_id,
+    }
+    log.info("audit", extra=fields)
 
 
 @dataclass(frozen=True)
@@ -108,6 +129,9 @@ class Login:
     action: str
     # None: a success is not audited here (the caller audits what it then does).
     authorize: Callable[[ServiceRecord], Grant] | None = None
+    # True for what only the current secret may do (rotating it): a previous secret still in
+    # its grace period authenticates, but is refused with PermissionDenied.
+    current_secret_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,6 +148,9 @@ class _Pending:
     # The caller's context (request id, method, peer), for the audit log line.
     context: contextvars.Context
     audit_lines: list[dict[str, str]] = field(default_factory=list)
+    # (aggregate key, log line) of the attempts counted on an aggregated audit row.
+    aggregate_lines: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    outcome: str = ""
 
 
 _STOP = object()
@@ -140,10 +167,14 @@ class LoginLedger:
         clock: Clock,
         *,
         on_batch: Callable[[int, float], None] | None = None,
+        on_outcome: Callable[[str, str], None] | None = None,
     ) -> None:
-        """`on_batch(size, seconds)` is called from the settling thread after each batch."""
+        """`on_batch(size, seconds)` is called from the settling thread after each batch, and
+        `on_outcome(action, outcome)` once per login it committed (metrics: the per-attempt
+        detail that aggregated audit rows leave out)."""
         self._repo = repo
         self._on_batch = on_batch
+        self._on_outcome = on_outcome
         self._s = settings
         self._clock = clock
         self._queue: queue.SimpleQueue[_Pending | object] = queue.SimpleQueue()
@@ -226,6 +257,8 @@ class LoginLedger:
         peers_written: list[tuple[str, str]] = []
         for pending in batch:
             pending.audit_lines.clear()
+            pending.aggregate_lines.clear()
+            pending.outcome = ""
         try:
             with self._repo.login_batch(to_datetime(now), self._s.throttle_window_seconds) as txn:
                 outcomes = [self._settle(txn, p, now, peers_written) for p in batch]
@@ -243,9 +276,20 @@ class LoginLedger:
         for key in peers_written:
             self._peers_written[key] = now
         granted: list[tuple[_Pending, LoginResult]] = []
+        logged: set[str] = set()
         for pending, outcome in zip(batch, outcomes, strict=True):
             for line in pending.audit_lines:
                 pending.context.run(log_audit, **line)
+            # An aggregated row gets the log line of the attempt that created it, only.
+            for aggregate_key, line in pending.aggregate_lines:
+                if aggregate_key in txn.created_aggregates and aggregate_key not in logged:
+                    logged.add(aggregate_key)
+                    pending.context.run(log_audit, **line)
+            if self._on_outcome is not None:
+                failed = isinstance(outcome, BaseException)
+                self._on_outcome(
+                    pending.login.action, pending.outcome or ("error" if failed else "ok")
+                )
             if isinstance(outcome, BaseException):
                 pending.future.set_exception(outcome)
             elif outcome.grant is not None and outcome.grant.complete is not None:
@@ -288,29 +332,53 @@ class LoginLedger:
             }
             txn.audit(**line, detail=detail)
             pending.audit_lines.append(line)
+            pending.outcome = outcome
+
+        def aggregate(outcome: str, key: str) -> None:
+            # Attempts no one authenticated (throttled, unknown id) share one row per throttle
+            # key and window: the key's side is named, the other is "*" (any).
+            by_peer = key == peer_key
+            line = {
+                "action": login.action,
+                "actor": "*" if by_peer else login.service_id,
+                "target": "*" if by_peer else login.service_id,
+                "outcome": outcome,
+                "peer": login.peer if by_peer else "*",
+                "request_id": login.request_id,
+            }
+            window = int(now // s.throttle_window_seconds)
+            aggregate_key = f"{login.action}|{outcome}|{key}|{window}"
+            txn.aggregate(aggregate_key, **line)
+            pending.aggregate_lines.append((aggregate_key, line))
+            pending.outcome = outcome
 
         # The per-peer limit binds everyone. The per-id limit spares a peer that logged in as
         # this id recently: otherwise an attacker could lock a service out from its own address
         # just by failing logins under its name.
         id_failures, peer_failures = txn.failures(id_key, peer_key)
-        if peer_failures >= s.throttle_peer_failures or (
-            id_failures >= s.throttle_id_failures and not self._known(txn, login, now)
-        ):
-            audit("throttled")
+        by_peer = peer_failures >= s.throttle_peer_failures
+        if by_peer or (id_failures >= s.throttle_id_failures and not self._known(txn, login, now)):
+            aggregate("throttled", peer_key if by_peer else id_key)
             return ResourceExhausted(
                 "too many failed attempts; retry later", retry_after=s.throttle_window_seconds
             )
         service = txn.service(login.service_id)
         # Check every live secret (current and, within its grace period, previous) so the
         # timing does not depend on which one matched.
-        hashes = txn.secret_hashes(login.service_id) if service is not None else (_NO_SECRET,)
-        ok = False
-        for stored in hashes:
-            ok = hmac.compare_digest(login.digest, stored) | ok
+        secrets = txn.secrets(login.service_id) if service is not None else _NO_SECRETS
+        ok = current = False
+        for slot, stored in secrets:
+            matched = hmac.compare_digest(login.digest, stored)
+            ok |= matched
+            current |= matched and slot == "current"
         if service is None or not ok:
             txn.count_failure(id_key)
             txn.count_failure(peer_key)
-            audit("bad_credentials")
+            if service is None:
+                # Ids that do not exist are the attacker's to choose: one row per peer.
+                aggregate("unknown_service", peer_key)
+            else:
+                audit("bad_credentials")
             return Unauthenticated(BAD_CREDENTIALS)
         if id_failures:
             txn.reset_failures(id_key)
@@ -318,6 +386,9 @@ class LoginLedger:
         if service.disabled:
             audit("disabled")
             return Unauthenticated("service is disabled")
+        if login.current_secret_only and not current:
+            audit("previous_secret_denied")
+            return PermissionDenied(CURRENT_ONLY)
         grant: Grant | None = None
         if login.authorize is not None:
             try:

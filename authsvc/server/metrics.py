@@ -71,6 +71,14 @@ class Metrics:
             ("reason",),
             registry=self.registry,
         )
+        self.login_outcomes = Counter(
+            "authsvc_login_outcomes",
+            "Logins settled, by action and outcome (ok, bad_credentials, unknown_service, "
+            "throttled, …): one count per attempt, where the audit trail keeps one row per "
+            "throttle key and window for throttled and unknown-id attempts.",
+            ("action", "outcome"),
+            registry=self.registry,
+        )
         self.login_batch_size = Histogram(
             "authsvc_login_batch_size",
             "Logins (IssueToken, self-rotation) settled per database transaction.",
@@ -83,11 +91,35 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        # Alert inputs (deploy/prometheus/alerts.yml): whether the last state sync reached the
+        # database, and the schedule the active key's age is compared with.
+        self.database_up = Gauge(
+            "authsvc_database_up",
+            "1 when this replica's last state sync reached the database, 0 when it failed.",
+            registry=self.registry,
+        )
+        self.key_rotation_interval = Gauge(
+            "authsvc_signing_key_rotation_interval_seconds",
+            "The configured scheduled signing-key rotation interval (0: no schedule).",
+            registry=self.registry,
+        )
+        self.clock_steps = Counter(
+            "authsvc_clock_steps",
+            "Steps of the wall clock (a change that is not time passing), by direction.",
+            ("direction",),
+            registry=self.registry,
+        )
         ProcessCollector(registry=self.registry)
+
+    def observe_clock_step(self, direction: str, seconds: float) -> None:
+        self.clock_steps.labels(direction).inc()
 
     def observe_login_batch(self, size: int, seconds: float) -> None:
         self.login_batch_size.observe(size)
         self.login_batch_seconds.observe(seconds)
+
+    def observe_login(self, action: str, outcome: str) -> None:
+        self.login_outcomes.labels(action, outcome).inc()
 
     def observe(
         self, method: str, code: grpc.StatusCode, seconds: float | None, response: Any

@@ -16,7 +16,7 @@ import logging
 import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -28,6 +28,7 @@ from authsvc.config import Settings
 from authsvc.crypto.secrets import SecretHasher
 from authsvc.errors import (
     AuthsvcError,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -44,11 +45,11 @@ from authsvc.inputs import (
 )
 from authsvc.keys.manager import KeyManager
 from authsvc.logs import current_request_id, request_id_from
-from authsvc.server.ledger import Grant, Login, LoginLedger, log_audit
+from authsvc.server.ledger import CURRENT_ONLY, Grant, Login, LoginLedger, log_audit
 from authsvc.services import disable_service, register_service, rotate_service_secret
-from authsvc.storage.records import RevocationRecord, ServiceRecord, SigningKeyRecord
+from authsvc.storage.records import ServiceRecord, SigningKeyRecord
 from authsvc.storage.repository import Repository
-from authsvc.sync import RevocationFeed, ServerState, Signer
+from authsvc.sync import RevocationFeed, ServerState, Signer, held_event
 from authsvc.tokens.issuer import IssuedToken, TokenIssuer
 from authsvc_client.claims import ADMIN_SCOPE, Claims, ValidationResult
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
@@ -60,7 +61,10 @@ log = logging.getLogger("authsvc.server")
 CLI_ACTOR = "cli"
 SCHEDULER_ACTOR = "scheduler"
 LOCAL_PEER = "local"
+# A replay reads storage this many revocations at a time, in a worker thread; a live stream
+# sends at most _WATCH_BATCH events before it lets other calls run.
 _WATCH_PAGE = 1000
+_WATCH_BATCH = 100
 
 T = TypeVar("T")
 
@@ -109,18 +113,6 @@ def _key_proto(record: SigningKeyRecord) -> auth_pb2.SigningKey:
     if record.publish_until is not None:
         msg.publish_until.CopyFrom(timestamp(to_timestamp(record.publish_until)))
     return msg
-
-
-def revocation_event(record: RevocationRecord) -> auth_pb2.RevocationEvent:
-    event = auth_pb2.RevocationEvent(
-        cursor=record.cursor,
-        jti=record.jti or "",
-        service_id=record.service_id or "",
-        expires_at=timestamp(to_timestamp(record.expires_at)),
-    )
-    if record.revoked_before is not None:
-        event.revoked_before.CopyFrom(timestamp(to_timestamp(record.revoked_before)))
-    return event
 
 
 def unverified_audience(token: str) -> str | None:
@@ -350,13 +342,18 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         ttl = min(request.ttl_seconds or self._s.default_ttl_seconds, self._s.max_ttl_seconds)
 
         def authorize(service: ServiceRecord) -> Grant:
+            wanted = list(dict.fromkeys(request.scopes))
             if request.audience not in service.audiences:
-                return Grant(
-                    "audience_denied",
-                    request.audience,
-                    error=PermissionDenied("audience not allowed for this service"),
-                )
-            wanted = list(dict.fromkeys(request.scopes)) or list(service.scopes)
+                # Any registered service may follow WatchRevocations, which takes a token for
+                # authsvc itself: such a token carries no scope, so it is no admin token.
+                if request.audience != self._s.admin_audience or wanted:
+                    return Grant(
+                        "audience_denied",
+                        request.audience,
+                        error=PermissionDenied("audience not allowed for this service"),
+                    )
+            else:
+                wanted = wanted or list(service.scopes)
             denied = [s for s in wanted if s not in service.scopes]
             if denied:
                 return Grant(
@@ -583,13 +580,16 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         peer: str,
         request_id: str,
     ) -> auth_pb2.RotateServiceSecretResponse:
+        expected: bytes | None = None
         if admin is None:
-            self._ledger.settle_sync(
+            login = replace(
                 self._login(
                     request.service_id, request.current_secret, peer, request_id, "rotate_secret"
-                )
+                ),
+                current_secret_only=True,
             )
-            actor = request.service_id
+            self._ledger.settle_sync(login)
+            actor, expected = request.service_id, login.digest
         else:
             actor = admin.claims.subject
             if self._repo.fetch_service(request.service_id) is None:
@@ -602,9 +602,27 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
                     request_id=request_id,
                 )
                 raise NotFound("no such service")
-        secret, previous_until = rotate_service_secret(
-            self._repo, self._hasher, self._clock, request.service_id, request.grace_period_seconds
-        )
+        try:
+            secret, previous_until = rotate_service_secret(
+                self._repo,
+                self._hasher,
+                self._clock,
+                request.service_id,
+                request.grace_period_seconds,
+                expected_current_hash=expected,
+            )
+        except FailedPrecondition:
+            # Another rotation committed since this login: the presented secret is no longer
+            # the current one, which is the rule the ledger applies, decided late.
+            self._audit(
+                actor=actor,
+                action="rotate_secret",
+                target=f"service:{request.service_id}",
+                outcome="previous_secret_denied",
+                peer=peer,
+                request_id=request_id,
+            )
+            raise PermissionDenied(CURRENT_ONLY) from None
         self._audit(
             actor=actor,
             action="rotate_secret",
@@ -737,43 +755,93 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
 
     # -- WatchRevocations ------------------------------------------------------------------
 
+    def _follower(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+        """A registered service following revocations: a token for the server's own audience,
+        scopes or none (IssueToken gives one to any enabled service), or an admin token."""
+        token = self._bearer(context)
+        if token is None:
+            raise Unauthenticated(
+                f"WatchRevocations needs a bearer token for audience {self._s.admin_audience}"
+            )
+        if len(token) > self._s.max_token_bytes:
+            raise Unauthenticated("follower token rejected: MALFORMED")
+        result = self._verifier.verify(token, audience=self._s.admin_audience)
+        if result.valid and result.claims is not None:
+            return Caller(result.claims)
+        raise Unauthenticated(f"follower token rejected: {result.reason_name}")
+
     async def WatchRevocations(
         self,
         request: auth_pb2.WatchRevocationsRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[auth_pb2.RevocationEvent]:
-        if request.after_cursor < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "after_cursor must be >= 0")
-        cursor = request.after_cursor
+        peer = _peer_address(context)
+        try:
+            self._follower(context)
+            if request.after_cursor < 0:
+                raise InvalidArgument("after_cursor must be >= 0")
+            self._feed.acquire(peer)
+        except AuthsvcError as exc:
+            if isinstance(exc, ResourceExhausted):
+                context.set_trailing_metadata((("retry-after", str(exc.retry_after)),))
+            await context.abort(exc.grpc_code, str(exc))
+        try:
+            async for event in self._follow(request.after_cursor):
+                yield event
+        except AuthsvcError as exc:
+            await context.abort(exc.grpc_code, str(exc))
+        finally:
+            self._feed.release(peer)
+
+    async def _follow(self, cursor: int) -> AsyncIterator[auth_pb2.RevocationEvent]:
+        """Every event after `cursor`: from storage while the stream is behind the shared log,
+        then from the log by position."""
+        feed = self._feed
+        position: int | None = None
         while True:
-            live = self._feed.since(cursor)
-            if live is None:
-                # Behind what the live buffer holds: replay from storage, page by page.
-                horizon = self._feed.horizon
-                try:
-                    async for record in self._replay(cursor):
-                        yield revocation_event(record)
-                        cursor = record.cursor
-                except AuthsvcError as exc:
-                    await context.abort(exc.grpc_code, str(exc))
+            if position is None:
+                position = feed.position(cursor)
+            if position is None:
+                horizon = feed.horizon
+                async for event in self._replay(cursor):
+                    yield event
+                    cursor = event.cursor
                 # Everything up to the horizon was in storage when the replay ran; what it did
                 # not return had expired.
                 cursor = max(cursor, horizon)
                 continue
-            for record in live:
-                yield revocation_event(record)
-                cursor = record.cursor
-            if self._feed.closed:
+            batch = feed.read(position, _WATCH_BATCH)
+            if batch is None:
+                position = None  # the log moved past this stream: catch up from storage
+                continue
+            for event in batch:
+                yield event
+                cursor = event.cursor
+            position += len(batch)
+            if len(batch) == _WATCH_BATCH:
+                await asyncio.sleep(0)  # a long backlog must not hold the loop
+                continue
+            if feed.closed:
                 return
-            await self._feed.wait(timeout=30.0)
+            if position == feed.end:
+                await feed.wait(timeout=30.0)
 
-    async def _replay(self, cursor: int) -> AsyncIterator[RevocationRecord]:
-        while True:
-            page = await asyncio.to_thread(
-                self._repo.list_revocations, cursor, to_datetime(self._clock.now()), _WATCH_PAGE
+    async def _replay(self, cursor: int) -> AsyncIterator[auth_pb2.RevocationEvent]:
+        """Page by page from storage; each page is read and turned into messages in a worker
+        thread, and the loop runs other calls between pages."""
+
+        def page_after(after: int) -> list[auth_pb2.RevocationEvent]:
+            held = self._repo.list_held_revocations(
+                after, to_datetime(self._clock.now()), _WATCH_PAGE
             )
-            for record in page:
-                yield record
-                cursor = record.cursor
+            return [held_event(h) for h in held]
+
+        while True:
+            page = await asyncio.to_thread(page_after, cursor)
+            for i, event in enumerate(page):
+                yield event
+                if i % _WATCH_BATCH == _WATCH_BATCH - 1:
+                    await asyncio.sleep(0)
             if len(page) < _WATCH_PAGE:
                 return
+            cursor = page[-1].cursor

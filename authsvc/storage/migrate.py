@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 from alembic import command
 from alembic.config import Config
@@ -11,6 +12,9 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, text
 
 from authsvc.storage.engine import READ_ONLY
+
+if TYPE_CHECKING:
+    from authsvc.crypto.kek import KekRing
 
 __all__ = ["current_revision", "head_revision", "is_current", "upgrade"]
 
@@ -29,9 +33,14 @@ def _config() -> Config:
     return cfg
 
 
-def upgrade(engine: Engine) -> None:
-    """Bring the schema to head; safe to call from several processes at once."""
+def upgrade(engine: Engine, kek_ring: KekRing | None = None) -> None:
+    """Bring the schema to head; safe to call from several processes at once.
+
+    `kek_ring`: the server's KEKs, for revisions that rewrite wrapped data (0005 adopts the
+    secret-hash key); a database with data refuses such a revision without them.
+    """
     cfg = _config()
+    cfg.attributes["kek_ring"] = kek_ring
     postgres = engine.dialect.name == "postgresql"
     with _ALEMBIC_LOCK, engine.connect() as conn:
         if postgres:

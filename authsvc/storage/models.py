@@ -88,6 +88,22 @@ class SigningKeyRow(Base):
     publish_until: Mapped[datetime | None] = mapped_column(TS)
     public_jwk: Mapped[str] = mapped_column(Text)
     private_key_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # Which KEK wraps private_key_enc (KeyEncryptionKey.kek_id; migration 0005).
+    kek_id: Mapped[str | None] = mapped_column(String(32))
+
+
+class WrappedKeyRow(Base):
+    """Key material other than signing keys, wrapped under the KEK (migration 0005).
+
+    The secret-hash key lives here; its row's kek_id names the KEK the deployment wraps under.
+    """
+
+    __tablename__ = "wrapped_keys"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kek_id: Mapped[str] = mapped_column(String(32))
+    wrapped: Mapped[bytes] = mapped_column(LargeBinary)
+    updated_at: Mapped[datetime] = mapped_column(TS)
 
 
 class RevocationRow(Base):
@@ -111,6 +127,8 @@ class RevocationRow(Base):
     expires_at: Mapped[datetime] = mapped_column(TS, index=True)
     reason: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(TS)
+    # RevocationKind; added by migration 0004.
+    kind: Mapped[str] = mapped_column(String(32), server_default="token")
 
 
 class ChangeRow(Base):
@@ -127,8 +145,15 @@ class ChangeRow(Base):
 
 
 class AuditEventRow(Base):
+    """One audited event, or (aggregate_key set, migration 0003) every unauthenticated attempt
+    of one kind for one throttle key within one throttle window: `count` of them, from
+    `first_at` to `at`. An attacker's throttled or unknown-id logins cost O(1) rows so."""
+
     __tablename__ = "audit_events"
-    __table_args__ = ({"sqlite_autoincrement": True},)
+    __table_args__ = (
+        Index("uq_audit_events_aggregate_key", "aggregate_key", unique=True),
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = mapped_column(CURSOR, primary_key=True, autoincrement=True)
     at: Mapped[datetime] = mapped_column(TS, index=True)
@@ -139,6 +164,9 @@ class AuditEventRow(Base):
     peer: Mapped[str] = mapped_column(Text)
     request_id: Mapped[str] = mapped_column(Text)
     detail: Mapped[str] = mapped_column(Text)
+    count: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+    first_at: Mapped[datetime | None] = mapped_column(TS)
+    aggregate_key: Mapped[str | None] = mapped_column(Text)
 
 
 class AuthFailureRow(Base):

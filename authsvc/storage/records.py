@@ -9,6 +9,11 @@ from typing import Literal, NamedTuple
 SecretSlot = Literal["current", "previous"]
 KeyState = Literal["next", "active", "retired", "revoked"]
 ChangeKind = Literal["key", "service"]
+# The wrapped_keys row holding the secret-hash key; its kek_id is the KEK new data is wrapped
+# under (Repository.fetch_wrapping_kek_id).
+SECRET_HASH_KEY = "secret-hash"  # noqa: S105 (a row name, not a secret)
+# What a revocation revokes: one token, a service's tokens, or a disabled service's tokens.
+RevocationKind = Literal["token", "service_tokens", "service_disabled"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,16 @@ class SigningKeyRecord:
     public_jwk: str
     # Wrapped under the KEK; None once the key is retired or revoked.
     private_key_enc: bytes | None = field(repr=False)
+    # The KEK that wraps private_key_enc (KeyEncryptionKey.kek_id); None without a private part.
+    kek_id: str | None = None
+
+
+@dataclass(frozen=True)
+class WrappedKeyRecord:
+    name: str
+    kek_id: str
+    wrapped: bytes = field(repr=False)
+    updated_at: datetime
 
 
 @dataclass(frozen=True)
@@ -53,6 +68,7 @@ class RevocationRecord:
     expires_at: datetime
     reason: str
     created_at: datetime
+    kind: RevocationKind = "token"
 
 
 class HeldRevocation(NamedTuple):
@@ -67,6 +83,7 @@ class HeldRevocation(NamedTuple):
     service_id: str | None
     revoked_before: int | None
     expires_at: int
+    kind: RevocationKind = "token"
 
 
 @dataclass(frozen=True)
@@ -88,3 +105,6 @@ class AuditRecord:
     peer: str
     request_id: str
     detail: str
+    # An aggregated row (see AuditEventRow): `count` attempts from `first_at` until `at`.
+    count: int = 1
+    first_at: datetime | None = None

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hmac
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -26,7 +27,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from authsvc.errors import AlreadyExists, NotFound, StorageUnavailable
+from authsvc.errors import AlreadyExists, FailedPrecondition, NotFound, StorageUnavailable
 from authsvc.storage.engine import READ_ONLY, write_lock
 from authsvc.storage.models import (
     AuditEventRow,
@@ -37,21 +38,27 @@ from authsvc.storage.models import (
     ServiceRow,
     ServiceSecretRow,
     SigningKeyRow,
+    WrappedKeyRow,
 )
 from authsvc.storage.records import (
+    SECRET_HASH_KEY,
     AuditRecord,
     ChangeKind,
     ChangeRecord,
     HeldRevocation,
     KeyState,
+    RevocationKind,
     RevocationRecord,
     SecretRecord,
     SecretSlot,
     ServiceRecord,
     SigningKeyRecord,
+    WrappedKeyRecord,
 )
 
-__all__ = ["LoginBatch", "Repository"]
+__all__ = ["KekChanged", "LoginBatch", "Repository"]
+
+_Secret = tuple[SecretSlot, bytes]
 
 # pg_advisory_xact_lock keys. Taken in this order only (rotation, then changes), so they
 # cannot deadlock; SQLite needs none of them since BEGIN IMMEDIATE admits one writer at a time.
@@ -60,6 +67,10 @@ _LOCK_CHANGES = 0x6175_7468_7376_0003
 _LOCK_REVOCATIONS = 0x6175_7468_7376_0004
 
 _UNAVAILABLE = "database unavailable"
+
+
+class KekChanged(FailedPrecondition):
+    """A key was wrapped under a KEK that is no longer the one the database wraps under."""
 
 
 def _utc_in(value: datetime) -> datetime:
@@ -113,6 +124,13 @@ def _key(row: SigningKeyRow) -> SigningKeyRecord:
         publish_until=_opt_out(row.publish_until),
         public_jwk=row.public_jwk,
         private_key_enc=row.private_key_enc,
+        kek_id=row.kek_id,
+    )
+
+
+def _wrapped(row: WrappedKeyRow) -> WrappedKeyRecord:
+    return WrappedKeyRecord(
+        name=row.name, kek_id=row.kek_id, wrapped=row.wrapped, updated_at=_utc_out(row.updated_at)
     )
 
 
@@ -125,6 +143,7 @@ def _revocation(row: RevocationRow | Row[Any]) -> RevocationRecord:
         expires_at=_utc_out(row.expires_at),
         reason=row.reason,
         created_at=_utc_out(row.created_at),
+        kind=cast(RevocationKind, row.kind),
     )
 
 
@@ -148,6 +167,8 @@ def _audit(row: AuditEventRow) -> AuditRecord:
         peer=row.peer,
         request_id=row.request_id,
         detail=row.detail,
+        count=row.count,
+        first_at=_opt_out(row.first_at),
     )
 
 
@@ -325,27 +346,58 @@ class Repository:
             )
             return [_secret(r) for r in rows]
 
+    def end_secret_graces(self, now: datetime) -> int:
+        """Delete previous secrets whose grace period has ended; returns how many.
+
+        The end is then a state, not a comparison with the clock: a later step back of the
+        clock cannot revive the secret. Reads first, so that the usual call (nothing ended)
+        takes no write lock.
+        """
+        now = _utc_in(now)
+        ended = (ServiceSecretRow.slot == "previous") & (ServiceSecretRow.expires_at <= now)
+        with self._read() as s:
+            if s.scalar(select(ServiceSecretRow.service_id).where(ended).limit(1)) is None:
+                return 0
+        with self._write() as s:
+            result = s.execute(delete(ServiceSecretRow).where(ended))
+            return _rowcount(result)
+
     def update_service_secret(
         self,
         service_id: str,
         new_hash: bytes,
         now: datetime,
         previous_expires_at: datetime | None,
+        *,
+        expected_current_hash: bytes | None = None,
     ) -> SecretRecord | None:
         """Install a new current secret; the old one stays valid until `previous_expires_at`.
 
         At most one previous secret exists: an older one is dropped. Returns the new previous
-        secret, or None when the old secret ends now.
+        secret, or None when the old secret ends now. A self-rotation passes the hash it
+        authenticated with as `expected_current_hash`: checked again inside this transaction,
+        so a rotation that committed since the login cannot be undone by a secret it demoted.
 
         Raises:
             NotFound: no such service.
+            FailedPrecondition: the current secret is no longer `expected_current_hash`.
         """
         now = _utc_in(now)
         previous_until = _opt_in(previous_expires_at)
         with self._write() as s:
-            if s.get(ServiceRow, service_id) is None:
+            # Rotations of one service queue on its row (PostgreSQL; SQLite has one writer), so
+            # each one reads the secrets the one before it committed.
+            if s.get(ServiceRow, service_id, with_for_update=True) is None:
                 raise NotFound(f"service {service_id!r} not found")
             mine = ServiceSecretRow.service_id == service_id
+            if expected_current_hash is not None:
+                stored = s.scalar(
+                    select(ServiceSecretRow.secret_hash).where(
+                        mine, ServiceSecretRow.slot == "current"
+                    )
+                )
+                if stored is None or not hmac.compare_digest(stored, expected_current_hash):
+                    raise FailedPrecondition("the current secret has changed")
             s.execute(delete(ServiceSecretRow).where(mine, ServiceSecretRow.slot == "previous"))
             current = ServiceSecretRow.slot == "current"
             previous: SecretRecord | None = None
@@ -394,6 +446,8 @@ class Repository:
 
         Raises:
             AlreadyExists: a key with this kid exists.
+            KekChanged: `record.kek_id` is not the KEK the database wraps under any more (an
+                `authsvc kek rotate` committed since the key was wrapped).
         """
         now = _utc_in(now)
         publish_until = _utc_in(publish_until)
@@ -405,6 +459,11 @@ class Repository:
                 )
                 if active_kid != expected_active_kid:
                     return False
+                wrapping = s.scalar(
+                    select(WrappedKeyRow.kek_id).where(WrappedKeyRow.name == SECRET_HASH_KEY)
+                )
+                if record.kek_id is not None and wrapping not in (None, record.kek_id):
+                    raise KekChanged("the key-encryption key changed during the rotation")
                 if active_kid is not None:
                     s.execute(
                         update(SigningKeyRow)
@@ -414,13 +473,16 @@ class Repository:
                             retired_at=now,
                             publish_until=publish_until,
                             private_key_enc=None,
+                            kek_id=None,
                         )
                     )
                 if revoke_others:
                     s.execute(
                         update(SigningKeyRow)
                         .where(SigningKeyRow.state != "revoked", SigningKeyRow.kid != record.kid)
-                        .values(state="revoked", publish_until=now, private_key_enc=None)
+                        .values(
+                            state="revoked", publish_until=now, private_key_enc=None, kek_id=None
+                        )
                     )
                 s.add(
                     SigningKeyRow(
@@ -432,6 +494,7 @@ class Repository:
                         publish_until=_opt_in(record.publish_until),
                         public_jwk=record.public_jwk,
                         private_key_enc=record.private_key_enc,
+                        kek_id=record.kek_id,
                     )
                 )
                 s.flush()
@@ -473,6 +536,84 @@ class Repository:
                     self._add_change(s, "key", kid, now)
             return len(kids)
 
+    # -- KEK-wrapped key material --------------------------------------------------------------
+
+    def fetch_wrapped_key(self, name: str) -> WrappedKeyRecord | None:
+        with self._read() as s:
+            row = s.get(WrappedKeyRow, name)
+            return None if row is None else _wrapped(row)
+
+    def fetch_wrapping_kek_id(self) -> str | None:
+        """The KEK new data is wrapped under: the one wrapping the secret-hash key (which
+        `authsvc kek rotate` re-wraps last, in the same transaction as everything else)."""
+        with self._read() as s:
+            return s.scalar(
+                select(WrappedKeyRow.kek_id).where(WrappedKeyRow.name == SECRET_HASH_KEY)
+            )
+
+    def create_wrapped_key(
+        self, name: str, kek_id: str, wrapped: bytes, now: datetime
+    ) -> WrappedKeyRecord:
+        """Store `wrapped` under `name` unless a row exists; returns the row that is stored
+        (another process's, when it won the race)."""
+        now = _utc_in(now)
+        table = cast(Table, WrappedKeyRow.__table__)
+        dialect_insert = postgresql.insert if self._postgres else sqlite.insert
+        with self._write() as s:
+            s.execute(
+                dialect_insert(table)
+                .values(name=name, kek_id=kek_id, wrapped=wrapped, updated_at=now)
+                .on_conflict_do_nothing(index_elements=[table.c.name])
+            )
+            row = s.get(WrappedKeyRow, name, populate_existing=True)
+            if row is None:  # pragma: no cover - inserted or already there
+                raise RuntimeError("wrapped key missing after insert")
+            return _wrapped(row)
+
+    def rewrap_keys(
+        self,
+        signing: Callable[[SigningKeyRecord], tuple[str, bytes] | None],
+        named: Callable[[WrappedKeyRecord], tuple[str, bytes] | None],
+        now: datetime,
+    ) -> int:
+        """Re-wrap every stored private key and wrapped key in one transaction.
+
+        Each callback gets a stored item and returns its new (kek_id, blob), or None to leave
+        it. An exception from a callback rolls everything back: the rotation is all or nothing,
+        a kill -9 at any moment leaves either the old wrapping or the new one. Serialized with
+        signing-key rotations, so no key is wrapped under the old KEK after this commits.
+        Returns how many items changed.
+        """
+        now = _utc_in(now)
+        changed = 0
+        with self._write() as s:
+            self._advisory_lock(s, _LOCK_ROTATION)
+            keys = list(
+                s.scalars(
+                    select(SigningKeyRow)
+                    .where(SigningKeyRow.private_key_enc.is_not(None))
+                    .order_by(SigningKeyRow.kid)
+                )
+            )
+            rewrapped = []
+            for row in keys:
+                new = signing(_key(row))
+                if new is not None:
+                    row.kek_id, row.private_key_enc = new
+                    rewrapped.append(row.kid)
+            s.flush()
+            for kid in rewrapped:
+                self._add_change(s, "key", kid, now)
+            changed += len(rewrapped)
+            for wrapped_row in s.scalars(select(WrappedKeyRow).order_by(WrappedKeyRow.name)):
+                new = named(_wrapped(wrapped_row))
+                if new is not None:
+                    wrapped_row.kek_id, wrapped_row.wrapped = new
+                    wrapped_row.updated_at = now
+                    changed += 1
+            s.flush()
+        return changed
+
     # -- revocations --------------------------------------------------------------------------
 
     def create_revocation(
@@ -484,16 +625,24 @@ class Repository:
         expires_at: datetime,
         reason: str,
         now: datetime,
+        kind: RevocationKind | None = None,
     ) -> RevocationRecord | None:
         """Revoke one token (`jti`) or a service's tokens issued before `revoked_before`.
 
+        `kind` defaults to what the target implies ("token" or "service_tokens"); disabling a
+        service passes "service_disabled".
         Returns None when that jti is already revoked.
 
         Raises:
-            ValueError: not exactly one of `jti` and `service_id` given.
+            ValueError: not exactly one of `jti` and `service_id` given, or a kind that does
+                not fit the target.
         """
         if (jti is None) == (service_id is None):
             raise ValueError("exactly one of jti and service_id is required")
+        if kind is None:
+            kind = "token" if jti is not None else "service_tokens"
+        if (kind == "token") != (jti is not None):
+            raise ValueError("kind 'token' goes with jti, the service kinds with service_id")
         now = _utc_in(now)
         with self._write() as s:
             # Serialized so rows commit in cursor order (followers read "cursor > N").
@@ -511,6 +660,7 @@ class Repository:
                 expires_at=_utc_in(expires_at),
                 reason=reason,
                 created_at=now,
+                kind=kind,
             )
             s.add(row)
             s.flush()
@@ -548,6 +698,7 @@ class Repository:
                 # PostgreSQL (truncated below), instead of a datetime built per row here.
                 func.extract("epoch", t.revoked_before),
                 func.extract("epoch", t.expires_at),
+                t.kind,
             )
             .where(t.cursor > after_cursor, t.expires_at > now)
             .order_by(t.cursor)
@@ -556,9 +707,16 @@ class Repository:
         with self._read() as s:
             return [
                 HeldRevocation(
-                    cursor, jti, service_id, None if before is None else int(before), int(expires)
+                    cursor,
+                    jti,
+                    service_id,
+                    None if before is None else int(before),
+                    int(expires),
+                    kind,
                 )
-                for cursor, jti, service_id, before, expires in s.connection().execute(query).all()
+                for cursor, jti, service_id, before, expires, kind in s.connection()
+                .execute(query)
+                .all()
             ]
 
     def fetch_latest_revocation_cursor(self) -> int:
@@ -713,7 +871,7 @@ class _LoginStatements:
             (secrets.c.slot == "current") | (secrets.c.expires_at > bindparam("now"))
         )
         self.credentials = (
-            select(services, secrets.c.secret_hash)
+            select(services, secrets.c.slot, secrets.c.secret_hash)
             .select_from(services.outerjoin(secrets, live))
             .where(services.c.service_id == bindparam("service_id"))
             .order_by(secrets.c.slot)
@@ -755,7 +913,27 @@ class _LoginStatements:
             index_elements=[peers.c.service_id, peers.c.peer],
             set_={"last_success_at": remember.excluded.last_success_at},
         )
-        self.audit = insert(cast(Table, AuditEventRow.__table__))
+        audit = cast(Table, AuditEventRow.__table__)
+        self.audit = insert(audit)
+        # One more batch of attempts on an aggregated row: the first batch inserts it (its
+        # time is the row's first_at), later ones add to its count and move its `at`.
+        aggregate = dialect_insert(audit).values(
+            at=bindparam("at"),
+            first_at=bindparam("at"),
+            actor=bindparam("actor"),
+            action=bindparam("action"),
+            target=bindparam("target"),
+            outcome=bindparam("outcome"),
+            peer=bindparam("peer"),
+            request_id=bindparam("request_id"),
+            detail=bindparam("detail"),
+            count=bindparam("count"),
+            aggregate_key=bindparam("aggregate_key"),
+        )
+        self.aggregate = aggregate.on_conflict_do_update(
+            index_elements=[audit.c.aggregate_key],
+            set_={"count": audit.c.count + aggregate.excluded.count, "at": aggregate.excluded.at},
+        ).returning(audit.c.count)
 
 
 class LoginBatch:
@@ -773,12 +951,15 @@ class LoginBatch:
         self._sql = sql
         self.now = now
         self._cutoff = now - timedelta(seconds=window_seconds)
-        self._services: dict[str, tuple[ServiceRecord | None, tuple[bytes, ...]]] = {}
+        self._services: dict[str, tuple[ServiceRecord | None, tuple[_Secret, ...]]] = {}
         self._failures: dict[str, int] = {}
         self._peers_remembered: set[tuple[str, str]] = set()
         self._audit: list[dict[str, object]] = []
+        self._aggregates: dict[str, dict[str, object]] = {}
+        # Aggregate keys whose row this batch's commit created (rather than added to).
+        self.created_aggregates: set[str] = set()
 
-    def _credentials(self, service_id: str) -> tuple[ServiceRecord | None, tuple[bytes, ...]]:
+    def _credentials(self, service_id: str) -> tuple[ServiceRecord | None, tuple[_Secret, ...]]:
         found = self._services.get(service_id)
         if found is None:
             rows = self._c.execute(
@@ -787,8 +968,12 @@ class LoginBatch:
             if not rows:
                 found = (None, ())
             else:
-                hashes = tuple(r.secret_hash for r in rows if r.secret_hash is not None)
-                found = (_service(rows[0]), hashes)
+                secrets = tuple(
+                    (cast(SecretSlot, r.slot), r.secret_hash)
+                    for r in rows
+                    if r.secret_hash is not None
+                )
+                found = (_service(rows[0]), secrets)
             self._services[service_id] = found
         return found
 
@@ -797,6 +982,10 @@ class LoginBatch:
 
     def secret_hashes(self, service_id: str) -> tuple[bytes, ...]:
         """The current secret's hash and, within its grace period, the previous one's."""
+        return tuple(h for _, h in self._credentials(service_id)[1])
+
+    def secrets(self, service_id: str) -> tuple[tuple[SecretSlot, bytes], ...]:
+        """secret_hashes with the slot of each: only the current secret may rotate itself."""
         return self._credentials(service_id)[1]
 
     def failures(self, id_key: str, peer_key: str) -> tuple[int, int]:
@@ -864,10 +1053,46 @@ class LoginBatch:
             }
         )
 
+    def aggregate(
+        self,
+        key: str,
+        *,
+        actor: str,
+        action: str,
+        target: str,
+        outcome: str,
+        peer: str,
+        request_id: str,
+        detail: str = "",
+    ) -> None:
+        """Count one attempt on the aggregated row `key` (created by its first attempt, whose
+        fields it keeps); the batch writes each key once, at commit."""
+        found = self._aggregates.get(key)
+        if found is not None:
+            found["count"] = cast(int, found["count"]) + 1
+            return
+        self._aggregates[key] = {
+            "at": self.now,
+            "actor": actor,
+            "action": action,
+            "target": target,
+            "outcome": outcome,
+            "peer": peer,
+            "request_id": request_id,
+            "detail": detail,
+            "count": 1,
+            "aggregate_key": key,
+        }
+
     def flush(self) -> None:
         if self._audit:
             self._c.execute(self._sql.audit, self._audit)
             self._audit = []
+        for key, params in self._aggregates.items():
+            total = self._c.execute(self._sql.aggregate, params).scalar_one()
+            if total == params["count"]:
+                self.created_aggregates.add(key)
+        self._aggregates = {}
 
 
 def _rowcount(result: object) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import pytest
 
-from authsvc_client import AuthServerInterceptor, current_claims
+from authsvc_client import AuthServerInterceptor, TokenSource, current_claims
 from authsvc_client.validation import LocalValidator, RemoteValidator, Validator
 from tests.integration.conftest import World, make_world
 from tests.support.server import TEST_ISSUER, RunningServer
@@ -42,16 +42,25 @@ class FakeClock:
             self.now += seconds
 
 
+# The audience a token source's revocation follower asks for (tokens.OWN_AUDIENCE).
+FOLLOWER_AUDIENCE = "authsvc"
+
+
 class Counter(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    """Counts unary calls per method on a client channel."""
+    """Counts unary calls per method on a client channel; IssueToken calls a source makes for
+    its own revocation follower (audience authsvc) are counted apart, under `follower`."""
 
     def __init__(self) -> None:
         self.calls: dict[str, int] = {}
+        self.follower = 0
         self._lock = threading.Lock()
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         with self._lock:
-            self.calls[details.method] = self.calls.get(details.method, 0) + 1
+            if getattr(request, "audience", None) == FOLLOWER_AUDIENCE:
+                self.follower += 1
+            else:
+                self.calls[details.method] = self.calls.get(details.method, 0) + 1
         return continuation(details, request)
 
     def count(self, method: str = "/authsvc.v1.AuthService/IssueToken") -> int:
@@ -139,10 +148,15 @@ def stop(server: RunningServer) -> None:
 @pytest.fixture(scope="session")
 def local_validator(world: World) -> Iterator[LocalValidator]:
     channel = grpc.insecure_channel(world.server.address)
-    validator = LocalValidator(channel, "billing", ISSUER, leeway_seconds=0)
+    # What a deployed validator does: a TokenSource for authsvc's own audience, no scopes.
+    follower = TokenSource(
+        channel, service_id="billing", service_secret=world.billing_secret, audience="authsvc"
+    )
+    validator = LocalValidator(channel, "billing", ISSUER, leeway_seconds=0, token_source=follower)
     assert validator.wait_ready(10)
     yield validator
     validator.close()
+    follower.close()
     channel.close()
 
 

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
+import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from authsvc.server.app import AuthsvcServer, build_core, create_service
 from authsvc_client import BearerTokenInterceptor, TokenSource
-from authsvc_client.v1 import auth_pb2
+from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
+from authsvc_client.validation import LocalValidator, RemoteValidator, Validator
 from tests.client.conftest import (
     CHARGE,
     GET,
+    ISSUER,
     LIST,
     SECRET_METHOD,
     Billing,
@@ -19,6 +28,53 @@ from tests.client.conftest import (
     status_of,
 )
 from tests.integration.conftest import World
+from tests.support.clock import FakeClock
+from tests.support.inprocess import in_process_settings
+
+
+@dataclass
+class FakeTimeAuthsvc:
+    """A real authsvc (grpc.aio, in this process, on its own event loop thread) whose clock
+    moves only when a test moves it; leeway 0."""
+
+    address: str
+    clock: FakeClock
+    orders_secret: str
+
+    def issue(self, channel: grpc.Channel, *, ttl: int) -> str:
+        request = auth_pb2.IssueTokenRequest(
+            service_id="orders",
+            service_secret=self.orders_secret,
+            audience="billing",
+            scopes=["billing.write"],
+            ttl_seconds=ttl,
+        )
+        reply = auth_pb2_grpc.AuthServiceStub(channel).IssueToken(request, timeout=30)
+        token: str = reply.access_token
+        return token
+
+
+@pytest.fixture(scope="module")
+def fake_time_authsvc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeTimeAuthsvc]:
+    settings = in_process_settings(
+        tmp_path_factory.mktemp("authsvc-fake-time"), AUTHSVC_LEEWAY_SECONDS="0"
+    )
+    clock = FakeClock()
+    core = build_core(settings, clock)
+    secret = create_service(core, "orders", ["billing"], ["billing.read", "billing.write"])
+    core.dispose()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="fake-time-authsvc", daemon=True)
+    thread.start()
+    server = AuthsvcServer(settings, clock)
+    try:
+        port = asyncio.run_coroutine_threadsafe(server.start(io.StringIO()), loop).result(60)
+        yield FakeTimeAuthsvc(f"127.0.0.1:{port}", clock, secret)
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(60)
+        loop.close()
 
 
 def _token(world: World, scopes: list[str] | None = None, audience: str = "billing",
@@ -105,25 +161,45 @@ class TestAuthServerInterceptor:
             reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
-    def test_expired_token_is_rejected(self, world: World, billing: Billing) -> None:
-        # The test authsvc runs with zero leeway; the local validator too.
-        token = _token(world, ttl=1)
-        with grpc.insecure_channel(billing.address) as ch:
-            assert call(ch, CHARGE, metadata=_md(f"Bearer {token}")) == b"orders"
-            time.sleep(2.1)
+    @pytest.mark.parametrize("kind", ["local", "remote"])
+    def test_expired_token_is_rejected(self, fake_time_authsvc: FakeTimeAuthsvc, kind: str) -> None:
+        """On one fake clock shared by authsvc and the validator, so the token is valid for its
+        first call however long the machine takes, and expired for the second."""
+        auth = fake_time_authsvc
+        with grpc.insecure_channel(auth.address) as channel:
+            validator: Validator
+            if kind == "local":
+                validator = LocalValidator(
+                    channel, "billing", ISSUER, leeway_seconds=0, clock=auth.clock.now
+                )
+                assert validator.wait_ready(30)
+            else:
+                validator = RemoteValidator(
+                    channel, "billing", cache_ttl_seconds=1.0, clock=auth.clock.now
+                )
+            billing = Billing(validator)
             try:
-                call(ch, CHARGE, metadata=_md(f"Bearer {token}"))
-                raise AssertionError("expired token accepted")
-            except grpc.RpcError as exc:
-                assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
-                assert "EXPIRED" in (exc.details() or "")
+                token = auth.issue(channel, ttl=1)
+                with grpc.insecure_channel(billing.address) as ch:
+                    assert call(ch, CHARGE, metadata=_md(f"Bearer {token}")) == b"orders"
+                    auth.clock.advance(2)
+                    try:
+                        call(ch, CHARGE, metadata=_md(f"Bearer {token}"))
+                        raise AssertionError("expired token accepted")
+                    except grpc.RpcError as exc:
+                        assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
+                        assert "EXPIRED" in (exc.details() or "")
+            finally:
+                billing.stop()
+                if isinstance(validator, LocalValidator):
+                    validator.close()
 
     def test_revoked_token_is_rejected(self, world: World, billing: Billing) -> None:
         token = _token(world)
         with grpc.insecure_channel(billing.address) as ch:
             assert call(ch, CHARGE, metadata=_md(f"Bearer {token}")) == b"orders"
             world.server.stub.RevokeToken(auth_pb2.RevokeTokenRequest(token=token), timeout=5)
-            deadline = time.monotonic() + 5  # local: the feed; remote: the 1 s cache TTL
+            deadline = time.monotonic() + 30  # local: the feed; remote: the 1 s cache TTL
             code = grpc.StatusCode.OK
             while time.monotonic() < deadline:
                 code = status_of(lambda: call(ch, CHARGE, metadata=_md(f"Bearer {token}")))

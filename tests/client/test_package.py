@@ -25,6 +25,19 @@ class TestPackage:
         assert [m for m in loaded if m.split(".")[0] in forbidden] == []
         assert "authsvc_client" in loaded
 
+    def test_import_loads_no_opentelemetry(self) -> None:
+        # Tracing is the optional `otel` extra: neither the client package nor a server with
+        # AUTHSVC_TRACING off may need it installed.
+        code = (
+            "import json, sys; import authsvc_client, authsvc_client.aio, authsvc.server.app; "
+            "print(json.dumps(sorted(sys.modules)))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True,
+            timeout=60,
+        ).stdout
+        assert [m for m in json.loads(out) if m.split(".")[0] == "opentelemetry"] == []
+
     def test_public_surface_is_explicit_and_typed(self) -> None:
         for name in authsvc_client.__all__:
             assert hasattr(authsvc_client, name), name

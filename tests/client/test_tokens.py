@@ -19,7 +19,7 @@ from authsvc_client import (
     TokenState,
     TokenUnavailable,
 )
-from tests.client.conftest import Counter, FakeClock
+from tests.client.conftest import FOLLOWER_AUDIENCE, Counter, FakeClock
 from tests.integration.conftest import World
 
 
@@ -240,6 +240,8 @@ class _AioCounter(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
 
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
-        if method == "/authsvc.v1.AuthService/IssueToken":
+        if method == "/authsvc.v1.AuthService/IssueToken" and (
+            request.audience != FOLLOWER_AUDIENCE
+        ):
             self.count += 1
         return await continuation(details, request)

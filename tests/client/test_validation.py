@@ -62,7 +62,31 @@ class TestLocalValidator:
             "INSUFFICIENT_SCOPE"
         )
         _revoke(world.server, token)
-        assert _wait_for(lambda: local_validator.validate(token).reason_name == "REVOKED", 5)
+        assert _wait_for(lambda: local_validator.validate(token).reason_name == "REVOKED", 30)
+
+    def test_disabled_service_is_service_disabled_locally_and_remotely(
+        self, world: World, local_validator: LocalValidator, remote_validator: RemoteValidator
+    ) -> None:
+        # Disabling writes a revocation of the service's tokens; the feed says it is a disable,
+        # so the local validator gives the reason authsvc gives, not REVOKED.
+        secret = world.server.create_service("ledger", ["billing"], ["billing.read"])
+        token = world.server.issue("ledger", secret, "billing").access_token
+        assert local_validator.validate(token).valid
+        assert remote_validator.validate(token).valid
+        world.server.stub.DisableService(
+            auth_pb2.DisableServiceRequest(service_id="ledger"),
+            metadata=world.admin_md(),
+            timeout=10,
+        )
+        for validator in (local_validator, remote_validator):
+            assert _wait_for(lambda v=validator: not v.validate(token).valid, 10)
+        assert local_validator.validate(token).reason_name == "SERVICE_DISABLED"
+        assert remote_validator.validate(token).reason_name == "SERVICE_DISABLED"
+        # A token revoked on its own stays REVOKED from both.
+        other = _token(world)
+        _revoke(world.server, other)
+        for validator in (local_validator, remote_validator):
+            assert _wait_for(lambda v=validator: v.validate(other).reason_name == "REVOKED", 10)
 
     def test_revocation_reaches_local_validator_within_bound(
         self, world: World, local_validator: LocalValidator
@@ -89,7 +113,13 @@ class TestLocalValidator:
         self, world: World
     ) -> None:
         authsvc = grpc.insecure_channel(world.server.address)
-        validator = LocalValidator(authsvc, "billing", ISSUER, unknown_kid_interval_seconds=1)
+        validator = LocalValidator(
+            authsvc,
+            "billing",
+            ISSUER,
+            unknown_kid_interval_seconds=1,
+            token_source=world.follower_token,
+        )
         assert validator.wait_ready(10)
         billing = Billing(validator)
         clock = FakeClock()
@@ -116,15 +146,19 @@ class TestLocalValidator:
         try:
             for w in workers:
                 w.start()
-            time.sleep(0.3)
+            # Progress, not time: calls before the rotation, between it and the clients'
+            # refresh, and after it, however slowly a loaded machine runs them.
+            assert _wait_for(lambda: ok[0] >= 20, 60)
             kids_before = set(validator.keys.ring.kids)
             rotated = world.server.stub.RotateSigningKey(
                 auth_pb2.RotateSigningKeyRequest(), metadata=world.admin_md(), timeout=10
             )
-            time.sleep(0.3)
+            done = ok[0]
+            assert _wait_for(lambda: ok[0] >= done + 15, 60)
             clock.advance(3600)  # every client now needs a token from the new key
-            assert _wait_for(lambda: rotated.key_id in validator.keys.ring.kids, 5)
-            time.sleep(0.5)
+            assert _wait_for(lambda: rotated.key_id in validator.keys.ring.kids, 30)
+            done = ok[0]
+            assert _wait_for(lambda: ok[0] >= done + 20, 60)
         finally:
             stop_traffic.set()
             for w in workers:
@@ -178,6 +212,13 @@ class OwnWorld:
         assert self.server is not None
         return self.server.issue("orders", self.orders_secret, "billing").access_token
 
+    def follower_token(self) -> str:
+        """orders' scopeless token for authsvc: what the LocalValidator follows the feed with
+        (raises while the server is down, as a TokenSource would)."""
+        if self.server is None:
+            raise ConnectionError("authsvc is down")
+        return self.server.issue("orders", self.orders_secret, "authsvc").access_token
+
 
 @pytest.fixture
 def own_world(tmp_path: Path) -> Iterator[OwnWorld]:
@@ -196,7 +237,13 @@ class TestAuthsvcOutage:
         # channel of its own, so gRPC's process-wide subchannel pool (which keeps the backoff
         # of earlier failures to this address) does not slow other channels.
         authsvc = grpc.insecure_channel(own_world.address, options=FAST_RECONNECT)
-        local = LocalValidator(authsvc, "billing", ISSUER, max_feed_outage_seconds=1.5)
+        local = LocalValidator(
+            authsvc,
+            "billing",
+            ISSUER,
+            max_feed_outage_seconds=1.5,
+            token_source=own_world.follower_token,
+        )
         remote = RemoteValidator(authsvc, "billing", cache_ttl_seconds=0, timeout_seconds=1)
         assert local.wait_ready(10)
         local_billing, remote_billing = Billing(local), Billing(remote)
@@ -205,7 +252,7 @@ class TestAuthsvcOutage:
         try:
             assert own_world.server is not None
             _revoke(own_world.server, revoked_early)
-            assert _wait_for(lambda: local.validate(revoked_early).reason_name == "REVOKED", 5)
+            assert _wait_for(lambda: local.validate(revoked_early).reason_name == "REVOKED", 30)
             applied = local.feed.events_applied
 
             own_world.crash()  # authsvc goes away
@@ -213,7 +260,7 @@ class TestAuthsvcOutage:
                 assert status_of(lambda: call(ch, metadata=md)) == grpc.StatusCode.UNAVAILABLE
             with grpc.insecure_channel(local_billing.address) as ch:
                 assert call(ch, metadata=md) == b"orders"  # known key, within the bound
-                assert _wait_for(lambda: not local.healthy, 5)
+                assert _wait_for(lambda: not local.healthy, 30)
                 assert status_of(lambda: call(ch, metadata=md)) == grpc.StatusCode.UNAVAILABLE
             with pytest.raises(ValidatorUnavailable):
                 local.validate(kept)
@@ -221,8 +268,8 @@ class TestAuthsvcOutage:
             # authsvc comes back on the same address: the feed resumes from its cursor
             restarted = own_world.start()
             _revoke(restarted, revoked_later)
-            assert _wait_for(lambda: local.healthy, 10)
-            assert _wait_for(lambda: local.validate(revoked_later).reason_name == "REVOKED", 5)
+            assert _wait_for(lambda: local.healthy, 30)
+            assert _wait_for(lambda: local.validate(revoked_later).reason_name == "REVOKED", 30)
             assert local.validate(revoked_early).reason_name == "REVOKED"
             assert local.validate(kept).valid
             # exactly one new event applied: nothing replayed twice, nothing missed
@@ -244,7 +291,13 @@ class TestEmergencyKeyRevocation:
         assert own_world.server is not None
         admin = own_world.server.create_service("ops", [], [], admin=True)
         authsvc = grpc.insecure_channel(own_world.address)
-        local = LocalValidator(authsvc, "billing", ISSUER, jwks_refresh_seconds=1)
+        local = LocalValidator(
+            authsvc,
+            "billing",
+            ISSUER,
+            jwks_refresh_seconds=1,
+            token_source=own_world.follower_token,
+        )
         try:
             assert local.wait_ready(10)
             old = own_world.issue()

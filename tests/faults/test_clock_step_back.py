@@ -1,24 +1,28 @@
-"""A wall-clock step backwards extends nothing (in-process server, injected FakeClock).
+"""The server follows the wall clock through its steps; state keeps what must stay ended.
 
-What is proven, for a step back of D seconds (D far larger than any TTL here):
-- a token that had expired stays EXPIRED; one still valid at the step expires after the same
-  elapsed time it had left (validation reads `exp` from the token and a clock that never goes
-  back: authsvc.sync.MonotonicClock);
-- a token issued after the step gets `iat` = the server's time (not the stepped-back wall) and
-  lives at most the maximum TTL from that issue;
-- a previous secret whose grace period ended does not work again, and a retired key that left
-  the JWK Set is not published again on the next key reload;
-- a revoked token whose revocation was dropped once it expired does not validate again after
-  a forward jump that is corrected back;
-- the clock itself: never decreases, and after a step carries on at the wall clock's rate.
-Bounds: time that passes between two readings of the clock and is then stepped back over is not
-seen; the server reads it at least every sync interval (0.5 s), far inside the leeway. Not
-covered: a restart while the wall clock is behind (the process accepts the clock it finds).
+In-process server with an injected FakeClock: `clock.step(s)` moves the wall clock without time
+passing (an NTP correction), `clock.advance(s)` lets time pass. What is proven:
+- after a step back that corrects a server running ahead, the tokens it issues validate on a
+  separate validator reading the true time (they did not before the correction: NOT_YET_VALID),
+  and the step is counted in `authsvc_clock_steps_total{direction}`;
+- a revoked token stays revoked after a step back, and after a wrong forward jump that is then
+  corrected (revocations are kept max TTL + leeway after `exp`, and pruned by the earlier of the
+  wall clock and elapsed monotonic time);
+- a previous secret whose grace period was seen ended does not work again after a step back,
+  and a retired key whose publication was seen ended is not published again;
+- the clock itself (authsvc.clock.WallClock): reads the wall clock unchanged, tells steps back
+  and forward from time passing, logs each at WARNING.
+Bounds (authsvc.clock): a token stamped while the server ran ahead by D validates until its `exp`
+by the corrected clock, as on every correct validator; a step back during a grace period
+lengthens it by the step. Only steps between two readings are seen (the server reads its clock
+at least every sync interval).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -26,14 +30,20 @@ from pathlib import Path
 import grpc
 import pytest
 
+from authsvc.clock import SystemClock, WallClock, to_datetime
 from authsvc.server.app import AuthsvcServer
-from authsvc.sync import MonotonicClock
+from authsvc.storage.engine import make_engine
+from authsvc.storage.repository import Repository
+from authsvc_client.keyring import KeyRing
+from authsvc_client.revocations import RevocationSet
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
+from authsvc_client.verifier import TokenVerifier
 from tests.support.clock import START, FakeClock
 from tests.support.inprocess import in_process_settings, run_in_process
 
-STEP_BACK = 5 * 3600.0  # bigger than max TTL + leeway + any grace period used here
+STEP = 1800.0  # larger than the leeway and any TTL used here, within the max TTL (3600)
 LEEWAY = 30
+MAX_TTL = 3600
 
 
 class World:
@@ -66,26 +76,39 @@ class World:
     async def admin_md(self) -> list[tuple[str, str]]:
         return [("authorization", f"Bearer {(await self.issue('admin')).access_token}")]
 
-    async def kids(self) -> set[str]:
-        import json
+    async def jwks(self) -> str:
+        return str((await self.stub.GetJwks(auth_pb2.GetJwksRequest())).jwks_json)
 
-        jwks = json.loads((await self.stub.GetJwks(auth_pb2.GetJwksRequest())).jwks_json)
-        return {k["kid"] for k in jwks["keys"]}
+    async def kids(self) -> set[str]:
+        return {k["kid"] for k in json.loads(await self.jwks())["keys"]}
 
     async def synced(self) -> None:
         """Let the sync loop (every 0.05 s of real time) run a few times."""
         await asyncio.sleep(0.3)
 
-    async def step_back(self) -> None:
+    async def step(self, seconds: float) -> None:
         # The server reads its clock at least every sync interval and sees only the net change
         # between two readings: let it read the time reached before the step, and the step.
         await self.synced()
-        self.clock.advance(-STEP_BACK)
+        self.clock.step(seconds)
         await self.synced()
 
+    async def until(self, condition: Callable[[], Awaitable[bool]]) -> None:
+        """Poll, with a deadline generous for a loaded machine, for what the sync loop does."""
+        deadline = time.monotonic() + 20
+        while not await condition():
+            assert time.monotonic() < deadline, "the sync loop did not get there in time"
+            await asyncio.sleep(0.05)
 
-def run(tmp_path: Path, body: Callable[[World], Awaitable[None]]) -> None:
-    clock = FakeClock()
+    def steps(self, direction: str) -> float:
+        value = self.server.metrics.registry.get_sample_value(
+            "authsvc_clock_steps_total", {"direction": direction}
+        )
+        return 0.0 if value is None else value
+
+
+def run(tmp_path: Path, body: Callable[[World], Awaitable[None]], start: float = START) -> None:
+    clock = FakeClock(start)
 
     async def wrapped(
         server: AuthsvcServer, stub: auth_pb2_grpc.AuthServiceStub, secrets: dict[str, str]
@@ -93,68 +116,83 @@ def run(tmp_path: Path, body: Callable[[World], Awaitable[None]]) -> None:
         await body(World(server, stub, secrets, clock))
 
     settings = in_process_settings(
-        tmp_path, AUTHSVC_SYNC_INTERVAL_SECONDS="0.05", AUTHSVC_LEEWAY_SECONDS=str(LEEWAY)
+        tmp_path,
+        AUTHSVC_SYNC_INTERVAL_SECONDS="0.05",
+        AUTHSVC_LEEWAY_SECONDS=str(LEEWAY),
+        AUTHSVC_MAX_TTL_SECONDS=str(MAX_TTL),
     )
     run_in_process(settings, clock, {"orders": (["billing"], [])}, wrapped)
 
 
 class TestTokensAfterAStepBack:
-    def test_an_expired_token_stays_expired(self, tmp_path: Path) -> None:
-        async def body(w: World) -> None:
-            token = (await w.issue(ttl=60)).access_token
-            w.clock.advance(60 + LEEWAY + 1)
-            assert await w.reason(token) == auth_pb2.EXPIRED
-            await w.step_back()
-            assert await w.reason(token) == auth_pb2.EXPIRED
-            w.clock.advance(10)
-            assert await w.reason(token) == auth_pb2.EXPIRED
-
-        run(tmp_path, body)
-
-    def test_a_valid_token_expires_after_the_time_it_had_left(self, tmp_path: Path) -> None:
-        async def body(w: World) -> None:
-            token = (await w.issue(ttl=60)).access_token
-            w.clock.advance(20)
-            await w.step_back()
-            w.clock.advance(40 + LEEWAY - 1)
-            assert await w.reason(token) == auth_pb2.VALIDATION_FAILURE_UNSPECIFIED
-            w.clock.advance(1)
-            assert await w.reason(token) == auth_pb2.EXPIRED
-
-        run(tmp_path, body)
-
-    def test_a_token_issued_after_the_step_lives_at_most_max_ttl_from_issue(
+    def test_tokens_issued_after_a_step_back_validate_at_the_true_time(
         self, tmp_path: Path
     ) -> None:
+        # The true time is START; the server's wall clock runs STEP ahead until NTP corrects it.
+        true_clock = FakeClock(START)
+
         async def body(w: World) -> None:
-            w.clock.advance(100)
-            await w.step_back()
-            reply = await w.issue(ttl=10**6)  # clamped to the maximum
-            assert reply.expires_in == 3600
-            # Stamped with the server's time (START + 100), not the stepped-back wall clock.
-            assert reply.expires_at.seconds == int(START + 100) + 3600
-            w.clock.advance(3600 + LEEWAY - 1)
+            ring = KeyRing.from_jwks_json(await w.jwks())
+            fleet = TokenVerifier(
+                keys=lambda: ring,
+                revocations=RevocationSet(),
+                issuer=w.server.settings.issuer,
+                leeway_seconds=LEEWAY,
+                clock=true_clock.now,
+            )
+            ahead = (await w.issue()).access_token
+            assert fleet.verify(ahead, audience="billing").reason == auth_pb2.NOT_YET_VALID
+            await w.step(-STEP)
+            reply = await w.issue()
+            assert w.steps("back") == 1
+            assert w.steps("forward") == 0
+            assert reply.expires_at.seconds == int(START) + reply.expires_in
+            result = fleet.verify(reply.access_token, audience="billing")
+            assert result.valid, result.reason
             assert await w.reason(reply.access_token) == auth_pb2.VALIDATION_FAILURE_UNSPECIFIED
-            w.clock.advance(1)
+            # Both clocks now agree on when it expires.
+            true_clock.advance(reply.expires_in + LEEWAY + 1)
+            w.clock.advance(reply.expires_in + LEEWAY + 1)
+            assert fleet.verify(reply.access_token, audience="billing").reason == auth_pb2.EXPIRED
             assert await w.reason(reply.access_token) == auth_pb2.EXPIRED
 
+        run(tmp_path, body, start=START + STEP)
+
+    def test_a_revoked_token_stays_revoked_after_a_step_back(self, tmp_path: Path) -> None:
+        async def body(w: World) -> None:
+            token = (await w.issue(ttl=60)).access_token
+            await w.stub.RevokeToken(auth_pb2.RevokeTokenRequest(token=token))
+            assert await w.reason(token) == auth_pb2.REVOKED
+            w.clock.advance(60 + LEEWAY + 1)
+            await w.server.run_maintenance()  # prunes what it may
+            await w.synced()
+            assert await w.reason(token) in (auth_pb2.EXPIRED, auth_pb2.REVOKED)
+            # By the stepped-back clock the token has not expired: its revocation must be there.
+            await w.step(-STEP)
+            await w.server.run_maintenance()
+            await w.synced()
+            assert await w.reason(token) == auth_pb2.REVOKED
+
         run(tmp_path, body)
 
-    def test_a_revocation_dropped_at_expiry_does_not_let_the_token_back(
+    def test_a_wrong_forward_jump_then_corrected_leaves_revoked_tokens_revoked(
         self, tmp_path: Path
     ) -> None:
         async def body(w: World) -> None:
-            token = (await w.issue(ttl=3600)).access_token
+            token = (await w.issue(ttl=MAX_TTL)).access_token
             await w.stub.RevokeToken(auth_pb2.RevokeTokenRequest(token=token))
             assert await w.reason(token) == auth_pb2.REVOKED
-            # A wrong forward jump: the token has expired, its revocation is dropped.
-            w.clock.advance(STEP_BACK)
+            # Far beyond exp + leeway + max TTL by the wall clock, but no time has passed.
+            await w.step(5 * MAX_TTL)
+            await w.server.run_maintenance()
+            assert w.steps("forward") == 1
             await w.synced()
-            assert await w.reason(token) == auth_pb2.EXPIRED
-            # Corrected back: the token must not come back to life.
-            await w.step_back()
+            assert await w.reason(token) in (auth_pb2.EXPIRED, auth_pb2.REVOKED)
+            await w.step(-5 * MAX_TTL)
+            await w.server.run_maintenance()
+            assert w.steps("back") == 1
             await w.synced()
-            assert await w.reason(token) == auth_pb2.EXPIRED
+            assert await w.reason(token) == auth_pb2.REVOKED
 
         run(tmp_path, body)
 
@@ -174,7 +212,16 @@ class TestSecretsAndKeysAfterAStepBack:
             with pytest.raises(grpc.aio.AioRpcError) as ended:
                 await w.issue()
             assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            await w.step_back()
+            repo = Repository(make_engine(w.server.settings.database_url))
+            try:
+                # The sync loop records the end: the row is gone, whatever time one asks at.
+                async def ended_by_state() -> bool:
+                    return len(repo.list_secrets("orders", to_datetime(START))) == 1
+
+                await w.until(ended_by_state)
+            finally:
+                repo.engine.dispose()
+            await w.step(-STEP)
             with pytest.raises(grpc.aio.AioRpcError) as still:
                 await w.issue()
             assert still.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -190,10 +237,13 @@ class TestSecretsAndKeysAfterAStepBack:
                 auth_pb2.RotateSigningKeyRequest(), metadata=await w.admin_md()
             )
             assert first < await w.kids()  # the retired key stays published for now
-            w.clock.advance(3600 + LEEWAY + 1)
-            await w.synced()
-            assert not first & await w.kids()
-            await w.step_back()
+            w.clock.advance(MAX_TTL + LEEWAY + 1)
+
+            async def unpublished() -> bool:
+                return not first & await w.kids()
+
+            await w.until(unpublished)
+            await w.step(-STEP)
             # A key change makes every replica reload its keys at the (stepped-back) time.
             await w.stub.RotateSigningKey(
                 auth_pb2.RotateSigningKeyRequest(), metadata=await w.admin_md()
@@ -204,28 +254,66 @@ class TestSecretsAndKeysAfterAStepBack:
         run(tmp_path, body)
 
 
-class TestMonotonicClock:
-    def test_never_decreases_and_carries_on_at_the_wall_rate(self) -> None:
+class TestWallClock:
+    def test_follows_the_wall_clock_and_tells_steps_from_time_passing(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
         wall = FakeClock()
-        clock = MonotonicClock(wall)
+        seen: list[tuple[str, float]] = []
+        clock = WallClock(wall, on_step=lambda direction, s: seen.append((direction, s)))
         assert clock.now() == START
+        wall.advance(7200)  # time passing, however much, is no step
+        assert clock.now() == START + 7200
+        assert seen == []
+        with caplog.at_level(logging.WARNING, logger="authsvc.clock"):
+            wall.step(-100)
+            assert clock.now() == START + 7100
+            wall.step(250)
+            wall.advance(5)
+            assert clock.now() == START + 7355
+        assert seen == [("back", 100.0), ("forward", 250.0)]
+        assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.WARNING]
+        assert "stepped back by 100.0 s" in caplog.records[0].getMessage()
+        assert "stepped forward by 250.0 s" in caplog.records[1].getMessage()
+        wall.step(0.5)  # below the threshold: ordinary slewing, not reported
+        assert clock.now() == START + 7355.5
+        assert len(seen) == 2
+
+    def test_a_thread_descheduled_between_its_readings_sees_no_step(self) -> None:
+        class Descheduled(FakeClock):
+            """Time can pass between reading the monotonic clock and reading the wall clock."""
+
+            delay = 0.0
+
+            def now(self) -> float:
+                self.advance(self.delay)
+                return self.t
+
+        seen: list[tuple[str, float]] = []
+        wall = Descheduled()
+        clock = WallClock(wall, on_step=lambda d, s: seen.append((d, s)))
+        clock.now()
+        wall.delay = 2
+        assert clock.now() == START + 2
+        wall.delay = 0
+        assert clock.now() == START + 2
+        assert seen == []
+
+    def test_earliest_now_is_the_lower_of_wall_and_elapsed_time(self) -> None:
+        wall = FakeClock()
+        clock = WallClock(wall)
         wall.advance(10)
-        assert clock.now() == START + 10
-        wall.advance(-100)
-        assert clock.now() == START + 10
-        assert clock.offset == 100
-        wall.advance(5)
-        assert clock.now() == START + 15
-        wall.advance(-1)  # a second, smaller step adds up
-        assert clock.now() == START + 15
-        wall.advance(2)
-        assert clock.now() == START + 17
+        assert clock.earliest_now() == START + 10
+        wall.step(1000)  # forward: elapsed time is the lower
+        assert clock.now() == START + 1010
+        assert clock.earliest_now() == START + 10
+        wall.step(-2000)  # back: the wall clock is the lower
+        assert clock.earliest_now() == START - 990
 
-    def test_reads_the_real_wall_clock_unchanged_when_it_does_not_step(self) -> None:
-        from authsvc.clock import SystemClock
-
-        clock = MonotonicClock(SystemClock())
+    def test_reads_the_real_wall_clock_unchanged(self) -> None:
+        seen: list[tuple[str, float]] = []
+        clock = WallClock(SystemClock(), on_step=lambda d, s: seen.append((d, s)))
         before = time.time()
         now = clock.now()
         assert before <= now <= time.time()
-        assert clock.offset == 0
+        assert seen == []

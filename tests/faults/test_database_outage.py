@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from authsvc.server.app import DATABASE_HEALTH_SERVICE, SERVICE_NAME
 from authsvc_client.v1 import auth_pb2
@@ -43,6 +44,18 @@ def _readyz(server: RunningServer) -> tuple[int, dict[str, Any]]:
     except urllib.error.HTTPError as exc:
         with exc:
             return int(exc.code), json.loads(exc.read())
+
+
+def _database_up(server: RunningServer) -> float:
+    """The authsvc_database_up gauge (the database alert's input) from /metrics."""
+    line = next(x for x in server.output if x.startswith("authsvc http listening on "))
+    with urllib.request.urlopen(f"http://{line.split()[4]}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "authsvc_database_up":
+                return float(sample.value)
+    raise AssertionError("no authsvc_database_up in /metrics")
 
 
 def _wait_for(condition: Callable[[], bool], timeout: float = 15) -> float:
@@ -110,6 +123,7 @@ class TestPostgresStoppedWhileServing:
             assert _health(server, SERVICE_NAME) == SERVING
             status, body = _readyz(server)
             assert status == 503 and body["checks"]["database"] is False
+            assert _database_up(server) == 0
             probe = ("health", "--target", server.address, "--service", DATABASE_HEALTH_SERVICE)
             assert run_cli(env, *probe, check=False).returncode != 0
             assert server.proc.poll() is None
@@ -124,6 +138,7 @@ class TestPostgresStoppedWhileServing:
             server.stub.RevokeToken(auth_pb2.RevokeTokenRequest(token=token), timeout=10)
             _wait_for(lambda: validate(token).reason == auth_pb2.REVOKED)
             assert _readyz(server)[0] == 200
+            assert _database_up(server) == 1
             assert run_cli(env, *probe, check=False).returncode == 0
             print(
                 f"\ndatabase outage: detected {detected_after:.2f} s after stop "

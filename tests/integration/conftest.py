@@ -29,6 +29,11 @@ class World:
     def admin_md(self) -> list[tuple[str, str]]:
         return [("authorization", f"Bearer {self.admin_token()}")]
 
+    def follower_token(self) -> str:
+        """billing's scopeless token for authsvc itself: what a local validator in billing
+        presents to WatchRevocations (a LocalValidator's `token_source`)."""
+        return self.server.issue("billing", self.billing_secret, "authsvc").access_token
+
 
 def sqlite_env(folder: Path, **extra: str) -> dict[str, str]:
     return base_env(f"sqlite:///{folder / 'authsvc.db'}", **extra)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import io
 import json
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from authsvc.storage.engine import make_engine
 from authsvc.storage.repository import Repository
 from authsvc.sync import ServerState
 from authsvc_client.v1 import auth_pb2
-from tests.ops.conftest import OpsServer, Reply, http_get
+from tests.ops.conftest import OpsServer, Reply, http_get, start_ops_server
 from tests.support.clock import FakeClock
 from tests.support.server import TEST_ISSUER, TEST_KEK
 
@@ -57,6 +60,21 @@ class TestHealth:
 
     def test_unknown_path_is_404(self, ops: OpsServer) -> None:
         assert ops.get("/admin").status == 404
+
+    def test_head_answers_like_get_without_a_body(self, ops: OpsServer) -> None:
+        host, port = ops.base_url.removeprefix("http://").rsplit(":", 1)
+        for path in ("/healthz", "/.well-known/jwks.json"):
+            got = ops.get(path)
+            conn = http.client.HTTPConnection(host, int(port), timeout=10)
+            try:
+                conn.request("HEAD", path)
+                head = conn.getresponse()
+                assert head.status == 200, path
+                assert head.read() == b""
+                assert head.headers["Content-Length"] == str(len(got.body))
+                assert head.headers["Content-Type"] == got.headers["Content-Type"]
+            finally:
+                conn.close()
 
 
 class TestJwks:
@@ -149,18 +167,27 @@ class TestMetrics:
         # The test server syncs every 0.2 s.
         assert 0 <= lag < 5
 
+    def test_rotation_interval_and_database_up_are_exported(self, ops: OpsServer) -> None:
+        # The inputs of the rotation-overdue and database alerts (deploy/prometheus/alerts.yml).
+        assert metric(ops, "authsvc_signing_key_rotation_interval_seconds") == 600
+        assert metric(ops, "authsvc_database_up") == 1
+
     def test_open_watch_streams_are_a_gauge(self, ops: OpsServer) -> None:
         name = "grpc_server_streams_open"
         labels = dict(grpc_service=AUTH, grpc_method="WatchRevocations")
-        stream = ops.server.stub.WatchRevocations(auth_pb2.WatchRevocationsRequest())
+        follower = ops.server.issue("orders", ops.orders_secret, "authsvc").access_token
+        stream = ops.server.stub.WatchRevocations(
+            auth_pb2.WatchRevocationsRequest(),
+            metadata=[("authorization", f"Bearer {follower}")],
+        )
         try:
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 30
             while metric(ops, name, **labels) < 1 and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert metric(ops, name, **labels) == 1
         finally:
             stream.cancel()
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while metric(ops, name, **labels) > 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert metric(ops, name, **labels) == 0
@@ -229,6 +256,8 @@ class TestReadiness:
             ping=missing.ping,
             rotation_interval_seconds=settings.key_rotation_interval_seconds,
             readiness=ReadinessPolicy.for_sync_interval(settings.sync_interval_seconds),
+            read_timeout_seconds=settings.http_read_timeout_seconds,
+            max_connections=settings.http_max_connections,
         )
         port.start()
         try:
@@ -243,3 +272,101 @@ class TestReadiness:
 
 def _gauge(reply: Reply) -> float:
     return samples(reply.text)[("authsvc_signing_key_active_age_seconds", frozenset())]
+
+
+def _connect(ops: OpsServer) -> socket.socket:
+    host, port = ops.base_url.removeprefix("http://").rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _closed_by_server(sock: socket.socket, deadline: float) -> bool:
+    """Whether the server ends the connection before the deadline (what it sends is ignored)."""
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, min(1.0, deadline - time.monotonic())))
+        try:
+            if sock.recv(4096) == b"":
+                return True
+        except TimeoutError:
+            continue
+        except ConnectionError:
+            return True
+    return False
+
+
+def _status(ops: OpsServer, path: str) -> int:
+    """The answer's status, 0 for a connection refused or reset (a busy port may do either)."""
+    try:
+        return ops.get(path).status
+    except OSError:
+        return 0
+
+
+class TestConnectionLimits:
+    """Each connection holds a thread of the side port: none may hold it for long, and only so
+    many at once."""
+
+    def test_half_sent_idle_and_trickling_connections_are_closed_by_the_read_timeout(
+        self, tmp_path: Path
+    ) -> None:
+        ops = start_ops_server(tmp_path, AUTHSVC_HTTP_READ_TIMEOUT_SECONDS="1")
+        socks: list[socket.socket] = []
+        stop = threading.Event()
+        try:
+            for _ in range(20):
+                half = _connect(ops)
+                half.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                socks.append(half)
+            socks += [_connect(ops) for _ in range(10)]
+            # A header line a byte at a time, never finished: only a deadline for the whole
+            # request ends it, not a timeout per read.
+            trickle = _connect(ops)
+            trickle.sendall(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+
+            def drip() -> None:
+                while not stop.wait(0.2):
+                    try:
+                        trickle.send(b"a")
+                    except OSError:
+                        return
+
+            dripper = threading.Thread(target=drip, daemon=True)
+            dripper.start()
+            socks.append(trickle)
+            deadline = time.monotonic() + 60
+            assert [_closed_by_server(s, deadline) for s in socks] == [True] * len(socks)
+            # Their threads are gone: a normal request is served.
+            assert ops.get("/healthz").status == 200
+        finally:
+            stop.set()
+            for s in socks:
+                s.close()
+            ops.server.stop()
+
+    def test_connections_beyond_the_bound_are_answered_503_at_once(self, tmp_path: Path) -> None:
+        ops = start_ops_server(
+            tmp_path,
+            AUTHSVC_HTTP_READ_TIMEOUT_SECONDS="120",
+            AUTHSVC_HTTP_MAX_CONNECTIONS="4",
+        )
+        idle = [_connect(ops) for _ in range(4)]
+        try:
+            # Accepted in order: the fifth connection finds every slot taken.
+            extra = _connect(ops)
+            try:
+                extra.settimeout(30)
+                answer = b""
+                while chunk := extra.recv(4096):
+                    answer += chunk
+            finally:
+                extra.close()
+            assert answer.startswith(b"HTTP/1.0 503 ")
+            # A slot comes back when its connection ends.
+            idle.pop().close()
+            deadline = time.monotonic() + 30
+            while _status(ops, "/healthz") != 200 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _status(ops, "/healthz") == 200
+        finally:
+            for s in idle:
+                s.close()
+            ops.server.stop()

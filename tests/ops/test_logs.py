@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from datetime import UTC, datetime
@@ -13,7 +15,8 @@ from typing import Any
 
 import grpc
 
-from authsvc.logs import JsonFormatter, redact, rpc_context
+from authsvc.logs import HumanFormatter, JsonFormatter, redact, request_id_from, rpc_context
+from authsvc.server.ledger import log_audit
 from authsvc_client.v1 import auth_pb2
 from tests.ops.conftest import OpsServer, start_ops_server
 from tests.support.server import run_cli, start_server
@@ -116,7 +119,7 @@ class TestJsonLogs:
         audit = [
             e
             for e in json_lines(ops.server.output)
-            if e.get("request_id") == "req-ops-3" and e["event"].startswith("audit")
+            if e.get("request_id") == "req-ops-3" and e["event"] == "audit"
         ]
         assert audit
         assert audit[0]["method"] == "/authsvc.v1.AuthService/RevokeToken"
@@ -154,6 +157,106 @@ def _calls_then_marker(ops: OpsServer, tag: str) -> set[str]:
 
     wait_for(lambda: f"{tag}-marker" in ids())
     return ids() - {f"{tag}-marker"}
+
+
+FORGED = "orders outcome=ok actor=ops-admin"
+
+
+class TestLogInjection:
+    """An id is one field's value: it can neither pose as another field nor split a line."""
+
+    def test_a_forged_service_id_and_request_id_stay_inside_their_own_members(
+        self, ops: OpsServer
+    ) -> None:
+        wrong = "asvcs_" + "Q" * 43
+        forged_rid = "inj outcome=ok actor=ops-admin"
+        try:
+            ops.server.stub.IssueToken(
+                auth_pb2.IssueTokenRequest(
+                    service_id=FORGED, service_secret=wrong, audience="billing"
+                ),
+                metadata=[("x-request-id", forged_rid)],
+                timeout=10,
+            )
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
+
+        def mine() -> list[dict[str, Any]]:
+            return [
+                e
+                for e in json_lines(ops.server.output)
+                if e.get("actor") == FORGED or "ops-admin" in str(e.get("event"))
+            ]
+
+        wait_for(lambda: bool(mine()))
+        [entry] = mine()
+        assert entry["event"] == "audit"
+        assert entry["actor"] == FORGED
+        assert entry["target"] == FORGED
+        assert entry["outcome"] == "bad_credentials"
+        # The caller's id did not fit the grammar: the call got a fresh one, which the access
+        # line shares.
+        assert entry["request_id"] != forged_rid
+        assert all(forged_rid not in line for line in ops.server.output)
+        method = "/authsvc.v1.AuthService/IssueToken"
+
+        def shared() -> bool:
+            lines = access_lines(ops.server.output, method)
+            return any(e["request_id"] == entry["request_id"] for e in lines)
+
+        wait_for(shared)
+        assert shared()
+
+    def test_dev_lines_quote_a_value_that_holds_spaces_quotes_or_control_characters(
+        self,
+    ) -> None:
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(HumanFormatter())
+        logger = logging.getLogger("authsvc.server")
+        logger.addHandler(handler)
+        saved = logger.level
+        logger.setLevel(logging.INFO)
+        actor = FORGED + '\nfake line outcome="ok"\x1b[2J'
+        try:
+            log_audit(
+                action="issue_token",
+                actor=actor,
+                target="service:orders",
+                outcome="bad_credentials",
+                peer="ipv4:127.0.0.1",
+                request_id="r-1",
+            )
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(saved)
+        [line] = stream.getvalue().splitlines()
+        assert "\x1b" not in line
+        fields = line[line.index("[") + 1 : line.rindex("]")]
+        # A logfmt reader sees each field once, the forged pairs only inside the quoted actor.
+        pairs = dict(token.split("=", 1) for token in shlex.split(fields))
+        assert set(pairs) == {"action", "actor", "target", "outcome", "peer", "request_id"}
+        assert pairs["outcome"] == "bad_credentials"
+        quoted = fields.index("actor=") + len("actor=")
+        assert json.JSONDecoder().raw_decode(fields, quoted)[0] == actor
+        assert line.split(" INFO authsvc.server ", 1)[1].startswith("audit [")
+
+    def test_only_a_safe_request_id_is_kept(self) -> None:
+        for kept in ("req-1", "A.b_c-9", "x" * 64):
+            assert request_id_from([("x-request-id", kept)]) == kept
+        for refused in (
+            "a b",
+            "a=b",
+            "x" * 65,
+            "line\nbreak",
+            "esc\x1b[0m",
+            'quote"d',
+            "",
+            "caf\u00e9",
+        ):
+            fresh = request_id_from([("x-request-id", refused)])
+            assert fresh != refused
+            assert len(fresh) == 32 and int(fresh, 16) >= 0
 
 
 class TestAccessLineLevels:

@@ -4,13 +4,18 @@ per-id limit holds across replicas sharing one PostgreSQL database."""
 
 from __future__ import annotations
 
+import json
+import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
@@ -264,3 +269,101 @@ class TestReplicas:
                 b.stop()
         finally:
             a.stop()
+
+
+# -- the audit trail under a flood ----------------------------------------------------------------
+
+
+def _login_outcomes(server: RunningServer) -> dict[tuple[str, str], float]:
+    """authsvc_login_outcomes_total by (action, outcome), from the server's /metrics."""
+    for line in server.output:
+        if line.startswith("authsvc http listening on "):
+            address = line.split()[4]
+            break
+    else:
+        raise AssertionError("serve printed no 'authsvc http listening on' line")
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {
+        (s.labels["action"], s.labels["outcome"]): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "authsvc_login_outcomes_total"
+    }
+
+
+class TestAuditUnderAFlood:
+    def test_throttled_and_unknown_id_attempts_cost_one_row_per_key_and_window(
+        self, tmp_path: Path
+    ) -> None:
+        env = base_env(
+            f"sqlite:///{tmp_path / 'authsvc.db'}",
+            AUTHSVC_THROTTLE_ID_FAILURES="3",
+            AUTHSVC_THROTTLE_PEER_FAILURES="1000",
+        )
+        run_cli(env, "db", "upgrade")
+        server = start_server(env, "--http-listen", "127.0.0.1:0")
+        try:
+            orders = server.create_service("orders", ["billing"])
+            victim = server.create_service("victim", ["billing"])
+            stub = server.stub
+            for _ in range(3):
+                assert _issue(stub, "victim", WRONG) == grpc.StatusCode.UNAUTHENTICATED
+            for secret in [WRONG] * 100 + [victim] * 50:
+                assert _issue(stub, "victim", secret) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            for i in range(150):
+                assert _issue(stub, f"ghost-{i}", WRONG) == grpc.StatusCode.UNAUTHENTICATED
+            for _ in range(20):
+                with pytest.raises(grpc.RpcError) as exc:
+                    stub.RotateServiceSecret(
+                        auth_pb2.RotateServiceSecretRequest(
+                            service_id="victim", current_secret=victim
+                        ),
+                        timeout=30,
+                    )
+                assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            for _ in range(5):
+                assert _issue(stub, "orders", orders) == grpc.StatusCode.OK
+
+            rows = json.loads(server.cli("audit", "list", "--json", "--limit", "10000").stdout)
+            logins = [r for r in rows if r["action"] in ("issue_token", "rotate_secret")]
+
+            def kind(action: str, outcome: str) -> list[dict[str, Any]]:
+                return [r for r in logins if (r["action"], r["outcome"]) == (action, outcome)]
+
+            # Failures for a known id, and successes, keep one row each.
+            assert len(kind("issue_token", "bad_credentials")) == 3
+            assert len(kind("issue_token", "ok")) == 5
+            assert all(
+                r["count"] == 1 and r["first_time"] is None for r in kind("issue_token", "ok")
+            )
+            # A flood is counted on one row per key and window (two if a window ended meanwhile).
+            for action, outcome, attempts, actor, peer in (
+                ("issue_token", "throttled", 150, "victim", "*"),
+                ("issue_token", "unknown_service", 150, "*", "ipv4:127.0.0.1"),
+                ("rotate_secret", "throttled", 20, "victim", "*"),
+            ):
+                aggregated = kind(action, outcome)
+                assert 1 <= len(aggregated) <= 2, (action, outcome)
+                assert sum(r["count"] for r in aggregated) == attempts, (action, outcome)
+                assert {(r["actor"], r["peer"]) for r in aggregated} == {(actor, peer)}
+                assert all(r["first_time"] <= r["time"] for r in aggregated)
+            assert "ghost-" not in json.dumps(rows)
+            # Metrics keep the per-attempt detail.
+            deadline = time.monotonic() + 20
+            while True:
+                counted = _login_outcomes(server)
+                if counted.get(("issue_token", "ok")) == 5 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            assert counted[("issue_token", "throttled")] == 150
+            assert counted[("issue_token", "unknown_service")] == 150
+            assert counted[("issue_token", "bad_credentials")] == 3
+            assert counted[("rotate_secret", "throttled")] == 20
+            # The text listing reads an aggregated row as one line that says how many.
+            text = server.cli("audit", "list", "--limit", "10000").stdout
+            assert any(
+                "throttled (" in line and "attempts since" in line for line in text.splitlines()
+            )
+        finally:
+            server.stop()

@@ -113,8 +113,10 @@ def authsvc_channel(target: Target) -> Iterator[grpc.Channel]:
 
 
 @pytest.fixture(scope="module")
-def local_validator(authsvc_channel: grpc.Channel) -> Iterator[LocalValidator]:
-    validator = LocalValidator(authsvc_channel, AUDIENCE, TEST_ISSUER)
+def local_validator(target: Target, authsvc_channel: grpc.Channel) -> Iterator[LocalValidator]:
+    validator = LocalValidator(
+        authsvc_channel, AUDIENCE, TEST_ISSUER, token_source=target.world.follower_token
+    )
     assert validator.wait_ready(10)
     yield validator
     validator.close()

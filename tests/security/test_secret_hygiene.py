@@ -17,9 +17,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from authsvc.config import load_settings
-from authsvc.crypto.kek import KeyEncryptionKey
+from authsvc.crypto.kek import KekRing, KeyEncryptionKey
 from authsvc.crypto.secrets import SECRET_PREFIX, SecretHasher
-from authsvc.server.app import SECRET_HASH_PURPOSE
+from authsvc.keys.wrapping import load_secret_hash_key
 from authsvc.storage.engine import make_engine
 from authsvc.storage.repository import Repository
 from authsvc_client import (
@@ -55,6 +55,7 @@ class Evidence:
     private_numbers: dict[str, Any] = field(default_factory=dict)
     texts: list[tuple[str, str]] = field(default_factory=list)  # (source label, text)
     errors: list[grpc.RpcError] = field(default_factory=list)
+    hash_key: bytes = field(default=b"", repr=False)  # the deployment's secret-hash key
 
     def __repr__(self) -> str:  # a failing test must not print what it protects
         return f"Evidence({len(self.secrets)} secrets, {len(self.texts)} texts)"
@@ -77,6 +78,13 @@ class Evidence:
         raise AssertionError(f"{source}: the call was expected to fail")
 
     def grab_keys(self, database_url: str) -> None:
+        engine = make_engine(database_url)
+        try:
+            ring = KekRing(KeyEncryptionKey.from_base64(TEST_KEK))
+            now = datetime.datetime.now(datetime.UTC)
+            self.hash_key = load_secret_hash_key(Repository(engine), ring, now)
+        finally:
+            engine.dispose()
         for key in own_keys(database_url):
             self.private_pems[key.kid] = key.private.private_bytes(
                 serialization.Encoding.DER,
@@ -106,8 +114,8 @@ def _encodings(label: str, data: bytes) -> Iterator[tuple[str, str]]:
 
 def needles(ev: Evidence) -> list[tuple[str, str]]:
     """(label, value) pairs; labels are what a failure prints, never the values."""
-    kek = KeyEncryptionKey.from_base64(TEST_KEK)
-    hash_key = kek.derive(SECRET_HASH_PURPOSE)
+    hash_key = ev.hash_key
+    assert len(hash_key) == 32
     hasher = SecretHasher(hash_key)
     out: list[tuple[str, str]] = [("KEK (as configured)", TEST_KEK)]
     out += _encodings("KEK", base64.b64decode(TEST_KEK))
@@ -213,7 +221,13 @@ def _exercise(ev: Evidence, server: RunningServer, cli: Callable[..., str], fold
     for i in range(THROTTLE_AFTER + 1):
         ev.failed(f"issue victim wrong {i}", lambda: issue("victim", near_miss))
     ev.failed("issue throttled", lambda: issue("victim", victim))
-    ev.failed("issue audience denied", lambda: issue("orders", orders, "authsvc"))
+    ev.failed("issue audience denied", lambda: issue("orders", orders, "inventory"))
+    ev.failed(
+        "issue authsvc scope denied",
+        lambda: ev.tokens.append(
+            server.issue("orders", orders, "authsvc", ["authsvc.admin"]).access_token
+        ),
+    )
 
     # Client objects given a wrong secret fail without echoing it.
     with grpc.insecure_channel(server.address) as channel:
@@ -242,7 +256,10 @@ def _exercise(ev: Evidence, server: RunningServer, cli: Callable[..., str], fold
         remote = RemoteValidator(channel, "billing")
         remote.validate(token)
         ev.add("RemoteValidator repr", repr(remote))
-        local = LocalValidator(channel, "billing", TEST_ISSUER)
+        # The feed's follower token (scopeless, for authsvc) is in the evidence too.
+        local = LocalValidator(
+            channel, "billing", TEST_ISSUER, token_source=lambda: issue("orders", orders, "authsvc")
+        )
         assert local.wait_ready(10)
         local.validate(token)
         ev.add("LocalValidator repr", repr(local))
@@ -357,8 +374,7 @@ def _exercise(ev: Evidence, server: RunningServer, cli: Callable[..., str], fold
     ev.add("Settings repr", repr(load_settings(server.env, {})))
     ev.add("KEK repr", repr(KeyEncryptionKey.from_base64(TEST_KEK)))
     ev.add("KEK str", str(KeyEncryptionKey.from_base64(TEST_KEK)))
-    hasher = SecretHasher(KeyEncryptionKey.from_base64(TEST_KEK).derive(SECRET_HASH_PURPOSE))
-    ev.add("SecretHasher repr", repr(hasher))
+    ev.add("SecretHasher repr", repr(SecretHasher(ev.hash_key)))
     engine = make_engine(database_url)
     try:
         repo = Repository(engine)

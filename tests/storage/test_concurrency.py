@@ -199,6 +199,35 @@ class TestConcurrentWrites:
         assert sorted(outcomes) == ["AlreadyExists"] * 3 + ["created"]
         assert len(repo.list_secrets("svc", T0)) == 1
 
+    def test_rotations_expecting_one_current_secret_at_once_let_exactly_one_win(
+        self, repo: Repository
+    ) -> None:
+        repo.create_service("svc", ["a"], [], b"1" * 32, T0)
+
+        def rotate(i: int) -> str:
+            try:
+                repo.update_service_secret(
+                    "svc", bytes([65 + i]) * 32, at(1), at(100), expected_current_hash=b"1" * 32
+                )
+            except Exception as exc:
+                return type(exc).__name__
+            return "rotated"
+
+        outcomes = _run_threads(4, rotate)
+        assert sorted(outcomes) == ["FailedPrecondition"] * 3 + ["rotated"]
+        winner = bytes([65 + outcomes.index("rotated")]) * 32
+        live = [(s.slot, s.secret_hash) for s in repo.list_secrets("svc", at(2))]
+        assert live == [("current", winner), ("previous", b"1" * 32)]
+
+    def test_rotations_at_once_each_succeed_in_turn(self, repo: Repository) -> None:
+        repo.create_service("svc", ["a"], [], b"1" * 32, T0)
+        _run_threads(
+            4, lambda i: repo.update_service_secret("svc", bytes([65 + i]) * 32, at(1), at(100))
+        )
+        live = repo.list_secrets("svc", at(2))
+        assert [s.slot for s in live] == ["current", "previous"]
+        assert len({s.secret_hash for s in live}) == 2
+
     def test_a_follower_reading_by_cursor_misses_no_revocation(self, repo: Repository) -> None:
         """Rows must commit in cursor order, or a follower skips a late-committing smaller id."""
         writers, each = 4, 25

@@ -8,7 +8,9 @@ import traceback
 from pathlib import Path
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, text
 from sqlalchemy import exc as sa_exc
@@ -97,11 +99,79 @@ class TestMigrations:
             engine.dispose()
 
     def test_upgrade_reaches_head_and_is_idempotent(self, engine: Engine) -> None:
-        assert migrate.head_revision() == "0002"
+        assert migrate.head_revision() == "0005"
         assert migrate.current_revision(engine) == migrate.head_revision()
         assert migrate.is_current(engine)
         migrate.upgrade(engine)
         assert migrate.is_current(engine)
+
+    def test_0003_keeps_older_audit_rows_as_single_events_and_downgrades(
+        self, database_url: str
+    ) -> None:
+        engine = make_engine(database_url)
+        cfg = Config()
+        cfg.set_main_option("script_location", migrate.SCRIPT_LOCATION)
+        try:
+            with engine.connect() as conn:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "0002")
+                conn.commit()
+            with engine.begin() as conn:
+                conn.execute(
+                    text(
+                        "INSERT INTO audit_events (at, actor, action, target, outcome, peer,"
+                        " request_id, detail) VALUES (:at, 'cli', 'create_service',"
+                        " 'service:x', 'ok', 'local', 'old', '')"
+                    ),
+                    {"at": T0},
+                )
+            migrate.upgrade(engine)
+            (row,) = Repository(engine).list_audit_events()
+            assert (row.request_id, row.count, row.first_at) == ("old", 1, None)
+            with engine.connect() as conn:
+                cfg.attributes["connection"] = conn
+                command.downgrade(cfg, "0002")
+                conn.commit()
+            assert migrate.current_revision(engine) == "0002"
+        finally:
+            engine.dispose()
+
+    def test_0004_gives_existing_revocations_their_kind(self, database_url: str) -> None:
+        # Before 0004 a disable was told apart only by the reason disable_service wrote.
+        from alembic import command
+
+        engine = make_engine(database_url)
+        try:
+            cfg = migrate._config()
+            with engine.connect() as conn:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "0002")
+                conn.commit()
+            with engine.begin() as conn:
+                for jti, service, reason in [
+                    ("j1", None, "leaked"),
+                    (None, "orders", "rotated out"),
+                    (None, "billing", "service disabled"),
+                ]:
+                    conn.execute(
+                        text(
+                            "INSERT INTO revocations (jti, service_id, revoked_before, expires_at,"
+                            " reason, created_at) VALUES (:j, :s, :t, :t, :r, :t)"
+                        ),
+                        {"j": jti, "s": service, "t": T0, "r": reason},
+                    )
+            migrate.upgrade(engine)
+            with engine.connect() as conn:
+                kinds = conn.execute(
+                    text("SELECT reason, kind FROM revocations ORDER BY cursor")
+                ).all()
+            assert [tuple(k) for k in kinds] == [
+                ("leaked", "token"),
+                ("rotated out", "service_tokens"),
+                ("service disabled", "service_disabled"),
+            ]
+        finally:
+            engine.dispose()
 
     def test_migrated_schema_matches_the_models(self, engine: Engine) -> None:
         with engine.connect() as conn:

@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from authsvc.errors import AlreadyExists, NotFound
-from authsvc.storage.repository import Repository
+from authsvc.errors import AlreadyExists, FailedPrecondition, NotFound
+from authsvc.storage.repository import LoginBatch, Repository
 from tests.storage.helpers import T0, at, key_record
 
 
@@ -111,6 +111,36 @@ class TestSecrets:
         until = None if grace_end is None else at(grace_end)
         assert repo.update_service_secret("svc", b"hash-3", at(10), until) is None
         assert [s.secret_hash for s in repo.list_secrets("svc", at(10))] == [b"hash-3"]
+
+    def test_a_rotation_expecting_a_superseded_current_secret_changes_nothing(
+        self, repo: Repository
+    ) -> None:
+        repo.create_service("svc", ["a"], [], b"1" * 32, T0)
+        repo.update_service_secret(
+            "svc", b"2" * 32, at(1), at(100), expected_current_hash=b"1" * 32
+        )
+        # A second rotation authenticated with the first secret, committing after the first.
+        with pytest.raises(FailedPrecondition):
+            repo.update_service_secret(
+                "svc", b"3" * 32, at(2), None, expected_current_hash=b"1" * 32
+            )
+        live = repo.list_secrets("svc", at(2))
+        assert [(s.slot, s.secret_hash) for s in live] == [
+            ("current", b"2" * 32),
+            ("previous", b"1" * 32),
+        ]
+
+    def test_an_ended_grace_is_deleted_and_stays_ended_at_an_earlier_time(
+        self, repo: Repository
+    ) -> None:
+        repo.create_service("svc", ["x"], [], b"hash-1", T0)
+        repo.update_service_secret("svc", b"hash-2", at(10), at(70))
+        assert repo.end_secret_graces(at(69)) == 0
+        assert len(repo.list_secrets("svc", at(69))) == 2
+        assert repo.end_secret_graces(at(70)) == 1
+        # Read again at a time within the grace (a clock stepped back): it does not return.
+        assert [s.secret_hash for s in repo.list_secrets("svc", at(20))] == [b"hash-2"]
+        assert repo.end_secret_graces(at(100)) == 0
 
     def test_rotate_unknown_service_is_not_found(self, repo: Repository) -> None:
         with pytest.raises(NotFound):
@@ -262,6 +292,7 @@ class TestRevocations:
             expires_at=at(3600.5),
             reason="disabled",
             now=at(1),
+            kind="service_disabled",
         )
         records = repo.list_revocations(0, at(2))
         held = repo.list_held_revocations(0, at(2))
@@ -272,11 +303,36 @@ class TestRevocations:
                 r.service_id,
                 None if r.revoked_before is None else int(r.revoked_before.timestamp()),
                 int(r.expires_at.timestamp()),
+                r.kind,
             )
             for r in records
         ]
         assert [h.jti or h.service_id for h in held] == ["j1", "orders"]
+        assert [h.kind for h in held] == ["token", "service_disabled"]
         assert repo.list_held_revocations(held[0].cursor, at(2), limit=1) == held[1:]
+
+    def test_kind_defaults_from_the_target_and_must_fit_it(self, repo: Repository) -> None:
+        self._revoke_jti(repo, "j-kind", 900)
+        service = repo.create_revocation(
+            jti=None,
+            service_id="orders",
+            revoked_before=at(5),
+            expires_at=at(900),
+            reason="all of them",
+            now=at(1),
+        )
+        assert service is not None and service.kind == "service_tokens"
+        assert [r.kind for r in repo.list_revocations(0, at(2))] == ["token", "service_tokens"]
+        with pytest.raises(ValueError):
+            repo.create_revocation(
+                jti="j-bad",
+                service_id=None,
+                revoked_before=None,
+                expires_at=at(900),
+                reason="x",
+                now=at(1),
+                kind="service_disabled",
+            )
 
     def test_service_revocation_round_trips(self, repo: Repository) -> None:
         record = repo.create_revocation(
@@ -481,9 +537,7 @@ class TestLoginBatch:
     def _service(self, repo: Repository, sid: str = "svc", secret: bytes = b"h" * 32) -> None:
         repo.create_service(sid, ["billing"], ["read"], secret, T0)
 
-    def test_credentials_are_the_service_and_its_live_secret_hashes(
-        self, repo: Repository
-    ) -> None:
+    def test_credentials_are_the_service_and_its_live_secret_hashes(self, repo: Repository) -> None:
         self._service(repo, secret=b"a" * 32)
         repo.update_service_secret("svc", b"b" * 32, at(1), previous_expires_at=at(61))
         with repo.login_batch(at(30), 60) as batch:
@@ -545,6 +599,69 @@ class TestLoginBatch:
             (f"r{i}", f"jti=j{i}", at(5)) for i in (2, 1, 0)
         ]
 
+    def _attempt(self, batch: LoginBatch, key: str, request_id: str) -> None:
+        batch.aggregate(
+            key,
+            actor="*",
+            action="issue_token",
+            target="*",
+            outcome="unknown_service",
+            peer="ipv4:10.0.0.2",
+            request_id=request_id,
+        )
+
+    def test_aggregated_attempts_are_one_row_per_key_across_batches(self, repo: Repository) -> None:
+        with repo.login_batch(at(5), 60) as batch:
+            for i in range(3):
+                self._attempt(batch, "k1", f"r{i}")
+            self._attempt(batch, "k2", "other")
+        assert batch.created_aggregates == {"k1", "k2"}
+        with repo.login_batch(at(9), 60) as batch:
+            self._attempt(batch, "k1", "later")
+            self._attempt(batch, "k1", "later2")
+        assert batch.created_aggregates == set()
+        k2, k1 = repo.list_audit_events()
+        # The first attempt's fields stay; the count grows and `at` follows the last attempt.
+        assert (k1.count, k1.first_at, k1.at, k1.request_id) == (5, at(5), at(9), "r0")
+        assert (k1.actor, k1.action, k1.target, k1.outcome, k1.peer, k1.detail) == (
+            "*",
+            "issue_token",
+            "*",
+            "unknown_service",
+            "ipv4:10.0.0.2",
+            "",
+        )
+        assert (k2.count, k2.first_at, k2.request_id) == (1, at(5), "other")
+
+    def test_plain_audit_rows_count_one_and_have_no_first_time(self, repo: Repository) -> None:
+        with repo.login_batch(at(5), 60) as batch:
+            batch.audit(
+                actor="svc",
+                action="issue_token",
+                target="billing",
+                outcome="ok",
+                peer="p",
+                request_id="r",
+            )
+        repo.create_audit_event(
+            at=at(6),
+            actor="cli",
+            action="create_service",
+            target="service:x",
+            outcome="ok",
+            peer="local",
+            request_id="c",
+        )
+        assert [(e.count, e.first_at) for e in repo.list_audit_events()] == [(1, None)] * 2
+
+    def test_an_aggregated_row_is_pruned_by_its_last_attempt(self, repo: Repository) -> None:
+        with repo.login_batch(at(5), 60) as batch:
+            self._attempt(batch, "k", "r")
+        with repo.login_batch(at(50), 60) as batch:
+            self._attempt(batch, "k", "r2")
+        assert repo.prune_audit_events(at(10)) == 0
+        assert repo.prune_audit_events(at(51)) == 1
+
     def test_an_error_inside_the_batch_commits_nothing(self, repo: Repository) -> None:
         with pytest.raises(RuntimeError), repo.login_batch(at(1), 60) as batch:
             batch.failures("id:svc", "peer:p")
@@ -558,6 +675,7 @@ class TestLoginBatch:
                 peer="p",
                 request_id="r",
             )
+            self._attempt(batch, "k", "r")
             raise RuntimeError("the ledger failed mid-batch")
         assert repo.count_auth_failures("id:svc", at(2), 60) == 0
         assert repo.list_audit_events() == []

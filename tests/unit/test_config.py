@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from authsvc.config import load_settings
+from authsvc.config import load_new_kek, load_settings
 from authsvc.errors import ConfigError
 from tests.support.server import TEST_KEK
 
@@ -67,6 +67,21 @@ class TestLoadSettings:
         assert load_settings(BASE).access_log_all is False
         assert load_settings({**BASE, "AUTHSVC_ACCESS_LOG_ALL": "true"}).access_log_all is True
 
+    def test_http_side_port_limits_are_read_and_bounded(self) -> None:
+        s = load_settings(BASE)
+        assert (s.http_read_timeout_seconds, s.http_max_connections) == (10.0, 32)
+        s = load_settings(
+            {
+                **BASE,
+                "AUTHSVC_HTTP_READ_TIMEOUT_SECONDS": "2.5",
+                "AUTHSVC_HTTP_MAX_CONNECTIONS": "8",
+            }
+        )
+        assert (s.http_read_timeout_seconds, s.http_max_connections) == (2.5, 8)
+        for name in ("AUTHSVC_HTTP_READ_TIMEOUT_SECONDS", "AUTHSVC_HTTP_MAX_CONNECTIONS"):
+            with pytest.raises(ConfigError, match=name):
+                load_settings({**BASE, name: "0"})
+
     def test_default_ttl_above_maximum_is_refused(self) -> None:
         with pytest.raises(ConfigError, match="AUTHSVC_DEFAULT_TTL_SECONDS"):
             load_settings({**BASE, "AUTHSVC_DEFAULT_TTL_SECONDS": "7200"})
@@ -81,3 +96,53 @@ class TestLoadSettings:
     def test_dev_mode_is_loopback_only(self, tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="loopback"):
             load_settings({"AUTHSVC_LISTEN": "0.0.0.0:1"}, {"dev": True, "dev_dir": str(tmp_path)})
+
+
+OTHER_KEK = "3q2+7wABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhs="
+
+
+class TestKekRollSettings:
+    def test_previous_kek_joins_the_ring_and_stays_masked(self) -> None:
+        s = load_settings({**BASE, "AUTHSVC_KEK_PREVIOUS": OTHER_KEK})
+        assert s.kek_previous is not None
+        assert s.kek_ring.kek_ids == {s.kek.kek_id, s.kek_previous.kek_id}
+        assert s.kek_ring.primary is s.kek
+        assert OTHER_KEK not in repr(s) and TEST_KEK not in repr(s)
+
+    def test_a_previous_kek_equal_to_the_kek_is_dropped(self) -> None:
+        s = load_settings({**BASE, "AUTHSVC_KEK_PREVIOUS": TEST_KEK})
+        assert s.kek_previous is None and len(s.kek_ring.kek_ids) == 1
+
+    def test_previous_kek_file_follows_the_kek_file_rules(self, tmp_path: Path) -> None:
+        path = tmp_path / "previous"
+        path.write_text(OTHER_KEK + "\n")
+        path.chmod(0o644)
+        with pytest.raises(ConfigError, match="AUTHSVC_KEK_PREVIOUS_FILE") as info:
+            load_settings({**BASE, "AUTHSVC_KEK_PREVIOUS_FILE": str(path)})
+        assert OTHER_KEK not in str(info.value)
+        path.chmod(0o600)
+        s = load_settings({**BASE, "AUTHSVC_KEK_PREVIOUS_FILE": str(path)})
+        assert s.kek_previous is not None
+
+    @pytest.mark.parametrize("value", ["c2hvcnQ=", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="])
+    def test_a_bad_previous_kek_is_named_not_shown(self, value: str) -> None:
+        with pytest.raises(ConfigError, match="AUTHSVC_KEK_PREVIOUS") as info:
+            load_settings({**BASE, "AUTHSVC_KEK_PREVIOUS": value})
+        assert value not in str(info.value)
+
+    def test_the_new_kek_comes_only_from_its_variables(self, tmp_path: Path) -> None:
+        with pytest.raises(ConfigError, match="AUTHSVC_NEW_KEK"):
+            load_new_kek({})
+        assert load_new_kek({"AUTHSVC_NEW_KEK": OTHER_KEK}).kek_id != load_settings(
+            BASE
+        ).kek.kek_id
+        path = tmp_path / "new"
+        path.write_text(OTHER_KEK)
+        path.chmod(0o640)
+        with pytest.raises(ConfigError, match="AUTHSVC_NEW_KEK_FILE") as info:
+            load_new_kek({"AUTHSVC_NEW_KEK_FILE": str(path)})
+        assert OTHER_KEK not in str(info.value)
+        path.chmod(0o600)
+        assert load_new_kek({"AUTHSVC_NEW_KEK_FILE": str(path)}).kek_id == load_new_kek(
+            {"AUTHSVC_NEW_KEK": OTHER_KEK}
+        ).kek_id

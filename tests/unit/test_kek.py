@@ -9,7 +9,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
-from authsvc.crypto.kek import KeyEncryptionKey, load_private_key, serialize_private_key
+from authsvc.crypto.kek import (
+    KekRing,
+    KeyEncryptionKey,
+    UnknownKek,
+    load_private_key,
+    serialize_private_key,
+)
 from authsvc.errors import DecryptError
 
 
@@ -157,3 +163,39 @@ class TestPrivateKeySerialisation:
         with pytest.raises(ValueError) as info:
             load_private_key(garbage)
         assert garbage.hex()[:16] not in str(info.value)
+
+
+class TestKekIdAndRing:
+    def test_kek_id_is_stable_per_key_and_tells_nothing_of_it(self, kek_text: str) -> None:
+        one, again = KeyEncryptionKey.from_base64(kek_text), KeyEncryptionKey.from_base64(kek_text)
+        other = KeyEncryptionKey(os.urandom(32))
+        assert one.kek_id == again.kek_id != other.kek_id
+        assert len(one.kek_id) == 16
+        assert one.kek_id not in base64.b64decode(kek_text).hex()
+
+    def test_named_wrapping_is_bound_to_its_name_and_apart_from_kids(
+        self, kek: KeyEncryptionKey
+    ) -> None:
+        blob = kek.wrap_named(b"k" * 32, name="secret-hash")
+        assert kek.unwrap_named(blob, name="secret-hash") == b"k" * 32
+        with pytest.raises(DecryptError):
+            kek.unwrap_named(blob, name="other")
+        with pytest.raises(DecryptError):
+            kek.unwrap(blob, kid="secret-hash")
+
+    def test_ring_unwraps_by_kek_id_and_refuses_an_unknown_one(
+        self, kek: KeyEncryptionKey
+    ) -> None:
+        old = KeyEncryptionKey(os.urandom(32))
+        ring = KekRing(kek, old)
+        assert ring.primary is kek and ring.keks == (kek, old)
+        blob = old.wrap(b"der", kid="k1")
+        assert ring.unwrap(blob, kid="k1", kek_id=old.kek_id) == b"der"
+        assert ring.unwrap(blob, kid="k1", kek_id=None) == b"der"  # a row without a kek id
+        with pytest.raises(UnknownKek):
+            KekRing(kek).unwrap(blob, kid="k1", kek_id=old.kek_id)
+        with pytest.raises(DecryptError):
+            KekRing(kek).unwrap(blob, kid="k1", kek_id=None)
+        with pytest.raises(DecryptError):
+            ring.unwrap(blob, kid="k1", kek_id=kek.kek_id)  # named wrongly: still opaque
+        assert "redacted" in repr(ring)

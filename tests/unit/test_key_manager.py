@@ -75,6 +75,19 @@ class TestKeyManager:
         assert due is not None and due.key.kid != first.kid
         assert m.rotate_if_due(0) is None  # 0 disables scheduled rotation
 
+    def test_a_key_activated_in_the_future_is_due_after_a_step_back(self, repo: Repository) -> None:
+        clock = FakeClock()
+        m = manager(repo, clock)
+        first = m.ensure_active()
+        clock.step(-30)  # within the leeway: an ordinary skew between replicas, not due
+        assert m.rotate_if_due(600) is None
+        clock.step(-1)
+        due = m.rotate_if_due(600)
+        assert due is not None and due.key.kid != first.kid
+        # The new key is stamped by the corrected clock: the schedule is back to normal.
+        clock.advance(599)
+        assert m.rotate_if_due(600) is None
+
     def test_prune_drops_retired_keys_after_their_last_token(self, repo: Repository) -> None:
         clock = FakeClock()
         m = manager(repo, clock)

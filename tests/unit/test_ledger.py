@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import event
 
 from authsvc.clock import to_datetime
 from authsvc.config import Settings
@@ -23,7 +26,7 @@ from authsvc.errors import (
 )
 from authsvc.server.app import Core, build_core, create_service
 from authsvc.server.ledger import Grant, Login, LoginLedger, LoginResult
-from authsvc.storage.records import ServiceRecord
+from authsvc.storage.records import AuditRecord, ServiceRecord
 from tests.support.clock import FakeClock
 from tests.support.inprocess import in_process_settings
 
@@ -116,6 +119,15 @@ def _outcome(future: Future[LoginResult]) -> str:
     return "ok"
 
 
+def _batch_sizes(world: World, count: int) -> list[int]:
+    """The sizes of the ledger's batches once `count` have been reported. A batch is reported
+    after its refusals are answered, so a test holding every answer may be ahead of it."""
+    deadline = time.monotonic() + 30
+    while len(world.batches) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return list(world.batches)
+
+
 class TestBatchesDecideAsSingleTransactions:
     def test_every_failure_in_a_batch_is_counted(self, world: World) -> None:
         release, blocker = _hold_the_ledger(world)
@@ -124,7 +136,7 @@ class TestBatchesDecideAsSingleTransactions:
         assert _outcome(blocker) == "ok"
         # Over the id limit (2), but the blocker's success made PEER a known peer: spared.
         assert [_outcome(f) for f in wrong] == ["Unauthenticated"] * 4
-        assert world.batches[-1] == 4
+        assert _batch_sizes(world, 2) == [1, 4]
         assert world.failures("id:orders") == 4
 
     def test_an_unknown_peer_is_throttled_by_the_id_count_within_the_batch(
@@ -142,7 +154,7 @@ class TestBatchesDecideAsSingleTransactions:
             "ResourceExhausted",
             "ResourceExhausted",
         ]
-        assert world.batches[-1] == 4
+        assert _batch_sizes(world, 2) == [1, 4]
         # Throttled attempts are not counted.
         assert world.failures("id:orders") == 2
         assert world.failures(f"peer:{stranger}") == 2
@@ -175,7 +187,8 @@ class TestOutcomes:
             with pytest.raises(Unauthenticated) as caught:
                 world.ledger.settle_sync(login)
             assert str(caught.value) == "invalid service credentials"
-        assert world.audit_outcomes() == ["bad_credentials", "bad_credentials"]
+        # The unknown id is audited on its peer's aggregated row.
+        assert world.audit_outcomes() == ["bad_credentials", "unknown_service"]
 
     def test_a_grant_is_committed_before_its_work_runs(self, world: World) -> None:
         seen: list[list[str]] = []
@@ -217,6 +230,22 @@ class TestOutcomes:
             world.ledger.settle_sync(world.login())
         assert world.audit_outcomes() == ["disabled"]
 
+    def test_a_previous_secret_logs_in_but_is_refused_what_needs_the_current_one(
+        self, world: World
+    ) -> None:
+        now = world.clock.now()
+        new = "asvcs_" + "N" * 43
+        world.core.repo.update_service_secret(
+            "orders", world.core.hasher.hash(new), to_datetime(now), to_datetime(now + 300)
+        )
+        old = world.login()  # the original secret, now in its grace period
+        assert world.ledger.settle_sync(old).service.service_id == "orders"
+        with pytest.raises(PermissionDenied, match="previous secret"):
+            world.ledger.settle_sync(replace(old, current_secret_only=True))
+        assert world.ledger.settle_sync(replace(world.login(new), current_secret_only=True))
+        assert world.audit_outcomes() == ["previous_secret_denied"]
+        assert world.failures("id:orders") == 0
+
     def test_a_call_cancelled_while_queued_is_never_settled(self, world: World) -> None:
         release, blocker = _hold_the_ledger(world)
         cancelled = world.ledger.submit(world.login("asvcs_wrong"))
@@ -256,14 +285,16 @@ class TestOutcomes:
                 asyncio.create_task(world.ledger.settle(world.login(secret)))
                 for secret in (None, "asvcs_wrong", None)
             ]
-            await asyncio.sleep(0.05)
+            # One turn of the loop runs each task up to its first await, and `settle` submits
+            # before that: all three are queued behind the blocker, whatever the machine's load.
+            await asyncio.sleep(0)
             release.set()
             outcomes = await asyncio.gather(*calls, return_exceptions=True)
             return [type(o).__name__ for o in outcomes]
 
         assert asyncio.run(batch()) == ["LoginResult", "Unauthenticated", "LoginResult"]
         _outcome(blocker)
-        assert world.batches[-1] == 3
+        assert _batch_sizes(world, 2) == [1, 3]
 
 
 class TestDatabaseFaults:
@@ -318,3 +349,108 @@ class TestKnownPeers:
         with pytest.raises(ResourceExhausted):
             world.ledger.settle_sync(world.login(peer=stranger))
         assert world.ledger.settle_sync(world.login(peer=PEER)).service.service_id == "orders"
+
+
+def _login_rows(world: World) -> list[AuditRecord]:
+    return [e for e in world.core.repo.list_audit_events() if e.action == "issue_token"]
+
+
+class TestAggregatedAudit:
+    """Throttled and unknown-id attempts: one row per key and window, every attempt counted."""
+
+    def test_throttled_attempts_add_to_one_row_per_key_in_a_batch_and_across_batches(
+        self, world: World
+    ) -> None:
+        counted: list[tuple[str, str]] = []
+        ledger = LoginLedger(
+            world.core.repo,
+            world.settings,
+            world.clock,
+            on_outcome=lambda action, outcome: counted.append((action, outcome)),
+        )
+        try:
+            stranger = "ipv4:203.0.113.20"
+            for _ in range(2):  # the id limit (2)
+                with pytest.raises(Unauthenticated):
+                    ledger.settle_sync(world.login("asvcs_wrong", peer=stranger))
+            futures = [
+                ledger.submit(world.login(peer=stranger, request_id=f"t{i}")) for i in range(30)
+            ]
+            assert {_outcome(f) for f in futures} == {"ResourceExhausted"}
+            for i in range(5):
+                with pytest.raises(ResourceExhausted):
+                    ledger.settle_sync(world.login(peer=stranger, request_id=f"late{i}"))
+        finally:
+            ledger.close()
+        rows = [e for e in _login_rows(world) if e.outcome == "throttled"]
+        assert len(rows) == 1
+        (row,) = rows
+        assert (row.actor, row.target, row.peer, row.count) == ("orders", "orders", "*", 35)
+        assert row.request_id == "t0" and row.first_at is not None and row.first_at <= row.at
+        assert counted.count(("issue_token", "throttled")) == 35
+        assert counted.count(("issue_token", "bad_credentials")) == 2
+
+    def test_unknown_ids_from_one_peer_share_one_row_whatever_the_ids(self, world: World) -> None:
+        for i in range(40):
+            with pytest.raises(Unauthenticated, match="invalid service credentials"):
+                world.ledger.settle_sync(world.login(sid=f"ghost-{i}", request_id=f"g{i}"))
+        (row,) = _login_rows(world)
+        assert (row.outcome, row.actor, row.peer, row.count) == ("unknown_service", "*", PEER, 40)
+        assert row.request_id == "g0"
+        # Still counted as failures, as for a known id: the same cost and the same answer.
+        assert world.failures(f"peer:{PEER}") == 40
+
+    def test_a_peer_over_its_limit_is_one_row_for_every_id_it_tries(self, world: World) -> None:
+        stranger = "ipv4:203.0.113.21"
+        for i in range(50):  # the peer limit (50), spent on unknown ids
+            with pytest.raises(Unauthenticated):
+                world.ledger.settle_sync(world.login(sid=f"guess-{i}", peer=stranger))
+        for i in range(20):
+            with pytest.raises(ResourceExhausted):
+                world.ledger.settle_sync(world.login(sid=f"more-{i}", peer=stranger))
+        rows = {e.outcome: e for e in _login_rows(world)}
+        assert set(rows) == {"unknown_service", "throttled"}
+        throttled = rows["throttled"]
+        assert (throttled.actor, throttled.peer, throttled.count) == ("*", stranger, 20)
+
+    def test_a_new_window_starts_a_new_row(self, world: World) -> None:
+        for i in range(3):
+            with pytest.raises(Unauthenticated):
+                world.ledger.settle_sync(world.login(sid=f"ghost-{i}"))
+        world.clock.advance(world.settings.throttle_window_seconds)
+        with pytest.raises(Unauthenticated):
+            world.ledger.settle_sync(world.login(sid="ghost-3"))
+        assert [e.count for e in _login_rows(world)] == [1, 3]
+
+    def test_an_unknown_id_costs_the_database_what_a_wrong_secret_does(self, world: World) -> None:
+        statements: list[str] = []
+
+        def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            statements.append(statement.split()[0].upper())
+
+        engine = world.core.repo.engine
+        costs = []
+        event.listen(engine, "before_cursor_execute", count)
+        try:
+            for i, login in enumerate((world.login("asvcs_wrong"), world.login(sid="ghost"))):
+                statements.clear()
+                with pytest.raises(Unauthenticated) as caught:
+                    world.ledger.settle_sync(replace(login, request_id=f"c{i}"))
+                assert str(caught.value) == "invalid service credentials"
+                costs.append(sorted(statements))
+        finally:
+            event.remove(engine, "before_cursor_execute", count)
+        assert costs[0] == costs[1]
+
+    def test_successes_and_known_id_failures_keep_one_row_each(self, world: World) -> None:
+        for _ in range(3):
+            world.ledger.settle_sync(world.login(authorize=Grant("ok", "billing")))
+        with pytest.raises(Unauthenticated):
+            world.ledger.settle_sync(world.login("asvcs_wrong"))
+        rows = _login_rows(world)
+        assert [(e.outcome, e.count, e.first_at) for e in rows] == [
+            ("bad_credentials", 1, None),
+            ("ok", 1, None),
+            ("ok", 1, None),
+            ("ok", 1, None),
+        ]

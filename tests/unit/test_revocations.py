@@ -35,9 +35,47 @@ class TestRevocationEntry:
         event = auth_pb2.RevocationEvent(cursor=8, service_id="svc-a")
         event.revoked_before.seconds = NOW
         event.expires_at.seconds = NOW + 3600
+        # No kind (a server older than the field): the target says it.
         assert RevocationEntry.from_proto(event) == RevocationEntry(
-            8, None, "svc-a", NOW, NOW + 3600
+            8, None, "svc-a", NOW, NOW + 3600, "service_tokens"
         )
+
+    def test_from_proto_keeps_the_kind(self) -> None:
+        event = auth_pb2.RevocationEvent(
+            cursor=9, service_id="svc-a", kind=auth_pb2.REVOCATION_KIND_SERVICE_DISABLED
+        )
+        event.revoked_before.seconds = NOW
+        event.expires_at.seconds = NOW + 3600
+        assert RevocationEntry.from_proto(event).kind == "service_disabled"
+
+
+class TestDisabledKind:
+    def _disabled(self, cursor: int, before: int, expires_at: int) -> RevocationEntry:
+        return RevocationEntry(cursor, None, "svc-a", before, expires_at, "service_disabled")
+
+    def test_a_disable_revokes_and_says_disabled(self) -> None:
+        revocations = RevocationSet()
+        revocations.add(self._disabled(1, NOW, NOW + 3600))
+        assert revocations.is_revoked("any", "svc-a", NOW - 1)
+        assert revocations.is_disabled("svc-a", NOW - 1)
+        # Issued after the cutoff (re-enabled since): neither.
+        assert not revocations.is_revoked("any", "svc-a", NOW)
+        assert not revocations.is_disabled("svc-a", NOW)
+
+    def test_a_plain_service_revocation_is_not_a_disable(self) -> None:
+        revocations = RevocationSet()
+        revocations.add(service_entry(1, "svc-a", NOW + 100, NOW + 3600))
+        revocations.add(self._disabled(2, NOW, NOW + 3600))
+        # Revoked by the later plain cutoff, disabled only before the disable's own cutoff.
+        assert revocations.is_revoked("any", "svc-a", NOW + 50)
+        assert not revocations.is_disabled("svc-a", NOW + 50)
+        assert revocations.is_disabled("svc-a", NOW - 1)
+
+    def test_prune_drops_the_disable_with_its_entry(self) -> None:
+        revocations = RevocationSet()
+        revocations.add(self._disabled(1, NOW, NOW + 10))
+        assert revocations.prune(NOW + 10) == 1
+        assert not revocations.is_disabled("svc-a", NOW - 1)
 
 
 class TestRevocationSet:

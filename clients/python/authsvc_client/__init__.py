@@ -8,6 +8,7 @@ from authsvc_client.errors import (
     AuthsvcClientError,
     CredentialsError,
     TokenInvalid,
+    TokenRefused,
     TokenUnavailable,
     ValidatorUnavailable,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "RemoteValidator",
     "RevocationSet",
     "TokenInvalid",
+    "TokenRefused",
     "TokenSource",
     "TokenState",
     "TokenUnavailable",

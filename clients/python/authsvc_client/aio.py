@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 import grpc
 
 from authsvc_client.claims import Claims, ValidationResult
-from authsvc_client.credentials import with_bearer
+from authsvc_client.credentials import failure_status, with_bearer
 from authsvc_client.errors import AuthsvcClientError, ValidatorUnavailable
 from authsvc_client.interceptors import (
     _CALLER,
@@ -55,16 +55,22 @@ class _Bearer:
     def __init__(self, source: AsyncTokenSource) -> None:
         self._source = source
 
-    async def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    async def _token(self) -> str:
         try:
-            token = await self._source.token()
+            return await self._source.token()
         except AuthsvcClientError as exc:
             raise grpc.aio.AioRpcError(
-                grpc.StatusCode.UNAVAILABLE,
+                failure_status(exc),
                 grpc.aio.Metadata(),
                 grpc.aio.Metadata(),
                 details=str(exc),
             ) from None
+
+    async def _details(
+        self, details: grpc.aio.ClientCallDetails, token: str | None = None
+    ) -> grpc.aio.ClientCallDetails:
+        if token is None:
+            token = await self._token()
         return grpc.aio.ClientCallDetails(
             details.method,
             details.timeout,
@@ -78,9 +84,17 @@ class _Bearer:
 
 
 class _UnaryUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    # As BearerTokenInterceptor: one retry with a new token after the callee's
+    # UNAUTHENTICATED, for unary calls only.
     async def intercept_unary_unary(
         self, continuation: Callable[..., Any], client_call_details: Any, request: Any
     ) -> Any:
+        token = await self._token()
+        call = await continuation(await self._details(client_call_details, token), request)
+        if await call.code() is not grpc.StatusCode.UNAUTHENTICATED:
+            return call
+        if not self._source._invalidate_refused(token):
+            return call
         return await continuation(await self._details(client_call_details), request)
 
 

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import grpc
 
-from authsvc_client.errors import AuthsvcClientError, TokenUnavailable
+from authsvc_client.errors import AuthsvcClientError, TokenRefused, TokenUnavailable
 from authsvc_client.tokens import TokenProvider, TokenSource
 
 __all__ = [
@@ -20,9 +20,26 @@ __all__ = [
 
 _LOG = logging.getLogger(__name__)
 
-# The only text the plugin ever hands to gRPC on failure: gRPC copies it into the status
-# details, so it must not depend on anything that could hold a secret.
+# The prefix of every text the plugin hands to gRPC on failure. gRPC copies it into the
+# status details; what follows it is the client's own error message, built from status code
+# names, the audience and the scopes only, never from a secret or the server's details.
 _NO_TOKEN = "authsvc: no access token available"  # noqa: S105 - a message, not a secret
+
+
+def failure_text(error: AuthsvcClientError | None) -> str:
+    """The status details for a call that got no token: why, since grpcio reports every
+    plugin failure as UNAVAILABLE whatever the cause."""
+    return _NO_TOKEN if error is None else f"{_NO_TOKEN}: {error}"
+
+
+def failure_status(error: AuthsvcClientError) -> grpc.StatusCode:
+    """The status an interceptor fails a call with: an audience or scope authsvc refused
+    stays PERMISSION_DENIED, so that retry policies do not treat a caller mistake as an
+    outage. Anything else (this service's own credentials rejected included: the callee
+    never saw the call) is UNAVAILABLE, with the reason in the details."""
+    if isinstance(error, TokenRefused) and error.code == grpc.StatusCode.PERMISSION_DENIED:
+        return grpc.StatusCode.PERMISSION_DENIED
+    return grpc.StatusCode.UNAVAILABLE
 
 
 def with_bearer(metadata: Any, token: str) -> list[tuple[str, str | bytes]]:
@@ -50,7 +67,7 @@ class AuthMetadataPlugin(grpc.AuthMetadataPlugin):  # type: ignore[misc]
     ) -> None:
         def deliver(token: str | None, error: AuthsvcClientError | None) -> None:
             if token is None:
-                callback((), TokenUnavailable(_NO_TOKEN))
+                callback((), TokenUnavailable(failure_text(error)))
             else:
                 callback((("authorization", f"Bearer {token}"),), None)
 
@@ -101,14 +118,19 @@ class BearerTokenInterceptor(
     explicitly: `grpc.intercept_channel(grpc.insecure_channel(t), BearerTokenInterceptor(s))`.
 
     Runs on the caller's thread, so it waits for a refresh when no token is usable; a failure
-    surfaces as an RpcError with status UNAVAILABLE before anything is sent.
+    surfaces as an RpcError before anything is sent: PERMISSION_DENIED or UNAUTHENTICATED
+    when authsvc refused the token (the details say why), UNAVAILABLE otherwise.
+
+    A unary call the callee refuses with UNAUTHENTICATED (the token was revoked, say) is sent
+    once more with a new token if the one it carried had been in use for a few seconds; the
+    callee's auth check runs before its handler, so the request was not processed. Streaming
+    calls are not retried (their requests cannot be replayed).
     """
 
     def __init__(self, source: TokenSource) -> None:
         self._source = source
 
-    def _details(self, details: grpc.ClientCallDetails) -> _CallDetails:
-        token = self._source.token()
+    def _details(self, details: grpc.ClientCallDetails, token: str) -> _CallDetails:
         return _CallDetails(
             details.method,
             details.timeout,
@@ -122,14 +144,23 @@ class BearerTokenInterceptor(
         self, continuation: Callable[[Any, Any], Any], details: grpc.ClientCallDetails, request: Any
     ) -> Any:
         try:
-            new_details = self._details(details)
+            token = self._source.token()
         except AuthsvcClientError as exc:
-            return _FailedCall(grpc.StatusCode.UNAVAILABLE, str(exc))
-        return continuation(new_details, request)
+            return _FailedCall(failure_status(exc), str(exc))
+        return continuation(self._details(details, token), request)
 
     def intercept_unary_unary(
         self, continuation: Callable[[Any, Any], Any], client_call_details: Any, request: Any
     ) -> Any:
+        try:
+            token = self._source.token()
+        except AuthsvcClientError as exc:
+            return _FailedCall(failure_status(exc), str(exc))
+        call = continuation(self._details(client_call_details, token), request)
+        if call.code() is not grpc.StatusCode.UNAUTHENTICATED:
+            return call
+        if not self._source._invalidate_refused(token):
+            return call
         return self._intercept(continuation, client_call_details, request)
 
     def intercept_unary_stream(

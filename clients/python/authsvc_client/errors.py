@@ -133,3 +133,11 @@ class ValidatorUnavailable(AuthsvcClientError):
     """
 
 __all__ += ["CredentialsError", "TokenUnavailable", "ValidatorUnavailable"]
+
+
+class TokenRefused(TokenUnavailable):
+    """authsvc said no (audience or scope not allowed, wrong secret, disabled service): a
+    caller mistake, not an outage; retrying will not help until an admin changes the grant."""
+
+
+__all__ += ["TokenRefused"]

@@ -231,7 +231,8 @@ class AuthServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     with current_claims().
 
     `validator` is anything with the Validator protocol (RemoteValidator, LocalValidator, or
-    the authsvc server's in-process verifier).
+    the authsvc server's in-process verifier). A LocalValidator follows WatchRevocations as a
+    registered service (its `token_source`, a token for audience "authsvc" with no scopes).
     """
 
     def __init__(

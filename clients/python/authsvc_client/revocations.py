@@ -6,10 +6,21 @@ import heapq
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 from authsvc_client.v1 import auth_pb2
 
-__all__ = ["RevocationEntry", "RevocationSet"]
+__all__ = ["RevocationEntry", "RevocationKind", "RevocationSet"]
+
+# What an entry revokes. "service_disabled" is a service entry written when the service was
+# disabled: its tokens are SERVICE_DISABLED rather than REVOKED, as authsvc itself says.
+RevocationKind = Literal["token", "service_tokens", "service_disabled"]
+
+_KIND_FROM_PROTO: dict[int, RevocationKind] = {
+    auth_pb2.REVOCATION_KIND_TOKEN: "token",
+    auth_pb2.REVOCATION_KIND_SERVICE_TOKENS: "service_tokens",
+    auth_pb2.REVOCATION_KIND_SERVICE_DISABLED: "service_disabled",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,9 +37,12 @@ class RevocationEntry:
     service_id: str | None
     revoked_before: int | None
     expires_at: int
+    kind: RevocationKind = "token"
 
     @classmethod
     def from_proto(cls, msg: auth_pb2.RevocationEvent) -> RevocationEntry:
+        # An older server sends no kind: the target says which of the first two it is.
+        kind = _KIND_FROM_PROTO.get(msg.kind, "service_tokens" if msg.service_id else "token")
         return cls(
             cursor=int(msg.cursor),
             jti=msg.jti or None,
@@ -37,6 +51,7 @@ class RevocationEntry:
                 int(msg.revoked_before.seconds) if msg.HasField("revoked_before") else None
             ),
             expires_at=int(msg.expires_at.seconds),
+            kind=kind,
         )
 
 
@@ -55,6 +70,8 @@ class RevocationSet:
         self._jtis: dict[str, int] = {}
         # service_id -> (revoked_before, expires_at)
         self._services: dict[str, tuple[int, int]] = {}
+        # service_id -> (revoked_before, expires_at) of its "service_disabled" entries only
+        self._disabled: dict[str, tuple[int, int]] = {}
         # expires_at second -> (that second, jtis filed under it); a jti may sit in several
         self._buckets: dict[int, tuple[int, list[str]]] = {}
         self._bucket_heap: list[int] = []
@@ -109,16 +126,11 @@ class RevocationSet:
                     for watcher in self._jti_watchers:
                         watcher(entry.jti)
         if entry.service_id is not None and entry.revoked_before is not None:
-            current_service = self._services.get(entry.service_id)
-            if current_service is None:
-                merged = (entry.revoked_before, entry.expires_at)
-            else:
-                # A later cutoff covers every token an earlier one did.
-                merged = (
-                    max(current_service[0], entry.revoked_before),
-                    max(current_service[1], entry.expires_at),
+            _merge_cutoff(self._services, entry.service_id, entry.revoked_before, entry.expires_at)
+            if entry.kind == "service_disabled":
+                _merge_cutoff(
+                    self._disabled, entry.service_id, entry.revoked_before, entry.expires_at
                 )
-            self._services[entry.service_id] = merged
         if entry.cursor > self._cursor:
             self._cursor = entry.cursor
 
@@ -129,6 +141,12 @@ class RevocationSet:
             return True
         service = self._services.get(subject)
         return service is not None and issued_at < service[0]
+
+    def is_disabled(self, subject: str, issued_at: int) -> bool:
+        """True when a token of `subject` issued at `issued_at` is revoked because its service
+        was disabled (the reason is then SERVICE_DISABLED, not REVOKED)."""
+        disabled = self._disabled.get(subject)
+        return disabled is not None and issued_at < disabled[0]
 
     def prune(self, now: float) -> int:
         """Drop entries with expires_at <= now; returns how many were dropped."""
@@ -147,4 +165,17 @@ class RevocationSet:
             for sid in expired:
                 del self._services[sid]
             dropped += len(expired)
+            for sid in [sid for sid, (_, exp) in self._disabled.items() if exp <= now]:
+                del self._disabled[sid]
         return dropped
+
+
+def _merge_cutoff(
+    into: dict[str, tuple[int, int]], service_id: str, revoked_before: int, expires_at: int
+) -> None:
+    """Callers hold the lock. A later cutoff covers every token an earlier one did."""
+    current = into.get(service_id)
+    if current is not None:
+        revoked_before = max(current[0], revoked_before)
+        expires_at = max(current[1], expires_at)
+    into[service_id] = (revoked_before, expires_at)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import ipaddress
+import json
 import logging
 import os
 import random
@@ -18,7 +19,13 @@ from typing import Any, Protocol
 
 import grpc
 
-from authsvc_client.errors import AuthsvcClientError, CredentialsError, TokenUnavailable
+from authsvc_client._b64 import b64url_decode_lenient
+from authsvc_client.errors import (
+    AuthsvcClientError,
+    CredentialsError,
+    TokenRefused,
+    TokenUnavailable,
+)
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 
 __all__ = [
@@ -26,6 +33,7 @@ __all__ = [
     "ENV_SERVICE_SECRET",
     "ENV_SERVICE_SECRET_FILE",
     "ENV_TARGET",
+    "OWN_AUDIENCE",
     "AccessToken",
     "AsyncTokenSource",
     "TokenCallback",
@@ -42,6 +50,9 @@ ENV_SERVICE_SECRET = "AUTHSVC_SERVICE_SECRET"  # noqa: S105 - a variable name, n
 ENV_SERVICE_SECRET_FILE = "AUTHSVC_SERVICE_SECRET_FILE"  # noqa: S105
 ENV_TARGET = "AUTHSVC_TARGET"
 
+# The audience a source asks for to follow WatchRevocations: authsvc's own name.
+OWN_AUDIENCE = "authsvc"
+
 # Statuses after which retrying at once would only add load (or trip the server's throttling).
 _BACKOFF_CODES = frozenset(
     {
@@ -50,6 +61,26 @@ _BACKOFF_CODES = frozenset(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     }
 )
+
+# Statuses that mean "authsvc said no": asking again soon gets the same answer until an
+# admin changes something, so these back off at the maximum at once.
+_REFUSAL_CODES = frozenset(
+    {
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.NOT_FOUND,
+    }
+)
+
+# The server's IssueToken refusal texts this client recognises (authsvc/server/servicer.py).
+_AUDIENCE_DENIED = "audience not allowed for this service"
+_SCOPE_DENIED_PREFIX = "scope not allowed for this service: "
+
+# A callee's UNAUTHENTICATED drops a token only once it has been in use this long: a callee
+# that rejects every token must not turn each call into an IssueToken.
+_REACTIVE_MIN_AGE_SECONDS = 5.0
 
 TokenCallback = Callable[[str | None, AuthsvcClientError | None], None]
 
@@ -81,6 +112,9 @@ class AccessToken:
     refresh_at: float
     invalid_at: float
     expires_at: float
+    # From the token's own claims (authsvc's clock): what revocation events are matched on.
+    jti: str = ""
+    issued_at: int | None = None
 
     def state(self, now: float) -> TokenState:
         if now >= self.invalid_at:
@@ -100,8 +134,13 @@ class _Backoff:
         self._delay = 0.0
         self.not_before = 0.0
 
-    def failed(self, now: float) -> None:
-        self._delay = self._initial if self._delay == 0 else min(self._maximum, self._delay * 2)
+    def failed(self, now: float, *, refused: bool = False) -> None:
+        if refused:
+            self._delay = self._maximum
+        else:
+            self._delay = (
+                self._initial if self._delay == 0 else min(self._maximum, self._delay * 2)
+            )
         self.not_before = now + self._delay * (0.5 + 0.5 * self._rng.random())
 
     def succeeded(self) -> None:
@@ -150,8 +189,11 @@ class _Core:
         self.clock = clock
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
         self.backoff = _Backoff(backoff_initial_seconds, backoff_max_seconds, self._rng)
+        self._backoff_bounds = (backoff_initial_seconds, backoff_max_seconds)
         self.token: AccessToken | None = None
         self.last_error: AuthsvcClientError | None = None
+        # The latest revoked_before seen for this service: tokens issued before it are dead.
+        self.cutoff = 0
 
     def request_message(self) -> auth_pb2.IssueTokenRequest:
         return auth_pb2.IssueTokenRequest(
@@ -172,6 +214,7 @@ class _Core:
         refresh_after = lifetime * (self._refresh_ratio - self._jitter_ratio * self._rng.random())
         # A token about to expire would die in flight: stop handing it out a little early.
         margin = min(self._margin, lifetime * (1 - self._refresh_ratio) / 2)
+        jti, issued_at = _jti_and_iat(response.access_token)
         token = AccessToken(
             value=response.access_token,
             key_id=response.key_id,
@@ -180,6 +223,8 @@ class _Core:
             refresh_at=obtained_at + refresh_after,
             invalid_at=obtained_at + lifetime - margin,
             expires_at=obtained_at + lifetime,
+            jti=jti,
+            issued_at=issued_at,
         )
         self.token = token
         self.last_error = None
@@ -187,24 +232,108 @@ class _Core:
         return token
 
     def reject(self, exc: grpc.RpcError, now: float) -> TokenUnavailable:
-        code = exc.code() if isinstance(exc, grpc.Call) else None
-        if not isinstance(code, grpc.StatusCode):
-            code = grpc.StatusCode.UNKNOWN
-        # The server's details are left out on purpose: the message must stay secret-free
-        # whatever a proxy in between puts there.
-        error = TokenUnavailable(f"IssueToken for audience {self.audience!r} failed: {code.name}")
+        code = _status_of(exc)
+        error: TokenUnavailable
+        if code in _REFUSAL_CODES:
+            error = TokenRefused(self._refusal(code, exc))
+        else:
+            error = TokenUnavailable(
+                f"IssueToken for audience {self.audience!r} failed: {code.name}"
+            )
         error.code = code
         self.last_error = error
-        self.backoff.failed(now)
+        self.backoff.failed(now, refused=code in _REFUSAL_CODES)
         if code not in _BACKOFF_CODES:
-            _LOG.warning("authsvc refused a token for %r: %s", self.audience, code.name)
+            _LOG.warning("%s", error)
         return error
+
+    def _refusal(self, code: grpc.StatusCode, exc: grpc.RpcError) -> str:
+        # The server's details are never copied: the message must stay secret-free whatever
+        # a proxy in between puts there. They are only compared with the texts authsvc
+        # sends, and a scope is named only if this source asked for it. (grpc.aio's
+        # AioRpcError has details() but is no grpc.Call.)
+        details = exc.details() if callable(getattr(exc, "details", None)) else None
+        details = details if isinstance(details, str) else ""
+        head = (
+            f"authsvc refused a token for service {self.service_id!r}, "
+            f"audience {self.audience!r}: {code.name}"
+        )
+        if code is grpc.StatusCode.PERMISSION_DENIED:
+            if details == _AUDIENCE_DENIED:
+                return f"{head} (this service may not ask for audience {self.audience!r})"
+            if details.startswith(_SCOPE_DENIED_PREFIX):
+                named = details[len(_SCOPE_DENIED_PREFIX) :].split()
+                denied = [scope for scope in self.scopes if scope in named]
+                if denied:
+                    return f"{head} (this service lacks scope {' '.join(denied)!s})"
+            return f"{head} (this service may not have that audience or those scopes)"
+        if code is grpc.StatusCode.UNAUTHENTICATED:
+            return f"{head} (wrong secret, or unknown or disabled service)"
+        return head
+
+    def follow_backoff(self) -> _Backoff:
+        """Reconnect pacing for the revocations stream, on the monotonic clock."""
+        return _Backoff(*self._backoff_bounds, self._rng)
+
+    def revoked(self, jti: str, service_id: str, revoked_before: int | None) -> bool:
+        """Apply one revocation event; True when it killed the current token."""
+        if service_id == self.service_id and revoked_before is not None:
+            self.cutoff = max(self.cutoff, revoked_before)
+        token = self.token
+        if token is not None and self.is_dead(token, jti):
+            self.token = None
+            return True
+        return False
+
+    def is_dead(self, token: AccessToken, jti: str = "") -> bool:
+        if jti and token.jti == jti:
+            return True
+        return token.issued_at is not None and token.issued_at < self.cutoff
+
+    def dead_on_arrival(self, token: AccessToken) -> float | None:
+        """None if `token` is good; else drop it and return how long to wait (seconds)
+        before asking again: until authsvc's clock has passed the cutoff."""
+        if not self.is_dead(token):
+            return None
+        self.token = None
+        issued_at = token.issued_at if token.issued_at is not None else self.cutoff
+        return min(max(float(self.cutoff - issued_at), 0.0), 2.0)
+
+    def invalidate(self, value: str | None, now: float, *, reactive: bool = False) -> bool:
+        """Drop the current token (only if it is `value`, when given); True if dropped."""
+        token = self.token
+        if token is None or (value is not None and token.value != value):
+            return False
+        if reactive and now - token.obtained_at < _REACTIVE_MIN_AGE_SECONDS:
+            return False
+        self.token = None
+        return True
 
     def describe(self, kind: str) -> str:
         return (
             f"{kind}(service_id={self.service_id!r}, audience={self.audience!r}, "
             f"scopes={self.scopes!r}, secret=<redacted>)"
         )
+
+
+def _status_of(exc: grpc.RpcError) -> grpc.StatusCode:
+    # grpc.aio's AioRpcError has code() but is no grpc.Call.
+    code = exc.code() if callable(getattr(exc, "code", None)) else None
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+
+def _jti_and_iat(value: str) -> tuple[str, int | None]:
+    """The jti and iat of a token this source just got from authsvc (read, not verified:
+    they only decide when to drop it early)."""
+    try:
+        payload = json.loads(b64url_decode_lenient(value.split(".")[1]))
+        jti, iat = payload.get("jti", ""), payload.get("iat")
+    except (ValueError, IndexError, AttributeError):
+        return "", None
+    return (
+        jti if isinstance(jti, str) else "",
+        iat if isinstance(iat, int) and not isinstance(iat, bool) else None,
+    )
 
 
 # --- configuration from the environment ------------------------------------------------------
@@ -317,6 +446,8 @@ class TokenSource:
         backoff_max_seconds: float = 30.0,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        follow_revocations: bool = True,
+        authsvc_audience: str = OWN_AUDIENCE,
     ) -> None:
         """Args:
         channel: a channel to authsvc (it is not closed by `close()`).
@@ -326,6 +457,9 @@ class TokenSource:
             the lifetime.
         expiry_margin_seconds: stop serving a token this long before it expires.
         clock: epoch seconds; injected by tests.
+        follow_revocations: follow WatchRevocations (with a token for `authsvc_audience`,
+            authsvc's own name) and drop this source's token as soon as it is revoked, so
+            that a revoke-all of this service costs seconds, not the rest of the token's life.
 
         Raises:
             CredentialsError: empty id, secret or audience.
@@ -351,6 +485,22 @@ class TokenSource:
         self._waiters: list[TokenCallback] = []
         self._worker: threading.Thread | None = None
         self._closed = False
+        self._watch: TokenSource | None = None
+        if follow_revocations:
+            self._watch = TokenSource(
+                channel,
+                service_id=service_id,
+                service_secret=service_secret,
+                audience=authsvc_audience,
+                timeout_seconds=timeout_seconds,
+                backoff_initial_seconds=backoff_initial_seconds,
+                backoff_max_seconds=backoff_max_seconds,
+                clock=clock,
+                follow_revocations=False,
+            )
+        self._follower: threading.Thread | None = None
+        self._follow_call: Any = None
+        self._stopped = threading.Event()
 
     @classmethod
     def from_env(
@@ -429,13 +579,39 @@ class TokenSource:
             raise error or TokenUnavailable("no access token available")
         return token
 
+    def invalidate(self, token: str | None = None) -> bool:
+        """Drop the cached token (only if it is still `token`, when given) so that the next
+        call fetches a new one; True if it was dropped. For a token the callee refused."""
+        with self._lock:
+            return self._core.invalidate(token, self._core.clock())
+
+    def _invalidate_refused(self, token: str) -> bool:
+        # A callee's UNAUTHENTICATED: dropped only once the token has been in use a while.
+        with self._lock:
+            return self._core.invalidate(token, self._core.clock(), reactive=True)
+
+    @property
+    def following(self) -> bool:
+        """Whether revocations of this service are followed (the stream is started lazily)."""
+        return self._watch is not None
+
     def close(self) -> None:
-        """Stop refreshing and close the channel this source opened itself (from_env)."""
+        """Stop refreshing and following, and close the channel this source opened itself
+        (from_env)."""
         with self._lock:
             self._closed = True
             worker = self._worker
+            follower = self._follower
+            follow_call = self._follow_call
+        self._stopped.set()
+        if follow_call is not None:
+            follow_call.cancel()
         if worker is not None:
             worker.join(self._core.timeout + 1)
+        if follower is not None:
+            follower.join(self._core.timeout + 1)
+        if self._watch is not None:
+            self._watch.close()
         if self._owned_channel is not None:
             self._owned_channel.close()
 
@@ -475,6 +651,11 @@ class TokenSource:
                     target=self._refresh, name="authsvc-token-refresh", daemon=True
                 )
                 self._worker.start()
+                if self._watch is not None and self._follower is None:
+                    self._follower = threading.Thread(
+                        target=self._follow, name="authsvc-token-revocations", daemon=True
+                    )
+                    self._follower.start()
         if immediate is not None:
             callback(*immediate)
 
@@ -485,20 +666,35 @@ class TokenSource:
         core = self._core
         token: str | None = None
         error: AuthsvcClientError | None = None
-        try:
-            response = self._stub.IssueToken(core.request_message(), timeout=core.timeout)
-        except grpc.RpcError as exc:
-            with self._lock:
-                error = core.reject(exc, core.clock())
-        except Exception:  # a bug must not leave waiters hanging
-            _LOG.exception("unexpected failure refreshing an authsvc token")
-            with self._lock:
-                error = TokenUnavailable("IssueToken failed")
-                core.last_error = error
-                core.backoff.failed(core.clock())
-        else:
-            with self._lock:
-                token = core.accept(response, core.clock()).value
+        # Again (up to twice) only when the new token was already revoked: a revoke-all's
+        # cutoff is the next whole second, and its event can arrive before that second has
+        # begun on authsvc's clock, so the retry waits for it.
+        for _attempt in range(3):
+            try:
+                response = self._stub.IssueToken(core.request_message(), timeout=core.timeout)
+            except grpc.RpcError as exc:
+                with self._lock:
+                    error = core.reject(exc, core.clock())
+            except ValueError:
+                # grpc's "Cannot invoke RPC on closed channel": nothing can work any more.
+                with self._lock:
+                    error = core.last_error = TokenUnavailable(_CHANNEL_CLOSED)
+                    self._closed = True
+                self._stopped.set()
+            except Exception:  # a bug must not leave waiters hanging
+                _LOG.exception("unexpected failure refreshing an authsvc token")
+                with self._lock:
+                    error = TokenUnavailable("IssueToken failed")
+                    core.last_error = error
+                    core.backoff.failed(core.clock())
+            else:
+                with self._lock:
+                    accepted = core.accept(response, core.clock())
+                    token = accepted.value
+                    delay = core.dead_on_arrival(accepted)
+                if delay is not None and not self._stopped.wait(delay):
+                    continue
+            break
         with self._lock:
             waiters, self._waiters = self._waiters, []
             self._worker = None
@@ -509,7 +705,83 @@ class TokenSource:
                 _LOG.exception("token callback failed")
 
 
+    def _revoked(self, event: auth_pb2.RevocationEvent) -> None:
+        jti, service_id, revoked_before = _event_fields(event)
+        with self._lock:
+            dropped = self._core.revoked(jti, service_id, revoked_before)
+        if dropped:
+            _LOG.info("authsvc revoked the token for %r; fetching a new one", self.audience)
+        if self._watch is not None:
+            self._watch._revoked(event)
+
+    def _follow(self) -> None:
+        watch = self._watch
+        assert watch is not None
+        backoff = self._core.follow_backoff()
+        cursor = 0
+        reported: str | None = None
+        while not self._stopped.is_set():
+            bearer = ""
+            try:
+                bearer = watch.token()
+                call = self._stub.WatchRevocations(
+                    auth_pb2.WatchRevocationsRequest(after_cursor=cursor),
+                    metadata=(("authorization", f"Bearer {bearer}"),),
+                )
+                with self._lock:
+                    if self._closed:
+                        call.cancel()
+                    self._follow_call = call
+                for event in call:
+                    cursor = max(cursor, int(event.cursor))
+                    backoff.succeeded()
+                    reported = None
+                    self._revoked(event)
+            except grpc.RpcError as exc:
+                if self._stopped.is_set():
+                    return
+                code = _status_of(exc)
+                if code is grpc.StatusCode.UNAUTHENTICATED:
+                    watch.invalidate(bearer)
+                reported = _report_follow_failure(reported, code.name)
+            except AuthsvcClientError as exc:
+                if watch._closed:  # its channel is closed
+                    return
+                reported = _report_follow_failure(reported, str(exc))
+            except ValueError:  # the channel is closed
+                return
+            except Exception:
+                _LOG.exception("following authsvc revocations failed")
+            now = time.monotonic()
+            backoff.failed(now)
+            self._stopped.wait(max(backoff.not_before - now, 0.0))
+
+
+def _event_fields(event: auth_pb2.RevocationEvent) -> tuple[str, str, int | None]:
+    revoked_before = (
+        int(event.revoked_before.seconds) if event.HasField("revoked_before") else None
+    )
+    return event.jti, event.service_id, revoked_before
+
+
+def _report_follow_failure(reported: str | None, reason: str) -> str:
+    # Logged once per distinct reason, not at every reconnect.
+    if reason != reported:
+        _LOG.warning("cannot follow authsvc revocations (retrying): %s", reason)
+    return reason
+
+
 # --- asyncio ---------------------------------------------------------------------------------
+
+
+_CHANNEL_CLOSED = "the channel to authsvc is closed"
+
+_NO_LOOP = (
+    "AsyncTokenSource is not bound to an event loop: create it inside the running loop "
+    "(in an async function), or use it there once (`async with source` or "
+    "`await source.token()`) before the first call"
+)
+_LOOP_CLOSED = "AsyncTokenSource's event loop is closed: create a new source in the running loop"
 
 
 def _retrieve_exception(task: asyncio.Task[str]) -> None:
@@ -543,8 +815,12 @@ class AsyncTokenSource:
         backoff_max_seconds: float = 30.0,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        follow_revocations: bool = True,
+        authsvc_audience: str = OWN_AUDIENCE,
     ) -> None:
-        """Arguments as for TokenSource; `channel` is a grpc.aio channel."""
+        """Arguments as for TokenSource; `channel` is a grpc.aio channel. Created inside a
+        running event loop, the source binds to that loop at once, so call credentials work
+        from the first call."""
         self._core = _Core(
             service_id=service_id,
             service_secret=service_secret,
@@ -563,8 +839,25 @@ class AsyncTokenSource:
         self._stub = auth_pb2_grpc.AuthServiceStub(channel)
         self._owned_channel: grpc.aio.Channel | None = None
         self._task: asyncio.Task[str] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
         self._closed = False
+        self._watch: AsyncTokenSource | None = None
+        if follow_revocations:
+            self._watch = AsyncTokenSource(
+                channel,
+                service_id=service_id,
+                service_secret=service_secret,
+                audience=authsvc_audience,
+                timeout_seconds=timeout_seconds,
+                backoff_initial_seconds=backoff_initial_seconds,
+                backoff_max_seconds=backoff_max_seconds,
+                clock=clock,
+                follow_revocations=False,
+            )
+        self._follower: asyncio.Task[None] | None = None
 
     @classmethod
     def from_env(
@@ -636,32 +929,50 @@ class AsyncTokenSource:
         if token is not None and token.state(core.clock()) is TokenState.FRESH:
             callback(token.value, None)
             return
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if self._loop is None and running is not None:
+            self._loop = running
         loop = self._loop
         if loop is None or loop.is_closed():
             if token is not None and token.state(core.clock()) is TokenState.STALE:
                 callback(token.value, None)
             else:
-                callback(None, TokenUnavailable("token source is not running in an event loop"))
+                callback(None, TokenUnavailable(_NO_LOOP if loop is None else _LOOP_CLOSED))
             return
-        try:
-            in_loop = asyncio.get_running_loop() is loop
-        except RuntimeError:
-            in_loop = False
+        in_loop = running is loop
         if in_loop:
             self._request_in_loop(callback)
         else:
             loop.call_soon_threadsafe(self._request_in_loop, callback)
 
+    def invalidate(self, token: str | None = None) -> bool:
+        """As TokenSource.invalidate; call it in the loop."""
+        return self._core.invalidate(token, self._core.clock())
+
+    def _invalidate_refused(self, token: str) -> bool:
+        return self._core.invalidate(token, self._core.clock(), reactive=True)
+
+    @property
+    def following(self) -> bool:
+        """Whether revocations of this service are followed (the stream is started lazily)."""
+        return self._watch is not None
+
     async def close(self) -> None:
-        """Stop refreshing and close the channel this source opened itself (from_env)."""
+        """Stop refreshing and following, and close the channel this source opened itself
+        (from_env)."""
         self._closed = True
-        task = self._task
-        if task is not None and not task.done():
-            task.cancel()
-            try:
-                await task
-            except (asyncio.CancelledError, AuthsvcClientError):
-                pass
+        for task in (self._task, self._follower):
+            if task is not None and not task.done():
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, AuthsvcClientError):
+                    pass
+        if self._watch is not None:
+            await self._watch.close()
         if self._owned_channel is not None:
             await self._owned_channel.close()
 
@@ -715,12 +1026,69 @@ class AsyncTokenSource:
         task = loop.create_task(self._refresh(), name="authsvc-token-refresh")
         task.add_done_callback(_retrieve_exception)
         self._task = task
+        if self._watch is not None and self._follower is None:
+            self._follower = loop.create_task(self._follow(), name="authsvc-token-revocations")
         return task
 
     async def _refresh(self) -> str:
         core = self._core
-        try:
-            response = await self._stub.IssueToken(core.request_message(), timeout=core.timeout)
-        except grpc.RpcError as exc:
-            raise core.reject(exc, core.clock()) from None
-        return core.accept(response, core.clock()).value
+        # As TokenSource._refresh: again once if the token was revoked before it arrived.
+        for _attempt in range(3):
+            try:
+                response = await self._stub.IssueToken(
+                    core.request_message(), timeout=core.timeout
+                )
+            except grpc.RpcError as exc:
+                raise core.reject(exc, core.clock()) from None
+            except grpc.aio.UsageError:
+                self._closed = True
+                core.last_error = TokenUnavailable(_CHANNEL_CLOSED)
+                raise core.last_error from None
+            accepted = core.accept(response, core.clock())
+            delay = core.dead_on_arrival(accepted)
+            if delay is None or self._closed:
+                break
+            await asyncio.sleep(delay)
+        return accepted.value
+
+    def _revoked(self, event: auth_pb2.RevocationEvent) -> None:
+        if self._core.revoked(*_event_fields(event)):
+            _LOG.info("authsvc revoked the token for %r; fetching a new one", self.audience)
+        if self._watch is not None:
+            self._watch._revoked(event)
+
+    async def _follow(self) -> None:
+        watch = self._watch
+        assert watch is not None
+        backoff = self._core.follow_backoff()
+        cursor = 0
+        reported: str | None = None
+        while not self._closed:
+            bearer = ""
+            try:
+                bearer = await watch.token()
+                call = self._stub.WatchRevocations(
+                    auth_pb2.WatchRevocationsRequest(after_cursor=cursor),
+                    metadata=(("authorization", f"Bearer {bearer}"),),
+                )
+                async for event in call:
+                    cursor = max(cursor, int(event.cursor))
+                    backoff.succeeded()
+                    reported = None
+                    self._revoked(event)
+            except grpc.RpcError as exc:
+                code = _status_of(exc)
+                if code is grpc.StatusCode.UNAUTHENTICATED:
+                    watch.invalidate(bearer)
+                reported = _report_follow_failure(reported, code.name)
+            except AuthsvcClientError as exc:
+                if watch._closed:  # its channel is closed
+                    return
+                reported = _report_follow_failure(reported, str(exc))
+            except grpc.aio.UsageError:  # the channel is closed
+                return
+            except Exception:
+                _LOG.exception("following authsvc revocations failed")
+            now = time.monotonic()
+            backoff.failed(now)
+            await asyncio.sleep(max(backoff.not_before - now, 0.0))

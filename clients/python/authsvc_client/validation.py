@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import grpc
@@ -17,16 +17,33 @@ from authsvc_client.claims import DEFAULT_LEEWAY_SECONDS, Claims, ValidationResu
 from authsvc_client.errors import ValidatorUnavailable
 from authsvc_client.keyring import KeyRing
 from authsvc_client.revocations import RevocationEntry, RevocationSet
+from authsvc_client.tokens import TokenSource
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 from authsvc_client.verifier import TokenVerifier
 
-__all__ = ["LocalValidator", "RemoteValidator", "Validator", "insufficient_scope"]
+__all__ = [
+    "FOLLOWER_AUDIENCE",
+    "FollowerToken",
+    "LocalValidator",
+    "RemoteValidator",
+    "Validator",
+    "insufficient_scope",
+]
+
+# The audience of the token a follower presents to WatchRevocations: authsvc's own name
+# (AUTHSVC_ADMIN_AUDIENCE on the server). Any registered service may get one without a scope.
+FOLLOWER_AUDIENCE = "authsvc"
+
+# What authenticates the revocation feed: a TokenSource for FOLLOWER_AUDIENCE, or any callable
+# returning a bearer token for it (called at every (re)connect, from the follower's thread).
+FollowerToken = TokenSource | Callable[[], str]
 
 _LOG = logging.getLogger(__name__)
 
 _INSUFFICIENT_SCOPE = ValidationResult.fail(auth_pb2.INSUFFICIENT_SCOPE)
 _MALFORMED = ValidationResult.fail(auth_pb2.MALFORMED)
 _REVOKED = ValidationResult.fail(auth_pb2.REVOKED)
+_SERVICE_DISABLED = ValidationResult.fail(auth_pb2.SERVICE_DISABLED)
 
 
 @runtime_checkable
@@ -144,8 +161,11 @@ class RemoteValidator:
         cache_size: int = 10_000,
         timeout_seconds: float = 2.0,
         follow_revocations: bool = False,
+        token_source: FollowerToken | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`token_source` authenticates the revocation feed when `follow_revocations` is on
+        (see LocalValidator; None reads the AUTHSVC_SERVICE_* environment)."""
         if not audience:
             raise ValueError("audience is required")
         self.audience = audience
@@ -157,7 +177,11 @@ class RemoteValidator:
         if follow_revocations:
             revocations = RevocationSet()
             self._follower = RevocationFollower(
-                channel, revocations, clock=clock, on_disconnect=lambda: self._cache.clear()
+                channel,
+                revocations,
+                token=token_source,
+                clock=clock,
+                on_disconnect=lambda: self._cache.clear(),
             )
         self._cache = PositiveCache(cache_ttl_seconds, cache_size, revocations)
         if self._follower is not None:
@@ -282,6 +306,11 @@ class RevocationFollower:
     cannot reach authsvc fails well within that). After a disconnect it reconnects with
     after_cursor = the last cursor applied, so nothing is missed, and RevocationSet.add is
     idempotent, so nothing is applied twice.
+
+    authsvc serves the feed only to a registered service: each (re)connect presents a bearer
+    token for FOLLOWER_AUDIENCE from `token` (None: a TokenSource from the AUTHSVC_SERVICE_*
+    environment, owned and closed here). The token is checked when the stream opens; a stream
+    outlives it.
     """
 
     def __init__(
@@ -289,6 +318,8 @@ class RevocationFollower:
         channel: grpc.Channel,
         revocations: RevocationSet,
         *,
+        token: FollowerToken | None = None,
+        environ: Mapping[str, str] | None = None,
         clock: Callable[[], float],
         reconnect_initial_seconds: float = 0.1,
         reconnect_max_seconds: float = 2.0,
@@ -303,6 +334,11 @@ class RevocationFollower:
         self._max = reconnect_max_seconds
         self._settle = settle_seconds
         self._on_disconnect = on_disconnect
+        self._owned_source: TokenSource | None = None
+        if token is None:
+            # Raises CredentialsError naming the missing variable.
+            token = self._owned_source = TokenSource.from_env(FOLLOWER_AUDIENCE, environ=environ)
+        self._token: Callable[[], str] = token.token if isinstance(token, TokenSource) else token
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -336,6 +372,8 @@ class RevocationFollower:
             self._channel.unsubscribe(self._on_connectivity)
         except (ValueError, AttributeError):
             pass
+        if self._owned_source is not None:
+            self._owned_source.close()
 
     @property
     def connected(self) -> bool:
@@ -378,8 +416,18 @@ class RevocationFollower:
     def _run(self) -> None:
         delay = self._initial
         while not self._stop.is_set():
+            try:
+                bearer = self._token()
+            except Exception as exc:
+                # The type only: a token callable's message is not ours to log.
+                _LOG.info("no token for the revocation feed (%s); retrying", type(exc).__name__)
+                self._stop.wait(delay)
+                delay = min(self._max, delay * 2)
+                continue
             request = auth_pb2.WatchRevocationsRequest(after_cursor=self.revocations.cursor)
-            call = self._stub.WatchRevocations(request)
+            call = self._stub.WatchRevocations(
+                request, metadata=(("authorization", f"Bearer {bearer}"),)
+            )
             with self._lock:
                 self._call = call
                 self._call_started = time.monotonic()
@@ -435,6 +483,8 @@ class LocalValidator:
         timeout_seconds: float = 5.0,
         cache_size: int = 10_000,
         prune_interval_seconds: float = 60.0,
+        token_source: FollowerToken | None = None,
+        environ: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
         start: bool = True,
     ) -> None:
@@ -449,7 +499,15 @@ class LocalValidator:
             key revoked in an emergency (`revoke_previous`) keeps validating here. GetJwks is
             one small unary call, so the 30 s default costs a fleet little.
         unknown_kid_interval_seconds: at most one unknown-kid key fetch per interval.
+        token_source: authenticates WatchRevocations, which authsvc serves only to registered
+            services: a TokenSource for audience FOLLOWER_AUDIENCE (no scopes needed), or a
+            callable returning such a bearer token. None builds a TokenSource from
+            AUTHSVC_SERVICE_ID, AUTHSVC_SERVICE_SECRET (or _FILE) and AUTHSVC_TARGET.
+        environ: read instead of os.environ when `token_source` is None.
         start: start the background threads now (otherwise call start()).
+
+        Raises:
+            CredentialsError: no `token_source` and the environment lacks a variable.
         """
         if not audience or not issuer:
             raise ValueError("audience and issuer are required")
@@ -465,7 +523,9 @@ class LocalValidator:
             clock=clock,
         )
         self.revocations = RevocationSet()
-        self.feed = RevocationFollower(channel, self.revocations, clock=clock)
+        self.feed = RevocationFollower(
+            channel, self.revocations, token=token_source, environ=environ, clock=clock
+        )
         self._verifier = TokenVerifier(
             keys=self.keys.current,
             revocations=self.revocations,
@@ -514,10 +574,14 @@ class LocalValidator:
         result = self._verifier.verify(
             token, audience=self.audience, required_scopes=required_scopes
         )
-        if result.claims is not None and self.revocations.is_revoked(
-            result.claims.jti, result.claims.subject, result.claims.issued_at
+        claims = result.claims
+        if claims is not None and self.revocations.is_revoked(
+            claims.jti, claims.subject, claims.issued_at
         ):
-            return _REVOKED  # belt and braces: the verifier checks this too
+            # Belt and braces: the verifier checks this too.
+            if self.revocations.is_disabled(claims.subject, claims.issued_at):
+                return _SERVICE_DISABLED
+            return _REVOKED
         return result
 
     def validate_nonblocking(

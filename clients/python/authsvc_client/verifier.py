@@ -373,7 +373,9 @@ class TokenVerifier:
             # Without an integer iat no service cutoff can apply; such a token is MALFORMED below.
             iat if type(iat) is int else sys.maxsize,
         ):
-            raise self._revoked(sub if type(sub) is str else "")
+            raise self._revoked(
+                sub if type(sub) is str else "", iat if type(iat) is int else sys.maxsize
+            )
 
         # RFC 7515 section 2 / appendix C: base64url without padding, in canonical form, in
         # every segment; otherwise one signature would cover many token strings.
@@ -452,10 +454,13 @@ class TokenVerifier:
         scopes = tuple(scope.split(" ")) if scope else ()
         return _Entry(iss, sub, aud, jti, kid, iat, nbf, exp, scopes, self._leeway)
 
-    def _revoked(self, subject: str) -> type[Revoked] | type[ServiceDisabled]:
+    def _revoked(self, subject: str, issued_at: int) -> type[Revoked] | type[ServiceDisabled]:
         """Disabling a service also revokes its tokens (so local validators learn of it);
-        where the subject is known to be disabled, that is the more useful reason."""
+        where the subject is known to be disabled (here, or by the revocation's kind on the
+        feed), that is the reason authsvc gives, so every validator gives it too."""
         if self._is_subject_enabled is not None and not self._is_subject_enabled(subject):
+            return ServiceDisabled
+        if self._revocations.is_disabled(subject, issued_at):
             return ServiceDisabled
         return Revoked
 
@@ -465,7 +470,7 @@ class TokenVerifier:
         """The checks that can change between two uses of the same signed token."""
         sub = entry.sub
         if self._revocations.is_revoked(entry.jti, sub, entry.iat):
-            raise self._revoked(sub)
+            raise self._revoked(sub, entry.iat)
         # RFC 7519 section 4.1.1 / RFC 8725 section 3.8: exact issuer.
         if entry.iss != self._issuer:
             raise WrongIssuer

@@ -23,6 +23,13 @@ class ValidationFailure(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REVOKED: _ClassVar[ValidationFailure]
     INSUFFICIENT_SCOPE: _ClassVar[ValidationFailure]
     SERVICE_DISABLED: _ClassVar[ValidationFailure]
+
+class RevocationKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REVOCATION_KIND_UNSPECIFIED: _ClassVar[RevocationKind]
+    REVOCATION_KIND_TOKEN: _ClassVar[RevocationKind]
+    REVOCATION_KIND_SERVICE_TOKENS: _ClassVar[RevocationKind]
+    REVOCATION_KIND_SERVICE_DISABLED: _ClassVar[RevocationKind]
 VALIDATION_FAILURE_UNSPECIFIED: ValidationFailure
 MALFORMED: ValidationFailure
 BAD_SIGNATURE: ValidationFailure
@@ -34,6 +41,10 @@ WRONG_AUDIENCE: ValidationFailure
 REVOKED: ValidationFailure
 INSUFFICIENT_SCOPE: ValidationFailure
 SERVICE_DISABLED: ValidationFailure
+REVOCATION_KIND_UNSPECIFIED: RevocationKind
+REVOCATION_KIND_TOKEN: RevocationKind
+REVOCATION_KIND_SERVICE_TOKENS: RevocationKind
+REVOCATION_KIND_SERVICE_DISABLED: RevocationKind
 
 class IssueTokenRequest(_message.Message):
     __slots__ = ("service_id", "service_secret", "audience", "scopes", "ttl_seconds")
@@ -176,18 +187,20 @@ class WatchRevocationsRequest(_message.Message):
     def __init__(self, after_cursor: _Optional[int] = ...) -> None: ...
 
 class RevocationEvent(_message.Message):
-    __slots__ = ("cursor", "jti", "service_id", "revoked_before", "expires_at")
+    __slots__ = ("cursor", "jti", "service_id", "revoked_before", "expires_at", "kind")
     CURSOR_FIELD_NUMBER: _ClassVar[int]
     JTI_FIELD_NUMBER: _ClassVar[int]
     SERVICE_ID_FIELD_NUMBER: _ClassVar[int]
     REVOKED_BEFORE_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     cursor: int
     jti: str
     service_id: str
     revoked_before: _timestamp_pb2.Timestamp
     expires_at: _timestamp_pb2.Timestamp
-    def __init__(self, cursor: _Optional[int] = ..., jti: _Optional[str] = ..., service_id: _Optional[str] = ..., revoked_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    kind: RevocationKind
+    def __init__(self, cursor: _Optional[int] = ..., jti: _Optional[str] = ..., service_id: _Optional[str] = ..., revoked_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., kind: _Optional[_Union[RevocationKind, str]] = ...) -> None: ...
 
 class Service(_message.Message):
     __slots__ = ("service_id", "audiences", "scopes", "disabled", "created_at")
