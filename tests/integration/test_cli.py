@@ -275,7 +275,7 @@ class TestQuietByDefault:
         created = run_cli(env, "services", "create", "orders", "--audience", "billing")
         assert created.stderr == ""
         loud = run_cli(env, "services", "disable", "orders", "--verbose")
-        assert "audit action=disable_service" in loud.stderr
+        assert '"action":"disable_service"' in loud.stderr
         fresh = sqlite_env(tmp_path / "fresh")
         (tmp_path / "fresh").mkdir()
         assert "alembic" in run_cli(fresh, "db", "upgrade", "-v").stderr

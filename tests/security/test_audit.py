@@ -139,10 +139,10 @@ def audited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Audited]:
         )
         rec.issue(
             "issue-audience",
-            ("orders", "issue_token", "authsvc", "audience_denied"),
+            ("orders", "issue_token", "payroll", "audience_denied"),
             "orders",
             world.orders_secret,
-            audience="authsvc",
+            audience="payroll",
             code=denied,
         )
         rec.issue(
