@@ -169,8 +169,20 @@ class TestAuthServerInterceptor:
         with grpc.insecure_channel(auth.address) as channel:
             validator: Validator
             if kind == "local":
+                follower = TokenSource(
+                    channel,
+                    service_id="orders",
+                    service_secret=auth.orders_secret,
+                    audience="authsvc",
+                    follow_revocations=False,
+                )
                 validator = LocalValidator(
-                    channel, "billing", ISSUER, leeway_seconds=0, clock=auth.clock.now
+                    channel,
+                    "billing",
+                    ISSUER,
+                    leeway_seconds=0,
+                    clock=auth.clock.now,
+                    token_source=follower,
                 )
                 assert validator.wait_ready(30)
             else:

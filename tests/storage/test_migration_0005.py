@@ -123,12 +123,13 @@ class TestMigration0005KeepsExistingSecrets:
         _legacy_database(database_url)
         with pytest.raises(ConfigError, match="AUTHSVC_KEK"):
             _upgrade(database_url, None)
-        assert _revision(database_url) == "0004"
+        # Short of 0005: PostgreSQL rolls the whole upgrade back, SQLite keeps 0003-0004.
+        assert _revision(database_url) in {"0002", "0004"}
         with pytest.raises(ConfigError, match="AUTHSVC_KEK"):
             _upgrade(database_url, KekRing(KeyEncryptionKey.from_base64(
                 "3q2+7wABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhs="
             )))  # fmt: skip
-        assert _revision(database_url) == "0004"
+        assert _revision(database_url) in {"0002", "0004"}
 
     def test_an_empty_database_needs_no_kek(self, database_url: str) -> None:
         _upgrade(database_url, None)
