@@ -7,7 +7,7 @@ import io
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import pytest
@@ -39,7 +39,7 @@ class FakeTimeAuthsvc:
 
     address: str
     clock: FakeClock
-    orders_secret: str
+    orders_secret: str = field(repr=False)
 
     def issue(self, channel: grpc.Channel, *, ttl: int) -> str:
         request = auth_pb2.IssueTokenRequest(

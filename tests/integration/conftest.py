@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -19,9 +19,9 @@ class World:
     """A running server with an admin and two services registered."""
 
     server: RunningServer
-    admin_secret: str
-    orders_secret: str
-    billing_secret: str
+    admin_secret: str = field(repr=False)
+    orders_secret: str = field(repr=False)
+    billing_secret: str = field(repr=False)
 
     def admin_token(self) -> str:
         return self.server.issue(ADMIN, self.admin_secret, "authsvc").access_token

@@ -5,7 +5,7 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
 
@@ -48,8 +48,8 @@ def http_address(server: RunningServer) -> str:
 class OpsServer:
     server: RunningServer
     base_url: str
-    admin_secret: str
-    orders_secret: str
+    admin_secret: str = field(repr=False)
+    orders_secret: str = field(repr=False)
 
     def get(self, path: str, headers: dict[str, str] | None = None) -> Reply:
         return http_get(self.base_url + path, headers)

@@ -13,7 +13,7 @@ import stat
 import subprocess
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -38,7 +38,7 @@ REVOKED = auth_pb2.ValidationFailure.Value("REVOKED")
 class Before:
     """What the deployment held when the backup was taken."""
 
-    secret: str
+    secret: str = field(repr=False)
     kept: str
     revoked: str
 

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ class World:
     core: Core
     ledger: LoginLedger
     clock: FakeClock
-    secret: str
+    secret: str = field(repr=False)
     batches: list[int]
     settings: Settings
 
