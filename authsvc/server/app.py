@@ -18,7 +18,8 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha.reflection_pb2_grpc import add_ServerReflectionServicer_to_server
 from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError
 
 from authsvc.clock import Clock, SystemClock, WallClock, to_datetime
@@ -56,6 +57,7 @@ SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 # A gRPC health entry of its own: NOT_SERVING while the database does not answer.
 DATABASE_HEALTH_SERVICE = "authsvc.database"
 DEV_ADMIN_SERVICE = "authsvc-admin"
+REFLECTION_V1_SERVICE = "grpc.reflection.v1.ServerReflection"
 
 
 @dataclass
@@ -289,8 +291,9 @@ class AuthsvcServer:
         auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        _enable_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1_SERVICE],
+            server,
         )
         self.port = self._add_port(server)
         await server.start()
@@ -470,6 +473,27 @@ class AuthsvcServer:
             await asyncio.to_thread(self._http.stop)
         if self._core is not None:
             self._core.dispose()
+
+
+def _enable_reflection(service_names: list[str], server: grpc.aio.Server) -> None:
+    """Serve reflection as grpc.reflection.v1 (grpcurl asks for it first) and as v1alpha.
+
+    grpcio-reflection ships only the v1alpha servicer. The v1 protocol is the same messages
+    under another package name (identical field numbers), so one servicer answers both paths.
+    """
+    servicer = reflection.aio.ReflectionServicer(service_names)
+    add_ServerReflectionServicer_to_server(servicer, server)
+    v1 = grpc.method_handlers_generic_handler(
+        REFLECTION_V1_SERVICE,
+        {
+            "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                servicer.ServerReflectionInfo,
+                request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+            )
+        },
+    )
+    server.add_generic_rpc_handlers((v1,))
 
 
 def _read_tls_files(

@@ -576,6 +576,24 @@ class TestStandardServices:
         names = {s.name for s in next(responses).list_services_response.service}
         assert {"authsvc.v1.AuthService", "grpc.health.v1.Health"} <= names
 
+    def test_reflection_v1_lists_the_services(self, world: World) -> None:
+        # grpcurl asks for grpc.reflection.v1 first; its messages are v1alpha's on the wire.
+        call = world.server.channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        responses = call(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
+        names = {s.name for s in next(responses).list_services_response.service}
+        assert {
+            "authsvc.v1.AuthService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        } <= names
+
 
 class TestExpiryAndThrottling:
     """Servers with tight settings so expiry and throttling show within seconds."""
