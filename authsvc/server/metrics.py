@@ -33,6 +33,7 @@ _LATENCY_BUCKETS = (
 # Health probes run every few seconds: their access lines stay at debug.
 _QUIET_SERVICES = frozenset({"grpc.health.v1.Health"})
 _VALIDATE = "/authsvc.v1.AuthService/ValidateToken"
+_VALIDATE_STREAM = "/authsvc.v1.AuthService/ValidateTokenStream"
 # Every call in the fleet may cost a ValidateToken, and every local validator reads the key
 # set: when they succeed, their access lines stay at debug (they are counted and timed in
 # /metrics). A token found invalid, any other status and every other RPC log at info.
@@ -77,6 +78,19 @@ class Metrics:
             "throttled, …): one count per attempt, where the audit trail keeps one row per "
             "throttle key and window for throttled and unknown-id attempts.",
             ("action", "outcome"),
+            registry=self.registry,
+        )
+        # A stream's answers are counted here, per message, not in validation_failures: that
+        # counter's share is read against unary ValidateToken calls (grpc_server_handled).
+        self.streamed_validations = Counter(
+            "authsvc_streamed_validations",
+            "Checks answered on ValidateTokenStream (one per message), valid or not.",
+            registry=self.registry,
+        )
+        self.streamed_validation_failures = Counter(
+            "authsvc_streamed_validation_failures",
+            "ValidateTokenStream answers with valid=false, by reason.",
+            ("reason",),
             registry=self.registry,
         )
         self.login_batch_size = Histogram(
@@ -134,6 +148,14 @@ class Metrics:
             and not response.valid
         ):
             self.validation_failures.labels(auth_pb2.ValidationFailure.Name(response.reason)).inc()
+
+
+    def observe_streamed(self, response: Any) -> None:
+        self.streamed_validations.inc()
+        if isinstance(response, auth_pb2.ValidateTokenResponse) and not response.valid:
+            self.streamed_validation_failures.labels(
+                auth_pb2.ValidationFailure.Name(response.reason)
+            ).inc()
 
 
 def _split(method: str) -> tuple[str, str]:
@@ -330,6 +352,19 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 finally:
                     gauge.dec()
                     self._done(f, method, code, started, None, timed=False)
+
+        if inspect.isasyncgenfunction(behavior) and method == _VALIDATE_STREAM:
+            observe_streamed = self._metrics.observe_streamed
+
+            async def counted(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                async with observed(context):
+                    async for item in behavior(request, context):
+                        observe_streamed(item)
+                        yield item
+
+            return counted
 
         if inspect.isasyncgenfunction(behavior):
 

@@ -65,6 +65,7 @@ LOCAL_PEER = "local"
 # sends at most _WATCH_BATCH events before it lets other calls run.
 _WATCH_PAGE = 1000
 _WATCH_BATCH = 100
+_STREAM_MALFORMED = ValidationResult.fail(auth_pb2.MALFORMED)
 
 T = TypeVar("T")
 
@@ -414,6 +415,33 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
     async def ValidateToken(
         self, request: auth_pb2.ValidateTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.ValidateTokenResponse:
+        return self._validate(request).to_proto()
+
+    async def ValidateTokenStream(
+        self,
+        request_iterator: AsyncIterator[auth_pb2.ValidateTokenRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[auth_pb2.ValidateTokenResponse]:
+        """ValidateToken's check per message. A request ValidateToken refuses with
+        INVALID_ARGUMENT is answered valid=false MALFORMED here instead: ending the stream would
+        fail every other check the client multiplexes on it.
+
+        One message is read, checked and answered at a time; HTTP/2 flow control holds the
+        rest, so a stream never has more than one check in flight on the server and yields to
+        the event loop between messages (unary calls are not starved)."""
+        async for request in request_iterator:
+            try:
+                result = self._validate(request)
+            except InvalidArgument:
+                result = _STREAM_MALFORMED
+            yield result.to_proto()
+
+    def _validate(self, request: auth_pb2.ValidateTokenRequest) -> ValidationResult:
+        """The request rules and the verify, shared by ValidateToken and its stream.
+
+        Raises:
+            InvalidArgument: empty token or audience, token over the size limit, bad scopes.
+        """
         if not request.token:
             raise InvalidArgument("token is required")
         if len(request.token) > self._s.max_token_bytes:
@@ -421,10 +449,9 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         if not request.audience:
             raise InvalidArgument("audience is required (the validating service's own id)")
         check_scopes(request.required_scopes, "required_scopes")
-        result: ValidationResult = self._verifier.verify(
+        return self._verifier.verify(
             request.token, audience=request.audience, required_scopes=request.required_scopes
         )
-        return result.to_proto()
 
     # -- RevokeToken -----------------------------------------------------------------------
 

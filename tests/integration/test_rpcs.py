@@ -190,6 +190,56 @@ class TestValidateToken:
         assert _code(exc) == grpc.StatusCode.INVALID_ARGUMENT
 
 
+class TestValidateTokenStream:
+    def test_answers_every_request_in_order_like_validate_token(self, world: World) -> None:
+        token = world.server.issue(
+            "orders", world.orders_secret, "billing", ["billing.read"]
+        ).access_token
+        requests = [
+            auth_pb2.ValidateTokenRequest(token=token, audience="billing"),
+            auth_pb2.ValidateTokenRequest(token=token, audience="inventory"),
+            auth_pb2.ValidateTokenRequest(token="a.b.c", audience="billing"),
+            auth_pb2.ValidateTokenRequest(
+                token=token, audience="billing", required_scopes=["billing.write"]
+            ),
+        ] * 25
+        answers = list(world.server.stub.ValidateTokenStream(iter(requests), timeout=30))
+        assert len(answers) == len(requests)
+        for request, answer in zip(requests, answers, strict=True):
+            assert answer == world.server.stub.ValidateToken(request, timeout=10)
+
+    def test_malformed_request_is_answered_malformed_and_the_stream_goes_on(
+        self, world: World
+    ) -> None:
+        token = world.server.issue("orders", world.orders_secret, "billing").access_token
+        requests = [
+            auth_pb2.ValidateTokenRequest(audience="billing"),
+            auth_pb2.ValidateTokenRequest(token="a.b.c"),
+            auth_pb2.ValidateTokenRequest(token="a" * 9000, audience="billing"),
+            auth_pb2.ValidateTokenRequest(token=token, audience="billing"),
+        ]
+        answers = list(world.server.stub.ValidateTokenStream(iter(requests), timeout=30))
+        assert [(a.valid, a.reason) for a in answers] == [(False, auth_pb2.MALFORMED)] * 3 + [
+            (True, auth_pb2.VALIDATION_FAILURE_UNSPECIFIED)
+        ]
+
+    def test_an_open_stream_does_not_hold_up_unary_calls(self, world: World) -> None:
+        token = world.server.issue("orders", world.orders_secret, "billing").access_token
+        release = threading.Event()
+
+        def held_open() -> Iterator[auth_pb2.ValidateTokenRequest]:
+            yield auth_pb2.ValidateTokenRequest(token=token, audience="billing")
+            release.wait(60)
+
+        call = world.server.stub.ValidateTokenStream(held_open(), timeout=60)
+        try:
+            assert next(call).valid
+            assert _validate(world, token).valid
+        finally:
+            release.set()
+            call.cancel()
+
+
 class TestRevokeToken:
     def test_presenting_a_token_revokes_it_in_any_encoding(self, world: World) -> None:
         token = world.server.issue("orders", world.orders_secret, "billing").access_token

@@ -140,6 +140,27 @@ class TestMetrics:
         assert metric(ops, name, reason="WRONG_AUDIENCE") == aud0 + 1
         assert metric(ops, name, reason="MALFORMED") == mal0 + 1
 
+    def test_streamed_checks_are_counted_per_message(self, ops: OpsServer) -> None:
+        total = "authsvc_streamed_validations_total"
+        failures = "authsvc_streamed_validation_failures_total"
+        total0 = metric(ops, total)
+        aud0 = metric(ops, failures, reason="WRONG_AUDIENCE")
+        unary0 = metric(ops, "authsvc_token_validation_failures_total", reason="WRONG_AUDIENCE")
+        token = ops.server.issue("orders", ops.orders_secret, "billing").access_token
+        requests = [
+            auth_pb2.ValidateTokenRequest(token=token, audience="billing"),
+            auth_pb2.ValidateTokenRequest(token=token, audience="inventory"),
+            auth_pb2.ValidateTokenRequest(token=token, audience="inventory"),
+        ]
+        answers = list(ops.server.stub.ValidateTokenStream(iter(requests), timeout=30))
+        assert [a.valid for a in answers] == [True, False, False]
+        assert metric(ops, total) == total0 + 3
+        assert metric(ops, failures, reason="WRONG_AUDIENCE") == aud0 + 2
+        assert (
+            metric(ops, "authsvc_token_validation_failures_total", reason="WRONG_AUDIENCE")
+            == unary0
+        )
+
     def test_issue_and_validate_latency_is_observed(self, ops: OpsServer) -> None:
         count = "grpc_server_handling_seconds_count"
         v0 = metric(ops, count, grpc_service=AUTH, grpc_method="ValidateToken")

@@ -26,6 +26,7 @@ from authsvc_client.interceptors import (
     bearer_token,
     decide,
 )
+from authsvc_client.streaming import DEFAULT_STREAMS, AsyncStreamMux
 from authsvc_client.tokens import AsyncTokenSource
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 from authsvc_client.validation import (
@@ -141,8 +142,9 @@ class AsyncValidator(Protocol):
 
 
 class AsyncRemoteValidator:
-    """RemoteValidator over a grpc.aio channel: ValidateToken with a short positive cache,
-    failing closed (ValidatorUnavailable) when authsvc is down or slow."""
+    """RemoteValidator over a grpc.aio channel: checks over ValidateTokenStream by default
+    (unary ValidateToken against a server without it), a short positive cache, failing closed
+    (ValidatorUnavailable) when authsvc is down or slow."""
 
     def __init__(
         self,
@@ -153,6 +155,8 @@ class AsyncRemoteValidator:
         cache_size: int = 10_000,
         timeout_seconds: float = 2.0,
         clock: Callable[[], float] = time.time,
+        streaming: bool = True,
+        streams: int = DEFAULT_STREAMS,
     ) -> None:
         if not audience:
             raise ValueError("audience is required")
@@ -161,6 +165,7 @@ class AsyncRemoteValidator:
         self._timeout = timeout_seconds
         self._clock = clock
         self._cache = PositiveCache(cache_ttl_seconds, cache_size, None)
+        self.streams = AsyncStreamMux(channel, streams=streams) if streaming else None
 
     async def validate(
         self, token: str, *, required_scopes: Sequence[str] = ()
@@ -173,17 +178,29 @@ class AsyncRemoteValidator:
                 auth_pb2.ValidateTokenResponse(valid=True, claims=claims.to_proto()),
                 required_scopes,
             )
-        try:
-            response = await self._stub.ValidateToken(
-                auth_pb2.ValidateTokenRequest(token=token, audience=self.audience),
-                timeout=self._timeout,
-            )
-        except grpc.RpcError as exc:
-            return remote_error(exc)
+        request = auth_pb2.ValidateTokenRequest(token=token, audience=self.audience)
+        remaining = self._timeout
+        response = None
+        if self.streams is not None:
+            started = time.monotonic()
+            response = await self.streams.check(request, self._timeout)
+            remaining -= time.monotonic() - started
+        if response is None:
+            if remaining <= 0:
+                raise ValidatorUnavailable("authsvc ValidateToken: no answer within the deadline")
+            try:
+                response = await self._stub.ValidateToken(request, timeout=remaining)
+            except grpc.RpcError as exc:
+                return remote_error(exc)
         result = ValidationResult.from_proto(response)
         if result.claims is not None:
             self._cache.put(key, result.claims, now)
         return remote_result(response, required_scopes)
+
+    def close(self) -> None:
+        """End the validator's streams (they also end with the channel)."""
+        if self.streams is not None:
+            self.streams.close()
 
     def __repr__(self) -> str:
         return f"AsyncRemoteValidator(audience={self.audience!r}, cached={len(self._cache)})"

@@ -17,6 +17,7 @@ from authsvc_client.claims import DEFAULT_LEEWAY_SECONDS, Claims, ValidationResu
 from authsvc_client.errors import ValidatorUnavailable
 from authsvc_client.keyring import KeyRing
 from authsvc_client.revocations import RevocationEntry, RevocationSet
+from authsvc_client.streaming import DEFAULT_STREAMS, StreamMux
 from authsvc_client.tokens import TokenSource
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 from authsvc_client.verifier import TokenVerifier
@@ -144,7 +145,12 @@ def remote_error(exc: grpc.RpcError) -> ValidationResult:
 
 
 class RemoteValidator:
-    """Validates by calling authsvc's ValidateToken, with a small positive cache.
+    """Validates by asking authsvc, with a small positive cache.
+
+    By default checks travel over `streams` long-lived ValidateTokenStream calls shared by
+    every thread (about a third of a unary call's server CPU), each check with its own
+    deadline; a server without that RPC, or a stream that is reconnecting, gets unary
+    ValidateToken instead (`streaming=False` always does).
 
     Fails closed: when authsvc is down or slower than `timeout_seconds`, validate() raises
     ValidatorUnavailable and interceptors answer UNAVAILABLE. Cached answers live at most
@@ -163,6 +169,8 @@ class RemoteValidator:
         follow_revocations: bool = False,
         token_source: FollowerToken | None = None,
         clock: Callable[[], float] = time.time,
+        streaming: bool = True,
+        streams: int = DEFAULT_STREAMS,
     ) -> None:
         """`token_source` authenticates the revocation feed when `follow_revocations` is on
         (see LocalValidator; None reads the AUTHSVC_SERVICE_* environment)."""
@@ -171,6 +179,7 @@ class RemoteValidator:
         self.audience = audience
         self._stub = auth_pb2_grpc.AuthServiceStub(channel)
         self._timeout = timeout_seconds
+        self.streams = StreamMux(channel, streams=streams) if streaming else None
         self._clock = clock
         self._follower: RevocationFollower | None = None
         revocations: RevocationSet | None = None
@@ -197,19 +206,33 @@ class RemoteValidator:
         claims = self._cache.get(key, now) if use_cache else None
         if claims is not None:
             return _with_scopes(ValidationResult.ok(claims), required_scopes)
-        try:
-            response = self._stub.ValidateToken(
-                auth_pb2.ValidateTokenRequest(token=token, audience=self.audience),
-                timeout=self._timeout,
-            )
-        except grpc.RpcError as exc:
-            return remote_error(exc)
+        response = self._ask(auth_pb2.ValidateTokenRequest(token=token, audience=self.audience))
         result = ValidationResult.from_proto(response)
         if result.claims is not None and use_cache:
             self._cache.put(key, result.claims, now)
         return _with_scopes(result, required_scopes)
 
+    def _ask(self, request: auth_pb2.ValidateTokenRequest) -> auth_pb2.ValidateTokenResponse:
+        remaining = self._timeout
+        if self.streams is not None:
+            started = time.monotonic()
+            answer = self.streams.check(request, self._timeout)
+            if answer is not None:
+                return answer
+            remaining -= time.monotonic() - started
+            if remaining <= 0:
+                raise ValidatorUnavailable("authsvc ValidateToken: no answer within the deadline")
+        try:
+            response: auth_pb2.ValidateTokenResponse = self._stub.ValidateToken(
+                request, timeout=remaining
+            )
+        except grpc.RpcError as exc:
+            return remote_error(exc).to_proto()
+        return response
+
     def close(self) -> None:
+        if self.streams is not None:
+            self.streams.close()
         if self._follower is not None:
             self._follower.stop()
 

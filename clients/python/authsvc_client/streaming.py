@@ -1,0 +1,377 @@
+"""Remote checks multiplexed over a few long-lived ValidateTokenStream calls.
+
+A message on an open stream costs authsvc's Python server about a third of a unary call, and
+remote validation is the main job of a fleet's authsvc. The server answers every request of a
+stream once, in order, so each stream keeps a FIFO of its callers: the n-th answer belongs to
+the n-th request. A caller whose deadline passes leaves its slot in the FIFO (its late answer is
+dropped), so deadlines stay per check without breaking the pairing.
+
+When a stream cannot serve a check (none open during back-off, every stream full, the stream
+ended before answering, or a server without the RPC), `check` returns None and the validator
+asks the same question with unary ValidateToken: checks are idempotent, so a retry is safe, and
+the unary call fails closed on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import grpc
+
+from authsvc_client.errors import ValidatorUnavailable
+from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
+
+__all__ = ["AsyncStreamMux", "StreamMux"]
+
+DEFAULT_STREAMS = 2
+DEFAULT_MAX_IN_FLIGHT = 128
+_BACKOFF_INITIAL = 0.25
+_BACKOFF_MAX = 30.0
+# A server without the RPC is asked again this much later (it may have been upgraded).
+_UNSUPPORTED_RETRY = 300.0
+
+Request = auth_pb2.ValidateTokenRequest
+Response = auth_pb2.ValidateTokenResponse
+
+
+def _timed_out() -> ValidatorUnavailable:
+    return ValidatorUnavailable("authsvc ValidateTokenStream: no answer within the deadline")
+
+
+class _Reconnect:
+    """When the next stream may be opened: exponential back-off after failures, a long pause
+    after UNIMPLEMENTED, reset once a stream has answered."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._delay = _BACKOFF_INITIAL
+        self._not_before = 0.0
+        self.unsupported = False
+
+    def allowed(self) -> bool:
+        return self._clock() >= self._not_before
+
+    def ended(self, code: grpc.StatusCode | None, answered: bool) -> None:
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            self.unsupported = True
+            self._not_before = self._clock() + _UNSUPPORTED_RETRY
+            return
+        if code in (None, grpc.StatusCode.CANCELLED):
+            return
+        if answered:
+            self._delay = _BACKOFF_INITIAL
+        self._not_before = self._clock() + self._delay
+        self._delay = min(self._delay * 2, _BACKOFF_MAX)
+
+    def answered(self) -> None:
+        self.unsupported = False
+        self._delay = _BACKOFF_INITIAL
+
+
+def _code(exc: BaseException) -> grpc.StatusCode:
+    # grpc.aio's AioRpcError has code() without being a grpc.Call.
+    code_of = getattr(exc, "code", None)
+    code = code_of() if callable(code_of) else None
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+
+# --- sync ------------------------------------------------------------------------------------
+
+
+class _Slot:
+    __slots__ = ("done", "response")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.response: Response | None = None
+
+
+class _Stream:
+    def __init__(
+        self,
+        stub: auth_pb2_grpc.AuthServiceStub,
+        max_in_flight: int,
+        on_end: Callable[[_Stream, grpc.StatusCode | None, bool], None],
+        on_answer: Callable[[], None],
+    ) -> None:
+        self._requests: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
+        self._pending: deque[_Slot] = deque()
+        self._lock = threading.Lock()
+        self._max = max_in_flight
+        self._on_end = on_end
+        self._on_answer = on_answer
+        self.alive = True
+        self._call: Any = stub.ValidateTokenStream(self._feed())
+        threading.Thread(target=self._read, name="authsvc-validate-stream", daemon=True).start()
+
+    @property
+    def load(self) -> int:
+        return len(self._pending)
+
+    def _feed(self) -> Iterator[Request]:
+        while True:
+            request = self._requests.get()
+            if request is None:
+                return
+            yield request
+
+    def submit(self, request: Request) -> _Slot | None:
+        slot = _Slot()
+        with self._lock:
+            if not self.alive or len(self._pending) >= self._max:
+                return None
+            # Appended and queued under one lock: the FIFO's order is the wire's order.
+            self._pending.append(slot)
+            self._requests.put(request)
+        return slot
+
+    def _read(self) -> None:
+        code: grpc.StatusCode | None = None
+        answered = False
+        try:
+            for response in self._call:
+                with self._lock:
+                    slot = self._pending.popleft()
+                slot.response = response
+                slot.done.set()
+                if not answered:
+                    answered = True
+                    self._on_answer()
+        except grpc.RpcError as exc:
+            code = _code(exc)
+        except IndexError:  # an answer nobody asked for: the stream is not trustworthy
+            code = grpc.StatusCode.INTERNAL
+            self._call.cancel()
+        finally:
+            with self._lock:
+                self.alive = False
+                left = list(self._pending)
+                self._pending.clear()
+            self._requests.put(None)
+            for slot in left:
+                slot.done.set()  # no response: the caller asks again with a unary call
+            self._on_end(self, code, answered)
+
+    def close(self) -> None:
+        with self._lock:
+            self.alive = False
+        self._requests.put(None)
+        self._call.cancel()
+
+
+class StreamMux:
+    """Up to `streams` ValidateTokenStream calls on one grpc.Channel, shared by every thread."""
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        *,
+        streams: int = DEFAULT_STREAMS,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if streams < 1 or max_in_flight < 1:
+            raise ValueError("streams and max_in_flight must be at least 1")
+        self._stub = auth_pb2_grpc.AuthServiceStub(channel)
+        self._size = streams
+        self._max = max_in_flight
+        self._streams: list[_Stream] = []
+        self._lock = threading.Lock()
+        self._reconnect = _Reconnect(clock)
+        self._closed = False
+        self.answered = 0
+
+    @property
+    def unsupported(self) -> bool:
+        """True after the server answered UNIMPLEMENTED (checks go unary for a while)."""
+        return self._reconnect.unsupported
+
+    @property
+    def open_streams(self) -> int:
+        return sum(1 for s in self._streams if s.alive)
+
+    def _ended(self, stream: _Stream, code: grpc.StatusCode | None, answered: bool) -> None:
+        with self._lock:
+            if stream in self._streams:
+                self._streams.remove(stream)
+            self._reconnect.ended(code, answered)
+
+    def _pick(self) -> _Stream | None:
+        with self._lock:
+            if self._closed:
+                return None
+            live = [s for s in self._streams if s.alive]
+            if len(live) < self._size and self._reconnect.allowed():
+                stream = _Stream(self._stub, self._max, self._ended, self._reconnect.answered)
+                self._streams.append(stream)
+                return stream
+            return min(live, key=lambda s: s.load, default=None)
+
+    def check(self, request: Request, timeout: float) -> Response | None:
+        """The stream's answer, or None when the caller should ask with a unary call.
+
+        Raises:
+            ValidatorUnavailable: the stream took the request but did not answer in time.
+        """
+        stream = self._pick()
+        slot = stream.submit(request) if stream is not None else None
+        if slot is None:
+            return None
+        if not slot.done.wait(timeout):
+            raise _timed_out()
+        if slot.response is not None:
+            self.answered += 1
+        return slot.response
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            streams, self._streams = self._streams, []
+        for stream in streams:
+            stream.close()
+
+
+# --- asyncio ---------------------------------------------------------------------------------
+
+
+class _AsyncStream:
+    def __init__(
+        self,
+        stub: auth_pb2_grpc.AuthServiceStub,
+        max_in_flight: int,
+        on_end: Callable[[_AsyncStream, grpc.StatusCode | None, bool], None],
+        on_answer: Callable[[], None],
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._requests: asyncio.Queue[Request | None] = asyncio.Queue()
+        self._pending: deque[asyncio.Future[Response | None]] = deque()
+        self._max = max_in_flight
+        self._on_end = on_end
+        self._on_answer = on_answer
+        self.alive = True
+        self._call: Any = stub.ValidateTokenStream(self._feed())
+        self._reader = self._loop.create_task(self._read())
+
+    @property
+    def load(self) -> int:
+        return len(self._pending)
+
+    async def _feed(self) -> AsyncIterator[Request]:
+        while True:
+            request = await self._requests.get()
+            if request is None:
+                return
+            yield request
+
+    def submit(self, request: Request) -> asyncio.Future[Response | None] | None:
+        if not self.alive or len(self._pending) >= self._max:
+            return None
+        # No await between the two: the FIFO's order is the wire's order.
+        future: asyncio.Future[Response | None] = self._loop.create_future()
+        self._pending.append(future)
+        self._requests.put_nowait(request)
+        return future
+
+    async def _read(self) -> None:
+        code: grpc.StatusCode | None = None
+        answered = False
+        try:
+            async for response in self._call:
+                future = self._pending.popleft()
+                if not future.done():
+                    future.set_result(response)
+                if not answered:
+                    answered = True
+                    self._on_answer()
+        except grpc.RpcError as exc:
+            code = _code(exc)
+        except IndexError:
+            code = grpc.StatusCode.INTERNAL
+            self._call.cancel()
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+        finally:
+            self.alive = False
+            left = list(self._pending)
+            self._pending.clear()
+            self._requests.put_nowait(None)
+            for future in left:
+                if not future.done():
+                    future.set_result(None)
+            self._on_end(self, code, answered)
+
+    def close(self) -> None:
+        self.alive = False
+        self._requests.put_nowait(None)
+        self._call.cancel()
+
+
+class AsyncStreamMux:
+    """StreamMux for a grpc.aio channel; streams open lazily inside the caller's event loop."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        streams: int = DEFAULT_STREAMS,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if streams < 1 or max_in_flight < 1:
+            raise ValueError("streams and max_in_flight must be at least 1")
+        self._stub = auth_pb2_grpc.AuthServiceStub(channel)
+        self._size = streams
+        self._max = max_in_flight
+        self._streams: list[_AsyncStream] = []
+        self._reconnect = _Reconnect(clock)
+        self._closed = False
+        self.answered = 0
+
+    @property
+    def unsupported(self) -> bool:
+        return self._reconnect.unsupported
+
+    @property
+    def open_streams(self) -> int:
+        return sum(1 for s in self._streams if s.alive)
+
+    def _ended(self, stream: _AsyncStream, code: grpc.StatusCode | None, answered: bool) -> None:
+        if stream in self._streams:
+            self._streams.remove(stream)
+        self._reconnect.ended(code, answered)
+
+    def _pick(self) -> _AsyncStream | None:
+        if self._closed:
+            return None
+        live = [s for s in self._streams if s.alive]
+        if len(live) < self._size and self._reconnect.allowed():
+            stream = _AsyncStream(self._stub, self._max, self._ended, self._reconnect.answered)
+            self._streams.append(stream)
+            return stream
+        return min(live, key=lambda s: s.load, default=None)
+
+    async def check(self, request: Request, timeout: float) -> Response | None:
+        """StreamMux.check, awaitable."""
+        stream = self._pick()
+        future = stream.submit(request) if stream is not None else None
+        if future is None:
+            return None
+        try:
+            response = await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise _timed_out() from None
+        if response is not None:
+            self.answered += 1
+        return response
+
+    def close(self) -> None:
+        self._closed = True
+        streams, self._streams = self._streams, []
+        for stream in streams:
+            stream.close()
