@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
@@ -143,7 +144,12 @@ class TestSyncStreams:
                 validator.validate(token, required_scopes=["nope"]).reason_name
                 == "INSUFFICIENT_SCOPE"
             )
-            assert validator.streams is not None and validator.streams.unsupported
+            # The checks may have gone unary before the stream's UNIMPLEMENTED arrived.
+            assert validator.streams is not None
+            deadline = time.monotonic() + 30
+            while not validator.streams.unsupported and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert validator.streams.unsupported
             assert validator.streams.answered == 0
             validator.close()
 
@@ -174,7 +180,13 @@ class TestAsyncStreams:
                     channel, "billing", cache_ttl_seconds=0, timeout_seconds=10
                 )
                 assert (await validator.validate(token)).valid
-                assert validator.streams is not None and validator.streams.unsupported
+                # The check may have gone unary before the stream's UNIMPLEMENTED arrived.
+                assert validator.streams is not None
+                deadline = time.monotonic() + 30
+                while not validator.streams.unsupported and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                assert validator.streams.unsupported
+                assert (await validator.validate(token)).valid
                 validator.close()
 
         asyncio.run(main())

@@ -300,7 +300,11 @@ class TestInterceptors:
                 f"127.0.0.1:{server.port}", interceptors=tracing
             ) as authsvc:
                 auth = AsyncAuthServerInterceptor(
-                    AsyncRemoteValidator(authsvc, "billing", cache_ttl_seconds=0.0),
+                    # Unary checks: a check over ValidateTokenStream rides one long-lived
+                    # stream whose span is the stream's, not the check's.
+                    AsyncRemoteValidator(
+                        authsvc, "billing", cache_ttl_seconds=0.0, streaming=False
+                    ),
                     BILLING_SCOPES,
                 )
                 billing = grpc.aio.server(
