@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import json
-import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,8 +29,6 @@ from authsvc.storage.repository import Repository
 from authsvc_client.keyring import KeyRing
 from authsvc_client.revocations import RevocationEntry, RevocationSet
 from authsvc_client.v1 import auth_pb2
-
-log = logging.getLogger("authsvc.sync")
 
 _PAGE = 10_000
 
