@@ -456,12 +456,12 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _audit_cli(core: Any, *, action: str, target: str, outcome: str, detail: str = "") -> None:
-    from authsvc.clock import to_datetime
-    from authsvc.server.servicer import CLI_ACTOR, local_audit
+    from authsvc.server.servicer import local_audit
+    from authsvc.usecases.audit import CLI_ACTOR
 
     local_audit(
         core.repo,
-        to_datetime(core.clock.now()),
+        core.clock,
         actor=CLI_ACTOR,
         action=action,
         target=target,

@@ -1,41 +1,38 @@
-"""The server's error tree: each error a user can see carries its gRPC status code.
+"""The server's error tree: what a use case raises when a caller cannot have what it asked.
 
-Only the servicer turns these into a status; messages never hold a secret or a token.
+Free of gRPC: the servicer maps each class to a status code (`authsvc.server.status`), the
+only place that does. Messages never hold a secret or a token.
 """
 
 from __future__ import annotations
-
-import grpc
 
 
 class AuthsvcError(Exception):
     """Root of every error the server raises on purpose."""
 
-    grpc_code: grpc.StatusCode = grpc.StatusCode.INTERNAL
-
 
 class InvalidArgument(AuthsvcError):
-    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    """A malformed request: a field missing, too long or outside its grammar."""
 
 
 class Unauthenticated(AuthsvcError):
-    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    """The caller did not prove who it is (bad credentials, bad or missing bearer token)."""
 
 
 class PermissionDenied(AuthsvcError):
-    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+    """The caller is known but may not do this (audience, scope, admin, current secret)."""
 
 
 class NotFound(AuthsvcError):
-    grpc_code = grpc.StatusCode.NOT_FOUND
+    """The named service, key or issuer does not exist."""
 
 
 class AlreadyExists(AuthsvcError):
-    grpc_code = grpc.StatusCode.ALREADY_EXISTS
+    """A name that must be unique is taken."""
 
 
 class ResourceExhausted(AuthsvcError):
-    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    """Throttled or over a bound; the caller may retry after `retry_after` seconds."""
 
     def __init__(self, message: str, *, retry_after: int) -> None:
         super().__init__(message)
@@ -44,19 +41,15 @@ class ResourceExhausted(AuthsvcError):
 
 
 class FailedPrecondition(AuthsvcError):
-    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+    """The state does not allow this now (a concurrent change won, a key is missing)."""
 
 
 class StorageUnavailable(AuthsvcError):
     """The database could not be reached or answered with a transient error."""
 
-    grpc_code = grpc.StatusCode.UNAVAILABLE
-
 
 class ConfigError(AuthsvcError):
     """Configuration is missing or unsafe; names the setting, never its value."""
-
-    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class DecryptError(AuthsvcError):
@@ -64,8 +57,6 @@ class DecryptError(AuthsvcError):
 
     Deliberately opaque, like Fernet's InvalidToken.
     """
-
-    grpc_code = grpc.StatusCode.INTERNAL
 
     def __init__(self) -> None:
         super().__init__("decryption failed")

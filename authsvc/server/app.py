@@ -38,7 +38,7 @@ from authsvc.keys.wrapping import CANNOT_DECRYPT, check_wrapped_keys, load_secre
 from authsvc.server.http import HttpSidePort, ReadinessPolicy
 from authsvc.server.ledger import LoginLedger
 from authsvc.server.metrics import QUIET_WHEN_OK, Metrics, MetricsInterceptor, StateCollector
-from authsvc.server.servicer import CLI_ACTOR, SCHEDULER_ACTOR, AuthServicer, local_audit
+from authsvc.server.servicer import AuthServicer, local_audit
 from authsvc.server.tracing import tracing_interceptors
 from authsvc.services import disable_service, register_service, rotate_service_secret
 from authsvc.storage import migrate
@@ -47,6 +47,7 @@ from authsvc.storage.records import RevocationRecord
 from authsvc.storage.repository import Repository
 from authsvc.sync import RevocationFeed, ServerState
 from authsvc.tokens.issuer import TokenIssuer
+from authsvc.usecases.audit import CLI_ACTOR, SCHEDULER_ACTOR
 from authsvc_client.claims import ADMIN_SCOPE
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 from authsvc_client.verifier import TokenVerifier
@@ -138,7 +139,7 @@ def create_service(
     )
     local_audit(
         core.repo,
-        to_datetime(core.clock.now()),
+        core.clock,
         actor=CLI_ACTOR,
         action="create_service",
         target=f"service:{record.service_id}",
@@ -152,7 +153,7 @@ def rotate_secret(core: Core, service_id: str, grace_seconds: int) -> tuple[str,
     result = rotate_service_secret(core.repo, core.hasher, core.clock, service_id, grace_seconds)
     local_audit(
         core.repo,
-        to_datetime(core.clock.now()),
+        core.clock,
         actor=CLI_ACTOR,
         action="rotate_secret",
         target=f"service:{service_id}",
@@ -170,7 +171,7 @@ def disable(core: Core, service_id: str) -> None:
     )
     local_audit(
         core.repo,
-        to_datetime(core.clock.now()),
+        core.clock,
         actor=CLI_ACTOR,
         action="disable_service",
         target=f"service:{record.service_id}",
@@ -413,7 +414,7 @@ class AuthsvcServer:
             await asyncio.to_thread(
                 local_audit,
                 core.repo,
-                to_datetime(self.clock.now()),
+                self.clock,
                 actor=SCHEDULER_ACTOR,
                 action="rotate_signing_key",
                 target=f"key:{result.key.kid}",

@@ -56,6 +56,7 @@ from authsvc.errors import (
 )
 from authsvc.storage.records import SecretSlot, ServiceRecord
 from authsvc.storage.repository import LoginBatch, Repository
+from authsvc.usecases.audit import log_audit
 
 __all__ = [
     "BAD_CREDENTIALS",
@@ -80,25 +81,6 @@ MAX_BATCH = 256
 _NO_SECRETS: tuple[tuple[SecretSlot, bytes], ...] = (("current", bytes(32)),)
 # Known-peer rows remembered as written (per process) before the map is cleared.
 _PEERS_REMEMBERED = 100_000
-
-
-def log_audit(
-    *, action: str, actor: str, target: str, outcome: str, peer: str, request_id: str
-) -> None:
-    """The log line of an audit event: every audit row has one (RPCs, CLI, scheduler).
-
-    The event text is constant and each field its own member (`AUDIT_FIELDS`): an id is data
-    and never becomes part of the text a reader splits into key=value pairs.
-    """
-    fields = {
-        "action": action,
-        "actor": actor,
-        "target": target,
-        "outcome": outcome,
-        "peer": peer,
-        "request_id": request_id,
-    }
-    log.info("audit", extra=fields)
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,8 @@ import functools
 import json
 import logging
 import math
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
-from datetime import datetime
 from typing import Any, TypeVar
 
 import grpc
@@ -32,7 +30,6 @@ from authsvc.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
-    ResourceExhausted,
     Unauthenticated,
 )
 from authsvc.inputs import (
@@ -45,22 +42,20 @@ from authsvc.inputs import (
 )
 from authsvc.keys.manager import KeyManager
 from authsvc.logs import current_request_id, request_id_from
-from authsvc.server.ledger import CURRENT_ONLY, Grant, Login, LoginLedger, log_audit
+from authsvc.server.ledger import CURRENT_ONLY, Grant, Login, LoginLedger
+from authsvc.server.status import status_of, trailers_of
 from authsvc.services import disable_service, register_service, rotate_service_secret
 from authsvc.storage.records import ServiceRecord, SigningKeyRecord
 from authsvc.storage.repository import Repository
 from authsvc.sync import RevocationFeed, ServerState, Signer, held_event
 from authsvc.tokens.issuer import IssuedToken, TokenIssuer
+from authsvc.usecases.audit import AuditTrail, Origin
 from authsvc_client.claims import ADMIN_SCOPE, Claims, ValidationResult
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 from authsvc_client.verifier import TokenVerifier
 
 log = logging.getLogger("authsvc.server")
 
-# Actor and peer of audit events made on this host without a gRPC call (CLI, scheduler).
-CLI_ACTOR = "cli"
-SCHEDULER_ACTOR = "scheduler"
-LOCAL_PEER = "local"
 # A replay reads storage this many revocations at a time, in a worker thread; a live stream
 # sends at most _WATCH_BATCH events before it lets other calls run.
 _WATCH_PAGE = 1000
@@ -129,6 +124,14 @@ def unverified_audience(token: str) -> str | None:
     return aud if isinstance(aud, str) and aud else None
 
 
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: AuthsvcError) -> None:
+    """End the call with the error's status, message and trailers (`status.py`'s table)."""
+    trailers = trailers_of(exc)
+    if trailers:
+        context.set_trailing_metadata(trailers)
+    await context.abort(status_of(exc), str(exc))
+
+
 def handle_errors(
     method: Callable[..., Awaitable[T]],
 ) -> Callable[..., Awaitable[T]]:
@@ -139,9 +142,7 @@ def handle_errors(
         try:
             return await method(self, request, context)
         except AuthsvcError as exc:
-            if isinstance(exc, ResourceExhausted):
-                context.set_trailing_metadata((("retry-after", str(exc.retry_after)),))
-            await context.abort(exc.grpc_code, str(exc))
+            await _abort(context, exc)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception:
@@ -153,40 +154,9 @@ def handle_errors(
     return wrapper
 
 
-def write_audit(
-    repo: Repository,
-    at: datetime,
-    *,
-    actor: str,
-    action: str,
-    target: str,
-    outcome: str,
-    peer: str,
-    request_id: str,
-    detail: str = "",
-) -> None:
-    """One structured log event and one audit row: the RPCs, the CLI and the scheduler share it.
-
-    The log line comes first so an event still leaves a trace when the database is down.
-    """
-    log_audit(
-        action=action, actor=actor, target=target, outcome=outcome, peer=peer, request_id=request_id
-    )
-    repo.create_audit_event(
-        at=at,
-        actor=actor,
-        action=action,
-        target=target,
-        outcome=outcome,
-        peer=peer,
-        request_id=request_id,
-        detail=detail,
-    )
-
-
 def local_audit(
     repo: Repository,
-    at: datetime,
+    clock: Clock,
     *,
     actor: str,
     action: str,
@@ -195,16 +165,8 @@ def local_audit(
     detail: str = "",
 ) -> None:
     """Audit a change made on this host without a gRPC peer (CLI, scheduler)."""
-    write_audit(
-        repo,
-        at,
-        actor=actor,
-        action=action,
-        target=target,
-        outcome=outcome,
-        peer=LOCAL_PEER,
-        request_id=uuid.uuid4().hex,
-        detail=detail,
+    AuditTrail(repo, clock).record(
+        Origin.local(actor), action=action, target=target, outcome=outcome, detail=detail
     )
 
 
@@ -240,6 +202,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         self._clock = clock
         self._feed = feed
         self._ledger = ledger
+        self._trail = AuditTrail(repo, clock)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -287,15 +250,11 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         request_id: str,
         detail: str = "",
     ) -> None:
-        write_audit(
-            self._repo,
-            to_datetime(self._clock.now()),
-            actor=actor,
+        self._trail.record(
+            Origin(actor=actor, peer=peer, request_id=request_id),
             action=action,
             target=target,
             outcome=outcome,
-            peer=peer,
-            request_id=request_id,
             detail=detail,
         )
 
@@ -809,14 +768,12 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
                 raise InvalidArgument("after_cursor must be >= 0")
             self._feed.acquire(peer)
         except AuthsvcError as exc:
-            if isinstance(exc, ResourceExhausted):
-                context.set_trailing_metadata((("retry-after", str(exc.retry_after)),))
-            await context.abort(exc.grpc_code, str(exc))
+            await _abort(context, exc)
         try:
             async for event in self._follow(request.after_cursor):
                 yield event
         except AuthsvcError as exc:
-            await context.abort(exc.grpc_code, str(exc))
+            await _abort(context, exc)
         finally:
             self._feed.release(peer)
 

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 
 from authsvc.logs import HumanFormatter, JsonFormatter, redact, request_id_from, rpc_context
-from authsvc.server.ledger import log_audit
+from authsvc.usecases.audit import log_audit
 from authsvc_client.v1 import auth_pb2
 from tests.ops.conftest import OpsServer, start_ops_server
 from tests.support.server import run_cli, start_server
