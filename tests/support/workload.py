@@ -79,13 +79,13 @@ def new_ed25519() -> ed25519.Ed25519PrivateKey:
 
 
 @dataclass(frozen=True)
-class TestCa:
+class WorkloadCa:
     name: str
     key: ec.EllipticCurvePrivateKey = field(repr=False)
     cert: x509.Certificate
 
     @classmethod
-    def create(cls, name: str) -> TestCa:
+    def create(cls, name: str) -> WorkloadCa:
         key = new_ec()
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} workload CA")])
         now = dt.datetime.now(dt.UTC)
@@ -110,6 +110,16 @@ class TestCa:
         common_name: str = "workload",
     ) -> bytes:
         """A client certificate (PEM) with exactly these URI and DNS SANs (none: no SAN)."""
+        return self.issue_pair(uris=uris, dns=dns, common_name=common_name)[0]
+
+    def issue_pair(
+        self,
+        *,
+        uris: tuple[str, ...] = (),
+        dns: tuple[str, ...] = (),
+        common_name: str = "workload",
+    ) -> tuple[bytes, bytes]:
+        """The certificate and its private key, both PEM."""
         now = dt.datetime.now(dt.UTC)
         key = new_ec()
         builder = (
@@ -127,7 +137,12 @@ class TestCa:
         names += [x509.DNSName(d) for d in dns]
         if names:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-        return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+        cert = builder.sign(self.key, hashes.SHA256())
+        return cert.public_bytes(serialization.Encoding.PEM), private_pem(key)
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
 
 
 # --- a real JWKS endpoint -----------------------------------------------------------------------

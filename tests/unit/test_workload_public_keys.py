@@ -152,10 +152,10 @@ class TestRefused:
                 parse_public_key(text)
 
     def test_a_certificate_is_not_a_public_key(self, tmp_path: object) -> None:
-        from tests.support.workload import TestCa
+        from tests.support.workload import WorkloadCa
 
         with pytest.raises(InvalidArgument, match="certificate"):
-            parse_public_key(TestCa.create("x").issue(uris=("spiffe://a/b",)))
+            parse_public_key(WorkloadCa.create("x").issue(uris=("spiffe://a/b",)))
 
     def test_unsupported_key_object(self) -> None:
         from cryptography.hazmat.primitives.asymmetric import ed448
