@@ -167,9 +167,13 @@ def fetch_jwk_set(
         conn = http.client.HTTPSConnection(host, port, timeout=remaining(), context=context)
     else:
         conn = http.client.HTTPConnection(host, port, timeout=remaining())
+    response: http.client.HTTPResponse | None = None
     try:
         try:
             conn.connect()
+            # Kept: http.client drops conn.sock once the response owns the connection.
+            sock = conn.sock
+            assert sock is not None
             conn.request(
                 "GET",
                 path,
@@ -179,8 +183,7 @@ def fetch_jwk_set(
                     "User-Agent": "authsvc-jwks-fetch",
                 },
             )
-            assert conn.sock is not None
-            conn.sock.settimeout(remaining())
+            sock.settimeout(remaining())
             response = conn.getresponse()
             if 300 <= response.status < 400:
                 raise JwksFetchError(FetchFailure.REDIRECT)
@@ -196,7 +199,7 @@ def fetch_jwk_set(
                     raise JwksFetchError(FetchFailure.TOO_LARGE)
             body = bytearray()
             while True:
-                conn.sock.settimeout(remaining())
+                sock.settimeout(remaining())
                 chunk = response.read1(min(16 * 1024, max_bytes + 1 - len(body)))
                 if not chunk:
                     break
@@ -210,6 +213,8 @@ def fetch_jwk_set(
         except (OSError, http.client.HTTPException):
             raise JwksFetchError(FetchFailure.CONNECT) from None
     finally:
+        if response is not None:  # it owns the socket once the connection handed it over
+            response.close()
         conn.close()
     try:
         document = json.loads(bytes(body))

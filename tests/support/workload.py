@@ -157,6 +157,7 @@ class Route:
     headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "application/json"})
     hang: bool = False  # accept the request, then never answer until the server stops
     send_length: bool = True
+    drip: float = 0.0  # seconds between body bytes (a slow-drip endpoint), 0: all at once
 
 
 class JwksServer:
@@ -190,7 +191,14 @@ class JwksServer:
                     self.send_header("Content-Length", str(len(route.body)))
                 self.end_headers()
                 try:
-                    self.wfile.write(route.body)
+                    if route.drip:
+                        for i in range(len(route.body)):
+                            if outer._stop.wait(route.drip):
+                                return
+                            self.wfile.write(route.body[i : i + 1])
+                            self.wfile.flush()
+                    else:
+                        self.wfile.write(route.body)
                 except OSError:
                     pass
 
