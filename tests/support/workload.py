@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
+import hmac
 import json
 import ssl
 import threading
@@ -61,6 +63,14 @@ def sign(claims: dict[str, Any], key: PrivateKey, alg: str, **header: Any) -> st
 def unsigned(claims: dict[str, Any], **header: Any) -> str:
     """An `alg: none` token (RFC 7519 section 6): header.payload. and an empty signature."""
     return f"{segment({'alg': 'none', **header})}.{segment(claims)}."
+
+
+def hmac_forged(claims: dict[str, Any], secret: bytes, **header: Any) -> str:
+    """HS256 keyed with `secret` (the classic confusion: the verifier's PUBLIC key as the HMAC
+    key), built by hand: PyJWT itself refuses to sign so."""
+    signing_input = f"{segment({'alg': 'HS256', **header})}.{segment(claims)}"
+    mac = hmac.new(secret, signing_input.encode("ascii"), hashlib.sha256).digest()
+    return f"{signing_input}.{b64url(mac)}"
 
 
 def new_rsa(bits: int = 2048) -> rsa.RSAPrivateKey:
