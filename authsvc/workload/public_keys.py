@@ -157,8 +157,10 @@ def key_from_jwk(jwk: Mapping[str, Any]) -> RegisteredKey:
     if kty == "RSA":
         n = int.from_bytes(_member(jwk, "n"), "big")
         e = int.from_bytes(_member(jwk, "e"), "big")
-        if e < 3 or e % 2 == 0 or n.bit_length() < MIN_RSA_BITS:
+        if n.bit_length() < MIN_RSA_BITS:
             raise InvalidArgument(f"public key: RSA keys must have at least {MIN_RSA_BITS} bits")
+        if e < 3 or e % 2 == 0:
+            raise InvalidArgument("public key: the RSA public exponent must be odd and >= 3")
         try:
             public_key = rsa.RSAPublicNumbers(e, n).public_key()
         except ValueError:

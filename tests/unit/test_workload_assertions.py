@@ -124,8 +124,9 @@ class TestSignerAndVerifier:
             "application/client-authentication+JWT",
         ):
             assert verify(sign(claims(), rsa_key, "RS256", typ=typ), keys)
-        for typ in ("at+jwt", "application/at+jwt", "secevent+jwt", "JWS", 1):
-            assert reason(sign(claims(), rsa_key, "RS256", typ=typ), keys) == Reason.WRONG_TYPE
+        wrong: tuple[object, ...] = ("at+jwt", "application/at+jwt", "secevent+jwt", "JWS", 1)
+        for bad in wrong:
+            assert reason(sign(claims(), rsa_key, "RS256", typ=bad), keys) == Reason.WRONG_TYPE
 
     def test_claimed_service_id(self, rsa_key: rsa.RSAPrivateKey) -> None:
         assert claimed_service_id(AssertionSigner("orders", ISSUER, rsa_key).sign()) == "orders"

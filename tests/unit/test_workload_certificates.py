@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -120,8 +121,25 @@ def served(tmp_path_factory: pytest.TempPathFactory, ca: WorkloadCa) -> Iterator
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
             raise
 
+    def context_view(request: bytes, context: grpc.ServicerContext) -> bytes:
+        """What gRPC itself says of the peer, beside what peer_identity reads from the PEM."""
+        auth = context.auth_context()
+        peer = peer_identity(auth["x509_pem_cert"][0])
+        view = {
+            "grpc_uris": [u.decode() for u in auth.get("peer_uri", [])],
+            "grpc_dns": [d.decode() for d in auth.get("peer_dns", [])],
+            "grpc_spiffe_id": [i.decode() for i in auth.get("peer_spiffe_id", [])],
+            "uris": list(peer.uris),
+            "dns": list(peer.dns_names),
+        }
+        return json.dumps(view).encode()
+
     handler = grpc.method_handlers_generic_handler(
-        "test.Who", {"Am": grpc.unary_unary_rpc_method_handler(whoami)}
+        "test.Who",
+        {
+            "Am": grpc.unary_unary_rpc_method_handler(whoami),
+            "Context": grpc.unary_unary_rpc_method_handler(context_view),
+        },
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     server.add_generic_rpc_handlers((handler,))
@@ -141,12 +159,27 @@ def served(tmp_path_factory: pytest.TempPathFactory, ca: WorkloadCa) -> Iterator
 class TestOverGrpc:
     """A real gRPC server with mTLS: the chain is verified by gRPC, the SAN by the matcher."""
 
-    def call(self, served: tuple[int, bytes], cert: tuple[bytes, bytes]) -> bytes:
+    def call(
+        self, served: tuple[int, bytes], cert: tuple[bytes, bytes], method: str = "Am"
+    ) -> bytes:
         port, root = served
         creds = grpc.ssl_channel_credentials(root, private_key=cert[1], certificate_chain=cert[0])
         with grpc.secure_channel(f"localhost:{port}", creds) as channel:
-            result: bytes = channel.unary_unary("/test.Who/Am")(b"", timeout=10)
+            result: bytes = channel.unary_unary(f"/test.Who/{method}")(b"", timeout=10)
             return result
+
+    def test_the_pem_says_what_grpc_says(self, served: tuple[int, bytes], ca: WorkloadCa) -> None:
+        """x509_pem_cert read by peer_identity gives gRPC's own peer_uri/peer_dns, and gRPC
+        also names a SPIFFE ID only when there is exactly one URI SAN (our SVID rule)."""
+        one = json.loads(
+            self.call(served, ca.issue_pair(uris=(ORDERS,), dns=("o.svc",)), "Context")
+        )
+        assert one["uris"] == one["grpc_uris"] == one["grpc_spiffe_id"] == [ORDERS]
+        assert one["dns"] == one["grpc_dns"] == ["o.svc"]
+        two_uris = (ORDERS, "spiffe://example.org/other")
+        two = json.loads(self.call(served, ca.issue_pair(uris=two_uris), "Context"))
+        assert two["uris"] == two["grpc_uris"] == list(two_uris)
+        assert two["grpc_spiffe_id"] == []
 
     def test_right_san_right_ca(self, served: tuple[int, bytes], ca: WorkloadCa) -> None:
         assert self.call(served, ca.issue_pair(uris=(ORDERS,))) == ORDERS.encode()

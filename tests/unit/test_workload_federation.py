@@ -44,7 +44,7 @@ A_KEY = new_rsa()
 B_KEY = new_ec()
 
 
-def k8s_claims(iss: str = CLUSTER_A, **over: Any) -> dict[str, Any]:
+def k8s_claims(iss: str | None = CLUSTER_A, **over: Any) -> dict[str, Any]:
     """A Kubernetes projected service-account token's claims (no jti)."""
     base: dict[str, Any] = {
         "iss": iss,
@@ -228,7 +228,7 @@ class TestKeyRoll:
     def test_an_unknown_kid_refreshes_the_jwks_once(self, rolling_issuer: tuple[str, Any]) -> None:
         url, server = rolling_issuer
         clock = FakeClock(NOW)
-        cache = JwksCache(url, clock=clock, policy=FetchPolicy(timeout=2.0), name="cluster-a")
+        cache = JwksCache(url, clock=clock, policy=FetchPolicy(timeout=10.0), name="cluster-a")
         verifier = FederationVerifier([TrustedIssuer("cluster-a", CLUSTER_A, "authsvc", cache)])
         assert verifier.verify(sign(k8s_claims(), A_KEY, "RS256", kid="old"), now=NOW)
         new_key: rsa.RSAPrivateKey = new_rsa()

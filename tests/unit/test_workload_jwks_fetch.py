@@ -148,7 +148,7 @@ def cache_for(
         server.url(path),
         clock=clock,
         policy=FetchPolicy(
-            timeout=2.0, refresh_interval=300, retry_interval=30, ca_file=str(ca.cert_path)
+            timeout=10.0, refresh_interval=300, retry_interval=30, ca_file=str(ca.cert_path)
         ),
         name="cluster",
         rng=lambda: 0.5,
@@ -241,7 +241,7 @@ class TestCache:
     def test_policy_bounds(self) -> None:
         for kw in ({"timeout": 0}, {"max_bytes": 0}, {"jitter": 1.0}, {"refresh_interval": -1}):
             with pytest.raises(InvalidArgument):
-                FetchPolicy(**kw)  # type: ignore[arg-type]
+                FetchPolicy(**kw)
 
     def test_http_only_on_loopback(self) -> None:
         with pytest.raises(InvalidArgument):

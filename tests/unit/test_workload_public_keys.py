@@ -174,8 +174,16 @@ class TestJwkSet:
         assert parsed.skipped == 2
 
     def test_not_a_set(self) -> None:
-        for document in ([], {"keys": {}}, {"keys": [1]}, {"kids": []}):
+        documents: list[object] = [[], {"keys": {}}, {"keys": [1]}, {"kids": []}]
+        for document in documents:
             with pytest.raises(ValueError):
                 parse_jwk_set(document)
         with pytest.raises(ValueError, match="at most"):
             parse_jwk_set({"keys": [RFC8037_JWK] * 65})
+
+
+class TestExponent:
+    def test_even_or_tiny_exponent(self, rsa_key: rsa.RSAPrivateKey) -> None:
+        for e in ("AQ", "Ag", "AQAA"):  # 1, 2, 65536
+            with pytest.raises(InvalidArgument, match="exponent"):
+                key_from_jwk({**jwk_of(rsa_key), "e": e})
