@@ -112,6 +112,18 @@ class TestSignerAndVerifier:
             token = sign(claims(), new, "ES256", **header)
             assert verify(token, keys).key_id == keys[1].key_id
 
+    def test_keys_tried_without_kid_are_bounded(self) -> None:
+        """Without a kid at most MAX_KEYS_TRIED keys are tried (CPU per bad token is bounded);
+        with its kid, any registered key is found."""
+        from authsvc.workload.jws import MAX_KEYS_TRIED
+
+        private = [new_ec() for _ in range(MAX_KEYS_TRIED + 2)]
+        keys = registered(*private)
+        last = private[-1]
+        assert reason(sign(claims(), last, "ES256"), keys) == Reason.BAD_SIGNATURE
+        assert verify(sign(claims(), last, "ES256", kid=keys[-1].key_id), keys)
+        assert verify(sign(claims(), private[MAX_KEYS_TRIED - 1], "ES256"), keys)
+
     def test_ps256_on_an_rsa_key(self, rsa_key: rsa.RSAPrivateKey) -> None:
         assert verify(sign(claims(), rsa_key, "PS256"), registered(rsa_key)).jti == "j-1"
 
@@ -261,6 +273,21 @@ class TestKeyFile:
             assert "MII" not in str(caught.value)
         with pytest.raises(CredentialsError, match="cannot read"):
             AssertionSigner.from_file(str(tmp_path / "missing"), service_id="o", issuer=ISSUER)
+
+    def test_encrypted_pem_is_refused(self, tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> None:
+        from cryptography.hazmat.primitives import serialization
+
+        path = tmp_path / "enc.pem"
+        path.write_bytes(
+            rsa_key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"passphrase"),
+            )
+        )
+        path.chmod(0o600)
+        with pytest.raises(CredentialsError, match="encrypted"):
+            AssertionSigner.from_file(str(path), service_id="orders", issuer=ISSUER)
 
     def test_signer_repr_hides_the_key(self, rsa_key: rsa.RSAPrivateKey) -> None:
         text = repr(AssertionSigner("orders", ISSUER, rsa_key))

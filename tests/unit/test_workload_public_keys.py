@@ -187,3 +187,14 @@ class TestExponent:
         for e in ("AQ", "Ag", "AQAA"):  # 1, 2, 65536
             with pytest.raises(InvalidArgument, match="exponent"):
                 key_from_jwk({**jwk_of(rsa_key), "e": e})
+
+
+class TestOneThumbprint:
+    def test_signing_key_thumbprint_agrees(self, rsa_key: rsa.RSAPrivateKey) -> None:
+        """authsvc/keys/jwks.py names signing keys with its own RSA-only copy of RFC 7638;
+        until the two are one function, they must agree."""
+        from authsvc.keys.jwks import jwk_thumbprint as signing_key_thumbprint
+
+        public = rsa_key.public_key()
+        assert signing_key_thumbprint(public) == jwk_thumbprint(public)
+        assert signing_key_thumbprint(public) == parse_public_key(public_pem(rsa_key)).key_id
