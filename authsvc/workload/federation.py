@@ -52,6 +52,8 @@ DEFAULT_MAX_LIFETIME = 24 * 3600
 DEFAULT_LEEWAY = 60
 MAX_FEDERATED_TOKEN_BYTES = 16 * 1024
 _MAX_SUBJECT = 256
+_MAX_ISSUER = 1024
+_MAX_JWKS_FILE = 1024 * 1024
 
 
 class KeySource(Protocol):
@@ -86,9 +88,14 @@ def load_jwks_file(path: str | Path) -> StaticKeys:
         InvalidArgument: unreadable, not a JWK Set, or no RS256/ES256 key in it.
     """
     try:
-        document = json.loads(Path(path).read_bytes())
+        with Path(path).open("rb") as file:
+            data = file.read(_MAX_JWKS_FILE + 1)
     except OSError:
         raise InvalidArgument("jwks_file: cannot read the file") from None
+    if len(data) > _MAX_JWKS_FILE:
+        raise InvalidArgument("jwks_file: at most 1 MiB")
+    try:
+        document = json.loads(data)
     except (ValueError, RecursionError):
         raise InvalidArgument("jwks_file: not JSON") from None
     try:
@@ -99,6 +106,13 @@ def load_jwks_file(path: str | Path) -> StaticKeys:
     if not usable:
         raise InvalidArgument("jwks_file: no RSA (>= 2048 bits) or EC P-256 signing key")
     return StaticKeys(usable)
+
+
+def _check_long_name(value: str, field_name: str) -> None:
+    if not value:
+        raise InvalidArgument(f"{field_name} is required")
+    if len(value) > _MAX_ISSUER or not value.isprintable() or value != value.strip():
+        raise InvalidArgument(f"{field_name}: at most {_MAX_ISSUER} printable characters")
 
 
 @dataclass(frozen=True)
@@ -113,10 +127,12 @@ class TrustedIssuer:
 
     def __post_init__(self) -> None:
         check_name(self.name, "trust name")
-        check_name(self.issuer, "issuer")
+        # Issuer URLs and audiences run longer than service names (a GKE cluster's issuer
+        # names project, location and cluster), so they get their own bound.
+        _check_long_name(self.issuer, "issuer")
         # One mandatory audience: without it, any token the issuer mints for anyone (another
         # service's audience) would log in here.
-        check_name(self.audience, "audience")
+        _check_long_name(self.audience, "audience")
         if not 0 < self.max_lifetime <= 7 * 24 * 3600:
             raise InvalidArgument("max_lifetime: 1 second to 7 days")
 

@@ -204,6 +204,19 @@ class TestConfiguration:
         with pytest.raises(InvalidArgument, match="audience"):
             TrustedIssuer("a", CLUSTER_A, "", StaticKeys(()))
 
+    def test_long_issuer_urls_fit(self) -> None:
+        gke = (
+            "https://container.googleapis.com/v1/projects/"
+            + "p" * 60
+            + "/locations/europe-west4/clusters/"
+            + "c" * 40
+        )
+        assert len(gke) > 128
+        assert TrustedIssuer("gke", gke, "authsvc", StaticKeys(())).issuer == gke
+        for bad in ("", " " + CLUSTER_A, "x" * 1025, "a\nb"):
+            with pytest.raises(InvalidArgument, match="issuer"):
+                TrustedIssuer("a", bad, "authsvc", StaticKeys(()))
+
     def test_jwks_file(self, tmp_path: Path) -> None:
         path = tmp_path / "jwks.json"
         path.write_bytes(jwk_set(jwk_of(A_KEY, kid="a1"), jwk_of(new_ed25519(), kid="ed")))
