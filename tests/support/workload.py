@@ -20,7 +20,8 @@ from typing import Any
 import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from authsvc_client.assertions import PrivateKey, public_jwk
@@ -71,6 +72,25 @@ def hmac_forged(claims: dict[str, Any], secret: bytes, **header: Any) -> str:
     signing_input = f"{segment({'alg': 'HS256', **header})}.{segment(claims)}"
     mac = hmac.new(secret, signing_input.encode("ascii"), hashlib.sha256).digest()
     return f"{signing_input}.{b64url(mac)}"
+
+
+def raw_signed(claims: Any, key: PrivateKey, **header: Any) -> str:
+    """A JWS over ANY JSON payload (PyJWT refuses claims of the wrong type), RS256 for an RSA
+    key, ES256 for a P-256 key, with the header members given."""
+    if isinstance(key, rsa.RSAPrivateKey):
+        alg = "RS256"
+    else:
+        alg = "ES256"
+    payload = json.dumps(claims, allow_nan=True, separators=(",", ":")).encode("utf-8")
+    signing_input = f"{segment({'alg': alg, **header})}.{b64url(payload)}".encode("ascii")
+    if isinstance(key, rsa.RSAPrivateKey):
+        signature = key.sign(signing_input, padding.PKCS1v15(), hashes.SHA256())
+    elif isinstance(key, ec.EllipticCurvePrivateKey):
+        r, s = decode_dss_signature(key.sign(signing_input, ec.ECDSA(hashes.SHA256())))
+        signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    else:
+        raise TypeError("RSA or EC P-256 only")
+    return f"{signing_input.decode('ascii')}.{b64url(signature)}"
 
 
 def new_rsa(bits: int = 2048) -> rsa.RSAPrivateKey:
