@@ -30,6 +30,7 @@ from typing import Any
 from authsvc.workload import jws
 from authsvc.workload.errors import Reason, WorkloadAuthError
 from authsvc.workload.public_keys import RegisteredKey
+from authsvc_client.assertions import CLIENT_ASSERTION_TYPE
 
 __all__ = [
     "ACCEPTED_TYPES",
@@ -43,7 +44,6 @@ __all__ = [
     "verify_assertion",
 ]
 
-CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 MAX_ASSERTION_BYTES = 8 * 1024
 MAX_ASSERTION_LIFETIME = 300  # DESIGN.md: `exp` at most 5 min ahead
 MAX_JTI_LENGTH = 256

@@ -103,7 +103,10 @@ def check_dns_san(value: str) -> str:
 
 
 def check_tls_san(value: str) -> str:
-    """The canonical form of a `--tls-san`: a SPIFFE ID (any `scheme://`) or a DNS name.
+    """The canonical form of a `--tls-san`: a SPIFFE ID or a DNS name.
+
+    Anything with `://` is taken as a URI SAN, and the only URI SANs accepted are SPIFFE IDs
+    (an `https://` SAN is refused with a message that says so, not taken for a DNS name).
 
     Raises:
         InvalidArgument: see check_spiffe_id and check_dns_san.

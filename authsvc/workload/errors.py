@@ -37,6 +37,8 @@ class Reason(StrEnum):
     LIFETIME_TOO_LONG = "lifetime_too_long"
     ISSUED_IN_FUTURE = "issued_in_future"
     BAD_JTI = "bad_jti"
+    # Raised by the caller, not here: the jti was already used (settled in the database).
+    REPLAYED = "replayed"
     UNKNOWN_ISSUER = "unknown_issuer"
     NO_CERTIFICATE = "no_certificate"
     IDENTITY_MISMATCH = "identity_mismatch"
