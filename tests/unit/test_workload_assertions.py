@@ -16,7 +16,7 @@ from authsvc.workload.assertions import (
     verify_assertion,
 )
 from authsvc.workload.errors import GENERIC_MESSAGE, Reason, WorkloadAuthError
-from authsvc.workload.public_keys import RegisteredKey, parse_public_key
+from authsvc.workload.public_keys import RegisteredKey, key_from_jwk, parse_public_key
 from authsvc_client.assertions import (
     ASSERTION_TYP,
     AssertionSigner,
@@ -126,6 +126,13 @@ class TestSignerAndVerifier:
 
     def test_ps256_on_an_rsa_key(self, rsa_key: rsa.RSAPrivateKey) -> None:
         assert verify(sign(claims(), rsa_key, "PS256"), registered(rsa_key)).jti == "j-1"
+        pss_only = [key_from_jwk({**jwk_of(rsa_key), "alg": "PS256"})]
+        signer = AssertionSigner("orders", ISSUER, rsa_key, rsa_pss=True)
+        assert verify(signer.sign_at(NOW), pss_only).key_id == signer.key_id
+        plain = AssertionSigner("orders", ISSUER, rsa_key).sign_at(NOW)
+        assert reason(plain, pss_only) == Reason.ALGORITHM_NOT_ALLOWED
+        with pytest.raises(CredentialsError, match="PS256"):
+            AssertionSigner("orders", ISSUER, new_ec(), rsa_pss=True)
 
     def test_typ_values(self, rsa_key: rsa.RSAPrivateKey) -> None:
         keys = registered(rsa_key)

@@ -15,6 +15,7 @@ import stat
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -231,8 +232,9 @@ class AssertionSigner:
     """Signs one fresh assertion per login: `iss` = `sub` = the service id, `aud` = authsvc's
     issuer as one string (rfc7523bis), a 128-bit random `jti`, `exp` 60 s after `iat`.
 
-    The key type fixes the algorithm (RS256, ES256, EdDSA) and `kid` is its RFC 7638
-    thumbprint, so authsvc picks the registered key without trying the others.
+    The key type fixes the algorithm (RS256, ES256, EdDSA; `rsa_pss` picks PS256 for an RSA
+    key registered with `"alg": "PS256"`) and `kid` is its RFC 7638 thumbprint, so authsvc
+    picks the registered key without trying the others.
     """
 
     service_id: str
@@ -240,12 +242,15 @@ class AssertionSigner:
     private_key: PrivateKey = field(repr=False)
     lifetime: int = ASSERTION_LIFETIME
     clock: Callable[[], float] = field(default=time.time, repr=False, compare=False)
+    rsa_pss: bool = False
 
     def __post_init__(self) -> None:
         if not self.service_id or not self.issuer:
             raise CredentialsError("an assertion needs a service id and authsvc's issuer")
         if not 0 < self.lifetime <= 300:
             raise CredentialsError("an assertion lifetime is 1 to 300 seconds")
+        if self.rsa_pss and not isinstance(self.private_key, rsa.RSAPrivateKey):
+            raise CredentialsError("PS256 needs an RSA key")
 
     @classmethod
     def from_file(
@@ -255,12 +260,14 @@ class AssertionSigner:
         key = load_private_key(read_private_file(path, variable), variable)
         return cls(service_id, issuer, key)
 
-    @property
+    @cached_property
     def key_id(self) -> str:
         return jwk_thumbprint(self.private_key.public_key())
 
     @property
     def algorithm(self) -> str:
+        if self.rsa_pss and isinstance(self.private_key, rsa.RSAPrivateKey):
+            return "PS256"
         return algorithm_for(self.private_key)
 
     def sign(self) -> str:
