@@ -243,7 +243,7 @@ def _peer_slice(server: PeerServer, only: str, seconds: float) -> PeerSlice:
 def run_peer(
     *,
     folder: Path,
-    authsvc_issue: Target,
+    authsvc_issue: Sequence[Target],
     authsvc_remote: Sequence[Target],
     local_timer: Callable[[], dict[str, float]],
     rounds: int = 4,
@@ -253,6 +253,9 @@ def run_peer(
     source: Path | None = None,
 ) -> dict[str, Any]:
     """Measure the peer and authsvc side by side; {"skipped": reason} when the peer cannot run.
+
+    `authsvc_issue` are IssueToken targets compared with the peer's issue, `authsvc_remote`
+    remote checks compared with its introspection (several servers or RPCs each).
 
     `local_timer()` times authsvc's in-process TokenVerifier (cold and cached, µs per call);
     it runs between the peer's jose verify slices.
@@ -284,9 +287,11 @@ def run_peer(
             )[target.name]
 
         peer: dict[str, list[PeerSlice]] = {"issue": [], "introspect": []}
-        ours: dict[str, list[TargetResult]] = {t.name: [] for t in (authsvc_issue, *authsvc_remote)}
+        ours: dict[str, list[TargetResult]] = {
+            t.name: [] for t in (*authsvc_issue, *authsvc_remote)
+        }
         groups: list[tuple[str, list[Target]]] = [
-            ("issue", [authsvc_issue]),
+            ("issue", list(authsvc_issue)),
             ("introspect", list(authsvc_remote)),
         ]
         for i in range(rounds):
@@ -315,7 +320,9 @@ def run_peer(
         "authsvc": {name: authsvc_summary(r) for name, r in ours.items()},
         "local": _local_summary(verify, local),
     }
-    out["ratios"] = _ratios(out, authsvc_issue.name, [t.name for t in authsvc_remote])
+    out["ratios"] = _ratios(
+        out, [t.name for t in authsvc_issue], [t.name for t in authsvc_remote]
+    )
     out["seconds"] = round(time.monotonic() - began, 1)
     return out
 
@@ -335,14 +342,15 @@ def _local_summary(verify: list[dict[str, Any]], local: list[dict[str, float]]) 
     }
 
 
-def _ratios(out: dict[str, Any], issue: str, remote: list[str]) -> dict[str, float]:
+def _ratios(out: dict[str, Any], issue: list[str], remote: list[str]) -> dict[str, float]:
     def cpu(side: dict[str, Any], name: str) -> float:
         return float(side[name]["server_cpu_us_per_call"])
 
     peer, ours, local = out["peer"], out["authsvc"], out["local"]
     ratios = {}
-    if cpu(peer, "issue"):
-        ratios[f"{issue}_over_peer_issue"] = round(cpu(ours, issue) / cpu(peer, "issue"), 3)
+    for name in issue:
+        if cpu(peer, "issue"):
+            ratios[f"{name}_over_peer_issue"] = round(cpu(ours, name) / cpu(peer, "issue"), 3)
     for name in remote:
         if cpu(peer, "introspect"):
             ratios[f"{name}_over_peer_introspect"] = round(

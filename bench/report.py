@@ -140,6 +140,9 @@ PEER_TARGETS = (
     ("issue_over_peer_issue", "IssueToken (--workers 2) / peer's issue", 1.0),
     ("validate_stream_over_peer_introspect", "ValidateTokenStream / peer's introspection", 0.6),
     ("validate_unary_over_peer_introspect", "ValidateToken (unary) / peer's introspection", 1.5),
+    ("issue_1p_over_peer_issue", "IssueToken (1 process) / peer's issue", 1.0),
+    ("validate_stream_1p_over_peer_introspect", "stream (1 process) / peer's introspection", 0.6),
+    ("validate_unary_1p_over_peer_introspect", "unary (1 process) / peer's introspection", 1.5),
 )
 
 
@@ -177,15 +180,27 @@ def _render_peer(peer: dict[str, Any]) -> list[str]:
     def ratio(key: str) -> str:
         return f"{r[key]:.2f}x" if key in r else ""
 
+    labels = {
+        "issue": "IssueToken",
+        "validate_unary": "ValidateToken (unary)",
+        "validate_stream": "ValidateTokenStream (per message)",
+    }
+
+    def ours(kind: str, peer_path: str) -> list[list[str]]:
+        return [
+            row(f"authsvc{where}: {labels[kind]}", a[f"{kind}{suffix}"],
+                ratio(f"{kind}{suffix}_over_peer_{peer_path}"))
+            for suffix, where in (("", ""), ("_1p", ", 1 process"))
+            if f"{kind}{suffix}" in a
+        ]  # fmt: skip
+
     rows = [
         row("peer: POST /token (client credentials, RS256 JWT)", p["issue"], ""),
-        row("authsvc: IssueToken", a["issue"], ratio("issue_over_peer_issue")),
+        *ours("issue", "issue"),
         row("peer: POST /token/introspection (opaque, in memory)", p["introspect"], ""),
-        row("authsvc: ValidateToken (unary)", a["validate_unary"],
-            ratio("validate_unary_over_peer_introspect")),
-        row("authsvc: ValidateTokenStream (per message)", a["validate_stream"],
-            ratio("validate_stream_over_peer_introspect")),
-    ]  # fmt: skip
+        *ours("validate_unary", "introspect"),
+        *ours("validate_stream", "introspect"),
+    ]
     local = [
         ["peer: jose jwtVerify (CPU per token, 1 in flight)",
          f"{loc['jose_cpu_us_per_verify']:.1f}", ""],

@@ -27,7 +27,7 @@ from bench.echo import METHOD as ECHO_METHOD
 from bench.echo import SCOPE, EchoProcess
 from bench.loadgen import Target, TargetResult, run_load
 from bench.local import run_local, verifier_timer
-from bench.peer import run_peer
+from bench.peer import find_peer_source, run_peer, skip_reason
 from bench.report import check_targets, render
 from bench.revocations import rss_mb, run_revocations, seed_revocations, snapshot_database
 from bench.stats import median, percentile, write_frames
@@ -313,6 +313,57 @@ def _load(
     }
 
 
+def _peer(
+    args: argparse.Namespace,
+    folder: Path,
+    env: dict[str, str],
+    server: RunningServer,
+    files: dict[str, Path],
+    token: str,
+    key: RSAPublicKey,
+    kid: str,
+    workers: int,
+) -> dict[str, Any]:
+    """Section 4 on the benchmark's server and, beside it on the same database, one
+    single-process server: a process near saturation spends less CPU per call than two that
+    share the load (fewer wake-ups, more work per epoll round), and the peer is one process."""
+    reason = skip_reason(find_peer_source())
+    if reason is not None:
+        return {"skipped": reason}
+    servers = [("", server)]
+    if workers > 1:
+        servers.append(("_1p", start_server(env)))
+    try:
+        issue: list[Target] = []
+        remote: list[Target] = []
+        for suffix, s in servers:
+            pid = s.proc.pid
+            issue.append(Target(f"issue{suffix}", s.address, AUTH + "IssueToken",
+                                str(files["issue"]), pid))
+            remote += [
+                Target(f"validate_unary{suffix}", s.address, VALIDATE, str(files["valid"]), pid),
+                Target(f"validate_stream{suffix}", s.address, VALIDATE_STREAM,
+                       str(files["valid"]), pid, stream=True),
+            ]  # fmt: skip
+        return run_peer(
+            folder=folder,
+            authsvc_issue=issue,
+            authsvc_remote=remote,
+            local_timer=verifier_timer(
+                token=token, key=key, kid=kid, audience=AUDIENCE, scopes=[SCOPE],
+                issuer=TEST_ISSUER,
+            ),
+            rounds=args.peer_rounds,
+            slice_seconds=args.peer_slice,
+            concurrency=args.concurrency,
+            connections=args.connections,
+        )  # fmt: skip
+    finally:
+        for suffix, s in servers:
+            if suffix:
+                s.stop()
+
+
 def _check_stream(
     stub: auth_pb2_grpc.AuthServiceStub, frames: list[bytes], expect_valid: list[bool]
 ) -> None:
@@ -504,7 +555,6 @@ def main(argv: list[str] | None = None) -> int:
             write_frames(files["jwks"], [auth_pb2.GetJwksRequest().SerializeToString()])
             write_frames(files["health"], [health_pb2.HealthCheckRequest().SerializeToString()])
 
-            pid = server.proc.pid
             if echoes:
                 _load(args, folder, result, server, echoes, files, token_file)
             if args.revocations and "load" in sections:
@@ -521,26 +571,9 @@ def main(argv: list[str] | None = None) -> int:
                     result["watch"] = {"error": str(exc)}
             if "peer" in sections:
                 _log(started, "side by side with node-oidc-provider")
-                result["peer"] = run_peer(
-                    folder=folder,
-                    authsvc_issue=Target(
-                        "issue", server.address, AUTH + "IssueToken", str(files["issue"]), pid
-                    ),
-                    authsvc_remote=[
-                        Target("validate_unary", server.address, VALIDATE, str(files["valid"]),
-                               pid),
-                        Target("validate_stream", server.address, VALIDATE_STREAM,
-                               str(files["valid"]), pid, stream=True),
-                    ],
-                    local_timer=verifier_timer(
-                        token=token, key=key, kid=kid, audience=AUDIENCE, scopes=[SCOPE],
-                        issuer=TEST_ISSUER,
-                    ),
-                    rounds=args.peer_rounds,
-                    slice_seconds=args.peer_slice,
-                    concurrency=args.concurrency,
-                    connections=args.connections,
-                )  # fmt: skip
+                result["peer"] = _peer(
+                    args, folder, env, server, files, token, key, kid, workers
+                )
                 if "skipped" in result["peer"]:
                     _log(started, f"side by side skipped: {result['peer']['skipped']}")
         finally:
