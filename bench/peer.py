@@ -320,6 +320,7 @@ def run_peer(
         "authsvc": {name: authsvc_summary(r) for name, r in ours.items()},
         "local": _local_summary(verify, local),
     }
+    out["issue_floor"] = _issue_floor(out)
     out["ratios"] = _ratios(
         out, [t.name for t in authsvc_issue], [t.name for t in authsvc_remote]
     )
@@ -339,6 +340,24 @@ def _local_summary(verify: list[dict[str, Any]], local: list[dict[str, float]]) 
         "jose_wall_us_per_verify": round(1e6 * seconds / ok, 1) if ok else 0.0,
         "jose_verifies": ok,
         **{f"{k}_us": round(median(x[k] for x in local), 2) for k in names},
+    }
+
+
+def _issue_floor(out: dict[str, Any]) -> dict[str, Any] | None:
+    """IssueToken's floor in this run: one RSA signature (this process's thread CPU) plus one
+    unary call on the same server (ValidateToken's server CPU: a cached verify on top of the
+    bare RPC), against the peer's whole issue."""
+    sign = out["local"].get("raw_rsa_sign_us")
+    unary = out["authsvc"].get("validate_unary", {}).get("server_cpu_us_per_call")
+    peer = out["peer"].get("issue", {}).get("server_cpu_us_per_call")
+    if not sign or not unary or not peer:
+        return None
+    floor = float(sign) + float(unary)
+    return {
+        "sign_us": round(float(sign), 1),
+        "unary_us": round(float(unary), 1),
+        "floor_us": round(floor, 1),
+        "floor_over_peer_issue": round(floor / float(peer), 3),
     }
 
 

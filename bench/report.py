@@ -205,13 +205,13 @@ def _render_peer(peer: dict[str, Any]) -> list[str]:
         ["peer: jose jwtVerify (CPU per token, 1 in flight)",
          f"{loc['jose_cpu_us_per_verify']:.1f}", ""],
         ["peer: the same, wall time per token", f"{loc['jose_wall_us_per_verify']:.1f}", ""],
-        ["authsvc: raw RSA verify", f"{loc.get('raw_rsa_verify_us', 0):.2f}", ""],
+        ["authsvc: raw RSA verify (thread CPU)", f"{loc.get('raw_rsa_verify_us', 0):.2f}", ""],
         ["authsvc: TokenVerifier cold", f"{loc.get('verifier_cold_us', 0):.2f}",
          ratio("verifier_cold_over_jose")],
         ["authsvc: TokenVerifier cached", f"{loc.get('verifier_cached_us', 0):.2f}",
          ratio("verifier_cached_over_jose")],
     ]  # fmt: skip
-    return [
+    out = [
         "",
         f"4. Side by side with node-oidc-provider {v['oidc-provider']} (node {v['node']}, "
         f"jose {v['jose']}, autocannon {v['autocannon']}, 16 connections) vs authsvc "
@@ -222,8 +222,16 @@ def _render_peer(peer: dict[str, Any]) -> list[str]:
         f"taken off each slice; the peer client's own reading (main process, measured window): "
         f"issue {p['issue']['window_main_process_cpu_us_per_call']} us, introspect "
         f"{p['introspect']['window_main_process_cpu_us_per_call']} us per request",
-        _table(["local check", "us/token", "vs jose CPU"], local),
+        _table(["local check (CPU per token, both sides)", "us/token", "vs jose"], local),
     ]
+    floor = peer.get("issue_floor")
+    if floor:
+        out.append(
+            f"IssueToken's floor in this run: {floor['sign_us']:.0f} us RSA sign + "
+            f"{floor['unary_us']:.0f} us server CPU of a unary ValidateToken = "
+            f"{floor['floor_us']:.0f} us, {floor['floor_over_peer_issue']:.2f}x the peer's issue"
+        )
+    return out
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.peer import PeerSlice, find_peer_source, peer_summary, skip_reason
+from bench.peer import PeerSlice, _issue_floor, find_peer_source, peer_summary, skip_reason
 from bench.stats import _own_cpu_seconds, process_cpu_seconds
 
 # A parent that starts a child, which burns `BURN` seconds of its own CPU, says so, then waits
@@ -111,3 +111,22 @@ class TestSkipReason:
         (peer / "server.mjs").write_text("")
         module = tmp_path / "wt" / "peer" / "bench" / "peer.py"
         assert find_peer_source(module) == peer
+
+
+class TestIssueFloor:
+    def test_one_signature_plus_one_unary_call_against_the_peer(self) -> None:
+        out = {
+            "local": {"raw_rsa_sign_us": 300.0},
+            "authsvc": {"validate_unary": {"server_cpu_us_per_call": 500.0}},
+            "peer": {"issue": {"server_cpu_us_per_call": 640.0}},
+        }
+        assert _issue_floor(out) == {
+            "sign_us": 300.0,
+            "unary_us": 500.0,
+            "floor_us": 800.0,
+            "floor_over_peer_issue": 1.25,
+        }
+
+    def test_without_a_unary_figure_there_is_no_floor(self) -> None:
+        out = {"local": {"raw_rsa_sign_us": 300.0}, "authsvc": {}, "peer": {"issue": {}}}
+        assert _issue_floor(out) is None
