@@ -557,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if echoes:
                 _load(args, folder, result, server, echoes, files, token_file)
-            if args.revocations and "load" in sections:
+            if args.revocations and "revocations" in sections:
                 _log(
                     started,
                     f"ValidateToken on servers holding 0 and {args.revocations:,} revocations",
