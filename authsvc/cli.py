@@ -399,8 +399,9 @@ def _rotate_secret(core: Any, args: argparse.Namespace) -> None:
     from authsvc.server.app import rotate_secret
 
     check_service_id(args.name)
-    secret, previous_until = rotate_secret(core, args.name, args.grace)
-    until = previous_until.isoformat() if previous_until is not None else None
+    rotated = rotate_secret(core, args.name, args.grace)
+    secret = rotated.secret
+    until = rotated.previous_until.isoformat() if rotated.previous_until is not None else None
     fmt = args.format or ("json" if args.json else "text")
     if fmt == "json":
         print(
@@ -456,17 +457,10 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _audit_cli(core: Any, *, action: str, target: str, outcome: str, detail: str = "") -> None:
-    from authsvc.server.servicer import local_audit
-    from authsvc.usecases.audit import CLI_ACTOR
+    from authsvc.usecases.audit import CLI_ACTOR, Origin
 
-    local_audit(
-        core.repo,
-        core.clock,
-        actor=CLI_ACTOR,
-        action=action,
-        target=target,
-        outcome=outcome,
-        detail=detail,
+    core.trail.record(
+        Origin.local(CLI_ACTOR), action=action, target=target, outcome=outcome, detail=detail
     )
 
 
@@ -587,8 +581,8 @@ def _bearer(
 
 def _revoke_refusal(stub: Any, token: str) -> str:
     """Why presenting this token revoked nothing: the server's validation reason for it."""
-    from authsvc.server.servicer import unverified_audience
     from authsvc_client.claims import ValidationResult
+    from authsvc_client.unverified import unverified_audience
     from authsvc_client.v1 import auth_pb2
 
     audience = unverified_audience(token)

@@ -836,11 +836,11 @@ class Repository:
             )
             return _rowcount(result)
 
-    # -- logins (the login ledger's unit of work) ---------------------------------------------
+    # -- logins (the login batch's unit of work) ---------------------------------------------
 
     @contextmanager
     def login_batch(self, now: datetime, window_seconds: int) -> Iterator[LoginBatch]:
-        """One write transaction settling a batch of logins (authsvc.server.ledger).
+        """One write transaction settling a batch of logins (authsvc.usecases.login_batch).
 
         Everything a login is decided on (the service, its live secrets, the failure counters,
         known peers) is read inside the same transaction that records the outcome, so a batch
@@ -856,7 +856,7 @@ class Repository:
 
 
 class _LoginStatements:
-    """The login ledger's statements, built once per repository (the dialect fixes the upserts)
+    """The login batch's statements, built once per repository (the dialect fixes the upserts)
     so that each execution is a compiled-cache hit."""
 
     def __init__(self, postgres: bool) -> None:
@@ -937,7 +937,7 @@ class _LoginStatements:
 
 
 class LoginBatch:
-    """Reads and writes of one login-ledger transaction; see Repository.login_batch.
+    """Reads and writes of one login-batch transaction; see Repository.login_batch.
 
     Each service and failure counter is read once per batch and then kept up to date here as
     the batch's own logins count failures and reset them, so a later login in the batch sees
