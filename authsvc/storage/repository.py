@@ -794,38 +794,12 @@ class Repository:
 
     # -- authentication failures (throttling) -------------------------------------------------
 
-    def update_auth_failures(self, key: str, now: datetime, window_seconds: int) -> int:
-        """Count one more failure for `key` and return the count in the current window.
-
-        A window that started `window_seconds` or more ago restarts at 1.
-        """
-        now = _utc_in(now)
-        params = {"key": key, "now": now, "cutoff": now - timedelta(seconds=window_seconds)}
-        with self._write() as s:
-            upsert = self._login_sql.count_failure.returning(AuthFailureRow.count)
-            return int(s.execute(upsert, params).scalar_one())
-
-    def count_auth_failures(self, key: str, now: datetime, window_seconds: int) -> int:
-        """Failures for `key` in the current window; 0 once the window has passed."""
-        cutoff = _utc_in(now) - timedelta(seconds=window_seconds)
-        with self._read() as s:
-            count = s.scalar(
-                select(AuthFailureRow.count).where(
-                    AuthFailureRow.key == key, AuthFailureRow.window_start > cutoff
-                )
-            )
-            return count or 0
-
     def prune_known_peers(self, before: datetime) -> int:
         """Forget peers whose last success is older than `before`; returns how many."""
         before = _utc_in(before)
         with self._write() as s:
             result = s.execute(delete(KnownPeerRow).where(KnownPeerRow.last_success_at < before))
             return _rowcount(result)
-
-    def delete_auth_failures(self, key: str) -> None:
-        with self._write() as s:
-            s.execute(delete(AuthFailureRow).where(AuthFailureRow.key == key))
 
     def prune_auth_failures(self, before: datetime) -> int:
         """Delete counters whose last failure is older than `before`; returns how many."""
@@ -980,12 +954,9 @@ class LoginBatch:
     def service(self, service_id: str) -> ServiceRecord | None:
         return self._credentials(service_id)[0]
 
-    def secret_hashes(self, service_id: str) -> tuple[bytes, ...]:
-        """The current secret's hash and, within its grace period, the previous one's."""
-        return tuple(h for _, h in self._credentials(service_id)[1])
-
     def secrets(self, service_id: str) -> tuple[tuple[SecretSlot, bytes], ...]:
-        """secret_hashes with the slot of each: only the current secret may rotate itself."""
+        """The current secret's hash and, within its grace period, the previous one's, each with
+        its slot: only the current secret may rotate itself."""
         return self._credentials(service_id)[1]
 
     def failures(self, id_key: str, peer_key: str) -> tuple[int, int]:

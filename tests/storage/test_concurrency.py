@@ -181,11 +181,16 @@ class TestConcurrentMigrations:
 class TestConcurrentWrites:
     def test_failure_counts_lose_no_increment(self, repo: Repository) -> None:
         threads, each = 4, 10
-        _run_threads(
-            threads,
-            lambda i: [repo.update_auth_failures("id:svc", at(1), 60) for _ in range(each)],
-        )
-        assert repo.count_auth_failures("id:svc", at(1), 60) == threads * each
+
+        def count(i: int) -> None:
+            for _ in range(each):
+                with repo.login_batch(at(1), 60) as batch:
+                    batch.failures("id:svc", f"peer:{i}")
+                    batch.count_failure("id:svc")
+
+        _run_threads(threads, count)
+        with repo.login_batch(at(1), 60) as batch:
+            assert batch.failures("id:svc", "peer:x")[0] == threads * each
 
     def test_duplicate_creates_one_wins_the_rest_already_exist(self, repo: Repository) -> None:
         def create(i: int) -> str:
