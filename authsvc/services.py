@@ -4,7 +4,6 @@ Secret rotation lives in `authsvc.usecases.secrets`."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from authsvc.clock import Clock, to_datetime
@@ -12,6 +11,7 @@ from authsvc.crypto.secrets import SecretHasher, mint_secret
 from authsvc.inputs import check_audiences, check_new_service_id, check_scopes
 from authsvc.storage.records import ServiceRecord
 from authsvc.storage.repository import Repository
+from authsvc.usecases.revocation import revoke_service_tokens
 
 
 def register_service(
@@ -53,14 +53,12 @@ def disable_service(
     """
     now = clock.now()
     record = repo.update_service_disabled(service_id, True, to_datetime(now))
-    cutoff = math.floor(now) + 1
-    repo.create_revocation(
-        jti=None,
-        service_id=service_id,
-        revoked_before=to_datetime(cutoff),
-        expires_at=to_datetime(cutoff + token_lifetime_seconds),
+    revoke_service_tokens(
+        repo,
+        service_id,
+        now=now,
+        token_lifetime_seconds=token_lifetime_seconds,
         reason="service disabled",
-        now=to_datetime(now),
         kind="service_disabled",
     )
     return record
