@@ -141,13 +141,18 @@ def handle_errors(method: Callable[..., Any]) -> Callable[..., Any]:
         async def stream(
             self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
+            inner = method(self, request, context)
             try:
-                async for item in method(self, request, context):
+                async for item in inner:
                     yield item
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as exc:
                 await _abort_for(context, exc, method.__name__)
+            finally:
+                # A client that goes away closes this generator: close the method's at once,
+                # so its own clean-up (a stream's slot) runs now, not at garbage collection.
+                await inner.aclose()
 
         return stream
 
