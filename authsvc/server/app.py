@@ -9,13 +9,9 @@ import logging
 import signal
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TextIO
 
 import grpc
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_reflection.v1alpha.reflection_pb2_grpc import add_ServerReflectionServicer_to_server
@@ -36,6 +32,7 @@ from authsvc.keys.wrapping import CANNOT_DECRYPT, check_wrapped_keys, load_secre
 from authsvc.server.http import HttpSidePort, ReadinessPolicy
 from authsvc.server.metrics import QUIET_WHEN_OK, Metrics, MetricsInterceptor, StateCollector
 from authsvc.server.servicer import AuthServicer
+from authsvc.server.tls import read_tls_files
 from authsvc.server.tracing import tracing_interceptors
 from authsvc.services import disable_service, register_service
 from authsvc.storage import migrate
@@ -352,7 +349,7 @@ class AuthsvcServer:
     def _add_port(self, server: grpc.aio.Server) -> int:
         s = self.settings
         if s.tls_cert and s.tls_key:
-            key, cert, ca = _read_tls_files(s.tls_key, s.tls_cert, s.tls_client_ca)
+            key, cert, ca = read_tls_files(s.tls_key, s.tls_cert, s.tls_client_ca)
             creds = grpc.ssl_server_credentials(
                 [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
             )
@@ -513,42 +510,6 @@ def _enable_reflection(service_names: list[str], server: grpc.aio.Server) -> Non
         },
     )
     server.add_generic_rpc_handlers((v1,))
-
-
-def _read_tls_files(
-    key_path: str, cert_path: str, client_ca_path: str | None
-) -> tuple[bytes, bytes, bytes | None]:
-    """Read and check the TLS files at start, so a bad file fails here, naming the variable.
-
-    gRPC would otherwise accept them and fail every handshake later (or report a bind error).
-    """
-
-    def read(path: str, name: str) -> bytes:
-        try:
-            return Path(path).read_bytes()
-        except OSError:
-            raise ConfigError(f"cannot read {name}") from None
-
-    key_pem = read(key_path, "AUTHSVC_TLS_KEY")
-    cert_pem = read(cert_path, "AUTHSVC_TLS_CERT")
-    ca_pem = read(client_ca_path, "AUTHSVC_TLS_CLIENT_CA") if client_ca_path else None
-    try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise ConfigError("AUTHSVC_TLS_KEY is not an unencrypted PEM private key") from None
-    try:
-        leaf = x509.load_pem_x509_certificates(cert_pem)[0]
-    except ValueError:
-        raise ConfigError("AUTHSVC_TLS_CERT is not a PEM certificate chain") from None
-    der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    if key.public_key().public_bytes(der, spki) != leaf.public_key().public_bytes(der, spki):
-        raise ConfigError("AUTHSVC_TLS_KEY does not match the certificate in AUTHSVC_TLS_CERT")
-    if ca_pem is not None:
-        try:
-            x509.load_pem_x509_certificates(ca_pem)
-        except ValueError:
-            raise ConfigError("AUTHSVC_TLS_CLIENT_CA is not a PEM certificate bundle") from None
-    return key_pem, cert_pem, ca_pem
 
 
 async def serve(settings: Settings) -> None:
