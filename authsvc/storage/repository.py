@@ -332,20 +332,6 @@ class Repository:
 
     # -- service secrets ----------------------------------------------------------------------
 
-    def list_secrets(self, service_id: str, now: datetime) -> list[SecretRecord]:
-        """The current secret and, while its grace period lasts, the previous one."""
-        now = _utc_in(now)
-        with self._read() as s:
-            rows = s.scalars(
-                select(ServiceSecretRow)
-                .where(
-                    ServiceSecretRow.service_id == service_id,
-                    (ServiceSecretRow.slot == "current") | (ServiceSecretRow.expires_at > now),
-                )
-                .order_by(ServiceSecretRow.slot)  # 'current' before 'previous'
-            )
-            return [_secret(r) for r in rows]
-
     def end_secret_graces(self, now: datetime) -> int:
         """Delete previous secrets whose grace period has ended; returns how many.
 

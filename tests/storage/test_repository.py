@@ -9,7 +9,7 @@ import pytest
 
 from authsvc.errors import AlreadyExists, FailedPrecondition, NotFound
 from authsvc.storage.repository import LoginBatch, Repository
-from tests.storage.helpers import T0, at, key_record
+from tests.storage.helpers import T0, at, key_record, live_secrets
 
 
 def _aware_utc(value: datetime | None) -> bool:
@@ -35,7 +35,7 @@ class TestServices:
         with pytest.raises(AlreadyExists):
             repo.create_service("orders", ["b"], ["t"], b"second", at(1))
         assert repo.fetch_service("orders").audiences == ("a",)  # type: ignore[union-attr]
-        assert [s.secret_hash for s in repo.list_secrets("orders", at(1))] == [b"first"]
+        assert [h for _, h in live_secrets(repo, "orders", at(1))] == [b"first"]
 
     def test_list_is_ordered_by_id(self, repo: Repository) -> None:
         for name in ["zeta", "alpha", "mid"]:
@@ -72,8 +72,7 @@ class TestServices:
 class TestSecrets:
     def test_new_service_has_one_current_secret(self, repo: Repository) -> None:
         repo.create_service("svc", ["x"], [], b"hash-1", T0)
-        [secret] = repo.list_secrets("svc", T0)
-        assert (secret.slot, secret.secret_hash, secret.expires_at) == ("current", b"hash-1", None)
+        assert live_secrets(repo, "svc", T0) == [("current", b"hash-1")]
 
     def test_rotation_with_grace_keeps_the_old_secret_until_it_expires(
         self, repo: Repository
@@ -86,19 +85,18 @@ class TestSecrets:
             b"hash-1",
             at(70),
         )
-        live = repo.list_secrets("svc", at(69))
-        assert [(s.slot, s.secret_hash) for s in live] == [
+        assert live_secrets(repo, "svc", at(69)) == [
             ("current", b"hash-2"),
             ("previous", b"hash-1"),
         ]
-        assert [s.secret_hash for s in repo.list_secrets("svc", at(70))] == [b"hash-2"]
+        assert [h for _, h in live_secrets(repo, "svc", at(70))] == [b"hash-2"]
 
     def test_at_most_one_previous_secret(self, repo: Repository) -> None:
         repo.create_service("svc", ["x"], [], b"hash-1", T0)
         repo.update_service_secret("svc", b"hash-2", at(1), at(1000))
         previous = repo.update_service_secret("svc", b"hash-3", at(2), at(1000))
         assert previous is not None and previous.secret_hash == b"hash-2"
-        hashes = [s.secret_hash for s in repo.list_secrets("svc", at(3))]
+        hashes = [h for _, h in live_secrets(repo, "svc", at(3))]
         assert hashes == [b"hash-3", b"hash-2"]
 
     @pytest.mark.parametrize("grace_end", [None, 10, 5])
@@ -110,7 +108,7 @@ class TestSecrets:
         # None, "now" and a time in the past all mean: no previous secret at all.
         until = None if grace_end is None else at(grace_end)
         assert repo.update_service_secret("svc", b"hash-3", at(10), until) is None
-        assert [s.secret_hash for s in repo.list_secrets("svc", at(10))] == [b"hash-3"]
+        assert [h for _, h in live_secrets(repo, "svc", at(10))] == [b"hash-3"]
 
     def test_a_rotation_expecting_a_superseded_current_secret_changes_nothing(
         self, repo: Repository
@@ -124,8 +122,7 @@ class TestSecrets:
             repo.update_service_secret(
                 "svc", b"3" * 32, at(2), None, expected_current_hash=b"1" * 32
             )
-        live = repo.list_secrets("svc", at(2))
-        assert [(s.slot, s.secret_hash) for s in live] == [
+        assert live_secrets(repo, "svc", at(2)) == [
             ("current", b"2" * 32),
             ("previous", b"1" * 32),
         ]
@@ -136,10 +133,10 @@ class TestSecrets:
         repo.create_service("svc", ["x"], [], b"hash-1", T0)
         repo.update_service_secret("svc", b"hash-2", at(10), at(70))
         assert repo.end_secret_graces(at(69)) == 0
-        assert len(repo.list_secrets("svc", at(69))) == 2
+        assert len(live_secrets(repo, "svc", at(69))) == 2
         assert repo.end_secret_graces(at(70)) == 1
         # Read again at a time within the grace (a clock stepped back): it does not return.
-        assert [s.secret_hash for s in repo.list_secrets("svc", at(20))] == [b"hash-2"]
+        assert [h for _, h in live_secrets(repo, "svc", at(20))] == [b"hash-2"]
         assert repo.end_secret_graces(at(100)) == 0
 
     def test_rotate_unknown_service_is_not_found(self, repo: Repository) -> None:
@@ -147,11 +144,12 @@ class TestSecrets:
             repo.update_service_secret("ghost", b"h", T0, None)
 
     def test_secrets_of_unknown_service_are_empty(self, repo: Repository) -> None:
-        assert repo.list_secrets("ghost", T0) == []
+        assert live_secrets(repo, "ghost", T0) == []
 
     def test_repr_never_shows_the_hash(self, repo: Repository) -> None:
         repo.create_service("svc", ["x"], [], b"\x01SENSITIVE-HASH", T0)
-        [secret] = repo.list_secrets("svc", T0)
+        secret = repo.update_service_secret("svc", b"hash-2", at(1), at(100))
+        assert secret is not None and secret.secret_hash == b"\x01SENSITIVE-HASH"
         assert "SENSITIVE" not in repr(secret) and "secret_hash" not in repr(secret)
 
 
