@@ -16,7 +16,6 @@ row is durable.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, Generic, Protocol, TypeVar
 
@@ -157,17 +156,3 @@ class LoginPolicy(Protocol[P, T_co]):
     def complete(self, prepared: P) -> T_co:
         """Runs in the login batch's thread once the verdict is committed."""
         ...
-
-
-@dataclass(frozen=True)
-class FunctionPolicy(Generic[P, T]):
-    """A policy from two functions, for a use case that has no state of its own to carry."""
-
-    decide_fn: Callable[[ServiceRecord], Verdict[P]]
-    complete_fn: Callable[[P], T]
-
-    def decide(self, service: ServiceRecord) -> Verdict[P]:
-        return self.decide_fn(service)
-
-    def complete(self, prepared: P) -> T:
-        return self.complete_fn(prepared)

@@ -6,11 +6,11 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import pytest
 from sqlalchemy import event
@@ -28,11 +28,13 @@ from authsvc.server.app import Core, build_core, create_service
 from authsvc.storage.records import AuditRecord, ServiceRecord
 from authsvc.usecases.audit import Origin
 from authsvc.usecases.login_batch import LoginBatcher, Settled
-from authsvc.usecases.logins import FunctionPolicy, Login, SecretCredential, Verdict
+from authsvc.usecases.logins import Login, SecretCredential, Verdict
 from tests.support.clock import FakeClock
 from tests.support.inprocess import in_process_settings
 
 PEER = "ipv4:10.0.0.7"
+P = TypeVar("P")
+T = TypeVar("T")
 
 
 @dataclass
@@ -67,6 +69,20 @@ class World:
         """Outcomes of the logins audited so far, oldest first."""
         events = reversed(self.core.repo.list_audit_events(limit=1000))
         return [e.outcome for e in events if e.action == "issue_token"]
+
+
+@dataclass(frozen=True)
+class FunctionPolicy(Generic[P, T]):
+    """A LoginPolicy from two functions."""
+
+    decide_fn: Callable[[ServiceRecord], Verdict[P]]
+    complete_fn: Callable[[P], T]
+
+    def decide(self, service: ServiceRecord) -> Verdict[P]:
+        return self.decide_fn(service)
+
+    def complete(self, prepared: P) -> T:
+        return self.complete_fn(prepared)
 
 
 def _policy(verdict: Verdict[str], complete: Any = None) -> FunctionPolicy[str, str]:
