@@ -44,7 +44,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast, overload
 
 from authsvc.clock import Clock, to_datetime, to_timestamp
 from authsvc.config import Settings
@@ -140,11 +140,19 @@ class LoginBatcher:
         self._thread = threading.Thread(target=self._run, name="login-batch", daemon=True)
         self._thread.start()
 
+    @overload
+    def submit(self, login: Login) -> concurrent.futures.Future[Settled[None]]: ...
+
+    @overload
     def submit(
-        self, login: Login, policy: LoginPolicy[P, T] | None = None
-    ) -> concurrent.futures.Future[Settled[T]]:
+        self, login: Login, policy: LoginPolicy[P, T]
+    ) -> concurrent.futures.Future[Settled[T]]: ...
+
+    def submit(
+        self, login: Login, policy: LoginPolicy[Any, Any] | None = None
+    ) -> concurrent.futures.Future[Settled[Any]]:
         """Queue a login; the future holds its verdict once its transaction has committed."""
-        future: concurrent.futures.Future[Settled[T]] = concurrent.futures.Future()
+        future: concurrent.futures.Future[Settled[Any]] = concurrent.futures.Future()
         self._queue.put(_Pending(login, policy, future, contextvars.copy_context()))
         return future
 
