@@ -14,7 +14,7 @@ import functools
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -33,10 +33,8 @@ from authsvc.errors import (
     Unauthenticated,
 )
 from authsvc.inputs import (
-    check_audiences,
     check_grace_period,
     check_name,
-    check_new_service_id,
     check_scopes,
     check_service_id,
 )
@@ -44,12 +42,13 @@ from authsvc.keys.manager import KeyManager
 from authsvc.logs import current_request_id, request_id_from
 from authsvc.server.ledger import CURRENT_ONLY, Grant, Login, LoginLedger
 from authsvc.server.status import status_of, trailers_of
-from authsvc.services import disable_service, register_service, rotate_service_secret
-from authsvc.storage.records import ServiceRecord, SigningKeyRecord
+from authsvc.services import rotate_service_secret
+from authsvc.storage.records import AudienceGrant, ServiceRecord, SigningKeyRecord
 from authsvc.storage.repository import Repository
 from authsvc.sync import RevocationFeed, ServerState, Signer, held_event
 from authsvc.tokens.issuer import IssuedToken, TokenIssuer
 from authsvc.usecases.audit import AuditTrail, Origin
+from authsvc.usecases.services import GrantChange, ServiceRegistry
 from authsvc_client.claims import ADMIN_SCOPE, Claims, ValidationResult
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 from authsvc_client.verifier import TokenVerifier
@@ -95,7 +94,12 @@ def _service_proto(record: ServiceRecord) -> auth_pb2.Service:
         scopes=list(record.scopes),
         disabled=record.disabled,
         created_at=timestamp(to_timestamp(record.created_at)),
+        grants=[auth_pb2.Grant(audience=g.audience, scopes=list(g.scopes)) for g in record.grants],
     )
+
+
+def _grants(grants: Iterable[auth_pb2.Grant]) -> tuple[AudienceGrant, ...]:
+    return tuple(AudienceGrant(g.audience, tuple(g.scopes)) for g in grants)
 
 
 def _key_proto(record: SigningKeyRecord) -> auth_pb2.SigningKey:
@@ -196,6 +200,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         self._feed = feed
         self._ledger = ledger
         self._trail = AuditTrail(repo, clock)
+        self._services = ServiceRegistry(repo, hasher, clock, settings, self._trail)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -300,7 +305,8 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
 
         def authorize(service: ServiceRecord) -> Grant:
             wanted = list(dict.fromkeys(request.scopes))
-            if request.audience not in service.audiences:
+            granted = service.scopes_for(request.audience)
+            if granted is None:
                 # Any registered service may follow WatchRevocations, which takes a token for
                 # authsvc itself: such a token carries no scope, so it is no admin token.
                 if request.audience != self._s.admin_audience or wanted:
@@ -309,9 +315,10 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
                         request.audience,
                         error=PermissionDenied("audience not allowed for this service"),
                     )
+                granted = ()
             else:
-                wanted = wanted or list(service.scopes)
-            denied = [s for s in wanted if s not in service.scopes]
+                wanted = wanted or list(granted)
+            denied = [s for s in wanted if s not in granted]
             if denied:
                 return Grant(
                     "scope_denied",
@@ -670,33 +677,14 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         self, request: auth_pb2.CreateServiceRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.CreateServiceResponse:
         caller = self._admin(context)
-        check_new_service_id(request.service_id)
-        if not request.audiences:
-            raise InvalidArgument("at least one audience is required")
-        check_audiences(request.audiences)
-        check_scopes(request.scopes, "scopes")
-        peer, request_id = _peer_address(context), _request_id(context)
-
-        def create() -> tuple[ServiceRecord, str]:
-            record, secret = register_service(
-                self._repo,
-                self._hasher,
-                self._clock,
-                request.service_id,
-                request.audiences,
-                request.scopes,
-            )
-            self._audit(
-                actor=caller.actor,
-                action="create_service",
-                target=f"service:{record.service_id}",
-                outcome="ok",
-                peer=peer,
-                request_id=request_id,
-            )
-            return record, secret
-
-        record, secret = await asyncio.to_thread(create)
+        record, secret = await asyncio.to_thread(
+            self._services.create,
+            caller,
+            request.service_id,
+            list(request.audiences),
+            list(request.scopes),
+            _grants(request.grants),
+        )
         return auth_pb2.CreateServiceResponse(service=_service_proto(record), service_secret=secret)
 
     @handle_errors
@@ -704,37 +692,44 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         self, request: auth_pb2.ListServicesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.ListServicesResponse:
         self._admin(context)
-        services = await asyncio.to_thread(self._repo.list_services)
+        services = await asyncio.to_thread(self._services.list)
         return auth_pb2.ListServicesResponse(services=[_service_proto(s) for s in services])
+
+    @handle_errors
+    async def UpdateService(
+        self, request: auth_pb2.UpdateServiceRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> auth_pb2.UpdateServiceResponse:
+        caller = self._admin(context)
+        change = GrantChange(
+            add_audiences=tuple(request.add_audiences),
+            remove_audiences=tuple(request.remove_audiences),
+            add_scopes=tuple(request.add_scopes),
+            remove_scopes=tuple(request.remove_scopes),
+            grants=_grants(request.grants),
+            revoke_grants=_grants(request.revoke_grants),
+        )
+        record = await asyncio.to_thread(
+            self._services.update, caller, request.service_id, change
+        )
+        return auth_pb2.UpdateServiceResponse(service=_service_proto(record))
 
     @handle_errors
     async def DisableService(
         self, request: auth_pb2.DisableServiceRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.DisableServiceResponse:
         caller = self._admin(context)
-        check_name(request.service_id, "service_id")
-        peer, request_id = _peer_address(context), _request_id(context)
-
-        def disable() -> ServiceRecord:
-            record = disable_service(
-                self._repo,
-                self._clock,
-                request.service_id,
-                token_lifetime_seconds=self._s.max_ttl_seconds + self._s.leeway_seconds,
-            )
-            self._audit(
-                actor=caller.actor,
-                action="disable_service",
-                target=f"service:{record.service_id}",
-                outcome="ok",
-                peer=peer,
-                request_id=request_id,
-            )
-            return record
-
-        record = await asyncio.to_thread(disable)
+        record = await asyncio.to_thread(self._services.disable, caller, request.service_id)
         await self._refresh()
         return auth_pb2.DisableServiceResponse(service=_service_proto(record))
+
+    @handle_errors
+    async def EnableService(
+        self, request: auth_pb2.EnableServiceRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> auth_pb2.EnableServiceResponse:
+        caller = self._admin(context)
+        record = await asyncio.to_thread(self._services.enable, caller, request.service_id)
+        await self._refresh()
+        return auth_pb2.EnableServiceResponse(service=_service_proto(record))
 
     # -- WatchRevocations ------------------------------------------------------------------
 
