@@ -40,15 +40,15 @@ from authsvc.server.ledger import LoginLedger
 from authsvc.server.metrics import QUIET_WHEN_OK, Metrics, MetricsInterceptor, StateCollector
 from authsvc.server.servicer import AuthServicer, local_audit
 from authsvc.server.tracing import tracing_interceptors
-from authsvc.services import disable_service, register_service, rotate_service_secret
+from authsvc.services import rotate_service_secret
 from authsvc.storage import migrate
 from authsvc.storage.engine import describe_db_error, make_engine, prepare_sqlite_file
-from authsvc.storage.records import RevocationRecord
+from authsvc.storage.records import AudienceGrant, RevocationRecord
 from authsvc.storage.repository import Repository
 from authsvc.sync import RevocationFeed, ServerState
 from authsvc.tokens.issuer import TokenIssuer
-from authsvc.usecases.audit import CLI_ACTOR, SCHEDULER_ACTOR
-from authsvc_client.claims import ADMIN_SCOPE
+from authsvc.usecases.audit import CLI_ACTOR, SCHEDULER_ACTOR, AuditTrail, Origin
+from authsvc.usecases.services import ServiceRegistry
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 from authsvc_client.verifier import TokenVerifier
 
@@ -127,22 +127,25 @@ def build_core(settings: Settings, clock: Clock | None = None, *, upgrade: bool 
     )
 
 
-def create_service(
-    core: Core, service_id: str, audiences: list[str], scopes: list[str], *, admin: bool = False
-) -> str:
-    """Register a service (the CLI's way); `admin` adds the admin audience and scope."""
-    if admin:
-        audiences = [*audiences, core.settings.admin_audience]
-        scopes = [*scopes, ADMIN_SCOPE]
-    record, secret = register_service(
-        core.repo, core.hasher, core.clock, service_id, audiences, scopes
+def service_registry(core: Core) -> ServiceRegistry:
+    """The services use cases on this host's storage (the CLI's way in; audited as `cli`)."""
+    return ServiceRegistry(
+        core.repo, core.hasher, core.clock, core.settings, AuditTrail(core.repo, core.clock)
     )
-    local_audit(
-        core.repo,
-        core.clock,
-        actor=CLI_ACTOR,
-        action="create_service",
-        target=f"service:{record.service_id}",
+
+
+def create_service(
+    core: Core,
+    service_id: str,
+    audiences: list[str],
+    scopes: list[str],
+    *,
+    admin: bool = False,
+    grants: tuple[AudienceGrant, ...] = (),
+) -> str:
+    """Register a service from this host; returns its secret (shown once)."""
+    _, secret = service_registry(core).create(
+        Origin.local(CLI_ACTOR), service_id, audiences, scopes, grants, admin=admin
     )
     return secret
 
@@ -163,19 +166,8 @@ def rotate_secret(core: Core, service_id: str, grace_seconds: int) -> tuple[str,
 
 
 def disable(core: Core, service_id: str) -> None:
-    record = disable_service(
-        core.repo,
-        core.clock,
-        service_id,
-        token_lifetime_seconds=core.settings.max_ttl_seconds + core.settings.leeway_seconds,
-    )
-    local_audit(
-        core.repo,
-        core.clock,
-        actor=CLI_ACTOR,
-        action="disable_service",
-        target=f"service:{record.service_id}",
-    )
+    """Disable a service from this host: its tokens are revoked (see ServiceRegistry.disable)."""
+    service_registry(core).disable(Origin.local(CLI_ACTOR), service_id)
 
 
 def bootstrap_dev_admin(core: Core, out: TextIO) -> None:
