@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--scope", action="append", default=[], help="scope S for every --audience named"
     )
-    _grant_flag(create, "--grant", "scope S for audience A only (A= : A with no scope)")
+    _grant_flag(create, "--grant", "SCOPE for AUDIENCE only (AUDIENCE= : the audience, no scope)")
     create.add_argument(
         "--admin", action="store_true", help="grant authsvc.admin for audience authsvc"
     )
@@ -150,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="take S from each of its audiences",
     )
-    _grant_flag(update, "--grant", "scope S for audience A only (A= : A with no scope)")
-    _grant_flag(update, "--revoke-grant", "take scope S from audience A only")
+    _grant_flag(update, "--grant", "SCOPE for AUDIENCE only (AUDIENCE= : the audience, no scope)")
+    _grant_flag(update, "--revoke-grant", "take SCOPE from AUDIENCE only (the audience stays)")
     update.add_argument("--json", action="store_true", help="print the service as `list --json`")
     rotate_secret = services.add_parser(
         "rotate-secret", help="give a service a new secret; prints it once"
