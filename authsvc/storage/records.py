@@ -16,9 +16,11 @@ SECRET_HASH_KEY = "secret-hash"  # noqa: S105 (a row name, not a secret)
 RevocationKind = Literal["token", "service_tokens", "service_disabled"]
 
 
-@dataclass(frozen=True)
-class AudienceGrant:
-    """The scopes a service may have in tokens for one audience (none: a scopeless token)."""
+class AudienceGrant(NamedTuple):
+    """The scopes a service may have in tokens for one audience (none: a scopeless token).
+
+    A NamedTuple, as HeldRevocation: every login builds its service's grants.
+    """
 
     audience: str
     scopes: tuple[str, ...]
