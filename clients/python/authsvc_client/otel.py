@@ -27,7 +27,9 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, TracerProvider
 
+from authsvc_client.interceptors import behavior_of as _behavior
 from authsvc_client.interceptors import current_claims
+from authsvc_client.interceptors import rebuild as _rebuild
 
 __all__ = [
     "CALLER_ATTRIBUTE",
@@ -50,20 +52,6 @@ _SERVER_ERRORS = frozenset(
         grpc.StatusCode.DATA_LOSS,
     }
 )
-_FACTORIES = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-_ATTRS = {
-    (False, False): "unary_unary",
-    (False, True): "unary_stream",
-    (True, False): "stream_unary",
-    (True, True): "stream_stream",
-}
-
-
 def _tracer(provider: TracerProvider | None) -> trace.Tracer:
     return trace.get_tracer(_TRACER_NAME, tracer_provider=provider)
 
@@ -99,22 +87,6 @@ def record_caller() -> None:
     claims = current_claims()
     if claims is not None:
         trace.get_current_span().set_attribute(CALLER_ATTRIBUTE, claims.subject)
-
-
-def _shape(handler: Any) -> tuple[bool, bool]:
-    return (bool(handler.request_streaming), bool(handler.response_streaming))
-
-
-def _rebuild(handler: Any, behavior: Callable[..., Any]) -> grpc.RpcMethodHandler:
-    return _FACTORIES[_shape(handler)](
-        behavior,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-
-
-def _behavior(handler: Any) -> Callable[..., Any]:
-    return getattr(handler, _ATTRS[_shape(handler)])  # type: ignore[no-any-return]
 
 
 def _parent(metadata: Sequence[Any] | None) -> otel_context.Context:
