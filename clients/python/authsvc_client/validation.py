@@ -276,16 +276,16 @@ class RemoteValidator:
         self.audience = audience
         self._stub = auth_pb2_grpc.AuthServiceStub(channel)
         self.streams = StreamMux(channel, streams=streams) if streaming else None
-        self._follower: RevocationFollower | None = None
+        self.feed: RevocationFollower | None = None
         if revocations is not None:
-            self._follower = RevocationFollower(
+            self.feed = RevocationFollower(
                 channel,
                 revocations,
                 token=token_source,
                 clock=clock,
                 on_disconnect=self._core.cache.clear,
             )
-            self._follower.start()
+            self.feed.start()
 
     @property
     def _cache(self) -> PositiveCache:
@@ -297,7 +297,7 @@ class RemoteValidator:
         """
         core = self._core
         now = core.clock()
-        use_cache = self._follower is None or self._follower.connected
+        use_cache = self.feed is None or self.feed.connected
         key, cached = core.lookup(token, required_scopes, now, use_cache)
         if cached is not None:
             return cached
@@ -317,8 +317,8 @@ class RemoteValidator:
     def close(self) -> None:
         if self.streams is not None:
             self.streams.close()
-        if self._follower is not None:
-            self._follower.stop()
+        if self.feed is not None:
+            self.feed.stop()
 
     def __repr__(self) -> str:
         return self._core.describe(type(self).__name__)
