@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import random
+
 import grpc
 import pytest
 
@@ -9,6 +13,7 @@ from authsvc_client.claims import Claims, ValidationResult
 from authsvc_client.errors import ValidatorUnavailable, status_of
 from authsvc_client.interceptors import SHAPES, behavior_of, handler_for, rebuild, shape_of
 from authsvc_client.revocations import RevocationEntry, RevocationSet
+from authsvc_client.tokens import _Core
 from authsvc_client.v1 import auth_pb2
 from authsvc_client.validation import FeedState, PositiveCache, RemoteCore
 
@@ -198,3 +203,123 @@ class TestShapeTable:
             assert rebuilt.request_deserializer is bytes
         assert shape_of(None) == (False, False)
 
+
+
+# --- token sources ------------------------------------------------------------------------
+
+
+def _jwt(jti: str, iat: int) -> str:
+    payload = json.dumps({"jti": jti, "iat": iat}).encode()
+    return "e30." + base64.urlsafe_b64encode(payload).decode().rstrip("=") + ".sig"
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _token_core(clock: _Clock) -> _Core:
+    return _Core(
+        service_id="orders",
+        service_secret="s3cret-value",
+        audience="billing",
+        scopes=("billing.read",),
+        ttl_seconds=0,
+        refresh_ratio=0.8,
+        jitter_ratio=0.0,
+        expiry_margin_seconds=10.0,
+        timeout_seconds=5.0,
+        backoff_initial_seconds=0.5,
+        backoff_max_seconds=30.0,
+        clock=clock,
+        rng=random.Random(7),
+    )
+
+
+def _issued(core: _Core, now: float, *, jti: str = "j1", lifetime: int = 100) -> None:
+    core.accept(
+        auth_pb2.IssueTokenResponse(
+            access_token=_jwt(jti, int(now)), expires_in=lifetime, key_id="k1"
+        ),
+        now,
+    )
+
+
+class TestTokenCore:
+    def test_no_token_means_one_refresh_then_wait(self) -> None:
+        core = _token_core(_Clock())
+        first = core.plan(NOW, in_flight=False, closed=False)
+        assert (first.token, first.refresh, first.error) == (None, True, None)
+        waiting = core.plan(NOW, in_flight=True, closed=False)  # the refresh runs: wait
+        assert (waiting.token, waiting.refresh, waiting.error) == (None, False, None)
+
+    def test_fresh_is_served_stale_is_served_while_one_refresh_starts(self) -> None:
+        core = _token_core(_Clock())
+        _issued(core, NOW)
+        token = core.token
+        assert token is not None
+        fresh = core.plan(NOW + 79, in_flight=False, closed=False)
+        assert (fresh.token, fresh.refresh) == (token.value, False)
+        stale = core.plan(NOW + 81, in_flight=False, closed=False)
+        assert (stale.token, stale.refresh) == (token.value, True)
+        assert core.plan(NOW + 81, in_flight=True, closed=False).refresh is False
+        # Within the expiry margin it is no longer handed out.
+        assert core.plan(NOW + 91, in_flight=True, closed=False).token is None
+
+    def test_after_a_failure_callers_fail_fast_until_the_backoff_ends(self) -> None:
+        core = _token_core(_Clock())
+        refused = grpc.aio.AioRpcError(
+            grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata()
+        )
+        error = core.reject(refused, NOW)
+        assert error.code is grpc.StatusCode.UNAVAILABLE  # an asyncio error keeps its code
+        held = core.plan(NOW + 0.1, in_flight=False, closed=False)
+        assert (held.token, held.refresh, held.error) == (None, False, error)
+        assert core.plan(NOW + 0.6, in_flight=False, closed=False).refresh is True
+
+    def test_a_closed_source_starts_nothing(self) -> None:
+        plan = _token_core(_Clock()).plan(NOW, in_flight=False, closed=True)
+        assert plan.refresh is False and plan.error is not None
+
+    def test_the_follower_source_is_scopeless_for_authsvc_and_follows_nothing(self) -> None:
+        options = _token_core(_Clock()).watch_options("authsvc")
+        assert options["audience"] == "authsvc" and options["follow_revocations"] is False
+        assert options["service_id"] == "orders" and "scopes" not in options
+
+    def test_events_drop_the_token_by_jti_or_by_the_service_cutoff(self) -> None:
+        core = _token_core(_Clock())
+        _issued(core, NOW, jti="mine")
+        assert not core.apply(auth_pb2.RevocationEvent(cursor=1, jti="other"))
+        assert core.apply(auth_pb2.RevocationEvent(cursor=2, jti="mine"))
+        assert core.token is None
+        _issued(core, NOW, jti="next")
+        cutoff = auth_pb2.RevocationEvent(cursor=3, service_id="orders")
+        cutoff.revoked_before.seconds = int(NOW) + 1
+        assert core.apply(cutoff)
+        # A token issued before that cutoff is dead on arrival: wait out the second.
+        _issued(core, NOW, jti="late")
+        token = core.token
+        assert token is not None
+        assert core.dead_on_arrival(token) == 1.0
+
+    def test_the_follow_loop_resumes_from_the_cursor_and_backs_off(self) -> None:
+        follow = _token_core(_Clock()).follow()
+        follow.event(auth_pb2.RevocationEvent(cursor=41))
+        follow.event(auth_pb2.RevocationEvent(cursor=7))  # a replay: the cursor stays
+        assert follow.request().after_cursor == 41
+        unauthenticated = grpc.aio.AioRpcError(
+            grpc.StatusCode.UNAUTHENTICATED, grpc.aio.Metadata(), grpc.aio.Metadata()
+        )
+        assert follow.rpc_failed(unauthenticated) is True  # drop the bearer
+        first = follow.delay(100.0)
+        assert 0.25 <= first <= 0.5
+        unavailable = grpc.aio.AioRpcError(
+            grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata()
+        )
+        assert follow.rpc_failed(unavailable) is False
+        assert 0.5 <= follow.delay(100.0) <= 1.0
+        follow.event(auth_pb2.RevocationEvent(cursor=42))
+        assert follow.delay(100.0) <= 0.5  # a good event started the pacing over
