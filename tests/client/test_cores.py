@@ -13,6 +13,7 @@ from authsvc_client.claims import Claims, ValidationResult
 from authsvc_client.errors import ValidatorUnavailable, status_of
 from authsvc_client.interceptors import SHAPES, behavior_of, handler_for, rebuild, shape_of
 from authsvc_client.revocations import RevocationEntry, RevocationSet
+from authsvc_client.streaming import _Fifo, _Pool
 from authsvc_client.tokens import _Core
 from authsvc_client.v1 import auth_pb2
 from authsvc_client.validation import FeedState, PositiveCache, RemoteCore
@@ -323,3 +324,68 @@ class TestTokenCore:
         assert 0.5 <= follow.delay(100.0) <= 1.0
         follow.event(auth_pb2.RevocationEvent(cursor=42))
         assert follow.delay(100.0) <= 0.5  # a good event started the pacing over
+
+
+# --- ValidateTokenStream multiplexing ------------------------------------------------------
+
+
+class TestStreamFifo:
+    def test_answers_pair_with_callers_in_wire_order_and_the_rest_ask_again(self) -> None:
+        fifo: _Fifo[str] = _Fifo(max_in_flight=2)
+        assert fifo.admit("first") and fifo.admit("second")
+        assert not fifo.admit("third")  # full: that caller goes unary
+        assert fifo.answered() == "first"
+        assert fifo.admit("third")
+        assert fifo.end() == ["second", "third"]
+        assert not fifo.alive and not fifo.admit("late")
+
+    def test_an_answer_nobody_asked_for_is_refused(self) -> None:
+        with pytest.raises(IndexError):
+            _Fifo[str](max_in_flight=1).answered()
+
+
+class _FakeStream:
+    """Only the three members the pool reads (a stand-in for the stream's bookkeeping, not
+    for any network)."""
+
+    def __init__(self, load: int = 0) -> None:
+        self.alive = True
+        self.load = load
+
+    def close(self) -> None:
+        self.alive = False
+
+
+class TestStreamPool:
+    def test_opens_up_to_its_size_then_picks_the_least_loaded(self) -> None:
+        pool: _Pool[_FakeStream] = _Pool(2, clock=lambda: 0.0)
+        loads = iter([5, 1])
+        first = pool.pick(lambda: _FakeStream(next(loads)))
+        second = pool.pick(lambda: _FakeStream(next(loads)))
+        assert first is not None and second is not None and first is not second
+        assert pool.pick(lambda: pytest.fail("a third stream")) is second
+
+    def test_a_failed_stream_backs_off_and_unimplemented_pauses_long(self) -> None:
+        now = [0.0]
+        pool: _Pool[_FakeStream] = _Pool(1, clock=lambda: now[0])
+        stream = pool.pick(_FakeStream)
+        assert stream is not None
+        stream.alive = False
+        pool.ended(stream, grpc.StatusCode.UNAVAILABLE, answered=False)
+        assert pool.pick(lambda: pytest.fail("opened during back-off")) is None
+        now[0] = 0.3
+        again = pool.pick(_FakeStream)
+        assert again is not None
+        again.alive = False
+        pool.ended(again, grpc.StatusCode.UNIMPLEMENTED, answered=False)
+        assert pool.reconnect.unsupported
+        now[0] = 299.0
+        assert pool.pick(lambda: pytest.fail("asked an old server again")) is None
+        now[0] = 301.0
+        assert pool.pick(_FakeStream) is not None
+
+    def test_closing_hands_back_every_stream_and_picks_nothing_after(self) -> None:
+        pool: _Pool[_FakeStream] = _Pool(2, clock=lambda: 0.0)
+        opened = [pool.pick(_FakeStream), pool.pick(_FakeStream)]
+        assert pool.close() == opened
+        assert pool.pick(_FakeStream) is None
