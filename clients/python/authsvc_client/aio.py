@@ -14,7 +14,12 @@ from typing import Any, Protocol, runtime_checkable
 import grpc
 
 from authsvc_client.claims import Claims, ValidationResult
-from authsvc_client.credentials import failure_status, with_bearer
+from authsvc_client.credentials import (
+    aio_client_details,
+    aio_client_interceptors,
+    failure_status,
+    with_bearer,
+)
 from authsvc_client.errors import AuthsvcClientError, ValidatorUnavailable, status_of
 from authsvc_client.interceptors import (
     _CALLER,
@@ -62,6 +67,8 @@ _LOG = logging.getLogger(__name__)
 
 
 class _Bearer:
+    # As BearerTokenInterceptor: the token awaited before the call, and one retry with a new
+    # token after the callee's UNAUTHENTICATED, for unary calls only.
     def __init__(self, source: AsyncTokenSource) -> None:
         self._source = source
 
@@ -76,57 +83,20 @@ class _Bearer:
                 details=str(exc),
             ) from None
 
-    async def _details(
-        self, details: grpc.aio.ClientCallDetails, token: str | None = None
-    ) -> grpc.aio.ClientCallDetails:
-        if token is None:
-            token = await self._token()
-        return grpc.aio.ClientCallDetails(
-            details.method,
-            details.timeout,
-            grpc.aio.Metadata(*with_bearer(details.metadata, token)),
-            details.credentials,
-            details.wait_for_ready,
-        )
+    def _details(self, details: grpc.aio.ClientCallDetails, token: str) -> Any:
+        return aio_client_details(details, with_bearer(details.metadata, token))
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self._source!r})"
+    async def call(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details, await self._token()), request)
 
-
-class _UnaryUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    # As BearerTokenInterceptor: one retry with a new token after the callee's
-    # UNAUTHENTICATED, for unary calls only.
-    async def intercept_unary_unary(
-        self, continuation: Callable[..., Any], client_call_details: Any, request: Any
-    ) -> Any:
+    async def unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         token = await self._token()
-        call = await continuation(await self._details(client_call_details, token), request)
+        call = await continuation(self._details(details, token), request)
         if await call.code() is not grpc.StatusCode.UNAUTHENTICATED:
             return call
         if not self._source._invalidate_refused(token):
             return call
-        return await continuation(await self._details(client_call_details), request)
-
-
-class _UnaryStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
-    async def intercept_unary_stream(
-        self, continuation: Callable[..., Any], client_call_details: Any, request: Any
-    ) -> Any:
-        return await continuation(await self._details(client_call_details), request)
-
-
-class _StreamUnary(_Bearer, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
-    async def intercept_stream_unary(
-        self, continuation: Callable[..., Any], client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        return await continuation(await self._details(client_call_details), request_iterator)
-
-
-class _StreamStream(_Bearer, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
-    async def intercept_stream_stream(
-        self, continuation: Callable[..., Any], client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        return await continuation(await self._details(client_call_details), request_iterator)
+        return await self.call(continuation, details, request)
 
 
 def bearer_interceptors(source: AsyncTokenSource) -> list[grpc.aio.ClientInterceptor]:
@@ -135,7 +105,8 @@ def bearer_interceptors(source: AsyncTokenSource) -> list[grpc.aio.ClientInterce
 
     (grpc.aio files each interceptor under one RPC shape only, hence one object per shape.)
     """
-    return [_UnaryUnary(source), _UnaryStream(source), _StreamUnary(source), _StreamStream(source)]
+    bearer = _Bearer(source)
+    return aio_client_interceptors(bearer.call, unary_unary=bearer.unary_unary, label=repr(source))
 
 
 # --- validators ------------------------------------------------------------------------------
