@@ -145,43 +145,55 @@ class TestRemoteCore:
 
 
 class TestFeedState:
-    def _state(self) -> FeedState:
-        return FeedState(initial=0.1, maximum=0.8, settle_seconds=0.25)
+    def _state(self) -> tuple[FeedState, list[float]]:
+        mono = [0.0]
+        state = FeedState(initial=0.1, maximum=0.8, settle_seconds=0.25, monotonic=lambda: mono[0])
+        return state, mono
 
     def test_connected_after_settling_on_a_ready_channel_or_after_an_event(self) -> None:
-        state = self._state()
-        assert not state.connected(0.0)
-        assert state.outage_seconds(NOW, 0.0) == float("inf")  # never connected yet
-        state.opened(10.0)
-        assert not state.connected(10.5)  # channel not ready
+        state, mono = self._state()
+        assert not state.connected()
+        assert state.outage_seconds(NOW) == float("inf")  # never connected yet
+        mono[0] = 10.0
+        state.opened()
+        mono[0] = 10.5
+        assert not state.connected()  # channel not ready
         state.channel(True, NOW)
-        assert not state.connected(10.1)  # not settled
-        assert state.connected(10.25)
-        other = self._state()
-        other.opened(10.0)
-        other.event()  # an event proves the channel too
-        assert other.connected(10.0)
+        other, other_mono = self._state()
+        other.channel(True, NOW)
+        other_mono[0] = 10.0
+        other.opened()
+        other_mono[0] = 10.1
+        assert not other.connected()  # not settled
+        other_mono[0] = 10.25
+        assert other.connected()
+        assert state.connected()
+        proved, _ = self._state()
+        proved.opened()
+        proved.event()  # an event proves the channel too
+        assert proved.connected()
 
     def test_an_outage_counts_from_the_loss(self) -> None:
-        state = self._state()
-        state.opened(0.0)
+        state, mono = self._state()
+        state.opened()
         state.event()
         state.closed(NOW)
-        assert not state.connected(1.0)
-        assert state.outage_seconds(NOW + 3, 1.0) == 3.0
-        state.opened(2.0)
+        assert not state.connected()
+        assert state.outage_seconds(NOW + 3) == 3.0
+        mono[0] = 2.0
+        state.opened()
         state.event()
-        assert state.outage_seconds(NOW + 9, 2.0) == 0.0
+        assert state.outage_seconds(NOW + 9) == 0.0
         state.channel(False, NOW + 10)
-        assert state.outage_seconds(NOW + 12, 3.0) == 2.0
+        assert state.outage_seconds(NOW + 12) == 2.0
 
     def test_reconnects_back_off_and_start_over_after_a_good_stream(self) -> None:
-        state = self._state()
+        state, _ = self._state()
         assert [state.retry_delay() for _ in range(5)] == [0.1, 0.2, 0.4, 0.8, 0.8]
-        state.opened(0.0)
+        state.opened()
         state.closed(NOW)  # never confirmed: no reset
         assert state.retry_delay() == 0.8
-        state.opened(1.0)
+        state.opened()
         state.event()
         state.closed(NOW)
         assert state.retry_delay() == 0.1

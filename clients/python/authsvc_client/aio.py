@@ -190,11 +190,11 @@ class AsyncRevocationFollower:
     @property
     def connected(self) -> bool:
         self._observe_channel()
-        return self._state.connected(time.monotonic())
+        return self._state.connected()
 
     def outage_seconds(self, now: float) -> float:
         self._observe_channel()
-        return self._state.outage_seconds(now, time.monotonic())
+        return self._state.outage_seconds(now)
 
     def _observe_channel(self) -> None:
         # grpc.aio has no connectivity callback; the state is read when it matters.
@@ -219,7 +219,7 @@ class AsyncRevocationFollower:
                     auth_pb2.WatchRevocationsRequest(after_cursor=self.revocations.cursor),
                     metadata=(("authorization", f"Bearer {bearer}"),),
                 )
-                state.opened(time.monotonic())
+                state.opened()
                 self.connects += 1
                 try:
                     async for event in call:

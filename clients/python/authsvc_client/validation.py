@@ -416,7 +416,15 @@ class FeedState:
     `initial` to `maximum`, starting over after a stream that was connected.
     """
 
-    def __init__(self, *, initial: float, maximum: float, settle_seconds: float) -> None:
+    def __init__(
+        self,
+        *,
+        initial: float,
+        maximum: float,
+        settle_seconds: float,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._monotonic = monotonic
         self._initial = initial
         self._max = maximum
         self._settle = settle_seconds
@@ -427,8 +435,8 @@ class FeedState:
         self._ever_connected = False
         self._down_since: float | None = None  # clock time the last connection was lost
 
-    def opened(self, monotonic_now: float) -> None:
-        self._call_started = monotonic_now
+    def opened(self) -> None:
+        self._call_started = self._monotonic()
 
     def event(self) -> None:
         self._delay = self._initial
@@ -454,17 +462,17 @@ class FeedState:
         self._delay = min(self._max, delay * 2)
         return delay
 
-    def connected(self, monotonic_now: float) -> bool:
+    def connected(self) -> bool:
         if self._call_started is None or not self.channel_ready:
             return False
-        if not self._confirmed and monotonic_now - self._call_started >= self._settle:
+        if not self._confirmed and self._monotonic() - self._call_started >= self._settle:
             self._confirm()
         return self._confirmed
 
-    def outage_seconds(self, now: float, monotonic_now: float) -> float:
+    def outage_seconds(self, now: float) -> float:
         """0 while connected; how long the feed has been down otherwise (infinite before the
         first connection: until then revocations are unknown)."""
-        if self.connected(monotonic_now):
+        if self.connected():
             return 0.0
         if not self._ever_connected or self._down_since is None:
             return float("inf")
@@ -566,13 +574,13 @@ class RevocationFollower:
     @property
     def connected(self) -> bool:
         with self._lock:
-            return self._state.connected(time.monotonic())
+            return self._state.connected()
 
     def outage_seconds(self, now: float) -> float:
         """0 while connected; how long the feed has been down otherwise (infinite before the
         first connection: until then revocations are unknown)."""
         with self._lock:
-            return self._state.outage_seconds(now, time.monotonic())
+            return self._state.outage_seconds(now)
 
     def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
         with self._lock:
@@ -595,7 +603,7 @@ class RevocationFollower:
             )
             with self._lock:
                 self._call = call
-                state.opened(time.monotonic())
+                state.opened()
             if self._stop.is_set():
                 call.cancel()
             self.connects += 1
