@@ -472,6 +472,8 @@ class FeedState:
     def outage_seconds(self, now: float) -> float:
         """0 while connected; how long the feed has been down otherwise (infinite before the
         first connection: until then revocations are unknown)."""
+        if self._confirmed and self.channel_ready and self._call_started is not None:
+            return 0.0  # connected: the common case, asked on every local validation
         if self.connected():
             return 0.0
         if not self._ever_connected or self._down_since is None:
