@@ -28,9 +28,9 @@ from authsvc_client.interceptors import (
     DEFAULT_PUBLIC_SERVICES,
     Denial,
     MethodPolicy,
+    admit,
     bearer_token,
     behavior_of,
-    decide,
     rebuild,
     shape_of,
     terminators,
@@ -360,10 +360,7 @@ async def validate_async(
     except Exception:
         _LOG.exception("token validator failed; denying the call")
         return _UNAVAILABLE
-    denial = decide(result)
-    if denial is not None or result.claims is None:
-        return denial or _UNAVAILABLE
-    return result.claims
+    return admit(result)
 
 
 # --- server ----------------------------------------------------------------------------------

@@ -148,6 +148,14 @@ def decide(result: ValidationResult) -> Denial | None:
     return _BY_REASON.get(result.reason, _invalid("MALFORMED"))
 
 
+def admit(result: ValidationResult) -> Claims | Denial:
+    """The caller's claims, or the denial a result means (sync and aio interceptors)."""
+    denial = decide(result)
+    if denial is not None or result.claims is None:
+        return denial or _UNAVAILABLE
+    return result.claims
+
+
 def validate_sync(validator: Validator, token: str, scopes: Sequence[str]) -> Claims | Denial:
     """Run a validator and turn every outcome, failures included, into claims or a denial."""
     try:
@@ -157,10 +165,7 @@ def validate_sync(validator: Validator, token: str, scopes: Sequence[str]) -> Cl
     except Exception:
         _LOG.exception("token validator failed; denying the call")
         return _UNAVAILABLE
-    denial = decide(result)
-    if denial is not None or result.claims is None:
-        return denial or _UNAVAILABLE
-    return result.claims
+    return admit(result)
 
 
 # --- the one shape -> handler table ---------------------------------------------------------

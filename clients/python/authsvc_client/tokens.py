@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import ipaddress
 import json
@@ -505,7 +506,74 @@ def channel_for_target(
 # --- sync ------------------------------------------------------------------------------------
 
 
-class TokenSource:
+class _SourceBase:
+    """What both sources share around the core: building one from the environment, the
+    follower flag, invalidation, and the redacted repr. `_lock` guards the core: a
+    threading.Lock in TokenSource, nothing in AsyncTokenSource (its loop serialises it)."""
+
+    _core: _Core
+    _watch: Any
+    _owned_channel: Any
+    _lock: contextlib.AbstractContextManager[Any]
+
+    @classmethod
+    def _from_env(
+        cls,
+        audience: str,
+        scopes: Sequence[str],
+        target: str | None,
+        environ: Mapping[str, str] | None,
+        channel_credentials: grpc.ChannelCredentials | None,
+        options: dict[str, Any],
+    ) -> Any:
+        service_id, secret, resolved = _credentials_from_env(environ, target)
+        channel = channel_for_target(
+            resolved, channel_credentials, asyncio_channel=cls is AsyncTokenSource
+        )
+        source = cls(
+            channel,  # type: ignore[call-arg]
+            service_id=service_id,
+            service_secret=secret,
+            audience=audience,
+            scopes=scopes,
+            **options,
+        )
+        source._owned_channel = channel
+        return source
+
+    @property
+    def audience(self) -> str:
+        return self._core.audience
+
+    @property
+    def state(self) -> TokenState:
+        with self._lock:
+            return self._core.state(self._core.clock())
+
+    def invalidate(self, token: str | None = None) -> bool:
+        """Drop the cached token (only if it is still `token`, when given) so that the next
+        call fetches a new one; True if it was dropped. For a token the callee refused.
+        (AsyncTokenSource: call it in the loop.)"""
+        with self._lock:
+            return self._core.invalidate(token, self._core.clock())
+
+    def _invalidate_refused(self, token: str) -> bool:
+        # A callee's UNAUTHENTICATED: dropped only once the token has been in use a while.
+        with self._lock:
+            return self._core.invalidate(token, self._core.clock(), reactive=True)
+
+    @property
+    def following(self) -> bool:
+        """Whether revocations of this service are followed (the stream is started lazily)."""
+        return self._watch is not None
+
+    def __repr__(self) -> str:
+        return self._core.describe(type(self).__name__)
+
+    __str__ = __repr__
+
+
+class TokenSource(_SourceBase):
     """Access tokens for one audience and scope set, shared by every call on a channel.
 
     `request()` never blocks (for call credentials); `token()` blocks until a usable token is
@@ -565,7 +633,7 @@ class TokenSource:
         )
         self._stub = auth_pb2_grpc.AuthServiceStub(channel)
         self._owned_channel: grpc.Channel | None = None
-        self._lock = threading.Lock()
+        self._lock: threading.Lock = threading.Lock()
         self._waiters: list[TokenCallback] = []
         self._worker: threading.Thread | None = None
         self._closed = False
@@ -594,27 +662,10 @@ class TokenSource:
             CredentialsError: a variable is missing, or the secret file is readable by group
                 or others. The message names the variable, never its value.
         """
-        service_id, secret, resolved = _credentials_from_env(environ, target)
-        channel = channel_for_target(resolved, channel_credentials)
-        source = cls(
-            channel,
-            service_id=service_id,
-            service_secret=secret,
-            audience=audience,
-            scopes=scopes,
-            **options,
+        source: TokenSource = cls._from_env(
+            audience, scopes, target, environ, channel_credentials, options
         )
-        source._owned_channel = channel
         return source
-
-    @property
-    def audience(self) -> str:
-        return self._core.audience
-
-    @property
-    def state(self) -> TokenState:
-        with self._lock:
-            return self._core.state(self._core.clock())
 
     def cached_token(self) -> str | None:
         """The current token if it can still be used, starting a refresh when it is due.
@@ -653,22 +704,6 @@ class TokenSource:
             raise error or TokenUnavailable(_NO_TOKEN)
         return token
 
-    def invalidate(self, token: str | None = None) -> bool:
-        """Drop the cached token (only if it is still `token`, when given) so that the next
-        call fetches a new one; True if it was dropped. For a token the callee refused."""
-        with self._lock:
-            return self._core.invalidate(token, self._core.clock())
-
-    def _invalidate_refused(self, token: str) -> bool:
-        # A callee's UNAUTHENTICATED: dropped only once the token has been in use a while.
-        with self._lock:
-            return self._core.invalidate(token, self._core.clock(), reactive=True)
-
-    @property
-    def following(self) -> bool:
-        """Whether revocations of this service are followed (the stream is started lazily)."""
-        return self._watch is not None
-
     def close(self) -> None:
         """Stop refreshing and following, and close the channel this source opened itself
         (from_env)."""
@@ -694,11 +729,6 @@ class TokenSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def __repr__(self) -> str:
-        return self._core.describe(type(self).__name__)
-
-    __str__ = __repr__
 
     def _request(self, callback: TokenCallback, *, wait: bool) -> None:
         immediate: tuple[str | None, AuthsvcClientError | None] | None = None
@@ -826,7 +856,7 @@ def _retrieve_exception(task: asyncio.Task[str]) -> None:
         task.exception()
 
 
-class AsyncTokenSource:
+class AsyncTokenSource(_SourceBase):
     """The asyncio twin of TokenSource, over a `grpc.aio` channel.
 
     Bound to the event loop it is first used on. `request()` may be called from any thread
@@ -873,6 +903,7 @@ class AsyncTokenSource:
         )
         self._stub = auth_pb2_grpc.AuthServiceStub(channel)
         self._owned_channel: grpc.aio.Channel | None = None
+        self._lock = contextlib.nullcontext()
         self._task: asyncio.Task[str] | None = None
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -896,26 +927,10 @@ class AsyncTokenSource:
         **options: Any,
     ) -> AsyncTokenSource:
         """As TokenSource.from_env, with a grpc.aio channel. Call it inside the event loop."""
-        service_id, secret, resolved = _credentials_from_env(environ, target)
-        channel = channel_for_target(resolved, channel_credentials, asyncio_channel=True)
-        source = cls(
-            channel,
-            service_id=service_id,
-            service_secret=secret,
-            audience=audience,
-            scopes=scopes,
-            **options,
+        source: AsyncTokenSource = cls._from_env(
+            audience, scopes, target, environ, channel_credentials, options
         )
-        source._owned_channel = channel
         return source
-
-    @property
-    def audience(self) -> str:
-        return self._core.audience
-
-    @property
-    def state(self) -> TokenState:
-        return self._core.state(self._core.clock())
 
     def cached_token(self) -> str | None:
         """The current token if usable, starting a refresh when due. Call it in the loop."""
@@ -962,18 +977,6 @@ class AsyncTokenSource:
         else:
             loop.call_soon_threadsafe(self._request_in_loop, callback)
 
-    def invalidate(self, token: str | None = None) -> bool:
-        """As TokenSource.invalidate; call it in the loop."""
-        return self._core.invalidate(token, self._core.clock())
-
-    def _invalidate_refused(self, token: str) -> bool:
-        return self._core.invalidate(token, self._core.clock(), reactive=True)
-
-    @property
-    def following(self) -> bool:
-        """Whether revocations of this service are followed (the stream is started lazily)."""
-        return self._watch is not None
-
     async def close(self) -> None:
         """Stop refreshing and following, and close the channel this source opened itself
         (from_env)."""
@@ -996,11 +999,6 @@ class AsyncTokenSource:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-    def __repr__(self) -> str:
-        return self._core.describe(type(self).__name__)
-
-    __str__ = __repr__
 
     def _request_in_loop(self, callback: TokenCallback) -> None:
         plan = self._plan()
