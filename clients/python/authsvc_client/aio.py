@@ -1,4 +1,5 @@
-"""asyncio variants: grpc.aio client interceptors, remote validator and server interceptor."""
+"""asyncio variants: grpc.aio client interceptors, remote validator and its revocation feed,
+server interceptor."""
 
 from __future__ import annotations
 
