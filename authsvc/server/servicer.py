@@ -15,7 +15,7 @@ import json
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import grpc
@@ -170,13 +170,6 @@ def local_audit(
     )
 
 
-@dataclass(frozen=True)
-class Caller:
-    """Who called an admin RPC, from the bearer token."""
-
-    claims: Claims
-
-
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
     def __init__(
         self,
@@ -221,20 +214,24 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
             raise Unauthenticated("authorization must be 'Bearer <token>'")
         return token.strip()
 
-    def _admin(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+    def _admin(self, context: grpc.aio.ServicerContext[Any, Any]) -> Origin:
+        """The admin caller of this RPC (from its bearer token), as the origin of its changes."""
         token = self._bearer(context)
         if token is None:
             raise Unauthenticated("this call needs an admin bearer token")
-        return self._admin_from_token(token)
+        claims = self._admin_from_token(token)
+        return Origin(
+            actor=claims.subject, peer=_peer_address(context), request_id=_request_id(context)
+        )
 
-    def _admin_from_token(self, token: str) -> Caller:
+    def _admin_from_token(self, token: str) -> Claims:
         if len(token) > self._s.max_token_bytes:
             raise Unauthenticated("admin token rejected: MALFORMED")
         result = self._verifier.verify(
             token, audience=self._s.admin_audience, required_scopes=(ADMIN_SCOPE,)
         )
         if result.valid and result.claims is not None:
-            return Caller(result.claims)
+            return result.claims
         if result.reason == auth_pb2.INSUFFICIENT_SCOPE:
             raise PermissionDenied(f"this call needs scope {ADMIN_SCOPE}")
         raise Unauthenticated(f"admin token rejected: {result.reason_name}")
@@ -437,7 +434,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
                     self._revoke_jti,
                     request.jti,
                     None,
-                    caller.claims.subject,
+                    caller.actor,
                     reason,
                     peer,
                     request_id,
@@ -445,7 +442,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
             else:
                 check_name(request.service_id, "service_id")
                 revoked = await self._revoke_service(
-                    request.service_id, caller.claims.subject, reason, peer, request_id
+                    request.service_id, caller.actor, reason, peer, request_id
                 )
         await self._refresh()
         return auth_pb2.RevokeTokenResponse(revoked=revoked)
@@ -554,7 +551,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         if len(request.current_secret) > 256:
             raise InvalidArgument("current_secret is too long")
         peer, request_id = _peer_address(context), _request_id(context)
-        admin: Caller | None = None
+        admin: Origin | None = None
         if not request.current_secret:
             admin = self._admin(context)
         return await asyncio.to_thread(self._rotate_secret, request, admin, peer, request_id)
@@ -562,7 +559,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
     def _rotate_secret(
         self,
         request: auth_pb2.RotateServiceSecretRequest,
-        admin: Caller | None,
+        admin: Origin | None,
         peer: str,
         request_id: str,
     ) -> auth_pb2.RotateServiceSecretResponse:
@@ -577,7 +574,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
             self._ledger.settle_sync(login)
             actor, expected = request.service_id, login.digest
         else:
-            actor = admin.claims.subject
+            actor = admin.actor
             if self._repo.fetch_service(request.service_id) is None:
                 self._audit(
                     actor=actor,
@@ -635,7 +632,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         def rotate() -> SigningKeyRecord:
             result = self._manager.rotate(revoke_previous=request.revoke_previous)
             self._audit(
-                actor=caller.claims.subject,
+                actor=caller.actor,
                 action="rotate_signing_key",
                 target=f"key:{result.key.kid}",
                 outcome="ok" if result.rotated_here else "already_rotated",
@@ -690,7 +687,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
                 request.scopes,
             )
             self._audit(
-                actor=caller.claims.subject,
+                actor=caller.actor,
                 action="create_service",
                 target=f"service:{record.service_id}",
                 outcome="ok",
@@ -726,7 +723,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
                 token_lifetime_seconds=self._s.max_ttl_seconds + self._s.leeway_seconds,
             )
             self._audit(
-                actor=caller.claims.subject,
+                actor=caller.actor,
                 action="disable_service",
                 target=f"service:{record.service_id}",
                 outcome="ok",
@@ -741,7 +738,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
 
     # -- WatchRevocations ------------------------------------------------------------------
 
-    def _follower(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+    def _follower(self, context: grpc.aio.ServicerContext[Any, Any]) -> Claims:
         """A registered service following revocations: a token for the server's own audience,
         scopes or none (IssueToken gives one to any enabled service), or an admin token."""
         token = self._bearer(context)
@@ -753,7 +750,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
             raise Unauthenticated("follower token rejected: MALFORMED")
         result = self._verifier.verify(token, audience=self._s.admin_audience)
         if result.valid and result.claims is not None:
-            return Caller(result.claims)
+            return result.claims
         raise Unauthenticated(f"follower token rejected: {result.reason_name}")
 
     async def WatchRevocations(
