@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import grpc
 
@@ -155,9 +155,9 @@ class _Backoff:
         return now >= self.not_before
 
 
-@dataclass(frozen=True, slots=True)
-class _Plan:
-    """What a request for a token does now; decided by _Core.plan, carried out by a source."""
+class _Plan(NamedTuple):
+    """What a request for a token does now; decided by _Core.plan, carried out by a source.
+    (A tuple: one is built for every call a source authenticates.)"""
 
     token: str | None  # serve this token now
     refresh: bool  # start a refresh (none is in flight and none is held back)
