@@ -8,7 +8,8 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,6 +21,7 @@ from authsvc_client.claims import ValidationResult
 from authsvc_client.v1 import auth_pb2
 from authsvc_client.validation import RemoteValidator
 from tests.client.conftest import FOLLOWER_AUDIENCE
+from tests.client.test_validation import FAST_RECONNECT, OwnWorld
 from tests.integration.conftest import World
 
 VALIDATE = "/authsvc.v1.AuthService/ValidateToken"
@@ -279,3 +281,103 @@ class TestFailures:
             "authsvc ValidateToken failed: UNAVAILABLE",
             "authsvc ValidateToken failed: DEADLINE_EXCEEDED",
         )
+
+
+@pytest.fixture
+def outage_world(tmp_path: Path) -> Iterator[OwnWorld]:
+    """An authsvc of the test's own, to crash and restart in place."""
+    world = OwnWorld(tmp_path)
+    try:
+        yield world
+    finally:
+        world.stop()
+
+
+class TestFeedOutage:
+    """While a following validator cannot hear revocations it does not answer from its cache
+    (a revocation might be missed); once the feed is back it asks authsvc afresh."""
+
+    @pytest.mark.parametrize("kind", KINDS)
+    def test_nothing_is_served_from_the_cache_while_the_feed_is_down(
+        self, outage_world: OwnWorld, kind: str
+    ) -> None:
+        own_world = outage_world
+        token = own_world.issue()
+        if kind == "sync":
+            recorder: _Recorder = _SyncRecorder()
+            channel: Any = grpc.intercept_channel(
+                grpc.insecure_channel(own_world.address, options=FAST_RECONNECT), recorder
+            )
+            validator: Any = RemoteValidator(
+                channel,
+                "billing",
+                cache_ttl_seconds=300,
+                timeout_seconds=1,
+                streaming=False,
+                follow_revocations=True,
+                token_source=own_world.follower_token,
+            )
+
+            def check() -> ValidationResult:
+                return validator.validate(token)  # type: ignore[no-any-return]
+
+            def connected() -> bool:
+                return bool(validator.feed.connected)
+
+            def close() -> None:
+                validator.close()
+                channel.close()
+
+        else:
+            loop = asyncio.new_event_loop()
+            recorder = _AioRecorder()
+
+            async def follower_token() -> str:
+                return own_world.follower_token()
+
+            async def make() -> tuple[Any, Any]:
+                aio_channel = grpc.aio.insecure_channel(
+                    own_world.address, options=FAST_RECONNECT, interceptors=[recorder]
+                )
+                return aio_channel, AsyncRemoteValidator(
+                    aio_channel,
+                    "billing",
+                    cache_ttl_seconds=300,
+                    timeout_seconds=1,
+                    streaming=False,
+                    follow_revocations=True,
+                    token_source=follower_token,
+                )
+
+            channel, validator = loop.run_until_complete(make())
+
+            def check() -> ValidationResult:
+                return loop.run_until_complete(validator.validate(token))  # type: ignore[no-any-return]
+
+            def connected() -> bool:
+                return bool(loop.run_until_complete(_connected_soon(validator.feed)))
+
+            def close() -> None:
+                validator.close()
+                loop.run_until_complete(validator.feed.wait_stopped())
+                loop.run_until_complete(channel.close())
+                loop.close()
+
+        try:
+            assert _eventually(connected, 10)
+            first = check()
+            assert first.valid and check() is first
+            asked = len(recorder.requests)
+
+            own_world.crash()
+            assert _eventually(lambda: not connected(), 10)
+            with pytest.raises(ValidatorUnavailable):
+                check()  # authsvc is gone: no cached "valid" without the feed
+
+            own_world.start()
+            assert _eventually(connected, 30)
+            again = check()
+            assert again.valid and again is not first  # asked afresh, not the old entry
+            assert len(recorder.requests) > asked + 1
+        finally:
+            close()
