@@ -287,10 +287,6 @@ class RemoteValidator:
             )
             self.feed.start()
 
-    @property
-    def _cache(self) -> PositiveCache:
-        return self._core.cache
-
     def validate(self, token: str, *, required_scopes: Sequence[str] = ()) -> ValidationResult:
         """Raises:
         ValidatorUnavailable: authsvc did not answer in time (never read as valid).
