@@ -287,6 +287,10 @@ class AuthsvcServer:
                 # Only worker processes of one `serve --workers N` share a port; a lone server
                 # must fail on a port that is already taken.
                 ("grpc.so_reuseport", 1 if s.reuse_port else 0),
+                # gRPC core sheds calls waiting to be picked up past 1,000 (README): leave room
+                # for every allowed follower reconnecting at once after a restart.
+                ("grpc.server.max_pending_requests", 1000 + s.watch_streams_max),
+                ("grpc.server.max_pending_requests_hard_limit", 3 * (1000 + s.watch_streams_max)),
             ],
         )
         auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server)

@@ -19,6 +19,7 @@ from sqlalchemy import insert
 from authsvc.storage.engine import make_engine
 from authsvc.storage.models import RevocationRow
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
+from bench.watch import Streamer
 from tests.integration.conftest import World, make_world, sqlite_env
 from tests.support.server import RunningServer, run_cli, start_server
 
@@ -318,3 +319,28 @@ class TestShutdown:
         assert "was created in a different Context" not in output, output[-3000:]
         assert "Task exception was never retrieved" not in output, output[-3000:]
         channel.close()
+
+
+class TestReconnectBurst:
+    def test_1500_streams_opened_at_once_are_all_served_first_time(self, tmp_path: Path) -> None:
+        # Past 1,000 calls waiting to be picked up, gRPC core cancels new ones at random
+        # (`grpc.server.max_pending_requests`); the server raises that bound above its stream
+        # limit, so a whole fleet of followers reconnecting after a restart gets in at once.
+        world, server = make_world(
+            tmp_path, AUTHSVC_WATCH_STREAMS_PER_PEER="1600", AUTHSVC_WATCH_STREAMS_MAX="1600"
+        )
+        followers: Streamer | None = None
+        try:
+            followers = Streamer(server.address, _follower_token(world), streams=1500, after=0)
+            followers.expect("opened ", 120)
+            _revoke_one(world)  # each stream's first event
+            # "ready reopened <opens repeated> <by status code>"
+            ready = followers.expect("ready", 300).split()
+            assert ready[2] == "0", ready
+            events, failed, reopened = followers.finish()
+            followers = None
+            assert (events, failed, reopened) == (1500, 0, 0)
+        finally:
+            if followers is not None:
+                followers.kill()
+            server.stop()
