@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from authsvc.clock import to_timestamp
-from authsvc.crypto.kek import KeyEncryptionKey
+from authsvc.clock import to_datetime, to_timestamp
+from authsvc.crypto.kek import KekRing, KeyEncryptionKey
 from authsvc.errors import ConfigError, DecryptError
 from authsvc.keys.manager import KeyManager
 from authsvc.keys.rotator import (
@@ -17,12 +17,15 @@ from authsvc.keys.rotator import (
     default_publish_lead,
     jwks_max_age,
 )
+from authsvc.keys.wrapping import load_secret_hash_key, rotate_kek
 from authsvc.storage import migrate
 from authsvc.storage.engine import make_engine
 from authsvc.storage.repository import Repository
 from authsvc_client.validation import LocalValidator
 from tests.support.clock import START, FakeClock
 from tests.support.server import TEST_KEK
+
+NEW_KEK = "3q2+7wABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhs="
 
 
 @pytest.fixture
@@ -177,6 +180,34 @@ class TestKeyManager:
         m.ensure_active()
         kids = {rotator(m, clock).rotate_now().key.kid for _ in range(3)}
         assert len(kids) == 3
+
+
+class TestNextKeyAndKekRotation:
+    def test_kek_rotate_rewraps_the_next_key_which_then_activates_under_the_new_kek(
+        self, repo: Repository
+    ) -> None:
+        clock = FakeClock()
+        old_kek = KeyEncryptionKey.from_base64(TEST_KEK)
+        new_kek = KeyEncryptionKey.from_base64(NEW_KEK)
+        load_secret_hash_key(repo, KekRing(old_kek), to_datetime(clock.now()))
+        m = manager(repo, clock)
+        m.ensure_active()
+        before = m.next_key()
+        assert before is not None and before.kek_id == old_kek.kek_id
+        rotate_kek(repo, KekRing(old_kek), new_kek, to_datetime(clock.now()))
+        after = m.next_key()
+        assert after is not None and after.kid == before.kid
+        assert after.kek_id == new_kek.kek_id and after.private_key_enc != before.private_key_enc
+        # A replica given only the new KEK unwraps it and activates it; the one left on the
+        # old KEK alone may not (it could not sign with it).
+        rolled = manager(repo, clock, NEW_KEK)
+        assert rolled.private_key(after).key_size == 2048
+        with pytest.raises(ConfigError):
+            rotator(m, clock).rotate_now()
+        result = rotator(rolled, clock).rotate_now()
+        assert result.rotated_here and result.key.kid == before.kid
+        following = rolled.next_key()
+        assert following is not None and following.kek_id == new_kek.kek_id
 
 
 class TestRotator:
