@@ -628,7 +628,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
     ) -> auth_pb2.RotateSigningKeyResponse:
         origin = self._admin(context)
         result = await asyncio.to_thread(
-            functools.partial(self._keys.rotate, origin, revoke_previous=request.revoke_previous)
+            self._keys.rotate, origin, revoke_previous=request.revoke_previous
         )
         await self._refresh()
         key = result.key
