@@ -289,6 +289,11 @@ class TestScheduledRotation:
                 result = stale.validate(token.access_token)
                 assert result.valid, result.reason_name
                 assert stale.unknown_kid_refetches == 1
+                print(
+                    "unknown-kid refetches over 2 scheduled rotations: "
+                    f"refreshing validator {fresh.unknown_kid_refetches}, "
+                    f"never-refreshing control {stale.unknown_kid_refetches}"
+                )
 
             keys = _keys(server, w.admin_md())
             for kid in (second, third):
