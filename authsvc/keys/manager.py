@@ -1,14 +1,17 @@
 """Signing-key lifecycle: generate, activate, retire, revoke, prune.
 
 States: next -> active -> retired -> (deleted once its last token has expired), or revoked at
-once on compromise. Races between replicas are settled by storage (Dex rotation.go): the new key
-is generated outside the transaction, and the transaction re-checks which key is active; losing
-the race ("already rotated") is a normal outcome, not an error.
+once on compromise. A key is stored as `next` first, so it is in the JWK Set before it signs; a
+rotation activates it. Races between replicas are settled by storage (Dex rotation.go): keys
+are generated outside the transaction, and the transaction re-checks which key is active (and
+that at most one `next` key exists); losing the race ("already rotated") is a normal outcome,
+not an error.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -16,11 +19,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from authsvc.clock import Clock, to_datetime
 from authsvc.crypto.kek import KekRing, KeyEncryptionKey, load_private_key, serialize_private_key
-from authsvc.errors import ConfigError
+from authsvc.errors import AuthsvcError, ConfigError
 from authsvc.keys.jwks import jwk_thumbprint, public_jwk
 from authsvc.keys.wrapping import NOT_HELD, wrapping_kek
 from authsvc.storage.records import KeyState, SigningKeyRecord
 from authsvc.storage.repository import KekChanged, Repository
+
+log = logging.getLogger("authsvc.server")
 
 # Attempts at a rotation when `authsvc kek rotate` commits between wrapping and activating.
 _KEK_ATTEMPTS = 2
@@ -108,7 +113,7 @@ class KeyManager:
                 if attempt + 1 == _KEK_ATTEMPTS:
                     raise
         result = self._result(record.kid, won)
-        self.ensure_next()
+        self._prepare_next()
         return result
 
     def activate_next(
@@ -137,8 +142,16 @@ class KeyManager:
         if outcome == "no_next":
             return None
         result = self._result(next_key.kid, outcome == "activated")
-        self.ensure_next()
+        self._prepare_next()
         return result
+
+    def _prepare_next(self) -> None:
+        """The following `next` key, after a rotation that has committed: a failure here must
+        not report the rotation as failed, and the next scheduled round prepares the key."""
+        try:
+            self.ensure_next()
+        except AuthsvcError as exc:
+            log.warning("rotated, but the next signing key is not prepared yet: %s", exc)
 
     def ensure_active(self) -> SigningKeyRecord:
         """At start: create the first key if there is none (whoever races, exactly one becomes

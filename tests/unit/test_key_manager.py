@@ -20,6 +20,7 @@ from authsvc.keys.rotator import (
 from authsvc.keys.wrapping import load_secret_hash_key, rotate_kek
 from authsvc.storage import migrate
 from authsvc.storage.engine import make_engine
+from authsvc.storage.records import SECRET_HASH_KEY
 from authsvc.storage.repository import Repository
 from authsvc_client.validation import LocalValidator
 from tests.support.clock import START, FakeClock
@@ -208,6 +209,22 @@ class TestNextKeyAndKekRotation:
         assert result.rotated_here and result.key.kid == before.kid
         following = rolled.next_key()
         assert following is not None and following.kek_id == new_kek.kek_id
+
+    def test_a_committed_rotation_is_reported_even_when_the_following_key_cannot_be_made(
+        self, repo: Repository, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        clock = FakeClock()
+        m = manager(repo, clock)
+        m.ensure_active()
+        upcoming = m.next_key()
+        assert upcoming is not None
+        # The database now wraps new data under a KEK this process lacks: no new key can be
+        # wrapped, but the published one (under our KEK) can still be activated.
+        repo.create_wrapped_key(SECRET_HASH_KEY, "kek-elsewhere", b"wrapped", to_datetime(0))
+        result = rotator(m, clock).rotate_now()
+        assert result.rotated_here and result.key.kid == upcoming.kid
+        assert m.next_key() is None
+        assert "next signing key is not prepared yet" in caplog.text
 
 
 class TestRotator:
