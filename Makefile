@@ -57,6 +57,8 @@ $(DEPLOY_TOOLS)/bin/checkov:
 deploy-check: $(DEPLOY_TOOLS)/bin/checkov
 	DEPLOY_TOOLS=$(DEPLOY_TOOLS)/bin scripts/check-deploy.sh
 
+# Every section (BENCHMARKS.md), the last one side by side with node-oidc-provider from
+# shared/peers/oidc-provider (npm ci into a temporary copy; skipped, saying why, without node).
 bench: $(BIN)/authsvc
 	$(BIN)/python -m bench
 

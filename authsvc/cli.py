@@ -1,4 +1,8 @@
-"""The `authsvc` command: serve, db, services, keys, token. The only reader of the environment."""
+"""The `authsvc` command: serve, db, services, keys, token.
+
+Configuration comes from `authsvc.config` (the only reader of the environment) and flags; the
+client commands (`token …`) talk to the server through `authsvc_client`, like any service.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +19,16 @@ from typing import Any
 import grpc
 
 from authsvc.clock import to_timestamp
-from authsvc.config import Settings, load_settings
+from authsvc.config import (
+    ClientSettings,
+    Settings,
+    load_client_settings,
+    load_settings,
+    log_level_set,
+)
 from authsvc.errors import AlreadyExists, AuthsvcError, NotFound
 from authsvc.logs import configure_logging
+from authsvc_client.errors import AuthsvcClientError
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -209,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     return load_settings(
-        os.environ,
+        None,
         {
             "dev": getattr(args, "dev", None),
             "dev_dir": getattr(args, "dev_dir", None),
@@ -276,7 +287,7 @@ def _core(args: argparse.Namespace, *, upgrade: bool = False) -> Any:
     settings = _settings(args)
     # Changes made here are audited in the database; their log events (and Alembic's) go to
     # stderr only when asked, so a command's output is its answer.
-    asked = getattr(args, "verbose", False) or os.environ.get("AUTHSVC_LOG_LEVEL")
+    asked = getattr(args, "verbose", False) or log_level_set()
     configure_logging(dev=settings.dev, level=settings.log_level if asked else "WARNING")
     return build_core(settings, upgrade=upgrade)
 
@@ -310,7 +321,7 @@ def _cmd_kek(args: argparse.Namespace) -> int:
     from authsvc.config import load_new_kek
     from authsvc.keys.wrapping import rotate_kek
 
-    new = load_new_kek(os.environ)
+    new = load_new_kek()
     core = _core(args)
     try:
         result = rotate_kek(core.repo, core.settings.kek_ring, new, to_datetime(core.clock.now()))
@@ -400,8 +411,9 @@ def _rotate_secret(core: Any, args: argparse.Namespace) -> None:
     from authsvc.server.app import rotate_secret
 
     check_service_id(args.name)
-    secret, previous_until = rotate_secret(core, args.name, args.grace)
-    until = previous_until.isoformat() if previous_until is not None else None
+    rotated = rotate_secret(core, args.name, args.grace)
+    secret = rotated.secret
+    until = rotated.previous_until.isoformat() if rotated.previous_until is not None else None
     fmt = args.format or ("json" if args.json else "text")
     if fmt == "json":
         print(
@@ -454,17 +466,10 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _audit_cli(core: Any, *, action: str, target: str, outcome: str, detail: str = "") -> None:
-    from authsvc.server.servicer import local_audit
-    from authsvc.usecases.audit import CLI_ACTOR
+    from authsvc.usecases.audit import CLI_ACTOR, Origin
 
-    local_audit(
-        core.repo,
-        core.clock,
-        actor=CLI_ACTOR,
-        action=action,
-        target=target,
-        outcome=outcome,
-        detail=detail,
+    core.trail.record(
+        Origin.local(CLI_ACTOR), action=action, target=target, outcome=outcome, detail=detail
     )
 
 
@@ -507,23 +512,17 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _target(args: argparse.Namespace) -> str:
-    return str(
-        args.target
-        or os.environ.get("AUTHSVC_TARGET")
-        or os.environ.get("AUTHSVC_LISTEN")
-        or "127.0.0.1:50051"
-    )
+def _client_settings(args: argparse.Namespace) -> ClientSettings:
+    return load_client_settings(target=getattr(args, "target", None))
 
 
-def _health_channel(args: argparse.Namespace, target: str) -> grpc.Channel:
+def _health_channel(args: argparse.Namespace, env: ClientSettings, target: str) -> grpc.Channel:
     """Plaintext, or TLS (and mTLS) when a CA is given, so the HEALTHCHECK works in every mode."""
-    env = os.environ
-    ca = args.tls_ca or env.get("AUTHSVC_HEALTH_TLS_CA")
+    ca = args.tls_ca or env.health_tls_ca
     if not ca:
         return grpc.insecure_channel(target)
-    cert = args.tls_cert or env.get("AUTHSVC_HEALTH_TLS_CERT")
-    key = args.tls_key or env.get("AUTHSVC_HEALTH_TLS_KEY")
+    cert = args.tls_cert or env.health_tls_cert
+    key = args.tls_key or env.health_tls_key
     if (cert is None) != (key is None):
         raise SystemExit("authsvc: --tls-cert and --tls-key go together")
     creds = grpc.ssl_channel_credentials(
@@ -531,20 +530,44 @@ def _health_channel(args: argparse.Namespace, target: str) -> grpc.Channel:
         private_key=Path(key).read_bytes() if key else None,
         certificate_chain=Path(cert).read_bytes() if cert else None,
     )
-    name = args.tls_server_name or env.get("AUTHSVC_HEALTH_TLS_SERVER_NAME")
+    name = args.tls_server_name or env.health_tls_server_name
     options = [("grpc.ssl_target_name_override", name)] if name else []
     return grpc.secure_channel(target, creds, options=options)
+
+
+def _token_channel(env: ClientSettings) -> grpc.Channel:
+    """The client package's channel: plaintext only to this host, TLS anywhere else (with
+    AUTHSVC_TLS_CA and, for mTLS, AUTHSVC_TLS_CLIENT_CERT/_KEY when set)."""
+    from authsvc_client.tokens import channel_for_target
+
+    creds: grpc.ChannelCredentials | None = None
+    if env.tls_ca or env.tls_client_cert:
+        if (env.tls_client_cert is None) != (env.tls_client_key is None):
+            raise SystemExit("authsvc: AUTHSVC_TLS_CLIENT_CERT and _KEY go together")
+        try:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=Path(env.tls_ca).read_bytes() if env.tls_ca else None,
+                private_key=Path(env.tls_client_key).read_bytes() if env.tls_client_key else None,
+                certificate_chain=(
+                    Path(env.tls_client_cert).read_bytes() if env.tls_client_cert else None
+                ),
+            )
+        except OSError:
+            raise SystemExit("authsvc: cannot read AUTHSVC_TLS_CA or the client key pair") from None
+    channel: grpc.Channel = channel_for_target(env.target, creds)
+    return channel
 
 
 def _cmd_health(args: argparse.Namespace) -> int:
     """For container HEALTHCHECKs: asks the local port, over TLS when a CA is configured."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    target = _target(args)
+    env = _client_settings(args)
+    target = env.target
     host, _, port = target.rpartition(":")
     if host in ("0.0.0.0", "[::]", "::"):  # noqa: S104 - a wildcard bind means ask loopback
         target = f"127.0.0.1:{port}"
-    with _health_channel(args, target) as channel:
+    with _health_channel(args, env, target) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
         )
@@ -570,7 +593,7 @@ def _read_secret_file(path: str, flag: str) -> str:
 
 
 def _bearer(
-    literal: str | None, path: str | None, env_name: str | None, flag: str, instead: str
+    literal: str | None, path: str | None, from_env: str | None, flag: str, instead: str
 ) -> str | None:
     """A token from a file, stdin (`-`), the environment or (warned against) the command line."""
     if path:
@@ -580,13 +603,13 @@ def _bearer(
     if literal:
         _warn_command_line(flag, instead)
         return literal
-    return os.environ.get(env_name) if env_name else None
+    return from_env
 
 
 def _revoke_refusal(stub: Any, token: str) -> str:
     """Why presenting this token revoked nothing: the server's validation reason for it."""
-    from authsvc.server.servicer import unverified_audience
     from authsvc_client.claims import ValidationResult
+    from authsvc_client.unverified import unverified_audience
     from authsvc_client.v1 import auth_pb2
 
     audience = unverified_audience(token)
@@ -598,30 +621,19 @@ def _revoke_refusal(stub: Any, token: str) -> str:
     return ValidationResult.from_proto(reply).reason_name or "UNKNOWN"
 
 
-def _service_secret() -> str:
-    secret = os.environ.get("AUTHSVC_SERVICE_SECRET")
-    path = os.environ.get("AUTHSVC_SERVICE_SECRET_FILE")
-    if not secret and path:
-        secret = Path(path).read_text().strip()
-    if not secret:
-        raise SystemExit("authsvc: set AUTHSVC_SERVICE_SECRET or AUTHSVC_SERVICE_SECRET_FILE")
-    return secret
-
-
 def _cmd_token(args: argparse.Namespace) -> int:
     from authsvc_client.claims import ValidationResult
     from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 
-    with grpc.insecure_channel(_target(args)) as channel:
+    env = _client_settings(args)
+    with _token_channel(env) as channel:
         stub = auth_pb2_grpc.AuthServiceStub(channel)
         if args.token_command == "issue":  # noqa: S105 - a subcommand name
-            service_id = args.service_id or os.environ.get("AUTHSVC_SERVICE_ID")
-            if not service_id:
-                raise SystemExit("authsvc: set AUTHSVC_SERVICE_ID or --service-id")
+            service_id, secret = env.service_credentials(args.service_id)
             response = stub.IssueToken(
                 auth_pb2.IssueTokenRequest(
                     service_id=service_id,
-                    service_secret=_service_secret(),
+                    service_secret=secret,
                     audience=args.audience,
                     scopes=args.scope,
                     ttl_seconds=args.ttl,
@@ -653,7 +665,7 @@ def _cmd_token(args: argparse.Namespace) -> int:
             token = _bearer(
                 args.token or None,
                 args.token_file,
-                "AUTHSVC_TOKEN",
+                env.token,
                 "a token",
                 "standard input, --token-file or AUTHSVC_TOKEN",
             )
@@ -695,7 +707,7 @@ def _cmd_token(args: argparse.Namespace) -> int:
             admin = _bearer(
                 args.admin_token,
                 args.admin_token_file,
-                "AUTHSVC_ADMIN_TOKEN",
+                env.admin_token,
                 "--admin-token",
                 "AUTHSVC_ADMIN_TOKEN, --admin-token-file FILE or --admin-token -",
             )
@@ -741,7 +753,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NotFound:
         print("authsvc: no such service", file=sys.stderr)
         return EXIT_USAGE
-    except AuthsvcError as exc:
+    except (AuthsvcError, AuthsvcClientError) as exc:
+        # Both name a setting or a rule, never a secret's value.
         print(f"authsvc: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except grpc.RpcError as exc:

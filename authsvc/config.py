@@ -9,7 +9,7 @@ import ipaddress
 import os
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -354,4 +354,73 @@ def load_settings(
         log_level=(env.get("AUTHSVC_LOG_LEVEL") or "INFO").upper(),
         access_log_all=_bool(env, "AUTHSVC_ACCESS_LOG_ALL"),
         tracing=_bool(env, "AUTHSVC_TRACING"),
+    )
+
+
+def log_level_set(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether AUTHSVC_LOG_LEVEL is set at all: database commands are quiet unless asked."""
+    return bool((os.environ if environ is None else environ).get("AUTHSVC_LOG_LEVEL"))
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """What the CLI's client commands (`token …`, `health`) take from the environment.
+
+    Service credentials follow the client package's rules exactly (`service_credentials`):
+    AUTHSVC_SERVICE_ID with AUTHSVC_SERVICE_SECRET or AUTHSVC_SERVICE_SECRET_FILE, the file
+    readable by its owner only. A channel to a target off this host is TLS (with AUTHSVC_TLS_CA
+    when set, else the system roots; mTLS with AUTHSVC_TLS_CLIENT_CERT/_KEY), never plaintext.
+    """
+
+    target: str
+    tls_ca: str | None = None
+    tls_client_cert: str | None = None
+    tls_client_key: str | None = None
+    token: str | None = field(default=None, repr=False)
+    admin_token: str | None = field(default=None, repr=False)
+    health_tls_ca: str | None = None
+    health_tls_cert: str | None = None
+    health_tls_key: str | None = None
+    health_tls_server_name: str | None = None
+    _environ: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    def service_credentials(self, service_id: str | None = None) -> tuple[str, str]:
+        """(service id, secret) by the client package's environment rules; `service_id`
+        (a flag) replaces AUTHSVC_SERVICE_ID.
+
+        Raises:
+            authsvc_client.errors.CredentialsError: a variable missing, or a secret file
+                readable by group or others; the message names the variable, never its value.
+        """
+        from authsvc_client.tokens import ENV_SERVICE_ID, _credentials_from_env
+
+        env = dict(self._environ)
+        if service_id:
+            env[ENV_SERVICE_ID] = service_id
+        sid, secret, _target = _credentials_from_env(env, self.target)
+        return sid, secret
+
+
+def load_client_settings(
+    environ: Mapping[str, str] | None = None, *, target: str | None = None
+) -> ClientSettings:
+    """ClientSettings from the environment; `target` (a flag) wins over AUTHSVC_TARGET, then
+    AUTHSVC_LISTEN, then the default address."""
+    env = dict(os.environ if environ is None else environ)
+
+    def get(name: str) -> str | None:
+        return env.get(name) or None
+
+    return ClientSettings(
+        target=target or get("AUTHSVC_TARGET") or get("AUTHSVC_LISTEN") or DEFAULT_LISTEN,
+        tls_ca=get("AUTHSVC_TLS_CA"),
+        tls_client_cert=get("AUTHSVC_TLS_CLIENT_CERT"),
+        tls_client_key=get("AUTHSVC_TLS_CLIENT_KEY"),
+        token=get("AUTHSVC_TOKEN"),
+        admin_token=get("AUTHSVC_ADMIN_TOKEN"),
+        health_tls_ca=get("AUTHSVC_HEALTH_TLS_CA"),
+        health_tls_cert=get("AUTHSVC_HEALTH_TLS_CERT"),
+        health_tls_key=get("AUTHSVC_HEALTH_TLS_KEY"),
+        health_tls_server_name=get("AUTHSVC_HEALTH_TLS_SERVER_NAME"),
+        _environ=env,
     )

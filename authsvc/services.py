@@ -1,16 +1,17 @@
-"""Registering and disabling services: one implementation for the admin RPCs and the CLI."""
+"""Registering and disabling services: one implementation for the admin RPCs and the CLI.
+
+Secret rotation lives in `authsvc.usecases.secrets`."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from datetime import datetime
 
 from authsvc.clock import Clock, to_datetime
 from authsvc.crypto.secrets import SecretHasher, mint_secret
 from authsvc.inputs import check_audiences, check_new_service_id, check_scopes
 from authsvc.storage.records import ServiceRecord
 from authsvc.storage.repository import Repository
+from authsvc.usecases.revocation import revoke_service_tokens
 
 
 def register_service(
@@ -52,46 +53,12 @@ def disable_service(
     """
     now = clock.now()
     record = repo.update_service_disabled(service_id, True, to_datetime(now))
-    cutoff = math.floor(now) + 1
-    repo.create_revocation(
-        jti=None,
-        service_id=service_id,
-        revoked_before=to_datetime(cutoff),
-        expires_at=to_datetime(cutoff + token_lifetime_seconds),
+    revoke_service_tokens(
+        repo,
+        service_id,
+        now=now,
+        token_lifetime_seconds=token_lifetime_seconds,
         reason="service disabled",
-        now=to_datetime(now),
         kind="service_disabled",
     )
     return record
-
-
-def rotate_service_secret(
-    repo: Repository,
-    hasher: SecretHasher,
-    clock: Clock,
-    service_id: str,
-    grace_seconds: int,
-    *,
-    expected_current_hash: bytes | None = None,
-) -> tuple[str, datetime | None]:
-    """Give a service a new secret; the previous one works for `grace_seconds` more (0: ends now).
-
-    `expected_current_hash` (self-rotation): the hash the caller logged in with, re-checked in
-    the write's own transaction so that a rotation committed since that login wins.
-
-    Returns the new secret (shown once, stored only hashed) and when the previous one stops.
-
-    Raises:
-        FailedPrecondition: `expected_current_hash` is no longer the current secret.
-    """
-    now = clock.now()
-    secret = mint_secret()
-    previous_until = to_datetime(now + grace_seconds) if grace_seconds > 0 else None
-    repo.update_service_secret(
-        service_id,
-        hasher.hash(secret),
-        to_datetime(now),
-        previous_until,
-        expected_current_hash=expected_current_hash,
-    )
-    return secret, previous_until

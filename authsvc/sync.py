@@ -31,6 +31,9 @@ from authsvc_client.revocations import RevocationEntry, RevocationSet
 from authsvc_client.v1 import auth_pb2
 
 _PAGE = 10_000
+# Streams a publish wakes per turn of the event loop: calls that arrive during a fan-out to
+# thousands of streams wait for one batch, not for all of them.
+_WAKE_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,8 @@ class RevocationFeed:
         self._capacity = capacity
         # Every revocation with a cursor <= this is in storage and not in the log.
         self.horizon = start_cursor
-        self._changed = asyncio.Event()
+        # Streams waiting for the next publish (dict: insertion order, O(1) removal).
+        self._waiters: dict[asyncio.Future[None], None] = {}
         self.closed = False
         self._streams_per_peer = streams_per_peer
         self._streams_max = streams_max
@@ -127,7 +131,10 @@ class RevocationFeed:
     def close(self) -> None:
         """Wake every stream so it can end (server shutdown)."""
         self.closed = True
-        self._changed.set()
+        waiters, self._waiters = self._waiters, {}
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def acquire(self, peer: str) -> None:
         """Take one stream slot for `peer`; release() gives it back.
@@ -171,9 +178,19 @@ class RevocationFeed:
             self.horizon = self._log[excess - 1].cursor
             del self._log[:excess]
             self._first += excess
-        if records:
-            self._changed.set()
-            self._changed = asyncio.Event()
+        if records and self._waiters:
+            waiters, self._waiters = list(self._waiters), {}
+            self._wake(waiters, 0)
+
+    def _wake(self, waiters: list[asyncio.Future[None]], start: int) -> None:
+        """Wake one batch, and the next on the following turn of the loop (behind whatever
+        arrived meanwhile, such as a ValidateToken call)."""
+        for waiter in waiters[start : start + _WAKE_BATCH]:
+            if not waiter.done():
+                waiter.set_result(None)
+        start += _WAKE_BATCH
+        if start < len(waiters):
+            asyncio.get_running_loop().call_soon(self._wake, waiters, start)
 
     def position(self, cursor: int) -> int | None:
         """The position of the first event after `cursor`, or None when some events after it
@@ -191,10 +208,23 @@ class RevocationFeed:
         return self._log[start : start + limit]
 
     async def wait(self, timeout: float) -> None:
+        """Until the next publish (or close), at most `timeout` seconds."""
+        if self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters[waiter] = None
+        timer = loop.call_later(timeout, _expire, waiter)
         try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
-        except TimeoutError:
-            pass
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiters.pop(waiter, None)
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _cursor_of(event: auth_pb2.RevocationEvent) -> int:

@@ -40,6 +40,10 @@ class Target:
     requests: str  # file of length-prefixed request bytes
     server_pid: int  # whose CPU to sample
     token_file: str | None = None  # send `authorization: Bearer <file content>`
+    # A bidirectional streaming method: each of the `concurrency` workers keeps one stream open
+    # (spread over the connections) and sends its next request when the answer to its last
+    # one has arrived, so a call is one message each way on an open stream.
+    stream: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,22 @@ class _Driver:
             self.metadata = (("authorization", "Bearer " + token),)
         # No serializers: bytes in, bytes out. Worker i uses connection i mod len(channels).
         self.calls = [ch.unary_unary(target.method) for ch in channels]
+        self.stream_methods = [ch.stream_stream(target.method) for ch in channels]
+        # Worker number -> its open stream; kept from slice to slice (opened in the warm-up).
+        self.streams: dict[int, Any] = {}
         self.next_index = 0
+
+    def _stream(self, number: int) -> Any:
+        call = self.streams.get(number)
+        if call is None:
+            method = self.stream_methods[number % len(self.stream_methods)]
+            call = self.streams[number] = method(metadata=self.metadata)
+        return call
+
+    async def close(self) -> None:
+        for call in self.streams.values():
+            call.cancel()
+        self.streams.clear()
 
     async def run(
         self, seconds: float, concurrency: int, result: TargetResult | None
@@ -118,6 +137,28 @@ class _Driver:
         calls = 0
         latencies = result.latencies_ns if result is not None else array("q")
         errors = result.errors if result is not None else {}
+
+        async def stream_worker(number: int, offset: int) -> None:
+            nonlocal calls
+            index = offset
+            while perf() < stop_at:
+                request = requests[index % count]
+                index += 1
+                call = self._stream(number)
+                t0 = perf()
+                try:
+                    await call.write(request)
+                    answer = await call.read()
+                except grpc.aio.AioRpcError as exc:
+                    errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+                    self.streams.pop(number, None)
+                    continue
+                if answer is grpc.aio.EOF:
+                    errors["EOF"] = errors.get("EOF", 0) + 1
+                    self.streams.pop(number, None)
+                    continue
+                latencies.append(perf() - t0)
+                calls += 1
 
         async def worker(number: int, offset: int) -> None:
             nonlocal calls
@@ -140,7 +181,8 @@ class _Driver:
         cpu0 = time.process_time(), process_cpu_seconds(pid), machine_busy_seconds()
         start = perf()
         stop_at = start + int(seconds * 1e9)
-        await asyncio.gather(*(worker(i, base + i * spread) for i in range(concurrency)))
+        work = stream_worker if self.target.stream else worker
+        await asyncio.gather(*(work(i, base + i * spread) for i in range(concurrency)))
         elapsed = (perf() - start) / 1e9
         cpu1 = time.process_time(), process_cpu_seconds(pid), machine_busy_seconds()
         if result is None:
@@ -164,8 +206,9 @@ async def drive(
         t.name: [grpc.aio.insecure_channel(t.address, options=options) for _ in range(connections)]
         for t in targets
     }
+    drivers: list[_Driver] = []
     try:
-        drivers = [_Driver(t, channels[t.name]) for t in targets]
+        drivers += [_Driver(t, channels[t.name]) for t in targets]
         for group in channels.values():
             for ch in group:
                 await asyncio.wait_for(ch.channel_ready(), 10)
@@ -179,6 +222,8 @@ async def drive(
                 results[d.target.name].slices.append(measured)
         return results
     finally:
+        for d in drivers:
+            await d.close()
         for group in channels.values():
             for ch in group:
                 await ch.close()

@@ -80,6 +80,9 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 else f"authsvc with {workers} process(es)",
             )
         )
+    peer = result.get("peer")
+    if peer and "ratios" in peer:
+        out += _peer_targets(peer)
     rev = result.get("revocations")
     if rev:
         n = f"{rev['revocations']:,}"
@@ -128,6 +131,105 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "MB",
                 at_least=False,
             )
+        )
+    return out
+
+
+# Issue 16's targets: (ratio key, what, limit) for server CPU per request against the peer.
+PEER_TARGETS = (
+    ("issue_over_peer_issue", "IssueToken (--workers 2) / peer's issue", 1.0),
+    ("validate_stream_over_peer_introspect", "ValidateTokenStream / peer's introspection", 0.6),
+    ("validate_unary_over_peer_introspect", "ValidateToken (unary) / peer's introspection", 1.5),
+    ("issue_1p_over_peer_issue", "IssueToken (1 process) / peer's issue", 1.0),
+    ("validate_stream_1p_over_peer_introspect", "stream (1 process) / peer's introspection", 0.6),
+    ("validate_unary_1p_over_peer_introspect", "unary (1 process) / peer's introspection", 1.5),
+)
+
+
+def _peer_targets(peer: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        _target(
+            f"server CPU/request, {what}",
+            peer["ratios"][key],
+            limit,
+            "x",
+            at_least=False,
+            note="side by side with node-oidc-provider, alternating slices",
+        )
+        for key, what, limit in PEER_TARGETS
+        if key in peer["ratios"]
+    ]
+
+
+def _render_peer(peer: dict[str, Any]) -> list[str]:
+    if "skipped" in peer:
+        return ["", f"4. Side by side with node-oidc-provider: skipped ({peer['skipped']})"]
+    v = peer["versions"]
+    p, a, loc, r = peer["peer"], peer["authsvc"], peer["local"], peer["ratios"]
+
+    def row(label: str, x: dict[str, Any], ratio: str) -> list[str]:
+        return [
+            label,
+            f"{x['server_cpu_us_per_call']:,.0f}",
+            f"{x['rps']:,.0f}",
+            f"{x['server_cpu_pct']:.0f}%",
+            str(x["failed"]),
+            ratio,
+        ]
+
+    def ratio(key: str) -> str:
+        return f"{r[key]:.2f}x" if key in r else ""
+
+    labels = {
+        "issue": "IssueToken",
+        "validate_unary": "ValidateToken (unary)",
+        "validate_stream": "ValidateTokenStream (per message)",
+    }
+
+    def ours(kind: str, peer_path: str) -> list[list[str]]:
+        return [
+            row(f"authsvc{where}: {labels[kind]}", a[f"{kind}{suffix}"],
+                ratio(f"{kind}{suffix}_over_peer_{peer_path}"))
+            for suffix, where in (("", ""), ("_1p", ", 1 process"))
+            if f"{kind}{suffix}" in a
+        ]  # fmt: skip
+
+    rows = [
+        row("peer: POST /token (client credentials, RS256 JWT)", p["issue"], ""),
+        *ours("issue", "issue"),
+        row("peer: POST /token/introspection (opaque, in memory)", p["introspect"], ""),
+        *ours("validate_unary", "introspect"),
+        *ours("validate_stream", "introspect"),
+    ]
+    local = [
+        ["peer: jose jwtVerify (CPU per token, 1 in flight)",
+         f"{loc['jose_cpu_us_per_verify']:.1f}", ""],
+        ["peer: the same, wall time per token", f"{loc['jose_wall_us_per_verify']:.1f}", ""],
+        ["authsvc: raw RSA verify (thread CPU)", f"{loc.get('raw_rsa_verify_us', 0):.2f}", ""],
+        ["authsvc: TokenVerifier cold", f"{loc.get('verifier_cold_us', 0):.2f}",
+         ratio("verifier_cold_over_jose")],
+        ["authsvc: TokenVerifier cached", f"{loc.get('verifier_cached_us', 0):.2f}",
+         ratio("verifier_cached_over_jose")],
+    ]  # fmt: skip
+    out = [
+        "",
+        f"4. Side by side with node-oidc-provider {v['oidc-provider']} (node {v['node']}, "
+        f"jose {v['jose']}, autocannon {v['autocannon']}, 16 connections) vs authsvc "
+        f"(bench.loadgen): {peer['rounds']} rounds of alternating {peer['slice_seconds']:g} s "
+        f"slices; server CPU = utime+stime of the server's whole process tree",
+        _table(["path", "srv us/req", "req/s", "server CPU", "failed", "vs peer"], rows),
+        f"peer functional checks per client run: {peer['checks_cpu_ms']:.1f} ms of server CPU, "
+        f"taken off each slice; the peer client's own reading (main process, measured window): "
+        f"issue {p['issue']['window_main_process_cpu_us_per_call']} us, introspect "
+        f"{p['introspect']['window_main_process_cpu_us_per_call']} us per request",
+        _table(["local check (CPU per token, both sides)", "us/token", "vs jose"], local),
+    ]
+    floor = peer.get("issue_floor")
+    if floor:
+        out.append(
+            f"IssueToken's floor in this run: {floor['sign_us']:.0f} us RSA sign + "
+            f"{floor['unary_us']:.0f} us server CPU of a unary ValidateToken = "
+            f"{floor['floor_us']:.0f} us, {floor['floor_over_peer_issue']:.2f}x the peer's issue"
         )
     return out
 
@@ -352,6 +454,9 @@ def render(result: dict[str, Any]) -> str:
                 ],
             ),
         ]
+    peer = result.get("peer")
+    if peer:
+        parts += _render_peer(peer)
     ceiling = result.get("issue_ceiling")
     if ceiling:
         parts += [
@@ -366,7 +471,7 @@ def render(result: dict[str, Any]) -> str:
     if marks:
         parts += [
             "",
-            "Issue 5 targets",
+            "Targets (issues 5 and 16)",
             _table(
                 ["target", "limit", "measured", "", "margin"],
                 [

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from grpc_health.v1 import health_pb2
 
 from authsvc_client.keyring import KeyRing
@@ -25,7 +26,8 @@ from authsvc_client.validation import FOLLOWER_AUDIENCE, LocalValidator
 from bench.echo import METHOD as ECHO_METHOD
 from bench.echo import SCOPE, EchoProcess
 from bench.loadgen import Target, TargetResult, run_load
-from bench.local import run_local
+from bench.local import run_local, verifier_timer
+from bench.peer import find_peer_source, run_peer, skip_reason
 from bench.report import check_targets, render
 from bench.revocations import rss_mb, run_revocations, seed_revocations, snapshot_database
 from bench.stats import median, percentile, write_frames
@@ -44,9 +46,11 @@ CLIENT = "bench-client"
 AUDIENCE = "bench-echo"
 AUTH = "/authsvc.v1.AuthService/"
 VALIDATE = AUTH + "ValidateToken"
+VALIDATE_STREAM = AUTH + "ValidateTokenStream"
 HEALTH = "/grpc.health.v1.Health/Check"
 VALID_TOKENS = 50
 INVALID_EVERY = 10  # one request in ten carries a token with a broken signature
+SECTIONS = ("local", "revocations", "load", "watch", "peer")
 
 
 def _log(started: float, text: str) -> None:
@@ -161,7 +165,6 @@ def _revocations_rpc(
     folder: Path,
     env: dict[str, str],
     requests: Path,
-    measured: dict[str, TargetResult],
 ) -> dict[str, Any]:
     """ValidateToken on two single-process servers started from one snapshot of the database,
     one with `args.revocations` revocations seeded into its copy: how long each takes to serve,
@@ -202,7 +205,6 @@ def _revocations_rpc(
     finally:
         for server in servers.values():
             server.stop()
-    measured.update(results)
     empty, held = (results[f"validate_{n}_revocations"].summary() for n in ("empty", "held"))
     out["load"] = {"empty": empty, "held": held}
     out["ratios"] = {
@@ -211,6 +213,165 @@ def _revocations_rpc(
         "p99": round(held["p99_ms"] / empty["p99_ms"], 3) if empty["p99_ms"] else 0.0,
     }
     return out
+
+
+def _local(
+    server: RunningServer, secret: str, token: str, key: RSAPublicKey, kid: str
+) -> dict[str, Any]:
+    with (
+        grpc.insecure_channel(server.address) as channel,
+        TokenSource(
+            channel, service_id=CLIENT, service_secret=secret, audience=FOLLOWER_AUDIENCE
+        ) as follower,
+        LocalValidator(channel, AUDIENCE, TEST_ISSUER, token_source=follower) as validator,
+    ):
+        if not validator.wait_ready(15):
+            raise RuntimeError("LocalValidator did not become ready")
+        return run_local(
+            token=token,
+            key=key,
+            kid=kid,
+            audience=AUDIENCE,
+            scopes=[SCOPE],
+            issuer=TEST_ISSUER,
+            validator=validator,
+        )
+
+
+LOAD_LABELS = {
+    "echo_plain": "echo, no interceptor",
+    "echo_local": "echo + AuthServerInterceptor(LocalValidator)",
+    "health_check": "authsvc Health/Check (bare RPC)",
+    "get_jwks": "authsvc GetJwks (no-work RPC)",
+    "validate_valid": "authsvc ValidateToken, valid",
+    "validate_mix": "authsvc ValidateToken, 10% invalid",
+    "issue": "authsvc IssueToken",
+}
+
+
+def _load(
+    args: argparse.Namespace,
+    folder: Path,
+    result: dict[str, Any],
+    server: RunningServer,
+    echoes: list[EchoProcess],
+    files: dict[str, Path],
+    token_file: Path,
+) -> None:
+    """Sections 2 and 3: load over loopback, each scenario interleaved with the others."""
+    plain, local = echoes
+    pid = server.proc.pid
+    groups = {
+        # Compared with each other, so measured in alternating slices.
+        "echo": [
+            Target("echo_plain", plain.address, ECHO_METHOD, str(files["echo"]),
+                   plain.pid, str(token_file)),
+            Target("echo_local", local.address, ECHO_METHOD, str(files["echo"]),
+                   local.pid, str(token_file)),
+        ],
+        "authsvc": [
+            Target("health_check", server.address, HEALTH, str(files["health"]), pid),
+            Target("get_jwks", server.address, AUTH + "GetJwks", str(files["jwks"]), pid),
+            Target("validate_valid", server.address, VALIDATE, str(files["valid"]), pid),
+            Target("validate_mix", server.address, VALIDATE, str(files["mix"]), pid),
+        ],
+        # Alone: it writes to the database, which would bleed into its neighbours.
+        "issue": [
+            Target("issue", server.address, AUTH + "IssueToken", str(files["issue"]), pid)
+        ],
+    }  # fmt: skip
+    measured: dict[str, TargetResult] = {}
+    for group, targets in groups.items():
+        print(f"load: {', '.join(t.name for t in targets)}", file=sys.stderr, flush=True)
+        measured.update(
+            run_load(
+                targets,
+                folder=folder,
+                label=group,
+                concurrency=args.concurrency,
+                connections=args.connections,
+                warmup=args.warmup,
+                slice_seconds=args.slice,
+                # Two sync servers in two processes: the noisiest pair, and the
+                # cheapest to sample twice as long.
+                slices=args.slices * (2 if group == "echo" else 1),
+            )
+        )
+    result["load"] = {
+        name: {"label": label, **measured[name].summary()} for name, label in LOAD_LABELS.items()
+    }
+    result["ratios"] = {
+        key: _ratio(measured, num, den)
+        for key, num, den in (
+            ("echo_local_over_plain", "echo_local", "echo_plain"),
+            ("validate_valid_over_get_jwks", "validate_valid", "get_jwks"),
+            ("validate_mix_over_get_jwks", "validate_mix", "get_jwks"),
+            ("validate_valid_over_health", "validate_valid", "health_check"),
+            ("validate_mix_over_health", "validate_mix", "health_check"),
+            ("get_jwks_over_health", "get_jwks", "health_check"),
+        )
+    }
+
+
+def _peer(
+    args: argparse.Namespace,
+    folder: Path,
+    env: dict[str, str],
+    server: RunningServer,
+    files: dict[str, Path],
+    token: str,
+    key: RSAPublicKey,
+    kid: str,
+    workers: int,
+) -> dict[str, Any]:
+    """Section 4 on the benchmark's server and, beside it on the same database, one
+    single-process server: a process near saturation spends less CPU per call than two that
+    share the load (fewer wake-ups, more work per epoll round), and the peer is one process."""
+    reason = skip_reason(find_peer_source())
+    if reason is not None:
+        return {"skipped": reason}
+    servers = [("", server)]
+    if workers > 1:
+        servers.append(("_1p", start_server(env)))
+    try:
+        issue: list[Target] = []
+        remote: list[Target] = []
+        for suffix, s in servers:
+            pid = s.proc.pid
+            issue.append(Target(f"issue{suffix}", s.address, AUTH + "IssueToken",
+                                str(files["issue"]), pid))
+            remote += [
+                Target(f"validate_unary{suffix}", s.address, VALIDATE, str(files["valid"]), pid),
+                Target(f"validate_stream{suffix}", s.address, VALIDATE_STREAM,
+                       str(files["valid"]), pid, stream=True),
+            ]  # fmt: skip
+        return run_peer(
+            folder=folder,
+            authsvc_issue=issue,
+            authsvc_remote=remote,
+            local_timer=verifier_timer(
+                token=token, key=key, kid=kid, audience=AUDIENCE, scopes=[SCOPE],
+                issuer=TEST_ISSUER,
+            ),
+            rounds=args.peer_rounds,
+            slice_seconds=args.peer_slice,
+            concurrency=args.concurrency,
+            connections=args.connections,
+        )  # fmt: skip
+    finally:
+        for suffix, s in servers:
+            if suffix:
+                s.stop()
+
+
+def _check_stream(
+    stub: auth_pb2_grpc.AuthServiceStub, frames: list[bytes], expect_valid: list[bool]
+) -> None:
+    """ValidateTokenStream answers each request of the benchmark, in order, as unary does."""
+    requests = [auth_pb2.ValidateTokenRequest.FromString(f) for f in frames]
+    answers = list(stub.ValidateTokenStream(iter(requests), timeout=30))
+    if [a.valid for a in answers] != expect_valid:
+        raise RuntimeError("a ValidateTokenStream benchmark request did not validate as expected")
 
 
 def _issue_ceiling(result: dict[str, Any]) -> dict[str, Any]:
@@ -264,8 +425,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=8, help="TCP connections per target")
     p.add_argument("--authsvc-workers", type=int, default=None, help="default: 2 if supported")
     p.add_argument("--revocations", type=int, default=1_000_000, help="0 skips that part")
+    p.add_argument("--peer-rounds", type=int, default=4, help="side-by-side rounds")
+    p.add_argument("--peer-slice", type=float, default=2.0, help="side-by-side slice seconds")
+    p.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    sections = set(args.sections.split(","))
+    if not sections <= set(SECTIONS):
+        p.error(f"unknown section(s): {', '.join(sorted(sections - set(SECTIONS)))}")
     started = time.monotonic()
     result: dict[str, Any] = {
         "machine": machine(),
@@ -276,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             "slices": args.slices,
             "concurrency": args.concurrency,
             "connections": args.connections,
+            "sections": sorted(sections),
         },
     }
 
@@ -303,28 +475,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError("the token's key is not in authsvc's JWK Set")
 
             # 1. In-process validation cost.
-            _log(started, "in-process validation: TokenVerifier, PyJWT, raw RSA")
-            with (
-                grpc.insecure_channel(server.address) as channel,
-                TokenSource(
-                    channel, service_id=CLIENT, service_secret=secret, audience=FOLLOWER_AUDIENCE
-                ) as follower,
-            ):
-                with LocalValidator(
-                    channel, AUDIENCE, TEST_ISSUER, token_source=follower
-                ) as validator:
-                    if not validator.wait_ready(15):
-                        raise RuntimeError("LocalValidator did not become ready")
-                    result["local"] = run_local(
-                        token=token,
-                        key=key,
-                        kid=kid,
-                        audience=AUDIENCE,
-                        scopes=[SCOPE],
-                        issuer=TEST_ISSUER,
-                        validator=validator,
-                    )
-            if args.revocations:
+            if "local" in sections:
+                _log(started, "in-process validation: TokenVerifier, PyJWT, raw RSA")
+                result["local"] = _local(server, secret, token, key, kid)
+            if args.revocations and "revocations" in sections:
                 _log(started, f"in-process validation with {args.revocations:,} revocations")
                 result["revocations"] = run_revocations(
                     token=token,
@@ -337,8 +491,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
 
             # 2 and 3. Load over loopback, each scenario interleaved with the others.
-            _log(started, "starting the echo servers (plain, and interceptor in local mode)")
-            for mode in ("plain", "local"):
+            if "load" in sections:
+                _log(started, "starting the echo servers (plain, and interceptor in local mode)")
+            for mode in ("plain", "local") if "load" in sections else ():
                 echoes.append(
                     EchoProcess(
                         mode,
@@ -348,8 +503,9 @@ def main(argv: list[str] | None = None) -> int:
                         credentials=(CLIENT, secret),
                     )
                 )
-            plain, local = echoes
-            _check_echo(plain, local, token)
+            if echoes:
+                plain, local = echoes
+                _check_echo(plain, local, token)
 
             token_file = _write_secret_file(folder / "token", token)
             valid_frames = [
@@ -373,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
                 mix_valid.append(not invalid)
             _check_validate_requests(server.stub, mix_frames, mix_valid)
             _check_validate_requests(server.stub, valid_frames, [True] * len(valid_frames))
+            _check_stream(server.stub, mix_frames, mix_valid)
             files = {
                 "echo": folder / "echo.req",
                 "valid": folder / "validate.req",
@@ -398,87 +555,33 @@ def main(argv: list[str] | None = None) -> int:
             write_frames(files["jwks"], [auth_pb2.GetJwksRequest().SerializeToString()])
             write_frames(files["health"], [health_pb2.HealthCheckRequest().SerializeToString()])
 
-            pid = server.proc.pid
-            labels = {
-                "echo_plain": "echo, no interceptor",
-                "echo_local": "echo + AuthServerInterceptor(LocalValidator)",
-                "health_check": "authsvc Health/Check (bare RPC)",
-                "get_jwks": "authsvc GetJwks (no-work RPC)",
-                "validate_valid": "authsvc ValidateToken, valid",
-                "validate_mix": "authsvc ValidateToken, 10% invalid",
-                "issue": "authsvc IssueToken",
-            }
-            groups = {
-                # Compared with each other, so measured in alternating slices.
-                "echo": [
-                    Target("echo_plain", plain.address, ECHO_METHOD, str(files["echo"]),
-                           plain.pid, str(token_file)),
-                    Target("echo_local", local.address, ECHO_METHOD, str(files["echo"]),
-                           local.pid, str(token_file)),
-                ],
-                "authsvc": [
-                    Target("health_check", server.address, HEALTH, str(files["health"]), pid),
-                    Target("get_jwks", server.address, AUTH + "GetJwks", str(files["jwks"]), pid),
-                    Target("validate_valid", server.address, VALIDATE, str(files["valid"]), pid),
-                    Target("validate_mix", server.address, VALIDATE, str(files["mix"]), pid),
-                ],
-                # Alone: it writes to the database, which would bleed into its neighbours.
-                "issue": [
-                    Target("issue", server.address, AUTH + "IssueToken", str(files["issue"]), pid)
-                ],
-            }  # fmt: skip
-            measured: dict[str, TargetResult] = {}
-            for group, targets in groups.items():
-                _log(started, f"load: {', '.join(t.name for t in targets)}")
-                measured.update(
-                    run_load(
-                        targets,
-                        folder=folder,
-                        label=group,
-                        concurrency=args.concurrency,
-                        connections=args.connections,
-                        warmup=args.warmup,
-                        slice_seconds=args.slice,
-                        # Two sync servers in two processes: the noisiest pair, and the
-                        # cheapest to sample twice as long.
-                        slices=args.slices * (2 if group == "echo" else 1),
-                    )
-                )
-            if args.revocations:
+            if echoes:
+                _load(args, folder, result, server, echoes, files, token_file)
+            if args.revocations and "revocations" in sections:
                 _log(
                     started,
                     f"ValidateToken on servers holding 0 and {args.revocations:,} revocations",
                 )
-                result["revocations_rpc"] = _revocations_rpc(
-                    args, folder, env, files["valid"], measured
+                result["revocations_rpc"] = _revocations_rpc(args, folder, env, files["valid"])
+            if "watch" in sections:
+                _log(started, "WatchRevocations: ValidateToken beside open streams, replay from 0")
+                try:
+                    result["watch"] = run_watch(env, folder)
+                except RuntimeError as exc:
+                    result["watch"] = {"error": str(exc)}
+            if "peer" in sections:
+                _log(started, "side by side with node-oidc-provider")
+                result["peer"] = _peer(
+                    args, folder, env, server, files, token, key, kid, workers
                 )
-            _log(started, "WatchRevocations: ValidateToken beside open streams, replay from 0")
-            try:
-                result["watch"] = run_watch(env, folder)
-            except RuntimeError as exc:
-                result["watch"] = {"error": str(exc)}
-            load_summary: dict[str, dict[str, Any]] = {}
-            for name, label in labels.items():
-                load_summary[name] = {"label": label, **measured[name].summary()}
-                _log(started, f"{name:15s} {load_summary[name]['rps']:9,.0f} rps")
-            result["load"] = load_summary
-            result["ratios"] = {
-                key: _ratio(measured, num, den)
-                for key, num, den in (
-                    ("echo_local_over_plain", "echo_local", "echo_plain"),
-                    ("validate_valid_over_get_jwks", "validate_valid", "get_jwks"),
-                    ("validate_mix_over_get_jwks", "validate_mix", "get_jwks"),
-                    ("validate_valid_over_health", "validate_valid", "health_check"),
-                    ("validate_mix_over_health", "validate_mix", "health_check"),
-                    ("get_jwks_over_health", "get_jwks", "health_check"),
-                )
-            }
+                if "skipped" in result["peer"]:
+                    _log(started, f"side by side skipped: {result['peer']['skipped']}")
         finally:
             for echo in echoes:
                 echo.close()
             server.stop()
 
-    if "local" in result and "load" in result:
+    if "local" in result and "load" in result and "get_jwks" in result["load"]:
         result["issue_ceiling"] = _issue_ceiling(result)
     result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["total_seconds"] = round(time.monotonic() - started, 1)

@@ -10,14 +10,9 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
-from pathlib import Path
 from typing import TextIO
 
 import grpc
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_reflection.v1alpha.reflection_pb2_grpc import add_ServerReflectionServicer_to_server
@@ -33,24 +28,28 @@ from authsvc.errors import (
     DecryptError,
     StorageUnavailable,
 )
-from authsvc.inputs import check_grace_period
 from authsvc.keys.manager import KeyManager
 from authsvc.keys.rotator import Rotator
 from authsvc.keys.wrapping import CANNOT_DECRYPT, check_wrapped_keys, load_secret_hash_key
 from authsvc.server.http import HttpSidePort, ReadinessPolicy
-from authsvc.server.ledger import LoginLedger
 from authsvc.server.metrics import QUIET_WHEN_OK, Metrics, MetricsInterceptor, StateCollector
-from authsvc.server.servicer import AuthServicer, local_audit
+from authsvc.server.servicer import AuthServicer
+from authsvc.server.tls import read_tls_files
 from authsvc.server.tracing import tracing_interceptors
-from authsvc.services import disable_service, register_service, rotate_service_secret
+from authsvc.services import disable_service, register_service
 from authsvc.storage import migrate
 from authsvc.storage.engine import describe_db_error, make_engine, prepare_sqlite_file
 from authsvc.storage.records import RevocationRecord
 from authsvc.storage.repository import Repository
 from authsvc.sync import RevocationFeed, ServerState
 from authsvc.tokens.issuer import TokenIssuer
-from authsvc.usecases.audit import CLI_ACTOR
+from authsvc.usecases.audit import CLI_ACTOR, AuditTrail, Origin
+from authsvc.usecases.callers import Callers
+from authsvc.usecases.login_batch import LoginBatcher
+from authsvc.usecases.revocation import Revocations
+from authsvc.usecases.secrets import RotatedSecret, Secrets
 from authsvc.usecases.signing_keys import SigningKeys
+from authsvc.usecases.tokens import Tokens
 from authsvc_client.claims import ADMIN_SCOPE
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 from authsvc_client.verifier import TokenVerifier
@@ -79,6 +78,21 @@ class Core:
         Set a serving replica publishes."""
         rotator = Rotator.for_settings(self.manager, self.clock, self.settings)
         return SigningKeys(self.repo, self.manager, rotator, self.clock, published=published)
+
+    @property
+    def trail(self) -> AuditTrail:
+        return AuditTrail(self.repo, self.clock)
+
+    @property
+    def secrets(self) -> Secrets:
+        """Secret rotation as this host does it (the CLI: an admin, no login batch)."""
+        return Secrets(
+            settings=self.settings,
+            repo=self.repo,
+            hasher=self.hasher,
+            clock=self.clock,
+            trail=self.trail,
+        )
 
     def dispose(self) -> None:
         self.repo.engine.dispose()
@@ -146,29 +160,15 @@ def create_service(
     record, secret = register_service(
         core.repo, core.hasher, core.clock, service_id, audiences, scopes
     )
-    local_audit(
-        core.repo,
-        core.clock,
-        actor=CLI_ACTOR,
-        action="create_service",
-        target=f"service:{record.service_id}",
+    core.trail.record(
+        Origin.local(CLI_ACTOR), action="create_service", target=f"service:{record.service_id}"
     )
     return secret
 
 
-def rotate_secret(core: Core, service_id: str, grace_seconds: int) -> tuple[str, datetime | None]:
-    """Rotate a service's secret from this host (the CLI's way); audited like the RPC."""
-    check_grace_period(grace_seconds, core.settings.max_secret_grace_seconds)
-    result = rotate_service_secret(core.repo, core.hasher, core.clock, service_id, grace_seconds)
-    local_audit(
-        core.repo,
-        core.clock,
-        actor=CLI_ACTOR,
-        action="rotate_secret",
-        target=f"service:{service_id}",
-        detail=f"grace_seconds={grace_seconds}",
-    )
-    return result
+def rotate_secret(core: Core, service_id: str, grace_seconds: int) -> RotatedSecret:
+    """Rotate a service's secret from this host (the CLI's way): the RPC's admin path."""
+    return core.secrets.rotate_by_admin(service_id, grace_seconds, Origin.local(CLI_ACTOR))
 
 
 def disable(core: Core, service_id: str) -> None:
@@ -178,12 +178,8 @@ def disable(core: Core, service_id: str) -> None:
         service_id,
         token_lifetime_seconds=core.settings.max_ttl_seconds + core.settings.leeway_seconds,
     )
-    local_audit(
-        core.repo,
-        core.clock,
-        actor=CLI_ACTOR,
-        action="disable_service",
-        target=f"service:{record.service_id}",
+    core.trail.record(
+        Origin.local(CLI_ACTOR), action="disable_service", target=f"service:{record.service_id}"
     )
 
 
@@ -217,7 +213,7 @@ class AuthsvcServer:
         self._stopping = asyncio.Event()
         self._feed: RevocationFeed | None = None
         self._state: ServerState | None = None
-        self._ledger: LoginLedger | None = None
+        self._logins: LoginBatcher | None = None
         self._http: HttpSidePort | None = None
         self.http_port: int | None = None
 
@@ -252,7 +248,7 @@ class AuthsvcServer:
 
         state.on_revocations = publish
         self._feed = feed
-        self._ledger = LoginLedger(
+        logins = self._logins = LoginBatcher(
             core.repo,
             s,
             self.clock,
@@ -268,17 +264,36 @@ class AuthsvcServer:
             is_subject_enabled=state.is_subject_enabled,
             clock=self.clock.now,
         )
+        trail = AuditTrail(core.repo, self.clock)
         servicer = AuthServicer(
             settings=s,
             repo=core.repo,
             state=state,
             signing_keys=core.signing_keys(lambda: state.jwks_json),
-            verifier=verifier,
-            issuer=TokenIssuer(s.issuer),
             hasher=core.hasher,
             clock=self.clock,
             feed=feed,
-            ledger=self._ledger,
+            tokens=Tokens(
+                settings=s,
+                signer=lambda: state.signer,
+                issuer=TokenIssuer(s.issuer),
+                hasher=core.hasher,
+                clock=self.clock,
+                logins=logins,
+                verifier=verifier,
+            ),
+            revocations=Revocations(
+                settings=s, repo=core.repo, verifier=verifier, clock=self.clock, trail=trail
+            ),
+            secrets=Secrets(
+                settings=s,
+                repo=core.repo,
+                hasher=core.hasher,
+                clock=self.clock,
+                trail=trail,
+                logins=logins,
+            ),
+            callers=Callers(s, verifier),
         )
         self.metrics.registry.register(StateCollector(state, core.repo, self.clock))
         self.metrics.key_rotation_interval.set(s.key_rotation_interval_seconds)
@@ -343,7 +358,7 @@ class AuthsvcServer:
     def _add_port(self, server: grpc.aio.Server) -> int:
         s = self.settings
         if s.tls_cert and s.tls_key:
-            key, cert, ca = _read_tls_files(s.tls_key, s.tls_cert, s.tls_client_ca)
+            key, cert, ca = read_tls_files(s.tls_key, s.tls_cert, s.tls_client_ca)
             creds = grpc.ssl_server_credentials(
                 [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
             )
@@ -460,9 +475,9 @@ class AuthsvcServer:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._ledger is not None:
+        if self._logins is not None:
             # After the drain: logins of calls still in flight are settled, then it stops.
-            await asyncio.to_thread(self._ledger.close)
+            await asyncio.to_thread(self._logins.close)
         if self._http is not None:
             await asyncio.to_thread(self._http.stop)
         if self._core is not None:
@@ -488,42 +503,6 @@ def _enable_reflection(service_names: list[str], server: grpc.aio.Server) -> Non
         },
     )
     server.add_generic_rpc_handlers((v1,))
-
-
-def _read_tls_files(
-    key_path: str, cert_path: str, client_ca_path: str | None
-) -> tuple[bytes, bytes, bytes | None]:
-    """Read and check the TLS files at start, so a bad file fails here, naming the variable.
-
-    gRPC would otherwise accept them and fail every handshake later (or report a bind error).
-    """
-
-    def read(path: str, name: str) -> bytes:
-        try:
-            return Path(path).read_bytes()
-        except OSError:
-            raise ConfigError(f"cannot read {name}") from None
-
-    key_pem = read(key_path, "AUTHSVC_TLS_KEY")
-    cert_pem = read(cert_path, "AUTHSVC_TLS_CERT")
-    ca_pem = read(client_ca_path, "AUTHSVC_TLS_CLIENT_CA") if client_ca_path else None
-    try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise ConfigError("AUTHSVC_TLS_KEY is not an unencrypted PEM private key") from None
-    try:
-        leaf = x509.load_pem_x509_certificates(cert_pem)[0]
-    except ValueError:
-        raise ConfigError("AUTHSVC_TLS_CERT is not a PEM certificate chain") from None
-    der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    if key.public_key().public_bytes(der, spki) != leaf.public_key().public_bytes(der, spki):
-        raise ConfigError("AUTHSVC_TLS_KEY does not match the certificate in AUTHSVC_TLS_CERT")
-    if ca_pem is not None:
-        try:
-            x509.load_pem_x509_certificates(ca_pem)
-        except ValueError:
-            raise ConfigError("AUTHSVC_TLS_CLIENT_CA is not a PEM certificate bundle") from None
-    return key_pem, cert_pem, ca_pem
 
 
 async def serve(settings: Settings) -> None:

@@ -124,6 +124,12 @@ class Metrics:
             registry=self.registry,
         )
         ProcessCollector(registry=self.registry)
+        # The labelled children each RPC updates, found once per (method, code) instead of
+        # through labels() (label validation, a lock and a tuple of strings) on every call.
+        # Only known methods reach observe(), so these stay as small as the label sets.
+        self._handled: dict[tuple[str, grpc.StatusCode], Any] = {}
+        self._latency: dict[str, Any] = {}
+        self._logins: dict[tuple[str, str], Any] = {}
 
     def observe_clock_step(self, direction: str, seconds: float) -> None:
         self.clock_steps.labels(direction).inc()
@@ -133,15 +139,26 @@ class Metrics:
         self.login_batch_seconds.observe(seconds)
 
     def observe_login(self, action: str, outcome: str) -> None:
-        self.login_outcomes.labels(action, outcome).inc()
+        counter = self._logins.get((action, outcome))
+        if counter is None:
+            counter = self._logins[(action, outcome)] = self.login_outcomes.labels(action, outcome)
+        counter.inc()
 
     def observe(
         self, method: str, code: grpc.StatusCode, seconds: float | None, response: Any
     ) -> None:
-        service, name = _split(method)
-        self.handled.labels(service, name, code.name).inc()
+        handled = self._handled.get((method, code))
+        if handled is None:
+            service, name = _split(method)
+            handled = self._handled[(method, code)] = self.handled.labels(
+                service, name, code.name
+            )
+        handled.inc()
         if seconds is not None:
-            self.latency.labels(service, name).observe(seconds)
+            latency = self._latency.get(method)
+            if latency is None:
+                latency = self._latency[method] = self.latency.labels(*_split(method))
+            latency.observe(seconds)
         if (
             method == _VALIDATE
             and isinstance(response, auth_pb2.ValidateTokenResponse)

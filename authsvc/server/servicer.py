@@ -1,22 +1,22 @@
 """AuthService over grpc.aio: proto <-> domain translation; errors become status in one place.
 
+Every rule is in the use-case layer (`authsvc.usecases`); a method here reads the request,
+calls one use case and builds the response. `handle_errors` is the only place an error becomes
+a status, for unary and streaming RPCs alike (`authsvc.server.status` holds the table).
+
 Validation runs inline on the event loop (pure CPU, no I/O). Anything touching the database or
-signing runs in worker threads so that open WatchRevocations streams and slow queries never
-starve other calls.
+signing runs in worker threads (or the login batch's thread) so that open WatchRevocations
+streams and slow queries never starve other calls.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import functools
-import json
+import inspect
 import logging
-import math
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -24,35 +24,27 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from authsvc.clock import Clock, to_datetime, to_timestamp
 from authsvc.config import Settings
 from authsvc.crypto.secrets import SecretHasher
-from authsvc.errors import (
-    AuthsvcError,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    Unauthenticated,
-)
+from authsvc.errors import AuthsvcError, InvalidArgument, Unauthenticated
 from authsvc.inputs import (
     check_audiences,
-    check_grace_period,
     check_name,
     check_new_service_id,
     check_scopes,
-    check_service_id,
 )
 from authsvc.logs import current_request_id, request_id_from
-from authsvc.server.ledger import CURRENT_ONLY, Grant, Login, LoginLedger
 from authsvc.server.status import status_of, trailers_of
-from authsvc.services import disable_service, register_service, rotate_service_secret
+from authsvc.services import disable_service, register_service
 from authsvc.storage.records import ServiceRecord, SigningKeyRecord
 from authsvc.storage.repository import Repository
-from authsvc.sync import RevocationFeed, ServerState, Signer, held_event
-from authsvc.tokens.issuer import IssuedToken, TokenIssuer
+from authsvc.sync import RevocationFeed, ServerState, held_event
 from authsvc.usecases.audit import AuditTrail, Origin
+from authsvc.usecases.callers import Callers
+from authsvc.usecases.revocation import Revocations
+from authsvc.usecases.secrets import Secrets
 from authsvc.usecases.signing_keys import SigningKeys
-from authsvc_client.claims import ADMIN_SCOPE, Claims, ValidationResult
+from authsvc.usecases.tokens import TokenRequest, Tokens
+from authsvc_client.interceptors import bearer_token
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
-from authsvc_client.verifier import TokenVerifier
 
 log = logging.getLogger("authsvc.server")
 
@@ -60,9 +52,6 @@ log = logging.getLogger("authsvc.server")
 # sends at most _WATCH_BATCH events before it lets other calls run.
 _WATCH_PAGE = 1000
 _WATCH_BATCH = 100
-_STREAM_MALFORMED = ValidationResult.fail(auth_pb2.MALFORMED)
-
-T = TypeVar("T")
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -79,13 +68,26 @@ def _peer_address(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return peer
 
 
-def _metadata(context: grpc.aio.ServicerContext[Any, Any], key: str) -> list[str]:
-    return [str(v) for k, v in (context.invocation_metadata() or ()) if k == key]
-
-
 def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     """The id the RPC interceptor gave this call, so audit rows and log lines agree."""
     return current_request_id() or request_id_from(context.invocation_metadata())
+
+
+def _origin(context: grpc.aio.ServicerContext[Any, Any], actor: str = "") -> Origin:
+    """The call as the origin of what it changes; `actor` once the caller is known."""
+    return Origin(actor=actor, peer=_peer_address(context), request_id=_request_id(context))
+
+
+def _bearer(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    """The call's bearer token by the client package's parser (the one parser), None when
+    the call has no authorization metadata at all."""
+    metadata = tuple(context.invocation_metadata() or ())
+    found = bearer_token(metadata)
+    if isinstance(found, str):
+        return found
+    if not any(key == "authorization" for key, _ in metadata):
+        return None
+    raise Unauthenticated(found.details)
 
 
 def _service_proto(record: ServiceRecord) -> auth_pb2.Service:
@@ -111,19 +113,6 @@ def _key_proto(record: SigningKeyRecord) -> auth_pb2.SigningKey:
     return msg
 
 
-def unverified_audience(token: str) -> str | None:
-    """Read `aud` without trusting it, only to choose what to verify the token against."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except (ValueError, binascii.Error, RecursionError):
-        return None
-    aud = payload.get("aud") if isinstance(payload, dict) else None
-    return aud if isinstance(aud, str) and aud else None
-
-
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: AuthsvcError) -> None:
     """End the call with the error's status, message and trailers (`status.py`'s table)."""
     trailers = trailers_of(exc)
@@ -132,42 +121,52 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: AuthsvcError)
     await context.abort(status_of(exc), str(exc))
 
 
-def handle_errors(
-    method: Callable[..., Awaitable[T]],
-) -> Callable[..., Awaitable[T]]:
-    """Turn domain errors into status codes: the only place that does."""
+async def _abort_for(
+    context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, name: str
+) -> None:
+    if isinstance(exc, AuthsvcError):
+        await _abort(context, exc)
+        return
+    # The exception may carry request data; log its type only, never its text.
+    log.exception("unexpected error in %s", name)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
+def handle_errors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn domain errors into status codes: the only place that does, for unary methods and
+    for streaming ones (async generators) alike."""
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(
+            self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            inner = method(self, request, context)
+            try:
+                async for item in inner:
+                    yield item
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:
+                await _abort_for(context, exc, method.__name__)
+            finally:
+                # A client that goes away closes this generator: close the method's at once,
+                # so its own clean-up (a stream's slot) runs now, not at garbage collection.
+                await inner.aclose()
+
+        return stream
 
     @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> T:
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             return await method(self, request, context)
-        except AuthsvcError as exc:
-            await _abort(context, exc)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
-        except Exception:
-            # The exception may carry request data; log its type only, never its text.
-            log.exception("unexpected error in %s", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        except Exception as exc:
+            await _abort_for(context, exc, method.__name__)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    return wrapper
-
-
-def local_audit(
-    repo: Repository,
-    clock: Clock,
-    *,
-    actor: str,
-    action: str,
-    target: str,
-    outcome: str = "ok",
-    detail: str = "",
-) -> None:
-    """Audit a change made on this host without a gRPC peer (CLI, scheduler)."""
-    AuditTrail(repo, clock).record(
-        Origin.local(actor), action=action, target=target, outcome=outcome, detail=detail
-    )
+    return unary
 
 
 class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
@@ -178,23 +177,25 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         repo: Repository,
         state: ServerState,
         signing_keys: SigningKeys,
-        verifier: TokenVerifier,
-        issuer: TokenIssuer,
         hasher: SecretHasher,
         clock: Clock,
         feed: RevocationFeed,
-        ledger: LoginLedger,
+        tokens: Tokens,
+        revocations: Revocations,
+        secrets: Secrets,
+        callers: Callers,
     ) -> None:
         self._s = settings
         self._repo = repo
         self._state = state
         self._keys = signing_keys
-        self._verifier = verifier
-        self._issuer = issuer
         self._hasher = hasher
         self._clock = clock
         self._feed = feed
-        self._ledger = ledger
+        self._tokens = tokens
+        self._revocations = revocations
+        self._secrets = secrets
+        self._callers = callers
         self._trail = AuditTrail(repo, clock)
 
     # -- helpers ---------------------------------------------------------------------------
@@ -203,38 +204,10 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         """Make a write on this replica visible here at once, not at the next sync tick."""
         await asyncio.to_thread(self._state.refresh)
 
-    def _bearer(self, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
-        values = _metadata(context, "authorization")
-        if not values:
-            return None
-        if len(values) > 1:
-            raise Unauthenticated("more than one authorization value")
-        scheme, _, token = values[0].partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthenticated("authorization must be 'Bearer <token>'")
-        return token.strip()
-
     def _admin(self, context: grpc.aio.ServicerContext[Any, Any]) -> Origin:
         """The admin caller of this RPC (from its bearer token), as the origin of its changes."""
-        token = self._bearer(context)
-        if token is None:
-            raise Unauthenticated("this call needs an admin bearer token")
-        claims = self._admin_from_token(token)
-        return Origin(
-            actor=claims.subject, peer=_peer_address(context), request_id=_request_id(context)
-        )
-
-    def _admin_from_token(self, token: str) -> Claims:
-        if len(token) > self._s.max_token_bytes:
-            raise Unauthenticated("admin token rejected: MALFORMED")
-        result = self._verifier.verify(
-            token, audience=self._s.admin_audience, required_scopes=(ADMIN_SCOPE,)
-        )
-        if result.valid and result.claims is not None:
-            return result.claims
-        if result.reason == auth_pb2.INSUFFICIENT_SCOPE:
-            raise PermissionDenied(f"this call needs scope {ADMIN_SCOPE}")
-        raise Unauthenticated(f"admin token rejected: {result.reason_name}")
+        claims = self._callers.admin(_bearer(context))
+        return _origin(context, claims.subject)
 
     def _audit(
         self,
@@ -261,100 +234,16 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
     async def IssueToken(
         self, request: auth_pb2.IssueTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.IssueTokenResponse:
-        check_service_id(request.service_id)
-        if not request.service_secret or len(request.service_secret) > 256:
-            raise InvalidArgument("service_secret is required")
-        check_name(request.audience, "audience")
-        check_scopes(request.scopes, "scopes")
-        if request.ttl_seconds < 0:
-            raise InvalidArgument("ttl_seconds must not be negative")
-        return await self._issue(request, _peer_address(context), _request_id(context))
-
-    def _login(
-        self,
-        service_id: str,
-        secret: str,
-        peer: str,
-        request_id: str,
-        action: str,
-        authorize: Callable[[ServiceRecord], Grant] | None = None,
-    ) -> Login:
-        # The HMAC is computed here for every login, known id or not, so an unknown id costs
-        # what a known one does; only the digest travels on.
-        return Login(
-            service_id=service_id,
-            digest=self._hasher.hash(secret),
-            peer=peer,
-            request_id=request_id,
-            action=action,
-            authorize=authorize,
-        )
-
-    def _authorize_issue(
-        self, request: auth_pb2.IssueTokenRequest, signer: Signer
-    ) -> Callable[[ServiceRecord], Grant]:
-        """IssueToken's policy for an authenticated service, run inside the ledger's
-        transaction: the audience and scopes it may have, then the token, prepared (jti and
-        all) so that its audit row is written before it is signed."""
-        ttl = min(request.ttl_seconds or self._s.default_ttl_seconds, self._s.max_ttl_seconds)
-
-        def authorize(service: ServiceRecord) -> Grant:
-            wanted = list(dict.fromkeys(request.scopes))
-            if request.audience not in service.audiences:
-                # Any registered service may follow WatchRevocations, which takes a token for
-                # authsvc itself: such a token carries no scope, so it is no admin token.
-                if request.audience != self._s.admin_audience or wanted:
-                    return Grant(
-                        "audience_denied",
-                        request.audience,
-                        error=PermissionDenied("audience not allowed for this service"),
-                    )
-            else:
-                wanted = wanted or list(service.scopes)
-            denied = [s for s in wanted if s not in service.scopes]
-            if denied:
-                return Grant(
-                    "scope_denied",
-                    request.audience,
-                    error=PermissionDenied(
-                        "scope not allowed for this service: " + " ".join(denied)
-                    ),
-                )
-            unsigned = self._issuer.prepare(
-                key_bits=signer.private_key.key_size,
-                kid=signer.kid,
-                subject=service.service_id,
+        issued = await self._tokens.issue(
+            TokenRequest(
+                service_id=request.service_id,
+                secret=request.service_secret,
                 audience=request.audience,
-                scopes=wanted,
-                ttl_seconds=ttl,
-                now=self._clock.now(),
-            )
-            return Grant(
-                "ok",
-                request.audience,
-                f"jti={unsigned.claims.jti}",
-                complete=functools.partial(self._issuer.sign, unsigned, signer.private_key),
-            )
-
-        return authorize
-
-    async def _issue(
-        self, request: auth_pb2.IssueTokenRequest, peer: str, request_id: str
-    ) -> auth_pb2.IssueTokenResponse:
-        signer = self._state.signer
-        if signer is None:
-            raise AuthsvcError("no active signing key")
-        result = await self._ledger.settle(
-            self._login(
-                request.service_id,
-                request.service_secret,
-                peer,
-                request_id,
-                "issue_token",
-                self._authorize_issue(request, signer),
-            )
+                scopes=tuple(request.scopes),
+                ttl_seconds=request.ttl_seconds,
+            ),
+            _origin(context, request.service_id),
         )
-        issued: IssuedToken = result.value
         claims = issued.claims
         return auth_pb2.IssueTokenResponse(
             access_token=issued.token,
@@ -371,43 +260,25 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
     async def ValidateToken(
         self, request: auth_pb2.ValidateTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.ValidateTokenResponse:
-        return self._validate(request).to_proto()
+        result = self._tokens.validate(request.token, request.audience, request.required_scopes)
+        return result.to_proto()
 
+    @handle_errors
     async def ValidateTokenStream(
         self,
         request_iterator: AsyncIterator[auth_pb2.ValidateTokenRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[auth_pb2.ValidateTokenResponse]:
-        """ValidateToken's check per message. A request ValidateToken refuses with
-        INVALID_ARGUMENT is answered valid=false MALFORMED here instead: ending the stream would
-        fail every other check the client multiplexes on it.
+        """ValidateToken's check per message (`Tokens.validate_in_stream`).
 
         One message is read, checked and answered at a time; HTTP/2 flow control holds the
         rest, so a stream never has more than one check in flight on the server and yields to
         the event loop between messages (unary calls are not starved)."""
         async for request in request_iterator:
-            try:
-                result = self._validate(request)
-            except InvalidArgument:
-                result = _STREAM_MALFORMED
+            result = self._tokens.validate_in_stream(
+                request.token, request.audience, request.required_scopes
+            )
             yield result.to_proto()
-
-    def _validate(self, request: auth_pb2.ValidateTokenRequest) -> ValidationResult:
-        """The request rules and the verify, shared by ValidateToken and its stream.
-
-        Raises:
-            InvalidArgument: empty token or audience, token over the size limit, bad scopes.
-        """
-        if not request.token:
-            raise InvalidArgument("token is required")
-        if len(request.token) > self._s.max_token_bytes:
-            raise InvalidArgument(f"token is longer than {self._s.max_token_bytes} bytes")
-        if not request.audience:
-            raise InvalidArgument("audience is required (the validating service's own id)")
-        check_scopes(request.required_scopes, "required_scopes")
-        return self._verifier.verify(
-            request.token, audience=request.audience, required_scopes=request.required_scopes
-        )
 
     # -- RevokeToken -----------------------------------------------------------------------
 
@@ -416,127 +287,22 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         self, request: auth_pb2.RevokeTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.RevokeTokenResponse:
         target = request.WhichOneof("target")
-        peer, request_id = _peer_address(context), _request_id(context)
-        reason = request.reason[:256]
         if target is None:
             raise InvalidArgument("one of token, jti or service_id is required")
         if target == "token":
-            if len(request.token) > self._s.max_token_bytes:
-                raise InvalidArgument(f"token is longer than {self._s.max_token_bytes} bytes")
-            if not request.token:
-                raise InvalidArgument("token is required")
-            revoked = await self._revoke_presented(request.token, reason, peer, request_id)
+            revoked = await self._revocations.revoke_presented(
+                request.token, request.reason, _origin(context)
+            )
         else:
-            caller = self._admin(context)
+            admin = self._admin(context)
             if target == "jti":
-                check_name(request.jti, "jti")
-                revoked = await asyncio.to_thread(
-                    self._revoke_jti,
-                    request.jti,
-                    None,
-                    caller.actor,
-                    reason,
-                    peer,
-                    request_id,
-                )
+                revoked = await self._revocations.revoke_jti(request.jti, request.reason, admin)
             else:
-                check_name(request.service_id, "service_id")
-                revoked = await self._revoke_service(
-                    request.service_id, caller.actor, reason, peer, request_id
+                revoked = await self._revocations.revoke_service(
+                    request.service_id, request.reason, admin
                 )
         await self._refresh()
         return auth_pb2.RevokeTokenResponse(revoked=revoked)
-
-    async def _revoke_presented(self, token: str, reason: str, peer: str, request_id: str) -> bool:
-        """RFC 7009: whoever holds a token may revoke it. An invalid token revokes nothing."""
-        audience = unverified_audience(token)
-        if audience is None:
-            return False
-        result = self._verifier.verify(token, audience=audience)
-        if result.reason == auth_pb2.REVOKED:
-            return True
-        if result.claims is None:
-            return False
-        claims = result.claims
-        return await asyncio.to_thread(
-            self._revoke_jti,
-            claims.jti,
-            claims.expires_at,
-            claims.subject,
-            reason,
-            peer,
-            request_id,
-        )
-
-    def _revoke_jti(
-        self,
-        jti: str,
-        expires_at: int | None,
-        actor: str,
-        reason: str,
-        peer: str,
-        request_id: str,
-    ) -> bool:
-        now = self._clock.now()
-        if expires_at is None:
-            # Unknown token: keep the revocation as long as any token could live.
-            expires_at = math.ceil(now) + self._s.max_ttl_seconds
-        self._repo.create_revocation(
-            jti=jti,
-            service_id=None,
-            revoked_before=None,
-            expires_at=to_datetime(expires_at + self._s.leeway_seconds),
-            reason=reason,
-            now=to_datetime(now),
-        )
-        self._audit(
-            actor=actor,
-            action="revoke_token",
-            target=f"jti:{jti}",
-            outcome="ok",
-            peer=peer,
-            request_id=request_id,
-        )
-        return True
-
-    async def _revoke_service(
-        self, service_id: str, actor: str, reason: str, peer: str, request_id: str
-    ) -> bool:
-        """Revoke every token of a service issued until this call returns.
-
-        `iat` has whole-second resolution, so a cutoff inside a second could not tell a token
-        issued just before the call from one issued just after. The cutoff is therefore the next
-        whole second and the call returns only once that second has begun: every token issued
-        before the return has iat < cutoff (revoked), every token issued after has iat >= cutoff.
-        """
-        now = self._clock.now()
-        cutoff = math.floor(now) + 1
-
-        def write() -> None:
-            if self._repo.fetch_service(service_id) is None:
-                raise NotFound("no such service")
-            self._repo.create_revocation(
-                jti=None,
-                service_id=service_id,
-                revoked_before=to_datetime(cutoff),
-                expires_at=to_datetime(cutoff + self._s.max_ttl_seconds + self._s.leeway_seconds),
-                reason=reason,
-                now=to_datetime(now),
-            )
-            self._audit(
-                actor=actor,
-                action="revoke_service_tokens",
-                target=f"service:{service_id}",
-                outcome="ok",
-                peer=peer,
-                request_id=request_id,
-            )
-
-        await asyncio.to_thread(write)
-        remaining = cutoff - self._clock.now()
-        if remaining > 0:
-            await asyncio.to_thread(self._clock.sleep, remaining)
-        return True
 
     # -- RotateServiceSecret ---------------------------------------------------------------
 
@@ -546,78 +312,26 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         request: auth_pb2.RotateServiceSecretRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> auth_pb2.RotateServiceSecretResponse:
-        check_service_id(request.service_id)
-        check_grace_period(request.grace_period_seconds, self._s.max_secret_grace_seconds)
-        if len(request.current_secret) > 256:
-            raise InvalidArgument("current_secret is too long")
-        peer, request_id = _peer_address(context), _request_id(context)
-        admin: Origin | None = None
-        if not request.current_secret:
-            admin = self._admin(context)
-        return await asyncio.to_thread(self._rotate_secret, request, admin, peer, request_id)
-
-    def _rotate_secret(
-        self,
-        request: auth_pb2.RotateServiceSecretRequest,
-        admin: Origin | None,
-        peer: str,
-        request_id: str,
-    ) -> auth_pb2.RotateServiceSecretResponse:
-        expected: bytes | None = None
-        if admin is None:
-            login = replace(
-                self._login(
-                    request.service_id, request.current_secret, peer, request_id, "rotate_secret"
-                ),
-                current_secret_only=True,
+        service_id, grace = request.service_id, request.grace_period_seconds
+        self._secrets.check(service_id, grace, request.current_secret)
+        if request.current_secret:
+            rotated = await asyncio.to_thread(
+                self._secrets.rotate_by_self,
+                service_id,
+                request.current_secret,
+                grace,
+                _origin(context, service_id),
             )
-            self._ledger.settle_sync(login)
-            actor, expected = request.service_id, login.digest
         else:
-            actor = admin.actor
-            if self._repo.fetch_service(request.service_id) is None:
-                self._audit(
-                    actor=actor,
-                    action="rotate_secret",
-                    target=f"service:{request.service_id}",
-                    outcome="not_found",
-                    peer=peer,
-                    request_id=request_id,
-                )
-                raise NotFound("no such service")
-        try:
-            secret, previous_until = rotate_service_secret(
-                self._repo,
-                self._hasher,
-                self._clock,
-                request.service_id,
-                request.grace_period_seconds,
-                expected_current_hash=expected,
+            admin = self._admin(context)
+            rotated = await asyncio.to_thread(
+                self._secrets.rotate_by_admin, service_id, grace, admin
             )
-        except FailedPrecondition:
-            # Another rotation committed since this login: the presented secret is no longer
-            # the current one, which is the rule the ledger applies, decided late.
-            self._audit(
-                actor=actor,
-                action="rotate_secret",
-                target=f"service:{request.service_id}",
-                outcome="previous_secret_denied",
-                peer=peer,
-                request_id=request_id,
+        response = auth_pb2.RotateServiceSecretResponse(service_secret=rotated.secret)
+        if rotated.previous_until is not None:
+            response.previous_secret_expires_at.CopyFrom(
+                timestamp(to_timestamp(rotated.previous_until))
             )
-            raise PermissionDenied(CURRENT_ONLY) from None
-        self._audit(
-            actor=actor,
-            action="rotate_secret",
-            target=f"service:{request.service_id}",
-            outcome="ok",
-            peer=peer,
-            request_id=request_id,
-            detail=f"grace_seconds={request.grace_period_seconds}",
-        )
-        response = auth_pb2.RotateServiceSecretResponse(service_secret=secret)
-        if previous_until is not None:
-            response.previous_secret_expires_at.CopyFrom(timestamp(to_timestamp(previous_until)))
         return response
 
     # -- Keys ------------------------------------------------------------------------------
@@ -726,39 +440,20 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
 
     # -- WatchRevocations ------------------------------------------------------------------
 
-    def _follower(self, context: grpc.aio.ServicerContext[Any, Any]) -> Claims:
-        """A registered service following revocations: a token for the server's own audience,
-        scopes or none (IssueToken gives one to any enabled service), or an admin token."""
-        token = self._bearer(context)
-        if token is None:
-            raise Unauthenticated(
-                f"WatchRevocations needs a bearer token for audience {self._s.admin_audience}"
-            )
-        if len(token) > self._s.max_token_bytes:
-            raise Unauthenticated("follower token rejected: MALFORMED")
-        result = self._verifier.verify(token, audience=self._s.admin_audience)
-        if result.valid and result.claims is not None:
-            return result.claims
-        raise Unauthenticated(f"follower token rejected: {result.reason_name}")
-
+    @handle_errors
     async def WatchRevocations(
         self,
         request: auth_pb2.WatchRevocationsRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[auth_pb2.RevocationEvent]:
+        self._callers.follower(_bearer(context))
+        if request.after_cursor < 0:
+            raise InvalidArgument("after_cursor must be >= 0")
         peer = _peer_address(context)
-        try:
-            self._follower(context)
-            if request.after_cursor < 0:
-                raise InvalidArgument("after_cursor must be >= 0")
-            self._feed.acquire(peer)
-        except AuthsvcError as exc:
-            await _abort(context, exc)
+        self._feed.acquire(peer)
         try:
             async for event in self._follow(request.after_cursor):
                 yield event
-        except AuthsvcError as exc:
-            await _abort(context, exc)
         finally:
             self._feed.release(peer)
 

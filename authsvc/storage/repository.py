@@ -336,20 +336,6 @@ class Repository:
 
     # -- service secrets ----------------------------------------------------------------------
 
-    def list_secrets(self, service_id: str, now: datetime) -> list[SecretRecord]:
-        """The current secret and, while its grace period lasts, the previous one."""
-        now = _utc_in(now)
-        with self._read() as s:
-            rows = s.scalars(
-                select(ServiceSecretRow)
-                .where(
-                    ServiceSecretRow.service_id == service_id,
-                    (ServiceSecretRow.slot == "current") | (ServiceSecretRow.expires_at > now),
-                )
-                .order_by(ServiceSecretRow.slot)  # 'current' before 'previous'
-            )
-            return [_secret(r) for r in rows]
-
     def end_secret_graces(self, now: datetime) -> int:
         """Delete previous secrets whose grace period has ended; returns how many.
 
@@ -877,38 +863,12 @@ class Repository:
 
     # -- authentication failures (throttling) -------------------------------------------------
 
-    def update_auth_failures(self, key: str, now: datetime, window_seconds: int) -> int:
-        """Count one more failure for `key` and return the count in the current window.
-
-        A window that started `window_seconds` or more ago restarts at 1.
-        """
-        now = _utc_in(now)
-        params = {"key": key, "now": now, "cutoff": now - timedelta(seconds=window_seconds)}
-        with self._write() as s:
-            upsert = self._login_sql.count_failure.returning(AuthFailureRow.count)
-            return int(s.execute(upsert, params).scalar_one())
-
-    def count_auth_failures(self, key: str, now: datetime, window_seconds: int) -> int:
-        """Failures for `key` in the current window; 0 once the window has passed."""
-        cutoff = _utc_in(now) - timedelta(seconds=window_seconds)
-        with self._read() as s:
-            count = s.scalar(
-                select(AuthFailureRow.count).where(
-                    AuthFailureRow.key == key, AuthFailureRow.window_start > cutoff
-                )
-            )
-            return count or 0
-
     def prune_known_peers(self, before: datetime) -> int:
         """Forget peers whose last success is older than `before`; returns how many."""
         before = _utc_in(before)
         with self._write() as s:
             result = s.execute(delete(KnownPeerRow).where(KnownPeerRow.last_success_at < before))
             return _rowcount(result)
-
-    def delete_auth_failures(self, key: str) -> None:
-        with self._write() as s:
-            s.execute(delete(AuthFailureRow).where(AuthFailureRow.key == key))
 
     def prune_auth_failures(self, before: datetime) -> int:
         """Delete counters whose last failure is older than `before`; returns how many."""
@@ -919,11 +879,11 @@ class Repository:
             )
             return _rowcount(result)
 
-    # -- logins (the login ledger's unit of work) ---------------------------------------------
+    # -- logins (the login batch's unit of work) ---------------------------------------------
 
     @contextmanager
     def login_batch(self, now: datetime, window_seconds: int) -> Iterator[LoginBatch]:
-        """One write transaction settling a batch of logins (authsvc.server.ledger).
+        """One write transaction settling a batch of logins (authsvc.usecases.login_batch).
 
         Everything a login is decided on (the service, its live secrets, the failure counters,
         known peers) is read inside the same transaction that records the outcome, so a batch
@@ -939,7 +899,7 @@ class Repository:
 
 
 class _LoginStatements:
-    """The login ledger's statements, built once per repository (the dialect fixes the upserts)
+    """The login batch's statements, built once per repository (the dialect fixes the upserts)
     so that each execution is a compiled-cache hit."""
 
     def __init__(self, postgres: bool) -> None:
@@ -1020,7 +980,7 @@ class _LoginStatements:
 
 
 class LoginBatch:
-    """Reads and writes of one login-ledger transaction; see Repository.login_batch.
+    """Reads and writes of one login-batch transaction; see Repository.login_batch.
 
     Each service and failure counter is read once per batch and then kept up to date here as
     the batch's own logins count failures and reset them, so a later login in the batch sees
@@ -1063,12 +1023,9 @@ class LoginBatch:
     def service(self, service_id: str) -> ServiceRecord | None:
         return self._credentials(service_id)[0]
 
-    def secret_hashes(self, service_id: str) -> tuple[bytes, ...]:
-        """The current secret's hash and, within its grace period, the previous one's."""
-        return tuple(h for _, h in self._credentials(service_id)[1])
-
     def secrets(self, service_id: str) -> tuple[tuple[SecretSlot, bytes], ...]:
-        """secret_hashes with the slot of each: only the current secret may rotate itself."""
+        """The current secret's hash and, within its grace period, the previous one's, each with
+        its slot: only the current secret may rotate itself."""
         return self._credentials(service_id)[1]
 
     def failures(self, id_key: str, peer_key: str) -> tuple[int, int]:

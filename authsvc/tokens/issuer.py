@@ -43,10 +43,12 @@ class IssuedToken:
     claims: Claims
 
 
+# Built once: json.dumps with any non-default option builds a new encoder on every call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def _compact_json(obj: dict[str, object]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
-        "utf-8"
-    )
+    return _ENCODER.encode(obj).encode("utf-8")
 
 
 class TokenIssuer:
@@ -67,6 +69,8 @@ class TokenIssuer:
         # kid -> (the signing key, a verifier over its public half); plain dict get/set from
         # worker threads.
         self._verifiers: dict[str, tuple[RSAPrivateKey, TokenVerifier]] = {}
+        # kid -> the encoded header segment, the same for every token signed under that kid.
+        self._headers: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"TokenIssuer(issuer={self._issuer!r})"
@@ -152,8 +156,14 @@ class TokenIssuer:
             key_id=kid,
             client_id=subject,
         )
-        # RFC 9068 section 2.1 header; RFC 7515 section 7.1 compact serialisation.
-        header = _compact_json({"alg": ALGORITHM, "typ": TOKEN_TYPE, "kid": kid})
+        header = self._headers.get(kid)
+        if header is None:
+            if len(self._headers) >= _VERIFIERS_KEPT:
+                self._headers.clear()  # one entry per signing key in normal use
+            # RFC 9068 section 2.1 header; RFC 7515 section 7.1 compact serialisation.
+            header = self._headers[kid] = b64url_encode(
+                _compact_json({"alg": ALGORITHM, "typ": TOKEN_TYPE, "kid": kid})
+            )
         payload = _compact_json(
             {
                 "iss": claims.issuer,
@@ -167,7 +177,7 @@ class TokenIssuer:
                 "client_id": claims.client_id,
             }
         )
-        signing_input = f"{b64url_encode(header)}.{b64url_encode(payload)}"
+        signing_input = f"{header}.{b64url_encode(payload)}"
         # 4 base64 characters per 3 bytes, for a signature as long as the modulus.
         signature_chars = -(-((key_bits + 7) // 8) * 4 // 3)
         if len(signing_input) + 1 + signature_chars > self._max_token_bytes:

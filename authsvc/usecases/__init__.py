@@ -4,5 +4,6 @@ scheduler.
 Nothing here imports gRPC. A use case takes plain values (and an `Origin` that says who asks),
 raises the errors of `authsvc.errors`, and returns records or small result types; the servicer
 (`authsvc.server.servicer`) only translates proto <-> these and errors -> status, in one place.
-One module per domain: logins, tokens, revocation, services, secrets, signing keys, audit.
+One module per domain: logins (and the login batch that settles them), tokens, revocation,
+services, secrets, signing keys, callers (the admin and follower checks), audit.
 """

@@ -38,6 +38,7 @@ from authsvc_client.keyring import KeyRing
 from authsvc_client.revocations import RevocationSet
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 from authsvc_client.verifier import TokenVerifier
+from tests.storage.helpers import live_secrets
 from tests.support.clock import START, FakeClock
 from tests.support.inprocess import in_process_settings, run_in_process
 
@@ -216,7 +217,7 @@ class TestSecretsAndKeysAfterAStepBack:
             try:
                 # The sync loop records the end: the row is gone, whatever time one asks at.
                 async def ended_by_state() -> bool:
-                    return len(repo.list_secrets("orders", to_datetime(START))) == 1
+                    return len(live_secrets(repo, "orders", to_datetime(START))) == 1
 
                 await w.until(ended_by_state)
             finally:

@@ -34,6 +34,7 @@ from tests.faults.test_kill_during_rotation import (
     assert_server_signs_with,
     holding_change_lock,
 )
+from tests.storage.helpers import live_secrets
 from tests.support.server import TEST_KEK, authsvc_command, base_env, run_cli, start_server
 
 NEW_KEK = KeyEncryptionKey.generate_base64()
@@ -68,8 +69,8 @@ def _check_consistent(env: Mapping[str, str], secrets: Mapping[str, str]) -> str
             if record.private_key_enc is not None:
                 core.manager.private_key(record)  # a DecryptError fails the test
         for service_id, secret in secrets.items():
-            stored = core.repo.list_secrets(service_id, to_datetime(time.time()))
-            assert any(core.hasher.verify(secret, s.secret_hash) for s in stored)
+            stored = live_secrets(core.repo, service_id, to_datetime(time.time()))
+            assert any(core.hasher.verify(secret, h) for _, h in stored)
     finally:
         core.dispose()
     kek_id = ids.pop()

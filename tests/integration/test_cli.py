@@ -215,6 +215,34 @@ class TestTokensOffTheCommandLine:
         assert token not in proc.stderr
 
 
+class TestClientRules:
+    """`token issue` reads its credentials by the client package's rules (README, Python client)."""
+
+    def test_a_secret_file_others_can_read_is_refused_and_an_0600_one_works(
+        self, cli_world: World, tmp_path: Path
+    ) -> None:
+        path = tmp_path / "secret"
+        path.write_text(cli_world.orders_secret + "\n")
+        path.chmod(0o644)
+        env = _orders_env(cli_world, AUTHSVC_SERVICE_SECRET_FILE=str(path))
+        del env["AUTHSVC_SERVICE_SECRET"]
+        line = _one_error_line(_run(env, "token", "issue", "--audience", "billing"))
+        assert "chmod 600" in line and cli_world.orders_secret not in line
+        path.chmod(0o600)
+        issued = _run(env, "token", "issue", "--audience", "billing")
+        assert issued.returncode == 0 and issued.stdout.count(".") == 2
+
+    def test_a_secret_both_inline_and_in_a_file_is_refused(
+        self, cli_world: World, tmp_path: Path
+    ) -> None:
+        path = tmp_path / "secret"
+        path.write_text(cli_world.orders_secret)
+        path.chmod(0o600)
+        env = _orders_env(cli_world, AUTHSVC_SERVICE_SECRET_FILE=str(path))
+        line = _one_error_line(_run(env, "token", "issue", "--audience", "billing"))
+        assert "set only one of" in line
+
+
 class TestSaysWhatHappened:
     """Issue 13 item 7: no silent clamp, no bare `revoked: false`, no stray folders."""
 

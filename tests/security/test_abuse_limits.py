@@ -55,10 +55,8 @@ def _failure_counts(database_url: str, service_id: str, peer: str) -> tuple[int,
     try:
         repo = Repository(engine)
         now = to_datetime(SystemClock().now())
-        return (
-            repo.count_auth_failures(f"id:{service_id}", now, 900),
-            repo.count_auth_failures(f"peer:{peer}", now, 900),
-        )
+        with repo.login_batch(now, 900) as batch:
+            return batch.failures(f"id:{service_id}", f"peer:{peer}")
     finally:
         engine.dispose()
 

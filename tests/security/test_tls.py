@@ -132,6 +132,25 @@ class TestTls:
         # Offering one anyway is harmless: the server does not ask for it.
         assert tls.issue_with(_trusting(pki, pki.client_from_other_ca))
 
+    def test_the_cli_token_commands_speak_tls_with_authsvc_tls_ca(
+        self, tls: Served, pki: Pki
+    ) -> None:
+        env = {
+            **tls.server.env,
+            "AUTHSVC_TARGET": tls.server.address,
+            "AUTHSVC_SERVICE_ID": "orders",
+            "AUTHSVC_SERVICE_SECRET": tls.secret,
+        }
+        plain = run_cli(env, "token", "issue", "--audience", AUDIENCE, check=False)
+        assert plain.returncode != 0 and "UNAVAILABLE" in plain.stderr
+        trusting = {**env, "AUTHSVC_TLS_CA": str(pki.ca.cert_path)}
+        token = run_cli(trusting, "token", "issue", "--audience", AUDIENCE).stdout.strip()
+        checked = run_cli(
+            trusting, "token", "validate", "--audience", AUDIENCE, input_text=token
+        )
+        assert json.loads(checked.stdout)["valid"] is True
+        assert token not in plain.stderr + checked.stderr
+
 
 class TestMutualTls:
     def test_a_client_cert_from_the_client_ca_works(self, mtls: Served, pki: Pki) -> None:

@@ -1,10 +1,12 @@
-"""Shared values for the storage suite: a fixed clock origin and signing-key records."""
+"""Shared values for the storage suite: a fixed clock origin, signing-key records, and the
+live secrets as a login reads them."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
 from authsvc.storage.records import SigningKeyRecord
+from authsvc.storage.repository import Repository
 
 T0 = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -26,3 +28,9 @@ def key_record(kid: str, created_at: datetime = T0) -> SigningKeyRecord:
         public_jwk=f'{{"kty":"RSA","kid":"{kid}","n":"AQAB","e":"AQAB"}}',
         private_key_enc=f"wrapped-private-{kid}".encode(),
     )
+
+
+def live_secrets(repo: Repository, service_id: str, now: datetime) -> list[tuple[str, bytes]]:
+    """(slot, hash) of the secrets a login at `now` is checked against, current first."""
+    with repo.login_batch(now, 60) as batch:
+        return list(batch.secrets(service_id))

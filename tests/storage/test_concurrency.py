@@ -14,7 +14,7 @@ import pytest
 from authsvc.storage import migrate
 from authsvc.storage.engine import make_engine
 from authsvc.storage.repository import Repository
-from tests.storage.helpers import T0, at, key_record
+from tests.storage.helpers import T0, at, key_record, live_secrets
 
 _TIMEOUT_S = 60
 
@@ -181,11 +181,16 @@ class TestConcurrentMigrations:
 class TestConcurrentWrites:
     def test_failure_counts_lose_no_increment(self, repo: Repository) -> None:
         threads, each = 4, 10
-        _run_threads(
-            threads,
-            lambda i: [repo.update_auth_failures("id:svc", at(1), 60) for _ in range(each)],
-        )
-        assert repo.count_auth_failures("id:svc", at(1), 60) == threads * each
+
+        def count(i: int) -> None:
+            for _ in range(each):
+                with repo.login_batch(at(1), 60) as batch:
+                    batch.failures("id:svc", f"peer:{i}")
+                    batch.count_failure("id:svc")
+
+        _run_threads(threads, count)
+        with repo.login_batch(at(1), 60) as batch:
+            assert batch.failures("id:svc", "peer:x")[0] == threads * each
 
     def test_duplicate_creates_one_wins_the_rest_already_exist(self, repo: Repository) -> None:
         def create(i: int) -> str:
@@ -197,7 +202,7 @@ class TestConcurrentWrites:
 
         outcomes = _run_threads(4, create)
         assert sorted(outcomes) == ["AlreadyExists"] * 3 + ["created"]
-        assert len(repo.list_secrets("svc", T0)) == 1
+        assert len(live_secrets(repo, "svc", T0)) == 1
 
     def test_rotations_expecting_one_current_secret_at_once_let_exactly_one_win(
         self, repo: Repository
@@ -216,7 +221,7 @@ class TestConcurrentWrites:
         outcomes = _run_threads(4, rotate)
         assert sorted(outcomes) == ["FailedPrecondition"] * 3 + ["rotated"]
         winner = bytes([65 + outcomes.index("rotated")]) * 32
-        live = [(s.slot, s.secret_hash) for s in repo.list_secrets("svc", at(2))]
+        live = live_secrets(repo, "svc", at(2))
         assert live == [("current", winner), ("previous", b"1" * 32)]
 
     def test_rotations_at_once_each_succeed_in_turn(self, repo: Repository) -> None:
@@ -224,9 +229,9 @@ class TestConcurrentWrites:
         _run_threads(
             4, lambda i: repo.update_service_secret("svc", bytes([65 + i]) * 32, at(1), at(100))
         )
-        live = repo.list_secrets("svc", at(2))
-        assert [s.slot for s in live] == ["current", "previous"]
-        assert len({s.secret_hash for s in live}) == 2
+        live = live_secrets(repo, "svc", at(2))
+        assert [slot for slot, _ in live] == ["current", "previous"]
+        assert len({h for _, h in live}) == 2
 
     def test_a_follower_reading_by_cursor_misses_no_revocation(self, repo: Repository) -> None:
         """Rows must commit in cursor order, or a follower skips a late-committing smaller id."""

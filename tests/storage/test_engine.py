@@ -20,7 +20,7 @@ from authsvc.storage import migrate
 from authsvc.storage.engine import READ_ONLY, make_engine
 from authsvc.storage.models import Base
 from authsvc.storage.repository import Repository
-from tests.storage.helpers import T0, at, key_record
+from tests.storage.helpers import T0, at, key_record, live_secrets
 
 
 def _closed_port() -> int:
@@ -297,6 +297,6 @@ class TestRestart:
             assert repo.fetch_service("svc").scopes == ("s",)  # type: ignore[union-attr]
             assert repo.fetch_active_signing_key().kid == "k1"  # type: ignore[union-attr]
             assert repo.list_revocations(0, T0) == [revoked]
-            assert [s.secret_hash for s in repo.list_secrets("svc", T0)] == [b"h"]
+            assert [h for _, h in live_secrets(repo, "svc", T0)] == [b"h"]
         finally:
             second.dispose()

@@ -11,7 +11,7 @@ import pytest
 from authsvc.errors import AlreadyExists, FailedPrecondition, NotFound
 from authsvc.storage.records import SECRET_HASH_KEY
 from authsvc.storage.repository import KekChanged, LoginBatch, Repository
-from tests.storage.helpers import T0, at, key_record
+from tests.storage.helpers import T0, at, key_record, live_secrets
 
 
 def _aware_utc(value: datetime | None) -> bool:
@@ -37,7 +37,7 @@ class TestServices:
         with pytest.raises(AlreadyExists):
             repo.create_service("orders", ["b"], ["t"], b"second", at(1))
         assert repo.fetch_service("orders").audiences == ("a",)  # type: ignore[union-attr]
-        assert [s.secret_hash for s in repo.list_secrets("orders", at(1))] == [b"first"]
+        assert [h for _, h in live_secrets(repo, "orders", at(1))] == [b"first"]
 
     def test_list_is_ordered_by_id(self, repo: Repository) -> None:
         for name in ["zeta", "alpha", "mid"]:
@@ -74,8 +74,7 @@ class TestServices:
 class TestSecrets:
     def test_new_service_has_one_current_secret(self, repo: Repository) -> None:
         repo.create_service("svc", ["x"], [], b"hash-1", T0)
-        [secret] = repo.list_secrets("svc", T0)
-        assert (secret.slot, secret.secret_hash, secret.expires_at) == ("current", b"hash-1", None)
+        assert live_secrets(repo, "svc", T0) == [("current", b"hash-1")]
 
     def test_rotation_with_grace_keeps_the_old_secret_until_it_expires(
         self, repo: Repository
@@ -88,19 +87,18 @@ class TestSecrets:
             b"hash-1",
             at(70),
         )
-        live = repo.list_secrets("svc", at(69))
-        assert [(s.slot, s.secret_hash) for s in live] == [
+        assert live_secrets(repo, "svc", at(69)) == [
             ("current", b"hash-2"),
             ("previous", b"hash-1"),
         ]
-        assert [s.secret_hash for s in repo.list_secrets("svc", at(70))] == [b"hash-2"]
+        assert [h for _, h in live_secrets(repo, "svc", at(70))] == [b"hash-2"]
 
     def test_at_most_one_previous_secret(self, repo: Repository) -> None:
         repo.create_service("svc", ["x"], [], b"hash-1", T0)
         repo.update_service_secret("svc", b"hash-2", at(1), at(1000))
         previous = repo.update_service_secret("svc", b"hash-3", at(2), at(1000))
         assert previous is not None and previous.secret_hash == b"hash-2"
-        hashes = [s.secret_hash for s in repo.list_secrets("svc", at(3))]
+        hashes = [h for _, h in live_secrets(repo, "svc", at(3))]
         assert hashes == [b"hash-3", b"hash-2"]
 
     @pytest.mark.parametrize("grace_end", [None, 10, 5])
@@ -112,7 +110,7 @@ class TestSecrets:
         # None, "now" and a time in the past all mean: no previous secret at all.
         until = None if grace_end is None else at(grace_end)
         assert repo.update_service_secret("svc", b"hash-3", at(10), until) is None
-        assert [s.secret_hash for s in repo.list_secrets("svc", at(10))] == [b"hash-3"]
+        assert [h for _, h in live_secrets(repo, "svc", at(10))] == [b"hash-3"]
 
     def test_a_rotation_expecting_a_superseded_current_secret_changes_nothing(
         self, repo: Repository
@@ -126,8 +124,7 @@ class TestSecrets:
             repo.update_service_secret(
                 "svc", b"3" * 32, at(2), None, expected_current_hash=b"1" * 32
             )
-        live = repo.list_secrets("svc", at(2))
-        assert [(s.slot, s.secret_hash) for s in live] == [
+        assert live_secrets(repo, "svc", at(2)) == [
             ("current", b"2" * 32),
             ("previous", b"1" * 32),
         ]
@@ -138,10 +135,10 @@ class TestSecrets:
         repo.create_service("svc", ["x"], [], b"hash-1", T0)
         repo.update_service_secret("svc", b"hash-2", at(10), at(70))
         assert repo.end_secret_graces(at(69)) == 0
-        assert len(repo.list_secrets("svc", at(69))) == 2
+        assert len(live_secrets(repo, "svc", at(69))) == 2
         assert repo.end_secret_graces(at(70)) == 1
         # Read again at a time within the grace (a clock stepped back): it does not return.
-        assert [s.secret_hash for s in repo.list_secrets("svc", at(20))] == [b"hash-2"]
+        assert [h for _, h in live_secrets(repo, "svc", at(20))] == [b"hash-2"]
         assert repo.end_secret_graces(at(100)) == 0
 
     def test_rotate_unknown_service_is_not_found(self, repo: Repository) -> None:
@@ -149,11 +146,12 @@ class TestSecrets:
             repo.update_service_secret("ghost", b"h", T0, None)
 
     def test_secrets_of_unknown_service_are_empty(self, repo: Repository) -> None:
-        assert repo.list_secrets("ghost", T0) == []
+        assert live_secrets(repo, "ghost", T0) == []
 
     def test_repr_never_shows_the_hash(self, repo: Repository) -> None:
         repo.create_service("svc", ["x"], [], b"\x01SENSITIVE-HASH", T0)
-        [secret] = repo.list_secrets("svc", T0)
+        secret = repo.update_service_secret("svc", b"hash-2", at(1), at(100))
+        assert secret is not None and secret.secret_hash == b"\x01SENSITIVE-HASH"
         assert "SENSITIVE" not in repr(secret) and "secret_hash" not in repr(secret)
 
 
@@ -569,39 +567,54 @@ class TestAudit:
         assert [e.actor for e in repo.list_audit_events()] == ["actor3", "actor2"]
 
 
+def _count_failure(repo: Repository, key: str, now: datetime, window: int = 60) -> int:
+    """One more failure for `key` as a login counts it; returns the count in the window."""
+    with repo.login_batch(now, window) as batch:
+        batch.failures(key, key)
+        batch.count_failure(key)
+        return batch.failures(key, key)[0]
+
+
+def _failures(repo: Repository, key: str, now: datetime, window: int = 60) -> int:
+    """Failures for `key` in the window at `now`, read as a login reads them."""
+    with repo.login_batch(now, window) as batch:
+        return batch.failures(key, key)[0]
+
+
 class TestAuthFailures:
     def test_failures_count_up_within_the_window(self, repo: Repository) -> None:
-        assert repo.count_auth_failures("id:svc", T0, 60) == 0
-        assert [repo.update_auth_failures("id:svc", at(i), 60) for i in range(3)] == [1, 2, 3]
-        assert repo.count_auth_failures("id:svc", at(59), 60) == 3
-        assert repo.count_auth_failures("id:other", at(1), 60) == 0
+        assert _failures(repo, "id:svc", T0) == 0
+        assert [_count_failure(repo, "id:svc", at(i)) for i in range(3)] == [1, 2, 3]
+        assert _failures(repo, "id:svc", at(59)) == 3
+        assert _failures(repo, "id:other", at(1)) == 0
 
     def test_window_expiry_restarts_the_count(self, repo: Repository) -> None:
-        repo.update_auth_failures("k", T0, 60)
-        repo.update_auth_failures("k", at(30), 60)
+        _count_failure(repo, "k", T0)
+        _count_failure(repo, "k", at(30))
         # The window started at T0, not at the last failure.
-        assert repo.count_auth_failures("k", at(60), 60) == 0
-        assert repo.update_auth_failures("k", at(60), 60) == 1
-        assert repo.update_auth_failures("k", at(61), 60) == 2
-        assert repo.count_auth_failures("k", at(119), 60) == 2
+        assert _failures(repo, "k", at(60)) == 0
+        assert _count_failure(repo, "k", at(60)) == 1
+        assert _count_failure(repo, "k", at(61)) == 2
+        assert _failures(repo, "k", at(119)) == 2
 
-    def test_delete_resets(self, repo: Repository) -> None:
-        repo.update_auth_failures("k", T0, 60)
-        repo.delete_auth_failures("k")
-        repo.delete_auth_failures("never-seen")
-        assert repo.count_auth_failures("k", T0, 60) == 0
-        assert repo.update_auth_failures("k", T0, 60) == 1
+    def test_a_reset_is_committed(self, repo: Repository) -> None:
+        _count_failure(repo, "k", T0)
+        with repo.login_batch(T0, 60) as batch:
+            batch.reset_failures("k")
+            batch.reset_failures("never-seen")
+        assert _failures(repo, "k", T0) == 0
+        assert _count_failure(repo, "k", T0) == 1
 
     def test_prune_drops_stale_counters(self, repo: Repository) -> None:
-        repo.update_auth_failures("old", T0, 60)
-        repo.update_auth_failures("new", at(100), 60)
+        _count_failure(repo, "old", T0)
+        _count_failure(repo, "new", at(100))
         assert repo.prune_auth_failures(at(50)) == 1
-        assert repo.count_auth_failures("old", at(1), 60) == 0
-        assert repo.count_auth_failures("new", at(100), 60) == 1
+        assert _failures(repo, "old", at(1)) == 0
+        assert _failures(repo, "new", at(100)) == 1
 
 
 class TestLoginBatch:
-    """The login ledger's unit of work: reads inside the transaction, writes at its commit."""
+    """The login batch's unit of work: reads inside the transaction, writes at its commit."""
 
     def _service(self, repo: Repository, sid: str = "svc", secret: bytes = b"h" * 32) -> None:
         repo.create_service(sid, ["billing"], ["read"], secret, T0)
@@ -612,22 +625,23 @@ class TestLoginBatch:
         with repo.login_batch(at(30), 60) as batch:
             service = batch.service("svc")
             assert service is not None and service.audiences == ("billing",)
-            assert batch.secret_hashes("svc") == (b"b" * 32, b"a" * 32)  # current first
-            assert batch.service("nobody") is None and batch.secret_hashes("nobody") == ()
+            # The current first.
+            assert batch.secrets("svc") == (("current", b"b" * 32), ("previous", b"a" * 32))
+            assert batch.service("nobody") is None and batch.secrets("nobody") == ()
         with repo.login_batch(at(61), 60) as batch:
-            assert batch.secret_hashes("svc") == (b"b" * 32,)  # the grace period has ended
+            assert batch.secrets("svc") == (("current", b"b" * 32),)  # the grace has ended
 
     def test_a_service_without_a_live_secret_has_no_hashes(self, repo: Repository) -> None:
         self._service(repo)
         repo.update_service_secret("svc", b"b" * 32, at(1), previous_expires_at=None)
         with repo.login_batch(at(2), 60) as batch:
             assert batch.service("svc") is not None
-            assert batch.secret_hashes("svc") == (b"b" * 32,)
+            assert batch.secrets("svc") == (("current", b"b" * 32),)
 
     def test_failures_counted_in_a_batch_are_seen_by_the_batch_and_committed(
         self, repo: Repository
     ) -> None:
-        repo.update_auth_failures("id:svc", T0, 60)
+        _count_failure(repo, "id:svc", T0)
         with repo.login_batch(at(1), 60) as batch:
             assert batch.failures("id:svc", "peer:p") == (1, 0)
             batch.count_failure("id:svc")
@@ -636,15 +650,15 @@ class TestLoginBatch:
             batch.reset_failures("id:svc")
             assert batch.failures("id:svc", "peer:p") == (0, 1)
             batch.count_failure("id:svc")
-        assert repo.count_auth_failures("id:svc", at(2), 60) == 1
-        assert repo.count_auth_failures("peer:p", at(2), 60) == 1
+        assert _failures(repo, "id:svc", at(2)) == 1
+        assert _failures(repo, "peer:p", at(2)) == 1
 
     def test_an_expired_window_reads_zero_and_restarts_at_one(self, repo: Repository) -> None:
-        repo.update_auth_failures("k", T0, 60)
+        _count_failure(repo, "k", T0)
         with repo.login_batch(at(60), 60) as batch:
             assert batch.failures("k", "peer:p") == (0, 0)
             batch.count_failure("k")
-        assert repo.count_auth_failures("k", at(61), 60) == 1
+        assert _failures(repo, "k", at(61)) == 1
 
     def test_known_peers_and_audit_rows_commit_with_the_batch(self, repo: Repository) -> None:
         with repo.login_batch(at(5), 60) as batch:
@@ -745,8 +759,8 @@ class TestLoginBatch:
                 request_id="r",
             )
             self._attempt(batch, "k", "r")
-            raise RuntimeError("the ledger failed mid-batch")
-        assert repo.count_auth_failures("id:svc", at(2), 60) == 0
+            raise RuntimeError("the login batch failed mid-batch")
+        assert _failures(repo, "id:svc", at(2)) == 0
         assert repo.list_audit_events() == []
         with repo.login_batch(at(2), 60) as batch:
             assert batch.known_peer_since("svc", "peer:p") is None

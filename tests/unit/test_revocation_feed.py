@@ -105,6 +105,62 @@ class TestLog:
 
         assert asyncio.run(scenario()) == [1]
 
+    def test_a_call_arriving_during_a_fan_out_waits_for_one_batch_not_every_stream(
+        self,
+    ) -> None:
+        # Issue 11 finding 3: with 2,000 streams, one revocation woke every stream in one turn
+        # of the loop, and a ValidateToken arriving meanwhile waited behind all of them.
+        streams = 1_000
+
+        async def scenario() -> tuple[int, int]:
+            feed = RevocationFeed(0)
+            loop = asyncio.get_running_loop()
+            resumed: list[int] = []
+            arrived_at: list[int] = []
+
+            def unary_call_arrives() -> None:
+                arrived_at.append(len(resumed))
+
+            async def stream(i: int) -> None:
+                await feed.wait(timeout=60)
+                if not resumed:  # the fan-out has begun: another call comes in
+                    loop.call_soon(unary_call_arrives)
+                resumed.append(i)
+
+            tasks = [asyncio.ensure_future(stream(i)) for i in range(streams)]
+            await asyncio.sleep(0)
+            feed.publish([record(1)])
+            await asyncio.wait_for(asyncio.gather(*tasks), 30)
+            return arrived_at[0], len(set(resumed))
+
+        served_before_the_call, woken = asyncio.run(scenario())
+        assert woken == streams  # every stream is still woken, once
+        # One batch (sync._WAKE_BATCH, and the next already queued) may go first; not the rest.
+        assert served_before_the_call <= 2 * 64 < streams
+
+    def test_a_stream_that_stops_waiting_is_forgotten(self) -> None:
+        async def scenario() -> int:
+            feed = RevocationFeed(0)
+            waiter = asyncio.ensure_future(feed.wait(timeout=60))
+            await asyncio.sleep(0)
+            await feed.wait(timeout=0.01)  # a timeout ends the wait
+            waiter.cancel()  # so does the stream's cancellation
+            await asyncio.gather(waiter, return_exceptions=True)
+            return len(feed._waiters)
+
+        assert asyncio.run(scenario()) == 0
+
+    def test_close_wakes_every_stream_at_once_and_later_waits_return(self) -> None:
+        async def scenario() -> None:
+            feed = RevocationFeed(0)
+            tasks = [asyncio.ensure_future(feed.wait(timeout=60)) for _ in range(500)]
+            await asyncio.sleep(0)
+            feed.close()
+            await asyncio.wait_for(asyncio.gather(*tasks), 10)
+            await asyncio.wait_for(feed.wait(timeout=60), 10)
+
+        asyncio.run(scenario())
+
 
 class TestLimits:
     def test_per_peer_limit(self) -> None:

@@ -140,3 +140,51 @@ class TestTimeWithAFakeClock:
             assert (await h.validate(after, "billing")).valid
 
         run(tmp_path, body)
+
+
+class TestOneTranslation:
+    """Every RPC reads its bearer token with the client package's parser and maps errors in
+    one place, streams included."""
+
+    def test_a_malformed_or_repeated_authorization_value_is_refused_before_any_check(
+        self, tmp_path: Path
+    ) -> None:
+        async def body(h: Harness) -> None:
+            token = (await h.issue("admin", "authsvc")).access_token
+            cases = {
+                "malformed authorization metadata": [("authorization", f"Bearer {token}$")],
+                "more than one authorization value": [
+                    ("authorization", f"Bearer {token}"),
+                    ("authorization", f"Bearer {token}"),
+                ],
+            }
+            cases_basic = [("authorization", f"Basic {token}")]
+            for details, md in [*cases.items(), ("malformed authorization metadata", cases_basic)]:
+                with pytest.raises(grpc.aio.AioRpcError) as exc:
+                    await h.stub.ListServices(auth_pb2.ListServicesRequest(), metadata=md)
+                assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert exc.value.details() == details
+                assert token not in str(exc.value.details())
+            # The same parser guards the stream.
+            stream = h.stub.WatchRevocations(
+                auth_pb2.WatchRevocationsRequest(), metadata=cases_basic
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await stream.read()
+            assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert exc.value.details() == "malformed authorization metadata"
+
+        run(tmp_path, body)
+
+    def test_a_stream_ends_with_the_status_table_code(self, tmp_path: Path) -> None:
+        async def body(h: Harness) -> None:
+            md = await h.admin_md()
+            stream = h.stub.WatchRevocations(
+                auth_pb2.WatchRevocationsRequest(after_cursor=-1), metadata=md
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await stream.read()
+            assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "after_cursor" in str(exc.value.details())
+
+        run(tmp_path, body)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import ipaddress
-import json
 import logging
 import os
 import random
@@ -19,13 +18,13 @@ from typing import Any, Protocol
 
 import grpc
 
-from authsvc_client._b64 import b64url_decode_lenient
 from authsvc_client.errors import (
     AuthsvcClientError,
     CredentialsError,
     TokenRefused,
     TokenUnavailable,
 )
+from authsvc_client.unverified import unverified_payload
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 
 __all__ = [
@@ -325,11 +324,10 @@ def _status_of(exc: grpc.RpcError) -> grpc.StatusCode:
 def _jti_and_iat(value: str) -> tuple[str, int | None]:
     """The jti and iat of a token this source just got from authsvc (read, not verified:
     they only decide when to drop it early)."""
-    try:
-        payload = json.loads(b64url_decode_lenient(value.split(".")[1]))
-        jti, iat = payload.get("jti", ""), payload.get("iat")
-    except (ValueError, IndexError, AttributeError):
+    payload = unverified_payload(value)
+    if payload is None:
         return "", None
+    jti, iat = payload.get("jti", ""), payload.get("iat")
     return (
         jti if isinstance(jti, str) else "",
         iat if isinstance(iat, int) and not isinstance(iat, bool) else None,

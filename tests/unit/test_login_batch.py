@@ -1,4 +1,4 @@
-"""The login ledger on a real SQLite database: batching must never change a login's verdict."""
+"""The login batch on a real SQLite database: batching must never change a login's verdict."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import pytest
 from sqlalchemy import event
@@ -25,18 +25,22 @@ from authsvc.errors import (
     Unauthenticated,
 )
 from authsvc.server.app import Core, build_core, create_service
-from authsvc.server.ledger import Grant, Login, LoginLedger, LoginResult
 from authsvc.storage.records import AuditRecord, ServiceRecord
+from authsvc.usecases.audit import Origin
+from authsvc.usecases.login_batch import LoginBatcher, Settled
+from authsvc.usecases.logins import Login, SecretCredential, Verdict
 from tests.support.clock import FakeClock
 from tests.support.inprocess import in_process_settings
 
 PEER = "ipv4:10.0.0.7"
+P = TypeVar("P")
+T = TypeVar("T")
 
 
 @dataclass
 class World:
     core: Core
-    ledger: LoginLedger
+    logins: LoginBatcher
     clock: FakeClock
     secret: str = field(repr=False)
     batches: list[int]
@@ -48,26 +52,47 @@ class World:
         *,
         sid: str = "orders",
         peer: str = PEER,
-        authorize: Grant | None = None,
         request_id: str = "r",
     ) -> Login:
-        return Login(
-            service_id=sid,
-            digest=self.core.hasher.hash(self.secret if secret is None else secret),
-            peer=peer,
-            request_id=request_id,
-            action="issue_token",
-            authorize=(lambda service: authorize) if authorize is not None else None,
+        credential = SecretCredential.present(
+            self.core.hasher, sid, self.secret if secret is None else secret
         )
+        return Login(credential, Origin(sid, peer, request_id), "issue_token")
 
     def failures(self, key: str) -> int:
+        """The failures counted for `key`, read as a login reads them."""
         now = to_datetime(self.clock.now())
-        return self.core.repo.count_auth_failures(key, now, self.settings.throttle_window_seconds)
+        with self.core.repo.login_batch(now, self.settings.throttle_window_seconds) as txn:
+            return txn.failures(key, key)[0]
 
     def audit_outcomes(self) -> list[str]:
         """Outcomes of the logins audited so far, oldest first."""
         events = reversed(self.core.repo.list_audit_events(limit=1000))
         return [e.outcome for e in events if e.action == "issue_token"]
+
+
+@dataclass(frozen=True)
+class FunctionPolicy(Generic[P, T]):
+    """A LoginPolicy from two functions."""
+
+    decide_fn: Callable[[ServiceRecord], Verdict[P]]
+    complete_fn: Callable[[P], T]
+
+    def decide(self, service: ServiceRecord) -> Verdict[P]:
+        return self.decide_fn(service)
+
+    def complete(self, prepared: P) -> T:
+        return self.complete_fn(prepared)
+
+
+def _policy(verdict: Verdict[str], complete: Any = None) -> FunctionPolicy[str, str]:
+    """A policy deciding `verdict` whatever the service; completing with `complete()`."""
+    return FunctionPolicy(
+        lambda service: verdict, (lambda prepared: complete()) if complete else str
+    )
+
+
+_OK = Verdict.grant("prepared", "billing")
 
 
 @pytest.fixture
@@ -82,36 +107,34 @@ def world(tmp_path: Path) -> Iterator[World]:
     core = build_core(settings, clock)
     secret = create_service(core, "orders", ["billing"], ["billing.read"])
     batches: list[int] = []
-    ledger = LoginLedger(
+    logins = LoginBatcher(
         core.repo, settings, clock, on_batch=lambda size, seconds: batches.append(size)
     )
     try:
-        yield World(core, ledger, clock, secret, batches, settings)
+        yield World(core, logins, clock, secret, batches, settings)
     finally:
-        ledger.close()
+        logins.close()
         core.dispose()
 
 
-def _hold_the_ledger(world: World) -> tuple[threading.Event, Future[LoginResult]]:
-    """Occupy the ledger's thread inside a batch until the event is set, so that what is
+def _hold_the_batch(world: World) -> tuple[threading.Event, Future[Settled[str]]]:
+    """Occupy the login batch's thread inside a batch until the event is set, so that what is
     submitted meanwhile queues up and is settled as one batch."""
     entered, release = threading.Event(), threading.Event()
 
-    def authorize(service: ServiceRecord) -> Grant:
+    def decide(service: ServiceRecord) -> Verdict[str]:
         entered.set()
         release.wait(10)
-        return Grant("ok", "billing")
+        return _OK
 
-    blocker = world.ledger.submit(
-        Login(
-            "orders", world.core.hasher.hash(world.secret), PEER, "hold", "issue_token", authorize
-        )
+    blocker = world.logins.submit(
+        world.login(request_id="hold"), FunctionPolicy(decide, str)
     )
     assert entered.wait(10)
     return release, blocker
 
 
-def _outcome(future: Future[LoginResult]) -> str:
+def _outcome(future: Future[Any]) -> str:
     try:
         future.result(timeout=10)
     except AuthsvcError as exc:
@@ -120,7 +143,7 @@ def _outcome(future: Future[LoginResult]) -> str:
 
 
 def _batch_sizes(world: World, count: int) -> list[int]:
-    """The sizes of the ledger's batches once `count` have been reported. A batch is reported
+    """The sizes of the login batches once `count` have been reported. A batch is reported
     after its refusals are answered, so a test holding every answer may be ahead of it."""
     deadline = time.monotonic() + 30
     while len(world.batches) < count and time.monotonic() < deadline:
@@ -130,8 +153,8 @@ def _batch_sizes(world: World, count: int) -> list[int]:
 
 class TestBatchesDecideAsSingleTransactions:
     def test_every_failure_in_a_batch_is_counted(self, world: World) -> None:
-        release, blocker = _hold_the_ledger(world)
-        wrong = [world.ledger.submit(world.login("asvcs_wrong")) for _ in range(4)]
+        release, blocker = _hold_the_batch(world)
+        wrong = [world.logins.submit(world.login("asvcs_wrong")) for _ in range(4)]
         release.set()
         assert _outcome(blocker) == "ok"
         # Over the id limit (2), but the blocker's success made PEER a known peer: spared.
@@ -142,10 +165,10 @@ class TestBatchesDecideAsSingleTransactions:
     def test_an_unknown_peer_is_throttled_by_the_id_count_within_the_batch(
         self, world: World
     ) -> None:
-        release, blocker = _hold_the_ledger(world)
+        release, blocker = _hold_the_batch(world)
         stranger = "ipv4:203.0.113.9"
-        futures = [world.ledger.submit(world.login("asvcs_wrong", peer=stranger)) for _ in range(3)]
-        futures.append(world.ledger.submit(world.login(peer=stranger)))  # the right secret
+        futures = [world.logins.submit(world.login("asvcs_wrong", peer=stranger)) for _ in range(3)]
+        futures.append(world.logins.submit(world.login(peer=stranger)))  # the right secret
         release.set()
         _outcome(blocker)
         assert [_outcome(f) for f in futures] == [
@@ -162,13 +185,13 @@ class TestBatchesDecideAsSingleTransactions:
     def test_a_success_in_a_batch_resets_the_id_count_for_the_logins_after_it(
         self, world: World
     ) -> None:
-        release, blocker = _hold_the_ledger(world)
+        release, blocker = _hold_the_batch(world)
         stranger = "ipv4:203.0.113.10"
         futures = [
-            world.ledger.submit(world.login("asvcs_wrong", peer=stranger)),
-            world.ledger.submit(world.login(peer=PEER)),  # reset by the known peer
-            world.ledger.submit(world.login("asvcs_wrong", peer=stranger)),
-            world.ledger.submit(world.login("asvcs_wrong", peer=stranger)),
+            world.logins.submit(world.login("asvcs_wrong", peer=stranger)),
+            world.logins.submit(world.login(peer=PEER)),  # reset by the known peer
+            world.logins.submit(world.login("asvcs_wrong", peer=stranger)),
+            world.logins.submit(world.login("asvcs_wrong", peer=stranger)),
         ]
         release.set()
         _outcome(blocker)
@@ -185,7 +208,7 @@ class TestOutcomes:
     def test_unknown_id_and_wrong_secret_are_one_answer(self, world: World) -> None:
         for login in (world.login("asvcs_wrong"), world.login(sid="nobody")):
             with pytest.raises(Unauthenticated) as caught:
-                world.ledger.settle_sync(login)
+                world.logins.authenticate_sync(login)
             assert str(caught.value) == "invalid service credentials"
         # The unknown id is audited on its peer's aggregated row.
         assert world.audit_outcomes() == ["bad_credentials", "unknown_service"]
@@ -197,37 +220,39 @@ class TestOutcomes:
             seen.append(world.audit_outcomes())  # another connection: only committed rows
             return "signed"
 
-        result = world.ledger.settle_sync(
-            world.login(authorize=Grant("ok", "billing", "jti=abc", complete=sign))
+        value = world.logins.settle_sync(
+            world.login(), _policy(Verdict.grant("unsigned", "billing", "jti=abc"), sign)
         )
-        assert result.value == "signed" and result.service.service_id == "orders"
+        assert value == "signed"
         assert seen == [["ok"]]
+        (row,) = _login_rows(world)
+        assert row.detail == "credential=secret jti=abc"
 
     def test_a_refusal_by_policy_is_audited_and_raised(self, world: World) -> None:
-        denied = Grant("audience_denied", "ledger", error=PermissionDenied("audience not allowed"))
+        denied: Verdict[str] = Verdict.deny(
+            "audience_denied", "ledger", PermissionDenied("audience not allowed")
+        )
         with pytest.raises(PermissionDenied):
-            world.ledger.settle_sync(world.login(authorize=denied))
+            world.logins.settle_sync(world.login(), _policy(denied))
         assert world.audit_outcomes() == ["audience_denied"]
 
     def test_a_policy_that_raises_fails_only_its_own_login(self, world: World) -> None:
-        def broken(service: ServiceRecord) -> Grant:
+        def broken(service: ServiceRecord) -> Verdict[str]:
             raise ValueError("bug in a policy")
 
-        release, blocker = _hold_the_ledger(world)
-        bad = world.ledger.submit(
-            Login("orders", world.core.hasher.hash(world.secret), PEER, "b", "issue_token", broken)
-        )
-        good = world.ledger.submit(world.login(authorize=Grant("ok", "billing")))
+        release, blocker = _hold_the_batch(world)
+        bad = world.logins.submit(world.login(request_id="b"), FunctionPolicy(broken, str))
+        good = world.logins.submit(world.login(), _policy(_OK, lambda: "signed"))
         release.set()
         _outcome(blocker)
         with pytest.raises(ValueError):
             bad.result(10)
-        assert good.result(10).grant == Grant("ok", "billing")
+        assert good.result(10).value == "signed"
 
     def test_a_disabled_service_is_refused_after_its_secret_checks(self, world: World) -> None:
         world.core.repo.update_service_disabled("orders", True, to_datetime(world.clock.now()))
         with pytest.raises(Unauthenticated, match="disabled"):
-            world.ledger.settle_sync(world.login())
+            world.logins.authenticate_sync(world.login())
         assert world.audit_outcomes() == ["disabled"]
 
     def test_a_previous_secret_logs_in_but_is_refused_what_needs_the_current_one(
@@ -239,38 +264,38 @@ class TestOutcomes:
             "orders", world.core.hasher.hash(new), to_datetime(now), to_datetime(now + 300)
         )
         old = world.login()  # the original secret, now in its grace period
-        assert world.ledger.settle_sync(old).service.service_id == "orders"
+        assert world.logins.authenticate_sync(old).service_id == "orders"
         with pytest.raises(PermissionDenied, match="previous secret"):
-            world.ledger.settle_sync(replace(old, current_secret_only=True))
-        assert world.ledger.settle_sync(replace(world.login(new), current_secret_only=True))
+            world.logins.authenticate_sync(replace(old, current_only=True))
+        assert world.logins.authenticate_sync(replace(world.login(new), current_only=True))
         assert world.audit_outcomes() == ["previous_secret_denied"]
         assert world.failures("id:orders") == 0
 
     def test_a_call_cancelled_while_queued_is_never_settled(self, world: World) -> None:
-        release, blocker = _hold_the_ledger(world)
-        cancelled = world.ledger.submit(world.login("asvcs_wrong"))
+        release, blocker = _hold_the_batch(world)
+        cancelled = world.logins.submit(world.login("asvcs_wrong"))
         assert cancelled.cancel()
         release.set()
         _outcome(blocker)
-        world.ledger.settle_sync(world.login())  # the queue has been worked through
+        world.logins.authenticate_sync(world.login())  # the queue has been worked through
         assert world.failures("id:orders") == 0
         assert world.audit_outcomes() == ["ok"]  # the blocker's grant, nothing else
 
     def test_an_event_loop_caller_cancelled_while_queued_is_never_settled(
         self, world: World
     ) -> None:
-        release, blocker = _hold_the_ledger(world)
+        release, blocker = _hold_the_batch(world)
 
         async def cancelled_call() -> None:
-            task = asyncio.create_task(world.ledger.settle(world.login("asvcs_wrong")))
+            task = asyncio.create_task(world.logins.authenticate(world.login("asvcs_wrong")))
             await asyncio.sleep(0.05)  # queued behind the blocker
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
             release.set()
-            # The next login from the loop is answered: the ledger went on past the cancelled one.
-            result = await world.ledger.settle(world.login())
-            assert result.service.service_id == "orders"
+            # The next login from the loop is answered: the batch went on past the cancelled one.
+            service = await world.logins.authenticate(world.login())
+            assert service.service_id == "orders"
 
         asyncio.run(cancelled_call())
         _outcome(blocker)
@@ -278,11 +303,11 @@ class TestOutcomes:
         assert world.audit_outcomes() == ["ok"]  # the blocker's grant, nothing else
 
     def test_event_loop_callers_of_one_batch_get_their_own_answers(self, world: World) -> None:
-        release, blocker = _hold_the_ledger(world)
+        release, blocker = _hold_the_batch(world)
 
         async def batch() -> list[str]:
             calls = [
-                asyncio.create_task(world.ledger.settle(world.login(secret)))
+                asyncio.create_task(world.logins.authenticate(world.login(secret)))
                 for secret in (None, "asvcs_wrong", None)
             ]
             # One turn of the loop runs each task up to its first await, and `settle` submits
@@ -292,7 +317,7 @@ class TestOutcomes:
             outcomes = await asyncio.gather(*calls, return_exceptions=True)
             return [type(o).__name__ for o in outcomes]
 
-        assert asyncio.run(batch()) == ["LoginResult", "Unauthenticated", "LoginResult"]
+        assert asyncio.run(batch()) == ["ServiceRecord", "Unauthenticated", "ServiceRecord"]
         _outcome(blocker)
         assert _batch_sizes(world, 2) == [1, 3]
 
@@ -306,9 +331,9 @@ class TestDatabaseFaults:
         try:
             locker.execute("BEGIN EXCLUSIVE")  # every writer now waits, then gives up
             futures = [
-                world.ledger.submit(world.login()),
-                world.ledger.submit(world.login("asvcs_wrong")),
-                world.ledger.submit(world.login(sid="nobody")),
+                world.logins.submit(world.login()),
+                world.logins.submit(world.login("asvcs_wrong")),
+                world.logins.submit(world.login(sid="nobody")),
             ]
             for future in futures:
                 with pytest.raises(StorageUnavailable):
@@ -318,7 +343,7 @@ class TestDatabaseFaults:
             locker.close()
         assert world.failures("id:orders") == 0 and world.failures(f"peer:{PEER}") == 0
         assert world.audit_outcomes() == []
-        world.ledger.settle_sync(world.login())  # and it recovers by itself
+        world.logins.authenticate_sync(world.login())  # and it recovers by itself
 
 
 class TestKnownPeers:
@@ -331,24 +356,24 @@ class TestKnownPeers:
             return None if at is None else at.timestamp()
 
         start = world.clock.now()
-        world.ledger.settle_sync(world.login())
+        world.logins.authenticate_sync(world.login())
         assert last_success() == start
         world.clock.advance(9)  # memory 1000 s: refreshed every 10 s at most
-        world.ledger.settle_sync(world.login())
+        world.logins.authenticate_sync(world.login())
         assert last_success() == start
         world.clock.advance(2)
-        world.ledger.settle_sync(world.login())
+        world.logins.authenticate_sync(world.login())
         assert last_success() == start + 11
 
     def test_a_known_peer_is_spared_the_id_limit(self, world: World) -> None:
-        world.ledger.settle_sync(world.login())  # PEER is now known
+        world.logins.authenticate_sync(world.login())  # PEER is now known
         stranger = "ipv4:198.51.100.1"
         for _ in range(2):
             with pytest.raises(Unauthenticated):
-                world.ledger.settle_sync(world.login("asvcs_wrong", peer=stranger))
+                world.logins.authenticate_sync(world.login("asvcs_wrong", peer=stranger))
         with pytest.raises(ResourceExhausted):
-            world.ledger.settle_sync(world.login(peer=stranger))
-        assert world.ledger.settle_sync(world.login(peer=PEER)).service.service_id == "orders"
+            world.logins.authenticate_sync(world.login(peer=stranger))
+        assert world.logins.authenticate_sync(world.login(peer=PEER)).service_id == "orders"
 
 
 def _login_rows(world: World) -> list[AuditRecord]:
@@ -362,7 +387,7 @@ class TestAggregatedAudit:
         self, world: World
     ) -> None:
         counted: list[tuple[str, str]] = []
-        ledger = LoginLedger(
+        logins = LoginBatcher(
             world.core.repo,
             world.settings,
             world.clock,
@@ -372,16 +397,16 @@ class TestAggregatedAudit:
             stranger = "ipv4:203.0.113.20"
             for _ in range(2):  # the id limit (2)
                 with pytest.raises(Unauthenticated):
-                    ledger.settle_sync(world.login("asvcs_wrong", peer=stranger))
+                    logins.authenticate_sync(world.login("asvcs_wrong", peer=stranger))
             futures = [
-                ledger.submit(world.login(peer=stranger, request_id=f"t{i}")) for i in range(30)
+                logins.submit(world.login(peer=stranger, request_id=f"t{i}")) for i in range(30)
             ]
             assert {_outcome(f) for f in futures} == {"ResourceExhausted"}
             for i in range(5):
                 with pytest.raises(ResourceExhausted):
-                    ledger.settle_sync(world.login(peer=stranger, request_id=f"late{i}"))
+                    logins.authenticate_sync(world.login(peer=stranger, request_id=f"late{i}"))
         finally:
-            ledger.close()
+            logins.close()
         rows = [e for e in _login_rows(world) if e.outcome == "throttled"]
         assert len(rows) == 1
         (row,) = rows
@@ -393,7 +418,7 @@ class TestAggregatedAudit:
     def test_unknown_ids_from_one_peer_share_one_row_whatever_the_ids(self, world: World) -> None:
         for i in range(40):
             with pytest.raises(Unauthenticated, match="invalid service credentials"):
-                world.ledger.settle_sync(world.login(sid=f"ghost-{i}", request_id=f"g{i}"))
+                world.logins.authenticate_sync(world.login(sid=f"ghost-{i}", request_id=f"g{i}"))
         (row,) = _login_rows(world)
         assert (row.outcome, row.actor, row.peer, row.count) == ("unknown_service", "*", PEER, 40)
         assert row.request_id == "g0"
@@ -404,10 +429,10 @@ class TestAggregatedAudit:
         stranger = "ipv4:203.0.113.21"
         for i in range(50):  # the peer limit (50), spent on unknown ids
             with pytest.raises(Unauthenticated):
-                world.ledger.settle_sync(world.login(sid=f"guess-{i}", peer=stranger))
+                world.logins.authenticate_sync(world.login(sid=f"guess-{i}", peer=stranger))
         for i in range(20):
             with pytest.raises(ResourceExhausted):
-                world.ledger.settle_sync(world.login(sid=f"more-{i}", peer=stranger))
+                world.logins.authenticate_sync(world.login(sid=f"more-{i}", peer=stranger))
         rows = {e.outcome: e for e in _login_rows(world)}
         assert set(rows) == {"unknown_service", "throttled"}
         throttled = rows["throttled"]
@@ -416,10 +441,10 @@ class TestAggregatedAudit:
     def test_a_new_window_starts_a_new_row(self, world: World) -> None:
         for i in range(3):
             with pytest.raises(Unauthenticated):
-                world.ledger.settle_sync(world.login(sid=f"ghost-{i}"))
+                world.logins.authenticate_sync(world.login(sid=f"ghost-{i}"))
         world.clock.advance(world.settings.throttle_window_seconds)
         with pytest.raises(Unauthenticated):
-            world.ledger.settle_sync(world.login(sid="ghost-3"))
+            world.logins.authenticate_sync(world.login(sid="ghost-3"))
         assert [e.count for e in _login_rows(world)] == [1, 3]
 
     def test_an_unknown_id_costs_the_database_what_a_wrong_secret_does(self, world: World) -> None:
@@ -432,10 +457,11 @@ class TestAggregatedAudit:
         costs = []
         event.listen(engine, "before_cursor_execute", count)
         try:
-            for i, login in enumerate((world.login("asvcs_wrong"), world.login(sid="ghost"))):
+            logins = (world.login("asvcs_wrong", request_id="c0"), world.login(sid="ghost"))
+            for login in logins:
                 statements.clear()
                 with pytest.raises(Unauthenticated) as caught:
-                    world.ledger.settle_sync(replace(login, request_id=f"c{i}"))
+                    world.logins.authenticate_sync(login)
                 assert str(caught.value) == "invalid service credentials"
                 costs.append(sorted(statements))
         finally:
@@ -444,9 +470,9 @@ class TestAggregatedAudit:
 
     def test_successes_and_known_id_failures_keep_one_row_each(self, world: World) -> None:
         for _ in range(3):
-            world.ledger.settle_sync(world.login(authorize=Grant("ok", "billing")))
+            world.logins.settle_sync(world.login(), _policy(_OK))
         with pytest.raises(Unauthenticated):
-            world.ledger.settle_sync(world.login("asvcs_wrong"))
+            world.logins.authenticate_sync(world.login("asvcs_wrong"))
         rows = _login_rows(world)
         assert [(e.outcome, e.count, e.first_at) for e in rows] == [
             ("bad_credentials", 1, None),

@@ -1,6 +1,7 @@
-"""The login ledger: logins that arrive together are settled in one database transaction.
+"""The login batch: logins that arrive together are settled in one database transaction.
 
-Every login (IssueToken, and RotateServiceSecret with the current secret) is decided on what
+Every login (IssueToken, and RotateServiceSecret with the current secret), whatever its kind of
+credential (`authsvc.usecases.logins`), is decided on what
 the database holds: the service, its live secrets, the failure counters of its id and of the
 peer, the peer's record as a known peer. Its outcome is recorded in the same transaction
 (failure counts, the success reset, the known peer, the audit row). Done one login per
@@ -23,12 +24,13 @@ before the server spends a signature on it (write-ahead: the audit row names the
 database fault fails the whole batch with UNAVAILABLE, counting nothing, for right and wrong
 secrets alike.
 
-After the commit the same thread completes the grants (IssueToken: the RSA signature), one by
-one. Signing releases the GIL, so it runs beside the event loop; doing it here rather than in a
-pool means the event loop, this thread and nothing else share the GIL on the IssueToken path,
-which costs far less CPU than a pool's threads contending for it (BENCHMARKS.md). A process
-therefore signs serially, about one token per millisecond on the benchmark machine: more cores
-are used with `serve --workers N`, grpcio's recommended way for Python anyway.
+After the commit the same thread completes the granted verdicts (`LoginPolicy.complete`;
+IssueToken: the RSA signature), one by one. Signing releases the GIL, so it runs beside
+the event loop; doing it here rather than in a pool means the event loop, this thread and
+nothing else share the GIL on the IssueToken path, which costs far less CPU than a pool's
+threads contending for it (BENCHMARKS.md). A process therefore signs serially, about one token
+per millisecond on the benchmark machine: more cores are used with `serve --workers N`,
+grpcio's recommended way for Python anyway.
 """
 
 from __future__ import annotations
@@ -36,14 +38,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
-import hmac
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar, cast, overload
 
 from authsvc.clock import Clock, to_datetime, to_timestamp
 from authsvc.config import Settings
@@ -54,79 +55,50 @@ from authsvc.errors import (
     StorageUnavailable,
     Unauthenticated,
 )
-from authsvc.storage.records import SecretSlot, ServiceRecord
+from authsvc.storage.records import ServiceRecord
 from authsvc.storage.repository import LoginBatch, Repository
 from authsvc.usecases.audit import log_audit
+from authsvc.usecases.logins import (
+    BAD_CREDENTIALS,
+    CURRENT_ONLY,
+    Login,
+    LoginPolicy,
+    Verdict,
+)
 
-__all__ = [
-    "BAD_CREDENTIALS",
-    "CURRENT_ONLY",
-    "Grant",
-    "Login",
-    "LoginLedger",
-    "LoginResult",
-    "log_audit",
-]
+__all__ = ["MAX_BATCH", "LoginBatcher", "Settled"]
 
 log = logging.getLogger("authsvc.server")
 
-BAD_CREDENTIALS = "invalid service credentials"
-CURRENT_ONLY = (
-    "only the current secret (or an admin) may do this; "
-    "a previous secret in its grace period may only get tokens"
-)
 # Logins settled in one transaction at most; under a longer queue the next batch follows at once.
 MAX_BATCH = 256
-# Compared against for an unknown service id, so that it costs what a known one does.
-_NO_SECRETS: tuple[tuple[SecretSlot, bytes], ...] = (("current", bytes(32)),)
 # Known-peer rows remembered as written (per process) before the map is cleared.
 _PEERS_REMEMBERED = 100_000
 
-
-@dataclass(frozen=True)
-class Grant:
-    """What an authenticated login may do, decided by the caller's `authorize` inside the
-    ledger's transaction (so it sees the service as committed), and audited with it."""
-
-    outcome: str  # "ok", or why the login may not do it ("audience_denied", …)
-    target: str
-    detail: str = ""
-    # Raised to the caller instead of a result (the audit row is written all the same).
-    error: AuthsvcError | None = None
-    # Run in the ledger's thread once the grant is committed; what it returns is the result's
-    # `value` (IssueToken: the RSA signature, which releases the GIL while it runs).
-    complete: Callable[[], Any] | None = None
+P = TypeVar("P")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class Login:
-    """One login waiting for its verdict."""
+class Settled(Generic[T]):
+    """A login that authenticated: its service as committed, and what its policy completed
+    (None without a policy)."""
 
-    service_id: str
-    # HMAC of the presented secret under the server's hash key, as storage keeps it; the
-    # secret itself never reaches the ledger.
-    digest: bytes = field(repr=False)
-    peer: str
-    request_id: str
-    action: str
-    # None: a success is not audited here (the caller audits what it then does).
-    authorize: Callable[[ServiceRecord], Grant] | None = None
-    # True for what only the current secret may do (rotating it): a previous secret still in
-    # its grace period authenticates, but is refused with PermissionDenied.
-    current_secret_only: bool = False
-
-
-@dataclass(frozen=True)
-class LoginResult:
     service: ServiceRecord
-    grant: Grant | None
-    value: Any = None
+    value: T | None = None
+
+
+@dataclass(frozen=True)
+class _Decided:
+    service: ServiceRecord
+    verdict: Verdict[Any] | None
 
 
 @dataclass
 class _Pending:
     login: Login
-    future: concurrent.futures.Future[LoginResult]
+    policy: LoginPolicy[Any, Any] | None
+    future: concurrent.futures.Future[Settled[Any]]
     # The caller's context (request id, method, peer), for the audit log line.
     context: contextvars.Context
     audit_lines: list[dict[str, str]] = field(default_factory=list)
@@ -138,9 +110,9 @@ class _Pending:
 _STOP = object()
 
 
-class LoginLedger:
-    """One settling thread per server process; `settle()` from the event loop, `settle_sync()`
-    from worker threads."""
+class LoginBatcher:
+    """One settling thread per server process. From the event loop: `authenticate()` and
+    `settle()`; from worker threads: their `_sync` twins."""
 
     def __init__(
         self,
@@ -165,27 +137,51 @@ class LoginLedger:
         # Refresh a known peer's row at most this often: its memory (30 days by default) is
         # then kept to within 1%, without a write per token.
         self._peer_refresh = min(3600.0, settings.throttle_known_peer_seconds / 100)
-        self._thread = threading.Thread(target=self._run, name="login-ledger", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="login-batch", daemon=True)
         self._thread.start()
 
-    def submit(self, login: Login) -> concurrent.futures.Future[LoginResult]:
-        future: concurrent.futures.Future[LoginResult] = concurrent.futures.Future()
-        self._queue.put(_Pending(login, future, contextvars.copy_context()))
+    @overload
+    def submit(self, login: Login) -> concurrent.futures.Future[Settled[None]]: ...
+
+    @overload
+    def submit(
+        self, login: Login, policy: LoginPolicy[P, T]
+    ) -> concurrent.futures.Future[Settled[T]]: ...
+
+    def submit(
+        self, login: Login, policy: LoginPolicy[Any, Any] | None = None
+    ) -> concurrent.futures.Future[Settled[Any]]:
+        """Queue a login; the future holds its verdict once its transaction has committed."""
+        future: concurrent.futures.Future[Settled[Any]] = concurrent.futures.Future()
+        self._queue.put(_Pending(login, policy, future, contextvars.copy_context()))
         return future
 
-    async def settle(self, login: Login) -> LoginResult:
-        """The verdict on `login`, once its transaction has committed.
+    async def settle(self, login: Login, policy: LoginPolicy[P, T]) -> T:
+        """Authenticate `login`, let `policy` decide in the same transaction, and return what
+        the policy completed once its verdict is committed.
 
         Raises:
             ResourceExhausted: too many failures for this id (from an unknown peer) or peer.
-            Unauthenticated: wrong id or secret (one message for both), or a disabled service.
+            Unauthenticated: wrong id or credential (one message for both), or a disabled
+                service.
+            PermissionDenied: a previous secret asked what only the current one may do.
             StorageUnavailable: the database could not settle it; nothing was counted.
-            AuthsvcError: whatever the login's `authorize` refused it with.
+            AuthsvcError: whatever the policy's verdict refused it with.
         """
-        return await asyncio.wrap_future(self.submit(login))
+        return _value(await asyncio.wrap_future(self.submit(login, policy)))
 
-    def settle_sync(self, login: Login) -> LoginResult:
-        return self.submit(login).result()
+    def settle_sync(self, login: Login, policy: LoginPolicy[P, T]) -> T:
+        return _value(self.submit(login, policy).result())
+
+    async def authenticate(self, login: Login) -> ServiceRecord:
+        """The service `login` authenticates as; a success is not audited here (the caller
+        audits what it then does). Raises as `settle` does."""
+        settled: Settled[None] = await asyncio.wrap_future(self.submit(login))
+        return settled.service
+
+    def authenticate_sync(self, login: Login) -> ServiceRecord:
+        settled: Settled[None] = self.submit(login).result()
+        return settled.service
 
     def close(self) -> None:
         """Settle what is queued, then stop the thread."""
@@ -226,14 +222,14 @@ class LoginLedger:
                     self._on_batch(len(batch), time.perf_counter() - started)
                 self._complete(granted)
             except Exception:  # the thread must outlive any one batch
-                log.exception("login ledger failed a batch")
+                log.exception("login batch failed")
                 for pending in batch:
                     if not pending.future.done():
                         pending.future.set_exception(AuthsvcError("internal error"))
             if stop:
                 return
 
-    def _settle_batch(self, batch: list[_Pending]) -> list[tuple[_Pending, LoginResult]]:
+    def _settle_batch(self, batch: list[_Pending]) -> list[tuple[_Pending, _Decided]]:
         """Decide and commit the batch; answer its refusals. Returns the grants to complete."""
         now = self._clock.now()
         peers_written: list[tuple[str, str]] = []
@@ -257,7 +253,7 @@ class LoginLedger:
             return []
         for key in peers_written:
             self._peers_written[key] = now
-        granted: list[tuple[_Pending, LoginResult]] = []
+        granted: list[tuple[_Pending, _Decided]] = []
         logged: set[str] = set()
         for pending, outcome in zip(batch, outcomes, strict=True):
             for line in pending.audit_lines:
@@ -274,23 +270,23 @@ class LoginLedger:
                 )
             if isinstance(outcome, BaseException):
                 pending.future.set_exception(outcome)
-            elif outcome.grant is not None and outcome.grant.complete is not None:
+            elif outcome.verdict is not None and pending.policy is not None:
                 granted.append((pending, outcome))
             else:
-                pending.future.set_result(outcome)
+                pending.future.set_result(Settled(outcome.service))
         return granted
 
     @staticmethod
-    def _complete(granted: list[tuple[_Pending, LoginResult]]) -> None:
+    def _complete(granted: list[tuple[_Pending, _Decided]]) -> None:
         """Do each committed grant's work, answering each caller as soon as its own is done."""
-        for pending, outcome in granted:
-            assert outcome.grant is not None and outcome.grant.complete is not None
+        for pending, decided in granted:
+            assert pending.policy is not None and decided.verdict is not None
             try:
-                value = outcome.grant.complete()
+                value = pending.policy.complete(decided.verdict.prepared)
             except Exception as exc:
                 pending.future.set_exception(exc)
             else:
-                pending.future.set_result(replace(outcome, value=value))
+                pending.future.set_result(Settled(decided.service, value))
 
     def _settle(
         self,
@@ -298,21 +294,23 @@ class LoginLedger:
         pending: _Pending,
         now: float,
         peers_written: list[tuple[str, str]],
-    ) -> LoginResult | BaseException:
+    ) -> _Decided | BaseException:
         login = pending.login
+        service_id = login.service_id
         s = self._s
         id_key, peer_key = _throttle_keys(login)
+        credential = f"credential={login.credential.kind}"
 
-        def audit(outcome: str, target: str = login.service_id, detail: str = "") -> None:
+        def audit(outcome: str, target: str = service_id, detail: str = "") -> None:
             line = {
                 "action": login.action,
-                "actor": login.service_id,
+                "actor": service_id,
                 "target": target,
                 "outcome": outcome,
-                "peer": login.peer,
-                "request_id": login.request_id,
+                "peer": login.origin.peer,
+                "request_id": login.origin.request_id,
             }
-            txn.audit(**line, detail=detail)
+            txn.audit(**line, detail=f"{credential} {detail}" if detail else credential)
             pending.audit_lines.append(line)
             pending.outcome = outcome
 
@@ -322,15 +320,15 @@ class LoginLedger:
             by_peer = key == peer_key
             line = {
                 "action": login.action,
-                "actor": "*" if by_peer else login.service_id,
-                "target": "*" if by_peer else login.service_id,
+                "actor": "*" if by_peer else service_id,
+                "target": "*" if by_peer else service_id,
                 "outcome": outcome,
-                "peer": login.peer if by_peer else "*",
-                "request_id": login.request_id,
+                "peer": login.origin.peer if by_peer else "*",
+                "request_id": login.origin.request_id,
             }
             window = int(now // s.throttle_window_seconds)
             aggregate_key = f"{login.action}|{outcome}|{key}|{window}"
-            txn.aggregate(aggregate_key, **line)
+            txn.aggregate(aggregate_key, **line, detail=credential)
             pending.aggregate_lines.append((aggregate_key, line))
             pending.outcome = outcome
 
@@ -344,16 +342,9 @@ class LoginLedger:
             return ResourceExhausted(
                 "too many failed attempts; retry later", retry_after=s.throttle_window_seconds
             )
-        service = txn.service(login.service_id)
-        # Check every live secret (current and, within its grace period, previous) so the
-        # timing does not depend on which one matched.
-        secrets = txn.secrets(login.service_id) if service is not None else _NO_SECRETS
-        ok = current = False
-        for slot, stored in secrets:
-            matched = hmac.compare_digest(login.digest, stored)
-            ok |= matched
-            current |= matched and slot == "current"
-        if service is None or not ok:
+        service = txn.service(service_id)
+        match = login.credential.check(txn, service)
+        if service is None or not match.ok:
             txn.count_failure(id_key)
             txn.count_failure(peer_key)
             if service is None:
@@ -368,25 +359,25 @@ class LoginLedger:
         if service.disabled:
             audit("disabled")
             return Unauthenticated("service is disabled")
-        if login.current_secret_only and not current:
+        if login.current_only and not match.current:
             audit("previous_secret_denied")
             return PermissionDenied(CURRENT_ONLY)
-        grant: Grant | None = None
-        if login.authorize is not None:
+        verdict: Verdict[Any] | None = None
+        if pending.policy is not None:
             try:
-                grant = login.authorize(service)
+                verdict = pending.policy.decide(service)
             except Exception as exc:  # a bug in the caller's policy fails its own login only
                 return exc
-            audit(grant.outcome, grant.target, grant.detail)
-            if grant.error is not None:
-                return grant.error
-        return LoginResult(service=service, grant=grant)
+            audit(verdict.outcome, verdict.target, verdict.detail)
+            if verdict.error is not None:
+                return verdict.error
+        return _Decided(service, verdict)
 
     def _known(self, txn: LoginBatch, login: Login, now: float) -> bool:
         memory = self._s.throttle_known_peer_seconds
         if memory <= 0:
             return False
-        last = txn.known_peer_since(login.service_id, login.peer)
+        last = txn.known_peer_since(login.service_id, login.origin.peer)
         return last is not None and to_timestamp(last) > now - memory
 
     def _remember_peer(
@@ -394,7 +385,7 @@ class LoginLedger:
     ) -> None:
         if self._s.throttle_known_peer_seconds <= 0:
             return
-        key = (login.service_id, login.peer)
+        key = (login.service_id, login.origin.peer)
         last = self._peers_written.get(key)
         if last is not None and 0 <= now - last < self._peer_refresh:
             return
@@ -404,5 +395,10 @@ class LoginLedger:
         written.append(key)
 
 
+def _value(settled: Settled[T]) -> T:
+    # A policy's login always completes with its value; None only ever means "no policy".
+    return cast(T, settled.value)
+
+
 def _throttle_keys(login: Login) -> tuple[str, str]:
-    return f"id:{login.service_id}", f"peer:{login.peer}"
+    return f"id:{login.service_id}", f"peer:{login.origin.peer}"

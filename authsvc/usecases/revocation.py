@@ -1,0 +1,173 @@
+"""Revocation: of a presented token (RFC 7009), of a jti, of every token of a service.
+
+The whole-second cut-off rule for a service's tokens lives here (`revoke_service_tokens`), for
+RevokeToken by service and for disabling a service alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+from authsvc.clock import Clock, to_datetime
+from authsvc.config import Settings
+from authsvc.errors import NotFound
+from authsvc.inputs import check_name
+from authsvc.storage.records import RevocationKind
+from authsvc.storage.repository import Repository
+from authsvc.usecases.audit import AuditTrail, Origin
+from authsvc.usecases.tokens import check_token_size
+from authsvc_client.unverified import unverified_audience
+from authsvc_client.v1 import auth_pb2
+from authsvc_client.verifier import TokenVerifier
+
+__all__ = ["MAX_REASON_LENGTH", "Revocations", "revoke_service_tokens", "service_cutoff"]
+
+MAX_REASON_LENGTH = 256
+
+
+def service_cutoff(now: float) -> int:
+    """The `revoked_before` of a revocation of a service's tokens made at `now`.
+
+    `iat` has whole-second resolution, so a cutoff inside a second could not tell a token
+    issued just before the call from one issued just after. The cutoff is therefore the next
+    whole second: every token issued until then has iat < cutoff (revoked). A caller that must
+    also let tokens issued after it returns live waits until the cutoff has begun
+    (`Revocations.revoke_service`); disabling a service need not, since a disabled service
+    gets no new token.
+    """
+    return math.floor(now) + 1
+
+
+def revoke_service_tokens(
+    repo: Repository,
+    service_id: str,
+    *,
+    now: float,
+    token_lifetime_seconds: int,
+    reason: str,
+    kind: RevocationKind | None = None,
+) -> int:
+    """Record the revocation of every token of `service_id` issued before the cutoff, kept as
+    long as any of them could still validate; returns the cutoff (epoch seconds).
+
+    `kind`: None for a plain revocation ("service_tokens"), "service_disabled" when a disable
+    causes it. `token_lifetime_seconds`: the longest a token lives, leeway included.
+    """
+    cutoff = service_cutoff(now)
+    repo.create_revocation(
+        jti=None,
+        service_id=service_id,
+        revoked_before=to_datetime(cutoff),
+        expires_at=to_datetime(cutoff + token_lifetime_seconds),
+        reason=reason,
+        now=to_datetime(now),
+        kind=kind,
+    )
+    return cutoff
+
+
+class Revocations:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        repo: Repository,
+        verifier: TokenVerifier,
+        clock: Clock,
+        trail: AuditTrail,
+    ) -> None:
+        self._s = settings
+        self._repo = repo
+        self._verifier = verifier
+        self._clock = clock
+        self._trail = trail
+
+    @property
+    def _token_lifetime(self) -> int:
+        return self._s.max_ttl_seconds + self._s.leeway_seconds
+
+    async def revoke_presented(self, token: str, reason: str, origin: Origin) -> bool:
+        """RFC 7009: whoever holds a token may revoke it, audited as its subject. A token this
+        server would not accept revokes nothing (False); one already revoked is True.
+
+        Raises:
+            InvalidArgument: an empty token, or one over the size limit.
+        """
+        check_token_size(token, self._s.max_token_bytes)
+        audience = unverified_audience(token)
+        if audience is None:
+            return False
+        # On the caller's thread (the event loop), like every other verify.
+        result = self._verifier.verify(token, audience=audience)
+        if result.reason == auth_pb2.REVOKED:
+            return True
+        if result.claims is None:
+            return False
+        claims = result.claims
+        await asyncio.to_thread(
+            self._revoke_jti,
+            claims.jti,
+            claims.expires_at,
+            reason,
+            origin.as_actor(claims.subject),
+        )
+        return True
+
+    async def revoke_jti(self, jti: str, reason: str, origin: Origin) -> bool:
+        """An admin's revocation of one token by its jti, whether or not it was ever seen.
+
+        Raises:
+            InvalidArgument: an empty or malformed jti.
+        """
+        check_name(jti, "jti")
+        return await asyncio.to_thread(self._revoke_jti, jti, None, reason, origin)
+
+    def _revoke_jti(
+        self, jti: str, expires_at: int | None, reason: str, origin: Origin
+    ) -> bool:
+        now = self._clock.now()
+        if expires_at is None:
+            # Unknown token: keep the revocation as long as any token could live.
+            expires_at = math.ceil(now) + self._s.max_ttl_seconds
+        self._repo.create_revocation(
+            jti=jti,
+            service_id=None,
+            revoked_before=None,
+            expires_at=to_datetime(expires_at + self._s.leeway_seconds),
+            reason=reason[:MAX_REASON_LENGTH],
+            now=to_datetime(now),
+        )
+        self._trail.record(origin, action="revoke_token", target=f"jti:{jti}")
+        return True
+
+    async def revoke_service(self, service_id: str, reason: str, origin: Origin) -> bool:
+        """Revoke every token of a service issued until this call returns: it returns only
+        once the cutoff second has begun, so every token issued after it is live.
+
+        Raises:
+            InvalidArgument: a malformed service id.
+            NotFound: no such service.
+        """
+        check_name(service_id, "service_id")
+
+        def write() -> int:
+            if self._repo.fetch_service(service_id) is None:
+                raise NotFound("no such service")
+            cutoff = revoke_service_tokens(
+                self._repo,
+                service_id,
+                now=self._clock.now(),
+                token_lifetime_seconds=self._token_lifetime,
+                reason=reason[:MAX_REASON_LENGTH],
+            )
+            self._trail.record(
+                origin, action="revoke_service_tokens", target=f"service:{service_id}"
+            )
+            return cutoff
+
+        cutoff = await asyncio.to_thread(write)
+        remaining = cutoff - self._clock.now()
+        if remaining > 0:
+            await asyncio.to_thread(self._clock.sleep, remaining)
+        return True

@@ -1,0 +1,276 @@
+"""Each use case without a gRPC server: a real SQLite repository, real RSA keys, a fake clock.
+
+What an RPC does is the servicer's translation of one of these calls; these tests pin the rules
+themselves (tests/integration covers the same rules over gRPC).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from authsvc.errors import (
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
+from authsvc.server.app import Core, build_core, create_service
+from authsvc.storage.records import AuditRecord, ServiceRecord
+from authsvc.sync import ServerState
+from authsvc.tokens.issuer import IssuedToken, TokenIssuer
+from authsvc.usecases.audit import CLI_ACTOR, AuditTrail, Origin
+from authsvc.usecases.callers import Callers
+from authsvc.usecases.login_batch import LoginBatcher
+from authsvc.usecases.revocation import Revocations, service_cutoff
+from authsvc.usecases.secrets import Secrets
+from authsvc.usecases.tokens import TokenRequest, Tokens, scopes_for
+from authsvc_client.claims import ADMIN_SCOPE
+from authsvc_client.unverified import unverified_audience, unverified_payload
+from authsvc_client.v1 import auth_pb2
+from authsvc_client.verifier import TokenVerifier
+from tests.support.clock import FakeClock
+from tests.support.inprocess import in_process_settings
+
+PEER = "ipv4:10.1.2.3"
+
+
+def _origin(actor: str = "", request_id: str = "req") -> Origin:
+    return Origin(actor=actor, peer=PEER, request_id=request_id)
+
+
+@dataclass
+class World:
+    core: Core
+    clock: FakeClock
+    state: ServerState
+    logins: LoginBatcher
+    tokens: Tokens
+    revocations: Revocations
+    secrets: Secrets
+    callers: Callers
+    orders: str = field(repr=False)
+    admin: str = field(repr=False)
+
+    def issue(
+        self, service: str = "orders", audience: str = "billing", scopes: tuple[str, ...] = ()
+    ) -> IssuedToken:
+        secret = self.orders if service == "orders" else self.admin
+        request = TokenRequest(service, secret, audience, scopes)
+        return asyncio.run(self.tokens.issue(request, _origin(service)))
+
+    def audit(self, action: str) -> list[AuditRecord]:
+        """Audit rows of `action`, oldest first."""
+        rows = reversed(self.core.repo.list_audit_events(limit=1000))
+        return [e for e in rows if e.action == action]
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    settings = in_process_settings(tmp_path)
+    clock = FakeClock()
+    core = build_core(settings, clock)
+    core.manager.ensure_active()
+    orders = create_service(core, "orders", ["billing", "inventory"], ["billing.read", "x.y"])
+    admin = create_service(core, "root", [], [], admin=True)
+    state = ServerState(
+        core.repo,
+        core.manager,
+        clock,
+        revocations_kept_seconds=settings.max_ttl_seconds + settings.leeway_seconds,
+    )
+    state.load()
+    verifier = TokenVerifier(
+        keys=lambda: state.keyring,
+        revocations=state.revocations,
+        issuer=settings.issuer,
+        leeway_seconds=settings.leeway_seconds,
+        is_subject_enabled=state.is_subject_enabled,
+        clock=clock.now,
+    )
+    trail = AuditTrail(core.repo, clock)
+    logins = LoginBatcher(core.repo, settings, clock)
+    try:
+        yield World(
+            core=core,
+            clock=clock,
+            state=state,
+            logins=logins,
+            tokens=Tokens(
+                settings=settings,
+                signer=lambda: state.signer,
+                issuer=TokenIssuer(settings.issuer),
+                hasher=core.hasher,
+                clock=clock,
+                logins=logins,
+                verifier=verifier,
+            ),
+            revocations=Revocations(
+                settings=settings, repo=core.repo, verifier=verifier, clock=clock, trail=trail
+            ),
+            secrets=Secrets(
+                settings=settings,
+                repo=core.repo,
+                hasher=core.hasher,
+                clock=clock,
+                trail=trail,
+                logins=logins,
+            ),
+            callers=Callers(settings, verifier),
+            orders=orders,
+            admin=admin,
+        )
+    finally:
+        logins.close()
+        core.dispose()
+
+
+class TestIssueToken:
+    def test_a_token_carries_every_scope_of_the_audience_and_is_audited_before_signing(
+        self, world: World
+    ) -> None:
+        issued = world.issue()
+        assert issued.claims.subject == "orders" and issued.claims.audience == "billing"
+        assert issued.claims.scopes == ("billing.read", "x.y")
+        (row,) = world.audit("issue_token")
+        assert (row.actor, row.outcome, row.peer, row.request_id) == ("orders", "ok", PEER, "req")
+        assert row.detail == f"credential=secret jti={issued.claims.jti}"
+        assert world.tokens.validate(issued.token, "billing", ("x.y",)).valid
+
+    def test_an_audience_or_scope_the_service_lacks_is_refused_and_audited(
+        self, world: World
+    ) -> None:
+        with pytest.raises(PermissionDenied, match="audience not allowed"):
+            world.issue(audience="payroll")
+        with pytest.raises(PermissionDenied, match="scope not allowed for this service: admin"):
+            world.issue(scopes=("billing.read", "admin"))
+        assert [r.outcome for r in world.audit("issue_token")] == [
+            "audience_denied",
+            "scope_denied",
+        ]
+
+    def test_any_service_gets_a_scopeless_token_for_authsvc_but_no_scope_there(
+        self, world: World
+    ) -> None:
+        follow = world.issue(audience="authsvc")
+        assert follow.claims.scopes == ()
+        assert world.callers.follower(follow.token).subject == "orders"
+        with pytest.raises(PermissionDenied):
+            world.callers.admin(follow.token)
+        with pytest.raises(PermissionDenied):
+            world.issue(audience="authsvc", scopes=(ADMIN_SCOPE,))
+
+    def test_a_wrong_secret_is_unauthenticated_and_a_bad_request_never_reaches_the_batch(
+        self, world: World
+    ) -> None:
+        with pytest.raises(Unauthenticated, match="invalid service credentials"):
+            asyncio.run(
+                world.tokens.issue(TokenRequest("orders", "asvcs_wrong", "billing"), _origin())
+            )
+        with pytest.raises(InvalidArgument, match="ttl_seconds"):
+            asyncio.run(
+                world.tokens.issue(
+                    TokenRequest("orders", world.orders, "billing", ttl_seconds=-1), _origin()
+                )
+            )
+        # Only the login that reached the batch is audited.
+        assert [r.outcome for r in world.audit("issue_token")] == ["bad_credentials"]
+
+    def test_scopes_for_is_the_audience_lookup(self, world: World) -> None:
+        service = world.core.repo.fetch_service("orders")
+        assert isinstance(service, ServiceRecord)
+        assert scopes_for(service, "inventory") == ("billing.read", "x.y")
+        assert scopes_for(service, "payroll") is None
+
+
+class TestValidateToken:
+    def test_bad_requests_raise_but_a_stream_answers_malformed(self, world: World) -> None:
+        token = world.issue().token
+        for args in (("", "billing"), (token, ""), ("x" * 9000, "billing")):
+            with pytest.raises(InvalidArgument):
+                world.tokens.validate(*args)
+            assert world.tokens.validate_in_stream(*args).reason == auth_pb2.MALFORMED
+        assert world.tokens.validate(token, "inventory").reason == auth_pb2.WRONG_AUDIENCE
+
+
+class TestRevocation:
+    def test_a_presented_token_is_revoked_as_its_subject(self, world: World) -> None:
+        issued = world.issue()
+        assert asyncio.run(world.revocations.revoke_presented(issued.token, "leak", _origin()))
+        world.state.refresh()
+        assert world.tokens.validate(issued.token, "billing").reason == auth_pb2.REVOKED
+        (row,) = world.audit("revoke_token")
+        assert (row.actor, row.target) == ("orders", f"jti:{issued.claims.jti}")
+        # Revoking it again is still a success; a token that is not one revokes nothing.
+        assert asyncio.run(world.revocations.revoke_presented(issued.token, "", _origin()))
+        assert not asyncio.run(world.revocations.revoke_presented("a.b.c", "", _origin()))
+
+    def test_revoking_a_service_waits_for_its_cutoff_second(self, world: World) -> None:
+        world.clock.advance(0.25)  # inside a second: the cutoff is the next whole one
+        before = world.issue()
+        started = world.clock.now()
+        assert asyncio.run(world.revocations.revoke_service("orders", "", _origin("root")))
+        assert world.clock.now() == service_cutoff(started)
+        after = world.issue()
+        world.state.refresh()
+        assert world.tokens.validate(before.token, "billing").reason == auth_pb2.REVOKED
+        assert world.tokens.validate(after.token, "billing").valid
+        (row,) = world.audit("revoke_service_tokens")
+        assert (row.actor, row.target) == ("root", "service:orders")
+
+    def test_an_unknown_service_is_not_found(self, world: World) -> None:
+        with pytest.raises(NotFound):
+            asyncio.run(world.revocations.revoke_service("ghost", "", _origin("root")))
+
+
+class TestSecrets:
+    def test_the_current_secret_rotates_itself_a_previous_one_may_not(self, world: World) -> None:
+        rotated = world.secrets.rotate_by_self("orders", world.orders, 300, _origin())
+        assert rotated.previous_until is not None
+        with pytest.raises(PermissionDenied, match="previous secret"):
+            world.secrets.rotate_by_self("orders", world.orders, 0, _origin())
+        # The previous secret still gets tokens during its grace; the new one too.
+        assert world.issue().claims.subject == "orders"
+        world.orders = rotated.secret
+        assert world.issue().claims.subject == "orders"
+        assert [(r.actor, r.outcome) for r in world.audit("rotate_secret")] == [
+            ("orders", "ok"),
+            ("orders", "previous_secret_denied"),
+        ]
+
+    def test_an_admin_rotation_of_an_unknown_service_is_audited_not_found(
+        self, world: World
+    ) -> None:
+        with pytest.raises(NotFound):
+            world.secrets.rotate_by_admin("ghost", 0, Origin.local(CLI_ACTOR))
+        with pytest.raises(InvalidArgument):
+            world.secrets.rotate_by_admin("orders", 10**9, Origin.local(CLI_ACTOR))
+        (row,) = world.audit("rotate_secret")
+        assert (row.actor, row.outcome, row.target) == ("cli", "not_found", "service:ghost")
+
+
+class TestCallers:
+    def test_the_admin_check(self, world: World) -> None:
+        with pytest.raises(Unauthenticated, match="needs an admin bearer token"):
+            world.callers.admin(None)
+        with pytest.raises(Unauthenticated, match="MALFORMED"):
+            world.callers.admin("not-a-token")
+        with pytest.raises(Unauthenticated, match="WRONG_AUDIENCE"):
+            world.callers.admin(world.issue().token)
+        admin = world.issue("root", "authsvc", (ADMIN_SCOPE,))
+        assert world.callers.admin(admin.token).subject == "root"
+
+
+class TestUnverifiedPeek:
+    def test_it_reads_what_the_verifier_reads_and_nothing_else(self, world: World) -> None:
+        token = world.issue().token
+        assert unverified_audience(token) == "billing"
+        payload = unverified_payload(token)
+        assert payload is not None and payload["sub"] == "orders"
+        header, _body, signature = token.split(".")
+        for broken in ("", "a.b", "a.b.c.d", f"{header}.!!!.{signature}", f"{header}..x"):
+            assert unverified_audience(broken) is None
