@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -29,6 +29,9 @@ from authsvc.config import (
 from authsvc.errors import AlreadyExists, AuthsvcError, NotFound
 from authsvc.logs import configure_logging
 from authsvc_client.errors import AuthsvcClientError
+
+if TYPE_CHECKING:
+    from authsvc.storage.records import AudienceGrant, ServiceRecord
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -54,6 +57,10 @@ def _client(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target", help="authsvc address (default AUTHSVC_TARGET, else AUTHSVC_LISTEN)"
     )
+
+
+def _grant_flag(parser: argparse.ArgumentParser, flag: str, text: str) -> None:
+    parser.add_argument(flag, action="append", default=[], metavar="AUDIENCE=SCOPE", help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,8 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     create = services.add_parser("create", help="register a service; prints its secret once")
     _common(create)
     create.add_argument("name")
-    create.add_argument("--audience", action="append", default=[], help="may ask tokens for A")
-    create.add_argument("--scope", action="append", default=[], help="may ask for scope S")
+    create.add_argument(
+        "--audience", action="append", default=[], help="may ask tokens for A (every --scope)"
+    )
+    create.add_argument(
+        "--scope", action="append", default=[], help="scope S for every --audience named"
+    )
+    _grant_flag(create, "--grant", "SCOPE for AUDIENCE only (AUDIENCE= : the audience, no scope)")
     create.add_argument(
         "--admin", action="store_true", help="grant authsvc.admin for audience authsvc"
     )
@@ -116,6 +128,42 @@ def build_parser() -> argparse.ArgumentParser:
     disable = services.add_parser("disable", help="disable a service and its tokens")
     _common(disable)
     disable.add_argument("name")
+    enable = services.add_parser(
+        "enable", help="undo a disable (tokens the disable revoked stay revoked)"
+    )
+    _common(enable)
+    enable.add_argument("name")
+    update = services.add_parser(
+        "update",
+        help="change a live service's grants (removals first, then additions)",
+    )
+    _common(update)
+    update.add_argument("name")
+    update.add_argument(
+        "--add-audience",
+        action="append",
+        default=[],
+        metavar="A",
+        help="grant audience A every scope the service has",
+    )
+    update.add_argument("--remove-audience", action="append", default=[], metavar="A")
+    update.add_argument(
+        "--add-scope",
+        action="append",
+        default=[],
+        metavar="S",
+        help="grant S for each of the service's audiences",
+    )
+    update.add_argument(
+        "--remove-scope",
+        action="append",
+        default=[],
+        metavar="S",
+        help="take S from each of its audiences",
+    )
+    _grant_flag(update, "--grant", "SCOPE for AUDIENCE only (AUDIENCE= : the audience, no scope)")
+    _grant_flag(update, "--revoke-grant", "take SCOPE from AUDIENCE only (the audience stays)")
+    update.add_argument("--json", action="store_true", help="print the service as `list --json`")
     rotate_secret = services.add_parser(
         "rotate-secret", help="give a service a new secret; prints it once"
     )
@@ -343,55 +391,98 @@ def _cmd_kek(args: argparse.Namespace) -> int:
 
 
 def _cmd_services(args: argparse.Namespace) -> int:
-    from authsvc.server.app import create_service
+    from authsvc.server.app import service_registry
+    from authsvc.usecases.audit import CLI_ACTOR, Origin
 
     core = _core(args)
     try:
-        if args.services_command == "create":
-            if not args.audience and not args.admin:
-                raise SystemExit("authsvc: at least one --audience is required (or --admin)")
+        registry = service_registry(core)
+        origin = Origin.local(CLI_ACTOR)
+        command = args.services_command
+        if command == "create":
+            if not args.audience and not args.grant and not args.admin:
+                raise SystemExit(
+                    "authsvc: at least one --audience or --grant is required (or --admin)"
+                )
             fmt = args.format or ("json" if args.json else "text")
-            secret = create_service(core, args.name, args.audience, args.scope, admin=args.admin)
+            _, secret = registry.create(
+                origin,
+                args.name,
+                args.audience,
+                args.scope,
+                _grant_args(args.grant, "--grant"),
+                admin=args.admin,
+            )
             if fmt == "json":
                 print(json.dumps({"service_id": args.name, "service_secret": secret}))
             elif fmt == "env":
                 print(f"AUTHSVC_SERVICE_ID={args.name}\nAUTHSVC_SERVICE_SECRET={secret}")
             else:
                 print(f"service {args.name} created; its secret (shown once):\n{secret}")
-        elif args.services_command == "rotate-secret":
+        elif command == "rotate-secret":
             _rotate_secret(core, args)
-        elif args.services_command == "list":
-            services = core.repo.list_services()
+        elif command == "list":
+            services = registry.list()
             if args.json:
-                print(
-                    json.dumps(
-                        [
-                            {
-                                "service_id": s.service_id,
-                                "audiences": list(s.audiences),
-                                "scopes": list(s.scopes),
-                                "disabled": s.disabled,
-                            }
-                            for s in services
-                        ]
-                    )
-                )
+                print(json.dumps([_service_json(s) for s in services]))
             else:
                 for s in services:
-                    state = "disabled" if s.disabled else "enabled"
-                    print(
-                        f"{_shown(s.service_id)}\t{state}"
-                        f"\taudiences={_shown(','.join(s.audiences))}"
-                        f"\tscopes={_shown(','.join(s.scopes))}"
-                    )
-        else:
-            from authsvc.server.app import disable
+                    print(_service_line(s))
+        elif command == "update":
+            from authsvc.usecases.services import GrantChange
 
-            disable(core, args.name)
+            change = GrantChange(
+                add_audiences=tuple(args.add_audience),
+                remove_audiences=tuple(args.remove_audience),
+                add_scopes=tuple(args.add_scope),
+                remove_scopes=tuple(args.remove_scope),
+                grants=_grant_args(args.grant, "--grant"),
+                revoke_grants=_grant_args(args.revoke_grant, "--revoke-grant"),
+            )
+            record = registry.update(origin, args.name, change)
+            print(json.dumps(_service_json(record)) if args.json else _service_line(record))
+        elif command == "enable":
+            registry.enable(origin, args.name)
+            print(f"service {args.name} enabled (tokens its disable revoked stay revoked)")
+        else:
+            registry.disable(origin, args.name)
             print(f"service {args.name} disabled")
     finally:
         core.dispose()
     return EXIT_OK
+
+
+def _grant_args(values: Sequence[str], flag: str) -> tuple[AudienceGrant, ...]:
+    """`AUDIENCE=SCOPE` flags as one AudienceGrant per audience (`A=` adds no scope)."""
+    from authsvc.inputs import parse_grant
+    from authsvc.storage.records import AudienceGrant
+    from authsvc.usecases.services import merge_grants
+
+    pairs = [parse_grant(v, flag) for v in values]
+    return merge_grants(AudienceGrant(a, (s,) if s else ()) for a, s in pairs)
+
+
+def _service_json(s: ServiceRecord) -> dict[str, Any]:
+    """A service for `--json`: `grants` per audience; `audiences` and `scopes` as before."""
+    return {
+        "service_id": s.service_id,
+        "audiences": list(s.audiences),
+        "scopes": list(s.scopes),
+        "grants": {g.audience: list(g.scopes) for g in s.grants},
+        "disabled": s.disabled,
+    }
+
+
+def _service_line(s: ServiceRecord) -> str:
+    from authsvc.usecases.services import grants_detail
+
+    state = "disabled" if s.disabled else "enabled"
+    return (
+        f"{_shown(s.service_id)}\t{state}"
+        f"\taudiences={_shown(','.join(s.audiences))}"
+        f"\tscopes={_shown(','.join(s.scopes))}"
+        f"\tgrants={_shown(grants_detail(s.grants))}"
+    )
 
 
 def _shown(text: str) -> str:

@@ -19,6 +19,7 @@ from authsvc.crypto.secrets import SECRET_PREFIX
 from authsvc.errors import InvalidArgument
 
 __all__ = [
+    "MAX_AUDIENCES",
     "MAX_ID_LENGTH",
     "MAX_SCOPES",
     "SERVICE_ID_GRAMMAR",
@@ -28,10 +29,13 @@ __all__ = [
     "check_new_service_id",
     "check_scopes",
     "check_service_id",
+    "parse_grant",
 ]
 
 MAX_ID_LENGTH = 128
 MAX_SCOPES = 64
+# Audiences one service may be granted; each carries at most MAX_SCOPES scopes.
+MAX_AUDIENCES = 64
 SERVICE_ID_GRAMMAR = re.compile(rf"[a-z0-9][a-z0-9._-]{{0,{MAX_ID_LENGTH - 1}}}")
 
 
@@ -80,6 +84,22 @@ def check_scopes(scopes: Sequence[str], field: str) -> None:
         # RFC 6749 3.3 scope-token: printable ASCII except space, quote and backslash.
         if not s or any(c in ' "\\' or not 0x21 <= ord(c) <= 0x7E for c in s):
             raise InvalidArgument(f"{field}: each scope is printable ASCII without spaces")
+
+
+def parse_grant(text: str, field: str) -> tuple[str, str]:
+    """`AUDIENCE=SCOPE` (the CLI's `--grant` and `--revoke-grant`) as (audience, scope).
+
+    The audience ends at the first `=` (audiences rarely hold one, and a scope-token may). An
+    empty scope (`AUDIENCE=`) names the audience alone: `--grant billing=` grants billing with
+    no scope, for scopeless tokens.
+    """
+    audience, sep, scope = text.partition("=")
+    if not sep:
+        raise InvalidArgument(f"{field} takes AUDIENCE=SCOPE")
+    check_audiences([audience], field)
+    if scope:
+        check_scopes([scope], field)
+    return audience, scope
 
 
 def check_grace_period(seconds: int, maximum: int) -> None:

@@ -36,10 +36,9 @@ from authsvc.server.metrics import QUIET_WHEN_OK, Metrics, MetricsInterceptor, S
 from authsvc.server.servicer import AuthServicer
 from authsvc.server.tls import read_tls_files
 from authsvc.server.tracing import tracing_interceptors
-from authsvc.services import disable_service, register_service
 from authsvc.storage import migrate
 from authsvc.storage.engine import describe_db_error, make_engine, prepare_sqlite_file
-from authsvc.storage.records import RevocationRecord
+from authsvc.storage.records import AudienceGrant, RevocationRecord
 from authsvc.storage.repository import Repository
 from authsvc.sync import RevocationFeed, ServerState
 from authsvc.tokens.issuer import TokenIssuer
@@ -48,9 +47,9 @@ from authsvc.usecases.callers import Callers
 from authsvc.usecases.login_batch import LoginBatcher
 from authsvc.usecases.revocation import Revocations
 from authsvc.usecases.secrets import RotatedSecret, Secrets
+from authsvc.usecases.services import ServiceRegistry
 from authsvc.usecases.signing_keys import SigningKeys
 from authsvc.usecases.tokens import Tokens
-from authsvc_client.claims import ADMIN_SCOPE
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 from authsvc_client.verifier import TokenVerifier
 
@@ -150,18 +149,25 @@ def build_core(settings: Settings, clock: Clock | None = None, *, upgrade: bool 
     )
 
 
-def create_service(
-    core: Core, service_id: str, audiences: list[str], scopes: list[str], *, admin: bool = False
-) -> str:
-    """Register a service (the CLI's way); `admin` adds the admin audience and scope."""
-    if admin:
-        audiences = [*audiences, core.settings.admin_audience]
-        scopes = [*scopes, ADMIN_SCOPE]
-    record, secret = register_service(
-        core.repo, core.hasher, core.clock, service_id, audiences, scopes
+def service_registry(core: Core) -> ServiceRegistry:
+    """The services use cases on this host's storage (the CLI's way in; audited as `cli`)."""
+    return ServiceRegistry(
+        core.repo, core.hasher, core.clock, core.settings, AuditTrail(core.repo, core.clock)
     )
-    core.trail.record(
-        Origin.local(CLI_ACTOR), action="create_service", target=f"service:{record.service_id}"
+
+
+def create_service(
+    core: Core,
+    service_id: str,
+    audiences: list[str],
+    scopes: list[str],
+    *,
+    admin: bool = False,
+    grants: tuple[AudienceGrant, ...] = (),
+) -> str:
+    """Register a service from this host; returns its secret (shown once)."""
+    _, secret = service_registry(core).create(
+        Origin.local(CLI_ACTOR), service_id, audiences, scopes, grants, admin=admin
     )
     return secret
 
@@ -172,15 +178,8 @@ def rotate_secret(core: Core, service_id: str, grace_seconds: int) -> RotatedSec
 
 
 def disable(core: Core, service_id: str) -> None:
-    record = disable_service(
-        core.repo,
-        core.clock,
-        service_id,
-        token_lifetime_seconds=core.settings.max_ttl_seconds + core.settings.leeway_seconds,
-    )
-    core.trail.record(
-        Origin.local(CLI_ACTOR), action="disable_service", target=f"service:{record.service_id}"
-    )
+    """Disable a service from this host: its tokens are revoked (see ServiceRegistry.disable)."""
+    service_registry(core).disable(Origin.local(CLI_ACTOR), service_id)
 
 
 def bootstrap_dev_admin(core: Core, out: TextIO) -> None:

@@ -15,7 +15,7 @@ import asyncio
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import grpc
@@ -25,22 +25,16 @@ from authsvc.clock import Clock, to_datetime, to_timestamp
 from authsvc.config import Settings
 from authsvc.crypto.secrets import SecretHasher
 from authsvc.errors import AuthsvcError, InvalidArgument, Unauthenticated
-from authsvc.inputs import (
-    check_audiences,
-    check_name,
-    check_new_service_id,
-    check_scopes,
-)
 from authsvc.logs import current_request_id, request_id_from
 from authsvc.server.status import status_of, trailers_of
-from authsvc.services import disable_service, register_service
-from authsvc.storage.records import ServiceRecord, SigningKeyRecord
+from authsvc.storage.records import AudienceGrant, ServiceRecord, SigningKeyRecord
 from authsvc.storage.repository import Repository
 from authsvc.sync import RevocationFeed, ServerState, held_event
 from authsvc.usecases.audit import AuditTrail, Origin
 from authsvc.usecases.callers import Callers
 from authsvc.usecases.revocation import Revocations
 from authsvc.usecases.secrets import Secrets
+from authsvc.usecases.services import GrantChange, ServiceRegistry
 from authsvc.usecases.signing_keys import SigningKeys
 from authsvc.usecases.tokens import TokenRequest, Tokens
 from authsvc_client.interceptors import bearer_token
@@ -97,7 +91,12 @@ def _service_proto(record: ServiceRecord) -> auth_pb2.Service:
         scopes=list(record.scopes),
         disabled=record.disabled,
         created_at=timestamp(to_timestamp(record.created_at)),
+        grants=[auth_pb2.Grant(audience=g.audience, scopes=list(g.scopes)) for g in record.grants],
     )
+
+
+def _grants(grants: Iterable[auth_pb2.Grant]) -> tuple[AudienceGrant, ...]:
+    return tuple(AudienceGrant(g.audience, tuple(g.scopes)) for g in grants)
 
 
 def _key_proto(record: SigningKeyRecord) -> auth_pb2.SigningKey:
@@ -197,6 +196,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         self._secrets = secrets
         self._callers = callers
         self._trail = AuditTrail(repo, clock)
+        self._services = ServiceRegistry(repo, hasher, clock, settings, self._trail)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -372,33 +372,14 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         self, request: auth_pb2.CreateServiceRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.CreateServiceResponse:
         caller = self._admin(context)
-        check_new_service_id(request.service_id)
-        if not request.audiences:
-            raise InvalidArgument("at least one audience is required")
-        check_audiences(request.audiences)
-        check_scopes(request.scopes, "scopes")
-        peer, request_id = _peer_address(context), _request_id(context)
-
-        def create() -> tuple[ServiceRecord, str]:
-            record, secret = register_service(
-                self._repo,
-                self._hasher,
-                self._clock,
-                request.service_id,
-                request.audiences,
-                request.scopes,
-            )
-            self._audit(
-                actor=caller.actor,
-                action="create_service",
-                target=f"service:{record.service_id}",
-                outcome="ok",
-                peer=peer,
-                request_id=request_id,
-            )
-            return record, secret
-
-        record, secret = await asyncio.to_thread(create)
+        record, secret = await asyncio.to_thread(
+            self._services.create,
+            caller,
+            request.service_id,
+            list(request.audiences),
+            list(request.scopes),
+            _grants(request.grants),
+        )
         return auth_pb2.CreateServiceResponse(service=_service_proto(record), service_secret=secret)
 
     @handle_errors
@@ -406,37 +387,44 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         self, request: auth_pb2.ListServicesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.ListServicesResponse:
         self._admin(context)
-        services = await asyncio.to_thread(self._repo.list_services)
+        services = await asyncio.to_thread(self._services.list)
         return auth_pb2.ListServicesResponse(services=[_service_proto(s) for s in services])
+
+    @handle_errors
+    async def UpdateService(
+        self, request: auth_pb2.UpdateServiceRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> auth_pb2.UpdateServiceResponse:
+        caller = self._admin(context)
+        change = GrantChange(
+            add_audiences=tuple(request.add_audiences),
+            remove_audiences=tuple(request.remove_audiences),
+            add_scopes=tuple(request.add_scopes),
+            remove_scopes=tuple(request.remove_scopes),
+            grants=_grants(request.grants),
+            revoke_grants=_grants(request.revoke_grants),
+        )
+        record = await asyncio.to_thread(
+            self._services.update, caller, request.service_id, change
+        )
+        return auth_pb2.UpdateServiceResponse(service=_service_proto(record))
 
     @handle_errors
     async def DisableService(
         self, request: auth_pb2.DisableServiceRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.DisableServiceResponse:
         caller = self._admin(context)
-        check_name(request.service_id, "service_id")
-        peer, request_id = _peer_address(context), _request_id(context)
-
-        def disable() -> ServiceRecord:
-            record = disable_service(
-                self._repo,
-                self._clock,
-                request.service_id,
-                token_lifetime_seconds=self._s.max_ttl_seconds + self._s.leeway_seconds,
-            )
-            self._audit(
-                actor=caller.actor,
-                action="disable_service",
-                target=f"service:{record.service_id}",
-                outcome="ok",
-                peer=peer,
-                request_id=request_id,
-            )
-            return record
-
-        record = await asyncio.to_thread(disable)
+        record = await asyncio.to_thread(self._services.disable, caller, request.service_id)
         await self._refresh()
         return auth_pb2.DisableServiceResponse(service=_service_proto(record))
+
+    @handle_errors
+    async def EnableService(
+        self, request: auth_pb2.EnableServiceRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> auth_pb2.EnableServiceResponse:
+        caller = self._admin(context)
+        record = await asyncio.to_thread(self._services.enable, caller, request.service_id)
+        await self._refresh()
+        return auth_pb2.EnableServiceResponse(service=_service_proto(record))
 
     # -- WatchRevocations ------------------------------------------------------------------
 

@@ -44,8 +44,10 @@ class ServiceRow(Base):
     __tablename__ = "services"
 
     service_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
-    audiences: Mapped[str] = mapped_column(Text)  # JSON array
-    scopes: Mapped[str] = mapped_column(Text)  # JSON array
+    # JSON object {audience: [scope, ...]} in the order granted (migration 0006; it replaced the
+    # `audiences` and `scopes` arrays, which gave every audience every scope). One column, so a
+    # login still reads its service in one row (LoginBatch).
+    grants: Mapped[str] = mapped_column(Text, server_default="{}")
     disabled: Mapped[bool] = mapped_column(Boolean)
     created_at: Mapped[datetime] = mapped_column(TS)
     updated_at: Mapped[datetime] = mapped_column(TS)

@@ -16,14 +16,42 @@ SECRET_HASH_KEY = "secret-hash"  # noqa: S105 (a row name, not a secret)
 RevocationKind = Literal["token", "service_tokens", "service_disabled"]
 
 
+class AudienceGrant(NamedTuple):
+    """The scopes a service may have in tokens for one audience (none: a scopeless token).
+
+    A NamedTuple, as HeldRevocation: every login builds its service's grants.
+    """
+
+    audience: str
+    scopes: tuple[str, ...]
+
+
 @dataclass(frozen=True)
 class ServiceRecord:
     service_id: str
-    audiences: tuple[str, ...]
-    scopes: tuple[str, ...]
+    # The audiences the service may get tokens for, in the order granted, each with its own
+    # scopes (migration 0006): a token for one audience never carries another's scope.
+    grants: tuple[AudienceGrant, ...]
     disabled: bool
     created_at: datetime
     updated_at: datetime
+
+    @property
+    def audiences(self) -> tuple[str, ...]:
+        return tuple(g.audience for g in self.grants)
+
+    @property
+    def scopes(self) -> tuple[str, ...]:
+        """Every scope granted for any audience, first-granted first (the list the API showed
+        before grants were per audience, kept for compatibility)."""
+        return tuple(dict.fromkeys(s for g in self.grants for s in g.scopes))
+
+    def scopes_for(self, audience: str) -> tuple[str, ...] | None:
+        """The scopes granted for `audience`; None when the audience is not granted at all."""
+        for g in self.grants:
+            if g.audience == audience:
+                return g.scopes
+        return None
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from authsvc.storage.models import (
 )
 from authsvc.storage.records import (
     SECRET_HASH_KEY,
+    AudienceGrant,
     AuditRecord,
     ChangeKind,
     ChangeRecord,
@@ -97,11 +98,19 @@ def _opt_out(value: datetime | None) -> datetime | None:
     return None if value is None else _utc_out(value)
 
 
+def _grants_json(grants: Sequence[AudienceGrant]) -> str:
+    """The `grants` column: {audience: [scope, ...]}, audiences in the order granted."""
+    return json.dumps({g.audience: list(g.scopes) for g in grants}, separators=(",", ":"))
+
+
+def _grants(text: str) -> tuple[AudienceGrant, ...]:
+    return tuple(AudienceGrant(a, tuple(scopes)) for a, scopes in json.loads(text).items())
+
+
 def _service(row: ServiceRow | Row[Any]) -> ServiceRecord:
     return ServiceRecord(
         service_id=row.service_id,
-        audiences=tuple(json.loads(row.audiences)),
-        scopes=tuple(json.loads(row.scopes)),
+        grants=_grants(row.grants),
         disabled=row.disabled,
         created_at=_utc_out(row.created_at),
         updated_at=_utc_out(row.updated_at),
@@ -260,12 +269,11 @@ class Repository:
     def create_service(
         self,
         service_id: str,
-        audiences: Sequence[str],
-        scopes: Sequence[str],
+        grants: Sequence[AudienceGrant],
         secret_hash: bytes,
         now: datetime,
     ) -> ServiceRecord:
-        """Register a service with its first ('current') secret.
+        """Register a service with its grants and its first ('current') secret.
 
         Raises:
             AlreadyExists: a service with this id exists.
@@ -277,8 +285,7 @@ class Repository:
                     raise AlreadyExists(f"service {service_id!r} already exists")
                 row = ServiceRow(
                     service_id=service_id,
-                    audiences=json.dumps(list(audiences)),
-                    scopes=json.dumps(list(scopes)),
+                    grants=_grants_json(grants),
                     disabled=False,
                     created_at=now,
                     updated_at=now,
@@ -324,6 +331,48 @@ class Repository:
             s.flush()
             self._add_change(s, "service", service_id, now)
             return _service(row)
+
+    def update_service_grants(
+        self,
+        service_id: str,
+        change: Callable[[ServiceRecord], Sequence[AudienceGrant]],
+        now: datetime,
+    ) -> tuple[ServiceRecord, ServiceRecord]:
+        """Replace a service's grants with `change(service)`; returns (before, after).
+
+        `change` runs inside the transaction on the row as committed, locked (PostgreSQL;
+        SQLite has one writer), so two updates of one service made at once on two replicas
+        apply one after the other and neither is lost. What it raises rolls the update back.
+        Unchanged grants write nothing.
+
+        Raises:
+            NotFound: no such service.
+        """
+        now = _utc_in(now)
+        with self._write() as s:
+            row = s.get(ServiceRow, service_id, with_for_update=True)
+            if row is None:
+                raise NotFound(f"service {service_id!r} not found")
+            before = _service(row)
+            grants = tuple(change(before))
+            if grants == before.grants:
+                return before, before
+            row.grants = _grants_json(grants)
+            row.updated_at = now
+            s.flush()
+            self._add_change(s, "service", service_id, now)
+            return before, _service(row)
+
+    def fetch_service_cutoff(self, service_id: str) -> datetime | None:
+        """The latest `revoked_before` of the revocations of a service's tokens (a disable or
+        a revoke-by-service), if any: its tokens issued before it stay revoked."""
+        with self._read() as s:
+            cutoff = s.scalar(
+                select(func.max(RevocationRow.revoked_before)).where(
+                    RevocationRow.service_id == service_id
+                )
+            )
+            return _opt_out(cutoff)
 
     def list_disabled_service_ids(self) -> list[str]:
         with self._read() as s:

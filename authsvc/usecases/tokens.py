@@ -74,9 +74,7 @@ def scopes_for(service: ServiceRecord, audience: str) -> tuple[str, ...] | None:
 
     The one place that answers it, so that grants per audience change this function only.
     """
-    if audience not in service.audiences:
-        return None
-    return tuple(service.scopes)
+    return service.scopes_for(audience)
 
 
 def check_token_size(token: str, max_bytes: int) -> None:

@@ -22,6 +22,7 @@ from authsvc.clock import SystemClock, to_datetime
 from authsvc.config import load_settings
 from authsvc.crypto.secrets import mint_secret
 from authsvc.server.app import build_core
+from authsvc.storage.records import AudienceGrant
 from authsvc_client.v1 import auth_pb2
 from tests.integration.conftest import ADMIN, World, make_world, sqlite_env
 from tests.support.server import authsvc_command, base_env, run_cli, running_server
@@ -126,7 +127,9 @@ class TestIdsWrittenBeforeTheGrammar:
         try:
             now = to_datetime(SystemClock().now())
             for sid, secret in legacy.items():
-                core.repo.create_service(sid, ["billing"], ["read"], core.hasher.hash(secret), now)
+                core.repo.create_service(
+                    sid, [AudienceGrant("billing", ("read",))], core.hasher.hash(secret), now
+                )
         finally:
             core.dispose()
         listed = run_cli(env, "services", "list").stdout

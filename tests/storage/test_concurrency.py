@@ -13,6 +13,7 @@ import pytest
 
 from authsvc.storage import migrate
 from authsvc.storage.engine import make_engine
+from authsvc.storage.records import AudienceGrant
 from authsvc.storage.repository import Repository
 from tests.storage.helpers import T0, at, key_record, live_secrets
 
@@ -195,7 +196,7 @@ class TestConcurrentWrites:
     def test_duplicate_creates_one_wins_the_rest_already_exist(self, repo: Repository) -> None:
         def create(i: int) -> str:
             try:
-                repo.create_service("svc", [f"aud{i}"], [], b"h", T0)
+                repo.create_service("svc", [AudienceGrant(f"aud{i}", ())], b"h", T0)
             except Exception as exc:
                 return type(exc).__name__
             return "created"
@@ -207,7 +208,7 @@ class TestConcurrentWrites:
     def test_rotations_expecting_one_current_secret_at_once_let_exactly_one_win(
         self, repo: Repository
     ) -> None:
-        repo.create_service("svc", ["a"], [], b"1" * 32, T0)
+        repo.create_service("svc", [AudienceGrant("a", ())], b"1" * 32, T0)
 
         def rotate(i: int) -> str:
             try:
@@ -225,7 +226,7 @@ class TestConcurrentWrites:
         assert live == [("current", winner), ("previous", b"1" * 32)]
 
     def test_rotations_at_once_each_succeed_in_turn(self, repo: Repository) -> None:
-        repo.create_service("svc", ["a"], [], b"1" * 32, T0)
+        repo.create_service("svc", [AudienceGrant("a", ())], b"1" * 32, T0)
         _run_threads(
             4, lambda i: repo.update_service_secret("svc", bytes([65 + i]) * 32, at(1), at(100))
         )

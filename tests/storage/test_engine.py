@@ -19,6 +19,7 @@ from authsvc.errors import StorageUnavailable
 from authsvc.storage import migrate
 from authsvc.storage.engine import READ_ONLY, make_engine
 from authsvc.storage.models import Base
+from authsvc.storage.records import AudienceGrant
 from authsvc.storage.repository import Repository
 from tests.storage.helpers import T0, at, key_record, live_secrets
 
@@ -78,7 +79,7 @@ class TestMakeEngine:
         writer_engine, reader_engine = make_engine(url), make_engine(url)
         try:
             migrate.upgrade(writer_engine)
-            Repository(writer_engine).create_service("svc", ["x"], [], b"h", T0)
+            Repository(writer_engine).create_service("svc", [AudienceGrant("x", ())], b"h", T0)
             with writer_engine.begin() as conn:  # holds the write lock (BEGIN IMMEDIATE)
                 conn.execute(text("UPDATE services SET disabled = true"))
                 # WAL: the reader sees the last committed state, at once.
@@ -99,7 +100,7 @@ class TestMigrations:
             engine.dispose()
 
     def test_upgrade_reaches_head_and_is_idempotent(self, engine: Engine) -> None:
-        assert migrate.head_revision() == "0005"
+        assert migrate.head_revision() == "0006"
         assert migrate.current_revision(engine) == migrate.head_revision()
         assert migrate.is_current(engine)
         migrate.upgrade(engine)
@@ -246,7 +247,7 @@ class TestUnavailable:
             self._assert_opaque(info.value, "Sup3rS3cret")
             assert f":{port}/" not in str(info.value)
             with pytest.raises(StorageUnavailable) as info:
-                repo.create_service("svc", ["x"], [], b"h", T0)
+                repo.create_service("svc", [AudienceGrant("x", ())], b"h", T0)
             self._assert_opaque(info.value, "Sup3rS3cret")
         finally:
             engine.dispose()
@@ -263,7 +264,7 @@ class TestUnavailable:
             engine.dispose()
 
     def test_a_dead_pooled_connection_is_replaced(self, engine: Engine, repo: Repository) -> None:
-        repo.create_service("svc", ["x"], [], b"h", T0)
+        repo.create_service("svc", [AudienceGrant("x", ())], b"h", T0)
         with engine.connect() as conn:
             # Close the driver connection under the pool, as a database restart would.
             conn.connection.dbapi_connection.close()  # type: ignore[union-attr]
@@ -276,7 +277,7 @@ class TestRestart:
         try:
             migrate.upgrade(first)
             repo = Repository(first)
-            repo.create_service("svc", ["aud"], ["s"], b"h", T0)
+            repo.create_service("svc", [AudienceGrant("aud", ("s",))], b"h", T0)
             repo.create_signing_key(
                 key_record("k1"), T0, expected_active_kid=None, publish_until=T0
             )

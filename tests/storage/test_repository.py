@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from authsvc.errors import AlreadyExists, FailedPrecondition, NotFound
-from authsvc.storage.records import SECRET_HASH_KEY
+from authsvc.storage.records import SECRET_HASH_KEY, AudienceGrant
 from authsvc.storage.repository import KekChanged, LoginBatch, Repository
 from tests.storage.helpers import T0, at, key_record, live_secrets
 
@@ -20,7 +20,12 @@ def _aware_utc(value: datetime | None) -> bool:
 
 class TestServices:
     def test_create_then_fetch_round_trips_every_field(self, repo: Repository) -> None:
-        created = repo.create_service("orders", ["billing", "inventory"], ["b.read"], b"h1", T0)
+        created = repo.create_service(
+            "orders",
+            [AudienceGrant("billing", ("b.read",)), AudienceGrant("inventory", ("b.read",))],
+            b"h1",
+            T0,
+        )
         fetched = repo.fetch_service("orders")
         assert fetched == created
         assert fetched.audiences == ("billing", "inventory")
@@ -33,20 +38,20 @@ class TestServices:
         assert repo.fetch_service("nobody") is None
 
     def test_duplicate_id_is_already_exists_and_keeps_the_first(self, repo: Repository) -> None:
-        repo.create_service("orders", ["a"], ["s"], b"first", T0)
+        repo.create_service("orders", [AudienceGrant("a", ("s",))], b"first", T0)
         with pytest.raises(AlreadyExists):
-            repo.create_service("orders", ["b"], ["t"], b"second", at(1))
+            repo.create_service("orders", [AudienceGrant("b", ("t",))], b"second", at(1))
         assert repo.fetch_service("orders").audiences == ("a",)  # type: ignore[union-attr]
         assert [h for _, h in live_secrets(repo, "orders", at(1))] == [b"first"]
 
     def test_list_is_ordered_by_id(self, repo: Repository) -> None:
         for name in ["zeta", "alpha", "mid"]:
-            repo.create_service(name, ["x"], [], b"h", T0)
+            repo.create_service(name, [AudienceGrant("x", ())], b"h", T0)
         assert [s.service_id for s in repo.list_services()] == ["alpha", "mid", "zeta"]
 
     def test_disable_and_enable(self, repo: Repository) -> None:
-        repo.create_service("a", ["x"], [], b"h", T0)
-        repo.create_service("b", ["x"], [], b"h", T0)
+        repo.create_service("a", [AudienceGrant("x", ())], b"h", T0)
+        repo.create_service("b", [AudienceGrant("x", ())], b"h", T0)
         disabled = repo.update_service_disabled("b", True, at(5))
         assert disabled.disabled is True and disabled.updated_at == at(5)
         assert disabled.created_at == T0
@@ -61,25 +66,25 @@ class TestServices:
 
     def test_non_utc_input_is_stored_as_the_same_instant_in_utc(self, repo: Repository) -> None:
         plus2 = datetime(2030, 1, 1, 14, 0, tzinfo=timezone(timedelta(hours=2)))
-        record = repo.create_service("tz", ["x"], [], b"h", plus2)
+        record = repo.create_service("tz", [AudienceGrant("x", ())], b"h", plus2)
         assert record.created_at == T0 and record.created_at.tzinfo == UTC
         assert repo.fetch_service("tz").created_at.tzinfo == UTC  # type: ignore[union-attr]
 
     def test_naive_datetime_is_refused(self, repo: Repository) -> None:
         with pytest.raises(ValueError, match="timezone-aware"):
-            repo.create_service("naive", ["x"], [], b"h", datetime(2030, 1, 1))
+            repo.create_service("naive", [AudienceGrant("x", ())], b"h", datetime(2030, 1, 1))
         assert repo.fetch_service("naive") is None
 
 
 class TestSecrets:
     def test_new_service_has_one_current_secret(self, repo: Repository) -> None:
-        repo.create_service("svc", ["x"], [], b"hash-1", T0)
+        repo.create_service("svc", [AudienceGrant("x", ())], b"hash-1", T0)
         assert live_secrets(repo, "svc", T0) == [("current", b"hash-1")]
 
     def test_rotation_with_grace_keeps_the_old_secret_until_it_expires(
         self, repo: Repository
     ) -> None:
-        repo.create_service("svc", ["x"], [], b"hash-1", T0)
+        repo.create_service("svc", [AudienceGrant("x", ())], b"hash-1", T0)
         previous = repo.update_service_secret("svc", b"hash-2", at(10), at(70))
         assert previous is not None
         assert (previous.slot, previous.secret_hash, previous.expires_at) == (
@@ -94,7 +99,7 @@ class TestSecrets:
         assert [h for _, h in live_secrets(repo, "svc", at(70))] == [b"hash-2"]
 
     def test_at_most_one_previous_secret(self, repo: Repository) -> None:
-        repo.create_service("svc", ["x"], [], b"hash-1", T0)
+        repo.create_service("svc", [AudienceGrant("x", ())], b"hash-1", T0)
         repo.update_service_secret("svc", b"hash-2", at(1), at(1000))
         previous = repo.update_service_secret("svc", b"hash-3", at(2), at(1000))
         assert previous is not None and previous.secret_hash == b"hash-2"
@@ -105,7 +110,7 @@ class TestSecrets:
     def test_no_grace_ends_the_old_secret_now(
         self, repo: Repository, grace_end: int | None
     ) -> None:
-        repo.create_service("svc", ["x"], [], b"hash-1", T0)
+        repo.create_service("svc", [AudienceGrant("x", ())], b"hash-1", T0)
         repo.update_service_secret("svc", b"hash-2", at(1), at(1000))
         # None, "now" and a time in the past all mean: no previous secret at all.
         until = None if grace_end is None else at(grace_end)
@@ -115,7 +120,7 @@ class TestSecrets:
     def test_a_rotation_expecting_a_superseded_current_secret_changes_nothing(
         self, repo: Repository
     ) -> None:
-        repo.create_service("svc", ["a"], [], b"1" * 32, T0)
+        repo.create_service("svc", [AudienceGrant("a", ())], b"1" * 32, T0)
         repo.update_service_secret(
             "svc", b"2" * 32, at(1), at(100), expected_current_hash=b"1" * 32
         )
@@ -132,7 +137,7 @@ class TestSecrets:
     def test_an_ended_grace_is_deleted_and_stays_ended_at_an_earlier_time(
         self, repo: Repository
     ) -> None:
-        repo.create_service("svc", ["x"], [], b"hash-1", T0)
+        repo.create_service("svc", [AudienceGrant("x", ())], b"hash-1", T0)
         repo.update_service_secret("svc", b"hash-2", at(10), at(70))
         assert repo.end_secret_graces(at(69)) == 0
         assert len(live_secrets(repo, "svc", at(69))) == 2
@@ -149,7 +154,7 @@ class TestSecrets:
         assert live_secrets(repo, "ghost", T0) == []
 
     def test_repr_never_shows_the_hash(self, repo: Repository) -> None:
-        repo.create_service("svc", ["x"], [], b"\x01SENSITIVE-HASH", T0)
+        repo.create_service("svc", [AudienceGrant("x", ())], b"\x01SENSITIVE-HASH", T0)
         secret = repo.update_service_secret("svc", b"hash-2", at(1), at(100))
         assert secret is not None and secret.secret_hash == b"\x01SENSITIVE-HASH"
         assert "SENSITIVE" not in repr(secret) and "secret_hash" not in repr(secret)
@@ -488,7 +493,7 @@ class TestRevocations:
 class TestChanges:
     def test_every_state_change_is_recorded_in_order(self, repo: Repository) -> None:
         assert repo.fetch_latest_change_cursor() == 0
-        repo.create_service("svc", ["x"], [], b"h", T0)
+        repo.create_service("svc", [AudienceGrant("x", ())], b"h", T0)
         repo.update_service_disabled("svc", True, at(1))
         repo.create_signing_key(
             key_record("k1"), at(2), expected_active_kid=None, publish_until=at(2)
@@ -512,11 +517,11 @@ class TestChanges:
         assert repo.list_changes(cursors[1], limit=2) == changes[2:4]
 
     def test_lost_rotation_and_failed_writes_record_nothing(self, repo: Repository) -> None:
-        repo.create_service("svc", ["x"], [], b"h", T0)
+        repo.create_service("svc", [AudienceGrant("x", ())], b"h", T0)
         before = repo.fetch_latest_change_cursor()
         repo.create_signing_key(key_record("k1"), T0, expected_active_kid="nope", publish_until=T0)
         with pytest.raises(AlreadyExists):
-            repo.create_service("svc", ["x"], [], b"h", T0)
+            repo.create_service("svc", [AudienceGrant("x", ())], b"h", T0)
         assert repo.prune_signing_keys(at(1)) == 0
         assert repo.fetch_latest_change_cursor() == before
 
@@ -617,7 +622,7 @@ class TestLoginBatch:
     """The login batch's unit of work: reads inside the transaction, writes at its commit."""
 
     def _service(self, repo: Repository, sid: str = "svc", secret: bytes = b"h" * 32) -> None:
-        repo.create_service(sid, ["billing"], ["read"], secret, T0)
+        repo.create_service(sid, [AudienceGrant("billing", ("read",))], secret, T0)
 
     def test_credentials_are_the_service_and_its_live_secret_hashes(self, repo: Repository) -> None:
         self._service(repo, secret=b"a" * 32)

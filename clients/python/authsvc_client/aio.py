@@ -1,8 +1,10 @@
-"""asyncio variants: grpc.aio client interceptors, remote validator and server interceptor."""
+"""asyncio variants: grpc.aio client interceptors, remote validator and its revocation feed,
+server interceptor."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import logging
@@ -13,34 +15,47 @@ from typing import Any, Protocol, runtime_checkable
 import grpc
 
 from authsvc_client.claims import Claims, ValidationResult
-from authsvc_client.credentials import failure_status, with_bearer
-from authsvc_client.errors import AuthsvcClientError, ValidatorUnavailable
+from authsvc_client.credentials import (
+    aio_client_details,
+    aio_client_interceptors,
+    failure_status,
+    with_bearer,
+)
+from authsvc_client.errors import AuthsvcClientError, ValidatorUnavailable, status_of
 from authsvc_client.interceptors import (
     _CALLER,
     _NOT_ALLOWED,
     _UNAVAILABLE,
-    ALL_DENIALS,
     DEFAULT_PUBLIC_SERVICES,
     Denial,
     MethodPolicy,
+    admit,
     bearer_token,
-    decide,
+    behavior_of,
+    rebuild,
+    shape_of,
+    terminators,
 )
+from authsvc_client.revocations import RevocationEntry, RevocationSet
 from authsvc_client.streaming import DEFAULT_STREAMS, AsyncStreamMux
 from authsvc_client.tokens import AsyncTokenSource
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 from authsvc_client.validation import (
+    FOLLOWER_AUDIENCE,
+    FeedState,
     LocalValidator,
-    PositiveCache,
+    RemoteCore,
     RemoteValidator,
     Validator,
-    remote_error,
-    remote_result,
+    feed_closed,
+    no_feed_token,
 )
 
 __all__ = [
     "AsyncAuthServerInterceptor",
+    "AsyncFollowerToken",
     "AsyncRemoteValidator",
+    "AsyncRevocationFollower",
     "AsyncTokenSource",
     "AsyncValidator",
     "bearer_interceptors",
@@ -53,6 +68,8 @@ _LOG = logging.getLogger(__name__)
 
 
 class _Bearer:
+    # As BearerTokenInterceptor: the token awaited before the call, and one retry with a new
+    # token after the callee's UNAUTHENTICATED, for unary calls only.
     def __init__(self, source: AsyncTokenSource) -> None:
         self._source = source
 
@@ -67,57 +84,20 @@ class _Bearer:
                 details=str(exc),
             ) from None
 
-    async def _details(
-        self, details: grpc.aio.ClientCallDetails, token: str | None = None
-    ) -> grpc.aio.ClientCallDetails:
-        if token is None:
-            token = await self._token()
-        return grpc.aio.ClientCallDetails(
-            details.method,
-            details.timeout,
-            grpc.aio.Metadata(*with_bearer(details.metadata, token)),
-            details.credentials,
-            details.wait_for_ready,
-        )
+    def _details(self, details: grpc.aio.ClientCallDetails, token: str) -> Any:
+        return aio_client_details(details, with_bearer(details.metadata, token))
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self._source!r})"
+    async def call(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details, await self._token()), request)
 
-
-class _UnaryUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    # As BearerTokenInterceptor: one retry with a new token after the callee's
-    # UNAUTHENTICATED, for unary calls only.
-    async def intercept_unary_unary(
-        self, continuation: Callable[..., Any], client_call_details: Any, request: Any
-    ) -> Any:
+    async def unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         token = await self._token()
-        call = await continuation(await self._details(client_call_details, token), request)
+        call = await continuation(self._details(details, token), request)
         if await call.code() is not grpc.StatusCode.UNAUTHENTICATED:
             return call
         if not self._source._invalidate_refused(token):
             return call
-        return await continuation(await self._details(client_call_details), request)
-
-
-class _UnaryStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
-    async def intercept_unary_stream(
-        self, continuation: Callable[..., Any], client_call_details: Any, request: Any
-    ) -> Any:
-        return await continuation(await self._details(client_call_details), request)
-
-
-class _StreamUnary(_Bearer, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
-    async def intercept_stream_unary(
-        self, continuation: Callable[..., Any], client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        return await continuation(await self._details(client_call_details), request_iterator)
-
-
-class _StreamStream(_Bearer, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
-    async def intercept_stream_stream(
-        self, continuation: Callable[..., Any], client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        return await continuation(await self._details(client_call_details), request_iterator)
+        return await self.call(continuation, details, request)
 
 
 def bearer_interceptors(source: AsyncTokenSource) -> list[grpc.aio.ClientInterceptor]:
@@ -126,7 +106,8 @@ def bearer_interceptors(source: AsyncTokenSource) -> list[grpc.aio.ClientInterce
 
     (grpc.aio files each interceptor under one RPC shape only, hence one object per shape.)
     """
-    return [_UnaryUnary(source), _UnaryStream(source), _StreamUnary(source), _StreamStream(source)]
+    bearer = _Bearer(source)
+    return aio_client_interceptors(bearer.call, unary_unary=bearer.unary_unary, label=repr(source))
 
 
 # --- validators ------------------------------------------------------------------------------
@@ -141,10 +122,137 @@ class AsyncValidator(Protocol):
     ) -> ValidationResult: ...
 
 
+# What authenticates an asyncio revocation feed: an AsyncTokenSource for FOLLOWER_AUDIENCE, or
+# any async callable returning a bearer token for it (awaited at every (re)connect).
+AsyncFollowerToken = AsyncTokenSource | Callable[[], Awaitable[str]]
+
+
+class AsyncRevocationFollower:
+    """RevocationFollower for a grpc.aio channel: follows WatchRevocations in an asyncio task
+    of the loop it is started in, with the same connected rule (FeedState), the same
+    reconnect from the last cursor applied, and the same token rules (None: an
+    AsyncTokenSource from the AUTHSVC_SERVICE_* environment, owned and closed here)."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        revocations: RevocationSet,
+        *,
+        token: AsyncFollowerToken | None = None,
+        environ: Mapping[str, str] | None = None,
+        clock: Callable[[], float],
+        reconnect_initial_seconds: float = 0.1,
+        reconnect_max_seconds: float = 2.0,
+        settle_seconds: float = 0.25,
+        on_disconnect: Callable[[], None] | None = None,
+    ) -> None:
+        self._channel = channel
+        self._stub = auth_pb2_grpc.AuthServiceStub(channel)
+        self.revocations = revocations
+        self._clock = clock
+        self._state = FeedState(
+            initial=reconnect_initial_seconds,
+            maximum=reconnect_max_seconds,
+            settle_seconds=settle_seconds,
+        )
+        self._on_disconnect = on_disconnect
+        self._owned_source: AsyncTokenSource | None = None
+        if token is None:
+            # Raises CredentialsError naming the missing variable.
+            token = self._owned_source = AsyncTokenSource.from_env(
+                FOLLOWER_AUDIENCE, environ=environ
+            )
+        self._token: Callable[[], Awaitable[str]] = (
+            token.token if isinstance(token, AsyncTokenSource) else token
+        )
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.connects = 0
+        self.events_applied = 0
+
+    def start(self) -> None:
+        """Start following in the running loop (again: nothing)."""
+        if self._task is None and not self._stopping:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="authsvc-revocations"
+            )
+
+    def stop(self) -> None:
+        """Stop following; the task closes the source it owns as it ends."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+
+    async def wait_stopped(self) -> None:
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    @property
+    def connected(self) -> bool:
+        self._observe_channel()
+        return self._state.connected()
+
+    def outage_seconds(self, now: float) -> float:
+        self._observe_channel()
+        return self._state.outage_seconds(now)
+
+    def _observe_channel(self) -> None:
+        # grpc.aio has no connectivity callback; the state is read when it matters.
+        try:
+            ready = self._channel.get_state() is grpc.ChannelConnectivity.READY
+        except (ValueError, RuntimeError, AttributeError):  # a closed channel
+            ready = False
+        self._state.channel(ready, self._clock())
+
+    async def _run(self) -> None:
+        state = self._state
+        call: Any = None
+        try:
+            while not self._stopping:
+                try:
+                    bearer = await self._token()
+                except Exception as exc:
+                    no_feed_token(exc)
+                    await asyncio.sleep(state.retry_delay())
+                    continue
+                call = self._stub.WatchRevocations(
+                    auth_pb2.WatchRevocationsRequest(after_cursor=self.revocations.cursor),
+                    metadata=(("authorization", f"Bearer {bearer}"),),
+                )
+                state.opened()
+                self.connects += 1
+                try:
+                    async for event in call:
+                        self.revocations.add(RevocationEntry.from_proto(event))
+                        self.events_applied += 1
+                        state.event()
+                except grpc.RpcError as exc:
+                    feed_closed(status_of(exc), self._stopping)
+                except grpc.aio.UsageError:  # the channel is closed: nothing can work any more
+                    return
+                except Exception:
+                    _LOG.exception("revocation feed failed; reconnecting")
+                finally:
+                    state.closed(self._clock())
+                    if self._on_disconnect is not None:
+                        self._on_disconnect()
+                call = None
+                await asyncio.sleep(state.retry_delay())
+        finally:
+            if call is not None:
+                call.cancel()
+            if self._owned_source is not None:
+                await self._owned_source.close()
+
+
 class AsyncRemoteValidator:
     """RemoteValidator over a grpc.aio channel: checks over ValidateTokenStream by default
-    (unary ValidateToken against a server without it), a short positive cache, failing closed
-    (ValidatorUnavailable) when authsvc is down or slow."""
+    (unary ValidateToken against a server without it) with the required scopes, a short
+    positive cache, failing closed (ValidatorUnavailable, naming the status) when authsvc is
+    down or slow. With `follow_revocations` a cached answer is dropped as soon as its
+    revocation arrives on the feed (followed in a task of the loop the first check runs in),
+    and nothing is cached while the feed is down."""
 
     def __init__(
         self,
@@ -154,56 +262,82 @@ class AsyncRemoteValidator:
         cache_ttl_seconds: float = 5.0,
         cache_size: int = 10_000,
         timeout_seconds: float = 2.0,
+        follow_revocations: bool = False,
+        token_source: AsyncFollowerToken | None = None,
+        environ: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
         streaming: bool = True,
         streams: int = DEFAULT_STREAMS,
     ) -> None:
-        if not audience:
-            raise ValueError("audience is required")
+        """`token_source` authenticates the revocation feed when `follow_revocations` is on
+        (None: an AsyncTokenSource from the AUTHSVC_SERVICE_* environment, or `environ`).
+
+        Raises:
+            CredentialsError: following without `token_source`, and a variable is missing.
+        """
+        revocations = RevocationSet() if follow_revocations else None
+        self._core = RemoteCore(
+            audience,
+            cache_ttl_seconds=cache_ttl_seconds,
+            cache_size=cache_size,
+            timeout_seconds=timeout_seconds,
+            clock=clock,
+            revocations=revocations,
+        )
         self.audience = audience
         self._stub = auth_pb2_grpc.AuthServiceStub(channel)
-        self._timeout = timeout_seconds
-        self._clock = clock
-        self._cache = PositiveCache(cache_ttl_seconds, cache_size, None)
         self.streams = AsyncStreamMux(channel, streams=streams) if streaming else None
+        self.feed: AsyncRevocationFollower | None = None
+        if revocations is not None:
+            self.feed = AsyncRevocationFollower(
+                channel,
+                revocations,
+                token=token_source,
+                environ=environ,
+                clock=clock,
+                on_disconnect=self._core.cache.clear,
+            )
+            with contextlib.suppress(RuntimeError):  # no running loop: the first check starts it
+                self.feed.start()
 
     async def validate(
         self, token: str, *, required_scopes: Sequence[str] = ()
     ) -> ValidationResult:
-        now = self._clock()
-        key = PositiveCache.key(token)
-        claims = self._cache.get(key, now)
-        if claims is not None:
-            return remote_result(
-                auth_pb2.ValidateTokenResponse(valid=True, claims=claims.to_proto()),
-                required_scopes,
-            )
-        request = auth_pb2.ValidateTokenRequest(token=token, audience=self.audience)
-        remaining = self._timeout
+        """Raises:
+        ValidatorUnavailable: authsvc did not answer in time (never read as valid).
+        """
+        core = self._core
+        now = core.clock()
+        feed = self.feed
+        if feed is not None:
+            feed.start()
+        use_cache = feed is None or feed.connected
+        key, cached = core.lookup(token, required_scopes, now, use_cache)
+        if cached is not None:
+            return cached
+        request = core.request(token, required_scopes)
+        started = time.monotonic()
         response = None
         if self.streams is not None:
-            started = time.monotonic()
-            response = await self.streams.check(request, self._timeout)
-            remaining -= time.monotonic() - started
+            response = await self.streams.check(request, core.timeout)
         if response is None:
-            if remaining <= 0:
-                raise ValidatorUnavailable("authsvc ValidateToken: no answer within the deadline")
+            remaining = core.remaining(time.monotonic() - started)
             try:
                 response = await self._stub.ValidateToken(request, timeout=remaining)
             except grpc.RpcError as exc:
-                return remote_error(exc)
-        result = ValidationResult.from_proto(response)
-        if result.claims is not None:
-            self._cache.put(key, result.claims, now)
-        return remote_result(response, required_scopes)
+                return core.failed(exc)
+        return core.answer(key, response, required_scopes, now)
 
     def close(self) -> None:
-        """End the validator's streams (they also end with the channel)."""
+        """End the validator's streams and its revocation feed (they also end with the
+        channel)."""
         if self.streams is not None:
             self.streams.close()
+        if self.feed is not None:
+            self.feed.stop()
 
     def __repr__(self) -> str:
-        return f"AsyncRemoteValidator(audience={self.audience!r}, cached={len(self._cache)})"
+        return self._core.describe(type(self).__name__)
 
 
 async def validate_async(
@@ -227,10 +361,7 @@ async def validate_async(
     except Exception:
         _LOG.exception("token validator failed; denying the call")
         return _UNAVAILABLE
-    denial = decide(result)
-    if denial is not None or result.claims is None:
-        return denial or _UNAVAILABLE
-    return result.claims
+    return admit(result)
 
 
 # --- server ----------------------------------------------------------------------------------
@@ -243,34 +374,15 @@ def _abort_behavior(denial: Denial) -> Callable[[Any, Any], Awaitable[None]]:
     return terminate
 
 
-_FACTORIES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-
-_TERMINATORS: dict[Denial, dict[tuple[bool, bool], grpc.RpcMethodHandler]] = {
-    denial: {shape: factory(_abort_behavior(denial)) for shape, factory in _FACTORIES.items()}
-    for denial in ALL_DENIALS
-}
+_TERMINATORS = terminators(_abort_behavior)
 
 
-def _shape(handler: Any) -> tuple[bool, bool]:
-    if handler is None:
-        return (False, False)
-    return (bool(handler.request_streaming), bool(handler.response_streaming))
+def terminator(denial: Denial, handler: Any) -> grpc.RpcMethodHandler:
+    return _TERMINATORS[denial][shape_of(handler)]
 
 
 def _with_caller(handler: Any, claims: Claims) -> grpc.RpcMethodHandler:
-    shape = _shape(handler)
-    attr = {
-        (False, False): "unary_unary",
-        (False, True): "unary_stream",
-        (True, False): "stream_unary",
-        (True, True): "stream_stream",
-    }[shape]
-    behavior = getattr(handler, attr)
+    behavior = behavior_of(handler)
     wrapped: Callable[..., Any]
     if inspect.isasyncgenfunction(behavior):
 
@@ -302,11 +414,7 @@ def _with_caller(handler: Any, claims: Claims) -> grpc.RpcMethodHandler:
             return ctx.run(behavior, request, context)
 
         wrapped = wrapped_sync
-    return _FACTORIES[shape](
-        wrapped,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    return rebuild(handler, wrapped)
 
 
 def _reset(token: contextvars.Token[Claims | None]) -> None:
@@ -346,7 +454,7 @@ class AsyncAuthServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[mi
             return await self._intercept(continuation, handler_call_details)
         except Exception:
             _LOG.exception("auth interceptor failed; denying the call")
-            return _TERMINATORS[_UNAVAILABLE][(False, False)]
+            return terminator(_UNAVAILABLE, None)
 
     async def _intercept(
         self,
@@ -359,11 +467,11 @@ class AsyncAuthServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[mi
             return handler
         scopes = self.policy.required_scopes(method)
         if scopes is None:
-            return _TERMINATORS[_NOT_ALLOWED][_shape(handler)]
+            return terminator(_NOT_ALLOWED, handler)
         token = bearer_token(details.invocation_metadata)
         if isinstance(token, Denial):
-            return _TERMINATORS[token][_shape(handler)]
+            return terminator(token, handler)
         outcome = await validate_async(self._validator, token, scopes)
         if isinstance(outcome, Denial):
-            return _TERMINATORS[outcome][_shape(handler)]
+            return terminator(outcome, handler)
         return _with_caller(handler, outcome)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, NamedTuple
 
 import grpc
@@ -108,6 +108,77 @@ class _CallDetails(
     pass
 
 
+def client_details(details: Any, metadata: Any) -> grpc.ClientCallDetails:
+    """A sync call's details with other metadata (grpc gives interceptors no way to copy
+    them); shared by the bearer and tracing interceptors."""
+    return _CallDetails(
+        details.method,
+        details.timeout,
+        metadata,
+        details.credentials,
+        getattr(details, "wait_for_ready", None),
+        getattr(details, "compression", None),
+    )
+
+
+def aio_client_details(details: Any, metadata: Any) -> grpc.aio.ClientCallDetails:
+    """client_details for a grpc.aio call."""
+    return grpc.aio.ClientCallDetails(
+        details.method,
+        details.timeout,
+        grpc.aio.Metadata(*metadata),
+        details.credentials,
+        details.wait_for_ready,
+    )
+
+
+# grpc.aio files each client interceptor under one RPC shape only (by its base class), so an
+# interceptor for every call is one object per shape; these four hand each call to a function.
+AioIntercept = Callable[[Any, Any, Any], Awaitable[Any]]
+
+
+class _AioPerShape:
+    def __init__(self, intercept: AioIntercept, label: str) -> None:
+        self._intercept = intercept
+        self._label = label
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._label})"
+
+
+class _AioUnaryUnary(_AioPerShape, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await self._intercept(continuation, details, request)
+
+
+class _AioUnaryStream(_AioPerShape, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await self._intercept(continuation, details, request)
+
+
+class _AioStreamUnary(_AioPerShape, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
+    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await self._intercept(continuation, details, requests)
+
+
+class _AioStreamStream(_AioPerShape, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await self._intercept(continuation, details, requests)
+
+
+def aio_client_interceptors(
+    intercept: AioIntercept, *, unary_unary: AioIntercept | None = None, label: str = ""
+) -> list[grpc.aio.ClientInterceptor]:
+    """One grpc.aio interceptor per call shape, each running `intercept(continuation,
+    details, request)` (`unary_unary` instead for unary calls, when given)."""
+    return [
+        _AioUnaryUnary(unary_unary or intercept, label),
+        _AioUnaryStream(intercept, label),
+        _AioStreamUnary(intercept, label),
+        _AioStreamStream(intercept, label),
+    ]
+
+
 class BearerTokenInterceptor(
     grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
     grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
@@ -130,15 +201,8 @@ class BearerTokenInterceptor(
     def __init__(self, source: TokenSource) -> None:
         self._source = source
 
-    def _details(self, details: grpc.ClientCallDetails, token: str) -> _CallDetails:
-        return _CallDetails(
-            details.method,
-            details.timeout,
-            with_bearer(details.metadata, token),
-            details.credentials,
-            getattr(details, "wait_for_ready", None),
-            getattr(details, "compression", None),
-        )
+    def _details(self, details: grpc.ClientCallDetails, token: str) -> grpc.ClientCallDetails:
+        return client_details(details, with_bearer(details.metadata, token))
 
     def _intercept(
         self, continuation: Callable[[Any, Any], Any], details: grpc.ClientCallDetails, request: Any

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import grpc
+
 from authsvc_client.v1 import auth_pb2
 
 __all__ = [
@@ -141,3 +143,14 @@ class TokenRefused(TokenUnavailable):
 
 
 __all__ += ["TokenRefused"]
+
+
+def status_of(exc: BaseException) -> grpc.StatusCode:
+    """The status code of a failed call, sync or grpc.aio, UNKNOWN when it has none.
+
+    grpc.aio's AioRpcError has code() without being a grpc.Call, so an isinstance check on
+    grpc.Call loses every asyncio failure's status; this is the one place that reads it.
+    """
+    code_of = getattr(exc, "code", None)
+    code = code_of() if callable(code_of) else None
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN

@@ -148,6 +148,14 @@ def decide(result: ValidationResult) -> Denial | None:
     return _BY_REASON.get(result.reason, _invalid("MALFORMED"))
 
 
+def admit(result: ValidationResult) -> Claims | Denial:
+    """The caller's claims, or the denial a result means (sync and aio interceptors)."""
+    denial = decide(result)
+    if denial is not None or result.claims is None:
+        return denial or _UNAVAILABLE
+    return result.claims
+
+
 def validate_sync(validator: Validator, token: str, scopes: Sequence[str]) -> Claims | Denial:
     """Run a validator and turn every outcome, failures included, into claims or a denial."""
     try:
@@ -157,13 +165,60 @@ def validate_sync(validator: Validator, token: str, scopes: Sequence[str]) -> Cl
     except Exception:
         _LOG.exception("token validator failed; denying the call")
         return _UNAVAILABLE
-    denial = decide(result)
-    if denial is not None or result.claims is None:
-        return denial or _UNAVAILABLE
-    return result.claims
+    return admit(result)
 
 
-# --- prebuilt terminators (grpc examples): one handler per denial and per RPC shape -----------
+# --- the one shape -> handler table ---------------------------------------------------------
+# A handler's RPC shape, (request_streaming, response_streaming), names the attribute holding
+# its behaviour and the factory that wraps a behaviour of that shape. Every interceptor of
+# the package (sync and grpc.aio, auth and tracing) rebuilds handlers through these helpers.
+
+Shape = tuple[bool, bool]
+
+_HANDLER_KINDS: dict[Shape, tuple[str, Callable[..., grpc.RpcMethodHandler]]] = {
+    (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler),
+}
+SHAPES: tuple[Shape, ...] = tuple(_HANDLER_KINDS)
+
+
+def shape_of(handler: Any) -> Shape:
+    """A handler's shape; None (no such method) counts as unary."""
+    if handler is None:
+        return (False, False)
+    return (bool(handler.request_streaming), bool(handler.response_streaming))
+
+
+def behavior_of(handler: Any) -> Callable[..., Any]:
+    """The application function a handler wraps."""
+    return getattr(handler, _HANDLER_KINDS[shape_of(handler)][0])  # type: ignore[no-any-return]
+
+
+def handler_for(shape: Shape, behavior: Callable[..., Any], **serdes: Any) -> grpc.RpcMethodHandler:
+    return _HANDLER_KINDS[shape][1](behavior, **serdes)
+
+
+def rebuild(handler: Any, behavior: Callable[..., Any]) -> grpc.RpcMethodHandler:
+    """`handler` with `behavior` instead of its own, same shape and (de)serializers."""
+    return handler_for(
+        shape_of(handler),
+        behavior,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def terminators(
+    abort: Callable[[Denial], Callable[..., Any]],
+) -> dict[Denial, dict[Shape, grpc.RpcMethodHandler]]:
+    """Prebuilt refusals (as in grpc's examples): one handler per denial and per shape,
+    each running `abort(denial)`."""
+    return {
+        denial: {shape: handler_for(shape, abort(denial)) for shape in SHAPES}
+        for denial in ALL_DENIALS
+    }
 
 
 def _abort_behavior(denial: Denial) -> Callable[[Any, grpc.ServicerContext], Any]:
@@ -173,50 +228,11 @@ def _abort_behavior(denial: Denial) -> Callable[[Any, grpc.ServicerContext], Any
     return terminate
 
 
-def _terminators(denial: Denial) -> dict[tuple[bool, bool], grpc.RpcMethodHandler]:
-    behavior = _abort_behavior(denial)
-    return {
-        (False, False): grpc.unary_unary_rpc_method_handler(behavior),
-        (False, True): grpc.unary_stream_rpc_method_handler(behavior),
-        (True, False): grpc.stream_unary_rpc_method_handler(behavior),
-        (True, True): grpc.stream_stream_rpc_method_handler(behavior),
-    }
-
-
-_TERMINATORS: dict[Denial, dict[tuple[bool, bool], grpc.RpcMethodHandler]] = {
-    denial: _terminators(denial) for denial in ALL_DENIALS
-}
+_TERMINATORS = terminators(_abort_behavior)
 
 
 def terminator(denial: Denial, handler: Any) -> grpc.RpcMethodHandler:
-    shape = (
-        (bool(handler.request_streaming), bool(handler.response_streaming))
-        if handler is not None
-        else (False, False)
-    )
-    return _TERMINATORS[denial][shape]
-
-
-def _behavior(handler: Any) -> Callable[..., Any]:
-    request_streaming = bool(handler.request_streaming)
-    response_streaming = bool(handler.response_streaming)
-    if request_streaming:
-        return handler.stream_stream if response_streaming else handler.stream_unary  # type: ignore[no-any-return]
-    return handler.unary_stream if response_streaming else handler.unary_unary  # type: ignore[no-any-return]
-
-
-def _rebuild(handler: Any, behavior: Callable[..., Any]) -> grpc.RpcMethodHandler:
-    factory = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[(bool(handler.request_streaming), bool(handler.response_streaming))]
-    return factory(
-        behavior,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    return _TERMINATORS[denial][shape_of(handler)]
 
 
 class AuthServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
@@ -276,10 +292,10 @@ class AuthServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         token = bearer_token(details.invocation_metadata)
         if isinstance(token, Denial):
             return terminator(token, handler)
-        return _rebuild(handler, self._guarded(handler, token, scopes))
+        return rebuild(handler, self._guarded(handler, token, scopes))
 
     def _guarded(self, handler: Any, token: str, scopes: tuple[str, ...]) -> Callable[..., Any]:
-        behavior = _behavior(handler)
+        behavior = behavior_of(handler)
         validator = self._validator
         streaming_response = bool(handler.response_streaming)
 

@@ -20,14 +20,17 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, TracerProvider
 
+from authsvc_client.credentials import aio_client_details, aio_client_interceptors, client_details
+from authsvc_client.interceptors import behavior_of as _behavior
 from authsvc_client.interceptors import current_claims
+from authsvc_client.interceptors import rebuild as _rebuild
 
 __all__ = [
     "CALLER_ATTRIBUTE",
@@ -50,20 +53,6 @@ _SERVER_ERRORS = frozenset(
         grpc.StatusCode.DATA_LOSS,
     }
 )
-_FACTORIES = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-_ATTRS = {
-    (False, False): "unary_unary",
-    (False, True): "unary_stream",
-    (True, False): "stream_unary",
-    (True, True): "stream_stream",
-}
-
-
 def _tracer(provider: TracerProvider | None) -> trace.Tracer:
     return trace.get_tracer(_TRACER_NAME, tracer_provider=provider)
 
@@ -101,20 +90,19 @@ def record_caller() -> None:
         trace.get_current_span().set_attribute(CALLER_ATTRIBUTE, claims.subject)
 
 
-def _shape(handler: Any) -> tuple[bool, bool]:
-    return (bool(handler.request_streaming), bool(handler.response_streaming))
-
-
-def _rebuild(handler: Any, behavior: Callable[..., Any]) -> grpc.RpcMethodHandler:
-    return _FACTORIES[_shape(handler)](
-        behavior,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
+def _server_span(tracer: trace.Tracer, method: str, metadata: Any) -> Span:
+    """A SERVER span continuing the caller's trace (from the call's metadata)."""
+    return tracer.start_span(
+        _span_name(method),
+        context=_parent(metadata),
+        kind=SpanKind.SERVER,
+        attributes=_attributes(method),
     )
 
 
-def _behavior(handler: Any) -> Callable[..., Any]:
-    return getattr(handler, _ATTRS[_shape(handler)])  # type: ignore[no-any-return]
+def _client_span(tracer: trace.Tracer, method: Any) -> Span:
+    name = method.decode() if isinstance(method, bytes) else str(method)
+    return tracer.start_span(_span_name(name), kind=SpanKind.CLIENT, attributes=_attributes(name))
 
 
 def _parent(metadata: Sequence[Any] | None) -> otel_context.Context:
@@ -169,12 +157,7 @@ class TracingServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         streaming = bool(handler.response_streaming)
 
         def traced(request: Any, context: grpc.ServicerContext) -> Any:
-            span = tracer.start_span(
-                _span_name(method),
-                context=_parent(metadata),
-                kind=SpanKind.SERVER,
-                attributes=_attributes(method),
-            )
+            span = _server_span(tracer, method, metadata)
             token = otel_context.attach(trace.set_span_in_context(span))
             try:
                 result = behavior(request, context)
@@ -225,8 +208,7 @@ def _spanned_iterator(span: Span, iterator: Any, context: grpc.ServicerContext) 
         code = grpc.StatusCode.CANCELLED
         raise
     except BaseException:
-        code = _status_code(context.code())
-        code = grpc.StatusCode.UNKNOWN if code == grpc.StatusCode.OK else code
+        code = _aborted(context)
         raise
     finally:
         _end(span, code, server=True)
@@ -261,12 +243,7 @@ class AioTracingServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
             return None if handler is None else _rebuild(handler, _recording(_behavior(handler)))
 
         method = str(handler_call_details.method)
-        span = self._tracer.start_span(
-            _span_name(method),
-            context=_parent(handler_call_details.invocation_metadata),
-            kind=SpanKind.SERVER,
-            attributes=_attributes(method),
-        )
+        span = _server_span(self._tracer, method, handler_call_details.invocation_metadata)
         token = otel_context.attach(trace.set_span_in_context(span))
         try:
             if self._auth is not None:
@@ -357,19 +334,6 @@ def _detach(token: object) -> None:
 # --- client ---------------------------------------------------------------------------------
 
 
-class _CallDetails(NamedTuple):
-    method: str
-    timeout: float | None
-    metadata: Sequence[tuple[str, str | bytes]] | None
-    credentials: grpc.CallCredentials | None
-    wait_for_ready: bool | None
-    compression: grpc.Compression | None
-
-
-class _SyncDetails(_CallDetails, grpc.ClientCallDetails):  # type: ignore[misc]
-    pass
-
-
 def _trace_metadata(metadata: Any) -> list[tuple[str, Any]]:
     """The call's metadata plus the current context's propagation fields (traceparent, …)."""
     carrier: dict[str, str] = {}
@@ -377,29 +341,12 @@ def _trace_metadata(metadata: Any) -> list[tuple[str, Any]]:
     return [*(tuple(item) for item in (metadata or ())), *carrier.items()]
 
 
-def _sync_details(details: Any) -> _SyncDetails:
-    return _SyncDetails(
-        details.method,
-        details.timeout,
-        _trace_metadata(details.metadata),
-        details.credentials,
-        getattr(details, "wait_for_ready", None),
-        getattr(details, "compression", None),
-    )
+def _sync_details(details: Any) -> grpc.ClientCallDetails:
+    return client_details(details, _trace_metadata(details.metadata))
 
 
 def _aio_details(details: Any) -> grpc.aio.ClientCallDetails:
-    return grpc.aio.ClientCallDetails(
-        details.method,
-        details.timeout,
-        grpc.aio.Metadata(*_trace_metadata(details.metadata)),
-        details.credentials,
-        details.wait_for_ready,
-    )
-
-
-def _method_name(method: Any) -> str:
-    return method.decode() if isinstance(method, bytes) else str(method)
+    return aio_client_details(details, _trace_metadata(details.metadata))
 
 
 class TracingClientInterceptor(
@@ -415,10 +362,7 @@ class TracingClientInterceptor(
         self._tracer = _tracer(tracer_provider)
 
     def _call(self, continuation: Any, details: Any, request: Any) -> Any:
-        method = _method_name(details.method)
-        span = self._tracer.start_span(
-            _span_name(method), kind=SpanKind.CLIENT, attributes=_attributes(method)
-        )
+        span = _client_span(self._tracer, details.method)
         try:
             with trace.use_span(span, end_on_exit=False):
                 call = continuation(_sync_details(details), request)
@@ -456,10 +400,7 @@ class _AioTracing:
         self._pending: set[asyncio.Task[None]] = set()
 
     async def _call(self, continuation: Any, details: Any, request: Any) -> Any:
-        method = _method_name(details.method)
-        span = self._tracer.start_span(
-            _span_name(method), kind=SpanKind.CLIENT, attributes=_attributes(method)
-        )
+        span = _client_span(self._tracer, details.method)
         try:
             with trace.use_span(span, end_on_exit=False):
                 call = await continuation(_aio_details(details), request)
@@ -479,26 +420,6 @@ class _AioTracing:
         return call
 
 
-class _AioUnaryUnary(_AioTracing, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await self._call(continuation, details, request)
-
-
-class _AioUnaryStream(_AioTracing, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
-    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await self._call(continuation, details, request)
-
-
-class _AioStreamUnary(_AioTracing, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
-    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return await self._call(continuation, details, requests)
-
-
-class _AioStreamStream(_AioTracing, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
-    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return await self._call(continuation, details, requests)
-
-
 def aio_tracing_client_interceptors(
     *, tracer_provider: TracerProvider | None = None
 ) -> list[grpc.aio.ClientInterceptor]:
@@ -506,10 +427,4 @@ def aio_tracing_client_interceptors(
 
     grpc.aio takes one interceptor object per call shape, so this returns one of each.
     """
-    tracer = _tracer(tracer_provider)
-    return [
-        _AioUnaryUnary(tracer),
-        _AioUnaryStream(tracer),
-        _AioStreamUnary(tracer),
-        _AioStreamStream(tracer),
-    ]
+    return aio_client_interceptors(_AioTracing(_tracer(tracer_provider))._call, label="tracing")

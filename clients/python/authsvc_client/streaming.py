@@ -10,6 +10,9 @@ When a stream cannot serve a check (none open during back-off, every stream full
 ended before answering, or a server without the RPC), `check` returns None and the validator
 asks the same question with unary ValidateToken: checks are idempotent, so a retry is safe, and
 the unary call fails closed on its own.
+
+The pairing (_Fifo) and the choice of stream (_Pool) are sans-IO and shared; the sync and
+asyncio classes below only move messages (threads and events, or tasks and futures).
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 
-from authsvc_client.errors import ValidatorUnavailable
+from authsvc_client.errors import ValidatorUnavailable, status_of
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 
 __all__ = ["AsyncStreamMux", "StreamMux"]
@@ -38,6 +41,8 @@ _UNSUPPORTED_RETRY = 300.0
 
 Request = auth_pb2.ValidateTokenRequest
 Response = auth_pb2.ValidateTokenResponse
+
+T = TypeVar("T")
 
 
 def _timed_out() -> ValidatorUnavailable:
@@ -74,11 +79,116 @@ class _Reconnect:
         self._delay = _BACKOFF_INITIAL
 
 
-def _code(exc: BaseException) -> grpc.StatusCode:
-    # grpc.aio's AioRpcError has code() without being a grpc.Call.
-    code_of = getattr(exc, "code", None)
-    code = code_of() if callable(code_of) else None
-    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+class _Fifo(Generic[T]):
+    """One stream's waiting callers, in wire order (not thread-safe: the sync stream holds its
+    lock around it)."""
+
+    def __init__(self, max_in_flight: int) -> None:
+        self._pending: deque[T] = deque()
+        self._max = max_in_flight
+        self.alive = True
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def admit(self, waiter: T) -> bool:
+        """Queue a caller; False when the stream is gone or full (ask with a unary call)."""
+        if not self.alive or len(self._pending) >= self._max:
+            return False
+        self._pending.append(waiter)
+        return True
+
+    def answered(self) -> T:
+        """The caller the next answer belongs to.
+
+        Raises:
+            IndexError: an answer nobody asked for; the stream is not trustworthy.
+        """
+        return self._pending.popleft()
+
+    def end(self) -> list[T]:
+        """The stream ended: the callers left get no answer and ask again unary."""
+        self.alive = False
+        left = list(self._pending)
+        self._pending.clear()
+        return left
+
+
+class _StreamLike(Protocol):
+    @property
+    def alive(self) -> bool: ...
+
+    @property
+    def load(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+S = TypeVar("S", bound=_StreamLike)
+
+
+class _Pool(Generic[S]):
+    """Which stream takes the next check: a new one while fewer than `size` are open and the
+    back-off allows, else the least loaded (not thread-safe: StreamMux holds its lock)."""
+
+    def __init__(self, size: int, clock: Callable[[], float]) -> None:
+        self._size = size
+        self.streams: list[S] = []
+        self.reconnect = _Reconnect(clock)
+        self.closed = False
+
+    def pick(self, open_stream: Callable[[], S]) -> S | None:
+        if self.closed:
+            return None
+        live = [s for s in self.streams if s.alive]
+        if len(live) < self._size and self.reconnect.allowed():
+            stream = open_stream()
+            self.streams.append(stream)
+            return stream
+        return min(live, key=lambda s: s.load, default=None)
+
+    def ended(self, stream: S, code: grpc.StatusCode | None, answered: bool) -> None:
+        if stream in self.streams:
+            self.streams.remove(stream)
+        self.reconnect.ended(code, answered)
+
+    def close(self) -> list[S]:
+        self.closed = True
+        streams, self.streams = self.streams, []
+        return streams
+
+
+class _Mux(Generic[S]):
+    """What StreamMux and AsyncStreamMux share: arguments, pool, counters."""
+
+    def __init__(
+        self,
+        channel: Any,
+        *,
+        streams: int,
+        max_in_flight: int,
+        clock: Callable[[], float],
+    ) -> None:
+        if streams < 1 or max_in_flight < 1:
+            raise ValueError("streams and max_in_flight must be at least 1")
+        self._stub = auth_pb2_grpc.AuthServiceStub(channel)
+        self._max = max_in_flight
+        self._pool: _Pool[S] = _Pool(streams, clock)
+        self.answered = 0
+
+    @property
+    def unsupported(self) -> bool:
+        """True after the server answered UNIMPLEMENTED (checks go unary for a while)."""
+        return self._pool.reconnect.unsupported
+
+    @property
+    def open_streams(self) -> int:
+        return sum(1 for s in self._pool.streams if s.alive)
+
+    def _count(self, response: Response | None) -> Response | None:
+        if response is not None:
+            self.answered += 1
+        return response
 
 
 # --- sync ------------------------------------------------------------------------------------
@@ -101,18 +211,20 @@ class _Stream:
         on_answer: Callable[[], None],
     ) -> None:
         self._requests: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
-        self._pending: deque[_Slot] = deque()
+        self._fifo: _Fifo[_Slot] = _Fifo(max_in_flight)
         self._lock = threading.Lock()
-        self._max = max_in_flight
         self._on_end = on_end
         self._on_answer = on_answer
-        self.alive = True
         self._call: Any = stub.ValidateTokenStream(self._feed())
         threading.Thread(target=self._read, name="authsvc-validate-stream", daemon=True).start()
 
     @property
+    def alive(self) -> bool:
+        return self._fifo.alive
+
+    @property
     def load(self) -> int:
-        return len(self._pending)
+        return len(self._fifo)
 
     def _feed(self) -> Iterator[Request]:
         while True:
@@ -124,10 +236,9 @@ class _Stream:
     def submit(self, request: Request) -> _Slot | None:
         slot = _Slot()
         with self._lock:
-            if not self.alive or len(self._pending) >= self._max:
+            if not self._fifo.admit(slot):
                 return None
-            # Appended and queued under one lock: the FIFO's order is the wire's order.
-            self._pending.append(slot)
+            # Queued under the same lock: the FIFO's order is the wire's order.
             self._requests.put(request)
         return slot
 
@@ -137,22 +248,20 @@ class _Stream:
         try:
             for response in self._call:
                 with self._lock:
-                    slot = self._pending.popleft()
+                    slot = self._fifo.answered()
                 slot.response = response
                 slot.done.set()
                 if not answered:
                     answered = True
                     self._on_answer()
         except grpc.RpcError as exc:
-            code = _code(exc)
+            code = status_of(exc)
         except IndexError:  # an answer nobody asked for: the stream is not trustworthy
             code = grpc.StatusCode.INTERNAL
             self._call.cancel()
         finally:
             with self._lock:
-                self.alive = False
-                left = list(self._pending)
-                self._pending.clear()
+                left = self._fifo.end()
             self._requests.put(None)
             for slot in left:
                 slot.done.set()  # no response: the caller asks again with a unary call
@@ -160,12 +269,12 @@ class _Stream:
 
     def close(self) -> None:
         with self._lock:
-            self.alive = False
+            self._fifo.alive = False
         self._requests.put(None)
         self._call.cancel()
 
 
-class StreamMux:
+class StreamMux(_Mux[_Stream]):
     """Up to `streams` ValidateTokenStream calls on one grpc.Channel, shared by every thread."""
 
     def __init__(
@@ -176,42 +285,15 @@ class StreamMux:
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if streams < 1 or max_in_flight < 1:
-            raise ValueError("streams and max_in_flight must be at least 1")
-        self._stub = auth_pb2_grpc.AuthServiceStub(channel)
-        self._size = streams
-        self._max = max_in_flight
-        self._streams: list[_Stream] = []
+        super().__init__(channel, streams=streams, max_in_flight=max_in_flight, clock=clock)
         self._lock = threading.Lock()
-        self._reconnect = _Reconnect(clock)
-        self._closed = False
-        self.answered = 0
-
-    @property
-    def unsupported(self) -> bool:
-        """True after the server answered UNIMPLEMENTED (checks go unary for a while)."""
-        return self._reconnect.unsupported
-
-    @property
-    def open_streams(self) -> int:
-        return sum(1 for s in self._streams if s.alive)
 
     def _ended(self, stream: _Stream, code: grpc.StatusCode | None, answered: bool) -> None:
         with self._lock:
-            if stream in self._streams:
-                self._streams.remove(stream)
-            self._reconnect.ended(code, answered)
+            self._pool.ended(stream, code, answered)
 
-    def _pick(self) -> _Stream | None:
-        with self._lock:
-            if self._closed:
-                return None
-            live = [s for s in self._streams if s.alive]
-            if len(live) < self._size and self._reconnect.allowed():
-                stream = _Stream(self._stub, self._max, self._ended, self._reconnect.answered)
-                self._streams.append(stream)
-                return stream
-            return min(live, key=lambda s: s.load, default=None)
+    def _open(self) -> _Stream:
+        return _Stream(self._stub, self._max, self._ended, self._pool.reconnect.answered)
 
     def check(self, request: Request, timeout: float) -> Response | None:
         """The stream's answer, or None when the caller should ask with a unary call.
@@ -219,20 +301,18 @@ class StreamMux:
         Raises:
             ValidatorUnavailable: the stream took the request but did not answer in time.
         """
-        stream = self._pick()
+        with self._lock:
+            stream = self._pool.pick(self._open)
         slot = stream.submit(request) if stream is not None else None
         if slot is None:
             return None
         if not slot.done.wait(timeout):
             raise _timed_out()
-        if slot.response is not None:
-            self.answered += 1
-        return slot.response
+        return self._count(slot.response)
 
     def close(self) -> None:
         with self._lock:
-            self._closed = True
-            streams, self._streams = self._streams, []
+            streams = self._pool.close()
         for stream in streams:
             stream.close()
 
@@ -250,17 +330,19 @@ class _AsyncStream:
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._requests: asyncio.Queue[Request | None] = asyncio.Queue()
-        self._pending: deque[asyncio.Future[Response | None]] = deque()
-        self._max = max_in_flight
+        self._fifo: _Fifo[asyncio.Future[Response | None]] = _Fifo(max_in_flight)
         self._on_end = on_end
         self._on_answer = on_answer
-        self.alive = True
         self._call: Any = stub.ValidateTokenStream(self._feed())
         self._reader = self._loop.create_task(self._read())
 
     @property
+    def alive(self) -> bool:
+        return self._fifo.alive
+
+    @property
     def load(self) -> int:
-        return len(self._pending)
+        return len(self._fifo)
 
     async def _feed(self) -> AsyncIterator[Request]:
         while True:
@@ -270,11 +352,10 @@ class _AsyncStream:
             yield request
 
     def submit(self, request: Request) -> asyncio.Future[Response | None] | None:
-        if not self.alive or len(self._pending) >= self._max:
+        future: asyncio.Future[Response | None] = self._loop.create_future()
+        if not self._fifo.admit(future):
             return None
         # No await between the two: the FIFO's order is the wire's order.
-        future: asyncio.Future[Response | None] = self._loop.create_future()
-        self._pending.append(future)
         self._requests.put_nowait(request)
         return future
 
@@ -283,23 +364,21 @@ class _AsyncStream:
         answered = False
         try:
             async for response in self._call:
-                future = self._pending.popleft()
+                future = self._fifo.answered()
                 if not future.done():
                     future.set_result(response)
                 if not answered:
                     answered = True
                     self._on_answer()
         except grpc.RpcError as exc:
-            code = _code(exc)
+            code = status_of(exc)
         except IndexError:
             code = grpc.StatusCode.INTERNAL
             self._call.cancel()
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
         finally:
-            self.alive = False
-            left = list(self._pending)
-            self._pending.clear()
+            left = self._fifo.end()
             self._requests.put_nowait(None)
             for future in left:
                 if not future.done():
@@ -307,12 +386,12 @@ class _AsyncStream:
             self._on_end(self, code, answered)
 
     def close(self) -> None:
-        self.alive = False
+        self._fifo.alive = False
         self._requests.put_nowait(None)
         self._call.cancel()
 
 
-class AsyncStreamMux:
+class AsyncStreamMux(_Mux[_AsyncStream]):
     """StreamMux for a grpc.aio channel; streams open lazily inside the caller's event loop."""
 
     def __init__(
@@ -323,42 +402,14 @@ class AsyncStreamMux:
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if streams < 1 or max_in_flight < 1:
-            raise ValueError("streams and max_in_flight must be at least 1")
-        self._stub = auth_pb2_grpc.AuthServiceStub(channel)
-        self._size = streams
-        self._max = max_in_flight
-        self._streams: list[_AsyncStream] = []
-        self._reconnect = _Reconnect(clock)
-        self._closed = False
-        self.answered = 0
+        super().__init__(channel, streams=streams, max_in_flight=max_in_flight, clock=clock)
 
-    @property
-    def unsupported(self) -> bool:
-        return self._reconnect.unsupported
-
-    @property
-    def open_streams(self) -> int:
-        return sum(1 for s in self._streams if s.alive)
-
-    def _ended(self, stream: _AsyncStream, code: grpc.StatusCode | None, answered: bool) -> None:
-        if stream in self._streams:
-            self._streams.remove(stream)
-        self._reconnect.ended(code, answered)
-
-    def _pick(self) -> _AsyncStream | None:
-        if self._closed:
-            return None
-        live = [s for s in self._streams if s.alive]
-        if len(live) < self._size and self._reconnect.allowed():
-            stream = _AsyncStream(self._stub, self._max, self._ended, self._reconnect.answered)
-            self._streams.append(stream)
-            return stream
-        return min(live, key=lambda s: s.load, default=None)
+    def _open(self) -> _AsyncStream:
+        return _AsyncStream(self._stub, self._max, self._pool.ended, self._pool.reconnect.answered)
 
     async def check(self, request: Request, timeout: float) -> Response | None:
         """StreamMux.check, awaitable."""
-        stream = self._pick()
+        stream = self._pool.pick(self._open)
         future = stream.submit(request) if stream is not None else None
         if future is None:
             return None
@@ -366,12 +417,8 @@ class AsyncStreamMux:
             response = await asyncio.wait_for(future, timeout)
         except TimeoutError:
             raise _timed_out() from None
-        if response is not None:
-            self.answered += 1
-        return response
+        return self._count(response)
 
     def close(self) -> None:
-        self._closed = True
-        streams, self._streams = self._streams, []
-        for stream in streams:
+        for stream in self._pool.close():
             stream.close()

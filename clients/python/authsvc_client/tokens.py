@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import ipaddress
 import logging
@@ -14,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import grpc
 
@@ -23,6 +24,7 @@ from authsvc_client.errors import (
     CredentialsError,
     TokenRefused,
     TokenUnavailable,
+    status_of,
 )
 from authsvc_client.unverified import unverified_payload
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
@@ -80,6 +82,8 @@ _SCOPE_DENIED_PREFIX = "scope not allowed for this service: "
 # A callee's UNAUTHENTICATED drops a token only once it has been in use this long: a callee
 # that rejects every token must not turn each call into an IssueToken.
 _REACTIVE_MIN_AGE_SECONDS = 5.0
+
+_NO_TOKEN = "no access token available"  # noqa: S105 - a message, not a secret
 
 TokenCallback = Callable[[str | None, AuthsvcClientError | None], None]
 
@@ -150,8 +154,19 @@ class _Backoff:
         return now >= self.not_before
 
 
+class _Plan(NamedTuple):
+    """What a request for a token does now; decided by _Core.plan, carried out by a source.
+    (A tuple: one is built for every call a source authenticates.)"""
+
+    token: str | None  # serve this token now
+    refresh: bool  # start a refresh (none is in flight and none is held back)
+    error: AuthsvcClientError | None  # fail fast with this (backing off, or closed)
+    # Otherwise (no token, no error) wait for the refresh in flight.
+
+
 class _Core:
-    """The network-free part shared by the sync and asyncio sources: request, schedule, state."""
+    """The network-free part shared by the sync and asyncio sources: request, schedule,
+    state, the serve/refresh/wait/fail decision, revocations. The sources only do I/O."""
 
     def __init__(
         self,
@@ -206,6 +221,18 @@ class _Core:
     def state(self, now: float) -> TokenState:
         return TokenState.INVALID if self.token is None else self.token.state(now)
 
+    def plan(self, now: float, *, in_flight: bool, closed: bool) -> _Plan:
+        """google-auth's rule: a FRESH token is served; a STALE one is served while one
+        refresh runs; without a usable token callers wait for the single refresh in flight,
+        or fail fast while backing off after a failure (instead of piling onto authsvc)."""
+        can_start = not in_flight and not closed and self.backoff.ready(now)
+        state = self.state(now)
+        if state is not TokenState.INVALID and self.token is not None:
+            return _Plan(self.token.value, state is TokenState.STALE and can_start, None)
+        if in_flight or can_start:
+            return _Plan(None, can_start, None)
+        return _Plan(None, False, self.last_error or TokenUnavailable(_NO_TOKEN))
+
     def accept(self, response: auth_pb2.IssueTokenResponse, obtained_at: float) -> AccessToken:
         lifetime = max(float(response.expires_in), 0.0)
         # Refresh at ~80% of the lifetime, pulled earlier by up to jitter_ratio so that a fleet
@@ -231,7 +258,7 @@ class _Core:
         return token
 
     def reject(self, exc: grpc.RpcError, now: float) -> TokenUnavailable:
-        code = _status_of(exc)
+        code = status_of(exc)
         error: TokenUnavailable
         if code in _REFUSAL_CODES:
             error = TokenRefused(self._refusal(code, exc))
@@ -270,9 +297,34 @@ class _Core:
             return f"{head} (wrong secret, or unknown or disabled service)"
         return head
 
-    def follow_backoff(self) -> _Backoff:
-        """Reconnect pacing for the revocations stream, on the monotonic clock."""
-        return _Backoff(*self._backoff_bounds, self._rng)
+    def watch_options(self, authsvc_audience: str) -> dict[str, Any]:
+        """The arguments of the scopeless source (for authsvc's own audience) whose tokens
+        authenticate this source's revocation feed; it follows nothing itself."""
+        initial, maximum = self._backoff_bounds
+        return {
+            "service_id": self.service_id,
+            "service_secret": self._secret,
+            "audience": authsvc_audience,
+            "timeout_seconds": self.timeout,
+            "backoff_initial_seconds": initial,
+            "backoff_max_seconds": maximum,
+            "clock": self.clock,
+            "follow_revocations": False,
+        }
+
+    def follow(self) -> _Follow:
+        """The decisions of one revocations-following loop, paced on the monotonic clock."""
+        return _Follow(_Backoff(*self._backoff_bounds, self._rng))
+
+    def apply(self, event: auth_pb2.RevocationEvent) -> bool:
+        """Apply one WatchRevocations event; True when it killed the current token."""
+        revoked_before = (
+            int(event.revoked_before.seconds) if event.HasField("revoked_before") else None
+        )
+        dropped = self.revoked(event.jti, event.service_id, revoked_before)
+        if dropped:
+            _LOG.info("authsvc revoked the token for %r; fetching a new one", self.audience)
+        return dropped
 
     def revoked(self, jti: str, service_id: str, revoked_before: int | None) -> bool:
         """Apply one revocation event; True when it killed the current token."""
@@ -315,10 +367,43 @@ class _Core:
         )
 
 
-def _status_of(exc: grpc.RpcError) -> grpc.StatusCode:
-    # grpc.aio's AioRpcError has code() but is no grpc.Call.
-    code = exc.code() if callable(getattr(exc, "code", None)) else None
-    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+class _Follow:
+    """One source's WatchRevocations loop, minus the I/O: the cursor to resume from, the
+    reconnect pacing, and what a failure means (each distinct reason logged once, not at
+    every reconnect)."""
+
+    def __init__(self, backoff: _Backoff) -> None:
+        self._backoff = backoff
+        self.cursor = 0
+        self._reported: str | None = None
+
+    def request(self) -> auth_pb2.WatchRevocationsRequest:
+        return auth_pb2.WatchRevocationsRequest(after_cursor=self.cursor)
+
+    def event(self, event: auth_pb2.RevocationEvent) -> None:
+        self.cursor = max(self.cursor, int(event.cursor))
+        self._backoff.succeeded()
+        self._reported = None
+
+    def rpc_failed(self, exc: BaseException) -> bool:
+        """True when the bearer presented was refused (drop it before the next attempt)."""
+        code = status_of(exc)
+        self.failed(code.name)
+        return code is grpc.StatusCode.UNAUTHENTICATED
+
+    def failed(self, reason: str) -> None:
+        if reason != self._reported:
+            _LOG.warning("cannot follow authsvc revocations (retrying): %s", reason)
+        self._reported = reason
+
+    def delay(self, now: float) -> float:
+        """How long to wait (monotonic seconds) before connecting again."""
+        self._backoff.failed(now)
+        return max(self._backoff.not_before - now, 0.0)
+
+
+def _bearer(token: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {token}"),)
 
 
 def _jti_and_iat(value: str) -> tuple[str, int | None]:
@@ -419,7 +504,74 @@ def channel_for_target(
 # --- sync ------------------------------------------------------------------------------------
 
 
-class TokenSource:
+class _SourceBase:
+    """What both sources share around the core: building one from the environment, the
+    follower flag, invalidation, and the redacted repr. `_lock` guards the core: a
+    threading.Lock in TokenSource, nothing in AsyncTokenSource (its loop serialises it)."""
+
+    _core: _Core
+    _watch: Any
+    _owned_channel: Any
+    _lock: contextlib.AbstractContextManager[Any]
+
+    @classmethod
+    def _from_env(
+        cls,
+        audience: str,
+        scopes: Sequence[str],
+        target: str | None,
+        environ: Mapping[str, str] | None,
+        channel_credentials: grpc.ChannelCredentials | None,
+        options: dict[str, Any],
+    ) -> Any:
+        service_id, secret, resolved = _credentials_from_env(environ, target)
+        channel = channel_for_target(
+            resolved, channel_credentials, asyncio_channel=cls is AsyncTokenSource
+        )
+        source = cls(
+            channel,  # type: ignore[call-arg]
+            service_id=service_id,
+            service_secret=secret,
+            audience=audience,
+            scopes=scopes,
+            **options,
+        )
+        source._owned_channel = channel
+        return source
+
+    @property
+    def audience(self) -> str:
+        return self._core.audience
+
+    @property
+    def state(self) -> TokenState:
+        with self._lock:
+            return self._core.state(self._core.clock())
+
+    def invalidate(self, token: str | None = None) -> bool:
+        """Drop the cached token (only if it is still `token`, when given) so that the next
+        call fetches a new one; True if it was dropped. For a token the callee refused.
+        (AsyncTokenSource: call it in the loop.)"""
+        with self._lock:
+            return self._core.invalidate(token, self._core.clock())
+
+    def _invalidate_refused(self, token: str) -> bool:
+        # A callee's UNAUTHENTICATED: dropped only once the token has been in use a while.
+        with self._lock:
+            return self._core.invalidate(token, self._core.clock(), reactive=True)
+
+    @property
+    def following(self) -> bool:
+        """Whether revocations of this service are followed (the stream is started lazily)."""
+        return self._watch is not None
+
+    def __repr__(self) -> str:
+        return self._core.describe(type(self).__name__)
+
+    __str__ = __repr__
+
+
+class TokenSource(_SourceBase):
     """Access tokens for one audience and scope set, shared by every call on a channel.
 
     `request()` never blocks (for call credentials); `token()` blocks until a usable token is
@@ -479,23 +631,13 @@ class TokenSource:
         )
         self._stub = auth_pb2_grpc.AuthServiceStub(channel)
         self._owned_channel: grpc.Channel | None = None
-        self._lock = threading.Lock()
+        self._lock: threading.Lock = threading.Lock()
         self._waiters: list[TokenCallback] = []
         self._worker: threading.Thread | None = None
         self._closed = False
         self._watch: TokenSource | None = None
         if follow_revocations:
-            self._watch = TokenSource(
-                channel,
-                service_id=service_id,
-                service_secret=service_secret,
-                audience=authsvc_audience,
-                timeout_seconds=timeout_seconds,
-                backoff_initial_seconds=backoff_initial_seconds,
-                backoff_max_seconds=backoff_max_seconds,
-                clock=clock,
-                follow_revocations=False,
-            )
+            self._watch = TokenSource(channel, **self._core.watch_options(authsvc_audience))
         self._follower: threading.Thread | None = None
         self._follow_call: Any = None
         self._stopped = threading.Event()
@@ -518,27 +660,10 @@ class TokenSource:
             CredentialsError: a variable is missing, or the secret file is readable by group
                 or others. The message names the variable, never its value.
         """
-        service_id, secret, resolved = _credentials_from_env(environ, target)
-        channel = channel_for_target(resolved, channel_credentials)
-        source = cls(
-            channel,
-            service_id=service_id,
-            service_secret=secret,
-            audience=audience,
-            scopes=scopes,
-            **options,
+        source: TokenSource = cls._from_env(
+            audience, scopes, target, environ, channel_credentials, options
         )
-        source._owned_channel = channel
         return source
-
-    @property
-    def audience(self) -> str:
-        return self._core.audience
-
-    @property
-    def state(self) -> TokenState:
-        with self._lock:
-            return self._core.state(self._core.clock())
 
     def cached_token(self) -> str | None:
         """The current token if it can still be used, starting a refresh when it is due.
@@ -574,24 +699,8 @@ class TokenSource:
             raise TokenUnavailable("timed out waiting for an access token")
         token, error = box[0]
         if token is None:
-            raise error or TokenUnavailable("no access token available")
+            raise error or TokenUnavailable(_NO_TOKEN)
         return token
-
-    def invalidate(self, token: str | None = None) -> bool:
-        """Drop the cached token (only if it is still `token`, when given) so that the next
-        call fetches a new one; True if it was dropped. For a token the callee refused."""
-        with self._lock:
-            return self._core.invalidate(token, self._core.clock())
-
-    def _invalidate_refused(self, token: str) -> bool:
-        # A callee's UNAUTHENTICATED: dropped only once the token has been in use a while.
-        with self._lock:
-            return self._core.invalidate(token, self._core.clock(), reactive=True)
-
-    @property
-    def following(self) -> bool:
-        """Whether revocations of this service are followed (the stream is started lazily)."""
-        return self._watch is not None
 
     def close(self) -> None:
         """Stop refreshing and following, and close the channel this source opened itself
@@ -619,32 +728,19 @@ class TokenSource:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __repr__(self) -> str:
-        return self._core.describe(type(self).__name__)
-
-    __str__ = __repr__
-
     def _request(self, callback: TokenCallback, *, wait: bool) -> None:
-        core = self._core
-        now = core.clock()
         immediate: tuple[str | None, AuthsvcClientError | None] | None = None
-        start = False
         with self._lock:
-            state = core.state(now)
-            if state is not TokenState.INVALID:
-                assert core.token is not None
-                immediate = (core.token.value, None)
-                start = state is TokenState.STALE and self._can_start(now)
-            elif self._worker is not None or self._can_start(now):
-                if wait:
-                    self._waiters.append(callback)
-                else:
-                    immediate = (None, None)
-                start = self._worker is None
+            plan = self._core.plan(
+                self._core.clock(), in_flight=self._worker is not None, closed=self._closed
+            )
+            if plan.token is not None or plan.error is not None:
+                immediate = (plan.token, plan.error)
+            elif wait:
+                self._waiters.append(callback)
             else:
-                # Backing off after a failure: fail fast instead of piling onto authsvc.
-                immediate = (None, core.last_error or TokenUnavailable("no access token"))
-            if start:
+                immediate = (None, None)
+            if plan.refresh:
                 self._worker = threading.Thread(
                     target=self._refresh, name="authsvc-token-refresh", daemon=True
                 )
@@ -656,9 +752,6 @@ class TokenSource:
                     self._follower.start()
         if immediate is not None:
             callback(*immediate)
-
-    def _can_start(self, now: float) -> bool:
-        return self._worker is None and not self._closed and self._core.backoff.ready(now)
 
     def _refresh(self) -> None:
         core = self._core
@@ -704,69 +797,41 @@ class TokenSource:
 
 
     def _revoked(self, event: auth_pb2.RevocationEvent) -> None:
-        jti, service_id, revoked_before = _event_fields(event)
         with self._lock:
-            dropped = self._core.revoked(jti, service_id, revoked_before)
-        if dropped:
-            _LOG.info("authsvc revoked the token for %r; fetching a new one", self.audience)
+            self._core.apply(event)
         if self._watch is not None:
             self._watch._revoked(event)
 
     def _follow(self) -> None:
         watch = self._watch
         assert watch is not None
-        backoff = self._core.follow_backoff()
-        cursor = 0
-        reported: str | None = None
+        follow = self._core.follow()
         while not self._stopped.is_set():
             bearer = ""
             try:
                 bearer = watch.token()
-                call = self._stub.WatchRevocations(
-                    auth_pb2.WatchRevocationsRequest(after_cursor=cursor),
-                    metadata=(("authorization", f"Bearer {bearer}"),),
-                )
+                call = self._stub.WatchRevocations(follow.request(), metadata=_bearer(bearer))
                 with self._lock:
                     if self._closed:
                         call.cancel()
                     self._follow_call = call
                 for event in call:
-                    cursor = max(cursor, int(event.cursor))
-                    backoff.succeeded()
-                    reported = None
+                    follow.event(event)
                     self._revoked(event)
             except grpc.RpcError as exc:
                 if self._stopped.is_set():
                     return
-                code = _status_of(exc)
-                if code is grpc.StatusCode.UNAUTHENTICATED:
+                if follow.rpc_failed(exc):
                     watch.invalidate(bearer)
-                reported = _report_follow_failure(reported, code.name)
             except AuthsvcClientError as exc:
                 if watch._closed:  # its channel is closed
                     return
-                reported = _report_follow_failure(reported, str(exc))
+                follow.failed(str(exc))
             except ValueError:  # the channel is closed
                 return
             except Exception:
                 _LOG.exception("following authsvc revocations failed")
-            now = time.monotonic()
-            backoff.failed(now)
-            self._stopped.wait(max(backoff.not_before - now, 0.0))
-
-
-def _event_fields(event: auth_pb2.RevocationEvent) -> tuple[str, str, int | None]:
-    revoked_before = (
-        int(event.revoked_before.seconds) if event.HasField("revoked_before") else None
-    )
-    return event.jti, event.service_id, revoked_before
-
-
-def _report_follow_failure(reported: str | None, reason: str) -> str:
-    # Logged once per distinct reason, not at every reconnect.
-    if reason != reported:
-        _LOG.warning("cannot follow authsvc revocations (retrying): %s", reason)
-    return reason
+            self._stopped.wait(follow.delay(time.monotonic()))
 
 
 # --- asyncio ---------------------------------------------------------------------------------
@@ -789,7 +854,7 @@ def _retrieve_exception(task: asyncio.Task[str]) -> None:
         task.exception()
 
 
-class AsyncTokenSource:
+class AsyncTokenSource(_SourceBase):
     """The asyncio twin of TokenSource, over a `grpc.aio` channel.
 
     Bound to the event loop it is first used on. `request()` may be called from any thread
@@ -836,6 +901,7 @@ class AsyncTokenSource:
         )
         self._stub = auth_pb2_grpc.AuthServiceStub(channel)
         self._owned_channel: grpc.aio.Channel | None = None
+        self._lock = contextlib.nullcontext()
         self._task: asyncio.Task[str] | None = None
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -844,17 +910,7 @@ class AsyncTokenSource:
         self._closed = False
         self._watch: AsyncTokenSource | None = None
         if follow_revocations:
-            self._watch = AsyncTokenSource(
-                channel,
-                service_id=service_id,
-                service_secret=service_secret,
-                audience=authsvc_audience,
-                timeout_seconds=timeout_seconds,
-                backoff_initial_seconds=backoff_initial_seconds,
-                backoff_max_seconds=backoff_max_seconds,
-                clock=clock,
-                follow_revocations=False,
-            )
+            self._watch = AsyncTokenSource(channel, **self._core.watch_options(authsvc_audience))
         self._follower: asyncio.Task[None] | None = None
 
     @classmethod
@@ -869,37 +925,14 @@ class AsyncTokenSource:
         **options: Any,
     ) -> AsyncTokenSource:
         """As TokenSource.from_env, with a grpc.aio channel. Call it inside the event loop."""
-        service_id, secret, resolved = _credentials_from_env(environ, target)
-        channel = channel_for_target(resolved, channel_credentials, asyncio_channel=True)
-        source = cls(
-            channel,
-            service_id=service_id,
-            service_secret=secret,
-            audience=audience,
-            scopes=scopes,
-            **options,
+        source: AsyncTokenSource = cls._from_env(
+            audience, scopes, target, environ, channel_credentials, options
         )
-        source._owned_channel = channel
         return source
-
-    @property
-    def audience(self) -> str:
-        return self._core.audience
-
-    @property
-    def state(self) -> TokenState:
-        return self._core.state(self._core.clock())
 
     def cached_token(self) -> str | None:
         """The current token if usable, starting a refresh when due. Call it in the loop."""
-        core = self._core
-        now = core.clock()
-        state = core.state(now)
-        if state is not TokenState.FRESH:
-            self._start(now)
-        if state is TokenState.INVALID or core.token is None:
-            return None
-        return core.token.value
+        return self._plan().token
 
     async def token(self) -> str:
         """A usable token, awaiting the single refresh in flight when none is cached.
@@ -907,18 +940,14 @@ class AsyncTokenSource:
         Raises:
             TokenUnavailable: authsvc refused or could not be reached.
         """
-        core = self._core
-        now = core.clock()
-        state = core.state(now)
-        if state is not TokenState.INVALID and core.token is not None:
-            if state is TokenState.STALE:
-                self._start(now)
-            return core.token.value
-        task = self._start(now)
-        if task is None:
-            raise core.last_error or TokenUnavailable("no access token available")
+        plan = self._plan()
+        if plan.token is not None:
+            return plan.token
+        if plan.error is not None:
+            raise plan.error
+        assert self._task is not None
         # shield: one caller giving up must not cancel the fetch the others wait for.
-        return await asyncio.shield(task)
+        return await asyncio.shield(self._task)
 
     def request(self, callback: TokenCallback) -> None:
         """Thread-safe, never blocks: as TokenSource.request."""
@@ -946,18 +975,6 @@ class AsyncTokenSource:
         else:
             loop.call_soon_threadsafe(self._request_in_loop, callback)
 
-    def invalidate(self, token: str | None = None) -> bool:
-        """As TokenSource.invalidate; call it in the loop."""
-        return self._core.invalidate(token, self._core.clock())
-
-    def _invalidate_refused(self, token: str) -> bool:
-        return self._core.invalidate(token, self._core.clock(), reactive=True)
-
-    @property
-    def following(self) -> bool:
-        """Whether revocations of this service are followed (the stream is started lazily)."""
-        return self._watch is not None
-
     async def close(self) -> None:
         """Stop refreshing and following, and close the channel this source opened itself
         (from_env)."""
@@ -981,24 +998,12 @@ class AsyncTokenSource:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def __repr__(self) -> str:
-        return self._core.describe(type(self).__name__)
-
-    __str__ = __repr__
-
     def _request_in_loop(self, callback: TokenCallback) -> None:
-        core = self._core
-        now = core.clock()
-        state = core.state(now)
-        if state is not TokenState.INVALID and core.token is not None:
-            if state is TokenState.STALE:
-                self._start(now)
-            callback(core.token.value, None)
+        plan = self._plan()
+        if plan.token is not None or plan.error is not None:
+            callback(plan.token, plan.error)
             return
-        task = self._start(now)
-        if task is None:
-            callback(None, core.last_error or TokenUnavailable("no access token available"))
-            return
+        assert self._task is not None
 
         def done(finished: asyncio.Task[str]) -> None:
             if finished.cancelled():
@@ -1012,21 +1017,27 @@ class AsyncTokenSource:
             else:
                 callback(None, TokenUnavailable("IssueToken failed"))
 
-        task.add_done_callback(done)
+        self._task.add_done_callback(done)
 
-    def _start(self, now: float) -> asyncio.Task[str] | None:
-        if self._task is not None and not self._task.done():
-            return self._task
-        if self._closed or not self._core.backoff.ready(now):
-            return None
-        loop = asyncio.get_running_loop()
-        self._loop = loop
-        task = loop.create_task(self._refresh(), name="authsvc-token-refresh")
-        task.add_done_callback(_retrieve_exception)
-        self._task = task
-        if self._watch is not None and self._follower is None:
-            self._follower = loop.create_task(self._follow(), name="authsvc-token-revocations")
-        return task
+    def _plan(self) -> _Plan:
+        """The core's decision, with the refresh it calls for started. In the loop only."""
+        task = self._task
+        plan = self._core.plan(
+            self._core.clock(),
+            in_flight=task is not None and not task.done(),
+            closed=self._closed,
+        )
+        if plan.refresh:
+            loop = asyncio.get_running_loop()
+            self._loop = loop
+            task = loop.create_task(self._refresh(), name="authsvc-token-refresh")
+            task.add_done_callback(_retrieve_exception)
+            self._task = task
+            if self._watch is not None and self._follower is None:
+                self._follower = loop.create_task(
+                    self._follow(), name="authsvc-token-revocations"
+                )
+        return plan
 
     async def _refresh(self) -> str:
         core = self._core
@@ -1050,43 +1061,31 @@ class AsyncTokenSource:
         return accepted.value
 
     def _revoked(self, event: auth_pb2.RevocationEvent) -> None:
-        if self._core.revoked(*_event_fields(event)):
-            _LOG.info("authsvc revoked the token for %r; fetching a new one", self.audience)
+        self._core.apply(event)
         if self._watch is not None:
             self._watch._revoked(event)
 
     async def _follow(self) -> None:
         watch = self._watch
         assert watch is not None
-        backoff = self._core.follow_backoff()
-        cursor = 0
-        reported: str | None = None
+        follow = self._core.follow()
         while not self._closed:
             bearer = ""
             try:
                 bearer = await watch.token()
-                call = self._stub.WatchRevocations(
-                    auth_pb2.WatchRevocationsRequest(after_cursor=cursor),
-                    metadata=(("authorization", f"Bearer {bearer}"),),
-                )
+                call = self._stub.WatchRevocations(follow.request(), metadata=_bearer(bearer))
                 async for event in call:
-                    cursor = max(cursor, int(event.cursor))
-                    backoff.succeeded()
-                    reported = None
+                    follow.event(event)
                     self._revoked(event)
             except grpc.RpcError as exc:
-                code = _status_of(exc)
-                if code is grpc.StatusCode.UNAUTHENTICATED:
+                if follow.rpc_failed(exc):
                     watch.invalidate(bearer)
-                reported = _report_follow_failure(reported, code.name)
             except AuthsvcClientError as exc:
                 if watch._closed:  # its channel is closed
                     return
-                reported = _report_follow_failure(reported, str(exc))
+                follow.failed(str(exc))
             except grpc.aio.UsageError:  # the channel is closed
                 return
             except Exception:
                 _LOG.exception("following authsvc revocations failed")
-            now = time.monotonic()
-            backoff.failed(now)
-            await asyncio.sleep(max(backoff.not_before - now, 0.0))
+            await asyncio.sleep(follow.delay(time.monotonic()))

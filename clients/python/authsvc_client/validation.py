@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import grpc
 
 from authsvc_client.claims import DEFAULT_LEEWAY_SECONDS, Claims, ValidationResult
-from authsvc_client.errors import ValidatorUnavailable
+from authsvc_client.errors import ValidatorUnavailable, status_of
 from authsvc_client.keyring import KeyRing
 from authsvc_client.revocations import RevocationEntry, RevocationSet
 from authsvc_client.streaming import DEFAULT_STREAMS, StreamMux
@@ -69,10 +69,16 @@ def _with_scopes(result: ValidationResult, required_scopes: Sequence[str]) -> Va
     return result
 
 
+# A cache key: the SHA-256 of the exact token, and the scopes the answer was given for.
+CacheKey = tuple[bytes, tuple[str, ...]]
+
+
 class PositiveCache:
-    """Valid answers from authsvc, by SHA-256 of the exact token, for at most `ttl` seconds and
-    never past the token's own expiry. Only positive answers are kept: a denial is always
-    asked again. Shared by the sync and asyncio remote validators."""
+    """Valid answers from authsvc, by SHA-256 of the exact token and the required scopes, for
+    at most `ttl` seconds and never past the token's own expiry. Only positive answers are
+    kept (a denial is always asked again), and a hit is the very result object first
+    returned: nothing is rebuilt or parsed again. Shared by the sync and asyncio remote
+    validators."""
 
     def __init__(
         self,
@@ -83,37 +89,43 @@ class PositiveCache:
         self._ttl = ttl_seconds
         self._max = max_entries
         self._revocations = revocations
-        self._entries: OrderedDict[bytes, tuple[Claims, float]] = OrderedDict()
+        self._entries: OrderedDict[CacheKey, tuple[ValidationResult, float]] = OrderedDict()
         self._lock = threading.Lock()
 
-    @staticmethod
-    def key(token: str) -> bytes:
-        return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+    @property
+    def enabled(self) -> bool:
+        return self._ttl > 0 and self._max > 0
 
-    def get(self, key: bytes, now: float) -> Claims | None:
-        if self._ttl <= 0 or self._max <= 0:
-            return None
+    @staticmethod
+    def key(token: str, required_scopes: Sequence[str] = ()) -> CacheKey:
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        return digest, tuple(required_scopes)
+
+    def get(self, key: CacheKey, now: float) -> ValidationResult | None:
         found = self._entries.get(key)
         if found is None:
             return None
-        claims, until = found
-        revoked = self._revocations is not None and self._revocations.is_revoked(
-            claims.jti, claims.subject, claims.issued_at
+        result, until = found
+        claims = result.claims
+        revoked = (
+            claims is not None
+            and self._revocations is not None
+            and self._revocations.is_revoked(claims.jti, claims.subject, claims.issued_at)
         )
         if now >= until or revoked:
             with self._lock:
                 self._entries.pop(key, None)
             return None
-        return claims
+        return result
 
-    def put(self, key: bytes, claims: Claims, now: float) -> None:
-        if self._ttl <= 0 or self._max <= 0:
+    def put(self, key: CacheKey, result: ValidationResult, now: float) -> None:
+        if result.claims is None or not self.enabled:
             return
-        until = min(now + self._ttl, float(claims.expires_at))
+        until = min(now + self._ttl, float(result.claims.expires_at))
         if until <= now:
             return
         with self._lock:
-            self._entries[key] = (claims, until)
+            self._entries[key] = (result, until)
             self._entries.move_to_end(key)
             while len(self._entries) > self._max:
                 self._entries.popitem(last=False)
@@ -126,20 +138,97 @@ class PositiveCache:
         return len(self._entries)
 
 
-def remote_result(
-    response: auth_pb2.ValidateTokenResponse, required_scopes: Sequence[str]
-) -> ValidationResult:
-    return _with_scopes(ValidationResult.from_proto(response), required_scopes)
+def remote_error(exc: BaseException) -> ValidationResult:
+    """Map a failed ValidateToken call, sync or grpc.aio: INVALID_ARGUMENT is the token's
+    fault (empty, too long), anything else means authsvc could not decide, so deny as
+    unavailable, naming the status.
 
-
-def remote_error(exc: grpc.RpcError) -> ValidationResult:
-    """Map a failed ValidateToken call: INVALID_ARGUMENT is the token's fault (empty, too
-    long), anything else means authsvc could not decide, so deny as unavailable."""
-    code = exc.code() if isinstance(exc, grpc.Call) else None
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
+    Raises:
+        ValidatorUnavailable: any status but INVALID_ARGUMENT.
+    """
+    code = status_of(exc)
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
         return _MALFORMED
-    name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
-    raise ValidatorUnavailable(f"authsvc ValidateToken failed: {name}") from None
+    raise ValidatorUnavailable(f"authsvc ValidateToken failed: {code.name}") from None
+
+
+class RemoteCore:
+    """The network-free half of RemoteValidator and AsyncRemoteValidator: the cache lookup,
+    the request, the deadline left for the unary fallback, and the mapping of an answer or a
+    failure to a result. The two validators only move messages."""
+
+    def __init__(
+        self,
+        audience: str,
+        *,
+        cache_ttl_seconds: float,
+        cache_size: int,
+        timeout_seconds: float,
+        clock: Callable[[], float],
+        revocations: RevocationSet | None,
+    ) -> None:
+        if not audience:
+            raise ValueError("audience is required")
+        self.audience = audience
+        self.timeout = timeout_seconds
+        self.clock = clock
+        self.cache = PositiveCache(cache_ttl_seconds, cache_size, revocations)
+
+    def lookup(
+        self, token: str, required_scopes: Sequence[str], now: float, use_cache: bool
+    ) -> tuple[CacheKey | None, ValidationResult | None]:
+        """(where to cache the answer, None when it must not be; the cached result or None).
+
+        Raises:
+            TypeError: required_scopes is a single str (as TokenVerifier.verify).
+        """
+        if isinstance(required_scopes, str):
+            raise TypeError("required_scopes must be a sequence of scope names, not a str")
+        if not use_cache or not self.cache.enabled:
+            return None, None
+        key = PositiveCache.key(token, required_scopes)
+        return key, self.cache.get(key, now)
+
+    def request(self, token: str, required_scopes: Sequence[str]) -> auth_pb2.ValidateTokenRequest:
+        # The server checks the scopes itself, so its INSUFFICIENT_SCOPE (and which reason
+        # wins when several apply) is the same answer a LocalValidator gives.
+        return auth_pb2.ValidateTokenRequest(
+            token=token, audience=self.audience, required_scopes=required_scopes
+        )
+
+    def remaining(self, spent: float) -> float:
+        """The deadline left for the unary call after `spent` seconds on a stream.
+
+        Raises:
+            ValidatorUnavailable: nothing is left.
+        """
+        remaining = self.timeout - spent
+        if remaining <= 0:
+            raise ValidatorUnavailable("authsvc ValidateToken: no answer within the deadline")
+        return remaining
+
+    def answer(
+        self,
+        key: CacheKey | None,
+        response: auth_pb2.ValidateTokenResponse,
+        required_scopes: Sequence[str],
+        now: float,
+    ) -> ValidationResult:
+        # The local scope check stays as a fail-closed backstop: a valid answer lacking a
+        # required scope is never passed on, whatever the server did with the field.
+        result = _with_scopes(ValidationResult.from_proto(response), required_scopes)
+        if key is not None:
+            self.cache.put(key, result, now)
+        return result
+
+    def failed(self, exc: BaseException) -> ValidationResult:
+        """Raises:
+        ValidatorUnavailable: authsvc could not decide.
+        """
+        return remote_error(exc)
+
+    def describe(self, kind: str) -> str:
+        return f"{kind}(audience={self.audience!r}, cached={len(self.cache)})"
 
 
 class RemoteValidator:
@@ -148,7 +237,8 @@ class RemoteValidator:
     By default checks travel over `streams` long-lived ValidateTokenStream calls shared by
     every thread (about a third of a unary call's server CPU), each check with its own
     deadline; a server without that RPC, or a stream that is reconnecting, gets unary
-    ValidateToken instead (`streaming=False` always does).
+    ValidateToken instead (`streaming=False` always does). The required scopes travel with
+    each check, so authsvc answers INSUFFICIENT_SCOPE exactly as a LocalValidator would.
 
     Fails closed: when authsvc is down or slower than `timeout_seconds`, validate() raises
     ValidatorUnavailable and interceptors answer UNAVAILABLE. Cached answers live at most
@@ -172,70 +262,60 @@ class RemoteValidator:
     ) -> None:
         """`token_source` authenticates the revocation feed when `follow_revocations` is on
         (see LocalValidator; None reads the AUTHSVC_SERVICE_* environment)."""
-        if not audience:
-            raise ValueError("audience is required")
+        revocations = RevocationSet() if follow_revocations else None
+        self._core = RemoteCore(
+            audience,
+            cache_ttl_seconds=cache_ttl_seconds,
+            cache_size=cache_size,
+            timeout_seconds=timeout_seconds,
+            clock=clock,
+            revocations=revocations,
+        )
         self.audience = audience
         self._stub = auth_pb2_grpc.AuthServiceStub(channel)
-        self._timeout = timeout_seconds
         self.streams = StreamMux(channel, streams=streams) if streaming else None
-        self._clock = clock
-        self._follower: RevocationFollower | None = None
-        revocations: RevocationSet | None = None
-        if follow_revocations:
-            revocations = RevocationSet()
-            self._follower = RevocationFollower(
+        self.feed: RevocationFollower | None = None
+        if revocations is not None:
+            self.feed = RevocationFollower(
                 channel,
                 revocations,
                 token=token_source,
                 clock=clock,
-                on_disconnect=lambda: self._cache.clear(),
+                on_disconnect=self._core.cache.clear,
             )
-        self._cache = PositiveCache(cache_ttl_seconds, cache_size, revocations)
-        if self._follower is not None:
-            self._follower.start()
+            self.feed.start()
 
     def validate(self, token: str, *, required_scopes: Sequence[str] = ()) -> ValidationResult:
         """Raises:
         ValidatorUnavailable: authsvc did not answer in time (never read as valid).
         """
-        now = self._clock()
-        key = PositiveCache.key(token)
-        use_cache = self._follower is None or self._follower.connected
-        claims = self._cache.get(key, now) if use_cache else None
-        if claims is not None:
-            return _with_scopes(ValidationResult.ok(claims), required_scopes)
-        response = self._ask(auth_pb2.ValidateTokenRequest(token=token, audience=self.audience))
-        result = ValidationResult.from_proto(response)
-        if result.claims is not None and use_cache:
-            self._cache.put(key, result.claims, now)
-        return _with_scopes(result, required_scopes)
-
-    def _ask(self, request: auth_pb2.ValidateTokenRequest) -> auth_pb2.ValidateTokenResponse:
-        remaining = self._timeout
+        core = self._core
+        now = core.clock()
+        use_cache = self.feed is None or self.feed.connected
+        key, cached = core.lookup(token, required_scopes, now, use_cache)
+        if cached is not None:
+            return cached
+        request = core.request(token, required_scopes)
+        started = time.monotonic()
+        response = None
         if self.streams is not None:
-            started = time.monotonic()
-            answer = self.streams.check(request, self._timeout)
-            if answer is not None:
-                return answer
-            remaining -= time.monotonic() - started
-            if remaining <= 0:
-                raise ValidatorUnavailable("authsvc ValidateToken: no answer within the deadline")
-        try:
-            response: auth_pb2.ValidateTokenResponse = self._stub.ValidateToken(
-                request, timeout=remaining
-            )
-        except grpc.RpcError as exc:
-            return remote_error(exc).to_proto()
-        return response
+            response = self.streams.check(request, core.timeout)
+        if response is None:
+            remaining = core.remaining(time.monotonic() - started)
+            try:
+                response = self._stub.ValidateToken(request, timeout=remaining)
+            except grpc.RpcError as exc:
+                return core.failed(exc)
+        return core.answer(key, response, required_scopes, now)
 
     def close(self) -> None:
         if self.streams is not None:
             self.streams.close()
-        if self._follower is not None:
-            self._follower.stop()
+        if self.feed is not None:
+            self.feed.stop()
 
     def __repr__(self) -> str:
-        return f"RemoteValidator(audience={self.audience!r}, cached={len(self._cache)})"
+        return self._core.describe(type(self).__name__)
 
 
 # --- local validation ------------------------------------------------------------------------
@@ -286,7 +366,7 @@ class KeySetCache:
             response = self._stub.GetJwks(auth_pb2.GetJwksRequest(), timeout=self._timeout)
             ring = KeyRing.from_jwks_json(response.jwks_json)
         except (grpc.RpcError, ValueError) as exc:
-            code = exc.code() if isinstance(exc, grpc.Call) else type(exc).__name__
+            code = status_of(exc).name if isinstance(exc, grpc.RpcError) else type(exc).__name__
             _LOG.warning("GetJwks failed (%s); keeping the last good key set", code)
             return False
         self.ring = ring
@@ -323,15 +403,109 @@ _FETCH_WANTED: contextvars.ContextVar[bool] = contextvars.ContextVar(
 )
 
 
-class RevocationFollower:
-    """Follows WatchRevocations from the set's cursor on a daemon thread.
+class FeedState:
+    """Whether a revocation feed can be trusted, decided from what its I/O half reports;
+    shared by the thread (RevocationFollower) and asyncio (aio.AsyncRevocationFollower)
+    followers. Not thread-safe: the sync follower calls it under its lock.
 
     authsvc sends nothing on an idle stream, so silence is normal: health is the state of the
-    stream, not the time of the last event. The stream counts as connected once an event
+    stream, not the time of the last event. A stream counts as connected once an event
     arrived, or once it has stayed open for `settle_seconds` on a READY channel (a call that
-    cannot reach authsvc fails well within that). After a disconnect it reconnects with
-    after_cursor = the last cursor applied, so nothing is missed, and RevocationSet.add is
-    idempotent, so nothing is applied twice.
+    cannot reach authsvc fails well within that). Reconnects back off exponentially from
+    `initial` to `maximum`, starting over after a stream that was connected.
+    """
+
+    def __init__(
+        self,
+        *,
+        initial: float,
+        maximum: float,
+        settle_seconds: float,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._monotonic = monotonic
+        self._initial = initial
+        self._max = maximum
+        self._settle = settle_seconds
+        self._delay = initial
+        self.channel_ready = False
+        self._call_started: float | None = None  # monotonic; None while no call is open
+        self._confirmed = False
+        self._ever_connected = False
+        self._down_since: float | None = None  # clock time the last connection was lost
+
+    def opened(self) -> None:
+        self._call_started = self._monotonic()
+
+    def event(self) -> None:
+        self._delay = self._initial
+        if not self._confirmed:
+            self.channel_ready = True  # an event proves it
+            self._confirm()
+
+    def channel(self, ready: bool, now: float) -> None:
+        self.channel_ready = ready
+        if not ready:
+            self._lose(now)
+
+    def closed(self, now: float) -> None:
+        """The call ended (for whatever reason)."""
+        if self._confirmed:
+            self._delay = self._initial
+        self._lose(now)
+        self._call_started = None
+
+    def retry_delay(self) -> float:
+        """How long to wait before the next attempt; each call doubles the next one."""
+        delay = self._delay
+        self._delay = min(self._max, delay * 2)
+        return delay
+
+    def connected(self) -> bool:
+        if self._call_started is None or not self.channel_ready:
+            return False
+        if not self._confirmed and self._monotonic() - self._call_started >= self._settle:
+            self._confirm()
+        return self._confirmed
+
+    def outage_seconds(self, now: float) -> float:
+        """0 while connected; how long the feed has been down otherwise (infinite before the
+        first connection: until then revocations are unknown)."""
+        if self._confirmed and self.channel_ready and self._call_started is not None:
+            return 0.0  # connected: the common case, asked on every local validation
+        if self.connected():
+            return 0.0
+        if not self._ever_connected or self._down_since is None:
+            return float("inf")
+        return max(0.0, now - self._down_since)
+
+    def _confirm(self) -> None:
+        self._confirmed = True
+        self._ever_connected = True
+        self._down_since = None
+
+    def _lose(self, now: float) -> None:
+        if self._confirmed:
+            self._down_since = now
+        self._confirmed = False
+
+
+def feed_closed(code: grpc.StatusCode, stopping: bool) -> None:
+    """Log why a revocation feed ended, unless it was closed on purpose."""
+    if code is not grpc.StatusCode.CANCELLED or not stopping:
+        _LOG.info("revocation feed closed (%s); reconnecting", code)
+
+
+def no_feed_token(exc: BaseException) -> None:
+    # The type only: a token callable's message is not ours to log.
+    _LOG.info("no token for the revocation feed (%s); retrying", type(exc).__name__)
+
+
+class RevocationFollower:
+    """Follows WatchRevocations from the set's cursor on a daemon thread (see FeedState for
+    when it counts as connected). After a disconnect it reconnects with after_cursor = the
+    last cursor applied, so nothing is missed, and RevocationSet.add is idempotent, so nothing
+    is applied twice.
 
     authsvc serves the feed only to a registered service: each (re)connect presents a bearer
     token for FOLLOWER_AUDIENCE from `token` (None: a TokenSource from the AUTHSVC_SERVICE_*
@@ -356,9 +530,11 @@ class RevocationFollower:
         self._stub = auth_pb2_grpc.AuthServiceStub(channel)
         self.revocations = revocations
         self._clock = clock
-        self._initial = reconnect_initial_seconds
-        self._max = reconnect_max_seconds
-        self._settle = settle_seconds
+        self._state = FeedState(
+            initial=reconnect_initial_seconds,
+            maximum=reconnect_max_seconds,
+            settle_seconds=settle_seconds,
+        )
         self._on_disconnect = on_disconnect
         self._owned_source: TokenSource | None = None
         if token is None:
@@ -369,11 +545,6 @@ class RevocationFollower:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._call: Any = None
-        self._channel_ready = False
-        self._call_started: float | None = None  # monotonic; None while no call is open
-        self._confirmed = False
-        self._ever_connected = False
-        self._down_since: float | None = None  # clock time the last connection was lost
         self.connects = 0
         self.events_applied = 0
 
@@ -402,51 +573,28 @@ class RevocationFollower:
     @property
     def connected(self) -> bool:
         with self._lock:
-            return self._connected_locked()
+            return self._state.connected()
 
     def outage_seconds(self, now: float) -> float:
         """0 while connected; how long the feed has been down otherwise (infinite before the
         first connection: until then revocations are unknown)."""
         with self._lock:
-            if self._connected_locked():
-                return 0.0
-            if not self._ever_connected or self._down_since is None:
-                return float("inf")
-            return max(0.0, now - self._down_since)
-
-    def _connected_locked(self) -> bool:
-        if self._call_started is None or not self._channel_ready:
-            return False
-        if not self._confirmed and time.monotonic() - self._call_started >= self._settle:
-            self._confirm_locked()
-        return self._confirmed
-
-    def _confirm_locked(self) -> None:
-        self._confirmed = True
-        self._ever_connected = True
-        self._down_since = None
-
-    def _lose_locked(self) -> None:
-        if self._confirmed:
-            self._down_since = self._clock()
-        self._confirmed = False
+            return self._state.outage_seconds(now)
 
     def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
         with self._lock:
-            self._channel_ready = state == grpc.ChannelConnectivity.READY
-            if not self._channel_ready:
-                self._lose_locked()
+            self._state.channel(state == grpc.ChannelConnectivity.READY, self._clock())
 
     def _run(self) -> None:
-        delay = self._initial
+        state = self._state
         while not self._stop.is_set():
             try:
                 bearer = self._token()
             except Exception as exc:
-                # The type only: a token callable's message is not ours to log.
-                _LOG.info("no token for the revocation feed (%s); retrying", type(exc).__name__)
+                no_feed_token(exc)
+                with self._lock:
+                    delay = state.retry_delay()
                 self._stop.wait(delay)
-                delay = min(self._max, delay * 2)
                 continue
             request = auth_pb2.WatchRevocationsRequest(after_cursor=self.revocations.cursor)
             call = self._stub.WatchRevocations(
@@ -454,7 +602,7 @@ class RevocationFollower:
             )
             with self._lock:
                 self._call = call
-                self._call_started = time.monotonic()
+                state.opened()
             if self._stop.is_set():
                 call.cancel()
             self.connects += 1
@@ -462,27 +610,19 @@ class RevocationFollower:
                 for event in call:
                     self.revocations.add(RevocationEntry.from_proto(event))
                     self.events_applied += 1
-                    delay = self._initial
                     with self._lock:
-                        if not self._confirmed:
-                            self._channel_ready = True  # an event proves it
-                            self._confirm_locked()
+                        state.event()
             except grpc.RpcError as exc:
-                code = exc.code() if isinstance(exc, grpc.Call) else None
-                if code != grpc.StatusCode.CANCELLED or not self._stop.is_set():
-                    _LOG.info("revocation feed closed (%s); reconnecting", code)
+                feed_closed(status_of(exc), self._stop.is_set())
             except Exception:
                 _LOG.exception("revocation feed failed; reconnecting")
             with self._lock:
-                if self._confirmed:
-                    delay = self._initial
-                self._lose_locked()
-                self._call_started = None
+                state.closed(self._clock())
                 self._call = None
+                delay = state.retry_delay()
             if self._on_disconnect is not None:
                 self._on_disconnect()
             self._stop.wait(delay)
-            delay = min(self._max, delay * 2)
 
 
 class LocalValidator:

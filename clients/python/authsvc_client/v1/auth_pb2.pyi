@@ -202,29 +202,41 @@ class RevocationEvent(_message.Message):
     kind: RevocationKind
     def __init__(self, cursor: _Optional[int] = ..., jti: _Optional[str] = ..., service_id: _Optional[str] = ..., revoked_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., kind: _Optional[_Union[RevocationKind, str]] = ...) -> None: ...
 
+class Grant(_message.Message):
+    __slots__ = ("audience", "scopes")
+    AUDIENCE_FIELD_NUMBER: _ClassVar[int]
+    SCOPES_FIELD_NUMBER: _ClassVar[int]
+    audience: str
+    scopes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, audience: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class Service(_message.Message):
-    __slots__ = ("service_id", "audiences", "scopes", "disabled", "created_at")
+    __slots__ = ("service_id", "audiences", "scopes", "disabled", "created_at", "grants")
     SERVICE_ID_FIELD_NUMBER: _ClassVar[int]
     AUDIENCES_FIELD_NUMBER: _ClassVar[int]
     SCOPES_FIELD_NUMBER: _ClassVar[int]
     DISABLED_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    GRANTS_FIELD_NUMBER: _ClassVar[int]
     service_id: str
     audiences: _containers.RepeatedScalarFieldContainer[str]
     scopes: _containers.RepeatedScalarFieldContainer[str]
     disabled: bool
     created_at: _timestamp_pb2.Timestamp
-    def __init__(self, service_id: _Optional[str] = ..., audiences: _Optional[_Iterable[str]] = ..., scopes: _Optional[_Iterable[str]] = ..., disabled: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    grants: _containers.RepeatedCompositeFieldContainer[Grant]
+    def __init__(self, service_id: _Optional[str] = ..., audiences: _Optional[_Iterable[str]] = ..., scopes: _Optional[_Iterable[str]] = ..., disabled: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., grants: _Optional[_Iterable[_Union[Grant, _Mapping]]] = ...) -> None: ...
 
 class CreateServiceRequest(_message.Message):
-    __slots__ = ("service_id", "audiences", "scopes")
+    __slots__ = ("service_id", "audiences", "scopes", "grants")
     SERVICE_ID_FIELD_NUMBER: _ClassVar[int]
     AUDIENCES_FIELD_NUMBER: _ClassVar[int]
     SCOPES_FIELD_NUMBER: _ClassVar[int]
+    GRANTS_FIELD_NUMBER: _ClassVar[int]
     service_id: str
     audiences: _containers.RepeatedScalarFieldContainer[str]
     scopes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, service_id: _Optional[str] = ..., audiences: _Optional[_Iterable[str]] = ..., scopes: _Optional[_Iterable[str]] = ...) -> None: ...
+    grants: _containers.RepeatedCompositeFieldContainer[Grant]
+    def __init__(self, service_id: _Optional[str] = ..., audiences: _Optional[_Iterable[str]] = ..., scopes: _Optional[_Iterable[str]] = ..., grants: _Optional[_Iterable[_Union[Grant, _Mapping]]] = ...) -> None: ...
 
 class CreateServiceResponse(_message.Message):
     __slots__ = ("service", "service_secret")
@@ -251,6 +263,42 @@ class DisableServiceRequest(_message.Message):
     def __init__(self, service_id: _Optional[str] = ...) -> None: ...
 
 class DisableServiceResponse(_message.Message):
+    __slots__ = ("service",)
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    service: Service
+    def __init__(self, service: _Optional[_Union[Service, _Mapping]] = ...) -> None: ...
+
+class UpdateServiceRequest(_message.Message):
+    __slots__ = ("service_id", "add_audiences", "remove_audiences", "add_scopes", "remove_scopes", "grants", "revoke_grants")
+    SERVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADD_AUDIENCES_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_AUDIENCES_FIELD_NUMBER: _ClassVar[int]
+    ADD_SCOPES_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_SCOPES_FIELD_NUMBER: _ClassVar[int]
+    GRANTS_FIELD_NUMBER: _ClassVar[int]
+    REVOKE_GRANTS_FIELD_NUMBER: _ClassVar[int]
+    service_id: str
+    add_audiences: _containers.RepeatedScalarFieldContainer[str]
+    remove_audiences: _containers.RepeatedScalarFieldContainer[str]
+    add_scopes: _containers.RepeatedScalarFieldContainer[str]
+    remove_scopes: _containers.RepeatedScalarFieldContainer[str]
+    grants: _containers.RepeatedCompositeFieldContainer[Grant]
+    revoke_grants: _containers.RepeatedCompositeFieldContainer[Grant]
+    def __init__(self, service_id: _Optional[str] = ..., add_audiences: _Optional[_Iterable[str]] = ..., remove_audiences: _Optional[_Iterable[str]] = ..., add_scopes: _Optional[_Iterable[str]] = ..., remove_scopes: _Optional[_Iterable[str]] = ..., grants: _Optional[_Iterable[_Union[Grant, _Mapping]]] = ..., revoke_grants: _Optional[_Iterable[_Union[Grant, _Mapping]]] = ...) -> None: ...
+
+class UpdateServiceResponse(_message.Message):
+    __slots__ = ("service",)
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    service: Service
+    def __init__(self, service: _Optional[_Union[Service, _Mapping]] = ...) -> None: ...
+
+class EnableServiceRequest(_message.Message):
+    __slots__ = ("service_id",)
+    SERVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    service_id: str
+    def __init__(self, service_id: _Optional[str] = ...) -> None: ...
+
+class EnableServiceResponse(_message.Message):
     __slots__ = ("service",)
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     service: Service

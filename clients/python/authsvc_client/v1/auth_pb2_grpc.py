@@ -92,6 +92,16 @@ class AuthServiceStub:
                 request_serializer=authsvc__client_dot_v1_dot_auth__pb2.DisableServiceRequest.SerializeToString,
                 response_deserializer=authsvc__client_dot_v1_dot_auth__pb2.DisableServiceResponse.FromString,
                 _registered_method=True)
+        self.UpdateService = channel.unary_unary(
+                '/authsvc.v1.AuthService/UpdateService',
+                request_serializer=authsvc__client_dot_v1_dot_auth__pb2.UpdateServiceRequest.SerializeToString,
+                response_deserializer=authsvc__client_dot_v1_dot_auth__pb2.UpdateServiceResponse.FromString,
+                _registered_method=True)
+        self.EnableService = channel.unary_unary(
+                '/authsvc.v1.AuthService/EnableService',
+                request_serializer=authsvc__client_dot_v1_dot_auth__pb2.EnableServiceRequest.SerializeToString,
+                response_deserializer=authsvc__client_dot_v1_dot_auth__pb2.EnableServiceResponse.FromString,
+                _registered_method=True)
         self.ListSigningKeys = channel.unary_unary(
                 '/authsvc.v1.AuthService/ListSigningKeys',
                 request_serializer=authsvc__client_dot_v1_dot_auth__pb2.ListSigningKeysRequest.SerializeToString,
@@ -188,6 +198,22 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateService(self, request, context):
+        """Change a live service's audiences, scopes and per-audience grants (admin). The next
+        login on any replica gets the new grants; tokens already issued keep theirs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnableService(self, request, context):
+        """Undo a disable (admin). Tokens the disable revoked stay revoked; tokens issued after
+        the call returns are valid.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListSigningKeys(self, request, context):
         """List signing keys and their states (admin).
         """
@@ -252,6 +278,16 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.DisableService,
                     request_deserializer=authsvc__client_dot_v1_dot_auth__pb2.DisableServiceRequest.FromString,
                     response_serializer=authsvc__client_dot_v1_dot_auth__pb2.DisableServiceResponse.SerializeToString,
+            ),
+            'UpdateService': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateService,
+                    request_deserializer=authsvc__client_dot_v1_dot_auth__pb2.UpdateServiceRequest.FromString,
+                    response_serializer=authsvc__client_dot_v1_dot_auth__pb2.UpdateServiceResponse.SerializeToString,
+            ),
+            'EnableService': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnableService,
+                    request_deserializer=authsvc__client_dot_v1_dot_auth__pb2.EnableServiceRequest.FromString,
+                    response_serializer=authsvc__client_dot_v1_dot_auth__pb2.EnableServiceResponse.SerializeToString,
             ),
             'ListSigningKeys': grpc.unary_unary_rpc_method_handler(
                     servicer.ListSigningKeys,
@@ -559,6 +595,60 @@ class AuthService:
             '/authsvc.v1.AuthService/DisableService',
             authsvc__client_dot_v1_dot_auth__pb2.DisableServiceRequest.SerializeToString,
             authsvc__client_dot_v1_dot_auth__pb2.DisableServiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateService(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authsvc.v1.AuthService/UpdateService',
+            authsvc__client_dot_v1_dot_auth__pb2.UpdateServiceRequest.SerializeToString,
+            authsvc__client_dot_v1_dot_auth__pb2.UpdateServiceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnableService(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authsvc.v1.AuthService/EnableService',
+            authsvc__client_dot_v1_dot_auth__pb2.EnableServiceRequest.SerializeToString,
+            authsvc__client_dot_v1_dot_auth__pb2.EnableServiceResponse.FromString,
             options,
             channel_credentials,
             insecure,
