@@ -392,12 +392,12 @@ class ClientSettings:
             authsvc_client.errors.CredentialsError: a variable missing, or a secret file
                 readable by group or others; the message names the variable, never its value.
         """
-        from authsvc_client.tokens import ENV_SERVICE_ID, _credentials_from_env
+        from authsvc_client.tokens import ENV_SERVICE_ID, credentials_from_env
 
         env = dict(self._environ)
         if service_id:
             env[ENV_SERVICE_ID] = service_id
-        sid, secret, _target = _credentials_from_env(env, self.target)
+        sid, secret, _target = credentials_from_env(env, self.target)
         return sid, secret
 
 

@@ -98,7 +98,12 @@ def rpc_context(**fields: Any) -> Iterator[dict[str, Any]]:
     try:
         yield current
     finally:
-        _rpc.reset(token)
+        try:
+            _rpc.reset(token)
+        except ValueError:
+            # A stream's generator that gRPC left suspended is closed later by asyncio in a
+            # task of its own (a copied context): the call's context is gone, nothing to undo.
+            pass
 
 
 def _fields(record: logging.LogRecord, out: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from alembic import command
@@ -27,6 +31,28 @@ _PG_MIGRATION_LOCK = 0x6175_7468_7376_0001
 _ALEMBIC_LOCK = threading.Lock()
 
 
+@contextlib.contextmanager
+def _sqlite_file_lock(engine: Engine) -> Iterator[None]:
+    """Serialise upgrades of one SQLite file across processes.
+
+    Alembic runs SQLite migrations without transactional DDL, so two processes starting on one
+    file could both read revision N and both apply N+1 ("duplicate column name"). An exclusive
+    `flock` on a lock file beside the database makes the later one wait and then find the schema
+    at head. In-memory databases belong to one process and need no lock.
+    """
+    database = engine.url.database
+    in_memory = not database or database.startswith((":memory:", "file:"))
+    if engine.dialect.name != "sqlite" or in_memory:
+        yield
+        return
+    fd = os.open(f"{database}.migrate-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 def _config() -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", SCRIPT_LOCATION)
@@ -42,7 +68,7 @@ def upgrade(engine: Engine, kek_ring: KekRing | None = None) -> None:
     cfg = _config()
     cfg.attributes["kek_ring"] = kek_ring
     postgres = engine.dialect.name == "postgresql"
-    with _ALEMBIC_LOCK, engine.connect() as conn:
+    with _ALEMBIC_LOCK, _sqlite_file_lock(engine), engine.connect() as conn:
         if postgres:
             conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
             conn.commit()

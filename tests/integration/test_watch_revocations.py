@@ -18,7 +18,8 @@ from sqlalchemy import insert
 
 from authsvc.storage.engine import make_engine
 from authsvc.storage.models import RevocationRow
-from authsvc_client.v1 import auth_pb2
+from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
+from bench.watch import Streamer
 from tests.integration.conftest import World, make_world, sqlite_env
 from tests.support.server import RunningServer, run_cli, start_server
 
@@ -255,4 +256,91 @@ class TestReplay:
             assert live.jti == _jti(token) and live.cursor > cursors[-1]
             stream.cancel()  # type: ignore[attr-defined]
         finally:
+            server.stop()
+
+
+
+def _seed_revocations(env: dict[str, str], count: int, jti_chars: int = 16) -> None:
+    """`count` live revocations straight into storage (before the server starts)."""
+    now = datetime.now(UTC)
+    engine = make_engine(env["AUTHSVC_DATABASE_URL"])
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                insert(RevocationRow),
+                [
+                    {
+                        "jti": f"stored-{i}".ljust(jti_chars, "x"),
+                        "service_id": None,
+                        "revoked_before": None,
+                        "expires_at": now + timedelta(hours=1),
+                        "reason": "test",
+                        "created_at": now,
+                        "kind": "token",
+                    }
+                    for i in range(count)
+                ],
+            )
+    finally:
+        engine.dispose()
+
+
+class TestShutdown:
+    def test_stopping_with_a_stream_stuck_in_a_write_logs_no_task_exception(
+        self, tmp_path: Path
+    ) -> None:
+        # A stream cancelled while gRPC waits to send its next message (the client reads
+        # nothing, so HTTP/2 flow control holds the write) leaves its generator suspended;
+        # asyncio closes it later in another task. Its per-call log fields were then reset in
+        # that task's context, which never set them: "Task exception was never retrieved ...
+        # ValueError: <Token var=authsvc_rpc_log_fields> was created in a different Context".
+        env = sqlite_env(tmp_path, AUTHSVC_SHUTDOWN_GRACE_SECONDS="0.5")
+        run_cli(env, "db", "upgrade")
+        # Far more than the client's flow-control window (about 4 MB of events).
+        _seed_revocations(env, 20_000, jti_chars=200)
+        server = start_server(env)
+        try:
+            secret = server.create_service("orders", ["billing"], ["billing.read"])
+            md = _bearer(server.issue("orders", secret, "authsvc").access_token)
+            channel = grpc.insecure_channel(server.address, options=[("grpc.http2.bdp_probe", 0)])
+            stub = auth_pb2_grpc.AuthServiceStub(channel)
+            stream = stub.WatchRevocations(
+                auth_pb2.WatchRevocationsRequest(after_cursor=0), timeout=60, metadata=md
+            )
+            assert next(stream).jti.startswith("stored-0")
+            # Time for the server to fill the window and wait; the stream stays open until
+            # the server stops (its grace ends, the call is cancelled).
+            time.sleep(2)
+        finally:
+            code = server.stop()
+        output = "".join(server.output)
+        assert code == 0, output[-2000:]
+        assert "shutting down" in output  # the server's own lines were captured
+        assert "was created in a different Context" not in output, output[-3000:]
+        assert "Task exception was never retrieved" not in output, output[-3000:]
+        channel.close()
+
+
+class TestReconnectBurst:
+    def test_1500_streams_opened_at_once_are_all_served_first_time(self, tmp_path: Path) -> None:
+        # Past 1,000 calls waiting to be picked up, gRPC core cancels new ones at random
+        # (`grpc.server.max_pending_requests`); the server raises that bound above its stream
+        # limit, so a whole fleet of followers reconnecting after a restart gets in at once.
+        world, server = make_world(
+            tmp_path, AUTHSVC_WATCH_STREAMS_PER_PEER="1600", AUTHSVC_WATCH_STREAMS_MAX="1600"
+        )
+        followers: Streamer | None = None
+        try:
+            followers = Streamer(server.address, _follower_token(world), streams=1500, after=0)
+            followers.expect("opened ", 120)
+            _revoke_one(world)  # each stream's first event
+            # "ready reopened <opens repeated> <by status code>"
+            ready = followers.expect("ready", 300).split()
+            assert ready[2] == "0", ready
+            events, failed, reopened = followers.finish()
+            followers = None
+            assert (events, failed, reopened) == (1500, 0, 0)
+        finally:
+            if followers is not None:
+                followers.kill()
             server.stop()

@@ -179,6 +179,45 @@ class TestConcurrentMigrations:
             engine.dispose()
 
 
+class TestSqliteMigrationLock:
+    def test_an_upgrade_waits_for_the_file_lock_another_process_holds(
+        self, tmp_path: Path
+    ) -> None:
+        """SQLite migrations are not transactional DDL: without the lock two processes both
+        applied one revision ("duplicate column name"). A holder of the lock file must make an
+        upgrade wait, and the upgrade must finish once it is released."""
+        import fcntl
+        import os
+
+        url = f"sqlite:///{tmp_path / 'locked.db'}"
+        engine = make_engine(url)
+        fd = os.open(tmp_path / "locked.db.migrate-lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        errors: list[BaseException] = []
+
+        def upgrade() -> None:
+            try:
+                migrate.upgrade(engine)
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        worker = threading.Thread(target=upgrade)
+        try:
+            worker.start()
+            worker.join(timeout=1.5)
+            assert worker.is_alive(), "the upgrade ran while another holder had the lock"
+            assert migrate.current_revision(engine) is None
+        finally:
+            os.close(fd)
+        worker.join(timeout=_TIMEOUT_S)
+        try:
+            assert not worker.is_alive() and errors == []
+            assert migrate.is_current(engine)
+            assert (os.stat(tmp_path / "locked.db.migrate-lock").st_mode & 0o777) == 0o600
+        finally:
+            engine.dispose()
+
+
 class TestConcurrentWrites:
     def test_failure_counts_lose_no_increment(self, repo: Repository) -> None:
         threads, each = 4, 10

@@ -442,9 +442,16 @@ def _read_secret_file(path_text: str) -> str:
     return secret
 
 
-def _credentials_from_env(
+def credentials_from_env(
     environ: Mapping[str, str] | None, target: str | None
 ) -> tuple[str, str, str]:
+    """(service id, secret, target) from the `AUTHSVC_SERVICE_*` variables, by the client's
+    rules (one of inline or file, the file private to its owner); the server's CLI uses the
+    same function so that both read credentials alike.
+
+    Raises:
+        CredentialsError: a variable is missing, both are set, or the file is unsafe.
+    """
     env = os.environ if environ is None else environ
     service_id = env.get(ENV_SERVICE_ID, "").strip()
     if not service_id:
@@ -524,7 +531,7 @@ class _SourceBase:
         channel_credentials: grpc.ChannelCredentials | None,
         options: dict[str, Any],
     ) -> Any:
-        service_id, secret, resolved = _credentials_from_env(environ, target)
+        service_id, secret, resolved = credentials_from_env(environ, target)
         channel = channel_for_target(
             resolved, channel_credentials, asyncio_channel=cls is AsyncTokenSource
         )
