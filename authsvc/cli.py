@@ -186,14 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="signing keys").add_subparsers(
         dest="keys_command", required=True
     )
-    rotate = keys.add_parser("rotate", help="activate a new signing key now")
+    rotate = keys.add_parser(
+        "rotate", help="activate the published next signing key now (and prepare a new one)"
+    )
     _common(rotate)
     rotate.add_argument(
         "--revoke-previous",
         action="store_true",
-        help="compromise: older keys stop validating at once",
+        help="compromise: every other key, the next one too, stops validating at once; a "
+        "fresh key signs",
     )
-    klist = keys.add_parser("list", help="list signing keys")
+    klist = keys.add_parser("list", help="list signing keys (next, active, retired, revoked)")
     _common(klist)
     klist.add_argument("--json", action="store_true")
 
@@ -369,9 +372,7 @@ def _cmd_kek(args: argparse.Namespace) -> int:
     new = load_new_kek()
     core = _core(args)
     try:
-        result = rotate_kek(
-            core.repo, core.settings.kek_ring, new, to_datetime(core.clock.now())
-        )
+        result = rotate_kek(core.repo, core.settings.kek_ring, new, to_datetime(core.clock.now()))
         _audit_cli(
             core,
             action="rotate_kek",
@@ -523,21 +524,17 @@ def _rotate_secret(core: Any, args: argparse.Namespace) -> None:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
+    from authsvc.usecases.audit import CLI_ACTOR, Origin
+
     core = _core(args)
     try:
+        keys = core.signing_keys()
         if args.keys_command == "rotate":
-            result = core.manager.rotate(revoke_previous=args.revoke_previous)
-            _audit_cli(
-                core,
-                action="rotate_signing_key",
-                target=f"key:{result.key.kid}",
-                outcome="ok" if result.rotated_here else "already_rotated",
-                detail=f"revoke_previous={args.revoke_previous}",
-            )
+            result = keys.rotate(Origin.local(CLI_ACTOR), revoke_previous=args.revoke_previous)
             note = "" if result.rotated_here else " (another replica rotated at the same moment)"
             print(f"active signing key: {result.key.kid}{note}")
         else:
-            keys = core.repo.list_signing_keys()
+            listed = keys.list()
             rows = [
                 {
                     "key_id": k.kid,
@@ -546,12 +543,13 @@ def _cmd_keys(args: argparse.Namespace) -> int:
                     "activated_at": to_timestamp(k.activated_at) if k.activated_at else None,
                     "publish_until": to_timestamp(k.publish_until) if k.publish_until else None,
                 }
-                for k in keys
+                for k in listed
             ]
             if args.json:
                 print(json.dumps(rows))
             else:
-                for k in keys:
+                for k in listed:
+                    # A `next` key's created_at is when it was first published.
                     print(f"{k.kid}\t{k.state}\tcreated={k.created_at.isoformat()}")
     finally:
         core.dispose()

@@ -23,7 +23,8 @@ was meant to protect is protected by state and margins instead, each where it is
   A step back during the grace period lengthens it by the step (bounded, as for tokens).
 - the rotation schedule: a step forward brings a rotation early (harmless). After a step back,
   an active key stamped as activated further in the future than the leeway is due at once
-  (KeyManager.rotate_if_due): waiting for that moment would put off rotation by the whole step.
+  (authsvc.keys.rotator, which treats a `next` key's publication stamp alike): waiting for
+  that moment would put off rotation by the whole step.
 - failed-login windows: a step back keeps a window open longer (stricter); a step forward ends
   one early, once per step.
 Steps are noticed by comparing wall-clock deltas to monotonic deltas between readings (WallClock),

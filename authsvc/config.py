@@ -15,6 +15,7 @@ from typing import Any
 
 from authsvc.crypto.kek import KekRing, KeyEncryptionKey
 from authsvc.errors import ConfigError
+from authsvc.keys.rotator import default_publish_lead
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_SERVER_NAME = "authsvc"
@@ -42,6 +43,9 @@ class Settings:
     max_ttl_seconds: int = 3600
     leeway_seconds: int = 30
     key_rotation_interval_seconds: int = 7 * 24 * 3600
+    # How long a `next` key is in the JWK Set before a scheduled rotation may activate it;
+    # None: the JWKS cache lifetime plus one sync interval (authsvc.keys.rotator).
+    key_publish_lead_seconds: float | None = None
     rsa_key_bits: int = 2048
     max_token_bytes: int = 8192
     sync_interval_seconds: float = 0.5
@@ -94,6 +98,13 @@ class Settings:
         if self.kek_previous is None:
             return KekRing(self.kek)
         return KekRing(self.kek, self.kek_previous)
+
+    @property
+    def publish_lead_seconds(self) -> float:
+        """AUTHSVC_KEY_PUBLISH_LEAD_SECONDS, or its default for this interval and sync."""
+        if self.key_publish_lead_seconds is not None:
+            return self.key_publish_lead_seconds
+        return default_publish_lead(self.key_rotation_interval_seconds, self.sync_interval_seconds)
 
     @property
     def admin_audience(self) -> str:
@@ -214,6 +225,27 @@ def _dev_kek(dev_dir: Path) -> KeyEncryptionKey:
     return KeyEncryptionKey.from_base64(path.read_text().strip())
 
 
+def _publish_lead(
+    env: Mapping[str, str], rotation_interval: int, sync_interval: float
+) -> float | None:
+    """AUTHSVC_KEY_PUBLISH_LEAD_SECONDS (None: the default), checked against the interval.
+
+    A lead longer than the interval would stretch every scheduled rotation to the lead, so
+    it is refused, default included, rather than rotating less often than configured.
+    """
+    chosen: float | None = None
+    if env.get("AUTHSVC_KEY_PUBLISH_LEAD_SECONDS"):
+        chosen = _float(env, "AUTHSVC_KEY_PUBLISH_LEAD_SECONDS", 0.0, 0.0)
+    lead = default_publish_lead(rotation_interval, sync_interval) if chosen is None else chosen
+    if rotation_interval > 0 and lead > rotation_interval:
+        default = "" if chosen is not None else f" (by default {lead:g} s: JWKS cache + sync)"
+        raise ConfigError(
+            f"AUTHSVC_KEY_PUBLISH_LEAD_SECONDS{default} must not exceed "
+            "AUTHSVC_KEY_ROTATION_INTERVAL_SECONDS: raise the interval or set the lead lower"
+        )
+    return chosen
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
 ) -> Settings:
@@ -275,6 +307,9 @@ def load_settings(
     if default_ttl > max_ttl:
         raise ConfigError("AUTHSVC_DEFAULT_TTL_SECONDS must not exceed AUTHSVC_MAX_TTL_SECONDS")
     rsa_bits = _int(env, "AUTHSVC_RSA_KEY_BITS", 2048, 2048)
+    rotation_interval = _int(env, "AUTHSVC_KEY_ROTATION_INTERVAL_SECONDS", 7 * 24 * 3600, 0)
+    sync_interval = _float(env, "AUTHSVC_SYNC_INTERVAL_SECONDS", 0.5, 0.05)
+    publish_lead = _publish_lead(env, rotation_interval, sync_interval)
     http_listen = over.get("http_listen") or env.get("AUTHSVC_HTTP_LISTEN") or None
     if http_listen:
         split_host_port(http_listen, "AUTHSVC_HTTP_LISTEN")
@@ -291,12 +326,11 @@ def load_settings(
         default_ttl_seconds=default_ttl,
         max_ttl_seconds=max_ttl,
         leeway_seconds=_int(env, "AUTHSVC_LEEWAY_SECONDS", 30, 0),
-        key_rotation_interval_seconds=_int(
-            env, "AUTHSVC_KEY_ROTATION_INTERVAL_SECONDS", 7 * 24 * 3600, 0
-        ),
+        key_rotation_interval_seconds=rotation_interval,
+        key_publish_lead_seconds=publish_lead,
         rsa_key_bits=rsa_bits,
         max_token_bytes=_int(env, "AUTHSVC_MAX_TOKEN_BYTES", 8192, 512),
-        sync_interval_seconds=_float(env, "AUTHSVC_SYNC_INTERVAL_SECONDS", 0.5, 0.05),
+        sync_interval_seconds=sync_interval,
         max_secret_grace_seconds=_int(env, "AUTHSVC_MAX_SECRET_GRACE_SECONDS", 7 * 24 * 3600, 0),
         throttle_id_failures=_int(env, "AUTHSVC_THROTTLE_ID_FAILURES", 100, 1),
         throttle_peer_failures=_int(env, "AUTHSVC_THROTTLE_PEER_FAILURES", 200, 1),

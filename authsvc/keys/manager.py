@@ -1,24 +1,31 @@
 """Signing-key lifecycle: generate, activate, retire, revoke, prune.
 
 States: next -> active -> retired -> (deleted once its last token has expired), or revoked at
-once on compromise. Races between replicas are settled by storage (Dex rotation.go): the new key
-is generated outside the transaction, and the transaction re-checks which key is active; losing
-the race ("already rotated") is a normal outcome, not an error.
+once on compromise. A key is stored as `next` first, so it is in the JWK Set before it signs; a
+rotation activates it. Races between replicas are settled by storage (Dex rotation.go): keys
+are generated outside the transaction, and the transaction re-checks which key is active (and
+that at most one `next` key exists); losing the race ("already rotated") is a normal outcome,
+not an error.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
+from datetime import datetime
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from authsvc.clock import Clock, to_datetime, to_timestamp
+from authsvc.clock import Clock, to_datetime
 from authsvc.crypto.kek import KekRing, KeyEncryptionKey, load_private_key, serialize_private_key
+from authsvc.errors import AuthsvcError, ConfigError
 from authsvc.keys.jwks import jwk_thumbprint, public_jwk
-from authsvc.keys.wrapping import wrapping_kek
-from authsvc.storage.records import SigningKeyRecord
+from authsvc.keys.wrapping import NOT_HELD, wrapping_kek
+from authsvc.storage.records import KeyState, SigningKeyRecord
 from authsvc.storage.repository import KekChanged, Repository
+
+log = logging.getLogger("authsvc.server")
 
 # Attempts at a rotation when `authsvc kek rotate` commits between wrapping and activating.
 _KEK_ATTEMPTS = 2
@@ -32,7 +39,9 @@ class RotationResult:
 
 
 class KeyManager:
-    """Changes signing-key state; the rotator decides when, storage decides who wins."""
+    """Changes signing-key state; the rotator (authsvc.keys.rotator) decides when, storage
+    decides who wins. Keeps exactly one `next` key: made at start if missing and again each
+    time one is activated."""
 
     def __init__(
         self,
@@ -52,16 +61,15 @@ class KeyManager:
         self._bits = rsa_key_bits
         # A retired key stays published until every token it signed has expired.
         self._publish_after_retire = max_ttl_seconds + leeway_seconds
-        self._leeway = leeway_seconds
 
-    def _generate(self) -> SigningKeyRecord:
+    def _generate(self, state: KeyState) -> SigningKeyRecord:
         private = rsa.generate_private_key(public_exponent=65537, key_size=self._bits)
         kid = jwk_thumbprint(private.public_key())
         now = to_datetime(self._clock.now())
         kek = wrapping_kek(self._repo, self._keks)
         return SigningKeyRecord(
             kid=kid,
-            state="active",
+            state=state,
             created_at=now,
             activated_at=None,
             retired_at=None,
@@ -71,58 +79,117 @@ class KeyManager:
             kek_id=kek.kek_id,
         )
 
-    def _activate(
+    def _retire_until(self, now: float) -> datetime:
+        return to_datetime(now + self._publish_after_retire)
+
+    def _result(self, kid: str, won: bool) -> RotationResult:
+        active = self._repo.fetch_active_signing_key()
+        if active is None:  # pragma: no cover - the transaction above guarantees one
+            raise RuntimeError("no active signing key after rotation")
+        return RotationResult(key=active, rotated_here=won and active.kid == kid)
+
+    def activate_fresh(
         self, expected_active_kid: str | None, *, revoke_previous: bool
     ) -> RotationResult:
+        """Generate a key and make it active in one step: it was never published before.
+
+        For the very first key (nothing to publish it ahead of) and for a compromise rotation
+        (`revoke_previous`, which also revokes the pre-published `next` key: see
+        authsvc.keys.rotator). A `next` key is prepared afterwards.
+        """
         for attempt in range(_KEK_ATTEMPTS):
-            record = self._generate()
+            record = self._generate("active")
             now = self._clock.now()
             try:
                 won = self._repo.create_signing_key(
                     record,
                     to_datetime(now),
                     expected_active_kid=expected_active_kid,
-                    publish_until=to_datetime(now + self._publish_after_retire),
+                    publish_until=self._retire_until(now),
                     revoke_others=revoke_previous,
                 )
                 break
             except KekChanged:
                 if attempt + 1 == _KEK_ATTEMPTS:
                     raise
-        active = self._repo.fetch_active_signing_key()
-        if active is None:  # pragma: no cover - the transaction above guarantees one
-            raise RuntimeError("no active signing key after rotation")
-        return RotationResult(key=active, rotated_here=won and active.kid == record.kid)
+        result = self._result(record.kid, won)
+        self._prepare_next()
+        return result
+
+    def activate_next(
+        self, next_key: SigningKeyRecord, expected_active_kid: str | None
+    ) -> RotationResult | None:
+        """Make the published `next_key` active, retire the active one, prepare a new `next`.
+
+        None when `next_key` is no longer a `next` key (a compromise rotation revoked it
+        meanwhile); losing the race to another replica is a RotationResult with
+        rotated_here=False.
+
+        Raises:
+            ConfigError: `next_key` is wrapped under a KEK this process does not hold (a
+                replica left on the old KEK after `authsvc kek rotate`): activating it would
+                leave this replica unable to sign, so it leaves the rotation to the others.
+        """
+        if next_key.kek_id is not None and next_key.kek_id not in self._keks.kek_ids:
+            raise ConfigError(NOT_HELD)
+        now = self._clock.now()
+        outcome = self._repo.activate_next_signing_key(
+            next_key.kid,
+            to_datetime(now),
+            expected_active_kid=expected_active_kid,
+            publish_until=self._retire_until(now),
+        )
+        if outcome == "no_next":
+            return None
+        result = self._result(next_key.kid, outcome == "activated")
+        self._prepare_next()
+        return result
+
+    def _prepare_next(self) -> None:
+        """The following `next` key, after a rotation that has committed: a failure here must
+        not report the rotation as failed, and the next scheduled round prepares the key."""
+        try:
+            self.ensure_next()
+        except AuthsvcError as exc:
+            log.warning("rotated, but the next signing key is not prepared yet: %s", exc)
 
     def ensure_active(self) -> SigningKeyRecord:
-        """Create the first key if there is none; whoever races, exactly one becomes active."""
+        """At start: create the first key if there is none (whoever races, exactly one becomes
+        active), and the `next` key if there is none."""
         active = self._repo.fetch_active_signing_key()
-        if active is not None:
-            return active
-        return self._activate(None, revoke_previous=False).key
+        if active is None:
+            return self.activate_fresh(None, revoke_previous=False).key
+        self.ensure_next()
+        return active
 
-    def rotate(self, *, revoke_previous: bool = False) -> RotationResult:
-        """Rotate now (on demand). If another replica rotates at the same moment, one key wins."""
-        current = self._repo.fetch_active_signing_key()
-        return self._activate(
-            current.kid if current is not None else None, revoke_previous=revoke_previous
-        )
+    def ensure_next(self) -> SigningKeyRecord:
+        """The one `next` key: the stored one, or a new one (whoever races, one is kept).
 
-    def rotate_if_due(self, interval_seconds: int) -> RotationResult | None:
-        """Scheduled rotation: only when the active key is older than the interval."""
-        if interval_seconds <= 0:
-            return None
-        current = self._repo.fetch_active_signing_key()
-        if current is None:
-            return self._activate(None, revoke_previous=False)
-        activated = current.activated_at or current.created_at
-        age = self._clock.now() - to_timestamp(activated)
-        # Activated further in the future than the leeway: stamped by a clock that ran ahead
-        # and was stepped back. Its age is unknown, and waiting for that moment would put off
-        # rotation by the whole step (authsvc.clock): it is due now.
-        if -self._leeway <= age < interval_seconds:
-            return None
-        return self._activate(current.kid, revoke_previous=False)
+        It is published from the moment it is stored and signs nothing until a rotation
+        activates it.
+        """
+        for attempt in range(_KEK_ATTEMPTS):
+            existing = self.next_key()
+            if existing is not None:
+                return existing
+            record = self._generate("next")
+            try:
+                self._repo.create_next_signing_key(record, to_datetime(self._clock.now()))
+            except KekChanged:
+                if attempt + 1 == _KEK_ATTEMPTS:
+                    raise
+        stored = self.next_key()
+        if stored is None:  # pragma: no cover - created above or by the racer that won
+            raise RuntimeError("no next signing key after creating one")
+        return stored
+
+    def active_key(self) -> SigningKeyRecord | None:
+        return self._repo.fetch_active_signing_key()
+
+    def next_key(self) -> SigningKeyRecord | None:
+        """The oldest `next` key (there is one; several only in a database written by hand)."""
+        keys = [k for k in self._repo.list_signing_keys() if k.state == "next"]
+        return min(keys, key=lambda k: (k.created_at, k.kid)) if keys else None
 
     def prune(self) -> int:
         """Drop retired and revoked keys whose every token has expired."""

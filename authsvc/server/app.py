@@ -9,6 +9,7 @@ import gc
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -29,6 +30,7 @@ from authsvc.errors import (
     StorageUnavailable,
 )
 from authsvc.keys.manager import KeyManager
+from authsvc.keys.rotator import Rotator
 from authsvc.keys.wrapping import CANNOT_DECRYPT, check_wrapped_keys, load_secret_hash_key
 from authsvc.server.http import HttpSidePort, ReadinessPolicy
 from authsvc.server.metrics import QUIET_WHEN_OK, Metrics, MetricsInterceptor, StateCollector
@@ -41,12 +43,13 @@ from authsvc.storage.records import AudienceGrant, RevocationRecord
 from authsvc.storage.repository import Repository
 from authsvc.sync import RevocationFeed, ServerState
 from authsvc.tokens.issuer import TokenIssuer
-from authsvc.usecases.audit import CLI_ACTOR, SCHEDULER_ACTOR, AuditTrail, Origin
+from authsvc.usecases.audit import CLI_ACTOR, AuditTrail, Origin
 from authsvc.usecases.callers import Callers
 from authsvc.usecases.login_batch import LoginBatcher
 from authsvc.usecases.revocation import Revocations
 from authsvc.usecases.secrets import RotatedSecret, Secrets
 from authsvc.usecases.services import ServiceRegistry
+from authsvc.usecases.signing_keys import SigningKeys
 from authsvc.usecases.tokens import Tokens
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 from authsvc_client.verifier import TokenVerifier
@@ -69,6 +72,12 @@ class Core:
     repo: Repository
     manager: KeyManager
     hasher: SecretHasher
+
+    def signing_keys(self, published: Callable[[], str] | None = None) -> SigningKeys:
+        """The signing-key use cases on the schedule of these settings; `published`: the JWK
+        Set a serving replica publishes."""
+        rotator = Rotator.for_settings(self.manager, self.clock, self.settings)
+        return SigningKeys(self.repo, self.manager, rotator, self.clock, published=published)
 
     @property
     def trail(self) -> AuditTrail:
@@ -261,7 +270,7 @@ class AuthsvcServer:
             settings=s,
             repo=core.repo,
             state=state,
-            manager=core.manager,
+            signing_keys=core.signing_keys(lambda: state.jwks_json),
             hasher=core.hasher,
             clock=self.clock,
             feed=feed,
@@ -296,7 +305,7 @@ class AuthsvcServer:
                 MetricsInterceptor(
                     self.metrics,
                     quiet_when_ok=frozenset() if s.access_log_all else QUIET_WHEN_OK,
-                )
+                ),
             ],
             options=[
                 ("grpc.max_receive_message_length", 64 * 1024),
@@ -430,24 +439,8 @@ class AuthsvcServer:
         core, state = self._core, self._state
         if core is None or state is None:
             raise RuntimeError("server not started")
-        interval = self.settings.key_rotation_interval_seconds
-        result = await asyncio.to_thread(core.manager.rotate_if_due, interval)
-        if result is not None and result.rotated_here:
-            log.info("scheduled key rotation: new active key %s", result.key.kid)
-            # Only the replica that won the race audits it: one row per rotation.
-            await asyncio.to_thread(
-                functools.partial(
-                    AuditTrail(core.repo, self.clock).record,
-                    Origin.local(SCHEDULER_ACTOR),
-                    action="rotate_signing_key",
-                    target=f"key:{result.key.kid}",
-                    detail="scheduled",
-                )
-            )
-        await asyncio.to_thread(core.manager.prune)
-        await asyncio.to_thread(
-            core.repo.prune_revocations, to_datetime(state.revocation_horizon())
-        )
+        keys = core.signing_keys(lambda: state.jwks_json)
+        await asyncio.to_thread(keys.scheduled_round, state.revocation_horizon())
         window_start = to_datetime(self.clock.now() - self.settings.throttle_window_seconds)
         await asyncio.to_thread(core.repo.prune_auth_failures, window_start)
         s = self.settings

@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from authsvc.clock import Clock
 from authsvc.config import split_host_port
 from authsvc.errors import ConfigError
+from authsvc.keys.rotator import jwks_max_age
 from authsvc.sync import ServerState
 
 __all__ = ["HttpSidePort", "ReadinessPolicy", "jwks_max_age"]
@@ -26,22 +27,10 @@ __all__ = ["HttpSidePort", "ReadinessPolicy", "jwks_max_age"]
 log = logging.getLogger("authsvc.http")
 
 JWKS_PATH = "/.well-known/jwks.json"
-_JWKS_MAX_AGE_CAP = 300
 _BUSY = (
     b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
     b"Content-Length: 5\r\nRetry-After: 1\r\nConnection: close\r\n\r\nbusy\n"
 )
-
-
-def jwks_max_age(rotation_interval_seconds: int) -> int:
-    """How long a validator may cache the JWK Set.
-
-    A scheduled rotation activates a new key at once, so a cache must not outlive a small part
-    of the interval; validators also refetch on an unknown `kid`. Capped at five minutes.
-    """
-    if rotation_interval_seconds <= 0:
-        return _JWKS_MAX_AGE_CAP
-    return max(1, min(_JWKS_MAX_AGE_CAP, rotation_interval_seconds // 10))
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ from authsvc.clock import Clock, to_datetime, to_timestamp
 from authsvc.config import Settings
 from authsvc.crypto.secrets import SecretHasher
 from authsvc.errors import AuthsvcError, InvalidArgument, Unauthenticated
-from authsvc.keys.manager import KeyManager
 from authsvc.logs import current_request_id, request_id_from
 from authsvc.server.status import status_of, trailers_of
 from authsvc.storage.records import AudienceGrant, ServiceRecord, SigningKeyRecord
@@ -36,6 +35,7 @@ from authsvc.usecases.callers import Callers
 from authsvc.usecases.revocation import Revocations
 from authsvc.usecases.secrets import Secrets
 from authsvc.usecases.services import GrantChange, ServiceRegistry
+from authsvc.usecases.signing_keys import SigningKeys
 from authsvc.usecases.tokens import TokenRequest, Tokens
 from authsvc_client.interceptors import bearer_token
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
@@ -175,7 +175,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         settings: Settings,
         repo: Repository,
         state: ServerState,
-        manager: KeyManager,
+        signing_keys: SigningKeys,
         hasher: SecretHasher,
         clock: Clock,
         feed: RevocationFeed,
@@ -187,7 +187,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         self._s = settings
         self._repo = repo
         self._state = state
-        self._manager = manager
+        self._keys = signing_keys
         self._hasher = hasher
         self._clock = clock
         self._feed = feed
@@ -340,24 +340,12 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
     async def RotateSigningKey(
         self, request: auth_pb2.RotateSigningKeyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.RotateSigningKeyResponse:
-        caller = self._admin(context)
-        peer, request_id = _peer_address(context), _request_id(context)
-
-        def rotate() -> SigningKeyRecord:
-            result = self._manager.rotate(revoke_previous=request.revoke_previous)
-            self._audit(
-                actor=caller.actor,
-                action="rotate_signing_key",
-                target=f"key:{result.key.kid}",
-                outcome="ok" if result.rotated_here else "already_rotated",
-                peer=peer,
-                request_id=request_id,
-                detail=f"revoke_previous={request.revoke_previous}",
-            )
-            return result.key
-
-        key = await asyncio.to_thread(rotate)
+        origin = self._admin(context)
+        result = await asyncio.to_thread(
+            self._keys.rotate, origin, revoke_previous=request.revoke_previous
+        )
         await self._refresh()
+        key = result.key
         activated = key.activated_at or key.created_at
         return auth_pb2.RotateSigningKeyResponse(
             key_id=key.kid, activated_at=timestamp(to_timestamp(activated))
@@ -367,14 +355,14 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
     async def GetJwks(
         self, request: auth_pb2.GetJwksRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.GetJwksResponse:
-        return auth_pb2.GetJwksResponse(jwks_json=self._state.jwks_json)
+        return auth_pb2.GetJwksResponse(jwks_json=self._keys.jwks())
 
     @handle_errors
     async def ListSigningKeys(
         self, request: auth_pb2.ListSigningKeysRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.ListSigningKeysResponse:
         self._admin(context)
-        keys = await asyncio.to_thread(self._repo.list_signing_keys)
+        keys = await asyncio.to_thread(self._keys.list)
         return auth_pb2.ListSigningKeysResponse(keys=[_key_proto(k) for k in keys])
 
     # -- Services --------------------------------------------------------------------------

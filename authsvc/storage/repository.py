@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from sqlalchemy import (
     Connection,
@@ -57,7 +57,7 @@ from authsvc.storage.records import (
     WrappedKeyRecord,
 )
 
-__all__ = ["KekChanged", "LoginBatch", "Repository"]
+__all__ = ["KekChanged", "LoginBatch", "NextActivation", "Repository"]
 
 _Secret = tuple[SecretSlot, bytes]
 
@@ -68,6 +68,10 @@ _LOCK_CHANGES = 0x6175_7468_7376_0003
 _LOCK_REVOCATIONS = 0x6175_7468_7376_0004
 
 _UNAVAILABLE = "database unavailable"
+
+
+# What activating the `next` key came to (Repository.activate_next_signing_key).
+NextActivation = Literal["activated", "already_rotated", "no_next"]
 
 
 class KekChanged(FailedPrecondition):
@@ -494,23 +498,9 @@ class Repository:
                 )
                 if active_kid != expected_active_kid:
                     return False
-                wrapping = s.scalar(
-                    select(WrappedKeyRow.kek_id).where(WrappedKeyRow.name == SECRET_HASH_KEY)
-                )
-                if record.kek_id is not None and wrapping not in (None, record.kek_id):
-                    raise KekChanged("the key-encryption key changed during the rotation")
+                self._check_wrapping(s, record)
                 if active_kid is not None:
-                    s.execute(
-                        update(SigningKeyRow)
-                        .where(SigningKeyRow.kid == active_kid)
-                        .values(
-                            state="retired",
-                            retired_at=now,
-                            publish_until=publish_until,
-                            private_key_enc=None,
-                            kek_id=None,
-                        )
-                    )
+                    self._retire(s, active_kid, now, publish_until)
                 if revoke_others:
                     s.execute(
                         update(SigningKeyRow)
@@ -537,6 +527,99 @@ class Repository:
                 return True
         except sa_exc.IntegrityError:
             raise AlreadyExists(f"signing key {record.kid!r} already exists") from None
+
+    def create_next_signing_key(self, record: SigningKeyRecord, now: datetime) -> bool:
+        """Store `record` as the `next` key, published from `now` on, unless one exists.
+
+        One `next` key at a time, whoever races (the check runs under the rotation lock):
+        False means another replica's key is the next one, and this one is dropped unused.
+        Its `created_at` is `now`, the moment it enters the JWK Set, which is what the
+        publish lead is measured from.
+
+        Raises:
+            AlreadyExists: a key with this kid exists.
+            KekChanged: `record.kek_id` is not the KEK the database wraps under any more.
+        """
+        now = _utc_in(now)
+        try:
+            with self._write() as s:
+                self._advisory_lock(s, _LOCK_ROTATION)
+                if s.scalar(select(SigningKeyRow.kid).where(SigningKeyRow.state == "next")):
+                    return False
+                self._check_wrapping(s, record)
+                s.add(
+                    SigningKeyRow(
+                        kid=record.kid,
+                        state="next",
+                        created_at=now,
+                        activated_at=None,
+                        retired_at=None,
+                        publish_until=None,
+                        public_jwk=record.public_jwk,
+                        private_key_enc=record.private_key_enc,
+                        kek_id=record.kek_id,
+                    )
+                )
+                s.flush()
+                self._add_change(s, "key", record.kid, now)
+                return True
+        except sa_exc.IntegrityError:
+            raise AlreadyExists(f"signing key {record.kid!r} already exists") from None
+
+    def activate_next_signing_key(
+        self,
+        kid: str,
+        now: datetime,
+        *,
+        expected_active_kid: str | None,
+        publish_until: datetime,
+    ) -> NextActivation:
+        """Make the `next` key `kid` active if the active key is still `expected_active_kid`.
+
+        The same race rule as create_signing_key: the check runs again inside the transaction,
+        serialized across processes, so replicas rotating at once activate one key between
+        them and the others get "already_rotated". The old active key is retired (published
+        until `publish_until`). "no_next": `kid` is not a `next` key (any more).
+        """
+        now = _utc_in(now)
+        publish_until = _utc_in(publish_until)
+        with self._write() as s:
+            self._advisory_lock(s, _LOCK_ROTATION)
+            active_kid = s.scalar(select(SigningKeyRow.kid).where(SigningKeyRow.state == "active"))
+            if active_kid != expected_active_kid:
+                return "already_rotated"
+            row = s.get(SigningKeyRow, kid)
+            if row is None or row.state != "next":
+                return "no_next"
+            if active_kid is not None:
+                self._retire(s, active_kid, now, publish_until)
+                # Flushed first: the one-active index must never see two active rows.
+                s.flush()
+            row.state = "active"
+            row.activated_at = now
+            s.flush()
+            self._add_change(s, "key", kid, now)
+            return "activated"
+
+    def _check_wrapping(self, s: Session, record: SigningKeyRecord) -> None:
+        wrapping = s.scalar(
+            select(WrappedKeyRow.kek_id).where(WrappedKeyRow.name == SECRET_HASH_KEY)
+        )
+        if record.kek_id is not None and wrapping not in (None, record.kek_id):
+            raise KekChanged("the key-encryption key changed during the rotation")
+
+    def _retire(self, s: Session, kid: str, now: datetime, publish_until: datetime) -> None:
+        s.execute(
+            update(SigningKeyRow)
+            .where(SigningKeyRow.kid == kid)
+            .values(
+                state="retired",
+                retired_at=now,
+                publish_until=publish_until,
+                private_key_enc=None,
+                kek_id=None,
+            )
+        )
 
     def fetch_active_signing_key(self) -> SigningKeyRecord | None:
         with self._read() as s:

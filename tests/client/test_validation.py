@@ -167,7 +167,9 @@ class TestLocalValidator:
             billing.stop()
             validator.close()
             authsvc.close()
-        assert rotated.key_id not in kids_before
+        # The key a rotation activates was published before it signed: no unknown-kid fetch.
+        assert rotated.key_id in kids_before
+        assert validator.unknown_kid_refetches == 0
         assert failures == []
         assert ok[0] > 50
 

@@ -233,7 +233,7 @@ class TestSecretsAndKeysAfterAStepBack:
 
     def test_a_retired_key_is_not_published_again(self, tmp_path: Path) -> None:
         async def body(w: World) -> None:
-            first = await w.kids()
+            first = {(await w.issue()).key_id}  # the active key, which the rotation retires
             await w.stub.RotateSigningKey(
                 auth_pb2.RotateSigningKeyRequest(), metadata=await w.admin_md()
             )

@@ -294,6 +294,7 @@ class TestPostgresReplicas:
                 assert p.returncode == 0
             keys = json.loads(run_cli(env, "keys", "list", "--json").stdout)
             assert [k["state"] for k in keys].count("active") == 1
+            assert [k["state"] for k in keys].count("next") == 1
 
     def test_a_change_on_one_replica_is_seen_by_the_other_within_one_second(
         self, postgres_url: str

@@ -547,7 +547,14 @@ class TestSigningKeys:
         jwks = json.loads(
             world.server.stub.GetJwks(auth_pb2.GetJwksRequest(), timeout=10).jwks_json
         )
-        assert [k["kid"] for k in jwks["keys"]] == [r.key_id]
+        # Only the fresh key and the new next key are published; every other one is revoked.
+        keys = world.server.stub.ListSigningKeys(
+            auth_pb2.ListSigningKeysRequest(), metadata=world.admin_md(), timeout=10
+        )
+        states = {k.key_id: k.state for k in keys.keys}
+        published = {k["kid"] for k in jwks["keys"]}
+        assert states[r.key_id] == "active" and len(published) == 2
+        assert published == {kid for kid, state in states.items() if state in ("active", "next")}
         assert _validate(
             world, world.server.issue("orders", world.orders_secret, "billing").access_token
         ).valid

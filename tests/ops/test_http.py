@@ -100,10 +100,11 @@ class TestJwks:
         new_kid = ops.server.stub.RotateSigningKey(
             auth_pb2.RotateSigningKeyRequest(), metadata=ops.admin_md(), timeout=30
         ).key_id
-        assert new_kid not in before
+        assert new_kid in before  # published as the next key before it signed
         kids = {k["kid"] for k in json.loads(ops.get("/.well-known/jwks.json").body)["keys"]}
         assert new_kid in kids
         assert before <= kids  # old tokens still verify
+        assert kids - before  # and the following next key is published ahead too
 
 
 class TestMetrics:

@@ -363,7 +363,10 @@ class TestPruning:
     def test_old_rows_and_expired_revocations_are_pruned_on_schedule(self, tmp_path: Path) -> None:
         url = f"sqlite:///{tmp_path / 'authsvc.db'}"
         env = base_env(
-            url, AUTHSVC_AUDIT_RETENTION_DAYS="30", AUTHSVC_KEY_ROTATION_INTERVAL_SECONDS="2"
+            url,
+            AUTHSVC_AUDIT_RETENTION_DAYS="30",
+            AUTHSVC_KEY_ROTATION_INTERVAL_SECONDS="2",
+            AUTHSVC_KEY_PUBLISH_LEAD_SECONDS="1",
         )
         run_cli(env, "db", "upgrade")
         now = to_datetime(SystemClock().now())

@@ -311,3 +311,63 @@ class TestConcurrentWrites:
             done.set()
             follower.join(timeout=_TIMEOUT_S)
         assert len(seen) == len(set(seen)) == writers * each
+
+
+def _activate_next_in_process(url: str, tag: str, barrier: Any, results: Any) -> None:
+    """Child process: its own engine, then one activation of the `next` key n1 expecting k0."""
+    engine = make_engine(url)
+    try:
+        repo = Repository(engine)
+        repo.ping()
+        barrier.wait(timeout=_TIMEOUT_S)
+        outcome = repo.activate_next_signing_key(
+            "n1", at(2), expected_active_kid="k0", publish_until=at(100)
+        )
+        results.put((tag, outcome))
+    except BaseException as exc:
+        results.put((tag, f"error: {type(exc).__name__}"))
+    finally:
+        engine.dispose()
+
+
+class TestNextKeyRace:
+    """Replicas preparing and activating the published `next` key at once (issue #12 item 8)."""
+
+    def test_threads_preparing_a_next_key_at_once_keep_exactly_one(
+        self, repo: Repository, migrated_url: str
+    ) -> None:
+        _start_with_k0(repo)
+        contenders = 4
+        engines = [make_engine(migrated_url) for _ in range(contenders)]
+        try:
+            stored = _run_threads(
+                contenders,
+                lambda i: Repository(engines[i]).create_next_signing_key(
+                    key_record(f"n{i}"), at(1)
+                ),
+            )
+        finally:
+            for e in engines:
+                e.dispose()
+        assert sorted(stored) == [False] * (contenders - 1) + [True]
+        nexts = [k for k in repo.list_signing_keys() if k.state == "next"]
+        assert [k.kid for k in nexts] == [f"n{stored.index(True)}"]
+        # Published from the moment it was stored: that is what the lead is counted from.
+        assert nexts[0].created_at == at(1) and nexts[0].activated_at is None
+
+    def test_processes_activating_the_next_key_at_once_leave_one_active_key(
+        self, repo: Repository, migrated_url: str
+    ) -> None:
+        _start_with_k0(repo)
+        assert repo.create_next_signing_key(key_record("n1"), at(1))
+        results = dict(
+            _run_processes(_activate_next_in_process, [(migrated_url, "p1"), (migrated_url, "p2")])
+        )
+        assert sorted(results.values()) == ["activated", "already_rotated"]
+        keys = {k.kid: k for k in repo.list_signing_keys()}
+        assert {kid: k.state for kid, k in keys.items()} == {"k0": "retired", "n1": "active"}
+        assert keys["n1"].activated_at == at(2) and keys["n1"].created_at == at(1)
+        # The private part stays with the key it wraps; the retired key's is dropped.
+        assert keys["n1"].private_key_enc == b"wrapped-private-n1"
+        assert keys["k0"].private_key_enc is None
+        assert [c.ref for c in repo.list_changes(0)] == ["k0", "n1", "n1"]

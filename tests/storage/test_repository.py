@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
 from authsvc.errors import AlreadyExists, FailedPrecondition, NotFound
-from authsvc.storage.records import AudienceGrant
-from authsvc.storage.repository import LoginBatch, Repository
+from authsvc.storage.records import SECRET_HASH_KEY, AudienceGrant
+from authsvc.storage.repository import KekChanged, LoginBatch, Repository
 from tests.storage.helpers import T0, at, key_record, live_secrets
 
 
@@ -251,6 +252,73 @@ class TestSigningKeys:
         assert [k.kid for k in repo.list_signing_keys()] == ["k3", "k2"]
         assert repo.prune_signing_keys(at(10_000)) == 1  # k2; the active key always stays
         assert [k.kid for k in repo.list_signing_keys()] == ["k3"]
+
+    def test_a_next_key_is_stored_once_and_activated_by_a_later_rotation(
+        self, repo: Repository
+    ) -> None:
+        repo.create_signing_key(key_record("k1"), T0, expected_active_kid=None, publish_until=T0)
+        assert repo.create_next_signing_key(key_record("n1"), at(1))
+        assert not repo.create_next_signing_key(key_record("n2"), at(2))  # one next at a time
+        keys = {k.kid: k for k in repo.list_signing_keys()}
+        assert set(keys) == {"k1", "n1"}
+        assert (keys["n1"].state, keys["n1"].created_at, keys["n1"].activated_at) == (
+            "next",
+            at(1),
+            None,
+        )
+        assert repo.fetch_active_signing_key() == keys["k1"]  # published, not signing
+        assert (
+            repo.activate_next_signing_key(
+                "n1", at(5), expected_active_kid="k1", publish_until=at(3605)
+            )
+            == "activated"
+        )
+        keys = {k.kid: k for k in repo.list_signing_keys()}
+        assert (keys["k1"].state, keys["k1"].publish_until) == ("retired", at(3605))
+        assert (keys["n1"].state, keys["n1"].activated_at) == ("active", at(5))
+
+    def test_activating_a_next_key_checks_the_active_key_and_the_state(
+        self, repo: Repository
+    ) -> None:
+        repo.create_signing_key(key_record("k1"), T0, expected_active_kid=None, publish_until=T0)
+        repo.create_next_signing_key(key_record("n1"), at(1))
+        stale = repo.activate_next_signing_key(
+            "n1", at(2), expected_active_kid="other", publish_until=at(9)
+        )
+        assert stale == "already_rotated"
+        assert (
+            repo.activate_next_signing_key(
+                "k1", at(2), expected_active_kid="k1", publish_until=at(9)
+            )
+            == "no_next"
+        )
+        assert {k.kid: k.state for k in repo.list_signing_keys()} == {"k1": "active", "n1": "next"}
+
+    def test_revoke_others_revokes_the_next_key_too(self, repo: Repository) -> None:
+        repo.create_signing_key(key_record("k1"), T0, expected_active_kid=None, publish_until=T0)
+        repo.create_next_signing_key(key_record("n1"), at(1))
+        assert repo.create_signing_key(
+            key_record("k2", at(2)),
+            at(2),
+            expected_active_kid="k1",
+            publish_until=at(3600),
+            revoke_others=True,
+        )
+        keys = {k.kid: k for k in repo.list_signing_keys()}
+        assert (keys["n1"].state, keys["n1"].private_key_enc) == ("revoked", None)
+        assert (
+            repo.activate_next_signing_key(
+                "n1", at(3), expected_active_kid="k2", publish_until=at(9)
+            )
+            == "no_next"
+        )
+
+    def test_a_next_key_under_a_replaced_kek_is_not_stored(self, repo: Repository) -> None:
+        repo.create_wrapped_key(SECRET_HASH_KEY, "kek-new", b"wrapped", T0)
+        record = replace(key_record("n1"), kek_id="kek-old")
+        with pytest.raises(KekChanged):
+            repo.create_next_signing_key(record, at(1))
+        assert repo.list_signing_keys() == []
 
     def test_repr_never_shows_the_private_key(self, repo: Repository) -> None:
         repo.create_signing_key(key_record("k1"), T0, expected_active_kid=None, publish_until=T0)

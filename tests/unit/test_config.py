@@ -86,6 +86,37 @@ class TestLoadSettings:
         with pytest.raises(ConfigError, match="AUTHSVC_DEFAULT_TTL_SECONDS"):
             load_settings({**BASE, "AUTHSVC_DEFAULT_TTL_SECONDS": "7200"})
 
+    def test_the_publish_lead_defaults_to_the_jwks_cache_lifetime_plus_one_sync(self) -> None:
+        s = load_settings(BASE)
+        # Seven days: /.well-known/jwks.json may be cached 300 s, plus the 0.5 s sync.
+        assert s.key_publish_lead_seconds is None and s.publish_lead_seconds == 300.5
+        s = load_settings(
+            {
+                **BASE,
+                "AUTHSVC_KEY_ROTATION_INTERVAL_SECONDS": "600",
+                "AUTHSVC_SYNC_INTERVAL_SECONDS": "2",
+            }
+        )
+        assert s.publish_lead_seconds == 62.0  # max-age 60 s (a tenth) beats the client's 30 s
+        s = load_settings({**BASE, "AUTHSVC_KEY_PUBLISH_LEAD_SECONDS": "45.5"})
+        assert s.publish_lead_seconds == 45.5
+
+    @pytest.mark.parametrize("value", ["-1", "soon"])
+    def test_a_bad_publish_lead_is_named(self, value: str) -> None:
+        with pytest.raises(ConfigError, match="AUTHSVC_KEY_PUBLISH_LEAD_SECONDS"):
+            load_settings({**BASE, "AUTHSVC_KEY_PUBLISH_LEAD_SECONDS": value})
+
+    def test_a_publish_lead_longer_than_the_rotation_interval_is_refused(self) -> None:
+        short = {**BASE, "AUTHSVC_KEY_ROTATION_INTERVAL_SECONDS": "20"}
+        with pytest.raises(ConfigError, match="must not exceed AUTHSVC_KEY_ROTATION_INTERVAL"):
+            load_settings(short)  # the default lead, 30.5 s
+        with pytest.raises(ConfigError, match="AUTHSVC_KEY_PUBLISH_LEAD_SECONDS"):
+            load_settings({**short, "AUTHSVC_KEY_PUBLISH_LEAD_SECONDS": "21"})
+        assert load_settings({**short, "AUTHSVC_KEY_PUBLISH_LEAD_SECONDS": "20"})
+        # Scheduled rotation off: nothing to compare with.
+        off = {**BASE, "AUTHSVC_KEY_ROTATION_INTERVAL_SECONDS": "0"}
+        assert load_settings({**off, "AUTHSVC_KEY_PUBLISH_LEAD_SECONDS": "99999"})
+
     def test_dev_mode_generates_a_private_kek_beside_its_database(self, tmp_path: Path) -> None:
         s = load_settings({}, {"dev": True, "dev_dir": str(tmp_path / "d")})
         assert s.dev and s.database_url.endswith("/d/authsvc.db")

@@ -1,20 +1,32 @@
-"""Key lifecycle with an injected clock: activate, retire, revoke, prune."""
+"""Key lifecycle with an injected clock: publish next, activate, retire, revoke, prune."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
 
-from authsvc.clock import to_timestamp
-from authsvc.crypto.kek import KeyEncryptionKey
-from authsvc.errors import DecryptError
+from authsvc.clock import to_datetime, to_timestamp
+from authsvc.crypto.kek import KekRing, KeyEncryptionKey
+from authsvc.errors import ConfigError, DecryptError
 from authsvc.keys.manager import KeyManager
+from authsvc.keys.rotator import (
+    CLIENT_JWKS_REFRESH_SECONDS,
+    Rotator,
+    default_publish_lead,
+    jwks_max_age,
+)
+from authsvc.keys.wrapping import load_secret_hash_key, rotate_kek
 from authsvc.storage import migrate
 from authsvc.storage.engine import make_engine
+from authsvc.storage.records import SECRET_HASH_KEY
 from authsvc.storage.repository import Repository
+from authsvc_client.validation import LocalValidator
 from tests.support.clock import START, FakeClock
 from tests.support.server import TEST_KEK
+
+NEW_KEK = "3q2+7wABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhs="
 
 
 @pytest.fixture
@@ -30,12 +42,53 @@ def manager(repo: Repository, clock: FakeClock, kek: str = TEST_KEK) -> KeyManag
     )
 
 
+def rotator(m: KeyManager, clock: FakeClock, interval: int = 600, lead: float = 60) -> Rotator:
+    return Rotator(m, clock, interval_seconds=interval, publish_lead_seconds=lead)
+
+
+def states(repo: Repository) -> dict[str, str]:
+    return {k.kid: k.state for k in repo.list_signing_keys()}
+
+
 class TestKeyManager:
     def test_ensure_active_creates_one_key_once(self, repo: Repository) -> None:
         m = manager(repo, FakeClock())
         first = m.ensure_active()
         assert first.state == "active" and m.ensure_active().kid == first.kid
-        assert len(repo.list_signing_keys()) == 1
+        # Beside it one `next` key, made once too.
+        assert sorted(states(repo).values()) == ["active", "next"]
+        next_key = m.next_key()
+        assert next_key is not None and m.ensure_next().kid == next_key.kid
+        assert len(repo.list_signing_keys()) == 2
+
+    def test_the_next_key_is_wrapped_under_the_kek_like_the_active_one(
+        self, repo: Repository
+    ) -> None:
+        m = manager(repo, FakeClock())
+        m.ensure_active()
+        next_key = m.next_key()
+        assert next_key is not None and next_key.private_key_enc is not None
+        assert next_key.kek_id == KeyEncryptionKey.from_base64(TEST_KEK).kek_id
+        assert m.private_key(next_key).key_size == 2048
+        other = manager(repo, FakeClock(), "3q2+7wABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhs=")
+        with pytest.raises(DecryptError):
+            other.private_key(next_key)
+
+    def test_rotation_activates_the_published_next_key_and_prepares_another(
+        self, repo: Repository
+    ) -> None:
+        clock = FakeClock()
+        m = manager(repo, clock)
+        old = m.ensure_active()
+        published = m.next_key()
+        assert published is not None
+        clock.advance(100)
+        result = rotator(m, clock).rotate_now()
+        assert result.rotated_here and result.key.kid == published.kid
+        assert result.key.created_at == published.created_at  # the very key published earlier
+        following = m.next_key()
+        assert following is not None and following.kid not in (old.kid, published.kid)
+        assert states(repo) == {old.kid: "retired", published.kid: "active", following.kid: "next"}
 
     def test_rotation_retires_the_old_key_and_drops_its_private_part(
         self, repo: Repository
@@ -44,7 +97,7 @@ class TestKeyManager:
         m = manager(repo, clock)
         old = m.ensure_active()
         clock.advance(100)
-        result = m.rotate()
+        result = rotator(m, clock).rotate_now()
         assert result.rotated_here and result.key.kid != old.kid
         keys = {k.kid: k for k in repo.list_signing_keys()}
         retired = keys[old.kid]
@@ -55,44 +108,60 @@ class TestKeyManager:
             m.private_key(retired)
         assert m.private_key(keys[result.key.kid]).key_size == 2048
 
-    def test_revoke_previous_ends_every_older_key(self, repo: Repository) -> None:
+    def test_revoke_previous_ends_every_other_key_the_next_one_too(self, repo: Repository) -> None:
         clock = FakeClock()
         m = manager(repo, clock)
+        r = rotator(m, clock)
         m.ensure_active()
-        m.rotate()
-        new = m.rotate(revoke_previous=True).key
-        states = sorted(k.state for k in repo.list_signing_keys() if k.kid != new.kid)
-        assert states == ["revoked", "revoked"]
+        r.rotate_now()
+        pre_published = m.next_key()
+        assert pre_published is not None
+        new = r.rotate_now(revoke_previous=True).key
+        # A fresh key signs: the pre-published one may have leaked with the active one.
+        assert new.kid != pre_published.kid
+        after = states(repo)
+        assert after[pre_published.kid] == "revoked"
+        following = m.next_key()
+        assert following is not None and following.kid not in (new.kid, pre_published.kid)
+        others = sorted(v for k, v in after.items() if k not in (new.kid, following.kid))
+        assert others == ["revoked", "revoked", "revoked"]
+        assert all(
+            k.private_key_enc is None for k in repo.list_signing_keys() if k.state == "revoked"
+        )
 
     def test_rotate_if_due_follows_the_interval(self, repo: Repository) -> None:
         clock = FakeClock()
         m = manager(repo, clock)
         first = m.ensure_active()
         clock.advance(599)
-        assert m.rotate_if_due(600) is None
+        assert rotator(m, clock).rotate_if_due() is None
         clock.advance(1)
-        due = m.rotate_if_due(600)
+        due = rotator(m, clock).rotate_if_due()
         assert due is not None and due.key.kid != first.kid
-        assert m.rotate_if_due(0) is None  # 0 disables scheduled rotation
+        clock.advance(10_000)
+        assert rotator(m, clock, interval=0).rotate_if_due() is None  # 0: no schedule
 
     def test_a_key_activated_in_the_future_is_due_after_a_step_back(self, repo: Repository) -> None:
         clock = FakeClock()
         m = manager(repo, clock)
         first = m.ensure_active()
+        r = rotator(m, clock)
         clock.step(-30)  # within the leeway: an ordinary skew between replicas, not due
-        assert m.rotate_if_due(600) is None
+        assert r.rotate_if_due() is None
         clock.step(-1)
-        due = m.rotate_if_due(600)
+        # The `next` key is stamped in that future too: published for an unknown time, as
+        # long as the active key at least (they were stored together), so it may activate.
+        due = r.rotate_if_due()
         assert due is not None and due.key.kid != first.kid
         # The new key is stamped by the corrected clock: the schedule is back to normal.
         clock.advance(599)
-        assert m.rotate_if_due(600) is None
+        assert r.rotate_if_due() is None
 
     def test_prune_drops_retired_keys_after_their_last_token(self, repo: Repository) -> None:
         clock = FakeClock()
         m = manager(repo, clock)
         old = m.ensure_active()
-        m.rotate()
+        rotator(m, clock).rotate_now()
         clock.advance(3600 + 30 - 1)
         assert m.prune() == 0
         clock.advance(1)
@@ -107,7 +176,128 @@ class TestKeyManager:
         assert str(exc.value) == "decryption failed"
 
     def test_every_kid_is_fresh(self, repo: Repository) -> None:
-        m = manager(repo, FakeClock())
+        clock = FakeClock()
+        m = manager(repo, clock)
         m.ensure_active()
-        kids = {m.rotate().key.kid for _ in range(3)}
+        kids = {rotator(m, clock).rotate_now().key.kid for _ in range(3)}
         assert len(kids) == 3
+
+
+class TestNextKeyAndKekRotation:
+    def test_kek_rotate_rewraps_the_next_key_which_then_activates_under_the_new_kek(
+        self, repo: Repository
+    ) -> None:
+        clock = FakeClock()
+        old_kek = KeyEncryptionKey.from_base64(TEST_KEK)
+        new_kek = KeyEncryptionKey.from_base64(NEW_KEK)
+        load_secret_hash_key(repo, KekRing(old_kek), to_datetime(clock.now()))
+        m = manager(repo, clock)
+        m.ensure_active()
+        before = m.next_key()
+        assert before is not None and before.kek_id == old_kek.kek_id
+        rotate_kek(repo, KekRing(old_kek), new_kek, to_datetime(clock.now()))
+        after = m.next_key()
+        assert after is not None and after.kid == before.kid
+        assert after.kek_id == new_kek.kek_id and after.private_key_enc != before.private_key_enc
+        # A replica given only the new KEK unwraps it and activates it; the one left on the
+        # old KEK alone may not (it could not sign with it).
+        rolled = manager(repo, clock, NEW_KEK)
+        assert rolled.private_key(after).key_size == 2048
+        with pytest.raises(ConfigError):
+            rotator(m, clock).rotate_now()
+        result = rotator(rolled, clock).rotate_now()
+        assert result.rotated_here and result.key.kid == before.kid
+        following = rolled.next_key()
+        assert following is not None and following.kek_id == new_kek.kek_id
+
+    def test_a_committed_rotation_is_reported_even_when_the_following_key_cannot_be_made(
+        self, repo: Repository, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        clock = FakeClock()
+        m = manager(repo, clock)
+        m.ensure_active()
+        upcoming = m.next_key()
+        assert upcoming is not None
+        # The database now wraps new data under a KEK this process lacks: no new key can be
+        # wrapped, but the published one (under our KEK) can still be activated.
+        repo.create_wrapped_key(SECRET_HASH_KEY, "kek-elsewhere", b"wrapped", to_datetime(0))
+        result = rotator(m, clock).rotate_now()
+        assert result.rotated_here and result.key.kid == upcoming.kid
+        assert m.next_key() is None
+        assert "next signing key is not prepared yet" in caplog.text
+
+
+class TestRotator:
+    """The schedule policy: due by the interval, a `next` key only once published for the lead."""
+
+    def test_the_lead_holds_a_due_rotation_back(self, repo: Repository) -> None:
+        clock = FakeClock()
+        m = manager(repo, clock)
+        first = m.ensure_active()
+        # A lead longer than the interval: due at 600 s, the next key ready at 900 s.
+        r = rotator(m, clock, interval=600, lead=900)
+        clock.advance(600)
+        assert r.is_due(first)
+        assert r.rotate_if_due() is None
+        assert states(repo)[first.kid] == "active"
+        clock.advance(299)
+        assert r.rotate_if_due() is None
+        clock.advance(1)
+        done = r.rotate_if_due()
+        assert done is not None and done.rotated_here and done.key.kid != first.kid
+
+    def test_on_demand_activates_a_next_key_younger_than_the_lead(self, repo: Repository) -> None:
+        clock = FakeClock()
+        m = manager(repo, clock)
+        m.ensure_active()
+        r = rotator(m, clock, interval=600, lead=900)
+        young = m.next_key()
+        assert young is not None and not r.is_published_long_enough(young)
+        assert r.rotate_now().key.kid == young.kid
+
+    def test_a_database_without_a_next_key_gets_one_before_any_rotation(
+        self, repo: Repository
+    ) -> None:
+        clock = FakeClock()
+        m = manager(repo, clock)
+        first = m.ensure_active()
+        nxt = m.next_key()
+        assert nxt is not None
+        # As a database from before `next` keys: only the active key.
+        with repo.engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM signing_keys WHERE state = 'next'")
+        r = rotator(m, clock, interval=600, lead=60)
+        clock.advance(600)
+        assert r.rotate_if_due() is None  # due, so a next key is published, not activated
+        published = m.next_key()
+        assert published is not None and states(repo)[first.kid] == "active"
+        clock.advance(60)
+        done = r.rotate_if_due()
+        assert done is not None and done.key.kid == published.kid
+
+    def test_a_replica_without_the_kek_of_the_next_key_leaves_the_rotation_to_others(
+        self, repo: Repository
+    ) -> None:
+        clock = FakeClock()
+        m = manager(repo, clock)
+        first = m.ensure_active()
+        nxt = m.next_key()
+        assert nxt is not None
+        stale = manager(repo, clock, "3q2+7wABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhs=")
+        with pytest.raises(ConfigError, match="AUTHSVC_KEK_PREVIOUS"):
+            stale.activate_next(nxt, first.kid)
+        assert states(repo) == {first.kid: "active", nxt.kid: "next"}
+
+
+class TestPublishLead:
+    def test_the_client_refresh_period_is_the_local_validators_default(self) -> None:
+        default = inspect.signature(LocalValidator).parameters["jwks_refresh_seconds"].default
+        assert default == CLIENT_JWKS_REFRESH_SECONDS
+
+    def test_the_default_lead_covers_the_longest_cache_plus_one_sync(self) -> None:
+        # Seven days: HTTP caches may keep the JWK Set 300 s, longer than the client's 30 s.
+        assert default_publish_lead(7 * 24 * 3600, 0.5) == 300.5
+        assert jwks_max_age(7 * 24 * 3600) == 300
+        # A short interval: max-age is a tenth of it, the client's 30 s is the longer cache.
+        assert default_publish_lead(100, 0.5) == 30.5
+        assert default_publish_lead(0, 2.0) == 302.0

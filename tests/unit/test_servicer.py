@@ -104,13 +104,18 @@ class TestTimeWithAFakeClock:
         async def body(h: Harness) -> None:
             first = await h.issue("orders", "billing", ttl=3600)
             await h.server.run_maintenance()
-            assert await h.jwks_kids() == [first.key_id]  # not due yet
+            # Not due yet; the next key is published beside the active one before it signs.
+            kids = await h.jwks_kids()
+            assert first.key_id in kids and len(kids) == 2
+            (upcoming,) = set(kids) - {first.key_id}
             h.clock.advance(1000)
             await h.server.run_maintenance()
             second = await h.issue("orders", "billing")
-            assert second.key_id != first.key_id
-            # The old key stays published while tokens it signed may live (max TTL + leeway).
-            assert sorted(await h.jwks_kids()) == sorted([first.key_id, second.key_id])
+            assert second.key_id == upcoming  # the key published ahead is the one activated
+            # The old key stays published while tokens it signed may live (max TTL + leeway),
+            # and a new next key is published.
+            kids = await h.jwks_kids()
+            assert {first.key_id, second.key_id} < set(kids) and len(kids) == 3
             assert (await h.validate(first.access_token, "billing")).valid
             h.clock.advance(3600 + 30)
             await h.server.run_maintenance()
@@ -118,7 +123,7 @@ class TestTimeWithAFakeClock:
             # rotation in the same round retired the second key, which stays published.
             kids = await h.jwks_kids()
             assert first.key_id not in kids
-            assert second.key_id in kids and len(kids) == 2
+            assert second.key_id in kids and len(kids) == 3
 
         run(tmp_path, body, AUTHSVC_KEY_ROTATION_INTERVAL_SECONDS="1000")
 

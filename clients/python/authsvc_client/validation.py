@@ -55,9 +55,7 @@ class Validator(Protocol):
     ValidatorUnavailable only when it cannot decide, which callers must treat as a denial.
     """
 
-    def validate(
-        self, token: str, *, required_scopes: Sequence[str] = ()
-    ) -> ValidationResult: ...
+    def validate(self, token: str, *, required_scopes: Sequence[str] = ()) -> ValidationResult: ...
 
 
 def insufficient_scope(claims: Claims, required_scopes: Sequence[str]) -> bool:
@@ -347,6 +345,10 @@ class KeySetCache:
         self._fetch_lock = threading.Lock()
         self._generation = 0
         self._last_unknown_fetch = float("-inf")
+        # GetJwks calls made because a token named a kid not in the ring. authsvc publishes a
+        # key before it signs, so planned rotations leave this at 0; a rise means a compromise
+        # rotation, a lead shorter than this cache's refresh period, or forged kids.
+        self.unknown_kid_refetches = 0
 
     def current(self) -> KeyRing:
         return self.ring
@@ -384,6 +386,7 @@ class KeySetCache:
             if now - self._last_unknown_fetch < self._interval:
                 return None
             self._last_unknown_fetch = now
+            self.unknown_kid_refetches += 1
             return self.ring if self._fetch_locked() else None
 
     def fetch_allowed(self) -> bool:
@@ -549,9 +552,7 @@ class RevocationFollower:
         if self._thread is not None:
             return
         self._channel.subscribe(self._on_connectivity, try_to_connect=True)
-        self._thread = threading.Thread(
-            target=self._run, name="authsvc-revocations", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name="authsvc-revocations", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -725,6 +726,13 @@ class LocalValidator:
     @property
     def healthy(self) -> bool:
         return self.keys.loaded and self.feed.outage_seconds(self._clock()) <= self._max_outage
+
+    @property
+    def unknown_kid_refetches(self) -> int:
+        """How many times a token's unknown kid made this validator fetch the JWK Set (at
+        most one per `unknown_kid_interval_seconds`). Zero across planned key rotations:
+        authsvc publishes each key before it signs (KeySetCache.unknown_kid_refetches)."""
+        return self.keys.unknown_kid_refetches
 
     def validate(self, token: str, *, required_scopes: Sequence[str] = ()) -> ValidationResult:
         """Raises:

@@ -157,14 +157,16 @@ class AuthServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RotateSigningKey(self, request, context):
-        """Activate a new signing key (admin).
+        """Activate the pre-published next signing key and prepare the one after it (admin);
+        revoke_previous instead signs with a fresh key and revokes every other (compromise).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetJwks(self, request, context):
-        """The RFC 7517 JWK Set of every key whose tokens may still be valid.
+        """The RFC 7517 JWK Set of every key whose tokens may still be valid, and the next key
+        (published before it signs, so a validator never meets an unknown kid at a rotation).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
