@@ -226,6 +226,22 @@ class TestRevocation:
         with pytest.raises(NotFound):
             asyncio.run(world.revocations.revoke_service("ghost", "", _origin("root")))
 
+    def test_a_jti_is_revoked_whether_or_not_it_was_seen(self, world: World) -> None:
+        issued = world.issue()
+        assert asyncio.run(world.revocations.revoke_jti(issued.claims.jti, "", _origin("root")))
+        assert asyncio.run(world.revocations.revoke_jti("never-issued", "", _origin("root")))
+        world.state.refresh()
+        assert world.tokens.validate(issued.token, "billing").reason == auth_pb2.REVOKED
+        assert world.tokens.validate(world.issue().token, "billing").valid
+        rows = world.audit("revoke_token")
+        assert [(r.actor, r.target) for r in rows] == [
+            ("root", f"jti:{issued.claims.jti}"),
+            ("root", "jti:never-issued"),
+        ]
+        for bad in ("", " padded", "esc\x1b[0m", "x" * 1000):
+            with pytest.raises(InvalidArgument):
+                asyncio.run(world.revocations.revoke_jti(bad, "", _origin("root")))
+
 
 class TestSecrets:
     def test_the_current_secret_rotates_itself_a_previous_one_may_not(self, world: World) -> None:
@@ -263,6 +279,19 @@ class TestCallers:
             world.callers.admin(world.issue().token)
         admin = world.issue("root", "authsvc", (ADMIN_SCOPE,))
         assert world.callers.admin(admin.token).subject == "root"
+        with pytest.raises(PermissionDenied, match=ADMIN_SCOPE):
+            world.callers.admin(world.issue("orders", "authsvc").token)
+
+    def test_the_follower_check_takes_any_token_for_authsvc(self, world: World) -> None:
+        with pytest.raises(Unauthenticated, match="needs a bearer token"):
+            world.callers.follower(None)
+        with pytest.raises(Unauthenticated, match="WRONG_AUDIENCE"):
+            world.callers.follower(world.issue().token)
+        with pytest.raises(Unauthenticated, match="MALFORMED"):
+            world.callers.follower("x" * 100_000)
+        assert world.callers.follower(world.issue("orders", "authsvc").token).subject == "orders"
+        admin = world.issue("root", "authsvc", (ADMIN_SCOPE,))
+        assert world.callers.follower(admin.token).subject == "root"
 
 
 class TestUnverifiedPeek:
