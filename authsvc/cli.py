@@ -567,11 +567,9 @@ def _audit_cli(core: Any, *, action: str, target: str, outcome: str, detail: str
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    if args.limit < 1:
-        raise SystemExit("authsvc: --limit must be at least 1")
     core = _core(args)
     try:
-        events = core.repo.list_audit_events(limit=args.limit)
+        events = core.trail.recent(args.limit)
     finally:
         core.dispose()
     rows = [

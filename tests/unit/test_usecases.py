@@ -303,3 +303,14 @@ class TestUnverifiedPeek:
         header, _body, signature = token.split(".")
         for broken in ("", "a.b", "a.b.c.d", f"{header}.!!!.{signature}", f"{header}..x"):
             assert unverified_audience(broken) is None
+
+
+class TestAuditTrail:
+    def test_recent_is_newest_first_and_bounded(self, world: World) -> None:
+        trail = AuditTrail(world.core.repo, world.clock)
+        for n in range(3):
+            trail.record(Origin.local(CLI_ACTOR), action="probe", target=f"t:{n}")
+        newest = trail.recent(2)
+        assert [(e.action, e.target) for e in newest] == [("probe", "t:2"), ("probe", "t:1")]
+        with pytest.raises(InvalidArgument, match="at least 1"):
+            trail.recent(0)
