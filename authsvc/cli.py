@@ -362,22 +362,20 @@ def _cmd_db_backup(args: argparse.Namespace) -> int:
 
 def _cmd_kek(args: argparse.Namespace) -> int:
     """Re-wrap every stored key under the new KEK, in one transaction (all or nothing)."""
-    from authsvc.clock import to_datetime
     from authsvc.config import load_new_kek
-    from authsvc.keys.wrapping import rotate_kek
+    from authsvc.usecases.audit import CLI_ACTOR, Origin
+    from authsvc.usecases.kek import rotate_kek_audited
 
     new = load_new_kek()
     core = _core(args)
     try:
-        result = rotate_kek(
-            core.repo, core.settings.kek_ring, new, to_datetime(core.clock.now())
-        )
-        _audit_cli(
-            core,
-            action="rotate_kek",
-            target=f"kek:{result.kek_id}",
-            outcome="ok" if result.rewrapped else "already_rotated",
-            detail=f"rewrapped={result.rewrapped}",
+        result = rotate_kek_audited(
+            core.repo,
+            core.settings.kek_ring,
+            new,
+            core.clock,
+            core.trail,
+            Origin.local(CLI_ACTOR),
         )
     finally:
         core.dispose()

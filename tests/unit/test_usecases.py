@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from authsvc.crypto.kek import KeyEncryptionKey
 from authsvc.errors import (
+    ConfigError,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -25,6 +27,7 @@ from authsvc.sync import ServerState
 from authsvc.tokens.issuer import IssuedToken, TokenIssuer
 from authsvc.usecases.audit import CLI_ACTOR, AuditTrail, Origin
 from authsvc.usecases.callers import Callers
+from authsvc.usecases.kek import rotate_kek_audited
 from authsvc.usecases.login_batch import LoginBatcher
 from authsvc.usecases.revocation import Revocations, service_cutoff
 from authsvc.usecases.secrets import Secrets
@@ -314,3 +317,35 @@ class TestAuditTrail:
         assert [(e.action, e.target) for e in newest] == [("probe", "t:2"), ("probe", "t:1")]
         with pytest.raises(InvalidArgument, match="at least 1"):
             trail.recent(0)
+
+
+class TestKekRotation:
+    def test_every_key_is_rewrapped_once_and_each_run_is_audited(
+        self, world: World, tmp_path: Path
+    ) -> None:
+        core = world.core
+        new_text = KeyEncryptionKey.generate_base64()
+        new = KeyEncryptionKey.from_base64(new_text)
+        origin = Origin.local(CLI_ACTOR)
+        first = rotate_kek_audited(
+            core.repo, core.settings.kek_ring, new, world.clock, core.trail, origin
+        )
+        # The signing key and the secret-hash key.
+        assert first.rewrapped >= 2 and first.kek_id == new.kek_id
+        again = rotate_kek_audited(
+            core.repo, core.settings.kek_ring, new, world.clock, core.trail, origin
+        )
+        assert again.rewrapped == 0
+        assert [(r.outcome, r.detail) for r in world.audit("rotate_kek")] == [
+            ("ok", f"rewrapped={first.rewrapped}"),
+            ("already_rotated", "rewrapped=0"),
+        ]
+        # The new KEK alone opens the database now; the old one no longer does.
+        moved = build_core(in_process_settings(tmp_path, AUTHSVC_KEK=new_text), world.clock)
+        try:
+            # The secret-hash key it unwraps is the one the stored hashes were made with.
+            assert moved.hasher.hash(world.orders) == core.hasher.hash(world.orders)
+        finally:
+            moved.dispose()
+        with pytest.raises(ConfigError):
+            build_core(in_process_settings(tmp_path), world.clock)
