@@ -13,17 +13,19 @@ from pathlib import Path
 
 import pytest
 
+from authsvc.clock import to_datetime
 from authsvc.crypto.kek import KeyEncryptionKey
 from authsvc.errors import (
     ConfigError,
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     Unauthenticated,
 )
 from authsvc.server.app import Core, build_core, create_service
 from authsvc.storage.records import AuditRecord, ServiceRecord
-from authsvc.sync import ServerState
+from authsvc.sync import RevocationFeed, ServerState
 from authsvc.tokens.issuer import IssuedToken, TokenIssuer
 from authsvc.usecases.audit import CLI_ACTOR, AuditTrail, Origin
 from authsvc.usecases.callers import Callers
@@ -32,6 +34,7 @@ from authsvc.usecases.login_batch import LoginBatcher
 from authsvc.usecases.revocation import Revocations, service_cutoff
 from authsvc.usecases.secrets import Secrets
 from authsvc.usecases.tokens import TokenRequest, Tokens, scopes_for
+from authsvc.usecases.watch import RevocationWatch
 from authsvc_client.claims import ADMIN_SCOPE
 from authsvc_client.unverified import unverified_audience, unverified_payload
 from authsvc_client.v1 import auth_pb2
@@ -349,3 +352,57 @@ class TestKekRotation:
             moved.dispose()
         with pytest.raises(ConfigError):
             build_core(in_process_settings(tmp_path), world.clock)
+
+
+class TestWatchRevocations:
+    def _revoke(self, world: World, *jtis: str) -> None:
+        for jti in jtis:
+            asyncio.run(world.revocations.revoke_jti(jti, "", _origin("root")))
+
+    def test_a_follower_gets_storage_then_the_live_log_once_each_in_order(
+        self, world: World
+    ) -> None:
+        self._revoke(world, "a", "b", "c")
+        world.state.refresh()
+        # Like a server that started after these: they are behind the log, in storage only.
+        feed = RevocationFeed(world.state.revocation_cursor, streams_per_peer=1)
+        watch = RevocationWatch(
+            repo=world.core.repo, clock=world.clock, feed=feed, callers=world.callers
+        )
+        token = world.issue("orders", "authsvc").token
+
+        async def follow() -> list[str]:
+            events = watch.follow(token, 0, PEER)
+            seen = [(await anext(events)).jti for _ in range(3)]
+            assert feed.open_streams == 1
+            with pytest.raises(ResourceExhausted):
+                await anext(watch.follow(token, 0, PEER))
+            # A revocation published after the replay comes from the log, then the feed ends.
+            await asyncio.to_thread(self._revoke, world, "d")
+            after = world.core.repo.list_revocations(
+                world.state.revocation_cursor, to_datetime(world.clock.now())
+            )
+            feed.publish(after)
+            seen.append((await anext(events)).jti)
+            feed.close()
+            seen += [e.jti async for e in events]
+            return seen
+
+        assert asyncio.run(follow()) == ["a", "b", "c", "d"]
+        assert feed.open_streams == 0
+
+    def test_who_may_follow_and_from_where(self, world: World) -> None:
+        watch = RevocationWatch(
+            repo=world.core.repo, clock=world.clock, feed=RevocationFeed(0), callers=world.callers
+        )
+        token = world.issue("orders", "authsvc").token
+
+        async def first(token: str | None, cursor: int) -> None:
+            await anext(watch.follow(token, cursor, PEER))
+
+        with pytest.raises(Unauthenticated):
+            asyncio.run(first(None, 0))
+        with pytest.raises(Unauthenticated, match="WRONG_AUDIENCE"):
+            asyncio.run(first(world.issue().token, 0))
+        with pytest.raises(InvalidArgument, match="after_cursor"):
+            asyncio.run(first(token, -1))
