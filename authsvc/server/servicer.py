@@ -25,7 +25,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from authsvc.clock import Clock, to_timestamp
 from authsvc.config import Settings
 from authsvc.crypto.secrets import SecretHasher
-from authsvc.errors import AuthsvcError, InvalidArgument, Unauthenticated
+from authsvc.errors import AuthsvcError, Unauthenticated
 from authsvc.keys.manager import KeyManager
 from authsvc.logs import current_request_id, request_id_from
 from authsvc.server.status import status_of, trailers_of
@@ -285,20 +285,13 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         self, request: auth_pb2.RevokeTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.RevokeTokenResponse:
         target = request.WhichOneof("target")
-        if target is None:
-            raise InvalidArgument("one of token, jti or service_id is required")
-        if target == "token":
-            revoked = await self._revocations.revoke_presented(
-                request.token, request.reason, _origin(context)
-            )
-        else:
-            admin = self._admin(context)
-            if target == "jti":
-                revoked = await self._revocations.revoke_jti(request.jti, request.reason, admin)
-            else:
-                revoked = await self._revocations.revoke_service(
-                    request.service_id, request.reason, admin
-                )
+        revoked = await self._revocations.revoke(
+            target,
+            "" if target is None else getattr(request, target),
+            request.reason,
+            functools.partial(_bearer, context),
+            _origin(context),
+        )
         await self._refresh()
         return auth_pb2.RevokeTokenResponse(revoked=revoked)
 

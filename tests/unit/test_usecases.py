@@ -31,7 +31,7 @@ from authsvc.usecases.audit import CLI_ACTOR, AuditTrail, Origin
 from authsvc.usecases.callers import Callers
 from authsvc.usecases.kek import rotate_kek_audited
 from authsvc.usecases.login_batch import LoginBatcher
-from authsvc.usecases.revocation import Revocations, service_cutoff
+from authsvc.usecases.revocation import Revocations, RevokeTarget, service_cutoff
 from authsvc.usecases.secrets import Secrets
 from authsvc.usecases.tokens import TokenRequest, Tokens, scopes_for
 from authsvc.usecases.watch import RevocationWatch
@@ -116,7 +116,12 @@ def world(tmp_path: Path) -> Iterator[World]:
                 verifier=verifier,
             ),
             revocations=Revocations(
-                settings=settings, repo=core.repo, verifier=verifier, clock=clock, trail=trail
+                settings=settings,
+                repo=core.repo,
+                verifier=verifier,
+                clock=clock,
+                trail=trail,
+                callers=Callers(settings, verifier),
             ),
             secrets=Secrets(
                 settings=settings,
@@ -231,6 +236,37 @@ class TestRevocation:
     def test_an_unknown_service_is_not_found(self, world: World) -> None:
         with pytest.raises(NotFound):
             asyncio.run(world.revocations.revoke_service("ghost", "", _origin("root")))
+
+    def test_a_token_needs_no_caller_a_jti_or_service_needs_an_admin(self, world: World) -> None:
+        def unreadable() -> str | None:
+            raise AssertionError("a revocation by token must not read the caller's bearer")
+
+        def revoke(target: RevokeTarget | None, value: str, bearer: str | None) -> bool:
+            origin = _origin()
+            return asyncio.run(
+                world.revocations.revoke(target, value, "", lambda: bearer, origin)
+            )
+
+        issued = world.issue()
+        assert asyncio.run(
+            world.revocations.revoke("token", issued.token, "", unreadable, _origin())
+        )
+        with pytest.raises(InvalidArgument, match="one of token, jti or service_id"):
+            revoke(None, "", None)
+        with pytest.raises(Unauthenticated):
+            revoke("jti", "j-1", None)
+        with pytest.raises(PermissionDenied):
+            revoke("service_id", "orders", world.issue("orders", "authsvc").token)
+        admin = world.issue("root", "authsvc", (ADMIN_SCOPE,)).token
+        assert revoke("jti", "j-1", admin)
+        with pytest.raises(NotFound):
+            revoke("service_id", "ghost", admin)
+        rows = world.audit("revoke_token")
+        assert [(r.actor, r.target) for r in rows] == [
+            ("orders", f"jti:{issued.claims.jti}"),
+            ("root", "jti:j-1"),
+        ]
+        assert rows[1].peer == PEER
 
     def test_a_jti_is_revoked_whether_or_not_it_was_seen(self, world: World) -> None:
         issued = world.issue()
