@@ -365,20 +365,20 @@ def _cmd_db_backup(args: argparse.Namespace) -> int:
 
 def _cmd_kek(args: argparse.Namespace) -> int:
     """Re-wrap every stored key under the new KEK, in one transaction (all or nothing)."""
-    from authsvc.clock import to_datetime
     from authsvc.config import load_new_kek
-    from authsvc.keys.wrapping import rotate_kek
+    from authsvc.usecases.audit import CLI_ACTOR, Origin
+    from authsvc.usecases.kek import rotate_kek_audited
 
     new = load_new_kek()
     core = _core(args)
     try:
-        result = rotate_kek(core.repo, core.settings.kek_ring, new, to_datetime(core.clock.now()))
-        _audit_cli(
-            core,
-            action="rotate_kek",
-            target=f"kek:{result.kek_id}",
-            outcome="ok" if result.rewrapped else "already_rotated",
-            detail=f"rewrapped={result.rewrapped}",
+        result = rotate_kek_audited(
+            core.repo,
+            core.settings.kek_ring,
+            new,
+            core.clock,
+            core.trail,
+            Origin.local(CLI_ACTOR),
         )
     finally:
         core.dispose()
@@ -556,20 +556,10 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _audit_cli(core: Any, *, action: str, target: str, outcome: str, detail: str = "") -> None:
-    from authsvc.usecases.audit import CLI_ACTOR, Origin
-
-    core.trail.record(
-        Origin.local(CLI_ACTOR), action=action, target=target, outcome=outcome, detail=detail
-    )
-
-
 def _cmd_audit(args: argparse.Namespace) -> int:
-    if args.limit < 1:
-        raise SystemExit("authsvc: --limit must be at least 1")
     core = _core(args)
     try:
-        events = core.repo.list_audit_events(limit=args.limit)
+        events = core.trail.recent(args.limit)
     finally:
         core.dispose()
     rows = [

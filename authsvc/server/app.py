@@ -284,7 +284,12 @@ class AuthsvcServer:
                 verifier=verifier,
             ),
             revocations=Revocations(
-                settings=s, repo=core.repo, verifier=verifier, clock=self.clock, trail=trail
+                settings=s,
+                repo=core.repo,
+                verifier=verifier,
+                clock=self.clock,
+                trail=trail,
+                callers=Callers(s, verifier),
             ),
             secrets=Secrets(
                 settings=s,

@@ -12,6 +12,7 @@ streams and slow queries never starve other calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -21,15 +22,15 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from authsvc.clock import Clock, to_datetime, to_timestamp
+from authsvc.clock import Clock, to_timestamp
 from authsvc.config import Settings
 from authsvc.crypto.secrets import SecretHasher
-from authsvc.errors import AuthsvcError, InvalidArgument, Unauthenticated
+from authsvc.errors import AuthsvcError, Unauthenticated
 from authsvc.logs import current_request_id, request_id_from
 from authsvc.server.status import status_of, trailers_of
 from authsvc.storage.records import AudienceGrant, ServiceRecord, SigningKeyRecord
 from authsvc.storage.repository import Repository
-from authsvc.sync import RevocationFeed, ServerState, held_event
+from authsvc.sync import RevocationFeed, ServerState
 from authsvc.usecases.audit import AuditTrail, Origin
 from authsvc.usecases.callers import Callers
 from authsvc.usecases.revocation import Revocations
@@ -37,15 +38,11 @@ from authsvc.usecases.secrets import Secrets
 from authsvc.usecases.services import GrantChange, ServiceRegistry
 from authsvc.usecases.signing_keys import SigningKeys
 from authsvc.usecases.tokens import TokenRequest, Tokens
+from authsvc.usecases.watch import RevocationWatch
 from authsvc_client.interceptors import bearer_token
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 
 log = logging.getLogger("authsvc.server")
-
-# A replay reads storage this many revocations at a time, in a worker thread; a live stream
-# sends at most _WATCH_BATCH events before it lets other calls run.
-_WATCH_PAGE = 1000
-_WATCH_BATCH = 100
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -197,6 +194,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         self._callers = callers
         self._trail = AuditTrail(repo, clock)
         self._services = ServiceRegistry(repo, hasher, clock, settings, self._trail)
+        self._watch = RevocationWatch(repo=repo, clock=clock, feed=feed, callers=callers)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -287,20 +285,13 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         self, request: auth_pb2.RevokeTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.RevokeTokenResponse:
         target = request.WhichOneof("target")
-        if target is None:
-            raise InvalidArgument("one of token, jti or service_id is required")
-        if target == "token":
-            revoked = await self._revocations.revoke_presented(
-                request.token, request.reason, _origin(context)
-            )
-        else:
-            admin = self._admin(context)
-            if target == "jti":
-                revoked = await self._revocations.revoke_jti(request.jti, request.reason, admin)
-            else:
-                revoked = await self._revocations.revoke_service(
-                    request.service_id, request.reason, admin
-                )
+        revoked = await self._revocations.revoke(
+            target,
+            "" if target is None else getattr(request, target),
+            request.reason,
+            functools.partial(_bearer, context),
+            _origin(context),
+        )
         await self._refresh()
         return auth_pb2.RevokeTokenResponse(revoked=revoked)
 
@@ -434,66 +425,8 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         request: auth_pb2.WatchRevocationsRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[auth_pb2.RevocationEvent]:
-        self._callers.follower(_bearer(context))
-        if request.after_cursor < 0:
-            raise InvalidArgument("after_cursor must be >= 0")
-        peer = _peer_address(context)
-        self._feed.acquire(peer)
-        try:
-            async for event in self._follow(request.after_cursor):
+        events = self._watch.follow(_bearer(context), request.after_cursor, _peer_address(context))
+        # Closed with this generator (a client that leaves): the stream's slot is given back now.
+        async with contextlib.aclosing(events):
+            async for event in events:
                 yield event
-        finally:
-            self._feed.release(peer)
-
-    async def _follow(self, cursor: int) -> AsyncIterator[auth_pb2.RevocationEvent]:
-        """Every event after `cursor`: from storage while the stream is behind the shared log,
-        then from the log by position."""
-        feed = self._feed
-        position: int | None = None
-        while True:
-            if position is None:
-                position = feed.position(cursor)
-            if position is None:
-                horizon = feed.horizon
-                async for event in self._replay(cursor):
-                    yield event
-                    cursor = event.cursor
-                # Everything up to the horizon was in storage when the replay ran; what it did
-                # not return had expired.
-                cursor = max(cursor, horizon)
-                continue
-            batch = feed.read(position, _WATCH_BATCH)
-            if batch is None:
-                position = None  # the log moved past this stream: catch up from storage
-                continue
-            for event in batch:
-                yield event
-                cursor = event.cursor
-            position += len(batch)
-            if len(batch) == _WATCH_BATCH:
-                await asyncio.sleep(0)  # a long backlog must not hold the loop
-                continue
-            if feed.closed:
-                return
-            if position == feed.end:
-                await feed.wait(timeout=30.0)
-
-    async def _replay(self, cursor: int) -> AsyncIterator[auth_pb2.RevocationEvent]:
-        """Page by page from storage; each page is read and turned into messages in a worker
-        thread, and the loop runs other calls between pages."""
-
-        def page_after(after: int) -> list[auth_pb2.RevocationEvent]:
-            held = self._repo.list_held_revocations(
-                after, to_datetime(self._clock.now()), _WATCH_PAGE
-            )
-            return [held_event(h) for h in held]
-
-        while True:
-            page = await asyncio.to_thread(page_after, cursor)
-            for i, event in enumerate(page):
-                yield event
-                if i % _WATCH_BATCH == _WATCH_BATCH - 1:
-                    await asyncio.sleep(0)
-            if len(page) < _WATCH_PAGE:
-                return
-            cursor = page[-1].cursor

@@ -12,6 +12,8 @@ import uuid
 from dataclasses import dataclass
 
 from authsvc.clock import Clock, to_datetime
+from authsvc.errors import InvalidArgument
+from authsvc.storage.records import AuditRecord
 from authsvc.storage.repository import Repository
 
 log = logging.getLogger("authsvc.server")
@@ -64,7 +66,8 @@ def log_audit(
 
 
 class AuditTrail:
-    """Writes audit events; the only writer of audit rows outside the login batch."""
+    """Writes audit events (the only writer of audit rows outside the login batch) and reads
+    the newest back (`authsvc audit list`)."""
 
     def __init__(self, repo: Repository, clock: Clock) -> None:
         self._repo = repo
@@ -97,3 +100,13 @@ class AuditTrail:
             request_id=origin.request_id,
             detail=detail,
         )
+
+    def recent(self, limit: int) -> list[AuditRecord]:
+        """The newest `limit` events, newest first, aggregated login rows included.
+
+        Raises:
+            InvalidArgument: `limit` below 1 (a zero limit would look like an empty trail).
+        """
+        if limit < 1:
+            raise InvalidArgument("--limit must be at least 1")
+        return self._repo.list_audit_events(limit=limit)

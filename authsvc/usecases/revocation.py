@@ -8,20 +8,32 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
+from typing import Literal
 
 from authsvc.clock import Clock, to_datetime
 from authsvc.config import Settings
-from authsvc.errors import NotFound
+from authsvc.errors import InvalidArgument, NotFound
 from authsvc.inputs import check_name
 from authsvc.storage.records import RevocationKind
 from authsvc.storage.repository import Repository
 from authsvc.usecases.audit import AuditTrail, Origin
+from authsvc.usecases.callers import Callers
 from authsvc.usecases.tokens import check_token_size
 from authsvc_client.unverified import unverified_audience
 from authsvc_client.v1 import auth_pb2
 from authsvc_client.verifier import TokenVerifier
 
-__all__ = ["MAX_REASON_LENGTH", "Revocations", "revoke_service_tokens", "service_cutoff"]
+__all__ = [
+    "MAX_REASON_LENGTH",
+    "Revocations",
+    "RevokeTarget",
+    "revoke_service_tokens",
+    "service_cutoff",
+]
+
+# What a RevokeToken names (its `target` oneof).
+RevokeTarget = Literal["token", "jti", "service_id"]
 
 MAX_REASON_LENGTH = 256
 
@@ -76,12 +88,40 @@ class Revocations:
         verifier: TokenVerifier,
         clock: Clock,
         trail: AuditTrail,
+        callers: Callers,
     ) -> None:
         self._s = settings
         self._repo = repo
         self._verifier = verifier
         self._clock = clock
         self._trail = trail
+        self._callers = callers
+
+    async def revoke(
+        self,
+        target: RevokeTarget | None,
+        value: str,
+        reason: str,
+        bearer: Callable[[], str | None],
+        origin: Origin,
+    ) -> bool:
+        """RevokeToken: who may revoke what. Whoever holds a token may revoke it (no caller
+        identity needed, RFC 7009); a jti or a whole service only an admin. `bearer` reads the
+        call's bearer token, and only for those: a revocation by token ignores the header.
+
+        Raises:
+            InvalidArgument: no target, or a malformed one.
+            Unauthenticated, PermissionDenied: a jti or service target without an admin token.
+            NotFound: no such service.
+        """
+        if target is None:
+            raise InvalidArgument("one of token, jti or service_id is required")
+        if target == "token":
+            return await self.revoke_presented(value, reason, origin)
+        admin = origin.as_actor(self._callers.admin(bearer()).subject)
+        if target == "jti":
+            return await self.revoke_jti(value, reason, admin)
+        return await self.revoke_service(value, reason, admin)
 
     @property
     def _token_lifetime(self) -> int:

@@ -13,22 +13,28 @@ from pathlib import Path
 
 import pytest
 
+from authsvc.clock import to_datetime
+from authsvc.crypto.kek import KeyEncryptionKey
 from authsvc.errors import (
+    ConfigError,
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     Unauthenticated,
 )
 from authsvc.server.app import Core, build_core, create_service
 from authsvc.storage.records import AuditRecord, ServiceRecord
-from authsvc.sync import ServerState
+from authsvc.sync import RevocationFeed, ServerState
 from authsvc.tokens.issuer import IssuedToken, TokenIssuer
 from authsvc.usecases.audit import CLI_ACTOR, AuditTrail, Origin
 from authsvc.usecases.callers import Callers
+from authsvc.usecases.kek import rotate_kek_audited
 from authsvc.usecases.login_batch import LoginBatcher
-from authsvc.usecases.revocation import Revocations, service_cutoff
+from authsvc.usecases.revocation import Revocations, RevokeTarget, service_cutoff
 from authsvc.usecases.secrets import Secrets
 from authsvc.usecases.tokens import TokenRequest, Tokens, scopes_for
+from authsvc.usecases.watch import RevocationWatch
 from authsvc_client.claims import ADMIN_SCOPE
 from authsvc_client.unverified import unverified_audience, unverified_payload
 from authsvc_client.v1 import auth_pb2
@@ -110,7 +116,12 @@ def world(tmp_path: Path) -> Iterator[World]:
                 verifier=verifier,
             ),
             revocations=Revocations(
-                settings=settings, repo=core.repo, verifier=verifier, clock=clock, trail=trail
+                settings=settings,
+                repo=core.repo,
+                verifier=verifier,
+                clock=clock,
+                trail=trail,
+                callers=Callers(settings, verifier),
             ),
             secrets=Secrets(
                 settings=settings,
@@ -226,6 +237,53 @@ class TestRevocation:
         with pytest.raises(NotFound):
             asyncio.run(world.revocations.revoke_service("ghost", "", _origin("root")))
 
+    def test_a_token_needs_no_caller_a_jti_or_service_needs_an_admin(self, world: World) -> None:
+        def unreadable() -> str | None:
+            raise AssertionError("a revocation by token must not read the caller's bearer")
+
+        def revoke(target: RevokeTarget | None, value: str, bearer: str | None) -> bool:
+            origin = _origin()
+            return asyncio.run(
+                world.revocations.revoke(target, value, "", lambda: bearer, origin)
+            )
+
+        issued = world.issue()
+        assert asyncio.run(
+            world.revocations.revoke("token", issued.token, "", unreadable, _origin())
+        )
+        with pytest.raises(InvalidArgument, match="one of token, jti or service_id"):
+            revoke(None, "", None)
+        with pytest.raises(Unauthenticated):
+            revoke("jti", "j-1", None)
+        with pytest.raises(PermissionDenied):
+            revoke("service_id", "orders", world.issue("orders", "authsvc").token)
+        admin = world.issue("root", "authsvc", (ADMIN_SCOPE,)).token
+        assert revoke("jti", "j-1", admin)
+        with pytest.raises(NotFound):
+            revoke("service_id", "ghost", admin)
+        rows = world.audit("revoke_token")
+        assert [(r.actor, r.target) for r in rows] == [
+            ("orders", f"jti:{issued.claims.jti}"),
+            ("root", "jti:j-1"),
+        ]
+        assert rows[1].peer == PEER
+
+    def test_a_jti_is_revoked_whether_or_not_it_was_seen(self, world: World) -> None:
+        issued = world.issue()
+        assert asyncio.run(world.revocations.revoke_jti(issued.claims.jti, "", _origin("root")))
+        assert asyncio.run(world.revocations.revoke_jti("never-issued", "", _origin("root")))
+        world.state.refresh()
+        assert world.tokens.validate(issued.token, "billing").reason == auth_pb2.REVOKED
+        assert world.tokens.validate(world.issue().token, "billing").valid
+        rows = world.audit("revoke_token")
+        assert [(r.actor, r.target) for r in rows] == [
+            ("root", f"jti:{issued.claims.jti}"),
+            ("root", "jti:never-issued"),
+        ]
+        for bad in ("", " padded", "esc\x1b[0m", "x" * 1000):
+            with pytest.raises(InvalidArgument):
+                asyncio.run(world.revocations.revoke_jti(bad, "", _origin("root")))
+
 
 class TestSecrets:
     def test_the_current_secret_rotates_itself_a_previous_one_may_not(self, world: World) -> None:
@@ -263,6 +321,19 @@ class TestCallers:
             world.callers.admin(world.issue().token)
         admin = world.issue("root", "authsvc", (ADMIN_SCOPE,))
         assert world.callers.admin(admin.token).subject == "root"
+        with pytest.raises(PermissionDenied, match=ADMIN_SCOPE):
+            world.callers.admin(world.issue("orders", "authsvc").token)
+
+    def test_the_follower_check_takes_any_token_for_authsvc(self, world: World) -> None:
+        with pytest.raises(Unauthenticated, match="needs a bearer token"):
+            world.callers.follower(None)
+        with pytest.raises(Unauthenticated, match="WRONG_AUDIENCE"):
+            world.callers.follower(world.issue().token)
+        with pytest.raises(Unauthenticated, match="MALFORMED"):
+            world.callers.follower("x" * 100_000)
+        assert world.callers.follower(world.issue("orders", "authsvc").token).subject == "orders"
+        admin = world.issue("root", "authsvc", (ADMIN_SCOPE,))
+        assert world.callers.follower(admin.token).subject == "root"
 
 
 class TestUnverifiedPeek:
@@ -274,3 +345,100 @@ class TestUnverifiedPeek:
         header, _body, signature = token.split(".")
         for broken in ("", "a.b", "a.b.c.d", f"{header}.!!!.{signature}", f"{header}..x"):
             assert unverified_audience(broken) is None
+
+
+class TestAuditTrail:
+    def test_recent_is_newest_first_and_bounded(self, world: World) -> None:
+        trail = AuditTrail(world.core.repo, world.clock)
+        for n in range(3):
+            trail.record(Origin.local(CLI_ACTOR), action="probe", target=f"t:{n}")
+        newest = trail.recent(2)
+        assert [(e.action, e.target) for e in newest] == [("probe", "t:2"), ("probe", "t:1")]
+        with pytest.raises(InvalidArgument, match="at least 1"):
+            trail.recent(0)
+
+
+class TestKekRotation:
+    def test_every_key_is_rewrapped_once_and_each_run_is_audited(
+        self, world: World, tmp_path: Path
+    ) -> None:
+        core = world.core
+        new_text = KeyEncryptionKey.generate_base64()
+        new = KeyEncryptionKey.from_base64(new_text)
+        origin = Origin.local(CLI_ACTOR)
+        first = rotate_kek_audited(
+            core.repo, core.settings.kek_ring, new, world.clock, core.trail, origin
+        )
+        # The signing key and the secret-hash key.
+        assert first.rewrapped >= 2 and first.kek_id == new.kek_id
+        again = rotate_kek_audited(
+            core.repo, core.settings.kek_ring, new, world.clock, core.trail, origin
+        )
+        assert again.rewrapped == 0
+        assert [(r.outcome, r.detail) for r in world.audit("rotate_kek")] == [
+            ("ok", f"rewrapped={first.rewrapped}"),
+            ("already_rotated", "rewrapped=0"),
+        ]
+        # The new KEK alone opens the database now; the old one no longer does.
+        moved = build_core(in_process_settings(tmp_path, AUTHSVC_KEK=new_text), world.clock)
+        try:
+            # The secret-hash key it unwraps is the one the stored hashes were made with.
+            assert moved.hasher.hash(world.orders) == core.hasher.hash(world.orders)
+        finally:
+            moved.dispose()
+        with pytest.raises(ConfigError):
+            build_core(in_process_settings(tmp_path), world.clock)
+
+
+class TestWatchRevocations:
+    def _revoke(self, world: World, *jtis: str) -> None:
+        for jti in jtis:
+            asyncio.run(world.revocations.revoke_jti(jti, "", _origin("root")))
+
+    def test_a_follower_gets_storage_then_the_live_log_once_each_in_order(
+        self, world: World
+    ) -> None:
+        self._revoke(world, "a", "b", "c")
+        world.state.refresh()
+        # Like a server that started after these: they are behind the log, in storage only.
+        feed = RevocationFeed(world.state.revocation_cursor, streams_per_peer=1)
+        watch = RevocationWatch(
+            repo=world.core.repo, clock=world.clock, feed=feed, callers=world.callers
+        )
+        token = world.issue("orders", "authsvc").token
+
+        async def follow() -> list[str]:
+            events = watch.follow(token, 0, PEER)
+            seen = [(await anext(events)).jti for _ in range(3)]
+            assert feed.open_streams == 1
+            with pytest.raises(ResourceExhausted):
+                await anext(watch.follow(token, 0, PEER))
+            # A revocation published after the replay comes from the log, then the feed ends.
+            await asyncio.to_thread(self._revoke, world, "d")
+            after = world.core.repo.list_revocations(
+                world.state.revocation_cursor, to_datetime(world.clock.now())
+            )
+            feed.publish(after)
+            seen.append((await anext(events)).jti)
+            feed.close()
+            seen += [e.jti async for e in events]
+            return seen
+
+        assert asyncio.run(follow()) == ["a", "b", "c", "d"]
+        assert feed.open_streams == 0
+
+    def test_who_may_follow_and_from_where(self, world: World) -> None:
+        watch = RevocationWatch(
+            repo=world.core.repo, clock=world.clock, feed=RevocationFeed(0), callers=world.callers
+        )
+        token = world.issue("orders", "authsvc").token
+
+        async def first(token: str | None, cursor: int) -> None:
+            await anext(watch.follow(token, cursor, PEER))
+
+        with pytest.raises(Unauthenticated):
+            asyncio.run(first(None, 0))
+        with pytest.raises(Unauthenticated, match="WRONG_AUDIENCE"):
+            asyncio.run(first(world.issue().token, 0))
+        with pytest.raises(InvalidArgument, match="after_cursor"):
+            asyncio.run(first(token, -1))
