@@ -45,6 +45,7 @@ from authsvc.sync import RevocationFeed, ServerState
 from authsvc.tokens.issuer import TokenIssuer
 from authsvc.usecases.audit import CLI_ACTOR, AuditTrail, Origin
 from authsvc.usecases.callers import Callers
+from authsvc.usecases.housekeeping import Housekeeping
 from authsvc.usecases.login_batch import LoginBatcher
 from authsvc.usecases.revocation import Revocations
 from authsvc.usecases.secrets import RotatedSecret, Secrets
@@ -446,15 +447,10 @@ class AuthsvcServer:
             raise RuntimeError("server not started")
         keys = core.signing_keys(lambda: state.jwks_json)
         await asyncio.to_thread(keys.scheduled_round, state.revocation_horizon())
-        window_start = to_datetime(self.clock.now() - self.settings.throttle_window_seconds)
-        await asyncio.to_thread(core.repo.prune_auth_failures, window_start)
-        s = self.settings
-        if s.throttle_known_peer_seconds > 0:
-            forget = to_datetime(self.clock.now() - s.throttle_known_peer_seconds)
-            await asyncio.to_thread(core.repo.prune_known_peers, forget)
-        # By the earlier clock: a wrong forward jump must not delete audit rows early.
-        keep_from = to_datetime(self.clock.earliest_now() - s.audit_retention_days * 86400)
-        await asyncio.to_thread(core.repo.prune_audit_events, keep_from)
+        housekeeping = Housekeeping(
+            core.repo, core.clock, self.settings, earliest_now=self.clock.earliest_now
+        )
+        await asyncio.to_thread(housekeeping.prune)
         await asyncio.to_thread(state.refresh)
 
     async def _maintenance_loop(self) -> None:

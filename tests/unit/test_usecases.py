@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -29,6 +29,7 @@ from authsvc.sync import RevocationFeed, ServerState
 from authsvc.tokens.issuer import IssuedToken, TokenIssuer
 from authsvc.usecases.audit import CLI_ACTOR, AuditTrail, Origin
 from authsvc.usecases.callers import Callers
+from authsvc.usecases.housekeeping import Housekeeping, Pruned
 from authsvc.usecases.kek import rotate_kek_audited
 from authsvc.usecases.login_batch import LoginBatcher
 from authsvc.usecases.revocation import Revocations, RevokeTarget, service_cutoff
@@ -442,3 +443,57 @@ class TestWatchRevocations:
             asyncio.run(first(world.issue().token, 0))
         with pytest.raises(InvalidArgument, match="after_cursor"):
             asyncio.run(first(token, -1))
+
+
+class TestHousekeeping:
+    """The scheduler's deletions, decided by `Housekeeping.prune` (no server, no scheduler)."""
+
+    def _seed(self, world: World, at: float) -> None:
+        when = to_datetime(at)
+        with world.core.repo.login_batch(when, world.core.settings.throttle_window_seconds) as b:
+            b.failures("id:ghost", "peer:10.0.0.9")
+            b.count_failure("id:ghost")
+            b.remember_peer("orders", "10.0.0.1")
+        world.core.repo.create_audit_event(
+            at=when,
+            actor="root",
+            action="probe",
+            target="service:orders",
+            outcome="ok",
+            peer=PEER,
+            request_id="req",
+        )
+
+    def test_each_window_deletes_only_what_is_past_it(self, world: World) -> None:
+        settings = replace(world.core.settings, throttle_known_peer_seconds=3600)
+        start = world.clock.now()
+        self._seed(world, start)
+        keeper = Housekeeping(world.core.repo, world.clock, settings)
+
+        # Inside every window: nothing goes.
+        world.clock.advance(1)
+        assert keeper.prune() == Pruned(auth_failures=0, known_peers=0, audit_events=0)
+        assert world.audit("probe")
+
+        # Past the throttle window and the known-peer period, within audit retention.
+        world.clock.advance(max(settings.throttle_window_seconds, 3600) + 1)
+        pruned = keeper.prune()
+        assert (pruned.auth_failures, pruned.known_peers, pruned.audit_events) == (1, 1, 0)
+        assert world.audit("probe")
+
+        # Past audit retention.
+        world.clock.advance(settings.audit_retention_days * 86400)
+        assert keeper.prune().audit_events >= 1
+        assert world.audit("probe") == []
+
+    def test_audit_rows_survive_a_wrong_forward_jump(self, world: World) -> None:
+        """Retention counts from the earlier clock: a wall clock stepped a year ahead must not
+        delete the audit trail (the server passes `WallClock.earliest_now`)."""
+        start = world.clock.now()
+        self._seed(world, start)
+        keeper = Housekeeping(
+            world.core.repo, world.clock, world.core.settings, earliest_now=lambda: start + 5
+        )
+        world.clock.step(400 * 86400)
+        assert keeper.prune().audit_events == 0
+        assert world.audit("probe")
