@@ -9,16 +9,15 @@ import ipaddress
 import logging
 import os
 import random
-import stat
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import grpc
 
+from authsvc_client.assertions import read_private_file
 from authsvc_client.errors import (
     AuthsvcClientError,
     CredentialsError,
@@ -423,23 +422,13 @@ def _jti_and_iat(value: str) -> tuple[str, int | None]:
 
 
 def _read_secret_file(path_text: str) -> str:
-    path = Path(path_text)
+    """The secret in AUTHSVC_SERVICE_SECRET_FILE, by the one rule for credential files
+    (`assertions.read_private_file`: owner-only, readable, not empty)."""
+    data = read_private_file(path_text, ENV_SERVICE_SECRET_FILE)
     try:
-        info = path.stat()
-    except OSError:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError:
         raise CredentialsError(f"{ENV_SERVICE_SECRET_FILE}: cannot read the file") from None
-    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise CredentialsError(
-            f"{ENV_SERVICE_SECRET_FILE}: the file is accessible by group or others; "
-            "make it readable by its owner only (chmod 600)"
-        )
-    try:
-        secret = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        raise CredentialsError(f"{ENV_SERVICE_SECRET_FILE}: cannot read the file") from None
-    if not secret:
-        raise CredentialsError(f"{ENV_SERVICE_SECRET_FILE}: the file is empty")
-    return secret
 
 
 def credentials_from_env(
