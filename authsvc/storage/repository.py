@@ -208,6 +208,28 @@ def _transient_sqlstate(exc: sa_exc.DBAPIError) -> bool:
     return isinstance(state, str) and (state == "25006" or state.startswith("53"))
 
 
+
+def _new_key_row(
+    record: SigningKeyRecord,
+    state: str,
+    *,
+    created_at: datetime,
+    activated_at: datetime | None = None,
+    publish_until: datetime | None = None,
+) -> SigningKeyRow:
+    """A signing key's first row: its public and wrapped private parts as generated."""
+    return SigningKeyRow(
+        kid=record.kid,
+        state=state,
+        created_at=created_at,
+        activated_at=activated_at,
+        retired_at=None,
+        publish_until=publish_until,
+        public_jwk=record.public_jwk,
+        private_key_enc=record.private_key_enc,
+        kek_id=record.kek_id,
+    )
+
 class Repository:
     """Storage for services, secrets, signing keys, revocations, changes, audit and throttling.
 
@@ -510,16 +532,12 @@ class Repository:
                         )
                     )
                 s.add(
-                    SigningKeyRow(
-                        kid=record.kid,
-                        state="active",
+                    _new_key_row(
+                        record,
+                        "active",
                         created_at=_utc_in(record.created_at),
                         activated_at=now,
-                        retired_at=None,
                         publish_until=_opt_in(record.publish_until),
-                        public_jwk=record.public_jwk,
-                        private_key_enc=record.private_key_enc,
-                        kek_id=record.kek_id,
                     )
                 )
                 s.flush()
@@ -547,19 +565,7 @@ class Repository:
                 if s.scalar(select(SigningKeyRow.kid).where(SigningKeyRow.state == "next")):
                     return False
                 self._check_wrapping(s, record)
-                s.add(
-                    SigningKeyRow(
-                        kid=record.kid,
-                        state="next",
-                        created_at=now,
-                        activated_at=None,
-                        retired_at=None,
-                        publish_until=None,
-                        public_jwk=record.public_jwk,
-                        private_key_enc=record.private_key_enc,
-                        kek_id=record.kek_id,
-                    )
-                )
+                s.add(_new_key_row(record, "next", created_at=now))
                 s.flush()
                 self._add_change(s, "key", record.kid, now)
                 return True
