@@ -303,21 +303,14 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         request: auth_pb2.RotateServiceSecretRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> auth_pb2.RotateServiceSecretResponse:
-        service_id, grace = request.service_id, request.grace_period_seconds
-        self._secrets.check(service_id, grace, request.current_secret)
-        if request.current_secret:
-            rotated = await asyncio.to_thread(
-                self._secrets.rotate_by_self,
-                service_id,
-                request.current_secret,
-                grace,
-                _origin(context, service_id),
-            )
-        else:
-            admin = self._admin(context)
-            rotated = await asyncio.to_thread(
-                self._secrets.rotate_by_admin, service_id, grace, admin
-            )
+        rotated = await asyncio.to_thread(
+            self._secrets.rotate,
+            request.service_id,
+            request.grace_period_seconds,
+            request.current_secret,
+            _origin(context, request.service_id),
+            lambda: self._admin(context),
+        )
         response = auth_pb2.RotateServiceSecretResponse(service_secret=rotated.secret)
         if rotated.previous_until is not None:
             response.previous_secret_expires_at.CopyFrom(

@@ -6,6 +6,7 @@ on this host (`Origin.local(CLI_ACTOR)`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -64,6 +65,27 @@ class Secrets:
         check_grace_period(grace_seconds, self._s.max_secret_grace_seconds)
         if len(current_secret) > MAX_SECRET_LENGTH:
             raise InvalidArgument("current_secret is too long")
+
+    def rotate(
+        self,
+        service_id: str,
+        grace_seconds: int,
+        current_secret: str,
+        origin: Origin,
+        admin: Callable[[], Origin],
+    ) -> RotatedSecret:
+        """RotateServiceSecret: who may rotate. With a secret, the service rotates itself (its
+        current secret only); without one, only an admin: `admin` resolves the call's admin
+        token into its origin and is asked only then, so a self-rotation needs no bearer.
+
+        Raises:
+            InvalidArgument, Unauthenticated, PermissionDenied, ResourceExhausted, NotFound: as
+                `rotate_by_self` and `rotate_by_admin`, and the admin check.
+        """
+        self.check(service_id, grace_seconds, current_secret)
+        if current_secret:
+            return self.rotate_by_self(service_id, current_secret, grace_seconds, origin)
+        return self.rotate_by_admin(service_id, grace_seconds, admin())
 
     def rotate_by_admin(self, service_id: str, grace_seconds: int, admin: Origin) -> RotatedSecret:
         """An admin gives a service a new secret; the previous one works `grace_seconds` more.

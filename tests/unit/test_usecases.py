@@ -312,6 +312,30 @@ class TestSecrets:
         assert (row.actor, row.outcome, row.target) == ("cli", "not_found", "service:ghost")
 
 
+    def test_rotate_asks_for_an_admin_only_without_a_secret(self, world: World) -> None:
+        asked: list[str] = []
+
+        def admin() -> Origin:
+            asked.append("admin")
+            return _origin("root")
+
+        rotated = world.secrets.rotate("orders", 0, world.orders, _origin("orders"), admin)
+        assert asked == []  # a self-rotation needs no bearer token
+        world.orders = rotated.secret
+        world.secrets.rotate("orders", 0, "", _origin(), admin)
+        assert asked == ["admin"]
+
+        def no_admin() -> Origin:
+            raise Unauthenticated("this call needs an admin bearer token")
+
+        with pytest.raises(Unauthenticated):
+            world.secrets.rotate("orders", 0, "", _origin(), no_admin)
+        assert [(r.actor, r.outcome) for r in world.audit("rotate_secret")] == [
+            ("orders", "ok"),
+            ("root", "ok"),
+        ]
+
+
 class TestCallers:
     def test_the_admin_check(self, world: World) -> None:
         with pytest.raises(Unauthenticated, match="needs an admin bearer token"):
