@@ -181,19 +181,13 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         secrets: Secrets,
         callers: Callers,
     ) -> None:
-        self._s = settings
-        self._repo = repo
         self._state = state
         self._keys = signing_keys
-        self._hasher = hasher
-        self._clock = clock
-        self._feed = feed
         self._tokens = tokens
         self._revocations = revocations
         self._secrets = secrets
         self._callers = callers
-        self._trail = AuditTrail(repo, clock)
-        self._services = ServiceRegistry(repo, hasher, clock, settings, self._trail)
+        self._services = ServiceRegistry(repo, hasher, clock, settings, AuditTrail(repo, clock))
         self._watch = RevocationWatch(repo=repo, clock=clock, feed=feed, callers=callers)
 
     # -- helpers ---------------------------------------------------------------------------
@@ -206,25 +200,6 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         """The admin caller of this RPC (from its bearer token), as the origin of its changes."""
         claims = self._callers.admin(_bearer(context))
         return _origin(context, claims.subject)
-
-    def _audit(
-        self,
-        *,
-        actor: str,
-        action: str,
-        target: str,
-        outcome: str,
-        peer: str,
-        request_id: str,
-        detail: str = "",
-    ) -> None:
-        self._trail.record(
-            Origin(actor=actor, peer=peer, request_id=request_id),
-            action=action,
-            target=target,
-            outcome=outcome,
-            detail=detail,
-        )
 
     # -- IssueToken ------------------------------------------------------------------------
 
