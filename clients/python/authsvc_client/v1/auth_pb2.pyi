@@ -23,6 +23,7 @@ class ValidationFailure(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REVOKED: _ClassVar[ValidationFailure]
     INSUFFICIENT_SCOPE: _ClassVar[ValidationFailure]
     SERVICE_DISABLED: _ClassVar[ValidationFailure]
+    CERTIFICATE_MISMATCH: _ClassVar[ValidationFailure]
 
 class RevocationKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -41,24 +42,47 @@ WRONG_AUDIENCE: ValidationFailure
 REVOKED: ValidationFailure
 INSUFFICIENT_SCOPE: ValidationFailure
 SERVICE_DISABLED: ValidationFailure
+CERTIFICATE_MISMATCH: ValidationFailure
 REVOCATION_KIND_UNSPECIFIED: RevocationKind
 REVOCATION_KIND_TOKEN: RevocationKind
 REVOCATION_KIND_SERVICE_TOKENS: RevocationKind
 REVOCATION_KIND_SERVICE_DISABLED: RevocationKind
 
 class IssueTokenRequest(_message.Message):
-    __slots__ = ("service_id", "service_secret", "audience", "scopes", "ttl_seconds")
+    __slots__ = ("service_id", "service_secret", "audience", "scopes", "ttl_seconds", "client_assertion")
     SERVICE_ID_FIELD_NUMBER: _ClassVar[int]
     SERVICE_SECRET_FIELD_NUMBER: _ClassVar[int]
     AUDIENCE_FIELD_NUMBER: _ClassVar[int]
     SCOPES_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ASSERTION_FIELD_NUMBER: _ClassVar[int]
     service_id: str
     service_secret: str
     audience: str
     scopes: _containers.RepeatedScalarFieldContainer[str]
     ttl_seconds: int
-    def __init__(self, service_id: _Optional[str] = ..., service_secret: _Optional[str] = ..., audience: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+    client_assertion: str
+    def __init__(self, service_id: _Optional[str] = ..., service_secret: _Optional[str] = ..., audience: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., ttl_seconds: _Optional[int] = ..., client_assertion: _Optional[str] = ...) -> None: ...
+
+class ExchangeTokenRequest(_message.Message):
+    __slots__ = ("subject_token", "subject_token_type", "audience", "scopes", "ttl_seconds", "service_id", "service_secret", "client_assertion")
+    SUBJECT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_TOKEN_TYPE_FIELD_NUMBER: _ClassVar[int]
+    AUDIENCE_FIELD_NUMBER: _ClassVar[int]
+    SCOPES_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_SECRET_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_ASSERTION_FIELD_NUMBER: _ClassVar[int]
+    subject_token: str
+    subject_token_type: str
+    audience: str
+    scopes: _containers.RepeatedScalarFieldContainer[str]
+    ttl_seconds: int
+    service_id: str
+    service_secret: str
+    client_assertion: str
+    def __init__(self, subject_token: _Optional[str] = ..., subject_token_type: _Optional[str] = ..., audience: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., ttl_seconds: _Optional[int] = ..., service_id: _Optional[str] = ..., service_secret: _Optional[str] = ..., client_assertion: _Optional[str] = ...) -> None: ...
 
 class IssueTokenResponse(_message.Message):
     __slots__ = ("access_token", "token_type", "expires_in", "expires_at", "key_id", "scopes")
@@ -77,17 +101,19 @@ class IssueTokenResponse(_message.Message):
     def __init__(self, access_token: _Optional[str] = ..., token_type: _Optional[str] = ..., expires_in: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., key_id: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ValidateTokenRequest(_message.Message):
-    __slots__ = ("token", "audience", "required_scopes")
+    __slots__ = ("token", "audience", "required_scopes", "client_cert_thumbprint")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     AUDIENCE_FIELD_NUMBER: _ClassVar[int]
     REQUIRED_SCOPES_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_CERT_THUMBPRINT_FIELD_NUMBER: _ClassVar[int]
     token: str
     audience: str
     required_scopes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, token: _Optional[str] = ..., audience: _Optional[str] = ..., required_scopes: _Optional[_Iterable[str]] = ...) -> None: ...
+    client_cert_thumbprint: str
+    def __init__(self, token: _Optional[str] = ..., audience: _Optional[str] = ..., required_scopes: _Optional[_Iterable[str]] = ..., client_cert_thumbprint: _Optional[str] = ...) -> None: ...
 
 class Claims(_message.Message):
-    __slots__ = ("issuer", "subject", "audience", "scopes", "issued_at", "expires_at", "jti", "key_id", "not_before", "client_id")
+    __slots__ = ("issuer", "subject", "audience", "scopes", "issued_at", "expires_at", "jti", "key_id", "not_before", "client_id", "cert_thumbprint", "actors")
     ISSUER_FIELD_NUMBER: _ClassVar[int]
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     AUDIENCE_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +124,8 @@ class Claims(_message.Message):
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CERT_THUMBPRINT_FIELD_NUMBER: _ClassVar[int]
+    ACTORS_FIELD_NUMBER: _ClassVar[int]
     issuer: str
     subject: str
     audience: str
@@ -108,7 +136,9 @@ class Claims(_message.Message):
     key_id: str
     not_before: _timestamp_pb2.Timestamp
     client_id: str
-    def __init__(self, issuer: _Optional[str] = ..., subject: _Optional[str] = ..., audience: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., jti: _Optional[str] = ..., key_id: _Optional[str] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., client_id: _Optional[str] = ...) -> None: ...
+    cert_thumbprint: str
+    actors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, issuer: _Optional[str] = ..., subject: _Optional[str] = ..., audience: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., jti: _Optional[str] = ..., key_id: _Optional[str] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., client_id: _Optional[str] = ..., cert_thumbprint: _Optional[str] = ..., actors: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ValidateTokenResponse(_message.Message):
     __slots__ = ("valid", "reason", "claims")
@@ -211,32 +241,56 @@ class Grant(_message.Message):
     def __init__(self, audience: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Service(_message.Message):
-    __slots__ = ("service_id", "audiences", "scopes", "disabled", "created_at", "grants")
+    __slots__ = ("service_id", "audiences", "scopes", "disabled", "created_at", "grants", "has_secret", "public_key_ids", "tls_sans", "federated_subjects")
     SERVICE_ID_FIELD_NUMBER: _ClassVar[int]
     AUDIENCES_FIELD_NUMBER: _ClassVar[int]
     SCOPES_FIELD_NUMBER: _ClassVar[int]
     DISABLED_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     GRANTS_FIELD_NUMBER: _ClassVar[int]
+    HAS_SECRET_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_IDS_FIELD_NUMBER: _ClassVar[int]
+    TLS_SANS_FIELD_NUMBER: _ClassVar[int]
+    FEDERATED_SUBJECTS_FIELD_NUMBER: _ClassVar[int]
     service_id: str
     audiences: _containers.RepeatedScalarFieldContainer[str]
     scopes: _containers.RepeatedScalarFieldContainer[str]
     disabled: bool
     created_at: _timestamp_pb2.Timestamp
     grants: _containers.RepeatedCompositeFieldContainer[Grant]
-    def __init__(self, service_id: _Optional[str] = ..., audiences: _Optional[_Iterable[str]] = ..., scopes: _Optional[_Iterable[str]] = ..., disabled: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., grants: _Optional[_Iterable[_Union[Grant, _Mapping]]] = ...) -> None: ...
+    has_secret: bool
+    public_key_ids: _containers.RepeatedScalarFieldContainer[str]
+    tls_sans: _containers.RepeatedScalarFieldContainer[str]
+    federated_subjects: _containers.RepeatedCompositeFieldContainer[FederatedSubject]
+    def __init__(self, service_id: _Optional[str] = ..., audiences: _Optional[_Iterable[str]] = ..., scopes: _Optional[_Iterable[str]] = ..., disabled: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., grants: _Optional[_Iterable[_Union[Grant, _Mapping]]] = ..., has_secret: _Optional[bool] = ..., public_key_ids: _Optional[_Iterable[str]] = ..., tls_sans: _Optional[_Iterable[str]] = ..., federated_subjects: _Optional[_Iterable[_Union[FederatedSubject, _Mapping]]] = ...) -> None: ...
+
+class FederatedSubject(_message.Message):
+    __slots__ = ("trust", "subject")
+    TRUST_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    trust: str
+    subject: str
+    def __init__(self, trust: _Optional[str] = ..., subject: _Optional[str] = ...) -> None: ...
 
 class CreateServiceRequest(_message.Message):
-    __slots__ = ("service_id", "audiences", "scopes", "grants")
+    __slots__ = ("service_id", "audiences", "scopes", "grants", "no_secret", "public_keys", "tls_sans", "federated_subjects")
     SERVICE_ID_FIELD_NUMBER: _ClassVar[int]
     AUDIENCES_FIELD_NUMBER: _ClassVar[int]
     SCOPES_FIELD_NUMBER: _ClassVar[int]
     GRANTS_FIELD_NUMBER: _ClassVar[int]
+    NO_SECRET_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEYS_FIELD_NUMBER: _ClassVar[int]
+    TLS_SANS_FIELD_NUMBER: _ClassVar[int]
+    FEDERATED_SUBJECTS_FIELD_NUMBER: _ClassVar[int]
     service_id: str
     audiences: _containers.RepeatedScalarFieldContainer[str]
     scopes: _containers.RepeatedScalarFieldContainer[str]
     grants: _containers.RepeatedCompositeFieldContainer[Grant]
-    def __init__(self, service_id: _Optional[str] = ..., audiences: _Optional[_Iterable[str]] = ..., scopes: _Optional[_Iterable[str]] = ..., grants: _Optional[_Iterable[_Union[Grant, _Mapping]]] = ...) -> None: ...
+    no_secret: bool
+    public_keys: _containers.RepeatedScalarFieldContainer[str]
+    tls_sans: _containers.RepeatedScalarFieldContainer[str]
+    federated_subjects: _containers.RepeatedCompositeFieldContainer[FederatedSubject]
+    def __init__(self, service_id: _Optional[str] = ..., audiences: _Optional[_Iterable[str]] = ..., scopes: _Optional[_Iterable[str]] = ..., grants: _Optional[_Iterable[_Union[Grant, _Mapping]]] = ..., no_secret: _Optional[bool] = ..., public_keys: _Optional[_Iterable[str]] = ..., tls_sans: _Optional[_Iterable[str]] = ..., federated_subjects: _Optional[_Iterable[_Union[FederatedSubject, _Mapping]]] = ...) -> None: ...
 
 class CreateServiceResponse(_message.Message):
     __slots__ = ("service", "service_secret")
@@ -269,7 +323,7 @@ class DisableServiceResponse(_message.Message):
     def __init__(self, service: _Optional[_Union[Service, _Mapping]] = ...) -> None: ...
 
 class UpdateServiceRequest(_message.Message):
-    __slots__ = ("service_id", "add_audiences", "remove_audiences", "add_scopes", "remove_scopes", "grants", "revoke_grants")
+    __slots__ = ("service_id", "add_audiences", "remove_audiences", "add_scopes", "remove_scopes", "grants", "revoke_grants", "add_public_keys", "remove_public_key_ids", "add_tls_sans", "remove_tls_sans", "add_federated_subjects", "remove_federated_subjects")
     SERVICE_ID_FIELD_NUMBER: _ClassVar[int]
     ADD_AUDIENCES_FIELD_NUMBER: _ClassVar[int]
     REMOVE_AUDIENCES_FIELD_NUMBER: _ClassVar[int]
@@ -277,6 +331,12 @@ class UpdateServiceRequest(_message.Message):
     REMOVE_SCOPES_FIELD_NUMBER: _ClassVar[int]
     GRANTS_FIELD_NUMBER: _ClassVar[int]
     REVOKE_GRANTS_FIELD_NUMBER: _ClassVar[int]
+    ADD_PUBLIC_KEYS_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_PUBLIC_KEY_IDS_FIELD_NUMBER: _ClassVar[int]
+    ADD_TLS_SANS_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_TLS_SANS_FIELD_NUMBER: _ClassVar[int]
+    ADD_FEDERATED_SUBJECTS_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_FEDERATED_SUBJECTS_FIELD_NUMBER: _ClassVar[int]
     service_id: str
     add_audiences: _containers.RepeatedScalarFieldContainer[str]
     remove_audiences: _containers.RepeatedScalarFieldContainer[str]
@@ -284,7 +344,13 @@ class UpdateServiceRequest(_message.Message):
     remove_scopes: _containers.RepeatedScalarFieldContainer[str]
     grants: _containers.RepeatedCompositeFieldContainer[Grant]
     revoke_grants: _containers.RepeatedCompositeFieldContainer[Grant]
-    def __init__(self, service_id: _Optional[str] = ..., add_audiences: _Optional[_Iterable[str]] = ..., remove_audiences: _Optional[_Iterable[str]] = ..., add_scopes: _Optional[_Iterable[str]] = ..., remove_scopes: _Optional[_Iterable[str]] = ..., grants: _Optional[_Iterable[_Union[Grant, _Mapping]]] = ..., revoke_grants: _Optional[_Iterable[_Union[Grant, _Mapping]]] = ...) -> None: ...
+    add_public_keys: _containers.RepeatedScalarFieldContainer[str]
+    remove_public_key_ids: _containers.RepeatedScalarFieldContainer[str]
+    add_tls_sans: _containers.RepeatedScalarFieldContainer[str]
+    remove_tls_sans: _containers.RepeatedScalarFieldContainer[str]
+    add_federated_subjects: _containers.RepeatedCompositeFieldContainer[FederatedSubject]
+    remove_federated_subjects: _containers.RepeatedCompositeFieldContainer[FederatedSubject]
+    def __init__(self, service_id: _Optional[str] = ..., add_audiences: _Optional[_Iterable[str]] = ..., remove_audiences: _Optional[_Iterable[str]] = ..., add_scopes: _Optional[_Iterable[str]] = ..., remove_scopes: _Optional[_Iterable[str]] = ..., grants: _Optional[_Iterable[_Union[Grant, _Mapping]]] = ..., revoke_grants: _Optional[_Iterable[_Union[Grant, _Mapping]]] = ..., add_public_keys: _Optional[_Iterable[str]] = ..., remove_public_key_ids: _Optional[_Iterable[str]] = ..., add_tls_sans: _Optional[_Iterable[str]] = ..., remove_tls_sans: _Optional[_Iterable[str]] = ..., add_federated_subjects: _Optional[_Iterable[_Union[FederatedSubject, _Mapping]]] = ..., remove_federated_subjects: _Optional[_Iterable[_Union[FederatedSubject, _Mapping]]] = ...) -> None: ...
 
 class UpdateServiceResponse(_message.Message):
     __slots__ = ("service",)

@@ -42,6 +42,11 @@ class AuthServiceStub:
                 request_serializer=authsvc__client_dot_v1_dot_auth__pb2.IssueTokenRequest.SerializeToString,
                 response_deserializer=authsvc__client_dot_v1_dot_auth__pb2.IssueTokenResponse.FromString,
                 _registered_method=True)
+        self.ExchangeToken = channel.unary_unary(
+                '/authsvc.v1.AuthService/ExchangeToken',
+                request_serializer=authsvc__client_dot_v1_dot_auth__pb2.ExchangeTokenRequest.SerializeToString,
+                response_deserializer=authsvc__client_dot_v1_dot_auth__pb2.IssueTokenResponse.FromString,
+                _registered_method=True)
         self.ValidateToken = channel.unary_unary(
                 '/authsvc.v1.AuthService/ValidateToken',
                 request_serializer=authsvc__client_dot_v1_dot_auth__pb2.ValidateTokenRequest.SerializeToString,
@@ -116,7 +121,21 @@ class AuthServiceServicer:
     """
 
     def IssueToken(self, request, context):
-        """Exchange a service id and secret for an access token for one audience.
+        """Exchange a service's credential for an access token for one audience: its secret, a
+        signed assertion (RFC 7523), or the verified client certificate of the call (RFC 8705).
+        ExchangeToken answers with the same message (DESIGN.md).
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExchangeToken(self, request, context):
+        """RFC 8693 token exchange: a federated workload token (subject_token_type
+        urn:ietf:params:oauth:token-type:jwt) for a token of the service bound to its subject.
+        DESIGN.md fixes the response type: the same as IssueToken's.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -231,6 +250,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     request_deserializer=authsvc__client_dot_v1_dot_auth__pb2.IssueTokenRequest.FromString,
                     response_serializer=authsvc__client_dot_v1_dot_auth__pb2.IssueTokenResponse.SerializeToString,
             ),
+            'ExchangeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExchangeToken,
+                    request_deserializer=authsvc__client_dot_v1_dot_auth__pb2.ExchangeTokenRequest.FromString,
+                    response_serializer=authsvc__client_dot_v1_dot_auth__pb2.IssueTokenResponse.SerializeToString,
+            ),
             'ValidateToken': grpc.unary_unary_rpc_method_handler(
                     servicer.ValidateToken,
                     request_deserializer=authsvc__client_dot_v1_dot_auth__pb2.ValidateTokenRequest.FromString,
@@ -326,6 +350,33 @@ class AuthService:
             target,
             '/authsvc.v1.AuthService/IssueToken',
             authsvc__client_dot_v1_dot_auth__pb2.IssueTokenRequest.SerializeToString,
+            authsvc__client_dot_v1_dot_auth__pb2.IssueTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExchangeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authsvc.v1.AuthService/ExchangeToken',
+            authsvc__client_dot_v1_dot_auth__pb2.ExchangeTokenRequest.SerializeToString,
             authsvc__client_dot_v1_dot_auth__pb2.IssueTokenResponse.FromString,
             options,
             channel_credentials,
