@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, NamedTuple
 
 SecretSlot = Literal["current", "previous"]
 KeyState = Literal["next", "active", "retired", "revoked"]
-ChangeKind = Literal["key", "service"]
+ChangeKind = Literal["key", "service", "trust"]
 # The wrapped_keys row holding the secret-hash key; its kek_id is the KEK new data is wrapped
 # under (Repository.fetch_wrapping_kek_id).
 SECRET_HASH_KEY = "secret-hash"  # noqa: S105 (a row name, not a secret)
@@ -136,3 +137,74 @@ class AuditRecord:
     # An aggregated row (see AuditEventRow): `count` attempts from `first_at` until `at`.
     count: int = 1
     first_at: datetime | None = None
+
+
+# -- workload identity (issue 14; migration 0007) ------------------------------------------------
+
+# What a service_credentials row registers: a public key for signed assertions (ref = its key
+# id, value = its public JWK as JSON), a certificate identity (ref = value = the exact URI or DNS
+# SAN), or a federated subject (ref = the trust's name, value = the exact subject).
+CredentialKind = Literal["public_key", "tls_san", "federated"]
+
+
+class CredentialRecord(NamedTuple):
+    """One registered workload credential of a service (see CredentialKind)."""
+
+    kind: CredentialKind
+    ref: str
+    value: str
+
+
+@dataclass(frozen=True)
+class ServiceCredentials:
+    """Everything but the secret a service may log in with, as one login reads it."""
+
+    service_id: str
+    has_secret: bool
+    # (key id, public JWK as JSON), in registration order.
+    public_keys: tuple[tuple[str, str], ...] = ()
+    tls_sans: tuple[str, ...] = ()
+    # (trust name, subject).
+    federated: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(
+        cls, service_id: str, has_secret: bool, rows: Sequence[CredentialRecord]
+    ) -> ServiceCredentials:
+        return cls(
+            service_id,
+            has_secret,
+            tuple((r.ref, r.value) for r in rows if r.kind == "public_key"),
+            tuple(r.value for r in rows if r.kind == "tls_san"),
+            tuple((r.ref, r.value) for r in rows if r.kind == "federated"),
+        )
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The credential kinds it can log in with ("secret", "assertion", "certificate",
+        "federated"), as the audit rows and `services list` name them."""
+        found = []
+        if self.has_secret:
+            found.append("secret")
+        if self.public_keys:
+            found.append("assertion")
+        if self.tls_sans:
+            found.append("certificate")
+        if self.federated:
+            found.append("federated")
+        return tuple(found)
+
+
+@dataclass(frozen=True)
+class TrustRecord:
+    """An external issuer trusted for federated workload tokens (`authsvc trust add`)."""
+
+    name: str
+    issuer: str
+    audience: str
+    # Exactly one of the two: the JWK Set itself (from --jwks-file, stored so every replica
+    # has it), or the HTTPS URL to fetch it from.
+    jwks_json: str | None
+    jwks_url: str | None
+    max_lifetime_seconds: int
+    created_at: datetime
