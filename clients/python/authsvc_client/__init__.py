@@ -18,8 +18,22 @@ from authsvc_client.interceptors import (
     current_claims,
 )
 from authsvc_client.keyring import KeyRing
+from authsvc_client.logins import (
+    AssertionLogin,
+    CertificateLogin,
+    Login,
+    SecretLogin,
+    WorkloadTokenLogin,
+)
 from authsvc_client.revocations import RevocationSet
-from authsvc_client.tokens import AccessToken, AsyncTokenSource, TokenSource, TokenState
+from authsvc_client.tokens import (
+    AccessToken,
+    AsyncTokenSource,
+    EnvLogin,
+    TokenSource,
+    TokenState,
+    login_from_env,
+)
 from authsvc_client.validation import LocalValidator, RemoteValidator, Validator
 from authsvc_client.verifier import TokenVerifier
 
@@ -30,17 +44,22 @@ __all__ = [
     "DEFAULT_PUBLIC_SERVICES",
     "TOKEN_TYPE",
     "AccessToken",
+    "AssertionLogin",
     "AsyncTokenSource",
     "AuthMetadataPlugin",
     "AuthServerInterceptor",
     "AuthsvcClientError",
     "BearerTokenInterceptor",
+    "CertificateLogin",
     "Claims",
     "CredentialsError",
+    "EnvLogin",
     "KeyRing",
     "LocalValidator",
+    "Login",
     "RemoteValidator",
     "RevocationSet",
+    "SecretLogin",
     "TokenInvalid",
     "TokenRefused",
     "TokenSource",
@@ -50,7 +69,9 @@ __all__ = [
     "ValidationResult",
     "Validator",
     "ValidatorUnavailable",
+    "WorkloadTokenLogin",
     "__version__",
     "call_credentials",
     "current_claims",
+    "login_from_env",
 ]

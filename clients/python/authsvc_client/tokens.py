@@ -7,7 +7,6 @@ import contextlib
 import enum
 import ipaddress
 import logging
-import os
 import random
 import threading
 import time
@@ -17,13 +16,24 @@ from typing import Any, NamedTuple, Protocol
 
 import grpc
 
-from authsvc_client.assertions import read_private_file
 from authsvc_client.errors import (
     AuthsvcClientError,
     CredentialsError,
     TokenRefused,
     TokenUnavailable,
     status_of,
+)
+from authsvc_client.logins import (
+    ENV_SERVICE_ID,
+    ENV_SERVICE_SECRET,
+    ENV_SERVICE_SECRET_FILE,
+    ENV_TARGET,
+    EnvLogin,
+    Login,
+    LoginRequest,
+    SecretLogin,
+    credentials_from_env,
+    login_from_env,
 )
 from authsvc_client.unverified import unverified_payload
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
@@ -36,19 +46,18 @@ __all__ = [
     "OWN_AUDIENCE",
     "AccessToken",
     "AsyncTokenSource",
+    "EnvLogin",
     "TokenCallback",
     "TokenProvider",
     "TokenSource",
     "TokenState",
     "channel_for_target",
+    "credentials_from_env",
+    "login_from_env",
 ]
 
 _LOG = logging.getLogger(__name__)
 
-ENV_SERVICE_ID = "AUTHSVC_SERVICE_ID"
-ENV_SERVICE_SECRET = "AUTHSVC_SERVICE_SECRET"  # noqa: S105 - a variable name, not a secret
-ENV_SERVICE_SECRET_FILE = "AUTHSVC_SERVICE_SECRET_FILE"  # noqa: S105
-ENV_TARGET = "AUTHSVC_TARGET"
 
 # The audience a source asks for to follow WatchRevocations: authsvc's own name.
 OWN_AUDIENCE = "authsvc"
@@ -140,9 +149,7 @@ class _Backoff:
         if refused:
             self._delay = self._maximum
         else:
-            self._delay = (
-                self._initial if self._delay == 0 else min(self._maximum, self._delay * 2)
-            )
+            self._delay = self._initial if self._delay == 0 else min(self._maximum, self._delay * 2)
         self.not_before = now + self._delay * (0.5 + 0.5 * self._rng.random())
 
     def succeeded(self) -> None:
@@ -170,8 +177,9 @@ class _Core:
     def __init__(
         self,
         *,
-        service_id: str,
-        service_secret: str,
+        login: Login | None = None,
+        service_id: str | None = None,
+        service_secret: str | None = None,
         audience: str,
         scopes: Sequence[str],
         ttl_seconds: int,
@@ -184,14 +192,14 @@ class _Core:
         clock: Callable[[], float],
         rng: random.Random | None,
     ) -> None:
-        if not service_id or not service_secret:
-            raise CredentialsError("service id and service secret must both be non-empty")
         if not audience:
             raise CredentialsError("audience must be non-empty")
         if not 0 < refresh_ratio < 1 or not 0 <= jitter_ratio < refresh_ratio:
             raise ValueError("need 0 <= jitter_ratio < refresh_ratio < 1")
-        self.service_id = service_id
-        self._secret = service_secret
+        self.login = login = _login_of(service_id, service_secret, login)
+        # Empty for a workload token that does not name its service: learnt from the first
+        # token (its client_id), so that revocations of the service are recognised.
+        self.service_id = login.service_id
         self.audience = audience
         self.scopes = tuple(scopes)
         self._ttl = ttl_seconds
@@ -208,14 +216,30 @@ class _Core:
         # The latest revoked_before seen for this service: tokens issued before it are dead.
         self.cutoff = 0
 
-    def request_message(self) -> auth_pb2.IssueTokenRequest:
-        return auth_pb2.IssueTokenRequest(
-            service_id=self.service_id,
-            service_secret=self._secret,
-            audience=self.audience,
-            scopes=self.scopes,
-            ttl_seconds=self._ttl,
+    def request_message(self) -> LoginRequest:
+        """The login method's request for this refresh (a fresh assertion, the token file
+        as it is now).
+
+        Raises:
+            CredentialsError: the credential cannot be had now (see `credential_failed`).
+        """
+        return self.login.request(self.audience, self.scopes, self._ttl)
+
+    def call(self, stub: Any) -> Any:
+        """The stub's method this login calls (sync or grpc.aio stub alike)."""
+        return getattr(stub, self.login.rpc.value)
+
+    def credential_failed(self, exc: CredentialsError, now: float) -> TokenUnavailable:
+        """A refresh that could not even build its request (a token file missing while the
+        kubelet replaces it, say): kept as last_error and backed off like an outage, since
+        it may well mend itself. The message names the variable, never the content."""
+        error = TokenUnavailable(
+            f"cannot log in to authsvc ({self.login.kind}) for audience {self.audience!r}: {exc}"
         )
+        self.last_error = error
+        self.backoff.failed(now)
+        _LOG.warning("%s", error)
+        return error
 
     def state(self, now: float) -> TokenState:
         return TokenState.INVALID if self.token is None else self.token.state(now)
@@ -239,7 +263,9 @@ class _Core:
         refresh_after = lifetime * (self._refresh_ratio - self._jitter_ratio * self._rng.random())
         # A token about to expire would die in flight: stop handing it out a little early.
         margin = min(self._margin, lifetime * (1 - self._refresh_ratio) / 2)
-        jti, issued_at = _jti_and_iat(response.access_token)
+        jti, issued_at, client_id = _token_facts(response.access_token)
+        if not self.service_id and client_id:
+            self.service_id = client_id
         token = AccessToken(
             value=response.access_token,
             key_id=response.key_id,
@@ -263,7 +289,7 @@ class _Core:
             error = TokenRefused(self._refusal(code, exc))
         else:
             error = TokenUnavailable(
-                f"IssueToken for audience {self.audience!r} failed: {code.name}"
+                f"{self.login.rpc.value} for audience {self.audience!r} failed: {code.name}"
             )
         error.code = code
         self.last_error = error
@@ -279,10 +305,8 @@ class _Core:
         # AioRpcError has details() but is no grpc.Call.)
         details = exc.details() if callable(getattr(exc, "details", None)) else None
         details = details if isinstance(details, str) else ""
-        head = (
-            f"authsvc refused a token for service {self.service_id!r}, "
-            f"audience {self.audience!r}: {code.name}"
-        )
+        who = repr(self.service_id) if self.service_id else "(bound to the workload token)"
+        head = f"authsvc refused a token for service {who}, audience {self.audience!r}: {code.name}"
         if code is grpc.StatusCode.PERMISSION_DENIED:
             if details == _AUDIENCE_DENIED:
                 return f"{head} (this service may not ask for audience {self.audience!r})"
@@ -293,16 +317,23 @@ class _Core:
                     return f"{head} (this service lacks scope {' '.join(denied)!s})"
             return f"{head} (this service may not have that audience or those scopes)"
         if code is grpc.StatusCode.UNAUTHENTICATED:
-            return f"{head} (wrong secret, or unknown or disabled service)"
+            return f"{head} ({self.login.refused_hint()})"
         return head
 
     def watch_options(self, authsvc_audience: str) -> dict[str, Any]:
         """The arguments of the scopeless source (for authsvc's own audience) whose tokens
         authenticate this source's revocation feed; it follows nothing itself."""
         initial, maximum = self._backoff_bounds
+        login = self.login
+        # The same login (a fresh assertion, the token file re-read, the same certificate
+        # on the shared channel); a secret login in its historical spelling.
+        credentials: dict[str, Any] = (
+            {"service_id": login.service_id, "service_secret": login.secret}
+            if isinstance(login, SecretLogin)
+            else {"login": login}
+        )
         return {
-            "service_id": self.service_id,
-            "service_secret": self._secret,
+            **credentials,
             "audience": authsvc_audience,
             "timeout_seconds": self.timeout,
             "backoff_initial_seconds": initial,
@@ -362,7 +393,7 @@ class _Core:
     def describe(self, kind: str) -> str:
         return (
             f"{kind}(service_id={self.service_id!r}, audience={self.audience!r}, "
-            f"scopes={self.scopes!r}, secret=<redacted>)"
+            f"scopes={self.scopes!r}, {self.login.describe()})"
         )
 
 
@@ -405,62 +436,30 @@ def _bearer(token: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {token}"),)
 
 
-def _jti_and_iat(value: str) -> tuple[str, int | None]:
-    """The jti and iat of a token this source just got from authsvc (read, not verified:
-    they only decide when to drop it early)."""
+def _token_facts(value: str) -> tuple[str, int | None, str]:
+    """The jti, iat and client_id of a token this source just got from authsvc (read, not
+    verified: they only decide when to drop it early, and which revocations are its own)."""
     payload = unverified_payload(value)
     if payload is None:
-        return "", None
-    jti, iat = payload.get("jti", ""), payload.get("iat")
+        return "", None, ""
+    jti, iat, client_id = payload.get("jti", ""), payload.get("iat"), payload.get("client_id")
     return (
         jti if isinstance(jti, str) else "",
         iat if isinstance(iat, int) and not isinstance(iat, bool) else None,
+        client_id if isinstance(client_id, str) else "",
     )
 
 
 # --- configuration from the environment ------------------------------------------------------
 
 
-def _read_secret_file(path_text: str) -> str:
-    """The secret in AUTHSVC_SERVICE_SECRET_FILE, by the one rule for credential files
-    (`assertions.read_private_file`: owner-only, readable, not empty)."""
-    data = read_private_file(path_text, ENV_SERVICE_SECRET_FILE)
-    try:
-        return data.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise CredentialsError(f"{ENV_SERVICE_SECRET_FILE}: cannot read the file") from None
-
-
-def credentials_from_env(
-    environ: Mapping[str, str] | None, target: str | None
-) -> tuple[str, str, str]:
-    """(service id, secret, target) from the `AUTHSVC_SERVICE_*` variables, by the client's
-    rules (one of inline or file, the file private to its owner); the server's CLI uses the
-    same function so that both read credentials alike.
-
-    Raises:
-        CredentialsError: a variable is missing, both are set, or the file is unsafe.
-    """
-    env = os.environ if environ is None else environ
-    service_id = env.get(ENV_SERVICE_ID, "").strip()
-    if not service_id:
-        raise CredentialsError(f"{ENV_SERVICE_ID} is not set")
-    inline = env.get(ENV_SERVICE_SECRET, "")
-    file_path = env.get(ENV_SERVICE_SECRET_FILE, "")
-    if inline and file_path:
-        raise CredentialsError(
-            f"set only one of {ENV_SERVICE_SECRET} and {ENV_SERVICE_SECRET_FILE}"
-        )
-    if file_path:
-        secret = _read_secret_file(file_path)
-    elif inline.strip():
-        secret = inline.strip()
-    else:
-        raise CredentialsError(f"{ENV_SERVICE_SECRET} or {ENV_SERVICE_SECRET_FILE} must be set")
-    resolved = target or env.get(ENV_TARGET, "").strip()
-    if not resolved:
-        raise CredentialsError(f"{ENV_TARGET} is not set and no target was given")
-    return service_id, secret, resolved
+def _login_of(service_id: str | None, service_secret: str | None, login: Login | None) -> Login:
+    """The constructors' two spellings, one login: `login=` or the historical secret pair."""
+    if login is not None:
+        if service_id is not None or service_secret is not None:
+            raise CredentialsError("pass either login= or service_id/service_secret, not both")
+        return login
+    return SecretLogin(service_id or "", service_secret or "")
 
 
 def _is_local_target(target: str) -> bool:
@@ -520,14 +519,15 @@ class _SourceBase:
         channel_credentials: grpc.ChannelCredentials | None,
         options: dict[str, Any],
     ) -> Any:
-        service_id, secret, resolved = credentials_from_env(environ, target)
+        found = login_from_env(environ, target)
         channel = channel_for_target(
-            resolved, channel_credentials, asyncio_channel=cls is AsyncTokenSource
+            found.target,
+            channel_credentials or found.channel_credentials,
+            asyncio_channel=cls is AsyncTokenSource,
         )
         source = cls(
             channel,  # type: ignore[call-arg]
-            service_id=service_id,
-            service_secret=secret,
+            login=found.login,
             audience=audience,
             scopes=scopes,
             **options,
@@ -579,8 +579,9 @@ class TokenSource(_SourceBase):
         self,
         channel: grpc.Channel,
         *,
-        service_id: str,
-        service_secret: str,
+        service_id: str | None = None,
+        service_secret: str | None = None,
+        login: Login | None = None,
         audience: str,
         scopes: Sequence[str] = (),
         ttl_seconds: int = 0,
@@ -596,8 +597,12 @@ class TokenSource(_SourceBase):
         authsvc_audience: str = OWN_AUDIENCE,
     ) -> None:
         """Args:
-        channel: a channel to authsvc (it is not closed by `close()`).
-        service_id, service_secret: this service's credentials.
+        channel: a channel to authsvc (it is not closed by `close()`); for a
+            CertificateLogin, one whose credentials present the client certificate.
+        service_id, service_secret: this service's shared-secret credentials, or instead
+        login: how to log in (`SecretLogin`, `AssertionLogin`, `CertificateLogin`,
+            `WorkloadTokenLogin` from authsvc_client.logins); the revocation follower logs
+            in the same way.
         audience, scopes: what the tokens are for; empty scopes ask for every allowed one.
         refresh_ratio, jitter_ratio: refresh after refresh_ratio minus up to jitter_ratio of
             the lifetime.
@@ -608,9 +613,10 @@ class TokenSource(_SourceBase):
             that a revoke-all of this service costs seconds, not the rest of the token's life.
 
         Raises:
-            CredentialsError: empty id, secret or audience.
+            CredentialsError: empty id, secret or audience, or both `login` and a secret.
         """
         self._core = _Core(
+            login=login,
             service_id=service_id,
             service_secret=service_secret,
             audience=audience,
@@ -649,12 +655,19 @@ class TokenSource(_SourceBase):
         channel_credentials: grpc.ChannelCredentials | None = None,
         **options: Any,
     ) -> TokenSource:
-        """Build a source from AUTHSVC_SERVICE_ID, AUTHSVC_SERVICE_SECRET or
-        AUTHSVC_SERVICE_SECRET_FILE, and AUTHSVC_TARGET (unless `target` is given).
+        """Build a source from the environment: AUTHSVC_TARGET (unless `target` is given)
+        and exactly one way to log in (`login_from_env`): a shared secret
+        (AUTHSVC_SERVICE_SECRET or _FILE), a signing key (AUTHSVC_SERVICE_KEY_FILE with
+        AUTHSVC_ISSUER), a client certificate (AUTHSVC_TLS_CLIENT_CERT + _KEY) or a workload
+        token file (AUTHSVC_WORKLOAD_TOKEN_FILE); AUTHSVC_SERVICE_ID with all but the last.
+        AUTHSVC_TLS_CA, when set, is the CA for authsvc's certificate. `channel_credentials`
+        replaces whatever TLS the variables describe (then it must carry the client
+        certificate itself for mTLS).
 
         Raises:
-            CredentialsError: a variable is missing, or the secret file is readable by group
-                or others. The message names the variable, never its value.
+            CredentialsError: none or two ways configured, a variable missing, or a private
+                file readable by group or others. The message names the variables, never
+                their values.
         """
         source: TokenSource = cls._from_env(
             audience, scopes, target, environ, channel_credentials, options
@@ -758,7 +771,10 @@ class TokenSource(_SourceBase):
         # begun on authsvc's clock, so the retry waits for it.
         for _attempt in range(3):
             try:
-                response = self._stub.IssueToken(core.request_message(), timeout=core.timeout)
+                response = core.call(self._stub)(core.request_message(), timeout=core.timeout)
+            except CredentialsError as exc:
+                with self._lock:
+                    error = core.credential_failed(exc, core.clock())
             except grpc.RpcError as exc:
                 with self._lock:
                     error = core.reject(exc, core.clock())
@@ -790,7 +806,6 @@ class TokenSource(_SourceBase):
                 callback(token, error)
             except Exception:
                 _LOG.exception("token callback failed")
-
 
     def _revoked(self, event: auth_pb2.RevocationEvent) -> None:
         with self._lock:
@@ -861,8 +876,9 @@ class AsyncTokenSource(_SourceBase):
         self,
         channel: grpc.aio.Channel,
         *,
-        service_id: str,
-        service_secret: str,
+        service_id: str | None = None,
+        service_secret: str | None = None,
+        login: Login | None = None,
         audience: str,
         scopes: Sequence[str] = (),
         ttl_seconds: int = 0,
@@ -881,6 +897,7 @@ class AsyncTokenSource(_SourceBase):
         running event loop, the source binds to that loop at once, so call credentials work
         from the first call."""
         self._core = _Core(
+            login=login,
             service_id=service_id,
             service_secret=service_secret,
             audience=audience,
@@ -1030,9 +1047,7 @@ class AsyncTokenSource(_SourceBase):
             task.add_done_callback(_retrieve_exception)
             self._task = task
             if self._watch is not None and self._follower is None:
-                self._follower = loop.create_task(
-                    self._follow(), name="authsvc-token-revocations"
-                )
+                self._follower = loop.create_task(self._follow(), name="authsvc-token-revocations")
         return plan
 
     async def _refresh(self) -> str:
@@ -1040,9 +1055,9 @@ class AsyncTokenSource(_SourceBase):
         # As TokenSource._refresh: again once if the token was revoked before it arrived.
         for _attempt in range(3):
             try:
-                response = await self._stub.IssueToken(
-                    core.request_message(), timeout=core.timeout
-                )
+                response = await core.call(self._stub)(core.request_message(), timeout=core.timeout)
+            except CredentialsError as exc:
+                raise core.credential_failed(exc, core.clock()) from None
             except grpc.RpcError as exc:
                 raise core.reject(exc, core.clock()) from None
             except grpc.aio.UsageError:
