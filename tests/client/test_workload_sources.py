@@ -531,10 +531,6 @@ class Fleet:
     cluster_key: Any = field(repr=False)
     admin_secret: str = field(repr=False)
 
-    @property
-    def trust_roots(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(root_certificates=self.pki.ca.cert_pem)
-
     def env(self, **extra: str) -> dict[str, str]:
         """What a workload's environment holds besides its credential."""
         return {
@@ -662,8 +658,15 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         "--jwks-file",
         str(jwks),
     )
+    # The test's own calls (admin, ValidateToken) present a certificate of the workload CA
+    # naming no service, so that they pass the handshake whether certificates are optional
+    # or required.
+    ops_cert, ops_key = workload_ca.issue_pair(common_name="test-ops")
     server = start_server(
-        env, credentials=grpc.ssl_channel_credentials(root_certificates=pki.ca.cert_pem)
+        env,
+        credentials=grpc.ssl_channel_credentials(
+            root_certificates=pki.ca.cert_pem, private_key=ops_key, certificate_chain=ops_cert
+        ),
     )
     try:
         yield Fleet(server, folder, pki, workload_ca, cluster_key, admin_secret)
