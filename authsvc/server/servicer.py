@@ -401,14 +401,14 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         )
 
         def update() -> auth_pb2.Service:
-            return self._shown(
+            return self._with_credentials(
                 self._services.update(caller, request.service_id, change, credentials)
             )
 
         service = await asyncio.to_thread(update)
         return auth_pb2.UpdateServiceResponse(service=service)
 
-    def _shown(self, record: ServiceRecord) -> auth_pb2.Service:
+    def _with_credentials(self, record: ServiceRecord) -> auth_pb2.Service:
         """A service the call just changed, with its credentials (read in a worker thread)."""
         return _service_proto(record, self._services.credentials_of(record.service_id))
 

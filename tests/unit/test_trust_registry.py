@@ -75,7 +75,8 @@ class TestAdd:
         assert stored.jwks_json is not None
         keys = parse_jwk_set(json.loads(stored.jwks_json)).keys
         assert [k.key_id for k in keys] == [jwk_thumbprint(rsa_key.public_key()), ec_kid]
-        assert [k.jwk_kid for k in keys] == ["k8s-2026", None]
+        # Stored with a `kid` each: its own, else its thumbprint.
+        assert [k.jwk_kid for k in keys] == ["k8s-2026", ec_kid]
         assert _audit(core, "add_trust") == [
             (
                 "ops-admin",
