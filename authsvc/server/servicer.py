@@ -419,7 +419,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         caller = self._admin(context)
         record = await asyncio.to_thread(self._services.disable, caller, request.service_id)
         await self._refresh()
-        service = await asyncio.to_thread(self._shown, record)
+        service = await asyncio.to_thread(self._with_credentials, record)
         return auth_pb2.DisableServiceResponse(service=service)
 
     @handle_errors
@@ -429,7 +429,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         caller = self._admin(context)
         record = await asyncio.to_thread(self._services.enable, caller, request.service_id)
         await self._refresh()
-        service = await asyncio.to_thread(self._shown, record)
+        service = await asyncio.to_thread(self._with_credentials, record)
         return auth_pb2.EnableServiceResponse(service=service)
 
     # -- WatchRevocations ------------------------------------------------------------------
