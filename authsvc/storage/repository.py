@@ -1405,7 +1405,7 @@ class _LoginStatements:
             index_elements=[used.c.service_id, used.c.jti],
             set_={"expires_at": use.excluded.expires_at},
             where=used.c.expires_at <= bindparam("now"),
-        )
+        ).execution_options(preserve_rowcount=True)  # an INSERT's count is dropped otherwise
         audit = cast(Table, AuditEventRow.__table__)
         self.audit = insert(audit)
         # One more batch of attempts on an aggregated row: the first batch inserts it (its
