@@ -5,6 +5,7 @@ issue 14 lists. Services and trusts are registered with the CLI, as ops would.""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import pytest
 from authsvc_client.assertions import AssertionSigner, PrivateKey
 from authsvc_client.v1 import auth_pb2
 from tests.support.certs import CertificateAuthority
+from tests.support.postgres import postgres_url  # noqa: F401  (a fixture)
 from tests.support.server import TEST_ISSUER, RunningServer, base_env, run_cli, start_server
 from tests.support.workload import (
     Route,
@@ -451,3 +453,65 @@ class TestClientCertificate:
     def test_the_right_san_from_another_ca_never_gets_through_tls(self, mtls: MtlsFleet) -> None:
         with mtls.channel(mtls.other_ca, uris=(SPIFFE_ORDERS,)) as channel:
             _refused(lambda: mtls.issue(channel), grpc.StatusCode.UNAVAILABLE)
+
+
+# --- PostgreSQL: many replicas -------------------------------------------------------------------
+
+
+class TestPostgresReplicas:
+    def test_an_assertion_replayed_across_replicas_logs_in_once_and_federation_works(
+        self,
+        postgres_url: str,  # noqa: F811
+        tmp_path: Path,
+    ) -> None:
+        env = base_env(postgres_url)
+        key, issuer_key = new_ec(), new_rsa()
+        jwk = _write(tmp_path / "orders.jwk", json.dumps(jwk_of(key)))
+        jwks = _write(tmp_path / "k8s.jwks", jwk_set(jwk_of(issuer_key, kid="k8s-1")))
+        run_cli(env, "db", "upgrade")
+        run_cli(
+            env, "services", "create", "orders", "--audience", "billing", "--jwk-file", str(jwk),
+            "--no-secret",
+        )  # fmt: skip
+        run_cli(
+            env, "trust", "add", "cluster", "--issuer", K8S_ISSUER, "--audience", "authsvc",
+            "--jwks-file", str(jwks),
+        )  # fmt: skip
+        run_cli(
+            env, "services", "create", "reports", "--audience", "billing", "--no-secret",
+            "--federated-subject", f"cluster={SUBJECT}",
+        )  # fmt: skip
+        a = start_server(env)
+        try:
+            b = start_server(env)
+            try:
+                fleets = [Fleet(r, tmp_path, key, key, issuer_key, issuer_key) for r in (a, b)]
+                for _ in range(5):
+                    assertion = fleets[0].assertion()
+                    outcomes: list[grpc.StatusCode] = []
+
+                    def attempt(fleet: Fleet, assertion: str = assertion) -> None:
+                        try:
+                            fleet.issue(assertion)
+                            outcomes.append(grpc.StatusCode.OK)
+                        except grpc.RpcError as exc:
+                            outcomes.append(exc.code())
+
+                    threads = [threading.Thread(target=attempt, args=(f,)) for f in fleets]
+                    for t in threads:
+                        t.start()
+                    for t in threads:
+                        t.join(timeout=30)
+                    assert sorted(outcomes, key=str) == sorted(
+                        [grpc.StatusCode.OK, grpc.StatusCode.UNAUTHENTICATED], key=str
+                    )
+                # A federated token exchanges on either replica (both read the stored trust).
+                token = fleets[0].k8s_token()
+                for fleet in fleets:
+                    reply = fleet.exchange(token)
+                    checked = _validate(fleet.server, reply.access_token, "billing")
+                    assert checked.claims.subject == "reports"
+            finally:
+                b.stop()
+        finally:
+            a.stop()
