@@ -296,7 +296,8 @@ def _new_key_row(
 
 
 class Repository:
-    """Storage for services, secrets, signing keys, revocations, changes, audit and throttling.
+    """Storage for services, their secrets and workload credentials, trusted issuers, signing
+    keys, revocations, changes, audit, throttling and used assertion ids.
 
     Each public method runs in its own transaction and never leaves one open. Read methods run
     read-only and always roll back. All datetimes in and out are timezone-aware (out: UTC).

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from sqlalchemy import Connection, Engine, text
@@ -475,6 +476,95 @@ class TestLoginBatch:
         assert left == ["j2"]
         with repo.login_batch(at(21), 60) as batch:
             assert batch.use_assertion("orders", "j2", at(90)) is False
+
+
+def _run_threads(bodies: list[Callable[[], object]]) -> list[object]:
+    """Run each body on a thread of its own, released together; what each returned or raised."""
+    barrier = threading.Barrier(len(bodies))
+    results: list[object] = [None] * len(bodies)
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait(timeout=_TIMEOUT_S)
+            results[i] = bodies[i]()
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=_TIMEOUT_S)
+    return results
+
+
+class TestBindingRaces:
+    """Replicas (a Repository on an engine of its own each) binding one subject at once."""
+
+    def test_services_created_at_once_with_one_subject_get_one_binding(
+        self, repo: Repository, migrated_url: str
+    ) -> None:
+        repo.create_trust(_trust(), T0)
+        engines = [make_engine(migrated_url) for _ in range(4)]
+        try:
+            replicas = [Repository(e) for e in engines]
+            for r in replicas:
+                r.ping()
+            results = _run_threads(
+                [
+                    lambda i=i: replicas[i].create_service(  # type: ignore[misc]
+                        f"svc-{i}", _GRANTS, None, at(1), [_fed("s1")]
+                    )
+                    for i in range(len(replicas))
+                ]
+            )
+        finally:
+            for e in engines:
+                e.dispose()
+        refused = [r for r in results if isinstance(r, BaseException)]
+        assert len(refused) == 3, results
+        for exc in refused:
+            assert isinstance(exc, AlreadyExists)
+            assert "federated subject 's1' of trust 'gh' is already bound" in str(exc)
+        winner = repo.fetch_federated_binding("gh", "s1")
+        assert [s.service_id for s in repo.list_services()] == [winner]
+
+    def test_a_binding_racing_a_trust_removal_is_never_left_behind(
+        self, repo: Repository, migrated_url: str
+    ) -> None:
+        binder_engine, remover_engine = make_engine(migrated_url), make_engine(migrated_url)
+        binder, remover = Repository(binder_engine), Repository(remover_engine)
+        try:
+            for round_ in range(5):
+                repo.create_trust(_trust(), at(round_))
+                service_id = f"svc-{round_}"
+                repo.create_service(service_id, _GRANTS, b"h", at(round_))
+                bound, removed = _run_threads(
+                    [
+                        lambda: binder.update_service_credentials(
+                            service_id,
+                            [_fed("s1")],
+                            [],
+                            at(round_),
+                        ),
+                        lambda: remover.delete_trust("gh", at(round_)),
+                    ]
+                )
+                # Either the binding came first and went with the trust, or it found no trust.
+                assert isinstance(removed, int), removed
+                if isinstance(bound, BaseException):
+                    assert isinstance(bound, FailedPrecondition), bound
+                    assert removed == 0
+                else:
+                    assert removed == 1
+                assert repo.fetch_trust("gh") is None
+                assert repo.fetch_federated_binding("gh", "s1") is None
+                assert repo.fetch_service_credentials(service_id) == ServiceCredentials(
+                    service_id, True
+                )
+        finally:
+            binder_engine.dispose()
+            remover_engine.dispose()
 
 
 class TestJtiRace:
