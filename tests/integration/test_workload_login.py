@@ -437,7 +437,7 @@ class TestClientCertificate:
             assert mtls.issue(channel, "search").access_token
 
     def test_another_san_or_two_uri_sans_are_refused(self, mtls: MtlsFleet) -> None:
-        cases = [
+        cases: list[dict[str, tuple[str, ...]]] = [
             {"uris": ("spiffe://example.org/ns/prod/sa/billing",)},
             {"uris": (SPIFFE_ORDERS, "spiffe://example.org/ns/prod/sa/billing")},
             {"dns": ("orders.prod.svc",)},
