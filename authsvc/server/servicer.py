@@ -28,7 +28,12 @@ from authsvc.crypto.secrets import SecretHasher
 from authsvc.errors import AuthsvcError, InvalidArgument, Unauthenticated
 from authsvc.logs import current_request_id, request_id_from
 from authsvc.server.status import status_of, trailers_of
-from authsvc.storage.records import AudienceGrant, ServiceRecord, SigningKeyRecord
+from authsvc.storage.records import (
+    AudienceGrant,
+    ServiceCredentials,
+    ServiceRecord,
+    SigningKeyRecord,
+)
 from authsvc.storage.repository import Repository
 from authsvc.sync import RevocationFeed, ServerState
 from authsvc.tokens.issuer import IssuedToken
@@ -36,7 +41,7 @@ from authsvc.usecases.audit import AuditTrail, Origin
 from authsvc.usecases.callers import Callers
 from authsvc.usecases.revocation import Revocations
 from authsvc.usecases.secrets import Secrets
-from authsvc.usecases.services import GrantChange, ServiceRegistry
+from authsvc.usecases.services import CredentialChange, GrantChange, ServiceRegistry
 from authsvc.usecases.signing_keys import SigningKeys
 from authsvc.usecases.tokens import ExchangeRequest, TokenRequest, Tokens
 from authsvc.usecases.watch import RevocationWatch
@@ -107,7 +112,9 @@ def _issued_proto(issued: IssuedToken) -> auth_pb2.IssueTokenResponse:
     )
 
 
-def _service_proto(record: ServiceRecord) -> auth_pb2.Service:
+def _service_proto(record: ServiceRecord, credentials: ServiceCredentials) -> auth_pb2.Service:
+    """A service as the admin RPCs show it: grants, and its credentials by id (key ids, SANs,
+    subjects), never key material."""
     return auth_pb2.Service(
         service_id=record.service_id,
         audiences=list(record.audiences),
@@ -115,7 +122,18 @@ def _service_proto(record: ServiceRecord) -> auth_pb2.Service:
         disabled=record.disabled,
         created_at=timestamp(to_timestamp(record.created_at)),
         grants=[auth_pb2.Grant(audience=g.audience, scopes=list(g.scopes)) for g in record.grants],
+        has_secret=credentials.has_secret,
+        public_key_ids=[kid for kid, _ in credentials.public_keys],
+        tls_sans=list(credentials.tls_sans),
+        federated_subjects=[
+            auth_pb2.FederatedSubject(trust=trust, subject=subject)
+            for trust, subject in credentials.federated
+        ],
     )
+
+
+def _subjects(subjects: Iterable[auth_pb2.FederatedSubject]) -> tuple[tuple[str, str], ...]:
+    return tuple((f.trust, f.subject) for f in subjects)
 
 
 def _grants(grants: Iterable[auth_pb2.Grant]) -> tuple[AudienceGrant, ...]:
@@ -374,23 +392,34 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         self, request: auth_pb2.CreateServiceRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.CreateServiceResponse:
         caller = self._admin(context)
-        record, secret = await asyncio.to_thread(
-            self._services.create,
-            caller,
-            request.service_id,
-            list(request.audiences),
-            list(request.scopes),
-            _grants(request.grants),
+
+        def create() -> tuple[ServiceRecord, str | None, ServiceCredentials]:
+            record, secret = self._services.create(
+                caller,
+                request.service_id,
+                list(request.audiences),
+                list(request.scopes),
+                _grants(request.grants),
+                secret=not request.no_secret,
+                public_keys=list(request.public_keys),
+                tls_sans=list(request.tls_sans),
+                federated_subjects=_subjects(request.federated_subjects),
+            )
+            return record, secret, self._services.credentials_of(record.service_id)
+
+        record, secret, credentials = await asyncio.to_thread(create)
+        # A secretless service: the field stays empty (proto3 has no null string).
+        return auth_pb2.CreateServiceResponse(
+            service=_service_proto(record, credentials), service_secret=secret or ""
         )
-        return auth_pb2.CreateServiceResponse(service=_service_proto(record), service_secret=secret)
 
     @handle_errors
     async def ListServices(
         self, request: auth_pb2.ListServicesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.ListServicesResponse:
         self._admin(context)
-        services = await asyncio.to_thread(self._services.list)
-        return auth_pb2.ListServicesResponse(services=[_service_proto(s) for s in services])
+        listed = await asyncio.to_thread(self._services.list_with_credentials)
+        return auth_pb2.ListServicesResponse(services=[_service_proto(s, c) for s, c in listed])
 
     @handle_errors
     async def UpdateService(
@@ -405,8 +434,26 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
             grants=_grants(request.grants),
             revoke_grants=_grants(request.revoke_grants),
         )
-        record = await asyncio.to_thread(self._services.update, caller, request.service_id, change)
-        return auth_pb2.UpdateServiceResponse(service=_service_proto(record))
+        credentials = CredentialChange(
+            add_public_keys=tuple(request.add_public_keys),
+            remove_public_key_ids=tuple(request.remove_public_key_ids),
+            add_tls_sans=tuple(request.add_tls_sans),
+            remove_tls_sans=tuple(request.remove_tls_sans),
+            add_federated_subjects=_subjects(request.add_federated_subjects),
+            remove_federated_subjects=_subjects(request.remove_federated_subjects),
+        )
+
+        def update() -> auth_pb2.Service:
+            return self._shown(
+                self._services.update(caller, request.service_id, change, credentials)
+            )
+
+        service = await asyncio.to_thread(update)
+        return auth_pb2.UpdateServiceResponse(service=service)
+
+    def _shown(self, record: ServiceRecord) -> auth_pb2.Service:
+        """A service the call just changed, with its credentials (read in a worker thread)."""
+        return _service_proto(record, self._services.credentials_of(record.service_id))
 
     @handle_errors
     async def DisableService(
@@ -415,7 +462,8 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         caller = self._admin(context)
         record = await asyncio.to_thread(self._services.disable, caller, request.service_id)
         await self._refresh()
-        return auth_pb2.DisableServiceResponse(service=_service_proto(record))
+        service = await asyncio.to_thread(self._shown, record)
+        return auth_pb2.DisableServiceResponse(service=service)
 
     @handle_errors
     async def EnableService(
@@ -424,7 +472,8 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         caller = self._admin(context)
         record = await asyncio.to_thread(self._services.enable, caller, request.service_id)
         await self._refresh()
-        return auth_pb2.EnableServiceResponse(service=_service_proto(record))
+        service = await asyncio.to_thread(self._shown, record)
+        return auth_pb2.EnableServiceResponse(service=service)
 
     # -- WatchRevocations ------------------------------------------------------------------
 
