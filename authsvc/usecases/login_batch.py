@@ -338,6 +338,11 @@ class LoginBatcher:
         # this id recently: otherwise an attacker could lock a service out from its own address
         # just by failing logins under its name.
         id_failures, peer_failures = txn.failures(id_key, peer_key)
+        if not service_id:
+            # No service to count against (a federated token bound to none, an assertion
+            # naming none): only the peer's count applies, or every such failure fleet-wide
+            # would share one id key and throttle each other.
+            id_failures = 0
         by_peer = peer_failures >= s.throttle_peer_failures
         if by_peer or (
             id_failures >= s.throttle_id_failures and not self._known(txn, service_id, login, now)
@@ -352,7 +357,8 @@ class LoginBatcher:
             # Which registered credential matched, or why none did: the audit row's only.
             credential = f"{credential} {match.detail}"
         if service is None or not match.ok:
-            txn.count_failure(id_key)
+            if service_id:
+                txn.count_failure(id_key)
             txn.count_failure(peer_key)
             if service is None:
                 # Ids that do not exist are the attacker's to choose: one row per peer.

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from authsvc.clock import to_datetime
-from authsvc.errors import Unauthenticated
+from authsvc.errors import ResourceExhausted, Unauthenticated
 from authsvc.server.app import Core, build_core
 from authsvc.storage.records import AudienceGrant, CredentialRecord, ServiceRecord, TrustRecord
 from authsvc.usecases.audit import Origin
@@ -224,3 +224,27 @@ class TestFederated:
         )
         store = self._store(world)
         assert store.trust_names == ("cluster",)
+
+    def test_failures_bound_to_no_service_count_for_the_peer_only(self, world: World) -> None:
+        # Every unbound or unverifiable federated token has no service id: were they counted
+        # under one id key, a few of them anywhere in the fleet would throttle all the others.
+        settings = world.core.settings.with_overrides(
+            throttle_id_failures=2, throttle_peer_failures=5
+        )
+        logins = LoginBatcher(world.core.repo, settings, world.clock)
+        origin = Origin("", "ipv4:10.0.0.9", "req")
+        try:
+            for _ in range(5):
+                with pytest.raises(Unauthenticated):
+                    logins.authenticate_sync(
+                        Login(
+                            FederatedCredential(None, Reason.BAD_SIGNATURE), origin, "issue_token"
+                        )
+                    )
+            # The peer's own limit still binds it.
+            with pytest.raises(ResourceExhausted):
+                logins.authenticate_sync(
+                    Login(FederatedCredential(None, Reason.BAD_SIGNATURE), origin, "issue_token")
+                )
+        finally:
+            logins.close()
