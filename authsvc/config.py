@@ -65,6 +65,11 @@ class Settings:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     tls_terminated_upstream: bool = False
+    # CA bundle for trusted issuers' JWKS URLs (default: the system roots).
+    jwks_fetch_ca: str | None = None
+    # Timeout and size bound of one JWKS fetch, and how often a URL's keys are refreshed.
+    jwks_fetch_timeout_seconds: float = 5.0
+    jwks_refresh_seconds: float = 300.0
     http_listen: str | None = None
     # The HTTP side port: time a connection has to send its request (and to take the answer),
     # and connections served at once (one thread each; more are answered 503).
@@ -345,6 +350,9 @@ def load_settings(
         tls_key=tls_key,
         tls_client_ca=tls_client_ca,
         tls_terminated_upstream=upstream,
+        jwks_fetch_ca=env.get("AUTHSVC_JWKS_FETCH_CA") or None,
+        jwks_fetch_timeout_seconds=_float(env, "AUTHSVC_JWKS_FETCH_TIMEOUT_SECONDS", 5.0, 0.1),
+        jwks_refresh_seconds=_float(env, "AUTHSVC_JWKS_REFRESH_SECONDS", 300.0, 1.0),
         http_listen=http_listen,
         http_read_timeout_seconds=_float(env, "AUTHSVC_HTTP_READ_TIMEOUT_SECONDS", 10.0, 0.1),
         http_max_connections=_int(env, "AUTHSVC_HTTP_MAX_CONNECTIONS", 32, 1),

@@ -25,7 +25,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from authsvc.clock import Clock, to_timestamp
 from authsvc.config import Settings
 from authsvc.crypto.secrets import SecretHasher
-from authsvc.errors import AuthsvcError, Unauthenticated
+from authsvc.errors import AuthsvcError, InvalidArgument, Unauthenticated
 from authsvc.logs import current_request_id, request_id_from
 from authsvc.server.status import status_of, trailers_of
 from authsvc.storage.records import (
@@ -36,13 +36,14 @@ from authsvc.storage.records import (
 )
 from authsvc.storage.repository import Repository
 from authsvc.sync import RevocationFeed, ServerState
+from authsvc.tokens.issuer import IssuedToken
 from authsvc.usecases.audit import AuditTrail, Origin
 from authsvc.usecases.callers import Callers
 from authsvc.usecases.revocation import Revocations
 from authsvc.usecases.secrets import Secrets
 from authsvc.usecases.services import CredentialChange, GrantChange, ServiceRegistry
 from authsvc.usecases.signing_keys import SigningKeys
-from authsvc.usecases.tokens import TokenRequest, Tokens
+from authsvc.usecases.tokens import ExchangeRequest, TokenRequest, Tokens
 from authsvc.usecases.watch import RevocationWatch
 from authsvc_client.interceptors import bearer_token
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
@@ -84,6 +85,31 @@ def _bearer(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
     if not any(key == "authorization" for key, _ in metadata):
         return None
     raise Unauthenticated(found.details)
+
+
+def _peer_certificate(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The client certificate TLS verified on this call (PEM), "" without one.
+
+    gRPC puts it in the auth context only after the handshake verified it against
+    AUTHSVC_TLS_CLIENT_CA; behind a proxy that ends TLS there is none, so a certificate login
+    is refused there (README: TLS termination) rather than trusting a header.
+    """
+    found = context.auth_context().get("x509_pem_cert") or ()
+    for value in found:
+        return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+    return ""
+
+
+def _issued_proto(issued: IssuedToken) -> auth_pb2.IssueTokenResponse:
+    claims = issued.claims
+    return auth_pb2.IssueTokenResponse(
+        access_token=issued.token,
+        token_type="Bearer",  # noqa: S106 - the RFC 6750 scheme, not a secret
+        expires_in=claims.expires_at - claims.issued_at,
+        expires_at=timestamp(claims.expires_at),
+        key_id=claims.key_id,
+        scopes=list(claims.scopes),
+    )
 
 
 def _service_proto(record: ServiceRecord, credentials: ServiceCredentials) -> auth_pb2.Service:
@@ -232,18 +258,35 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
                 audience=request.audience,
                 scopes=tuple(request.scopes),
                 ttl_seconds=request.ttl_seconds,
+                client_assertion=request.client_assertion,
+                client_certificate=_peer_certificate(context),
             ),
             _origin(context, request.service_id),
         )
-        claims = issued.claims
-        return auth_pb2.IssueTokenResponse(
-            access_token=issued.token,
-            token_type="Bearer",  # noqa: S106 - the RFC 6750 scheme, not a secret
-            expires_in=claims.expires_at - claims.issued_at,
-            expires_at=timestamp(claims.expires_at),
-            key_id=claims.key_id,
-            scopes=list(claims.scopes),
+        return _issued_proto(issued)
+
+    @handle_errors
+    async def ExchangeToken(
+        self, request: auth_pb2.ExchangeTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> auth_pb2.IssueTokenResponse:
+        if request.service_secret or request.client_assertion:
+            # Actor credentials belong to delegation (an access_token subject), not yet served.
+            raise InvalidArgument(
+                "actor credentials are only for subject_token_type "
+                "urn:ietf:params:oauth:token-type:access_token"
+            )
+        issued = await self._tokens.exchange(
+            ExchangeRequest(
+                subject_token=request.subject_token,
+                subject_token_type=request.subject_token_type,
+                audience=request.audience,
+                scopes=tuple(request.scopes),
+                ttl_seconds=request.ttl_seconds,
+                service_id=request.service_id,
+            ),
+            _origin(context, request.service_id),
         )
+        return _issued_proto(issued)
 
     # -- ValidateToken ---------------------------------------------------------------------
 

@@ -8,8 +8,10 @@ and all), the batch commits the audit row naming that jti, and only then does th
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from authsvc.clock import Clock
 from authsvc.config import Settings
@@ -21,7 +23,22 @@ from authsvc.sync import Signer
 from authsvc.tokens.issuer import IssuedToken, TokenIssuer, UnsignedToken
 from authsvc.usecases.audit import Origin
 from authsvc.usecases.login_batch import LoginBatcher
-from authsvc.usecases.logins import Login, SecretCredential, Verdict
+from authsvc.usecases.logins import (
+    AssertionCredential,
+    CertificateCredential,
+    Credential,
+    FederatedCredential,
+    Login,
+    SecretCredential,
+    Verdict,
+)
+from authsvc.workload.assertions import MAX_ASSERTION_BYTES, claimed_service_id
+from authsvc.workload.errors import Reason, WorkloadAuthError
+from authsvc.workload.federation import (
+    JWT_TOKEN_TYPE,
+    MAX_FEDERATED_TOKEN_BYTES,
+    FederatedIdentity,
+)
 from authsvc_client.claims import ValidationResult
 from authsvc_client.v1 import auth_pb2
 from authsvc_client.verifier import TokenVerifier
@@ -29,6 +46,7 @@ from authsvc_client.verifier import TokenVerifier
 __all__ = [
     "AUDIENCE_DENIED",
     "SCOPE_DENIED",
+    "ExchangeRequest",
     "IssuePolicy",
     "TokenRequest",
     "Tokens",
@@ -44,29 +62,106 @@ MAX_SECRET_LENGTH = 256
 _STREAM_MALFORMED = ValidationResult.fail(auth_pb2.MALFORMED)
 
 
+class FederatedTokenVerifier(Protocol):
+    """What ExchangeToken needs of the trusted issuers (authsvc.usecases.federation.TrustStore)."""
+
+    def verify(self, token: str, *, now: float) -> FederatedIdentity:
+        """Raises WorkloadAuthError with the reason."""
+        ...
+
+
+CREDENTIAL_REQUIRED = (
+    "service_secret or client_assertion is required (or a client certificate on an mTLS "
+    "connection, with service_id)"
+)
+
+
 @dataclass(frozen=True)
 class TokenRequest:
-    """What a service asks IssueToken for, with the secret it proves itself with."""
+    """What a service asks IssueToken for, with the credential it proves itself with: its
+    secret, a signed assertion, or (neither) the verified client certificate of the call."""
 
     service_id: str
     secret: str = field(repr=False)
     audience: str
     scopes: Sequence[str] = ()
     ttl_seconds: int = 0  # 0: the server's default
+    client_assertion: str = field(default="", repr=False)
+    # PEM of the client certificate TLS verified on this call ("" without mTLS).
+    client_certificate: str = field(default="", repr=False)
 
     def check(self) -> None:
         """The request's input rules (authsvc.inputs), before anything is looked up.
 
         Raises:
-            InvalidArgument: a field missing, too long or outside its grammar.
+            InvalidArgument: a field missing, too long or outside its grammar, or not
+                exactly one credential.
         """
-        check_service_id(self.service_id)
-        if not self.secret or len(self.secret) > MAX_SECRET_LENGTH:
-            raise InvalidArgument("service_secret is required")
-        check_name(self.audience, "audience")
-        check_scopes(self.scopes, "scopes")
-        if self.ttl_seconds < 0:
-            raise InvalidArgument("ttl_seconds must not be negative")
+        if self.secret and self.client_assertion:
+            raise InvalidArgument("send service_secret or client_assertion, not both")
+        if self.client_assertion:
+            if len(self.client_assertion) > MAX_ASSERTION_BYTES:
+                raise InvalidArgument(
+                    f"client_assertion is longer than {MAX_ASSERTION_BYTES} bytes"
+                )
+            if self.service_id:
+                check_service_id(self.service_id)
+        elif self.secret:
+            check_service_id(self.service_id)
+            if len(self.secret) > MAX_SECRET_LENGTH:
+                raise InvalidArgument("service_secret is too long")
+        elif self.client_certificate:
+            check_service_id(self.service_id)
+        else:
+            raise InvalidArgument(CREDENTIAL_REQUIRED)
+        _check_wanted(self.audience, self.scopes, self.ttl_seconds)
+
+    def credential(self, hasher: SecretHasher, issuer: str, leeway: int) -> Credential:
+        """The credential this request presents, by the rule of `check`."""
+        if self.client_assertion:
+            # No service_id: the assertion's own `sub` says whose keys to try; the
+            # verification then demands iss = sub = that id.
+            service_id = self.service_id or claimed_service_id(self.client_assertion) or ""
+            return AssertionCredential(service_id, self.client_assertion, issuer, leeway)
+        if self.secret:
+            return SecretCredential.present(hasher, self.service_id, self.secret)
+        return CertificateCredential(self.service_id, self.client_certificate)
+
+
+def _check_wanted(audience: str, scopes: Sequence[str], ttl_seconds: int) -> None:
+    check_name(audience, "audience")
+    check_scopes(scopes, "scopes")
+    if ttl_seconds < 0:
+        raise InvalidArgument("ttl_seconds must not be negative")
+
+
+@dataclass(frozen=True)
+class ExchangeRequest:
+    """RFC 8693 ExchangeToken: a subject token (today: a federated workload token) for a token
+    of the service it stands for."""
+
+    subject_token: str = field(repr=False)
+    subject_token_type: str
+    audience: str
+    scopes: Sequence[str] = ()
+    ttl_seconds: int = 0
+    # For a federated token: optional, and then it must be the bound service.
+    service_id: str = ""
+
+    def check(self) -> None:
+        """Raises InvalidArgument: an empty or unknown field (RFC 8693 section 2.2.2's
+        invalid_request), before anything is verified."""
+        if not self.subject_token:
+            raise InvalidArgument("subject_token is required")
+        if not self.subject_token_type:
+            raise InvalidArgument("subject_token_type is required")
+        if self.subject_token_type != JWT_TOKEN_TYPE:
+            raise InvalidArgument(f"subject_token_type: unsupported (supported: {JWT_TOKEN_TYPE})")
+        if len(self.subject_token) > MAX_FEDERATED_TOKEN_BYTES:
+            raise InvalidArgument(f"subject_token is longer than {MAX_FEDERATED_TOKEN_BYTES} bytes")
+        if self.service_id:
+            check_service_id(self.service_id)
+        _check_wanted(self.audience, self.scopes, self.ttl_seconds)
 
 
 def scopes_for(service: ServiceRecord, audience: str) -> tuple[str, ...] | None:
@@ -89,7 +184,8 @@ def check_token_size(token: str, max_bytes: int) -> None:
 class IssuePolicy:
     """IssueToken's policy for an authenticated service, run inside the login's transaction."""
 
-    request: TokenRequest
+    audience: str
+    scopes: tuple[str, ...]
     signer: Signer
     issuer: TokenIssuer
     ttl_seconds: int
@@ -99,8 +195,8 @@ class IssuePolicy:
     def decide(self, service: ServiceRecord) -> Verdict[UnsignedToken]:
         """The audience and scopes it may have, then the token, prepared so that its audit row
         (naming the jti) is written before it is signed."""
-        audience = self.request.audience
-        wanted = tuple(dict.fromkeys(self.request.scopes))
+        audience = self.audience
+        wanted = tuple(dict.fromkeys(self.scopes))
         allowed = scopes_for(service, audience)
         if allowed is None:
             # Any registered service may follow WatchRevocations, which takes a token for
@@ -143,8 +239,10 @@ class Tokens:
         clock: Clock,
         logins: LoginBatcher,
         verifier: TokenVerifier,
+        federation: FederatedTokenVerifier | None = None,
     ) -> None:
-        """`signer` returns the active signing key as this replica last loaded it."""
+        """`signer` returns the active signing key as this replica last loaded it; `federation`
+        verifies federated workload tokens against the trusted issuers (it may fetch keys)."""
         self._s = settings
         self._signer = signer
         self._issuer = issuer
@@ -152,6 +250,7 @@ class Tokens:
         self._clock = clock
         self._logins = logins
         self._verifier = verifier
+        self._federation = federation
 
     async def issue(self, request: TokenRequest, origin: Origin) -> IssuedToken:
         """A signed token for the authenticated service, audited before it is signed.
@@ -163,20 +262,53 @@ class Tokens:
                 active signing key.
         """
         request.check()
+        policy = self._policy(request.audience, request.scopes, request.ttl_seconds)
+        s = self._s
+        credential = request.credential(self._hasher, s.issuer, s.leeway_seconds)
+        return await self._logins.settle(Login(credential, origin, "issue_token"), policy)
+
+    async def exchange(self, request: ExchangeRequest, origin: Origin) -> IssuedToken:
+        """RFC 8693 token exchange of a federated workload token: a token for the service
+        bound to its (trust, subject), audited before it is signed like any IssueToken.
+
+        The federated token is verified on a worker thread first (its issuer's keys may need
+        a bounded fetch, which must not hold the login batch); a failure still goes through
+        the login batch, so it is counted and throttled like a wrong secret.
+
+        Raises:
+            InvalidArgument: an empty field or an unsupported subject_token_type.
+            Unauthenticated: the token is not valid, its issuer not trusted, or its subject
+                bound to no service (one generic message for all).
+            PermissionDenied, AuthsvcError: as `issue`.
+        """
+        request.check()
+        policy = self._policy(request.audience, request.scopes, request.ttl_seconds)
+        credential = await asyncio.to_thread(self._federated, request)
+        return await self._logins.settle(Login(credential, origin, "exchange_token"), policy)
+
+    def _federated(self, request: ExchangeRequest) -> FederatedCredential:
+        if self._federation is None:
+            return FederatedCredential(None, Reason.UNKNOWN_ISSUER, request.service_id)
+        try:
+            identity = self._federation.verify(request.subject_token, now=self._clock.now())
+        except WorkloadAuthError as exc:
+            return FederatedCredential(None, exc.reason, request.service_id)
+        return FederatedCredential(identity, None, request.service_id)
+
+    def _policy(self, audience: str, scopes: Sequence[str], ttl_seconds: int) -> IssuePolicy:
         signer = self._signer()
         if signer is None:
             raise AuthsvcError("no active signing key")
         s = self._s
-        policy = IssuePolicy(
-            request=request,
+        return IssuePolicy(
+            audience=audience,
+            scopes=tuple(scopes),
             signer=signer,
             issuer=self._issuer,
-            ttl_seconds=min(request.ttl_seconds or s.default_ttl_seconds, s.max_ttl_seconds),
+            ttl_seconds=min(ttl_seconds or s.default_ttl_seconds, s.max_ttl_seconds),
             admin_audience=s.admin_audience,
             now=self._clock.now,
         )
-        credential = SecretCredential.present(self._hasher, request.service_id, request.secret)
-        return await self._logins.settle(Login(credential, origin, "issue_token"), policy)
 
     def validate(
         self, token: str, audience: str, required_scopes: Sequence[str] = ()
