@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from authsvc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, N
 from authsvc.inputs import parse_grant
 from authsvc.server.app import Core, build_core, service_registry
 from authsvc.storage.records import AudienceGrant, ServiceRecord
+from authsvc.storage.repository import Repository
 from authsvc.usecases.audit import Origin
 from authsvc.usecases.services import (
     MAX_CREDENTIALS_PER_KIND,
@@ -626,3 +627,42 @@ class TestUpdateCredentials:
         registry.create(OPS, "billing", ["orders"])
         listed = {s.service_id: c.kinds for s, c in registry.list_with_credentials()}
         assert listed == {"billing": ("secret",), "orders": ("assertion",)}
+
+
+class _RacedRepository(Repository):
+    """The real repository, where another admin's grant change commits (a real write) just
+    before this one's, as a replica racing it would: once."""
+
+    raced = False
+
+    def update_service_grants(
+        self,
+        service_id: str,
+        change: Callable[[ServiceRecord], Sequence[AudienceGrant]],
+        now: datetime,
+    ) -> tuple[ServiceRecord, ServiceRecord]:
+        if not self.raced:
+            self.raced = True
+            super().update_service_grants(service_id, lambda s: (G("billing", ()),), now)
+        return super().update_service_grants(service_id, change, now)
+
+
+def test_a_grant_change_lost_to_a_race_undoes_the_credential_change(core: Core) -> None:
+    repo = _RacedRepository(core.repo.engine)
+    registry = ServiceRegistry(repo, core.hasher, core.clock, core.settings, core.trail)
+    old = new_ec()
+    registry.create(OPS, "orders", ["billing", "inventory"], secret=False, public_keys=[_pem(old)])
+    before = registry.credentials_of("orders")
+    # Both parts pass their checks; then the other change takes inventory first.
+    with pytest.raises(FailedPrecondition, match="audience inventory is not granted"):
+        registry.update(
+            OPS,
+            "orders",
+            GrantChange(remove_audiences=("inventory",)),
+            CredentialChange(
+                add_tls_sans=(SPIFFE,), remove_public_key_ids=(jwk_thumbprint(old.public_key()),)
+            ),
+        )
+    assert repo.raced
+    assert registry.credentials_of("orders") == before
+    assert _audit(core, "update_service") == []
