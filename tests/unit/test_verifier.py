@@ -967,7 +967,7 @@ class TestShortcutsKeepTheRules:
     """The cheaper forms on the cold path equal the plain forms they replaced."""
 
     def test_valid_result_builds_what_the_dataclasses_build(self) -> None:
-        values = {
+        values: dict[str, Any] = {
             "issuer": "https://iss",
             "subject": "svc-a",
             "audience": "svc-b",
