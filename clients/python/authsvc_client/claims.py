@@ -27,7 +27,13 @@ DEFAULT_LEEWAY_SECONDS = 30
 
 @dataclass(frozen=True, slots=True)
 class Claims:
-    """The claims of a token whose signature and contents were checked; times in epoch seconds."""
+    """The claims of a token whose signature and contents were checked; times in epoch seconds.
+
+    `cert_thumbprint` is the token's RFC 8705 `cnf.x5t#S256`, the certificate it is bound to
+    ("" for an unbound bearer token); a validator only returns a bound token's claims to a
+    caller that presented that certificate. `actors` is the RFC 8693 delegation chain,
+    nearest actor first (empty for a direct token).
+    """
 
     issuer: str
     subject: str
@@ -39,6 +45,8 @@ class Claims:
     jti: str
     key_id: str
     client_id: str
+    cert_thumbprint: str = ""
+    actors: tuple[str, ...] = ()
 
     def to_proto(self) -> auth_pb2.Claims:
         msg = auth_pb2.Claims(
@@ -49,6 +57,8 @@ class Claims:
             jti=self.jti,
             key_id=self.key_id,
             client_id=self.client_id,
+            cert_thumbprint=self.cert_thumbprint,
+            actors=self.actors,
         )
         msg.issued_at.seconds = self.issued_at
         msg.not_before.seconds = self.not_before
@@ -68,6 +78,8 @@ class Claims:
             jti=msg.jti,
             key_id=msg.key_id,
             client_id=msg.client_id,
+            cert_thumbprint=msg.cert_thumbprint,
+            actors=tuple(msg.actors),
         )
 
 
@@ -142,6 +154,8 @@ def valid_result(
     jti: str,
     key_id: str,
     client_id: str,
+    cert_thumbprint: str = "",
+    actors: tuple[str, ...] = (),
 ) -> ValidationResult:
     """ValidationResult.ok(Claims(...)) for claims the verifier has already checked.
 
@@ -154,7 +168,17 @@ def valid_result(
         True,
         auth_pb2.VALIDATION_FAILURE_UNSPECIFIED,
         Claims(
-            issuer, subject, audience, scopes, issued_at, not_before, expires_at, jti, key_id,
+            issuer,
+            subject,
+            audience,
+            scopes,
+            issued_at,
+            not_before,
+            expires_at,
+            jti,
+            key_id,
             client_id,
+            cert_thumbprint,
+            actors,
         ),
     )
