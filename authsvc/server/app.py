@@ -289,6 +289,7 @@ class AuthsvcServer:
                 logins=logins,
                 verifier=verifier,
                 federation=trusts,
+                service_of=core.repo.fetch_service,
             ),
             revocations=Revocations(
                 settings=s,

@@ -25,7 +25,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from authsvc.clock import Clock, to_timestamp
 from authsvc.config import Settings
 from authsvc.crypto.secrets import SecretHasher
-from authsvc.errors import AuthsvcError, InvalidArgument, Unauthenticated
+from authsvc.errors import AuthsvcError, Unauthenticated
 from authsvc.logs import current_request_id, request_id_from
 from authsvc.server.status import status_of, trailers_of
 from authsvc.storage.records import (
@@ -269,12 +269,6 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
     async def ExchangeToken(
         self, request: auth_pb2.ExchangeTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.IssueTokenResponse:
-        if request.service_secret or request.client_assertion:
-            # Actor credentials belong to delegation (an access_token subject), not yet served.
-            raise InvalidArgument(
-                "actor credentials are only for subject_token_type "
-                "urn:ietf:params:oauth:token-type:access_token"
-            )
         issued = await self._tokens.exchange(
             ExchangeRequest(
                 subject_token=request.subject_token,
@@ -283,6 +277,9 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
                 scopes=tuple(request.scopes),
                 ttl_seconds=request.ttl_seconds,
                 service_id=request.service_id,
+                secret=request.service_secret,
+                client_assertion=request.client_assertion,
+                client_certificate=_peer_certificate(context),
             ),
             _origin(context, request.service_id),
         )
@@ -294,7 +291,12 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
     async def ValidateToken(
         self, request: auth_pb2.ValidateTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.ValidateTokenResponse:
-        result = self._tokens.validate(request.token, request.audience, request.required_scopes)
+        result = self._tokens.validate(
+            request.token,
+            request.audience,
+            request.required_scopes,
+            request.client_cert_thumbprint,
+        )
         return result.to_proto()
 
     @handle_errors
@@ -310,7 +312,10 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         the event loop between messages (unary calls are not starved)."""
         async for request in request_iterator:
             result = self._tokens.validate_in_stream(
-                request.token, request.audience, request.required_scopes
+                request.token,
+                request.audience,
+                request.required_scopes,
+                request.client_cert_thumbprint,
             )
             yield result.to_proto()
 

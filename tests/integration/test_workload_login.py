@@ -16,7 +16,8 @@ import grpc
 import pytest
 
 from authsvc_client.assertions import AssertionSigner, PrivateKey
-from authsvc_client.v1 import auth_pb2
+from authsvc_client.binding import certificate_thumbprint
+from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 from tests.support.certs import CertificateAuthority
 from tests.support.postgres import postgres_url  # noqa: F401  (a fixture)
 from tests.support.server import TEST_ISSUER, RunningServer, base_env, run_cli, start_server
@@ -381,15 +382,18 @@ class MtlsFleet:
     def channel(
         self, ca: WorkloadCa, uris: tuple[str, ...] = (), dns: tuple[str, ...] = ()
     ) -> grpc.Channel:
+        return self.channel_and_cert(ca, uris, dns)[0]
+
+    def channel_and_cert(
+        self, ca: WorkloadCa, uris: tuple[str, ...] = (), dns: tuple[str, ...] = ()
+    ) -> tuple[grpc.Channel, bytes]:
         cert, key = ca.issue_pair(uris=uris, dns=dns)
         creds = grpc.ssl_channel_credentials(
             root_certificates=self.server_ca.cert_pem, private_key=key, certificate_chain=cert
         )
-        return self.server.open_channel(creds)
+        return self.server.open_channel(creds), cert
 
     def issue(self, channel: grpc.Channel, service_id: str = "orders") -> Any:
-        from authsvc_client.v1 import auth_pb2_grpc
-
         return auth_pb2_grpc.AuthServiceStub(channel).IssueToken(
             auth_pb2.IssueTokenRequest(service_id=service_id, audience="billing"), timeout=10
         )
@@ -426,16 +430,32 @@ def mtls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MtlsFleet]:
 
 
 class TestClientCertificate:
-    def test_a_spiffe_id_logs_in_without_a_secret(self, mtls: MtlsFleet) -> None:
-        with mtls.channel(mtls.workload_ca, uris=(SPIFFE_ORDERS,)) as channel:
+    def test_a_spiffe_id_logs_in_without_a_secret_and_its_token_is_bound(
+        self, mtls: MtlsFleet
+    ) -> None:
+        channel, cert = mtls.channel_and_cert(mtls.workload_ca, uris=(SPIFFE_ORDERS,))
+        other = mtls.workload_ca.issue(uris=(SPIFFE_ORDERS,))
+        with channel:
             reply = mtls.issue(channel)
-            from authsvc_client.v1 import auth_pb2_grpc
+            stub = auth_pb2_grpc.AuthServiceStub(channel)
 
-            checked = auth_pb2_grpc.AuthServiceStub(channel).ValidateToken(
-                auth_pb2.ValidateTokenRequest(token=reply.access_token, audience="billing"),
-                timeout=10,
-            )
-        assert checked.valid and checked.claims.subject == "orders"
+            def check(thumbprint: str) -> auth_pb2.ValidateTokenResponse:
+                return stub.ValidateToken(  # type: ignore[no-any-return]
+                    auth_pb2.ValidateTokenRequest(
+                        token=reply.access_token,
+                        audience="billing",
+                        client_cert_thumbprint=thumbprint,
+                    ),
+                    timeout=10,
+                )
+
+            checked = check(certificate_thumbprint(cert))
+            assert checked.valid and checked.claims.subject == "orders"
+            assert checked.claims.cert_thumbprint == certificate_thumbprint(cert)
+            # RFC 8705 section 3: the stolen token is useless without the certificate's key,
+            # even beside another certificate with the very same SAN.
+            for presented in ("", certificate_thumbprint(other)):
+                assert check(presented).reason == auth_pb2.CERTIFICATE_MISMATCH
 
     def test_a_dns_san_logs_in(self, mtls: MtlsFleet) -> None:
         with mtls.channel(mtls.workload_ca, dns=("search.prod.svc.cluster.local",)) as channel:
