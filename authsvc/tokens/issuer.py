@@ -12,7 +12,16 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 from cryptography.hazmat.primitives.hashes import SHA256
 
 from authsvc_client._b64 import b64url_encode
-from authsvc_client.claims import ALGORITHM, DEFAULT_MAX_TOKEN_BYTES, TOKEN_TYPE, Claims
+from authsvc_client.binding import CONFIRMATION_CLAIM, THUMBPRINT_MEMBER, is_thumbprint
+from authsvc_client.claims import (
+    ACTOR_CLAIM,
+    ALGORITHM,
+    DEFAULT_MAX_TOKEN_BYTES,
+    DELEGATION_PARENTS_CLAIM,
+    MAX_DELEGATION_DEPTH,
+    TOKEN_TYPE,
+    Claims,
+)
 from authsvc_client.keyring import MIN_RSA_KEY_BITS, KeyRing
 from authsvc_client.revocations import RevocationSet
 from authsvc_client.verifier import TokenVerifier
@@ -86,6 +95,7 @@ class TokenIssuer:
         ttl_seconds: int,
         now: float,
         not_after: float | None = None,
+        cert_thumbprint: str = "",
     ) -> IssuedToken:
         """Sign a token valid from int(now) for ttl_seconds, never past not_after.
 
@@ -100,6 +110,7 @@ class TokenIssuer:
             ttl_seconds=ttl_seconds,
             now=now,
             not_after=not_after,
+            cert_thumbprint=cert_thumbprint,
         )
         return self.sign(unsigned, private_key)
 
@@ -114,6 +125,9 @@ class TokenIssuer:
         ttl_seconds: int,
         now: float,
         not_after: float | None = None,
+        cert_thumbprint: str = "",
+        actors: Sequence[str] = (),
+        parent_jtis: Sequence[str] = (),
     ) -> UnsignedToken:
         """Everything but the signature, so the server can record a token's jti (audit) before
         it spends an RSA signature on it, and refuse a token that could not be issued first.
@@ -122,11 +136,19 @@ class TokenIssuer:
             key_bits: the signing key's modulus length (the signature's length follows).
             not_after: the signing key's retirement time; exp is capped at it so that no
                 token outlives the key's publication (SPIRE caps TTLs the same way).
+            cert_thumbprint: the `x5t#S256` (authsvc_client.binding.certificate_thumbprint)
+                of the verified client certificate the request arrived with; non-empty, it
+                binds the token to that certificate (RFC 8705 section 3: `cnf`), so that a
+                stolen copy is useless without the workload's private key.
+            actors: a delegated token's chain, nearest actor first (RFC 8693 section 4.1
+                `act`, nested, outermost = the current actor, who is also `client_id`);
+                `parent_jtis` the jti of the token each actor exchanged, nearest first.
 
         Raises:
             ValueError: empty subject, audience or kid; a scope that is empty or holds a
                 space; ttl_seconds < 1; not_after leaves no validity; a key under 2048 bits;
-                or a token longer than max_token_bytes.
+                a cert_thumbprint that is not a base64url SHA-256; or a token longer than
+                max_token_bytes.
         """
         if not subject or not audience or not kid:
             raise ValueError("subject, audience and kid are required")
@@ -138,6 +160,12 @@ class TokenIssuer:
             raise ValueError("ttl_seconds must be at least 1")
         if key_bits < MIN_RSA_KEY_BITS:
             raise ValueError(f"signing keys must be at least {MIN_RSA_KEY_BITS} bits")
+        if cert_thumbprint and not is_thumbprint(cert_thumbprint):
+            raise ValueError("cert_thumbprint must be a base64url SHA-256 (x5t#S256)")
+        if len(actors) != len(parent_jtis) or len(actors) > MAX_DELEGATION_DEPTH:
+            raise ValueError("one parent jti per actor, at most MAX_DELEGATION_DEPTH")
+        if any(not a for a in actors) or any(not j for j in parent_jtis):
+            raise ValueError("actors and parent jtis must be non-empty")
         iat = int(now)
         exp = iat + ttl_seconds
         if not_after is not None:
@@ -154,7 +182,9 @@ class TokenIssuer:
             expires_at=exp,
             jti=secrets.token_urlsafe(_JTI_BYTES),
             key_id=kid,
-            client_id=subject,
+            client_id=actors[0] if actors else subject,
+            cert_thumbprint=cert_thumbprint,
+            actors=tuple(actors),
         )
         header = self._headers.get(kid)
         if header is None:
@@ -164,19 +194,27 @@ class TokenIssuer:
             header = self._headers[kid] = b64url_encode(
                 _compact_json({"alg": ALGORITHM, "typ": TOKEN_TYPE, "kid": kid})
             )
-        payload = _compact_json(
-            {
-                "iss": claims.issuer,
-                "sub": claims.subject,
-                "aud": claims.audience,
-                "exp": claims.expires_at,
-                "nbf": claims.not_before,
-                "iat": claims.issued_at,
-                "jti": claims.jti,
-                "scope": " ".join(claims.scopes),
-                "client_id": claims.client_id,
-            }
-        )
+        body: dict[str, object] = {
+            "iss": claims.issuer,
+            "sub": claims.subject,
+            "aud": claims.audience,
+            "exp": claims.expires_at,
+            "nbf": claims.not_before,
+            "iat": claims.issued_at,
+            "jti": claims.jti,
+            "scope": " ".join(claims.scopes),
+            "client_id": claims.client_id,
+        }
+        if cert_thumbprint:
+            # RFC 8705 section 3.1 / RFC 7800 section 3.1.
+            body[CONFIRMATION_CLAIM] = {THUMBPRINT_MEMBER: cert_thumbprint}
+        if actors:
+            act: dict[str, object] | None = None
+            for actor in reversed(actors):
+                act = {"sub": actor} if act is None else {"sub": actor, ACTOR_CLAIM: act}
+            body[ACTOR_CLAIM] = act
+            body[DELEGATION_PARENTS_CLAIM] = list(parent_jtis)
+        payload = _compact_json(body)
         signing_input = f"{header}.{b64url_encode(payload)}"
         # 4 base64 characters per 3 bytes, for a signature as long as the modulus.
         signature_chars = -(-((key_bits + 7) // 8) * 4 // 3)
@@ -222,6 +260,7 @@ class TokenIssuer:
             audience=claims.audience,
             required_scopes=claims.scopes,
             now=float(claims.issued_at),
+            client_cert_thumbprint=claims.cert_thumbprint or None,
         )
         if not result.valid or result.claims != claims:
             raise RuntimeError("issued token failed self-verification")

@@ -7,12 +7,12 @@ a SPIFFE ID (a URI SAN, compared byte for byte: no case folding, no normalisatio
 name (compared case-insensitively, RFC 4343; no wildcards on either side).
 
 `certificate_thumbprint` is the RFC 8705 section 3.1 `x5t#S256` a certificate-bound token
-carries in `cnf`.
+carries in `cnf`; the rule itself is `authsvc_client.binding.der_thumbprint`, the one validators
+use, so what the server binds and what a validator compares cannot drift apart.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 
 from authsvc.errors import InvalidArgument
 from authsvc.workload.errors import Reason, WorkloadAuthError
-from authsvc_client._b64 import b64url_encode
+from authsvc_client.binding import der_thumbprint
 
 __all__ = [
     "MAX_SPIFFE_ID_LENGTH",
@@ -143,7 +143,7 @@ def certificate_thumbprint(cert_pem: str | bytes) -> str:
 
 
 def _thumbprint(cert: x509.Certificate) -> str:
-    return b64url_encode(hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest())
+    return der_thumbprint(cert.public_bytes(serialization.Encoding.DER))
 
 
 def peer_identity(cert_pem: str | bytes) -> PeerIdentity:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from typing import Any
 
@@ -174,3 +175,54 @@ class TestPrepareThenSign:
         )
         with pytest.raises(ValueError, match="another size"):
             issuer.sign(unsigned, key)
+
+
+class TestCertificateBinding:
+    """RFC 8705 section 3: a thumbprint given to prepare() becomes `cnf.x5t#S256`."""
+
+    THUMBPRINT = base64.urlsafe_b64encode(hashlib.sha256(b"a client certificate").digest())
+    THUMBPRINT_TEXT = THUMBPRINT.rstrip(b"=").decode("ascii")
+
+    def verifier(self, key: RSAPrivateKey) -> TokenVerifier:
+        kid = jwk_thumbprint(key.public_key())
+        return TokenVerifier(
+            keys=lambda: KeyRing({kid: key.public_key()}),
+            revocations=RevocationSet(),
+            issuer=ISSUER,
+        )
+
+    def test_a_bound_token_carries_cnf_and_verifies_only_with_its_thumbprint(
+        self, key: RSAPrivateKey
+    ) -> None:
+        issued = issue(key, cert_thumbprint=self.THUMBPRINT_TEXT)
+        body = decode(issued.token.split(".")[1])
+        assert body["cnf"] == {"x5t#S256": self.THUMBPRINT_TEXT}
+        assert issued.claims.cert_thumbprint == self.THUMBPRINT_TEXT
+        verifier = self.verifier(key)
+        bound = verifier.verify(
+            issued.token, audience="svc-b", now=NOW, client_cert_thumbprint=self.THUMBPRINT_TEXT
+        )
+        assert bound.valid and bound.claims == issued.claims
+        assert verifier.verify(issued.token, audience="svc-b", now=NOW).reason_name == (
+            "CERTIFICATE_MISMATCH"
+        )
+
+    def test_no_thumbprint_issues_an_unbound_token(self, key: RSAPrivateKey) -> None:
+        issued = issue(key)
+        assert "cnf" not in decode(issued.token.split(".")[1])
+        assert issued.claims.cert_thumbprint == ""
+
+    @pytest.mark.parametrize(
+        "thumbprint",
+        [
+            "not a thumbprint",
+            THUMBPRINT.decode("ascii"),  # padded
+            THUMBPRINT_TEXT[:-1],  # 31 bytes and a bit
+            base64.urlsafe_b64encode(hashlib.sha1(b"x").digest()).decode().rstrip("="),
+        ],
+    )
+    def test_a_thumbprint_that_is_no_sha256_is_refused(
+        self, key: RSAPrivateKey, thumbprint: str
+    ) -> None:
+        with pytest.raises(ValueError, match="x5t#S256"):
+            issue(key, cert_thumbprint=thumbprint)

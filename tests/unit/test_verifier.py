@@ -779,6 +779,133 @@ class TestNeverRaises:
 _FIXED_TOKEN: dict[str, str] = {}
 
 
+def thumbprint_of(data: bytes) -> str:
+    """An x5t#S256 as RFC 8705 section 3.1 spells it: base64url(SHA-256), no padding."""
+    return b64(hashlib.sha256(data).digest())
+
+
+CERT_A = thumbprint_of(b"DER of certificate A")
+CERT_B = thumbprint_of(b"DER of certificate B")
+STANDARD_ALPHABET = "+" + CERT_A[1:]  # '+' is base64, not base64url
+# 43 characters: the last one carries 2 pad bits, which a canonical encoder leaves at zero.
+TRAILING_BITS = CERT_A[:-1] + ("B" if CERT_A[-1] != "B" else "C")
+
+
+def bound(env: Env, thumbprint: str = CERT_A, **over: Any) -> str:
+    return good(env, cnf={"x5t#S256": thumbprint}, **over)
+
+
+class TestCertificateBinding:
+    """RFC 8705 section 3: a token with `cnf.x5t#S256` is valid only with that certificate."""
+
+    def test_a_bound_token_with_its_thumbprint_is_valid(self, env: Env) -> None:
+        result = make(env).verify(bound(env), audience=AUD, client_cert_thumbprint=CERT_A)
+        assert result.valid and result.claims is not None
+        assert result.claims.cert_thumbprint == CERT_A
+        assert result.claims.actors == ()
+        assert Claims.from_proto(result.claims.to_proto()) == result.claims
+        assert ValidationResult.from_proto(result.to_proto()) == result
+
+    @pytest.mark.parametrize("presented", [None, "", CERT_B, CERT_A[:-1], CERT_A + "A", "é" * 43])
+    def test_without_or_with_another_thumbprint_it_is_certificate_mismatch(
+        self, env: Env, presented: str | None
+    ) -> None:
+        result = make(env).verify(bound(env), audience=AUD, client_cert_thumbprint=presented)
+        assert reason(result) == "CERTIFICATE_MISMATCH" and result.claims is None
+
+    @pytest.mark.parametrize("presented", [None, "", CERT_B, "anything at all"])
+    def test_an_unbound_token_ignores_the_thumbprint(self, env: Env, presented: str | None) -> None:
+        result = make(env).verify(good(env), audience=AUD, client_cert_thumbprint=presented)
+        assert result.valid and result.claims is not None
+        assert result.claims.cert_thumbprint == ""
+
+    @pytest.mark.parametrize(
+        "cnf",
+        [
+            None,
+            "x5t",
+            [CERT_A],
+            {},
+            {"x5t#S256": None},
+            {"x5t#S256": 42},
+            {"x5t#S256": ""},
+            {"x5t#S256": CERT_A + "="},  # padding
+            {"x5t#S256": STANDARD_ALPHABET},
+            {"x5t#S256": TRAILING_BITS},
+            {"x5t#S256": b64(hashlib.sha1(b"x").digest())},  # SHA-1 length
+            {"x5t#S256": b64(hashlib.sha512(b"x").digest())},
+            {"x5t": b64(hashlib.sha1(b"x").digest())},  # RFC 8705 names no SHA-1 form
+            {"jkt": CERT_A},  # RFC 9449 DPoP: a binding this verifier cannot check
+            {"x5t#S256": CERT_A, "jkt": CERT_A},
+            {"x5t#S256": CERT_A, "jwk": {"kty": "EC"}},
+        ],
+    )
+    def test_a_cnf_that_is_not_exactly_one_x5t_s256_is_malformed(self, env: Env, cnf: Any) -> None:
+        token = good(env, cnf=cnf)
+        result = make(env).verify(token, audience=AUD, client_cert_thumbprint=CERT_A)
+        assert reason(result) == "MALFORMED"
+
+    def test_the_base64_forms_refused_are_refused_for_their_form(self) -> None:
+        """The padded, standard-alphabet and trailing-bit values above each hold 32 bytes
+        to a lenient decoder: only their spelling is wrong (one digest, one spelling)."""
+        for text in (CERT_A + "=", STANDARD_ALPHABET, TRAILING_BITS):
+            assert len(base64.b64decode(pad(std_alphabet(text)))) == 32
+
+    def test_the_cache_never_lets_a_bound_token_skip_the_check(self, env: Env) -> None:
+        verifier = make(env)
+        token = bound(env)
+        assert verifier.verify(token, audience=AUD, client_cert_thumbprint=CERT_A).valid
+        assert verifier.cached_tokens == 1
+        for presented in (None, CERT_B):
+            result = verifier.verify(token, audience=AUD, client_cert_thumbprint=presented)
+            assert reason(result) == "CERTIFICATE_MISMATCH"
+        assert verifier.verify(token, audience=AUD, client_cert_thumbprint=CERT_A).valid
+        assert verifier.cached_tokens == 1  # every answer above came from the one entry
+
+    def test_a_mismatch_first_is_cached_and_the_right_certificate_still_passes(
+        self, env: Env
+    ) -> None:
+        verifier = make(env)
+        token = bound(env)
+        assert reason(verifier.verify(token, audience=AUD)) == "CERTIFICATE_MISMATCH"
+        assert verifier.cached_tokens == 1
+        assert verifier.verify(token, audience=AUD, client_cert_thumbprint=CERT_A).valid
+
+    def test_without_a_cache_the_same_rules_hold(self, env: Env) -> None:
+        verifier = make(env, cache_size=0)
+        token = bound(env)
+        assert verifier.verify(token, audience=AUD, client_cert_thumbprint=CERT_A).valid
+        assert reason(verifier.verify(token, audience=AUD)) == "CERTIFICATE_MISMATCH"
+        assert verifier.cached_tokens == 0
+
+    def test_which_reason_wins(self, env: Env) -> None:
+        """The binding is checked after every claim (an expired or misaddressed bound token
+        says so, whoever presents it) and before the scopes (a caller without the certificate
+        learns nothing of what the token would be allowed)."""
+        verifier = make(env)
+        expired = bound(env, exp=NOW - 3600)
+        assert reason(verifier.verify(expired, audience=AUD)) == "EXPIRED"
+        assert reason(verifier.verify(bound(env), audience="svc-c")) == "WRONG_AUDIENCE"
+        token = bound(env, scope="read")
+        no_cert = verifier.verify(token, audience=AUD, required_scopes=["write"])
+        assert reason(no_cert) == "CERTIFICATE_MISMATCH"
+        with_cert = verifier.verify(
+            token, audience=AUD, required_scopes=["write"], client_cert_thumbprint=CERT_A
+        )
+        assert reason(with_cert) == "INSUFFICIENT_SCOPE"
+
+    def test_a_revoked_bound_token_is_revoked_with_or_without_its_certificate(
+        self, env: Env
+    ) -> None:
+        revocations = RevocationSet()
+        verifier = make(env, revocations=revocations)
+        token = bound(env)
+        revocations.add(RevocationEntry(1, jti_of(token), None, None, NOW + 900))
+        for presented in (None, CERT_A):
+            result = verifier.verify(token, audience=AUD, client_cert_thumbprint=presented)
+            assert reason(result) == "REVOKED"
+
+
 class TestErrors:
     def test_one_token_invalid_subclass_per_reason(self) -> None:
         reasons = [v for v in auth_pb2.ValidationFailure.values() if v != 0]
@@ -840,7 +967,7 @@ class TestShortcutsKeepTheRules:
     """The cheaper forms on the cold path equal the plain forms they replaced."""
 
     def test_valid_result_builds_what_the_dataclasses_build(self) -> None:
-        values = {
+        values: dict[str, Any] = {
             "issuer": "https://iss",
             "subject": "svc-a",
             "audience": "svc-b",
@@ -851,6 +978,8 @@ class TestShortcutsKeepTheRules:
             "jti": "j",
             "key_id": "k",
             "client_id": "svc-c",
+            "cert_thumbprint": "t",
+            "actors": ("svc-d",),
         }
         # A field added to Claims fails here until valid_result sets it too.
         assert [f.name for f in dataclasses.fields(Claims)] == list(values)

@@ -7,10 +7,13 @@ from dataclasses import dataclass
 from authsvc_client.v1 import auth_pb2
 
 __all__ = [
+    "ACTOR_CLAIM",
     "ADMIN_SCOPE",
     "ALGORITHM",
     "DEFAULT_LEEWAY_SECONDS",
     "DEFAULT_MAX_TOKEN_BYTES",
+    "DELEGATION_PARENTS_CLAIM",
+    "MAX_DELEGATION_DEPTH",
     "TOKEN_TYPE",
     "Claims",
     "ValidationResult",
@@ -23,11 +26,26 @@ ALGORITHM = "RS256"
 ADMIN_SCOPE = "authsvc.admin"
 DEFAULT_MAX_TOKEN_BYTES = 8192
 DEFAULT_LEEWAY_SECONDS = 30
+# RFC 8693 section 4.1: the actor of a delegated token, nested for longer chains (the outermost
+# is the current actor).
+ACTOR_CLAIM = "act"
+# authsvc's own claim beside `act`: the jtis of the tokens a delegated token was exchanged
+# from, nearest first (one per actor), so that revoking any of them revokes it too.
+DELEGATION_PARENTS_CLAIM = "parent_jtis"
+# The longest chain any validator parses (the server's limit, AUTHSVC_DELEGATION_MAX_DEPTH,
+# default 4, may not exceed it): a bound on the work a token can ask for.
+MAX_DELEGATION_DEPTH = 16
 
 
 @dataclass(frozen=True, slots=True)
 class Claims:
-    """The claims of a token whose signature and contents were checked; times in epoch seconds."""
+    """The claims of a token whose signature and contents were checked; times in epoch seconds.
+
+    `cert_thumbprint` is the token's RFC 8705 `cnf.x5t#S256`, the certificate it is bound to
+    ("" for an unbound bearer token); a validator only returns a bound token's claims to a
+    caller that presented that certificate. `actors` is the RFC 8693 delegation chain,
+    nearest actor first (empty for a direct token).
+    """
 
     issuer: str
     subject: str
@@ -39,6 +57,8 @@ class Claims:
     jti: str
     key_id: str
     client_id: str
+    cert_thumbprint: str = ""
+    actors: tuple[str, ...] = ()
 
     def to_proto(self) -> auth_pb2.Claims:
         msg = auth_pb2.Claims(
@@ -49,6 +69,8 @@ class Claims:
             jti=self.jti,
             key_id=self.key_id,
             client_id=self.client_id,
+            cert_thumbprint=self.cert_thumbprint,
+            actors=self.actors,
         )
         msg.issued_at.seconds = self.issued_at
         msg.not_before.seconds = self.not_before
@@ -68,6 +90,8 @@ class Claims:
             jti=msg.jti,
             key_id=msg.key_id,
             client_id=msg.client_id,
+            cert_thumbprint=msg.cert_thumbprint,
+            actors=tuple(msg.actors),
         )
 
 
@@ -142,6 +166,8 @@ def valid_result(
     jti: str,
     key_id: str,
     client_id: str,
+    cert_thumbprint: str = "",
+    actors: tuple[str, ...] = (),
 ) -> ValidationResult:
     """ValidationResult.ok(Claims(...)) for claims the verifier has already checked.
 
@@ -154,7 +180,17 @@ def valid_result(
         True,
         auth_pb2.VALIDATION_FAILURE_UNSPECIFIED,
         Claims(
-            issuer, subject, audience, scopes, issued_at, not_before, expires_at, jti, key_id,
+            issuer,
+            subject,
+            audience,
+            scopes,
+            issued_at,
+            not_before,
+            expires_at,
+            jti,
+            key_id,
             client_id,
+            cert_thumbprint,
+            actors,
         ),
     )

@@ -17,10 +17,19 @@ from cryptography.hazmat.primitives.asymmetric.padding import PKCS1v15
 from cryptography.hazmat.primitives.hashes import SHA256
 
 from authsvc_client._b64 import b64url_decode_canonical, b64url_decode_lenient
+from authsvc_client.binding import (
+    CONFIRMATION_CLAIM,
+    THUMBPRINT_MEMBER,
+    is_thumbprint,
+    thumbprint_matches,
+)
 from authsvc_client.claims import (
+    ACTOR_CLAIM,
     ALGORITHM,
     DEFAULT_LEEWAY_SECONDS,
     DEFAULT_MAX_TOKEN_BYTES,
+    DELEGATION_PARENTS_CLAIM,
+    MAX_DELEGATION_DEPTH,
     TOKEN_TYPE,
     ValidationResult,
     valid_result,
@@ -40,6 +49,7 @@ from authsvc_client.errors import (
 )
 from authsvc_client.keyring import KeyRing
 from authsvc_client.revocations import RevocationSet
+from authsvc_client.v1 import auth_pb2
 
 __all__ = ["TokenVerifier"]
 
@@ -73,6 +83,13 @@ _SCOPE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+(?: [\x21\x23-\x5b\x5d-\x7e]+)*")
 # RFC 7518 section 3.3: RS256 is RSASSA-PKCS1-v1_5 with SHA-256.
 _PADDING = PKCS1v15()
 _HASH = SHA256()
+# RFC 8705 section 3: a bound token presented without its certificate, or with another one.
+# (Returned, not raised: the check runs last but one, after every claim check, on every use.)
+_CERTIFICATE_MISMATCH = ValidationResult.fail(auth_pb2.CERTIFICATE_MISMATCH)
+# The only confirmation method authsvc issues; a `cnf` naming any other (RFC 7800 jwk, RFC
+# 9449 jkt…) is a binding this verifier cannot check, so the token is MALFORMED, never bearer.
+_CNF_MEMBERS = frozenset((THUMBPRINT_MEMBER,))
+_ACT_MEMBERS = frozenset(("sub", ACTOR_CLAIM))
 
 
 def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -143,6 +160,55 @@ def _parse_segment(segment: bytes) -> tuple[dict[str, Any], bool]:
     return obj, canonical
 
 
+def _cnf(payload: dict[str, Any]) -> str:
+    """RFC 8705 section 3.1: the `x5t#S256` a bound token's `cnf` holds, "" without `cnf`.
+
+    Raises:
+        Malformed: a `cnf` that is not exactly {"x5t#S256": <base64url SHA-256>}.
+    """
+    cnf = payload.get(CONFIRMATION_CLAIM)
+    if cnf is None and CONFIRMATION_CLAIM not in payload:
+        return ""
+    if type(cnf) is not dict or cnf.keys() != _CNF_MEMBERS:
+        raise Malformed
+    thumbprint = cnf[THUMBPRINT_MEMBER]
+    if not is_thumbprint(thumbprint):
+        raise Malformed
+    return thumbprint  # type: ignore[no-any-return]
+
+
+def _delegation(payload: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The actor chain of RFC 8693 section 4.1 `act` (nested, outermost = current actor) and
+    the parent jtis, both nearest first; ((), ()) for a direct token.
+
+    Raises:
+        Malformed: an `act` that is not nested objects of exactly {"sub": str[, "act": …]}, a
+            chain deeper than MAX_DELEGATION_DEPTH, or parents that do not match the chain.
+    """
+    act = payload.get(ACTOR_CLAIM)
+    parents = payload.get(DELEGATION_PARENTS_CLAIM)
+    if act is None:
+        if ACTOR_CLAIM in payload or parents is not None or DELEGATION_PARENTS_CLAIM in payload:
+            raise Malformed
+        return (), ()
+    actors: list[str] = []
+    while act is not None:
+        if type(act) is not dict or not act.keys() <= _ACT_MEMBERS or "sub" not in act:
+            raise Malformed
+        actor = act["sub"]
+        if type(actor) is not str or not actor or len(actors) >= MAX_DELEGATION_DEPTH:
+            raise Malformed
+        actors.append(actor)
+        act = act.get(ACTOR_CLAIM)
+    if (
+        type(parents) is not list
+        or len(parents) != len(actors)
+        or any(type(p) is not str or not p for p in parents)
+    ):
+        raise Malformed
+    return tuple(actors), tuple(parents)
+
+
 def _checked_kid(header: dict[str, Any]) -> str:
     """Apply the JOSE header rules; returns the kid."""
     # Exactly alg, typ and kid, all strings.
@@ -168,12 +234,15 @@ class _Entry:
     """
 
     __slots__ = (
+        "actors",
         "aud",
+        "cnf",
         "exp_limit",
         "iat",
         "iss",
         "jti",
         "kid",
+        "parents",
         "result",
         "ring",
         "scopes",
@@ -193,6 +262,9 @@ class _Entry:
         exp: int,
         scopes: tuple[str, ...],
         leeway: int,
+        cnf: str,
+        actors: tuple[str, ...] = (),
+        parents: tuple[str, ...] = (),
     ) -> None:
         self.iss = iss
         self.sub = sub
@@ -206,7 +278,18 @@ class _Entry:
         # later of the two decides (checked as start_limit > now + leeway).
         self.start_limit = max(nbf, iat)
         self.scopes = frozenset(scopes)
-        self.result = valid_result(iss, sub, aud, scopes, iat, nbf, exp, jti, kid, sub)
+        # RFC 8705 section 3.1 cnf.x5t#S256 ("" for an unbound token): checked on every use,
+        # cached or not, against the certificate the token arrived with.
+        self.cnf = cnf
+        # RFC 8693 section 4.1 `act`, nearest actor first, and the jtis of the tokens this one
+        # was exchanged from (DELEGATION_PARENTS_CLAIM), nearest first: each is checked on
+        # every use, so revoking an actor service or any token up the chain revokes this one.
+        self.actors = actors
+        self.parents = parents
+        client_id = actors[0] if actors else sub
+        self.result = valid_result(
+            iss, sub, aud, scopes, iat, nbf, exp, jti, kid, client_id, cnf, actors
+        )
         # The last ring seen holding `kid`. Rings are immutable and replaced whole, so while
         # the current ring is this very object the kid is in it: no lookup needed.
         self.ring: KeyRing | None = None
@@ -220,7 +303,8 @@ class TokenVerifier:
     say at+jwt, and every claim RFC 9068 section 2.2 requires must be present with its exact
     JSON type. Tokens that verified are cached by the SHA-256 of their exact bytes, so a repeat
     costs a hash and a few dictionary lookups; what can change (key ring, revocations, time,
-    the caller's audience and scopes, whether the subject is enabled) is checked every time.
+    the caller's audience and scopes, whether the subject is enabled, and the certificate a
+    certificate-bound token arrived with) is checked every time.
     """
 
     def __init__(
@@ -296,11 +380,19 @@ class TokenVerifier:
         audience: str,
         required_scopes: Sequence[str] = (),
         now: float | None = None,
+        client_cert_thumbprint: str | None = None,
     ) -> ValidationResult:
         """Validate a compact JWS access token for `audience`.
 
         Never raises for any token input: every problem with the token is a ValidationResult
         with valid=False and its reason.
+
+        Args:
+            client_cert_thumbprint: the RFC 8705 `x5t#S256` of the verified client
+                certificate the token arrived with (binding.certificate_thumbprint), None or
+                "" when the call carried none. A certificate-bound token (one with `cnf`) is
+                valid only when this equals its `cnf.x5t#S256`, otherwise
+                CERTIFICATE_MISMATCH; an unbound token ignores it.
 
         Raises:
             ValueError: audience is empty.
@@ -326,7 +418,9 @@ class TokenVerifier:
                 raise Malformed
 
             if not self._cache_size:  # nothing is ever cached, so no cache key either
-                return self._check(self._verify_signed(raw), audience, required_scopes, now)
+                return self._check(
+                    self._verify_signed(raw), audience, required_scopes, now, client_cert_thumbprint
+                )
 
             # Cache key: the exact bytes, never the jti, so a token re-encoded or altered under
             # a cached jti misses and is verified in full.
@@ -336,14 +430,16 @@ class TokenVerifier:
                 ring = self._keys()
                 if (entry.ring is ring or entry.kid in ring) and now < entry.exp_limit:
                     entry.ring = ring  # any thread may store it: every candidate holds the kid
-                    return self._check(entry, audience, required_scopes, now)
+                    return self._check(
+                        entry, audience, required_scopes, now, client_cert_thumbprint
+                    )
                 # Key gone or token expired: forget it and let a full verification decide.
                 self._forget(digest)
 
             entry = self._verify_signed(raw)
             if now < entry.exp_limit:
                 self._remember(digest, entry)
-            return self._check(entry, audience, required_scopes, now)
+            return self._check(entry, audience, required_scopes, now, client_cert_thumbprint)
         except TokenInvalid as exc:
             return ValidationResult.fail(exc.reason)
 
@@ -447,12 +543,42 @@ class TokenVerifier:
             # empty names, no tabs, controls or non-ASCII that another parser might split
             # differently).
             or (scope and _SCOPE.fullmatch(scope) is None)
-            # RFC 9068 section 2.2: client_id; for service-to-service tokens it is the subject.
-            or client_id != sub
         ):
             raise Malformed
+        actors, parents = _delegation(payload)
+        # RFC 9068 section 2.2: client_id is the client that asked for the token: the subject
+        # itself, or for a delegated token the current actor (RFC 8693 section 4.1).
+        if client_id != (actors[0] if actors else sub):
+            raise Malformed
         scopes = tuple(scope.split(" ")) if scope else ()
-        return _Entry(iss, sub, aud, jti, kid, iat, nbf, exp, scopes, self._leeway)
+        return _Entry(
+            iss,
+            sub,
+            aud,
+            jti,
+            kid,
+            iat,
+            nbf,
+            exp,
+            scopes,
+            self._leeway,
+            _cnf(payload),
+            actors,
+            parents,
+        )
+
+    def _check_chain(self, entry: _Entry) -> None:
+        """A delegated token dies with any token it was exchanged from (revoked by jti), and
+        with any actor service whose tokens were revoked or which is disabled since."""
+        revocations = self._revocations
+        for parent in entry.parents:
+            if revocations.is_revoked(parent, "", 0):
+                raise Revoked
+        for actor in entry.actors:
+            if revocations.is_revoked("", actor, entry.iat):
+                raise self._revoked(actor, entry.iat)
+            if self._is_subject_enabled is not None and not self._is_subject_enabled(actor):
+                raise ServiceDisabled
 
     def _revoked(self, subject: str, issued_at: int) -> type[Revoked] | type[ServiceDisabled]:
         """Disabling a service also revokes its tokens (so local validators learn of it);
@@ -465,12 +591,19 @@ class TokenVerifier:
         return Revoked
 
     def _check(
-        self, entry: _Entry, audience: str, required_scopes: Sequence[str], now: float
+        self,
+        entry: _Entry,
+        audience: str,
+        required_scopes: Sequence[str],
+        now: float,
+        client_cert_thumbprint: str | None,
     ) -> ValidationResult:
         """The checks that can change between two uses of the same signed token."""
         sub = entry.sub
         if self._revocations.is_revoked(entry.jti, sub, entry.iat):
             raise self._revoked(sub, entry.iat)
+        if entry.actors:
+            self._check_chain(entry)
         # RFC 7519 section 4.1.1 / RFC 8725 section 3.8: exact issuer.
         if entry.iss != self._issuer:
             raise WrongIssuer
@@ -486,6 +619,9 @@ class TokenVerifier:
         enabled = self._is_subject_enabled
         if enabled is not None and not enabled(sub):
             raise ServiceDisabled
+        # RFC 8705 section 3: a bound token only from the holder of its certificate.
+        if entry.cnf and not thumbprint_matches(entry.cnf, client_cert_thumbprint):
+            return _CERTIFICATE_MISMATCH
         if required_scopes:
             granted = entry.scopes
             for scope in required_scopes:
