@@ -574,3 +574,31 @@ class TestPostgresReplicas:
                 b.stop()
         finally:
             a.stop()
+
+    def test_a_certificate_login_works_on_postgresql(
+        self,
+        postgres_url: str,  # noqa: F811
+        tmp_path: Path,
+    ) -> None:
+        server_ca = CertificateAuthority(tmp_path, "server")
+        served = server_ca.issue("server", server=True)
+        workload_ca = WorkloadCa.create("pg")
+        bundle = _write(tmp_path / "workload-ca.pem", workload_ca.cert_pem)
+        env = base_env(
+            postgres_url,
+            AUTHSVC_TLS_CERT=str(served.cert_path),
+            AUTHSVC_TLS_KEY=str(served.key_path),
+            AUTHSVC_TLS_CLIENT_CA=str(bundle),
+        )
+        run_cli(env, "db", "upgrade")
+        run_cli(
+            env, "services", "create", "orders", "--audience", "billing", "--tls-san",
+            SPIFFE_ORDERS, "--no-secret",
+        )  # fmt: skip
+        server = start_server(env)
+        try:
+            fleet = MtlsFleet(server, server_ca, workload_ca, workload_ca)
+            with fleet.channel(workload_ca, uris=(SPIFFE_ORDERS,)) as channel:
+                assert fleet.issue(channel).access_token
+        finally:
+            server.stop()
