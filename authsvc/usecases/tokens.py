@@ -133,6 +133,14 @@ class TokenRequest:
         return CertificateCredential(self.service_id, self.client_certificate)
 
 
+def _bound_thumbprint(payload: dict[str, object]) -> str:
+    """The `cnf.x5t#S256` a token's payload claims ("" if none); the verifier still checks it
+    is well-formed and signed."""
+    cnf = payload.get("cnf")
+    value = cnf.get("x5t#S256") if isinstance(cnf, dict) else None
+    return value if isinstance(value, str) else ""
+
+
 def _thumbprint(certificate_pem: str) -> str:
     """The x5t#S256 a token issued on this call is bound to ("" without a certificate)."""
     if not certificate_pem:
@@ -442,10 +450,18 @@ class Tokens:
         DelegationPolicy decides in the login's transaction."""
         s = self._s
         credential = request.actor().credential(self._hasher, s.issuer, s.leeway_seconds)
+        payload = unverified_payload(request.subject_token) or {}
+        # A subject token bound to its caller's certificate (front's, on the hop front ->
+        # orders) cannot come with that certificate here: orders holds only its own. The
+        # binding already did its job when orders accepted the call; what stops anyone else
+        # exchanging it is that it must be addressed to the actor, who must authenticate. So
+        # the subject token is checked against its own binding, and the new token is bound to
+        # the actor's certificate (base.cert_thumbprint), if it presented one.
+        bound_to = _bound_thumbprint(payload)
         result = self._verifier.verify(
             request.subject_token,
             audience=credential.service_id or "-",
-            client_cert_thumbprint=base.cert_thumbprint or None,
+            client_cert_thumbprint=bound_to or None,
         )
         if not result.valid or result.claims is None:
             name = auth_pb2.ValidationFailure.Name(result.reason)
@@ -456,7 +472,6 @@ class Tokens:
         service = await asyncio.to_thread(self._service_of, subject.subject)
         if service is None:
             raise Unauthenticated("subject_token is not valid for this actor: SERVICE_DISABLED")
-        payload = unverified_payload(request.subject_token) or {}
         parents = payload.get(DELEGATION_PARENTS_CLAIM) or []
         policy = DelegationPolicy(
             audience=request.audience,

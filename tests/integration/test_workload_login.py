@@ -418,8 +418,8 @@ def mtls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MtlsFleet]:
         "--no-secret",
     )  # fmt: skip
     run_cli(
-        env, "services", "create", "search", "--audience", "billing", "--tls-san",
-        "search.prod.svc.cluster.local", "--no-secret",
+        env, "services", "create", "search", "--audience", "billing", "--audience", "orders",
+        "--tls-san", "search.prod.svc.cluster.local", "--no-secret",
     )  # fmt: skip
     server = start_server(env)
     fleet = MtlsFleet(server, server_ca, workload_ca, other_ca)
@@ -474,6 +474,40 @@ class TestClientCertificate:
         # The right certificate, for another service id.
         with mtls.channel(mtls.workload_ca, uris=(SPIFFE_ORDERS,)) as channel:
             assert _refused(lambda: mtls.issue(channel, "search")) == GENERIC
+
+    def test_a_bound_token_is_exchanged_by_its_audience_and_rebound_to_the_actor(
+        self, mtls: MtlsFleet
+    ) -> None:
+        # search calls orders with a token bound to search's certificate; orders (logging in
+        # with its own certificate) exchanges it to call billing on search's behalf.
+        dns = ("search.prod.svc.cluster.local",)
+        with mtls.channel(mtls.workload_ca, dns=dns) as channel:
+            subject = auth_pb2_grpc.AuthServiceStub(channel).IssueToken(
+                auth_pb2.IssueTokenRequest(service_id="search", audience="orders"), timeout=10
+            )
+        orders, cert = mtls.channel_and_cert(mtls.workload_ca, uris=(SPIFFE_ORDERS,))
+        with orders:
+            stub = auth_pb2_grpc.AuthServiceStub(orders)
+            derived = stub.ExchangeToken(
+                auth_pb2.ExchangeTokenRequest(
+                    subject_token=subject.access_token,
+                    subject_token_type="urn:ietf:params:oauth:token-type:access_token",
+                    audience="billing",
+                    service_id="orders",
+                ),
+                timeout=10,
+            )
+            checked = stub.ValidateToken(
+                auth_pb2.ValidateTokenRequest(
+                    token=derived.access_token,
+                    audience="billing",
+                    client_cert_thumbprint=certificate_thumbprint(cert),
+                ),
+                timeout=10,
+            )
+        assert checked.valid, auth_pb2.ValidationFailure.Name(checked.reason)
+        assert (checked.claims.subject, list(checked.claims.actors)) == ("search", ["orders"])
+        assert checked.claims.cert_thumbprint == certificate_thumbprint(cert)
 
     def test_the_right_san_from_another_ca_never_gets_through_tls(self, mtls: MtlsFleet) -> None:
         with mtls.channel(mtls.other_ca, uris=(SPIFFE_ORDERS,)) as channel:
@@ -540,3 +574,31 @@ class TestPostgresReplicas:
                 b.stop()
         finally:
             a.stop()
+
+    def test_a_certificate_login_works_on_postgresql(
+        self,
+        postgres_url: str,  # noqa: F811
+        tmp_path: Path,
+    ) -> None:
+        server_ca = CertificateAuthority(tmp_path, "server")
+        served = server_ca.issue("server", server=True)
+        workload_ca = WorkloadCa.create("pg")
+        bundle = _write(tmp_path / "workload-ca.pem", workload_ca.cert_pem)
+        env = base_env(
+            postgres_url,
+            AUTHSVC_TLS_CERT=str(served.cert_path),
+            AUTHSVC_TLS_KEY=str(served.key_path),
+            AUTHSVC_TLS_CLIENT_CA=str(bundle),
+        )
+        run_cli(env, "db", "upgrade")
+        run_cli(
+            env, "services", "create", "orders", "--audience", "billing", "--tls-san",
+            SPIFFE_ORDERS, "--no-secret",
+        )  # fmt: skip
+        server = start_server(env)
+        try:
+            fleet = MtlsFleet(server, server_ca, workload_ca, workload_ca)
+            with fleet.channel(workload_ca, uris=(SPIFFE_ORDERS,)) as channel:
+                assert fleet.issue(channel).access_token
+        finally:
+            server.stop()

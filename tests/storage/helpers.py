@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from alembic import command
+from sqlalchemy import Engine
+
+from authsvc.storage import migrate
 from authsvc.storage.records import SigningKeyRecord
 from authsvc.storage.repository import Repository
 
@@ -14,6 +18,16 @@ T0 = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
 def at(seconds: float) -> datetime:
     """T0 plus `seconds`."""
     return T0 + timedelta(seconds=seconds)
+
+
+def migrate_to(engine: Engine, revision: str, *, down: bool = False) -> None:
+    """Upgrade (or downgrade) the schema to exactly `revision`, as one migration test needs
+    the schema as it was before the migration it tests."""
+    with engine.connect() as conn:
+        cfg = migrate._config()
+        cfg.attributes["connection"] = conn
+        (command.downgrade if down else command.upgrade)(cfg, revision)
+        conn.commit()
 
 
 def key_record(kid: str, created_at: datetime = T0) -> SigningKeyRecord:

@@ -13,14 +13,13 @@ from datetime import UTC, datetime
 
 import pytest
 import sqlalchemy as sa
-from alembic import command
 from sqlalchemy import Engine
 
 from authsvc.storage import migrate
 from authsvc.storage.engine import make_engine
 from authsvc.storage.records import AudienceGrant
 from authsvc.storage.repository import Repository
-from tests.storage.helpers import live_secrets
+from tests.storage.helpers import live_secrets, migrate_to
 
 _TS = sa.DateTime(timezone=True)
 _legacy = sa.MetaData()
@@ -45,14 +44,6 @@ def engine(database_url: str) -> Iterator[Engine]:
         yield engine
     finally:
         engine.dispose()
-
-
-def _to(engine: Engine, revision: str, *, down: bool = False) -> None:
-    with engine.connect() as conn:
-        cfg = migrate._config()
-        cfg.attributes["connection"] = conn
-        (command.downgrade if down else command.upgrade)(cfg, revision)
-        conn.commit()
 
 
 def _legacy_rows(engine: Engine) -> None:
@@ -84,9 +75,9 @@ def _legacy_rows(engine: Engine) -> None:
 
 class TestMigration0006:
     def test_existing_services_keep_every_scope_for_every_audience(self, engine: Engine) -> None:
-        _to(engine, "0005")
+        migrate_to(engine, "0005")
         _legacy_rows(engine)
-        _to(engine, "0006")
+        migrate_to(engine, "0006")
         assert migrate.current_revision(engine) == "0006"
         repo = Repository(engine)
         orders = repo.fetch_service("orders")
@@ -100,10 +91,10 @@ class TestMigration0006:
         assert [slot for slot, _ in live_secrets(repo, "orders", datetime.now(UTC))] == ["current"]
 
     def test_downgrade_restores_the_two_lists_when_grants_are_uniform(self, engine: Engine) -> None:
-        _to(engine, "0005")
+        migrate_to(engine, "0005")
         _legacy_rows(engine)
         migrate.upgrade(engine)
-        _to(engine, "0005", down=True)
+        migrate_to(engine, "0005", down=True)
         with engine.connect() as conn:
             rows = conn.execute(
                 sa.text("SELECT service_id, audiences, scopes FROM services ORDER BY service_id")
@@ -116,7 +107,7 @@ class TestMigration0006:
         assert secrets == 1
 
     def test_downgrade_refuses_to_widen_a_per_audience_grant(self, engine: Engine) -> None:
-        _to(engine, "0006")
+        migrate_to(engine, "0006")
         repo = Repository(engine)
         repo.create_service(
             "orders",
@@ -125,7 +116,7 @@ class TestMigration0006:
             datetime.now(UTC),
         )
         with pytest.raises(RuntimeError, match="orders"):
-            _to(engine, "0005", down=True)
+            migrate_to(engine, "0005", down=True)
         assert migrate.current_revision(engine) == "0006"
         orders = repo.fetch_service("orders")
         assert orders is not None and orders.scopes_for("inventory") == ()

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
-from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine
@@ -23,7 +22,7 @@ from authsvc.storage.engine import make_engine
 from authsvc.storage.models import Base
 from authsvc.storage.records import AudienceGrant, CredentialRecord, TrustRecord
 from authsvc.storage.repository import Repository
-from tests.storage.helpers import T0, at, live_secrets
+from tests.storage.helpers import T0, at, live_secrets, migrate_to
 
 _NEW_TABLES = {"service_credentials", "trusted_issuers", "used_assertions"}
 
@@ -35,14 +34,6 @@ def engine(database_url: str) -> Iterator[Engine]:
         yield engine
     finally:
         engine.dispose()
-
-
-def _to(engine: Engine, revision: str, *, down: bool = False) -> None:
-    with engine.connect() as conn:
-        cfg = migrate._config()
-        cfg.attributes["connection"] = conn
-        (command.downgrade if down else command.upgrade)(cfg, revision)
-        conn.commit()
 
 
 def _tables(engine: Engine) -> set[str]:
@@ -76,11 +67,11 @@ def _rows_at_0006(engine: Engine) -> None:
 
 class TestMigration0007:
     def test_upgrade_keeps_services_secrets_and_changes(self, engine: Engine) -> None:
-        _to(engine, "0006")
+        migrate_to(engine, "0006")
         _rows_at_0006(engine)
         before = _changes(engine)
         assert [kind for _, kind, _ in before] == ["service"] * 3
-        _to(engine, "0007")
+        migrate_to(engine, "0007")
         assert migrate.current_revision(engine) == "0007"
         assert _NEW_TABLES <= _tables(engine)
         repo = Repository(engine)
@@ -106,7 +97,7 @@ class TestMigration0007:
     def test_the_changes_check_takes_trust_and_still_refuses_the_unknown(
         self, engine: Engine
     ) -> None:
-        _to(engine, "0007")
+        migrate_to(engine, "0007")
         insert = sa.text("INSERT INTO changes (kind, ref, created_at) VALUES (:k, 'r', :t)")
         with engine.begin() as conn:
             conn.execute(insert, {"k": "trust", "t": T0})
@@ -115,7 +106,7 @@ class TestMigration0007:
         assert [kind for _, kind, _ in _changes(engine)] == ["trust"]
 
     def test_the_migrated_schema_matches_the_models(self, engine: Engine) -> None:
-        _to(engine, "0007")
+        migrate_to(engine, "0007")
         with engine.connect() as conn:
             context = MigrationContext.configure(
                 conn, opts={"compare_type": True, "compare_server_default": True}
@@ -123,9 +114,9 @@ class TestMigration0007:
             assert compare_metadata(context, Base.metadata) == []
 
     def test_downgrade_keeps_what_0006_knew_and_upgrades_again(self, engine: Engine) -> None:
-        _to(engine, "0006")
+        migrate_to(engine, "0006")
         _rows_at_0006(engine)
-        _to(engine, "0007")
+        migrate_to(engine, "0007")
         repo = Repository(engine)
         repo.create_trust(_trust(), at(6))
         repo.create_service(
@@ -139,7 +130,7 @@ class TestMigration0007:
             assert batch.use_assertion("orders", "jti-1", at(60))
         kept = [c for c in _changes(engine) if c[1] != "trust"]
 
-        _to(engine, "0006", down=True)
+        migrate_to(engine, "0006", down=True)
         assert migrate.current_revision(engine) == "0006"
         assert not _NEW_TABLES & _tables(engine)
         assert _changes(engine) == kept
@@ -150,7 +141,7 @@ class TestMigration0007:
         assert repo.fetch_service("workload") is not None
         assert live_secrets(repo, "orders", at(9)) == [("current", b"h2"), ("previous", b"h1")]
 
-        _to(engine, "0007")
+        migrate_to(engine, "0007")
         assert repo.list_trusts() == []
         assert repo.fetch_service_credentials("workload") is not None
         assert repo.fetch_service_credentials("orders").has_secret  # type: ignore[union-attr]
