@@ -45,6 +45,7 @@ from authsvc.usecases.services import CredentialChange, GrantChange, ServiceRegi
 from authsvc.usecases.signing_keys import SigningKeys
 from authsvc.usecases.tokens import ExchangeRequest, TokenRequest, Tokens
 from authsvc.usecases.watch import RevocationWatch
+from authsvc.workload.certificates import binding_thumbprint
 from authsvc_client.interceptors import bearer_token
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 
@@ -98,6 +99,12 @@ def _peer_certificate(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     for value in found:
         return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
     return ""
+
+
+def _peer_thumbprint(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The x5t#S256 of the call's verified client certificate, "" without one: what a token
+    the caller presents (admin, follower) may be bound to."""
+    return binding_thumbprint(_peer_certificate(context))
 
 
 def _issued_proto(issued: IssuedToken) -> auth_pb2.IssueTokenResponse:
@@ -242,7 +249,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
 
     def _admin(self, context: grpc.aio.ServicerContext[Any, Any]) -> Origin:
         """The admin caller of this RPC (from its bearer token), as the origin of its changes."""
-        claims = self._callers.admin(_bearer(context))
+        claims = self._callers.admin(_bearer(context), _peer_thumbprint(context))
         return _origin(context, claims.subject)
 
     # -- IssueToken ------------------------------------------------------------------------
@@ -332,6 +339,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
             request.reason,
             functools.partial(_bearer, context),
             _origin(context),
+            _peer_thumbprint(context),
         )
         await self._refresh()
         return auth_pb2.RevokeTokenResponse(revoked=revoked)
@@ -488,7 +496,12 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         request: auth_pb2.WatchRevocationsRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[auth_pb2.RevocationEvent]:
-        events = self._watch.follow(_bearer(context), request.after_cursor, _peer_address(context))
+        events = self._watch.follow(
+            _bearer(context),
+            request.after_cursor,
+            _peer_address(context),
+            _peer_thumbprint(context),
+        )
         # Closed with this generator (a client that leaves): the stream's slot is given back now.
         async with contextlib.aclosing(events):
             async for event in events:

@@ -1,8 +1,9 @@
 """Who may call what: the admin check and the revocation follower's check, each once.
 
 Both take the bearer token the transport found (`authsvc_client.interceptors.bearer_token`,
-the one parser) or None when the call carried none, and verify it with the same verifier as
-ValidateToken, against authsvc's own audience.
+the one parser) or None when the call carried none, and the thumbprint of the call's verified
+client certificate ("" without one: a token issued over mTLS is bound to that certificate), and
+verify it with the same verifier as ValidateToken, against authsvc's own audience.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class Callers:
         self._s = settings
         self._verifier = verifier
 
-    def admin(self, token: str | None) -> Claims:
+    def admin(self, token: str | None, thumbprint: str = "") -> Claims:
         """The claims of an admin token: audience authsvc, scope authsvc.admin.
 
         Raises:
@@ -33,7 +34,10 @@ class Callers:
         if len(token) > self._s.max_token_bytes:
             raise Unauthenticated("admin token rejected: MALFORMED")
         result = self._verifier.verify(
-            token, audience=self._s.admin_audience, required_scopes=(ADMIN_SCOPE,)
+            token,
+            audience=self._s.admin_audience,
+            required_scopes=(ADMIN_SCOPE,),
+            client_cert_thumbprint=thumbprint or None,
         )
         if result.valid and result.claims is not None:
             return result.claims
@@ -41,7 +45,7 @@ class Callers:
             raise PermissionDenied(f"this call needs scope {ADMIN_SCOPE}")
         raise Unauthenticated(f"admin token rejected: {result.reason_name}")
 
-    def follower(self, token: str | None) -> Claims:
+    def follower(self, token: str | None, thumbprint: str = "") -> Claims:
         """A registered service following revocations: a token for the server's own audience,
         scopes or none (IssueToken gives one to any enabled service), or an admin token.
 
@@ -54,7 +58,9 @@ class Callers:
             )
         if len(token) > self._s.max_token_bytes:
             raise Unauthenticated("follower token rejected: MALFORMED")
-        result = self._verifier.verify(token, audience=self._s.admin_audience)
+        result = self._verifier.verify(
+            token, audience=self._s.admin_audience, client_cert_thumbprint=thumbprint or None
+        )
         if result.valid and result.claims is not None:
             return result.claims
         raise Unauthenticated(f"follower token rejected: {result.reason_name}")

@@ -104,6 +104,7 @@ class Revocations:
         reason: str,
         bearer: Callable[[], str | None],
         origin: Origin,
+        thumbprint: str = "",
     ) -> bool:
         """RevokeToken: who may revoke what. Whoever holds a token may revoke it (no caller
         identity needed, RFC 7009); a jti or a whole service only an admin. `bearer` reads the
@@ -118,7 +119,7 @@ class Revocations:
             raise InvalidArgument("one of token, jti or service_id is required")
         if target == "token":
             return await self.revoke_presented(value, reason, origin)
-        admin = origin.as_actor(self._callers.admin(bearer()).subject)
+        admin = origin.as_actor(self._callers.admin(bearer(), thumbprint).subject)
         if target == "jti":
             return await self.revoke_jti(value, reason, admin)
         return await self.revoke_service(value, reason, admin)

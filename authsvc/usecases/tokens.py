@@ -33,7 +33,7 @@ from authsvc.usecases.logins import (
     Verdict,
 )
 from authsvc.workload.assertions import MAX_ASSERTION_BYTES, claimed_service_id
-from authsvc.workload.certificates import certificate_thumbprint
+from authsvc.workload.certificates import binding_thumbprint
 from authsvc.workload.errors import Reason, WorkloadAuthError
 from authsvc.workload.federation import (
     JWT_TOKEN_TYPE,
@@ -139,16 +139,6 @@ def _bound_thumbprint(payload: dict[str, object]) -> str:
     cnf = payload.get("cnf")
     value = cnf.get("x5t#S256") if isinstance(cnf, dict) else None
     return value if isinstance(value, str) else ""
-
-
-def _thumbprint(certificate_pem: str) -> str:
-    """The x5t#S256 a token issued on this call is bound to ("" without a certificate)."""
-    if not certificate_pem:
-        return ""
-    try:
-        return certificate_thumbprint(certificate_pem)
-    except WorkloadAuthError:  # TLS verified it; unreadable here means nothing to bind to
-        return ""
 
 
 def _check_wanted(audience: str, scopes: Sequence[str], ttl_seconds: int) -> None:
@@ -508,7 +498,7 @@ class Tokens:
             ttl_seconds=min(ttl_seconds or s.default_ttl_seconds, s.max_ttl_seconds),
             admin_audience=s.admin_audience,
             now=self._clock.now,
-            cert_thumbprint=_thumbprint(client_certificate),
+            cert_thumbprint=binding_thumbprint(client_certificate),
         )
 
     def validate(

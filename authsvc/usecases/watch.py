@@ -35,7 +35,7 @@ class RevocationWatch:
         self._callers = callers
 
     async def follow(
-        self, token: str | None, after_cursor: int, peer: str
+        self, token: str | None, after_cursor: int, peer: str, thumbprint: str = ""
     ) -> AsyncGenerator[auth_pb2.RevocationEvent, None]:
         """Every revocation after `after_cursor`, until the feed closes; holds one of `peer`'s
         stream slots while it runs (close the generator to give it back at once).
@@ -45,7 +45,7 @@ class RevocationWatch:
             InvalidArgument: a negative cursor.
             ResourceExhausted: the peer or the server has as many streams as allowed.
         """
-        self._callers.follower(token)
+        self._callers.follower(token, thumbprint)
         if after_cursor < 0:
             raise InvalidArgument("after_cursor must be >= 0")
         self._feed.acquire(peer)

@@ -28,6 +28,7 @@ __all__ = [
     "MAX_SPIFFE_ID_LENGTH",
     "CertificateMatch",
     "PeerIdentity",
+    "binding_thumbprint",
     "certificate_thumbprint",
     "check_dns_san",
     "check_spiffe_id",
@@ -140,6 +141,18 @@ def _load(cert_pem: str | bytes) -> x509.Certificate:
 def certificate_thumbprint(cert_pem: str | bytes) -> str:
     """RFC 8705 section 3.1 `x5t#S256`: base64url (no padding) of SHA-256 over the DER."""
     return _thumbprint(_load(cert_pem))
+
+
+def binding_thumbprint(cert_pem: str | bytes) -> str:
+    """What a token issued (or presented) on a call is bound to: the x5t#S256 of the call's
+    verified client certificate, "" without one. TLS verified the certificate already; one
+    that cannot be read here binds nothing rather than failing the call."""
+    if not cert_pem:
+        return ""
+    try:
+        return certificate_thumbprint(cert_pem)
+    except WorkloadAuthError:
+        return ""
 
 
 def _thumbprint(cert: x509.Certificate) -> str:

@@ -794,18 +794,7 @@ class TestSecretlessLogins:
         "kind",
         [
             "assertion",
-            pytest.param(
-                "certificate",
-                marks=pytest.mark.xfail(
-                    strict=True,
-                    reason=(
-                        "server bug: WatchRevocations (authsvc/usecases/callers.py "
-                        "Callers.follower) verifies the follower's certificate-bound token "
-                        "without the connection's certificate thumbprint, so it answers "
-                        "UNAUTHENTICATED 'follower token rejected: CERTIFICATE_MISMATCH'"
-                    ),
-                ),
-            ),
+            "certificate",
             "workload token",
         ],
     )
