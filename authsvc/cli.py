@@ -1,4 +1,4 @@
-"""The `authsvc` command: serve, db, services, keys, token.
+"""The `authsvc` command: serve, db, services, trust, keys, token.
 
 Configuration comes from `authsvc.config` (the only reader of the environment) and flags; the
 client commands (`token …`) talk to the server through `authsvc_client`, like any service.
@@ -31,7 +31,12 @@ from authsvc.logs import configure_logging
 from authsvc_client.errors import AuthsvcClientError
 
 if TYPE_CHECKING:
-    from authsvc.storage.records import AudienceGrant, ServiceRecord
+    from authsvc.storage.records import (
+        AudienceGrant,
+        ServiceCredentials,
+        ServiceRecord,
+        TrustRecord,
+    )
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -61,6 +66,31 @@ def _client(parser: argparse.ArgumentParser) -> None:
 
 def _grant_flag(parser: argparse.ArgumentParser, flag: str, text: str) -> None:
     parser.add_argument(flag, action="append", default=[], metavar="AUDIENCE=SCOPE", help=text)
+
+
+def _credential_flags(parser: argparse.ArgumentParser) -> None:
+    """The workload credentials `create` registers and `update` adds (each flag repeatable)."""
+    parser.add_argument(
+        "--jwk-file",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a public key for signed assertions: one JWK (JSON) or a PEM public key",
+    )
+    parser.add_argument(
+        "--tls-san",
+        action="append",
+        default=[],
+        metavar="SAN",
+        help="the exact URI (SPIFFE ID) or DNS SAN of its client certificates",
+    )
+    parser.add_argument(
+        "--federated-subject",
+        action="append",
+        default=[],
+        metavar="TRUST=SUBJECT",
+        help="the exact subject of a trusted issuer's tokens (see `authsvc trust`)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,7 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--admin", action="store_true", help="grant authsvc.admin for audience authsvc"
     )
-    create.add_argument("--json", action="store_true", help="print {service_id, service_secret}")
+    _credential_flags(create)
+    create.add_argument(
+        "--no-secret",
+        action="store_true",
+        help="a secretless service (it logs in only with --jwk-file, --tls-san or "
+        "--federated-subject credentials)",
+    )
+    create.add_argument(
+        "--json",
+        action="store_true",
+        help="print {service_id, service_secret} (service_secret null with --no-secret)",
+    )
     create.add_argument("--format", choices=["text", "json", "env"], default=None)
     lst = services.add_parser("list", help="list services")
     _common(lst)
@@ -135,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     enable.add_argument("name")
     update = services.add_parser(
         "update",
-        help="change a live service's grants (removals first, then additions)",
+        help="change a live service's grants or credentials (removals first, then additions)",
     )
     _common(update)
     update.add_argument("name")
@@ -163,6 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _grant_flag(update, "--grant", "SCOPE for AUDIENCE only (AUDIENCE= : the audience, no scope)")
     _grant_flag(update, "--revoke-grant", "take SCOPE from AUDIENCE only (the audience stays)")
+    _credential_flags(update)
+    update.add_argument(
+        "--remove-key",
+        action="append",
+        default=[],
+        metavar="KID",
+        help="remove the public key with this key id (as `services list --json` shows it)",
+    )
+    update.add_argument("--remove-tls-san", action="append", default=[], metavar="SAN")
+    update.add_argument(
+        "--remove-federated-subject", action="append", default=[], metavar="TRUST=SUBJECT"
+    )
     update.add_argument("--json", action="store_true", help="print the service as `list --json`")
     rotate_secret = services.add_parser(
         "rotate-secret", help="give a service a new secret; prints it once"
@@ -182,6 +235,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="print {service_id, service_secret, previous_secret_expires_at}",
     )
     rotate_secret.add_argument("--format", choices=["text", "json", "env"], default=None)
+
+    trust = sub.add_parser(
+        "trust", help="external issuers trusted for federated workload tokens"
+    ).add_subparsers(dest="trust_command", required=True)
+    tadd = trust.add_parser("add", help="trust an issuer's tokens for exactly one audience")
+    _common(tadd)
+    tadd.add_argument("name", help="the trust's name (--federated-subject NAME=SUBJECT)")
+    tadd.add_argument("--issuer", required=True, help="the exact `iss` of its tokens")
+    tadd.add_argument(
+        "--audience", required=True, help="the `aud` its tokens must carry (exact match)"
+    )
+    source = tadd.add_mutually_exclusive_group(required=True)
+    source.add_argument("--jwks-file", metavar="FILE", help="its JWK Set, stored now")
+    source.add_argument(
+        "--jwks-url", metavar="URL", help="https URL of its JWK Set, fetched and refreshed"
+    )
+    tadd.add_argument(
+        "--max-lifetime",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="the longest token lifetime accepted (default 86400)",
+    )
+    tlist = trust.add_parser("list", help="list trusted issuers")
+    _common(tlist)
+    tlist.add_argument("--json", action="store_true")
+    tremove = trust.add_parser(
+        "remove", help="stop trusting an issuer (unbinds every subject bound to it)"
+    )
+    _common(tremove)
+    tremove.add_argument("name")
 
     keys = sub.add_parser("keys", help="signing keys").add_subparsers(
         dest="keys_command", required=True
@@ -412,24 +496,36 @@ def _cmd_services(args: argparse.Namespace) -> int:
                 args.scope,
                 _grant_args(args.grant, "--grant"),
                 admin=args.admin,
+                secret=not args.no_secret,
+                public_keys=[_read_public_key(f) for f in args.jwk_file],
+                tls_sans=args.tls_san,
+                federated_subjects=_subject_args(args.federated_subject, "--federated-subject"),
             )
             if fmt == "json":
                 print(json.dumps({"service_id": args.name, "service_secret": secret}))
             elif fmt == "env":
-                print(f"AUTHSVC_SERVICE_ID={args.name}\nAUTHSVC_SERVICE_SECRET={secret}")
+                # A secretless service: its id alone (its credential is a key, a certificate
+                # or a token file, configured apart).
+                lines = [f"AUTHSVC_SERVICE_ID={args.name}"]
+                if secret is not None:
+                    lines.append(f"AUTHSVC_SERVICE_SECRET={secret}")
+                print("\n".join(lines))
+            elif secret is None:
+                kinds = ", ".join(registry.credentials_of(args.name).kinds)
+                print(f"service {args.name} created with no secret; it logs in with: {kinds}")
             else:
                 print(f"service {args.name} created; its secret (shown once):\n{secret}")
         elif command == "rotate-secret":
             _rotate_secret(core, args)
         elif command == "list":
-            services = registry.list()
+            listed = registry.list_with_credentials()
             if args.json:
-                print(json.dumps([_service_json(s) for s in services]))
+                print(json.dumps([_service_json(s, c) for s, c in listed]))
             else:
-                for s in services:
-                    print(_service_line(s))
+                for s, c in listed:
+                    print(_service_line(s, c))
         elif command == "update":
-            from authsvc.usecases.services import GrantChange
+            from authsvc.usecases.services import CredentialChange, GrantChange
 
             change = GrantChange(
                 add_audiences=tuple(args.add_audience),
@@ -439,8 +535,23 @@ def _cmd_services(args: argparse.Namespace) -> int:
                 grants=_grant_args(args.grant, "--grant"),
                 revoke_grants=_grant_args(args.revoke_grant, "--revoke-grant"),
             )
-            record = registry.update(origin, args.name, change)
-            print(json.dumps(_service_json(record)) if args.json else _service_line(record))
+            credentials = CredentialChange(
+                add_public_keys=tuple(_read_public_key(f) for f in args.jwk_file),
+                remove_public_key_ids=tuple(args.remove_key),
+                add_tls_sans=tuple(args.tls_san),
+                remove_tls_sans=tuple(args.remove_tls_san),
+                add_federated_subjects=_subject_args(args.federated_subject, "--federated-subject"),
+                remove_federated_subjects=_subject_args(
+                    args.remove_federated_subject, "--remove-federated-subject"
+                ),
+            )
+            record = registry.update(origin, args.name, change, credentials)
+            held = registry.credentials_of(args.name)
+            print(
+                json.dumps(_service_json(record, held))
+                if args.json
+                else _service_line(record, held)
+            )
         elif command == "enable":
             registry.enable(origin, args.name)
             print(f"service {args.name} enabled (tokens its disable revoked stay revoked)")
@@ -462,27 +573,146 @@ def _grant_args(values: Sequence[str], flag: str) -> tuple[AudienceGrant, ...]:
     return merge_grants(AudienceGrant(a, (s,) if s else ()) for a, s in pairs)
 
 
-def _service_json(s: ServiceRecord) -> dict[str, Any]:
-    """A service for `--json`: `grants` per audience; `audiences` and `scopes` as before."""
+def _read_public_key(path: str) -> str:
+    """A `--jwk-file`: one JWK (JSON object) or a PEM public key, checked here so a refusal
+    names the file. A private key is refused (it stays with the workload); no message ever
+    shows the file's content."""
+    from authsvc.errors import InvalidArgument
+    from authsvc.workload import parse_public_key
+    from authsvc.workload.public_keys import MAX_JWK_BYTES
+
+    where = f"--jwk-file {_shown(path)}"
+    try:
+        with Path(path).open("rb") as file:
+            data = file.read(MAX_JWK_BYTES + 1)
+    except OSError:
+        raise InvalidArgument(f"{where}: cannot read the file") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgument(f"{where}: not a JWK (JSON) or PEM text file") from None
+    try:
+        parse_public_key(text)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{where}: {exc}") from None
+    return text
+
+
+def _subject_args(values: Sequence[str], flag: str) -> tuple[tuple[str, str], ...]:
+    """`TRUST=SUBJECT` flags as pairs; the trust ends at the first `=` (a trust name has none,
+    a subject may)."""
+    from authsvc.errors import InvalidArgument
+
+    pairs = []
+    for value in values:
+        trust, sep, subject = value.partition("=")
+        if not sep or not trust or not subject:
+            raise InvalidArgument(f"{flag} takes TRUST=SUBJECT")
+        pairs.append((trust, subject))
+    return tuple(pairs)
+
+
+def _service_json(s: ServiceRecord, c: ServiceCredentials) -> dict[str, Any]:
+    """A service for `--json`: `grants` per audience; `audiences` and `scopes` as before; its
+    credentials by kind, key id, SAN and subject (never key material)."""
     return {
         "service_id": s.service_id,
         "audiences": list(s.audiences),
         "scopes": list(s.scopes),
         "grants": {g.audience: list(g.scopes) for g in s.grants},
         "disabled": s.disabled,
+        "has_secret": c.has_secret,
+        "credentials": list(c.kinds),
+        "public_key_ids": [kid for kid, _ in c.public_keys],
+        "tls_sans": list(c.tls_sans),
+        "federated_subjects": [{"trust": t, "subject": sub} for t, sub in c.federated],
     }
 
 
-def _service_line(s: ServiceRecord) -> str:
+def _service_line(s: ServiceRecord, c: ServiceCredentials) -> str:
+    """One line per service; a `credentials=` column follows when it logs in with anything
+    but a secret alone, so the lines of services that only have a secret read as before."""
     from authsvc.usecases.services import grants_detail
 
     state = "disabled" if s.disabled else "enabled"
-    return (
+    line = (
         f"{_shown(s.service_id)}\t{state}"
         f"\taudiences={_shown(','.join(s.audiences))}"
         f"\tscopes={_shown(','.join(s.scopes))}"
         f"\tgrants={_shown(grants_detail(s.grants))}"
     )
+    if c.kinds != ("secret",):
+        line += f"\tcredentials={','.join(c.kinds) or 'none'}"
+    return line
+
+
+def _cmd_trust(args: argparse.Namespace) -> int:
+    from authsvc.server.app import service_registry
+    from authsvc.usecases.audit import CLI_ACTOR, Origin
+    from authsvc.usecases.trusts import TrustRegistry
+
+    core = _core(args)
+    try:
+        trusts = TrustRegistry(core.repo, core.clock, core.trail)
+        origin = Origin.local(CLI_ACTOR)
+        if args.trust_command == "add":
+            extra = {} if args.max_lifetime is None else {"max_lifetime_seconds": args.max_lifetime}
+            record = trusts.add(
+                args.name,
+                args.issuer,
+                args.audience,
+                origin=origin,
+                jwks_file=args.jwks_file,
+                jwks_url=args.jwks_url,
+                **extra,
+            )
+            print(f"trust {record.name} added: {_trust_line(record)}")
+        elif args.trust_command == "list":
+            listed = trusts.list()
+            if args.json:
+                print(json.dumps([_trust_json(t) for t in listed]))
+            else:
+                for t in listed:
+                    print(f"{_shown(t.name)}\t{_trust_line(t)}")
+        else:
+            unbound = trusts.remove(args.name, origin)
+            print(f"trust {args.name} removed; federated subjects unbound: {unbound}")
+            if unbound:
+                for s, c in service_registry(core).list_with_credentials():
+                    if not c.kinds and not s.disabled:
+                        sys.stderr.write(
+                            f"authsvc: warning: service {_shown(s.service_id)} has no "
+                            "credential left (add one with `authsvc services update`, or "
+                            "disable it)\n"
+                        )
+    finally:
+        core.dispose()
+    return EXIT_OK
+
+
+def _trust_json(t: TrustRecord) -> dict[str, Any]:
+    from authsvc.usecases.trusts import trust_key_ids
+
+    kids = trust_key_ids(t)
+    return {
+        "name": t.name,
+        "issuer": t.issuer,
+        "audience": t.audience,
+        "jwks_url": t.jwks_url,
+        # The key ids of a --jwks-file trust (null for a URL: its keys are fetched).
+        "key_ids": None if kids is None else list(kids),
+        "max_lifetime_seconds": t.max_lifetime_seconds,
+        "created_at": t.created_at.isoformat(),
+    }
+
+
+def _trust_line(t: TrustRecord) -> str:
+    from authsvc.usecases.trusts import trust_key_ids
+
+    kids = trust_key_ids(t)
+    keys = f"jwks_url={t.jwks_url}" if kids is None else f"jwks_file_keys={','.join(kids)}"
+    fields = [f"issuer={t.issuer}", f"audience={t.audience}", keys]
+    return "\t".join([*(_shown(f) for f in fields), f"max_lifetime={t.max_lifetime_seconds}"])
 
 
 def _shown(text: str) -> str:
@@ -811,12 +1041,28 @@ def _cmd_token(args: argparse.Namespace) -> int:
         return EXIT_OK if response.revoked else EXIT_INVALID
 
 
+def _refusal(args: argparse.Namespace, exc: AlreadyExists | NotFound) -> str:
+    """What a name clash or a missing name means for this command (services keep their short
+    messages; a credential clash and the trust commands say which credential or trust)."""
+    from authsvc.usecases.services import CredentialTaken
+
+    if isinstance(exc, CredentialTaken) or (
+        args.command == "trust" and isinstance(exc, AlreadyExists)
+    ):
+        # Names trust, subject, SAN or key id only, never key material.
+        return _shown(str(exc))
+    if args.command == "trust":
+        return "no such trust"
+    return "that service already exists" if isinstance(exc, AlreadyExists) else "no such service"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {
         "serve": _cmd_serve,
         "db": _cmd_db,
         "services": _cmd_services,
+        "trust": _cmd_trust,
         "keys": _cmd_keys,
         "token": _cmd_token,
         "health": _cmd_health,
@@ -828,11 +1074,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Inside the try: a reader that left (`| head`) shows up here, not at interpreter exit.
         sys.stdout.flush()
         return code
-    except AlreadyExists:
-        print("authsvc: that service already exists", file=sys.stderr)
-        return EXIT_USAGE
-    except NotFound:
-        print("authsvc: no such service", file=sys.stderr)
+    except (AlreadyExists, NotFound) as exc:
+        print(f"authsvc: {_refusal(args, exc)}", file=sys.stderr)
         return EXIT_USAGE
     except (AuthsvcError, AuthsvcClientError) as exc:
         # Both name a setting or a rule, never a secret's value.

@@ -16,6 +16,7 @@ from typing import Any
 from authsvc.crypto.kek import KekRing, KeyEncryptionKey
 from authsvc.errors import ConfigError
 from authsvc.keys.rotator import default_publish_lead
+from authsvc_client.claims import MAX_DELEGATION_DEPTH
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_SERVER_NAME = "authsvc"
@@ -65,6 +66,13 @@ class Settings:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     tls_terminated_upstream: bool = False
+    # CA bundle for trusted issuers' JWKS URLs (default: the system roots).
+    jwks_fetch_ca: str | None = None
+    # Timeout and size bound of one JWKS fetch, and how often a URL's keys are refreshed.
+    jwks_fetch_timeout_seconds: float = 5.0
+    jwks_refresh_seconds: float = 300.0
+    # The longest delegation chain ExchangeToken builds (actors in `act`), 1 to 16.
+    delegation_max_depth: int = 4
     http_listen: str | None = None
     # The HTTP side port: time a connection has to send its request (and to take the answer),
     # and connections served at once (one thread each; more are answered 503).
@@ -149,6 +157,13 @@ def _bool(env: Mapping[str, str], name: str, default: bool = False) -> bool:
     if raw.lower() in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name} must be true or false")
+
+
+def _delegation_depth(env: Mapping[str, str]) -> int:
+    depth = _int(env, "AUTHSVC_DELEGATION_MAX_DEPTH", 4, 1)
+    if depth > MAX_DELEGATION_DEPTH:
+        raise ConfigError(f"AUTHSVC_DELEGATION_MAX_DEPTH is at most {MAX_DELEGATION_DEPTH}")
+    return depth
 
 
 def split_host_port(address: str, name: str = "AUTHSVC_LISTEN") -> tuple[str, int]:
@@ -345,6 +360,10 @@ def load_settings(
         tls_key=tls_key,
         tls_client_ca=tls_client_ca,
         tls_terminated_upstream=upstream,
+        jwks_fetch_ca=env.get("AUTHSVC_JWKS_FETCH_CA") or None,
+        jwks_fetch_timeout_seconds=_float(env, "AUTHSVC_JWKS_FETCH_TIMEOUT_SECONDS", 5.0, 0.1),
+        jwks_refresh_seconds=_float(env, "AUTHSVC_JWKS_REFRESH_SECONDS", 300.0, 1.0),
+        delegation_max_depth=_delegation_depth(env),
         http_listen=http_listen,
         http_read_timeout_seconds=_float(env, "AUTHSVC_HTTP_READ_TIMEOUT_SECONDS", 10.0, 0.1),
         http_max_connections=_int(env, "AUTHSVC_HTTP_MAX_CONNECTIONS", 32, 1),

@@ -267,6 +267,8 @@ class ServerState:
         self.last_sync_at: float | None = None
         # Called (from the refreshing thread) with each batch of new revocations.
         self.on_revocations: Callable[[list[RevocationRecord]], None] | None = None
+        # Called (from the refreshing thread) when trusted issuers changed in storage.
+        self.on_trusts_changed: Callable[[], None] | None = None
 
     @property
     def revocation_cursor(self) -> int:
@@ -306,6 +308,8 @@ class ServerState:
                 self._reload_keys()
             if "service" in kinds:
                 self._reload_disabled()
+            if "trust" in kinds and self.on_trusts_changed is not None:
+                self.on_trusts_changed()
             new = self._pull_revocations()
             self.revocations.prune(self.revocation_horizon())
             self.last_sync_at = now

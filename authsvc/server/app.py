@@ -45,6 +45,7 @@ from authsvc.sync import RevocationFeed, ServerState
 from authsvc.tokens.issuer import TokenIssuer
 from authsvc.usecases.audit import CLI_ACTOR, AuditTrail, Origin
 from authsvc.usecases.callers import Callers
+from authsvc.usecases.federation import TrustStore
 from authsvc.usecases.housekeeping import Housekeeping
 from authsvc.usecases.login_batch import LoginBatcher
 from authsvc.usecases.revocation import Revocations
@@ -216,6 +217,7 @@ class AuthsvcServer:
         self._feed: RevocationFeed | None = None
         self._state: ServerState | None = None
         self._logins: LoginBatcher | None = None
+        self._trusts: TrustStore | None = None
         self._http: HttpSidePort | None = None
         self.http_port: int | None = None
 
@@ -238,6 +240,9 @@ class AuthsvcServer:
         except DecryptError:
             raise ConfigError(CANNOT_DECRYPT) from None
         self._state = state
+        trusts = self._trusts = TrustStore(core.repo, self.clock, s)
+        await asyncio.to_thread(trusts.reload)
+        state.on_trusts_changed = trusts.reload
         feed = RevocationFeed(
             state.revocation_cursor,
             streams_per_peer=s.watch_streams_per_peer,
@@ -283,6 +288,8 @@ class AuthsvcServer:
                 clock=self.clock,
                 logins=logins,
                 verifier=verifier,
+                federation=trusts,
+                service_of=core.repo.fetch_service,
             ),
             revocations=Revocations(
                 settings=s,
@@ -452,6 +459,8 @@ class AuthsvcServer:
         )
         await asyncio.to_thread(housekeeping.prune)
         await asyncio.to_thread(state.refresh)
+        if self._trusts is not None:
+            await asyncio.to_thread(self._trusts.refresh_due)
 
     async def _maintenance_loop(self) -> None:
         interval = self.settings.key_rotation_interval_seconds

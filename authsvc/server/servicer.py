@@ -28,16 +28,22 @@ from authsvc.crypto.secrets import SecretHasher
 from authsvc.errors import AuthsvcError, Unauthenticated
 from authsvc.logs import current_request_id, request_id_from
 from authsvc.server.status import status_of, trailers_of
-from authsvc.storage.records import AudienceGrant, ServiceRecord, SigningKeyRecord
+from authsvc.storage.records import (
+    AudienceGrant,
+    ServiceCredentials,
+    ServiceRecord,
+    SigningKeyRecord,
+)
 from authsvc.storage.repository import Repository
 from authsvc.sync import RevocationFeed, ServerState
+from authsvc.tokens.issuer import IssuedToken
 from authsvc.usecases.audit import AuditTrail, Origin
 from authsvc.usecases.callers import Callers
 from authsvc.usecases.revocation import Revocations
 from authsvc.usecases.secrets import Secrets
-from authsvc.usecases.services import GrantChange, ServiceRegistry
+from authsvc.usecases.services import CredentialChange, GrantChange, ServiceRegistry
 from authsvc.usecases.signing_keys import SigningKeys
-from authsvc.usecases.tokens import TokenRequest, Tokens
+from authsvc.usecases.tokens import ExchangeRequest, TokenRequest, Tokens
 from authsvc.usecases.watch import RevocationWatch
 from authsvc_client.interceptors import bearer_token
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
@@ -81,7 +87,34 @@ def _bearer(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
     raise Unauthenticated(found.details)
 
 
-def _service_proto(record: ServiceRecord) -> auth_pb2.Service:
+def _peer_certificate(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The client certificate TLS verified on this call (PEM), "" without one.
+
+    gRPC puts it in the auth context only after the handshake verified it against
+    AUTHSVC_TLS_CLIENT_CA; behind a proxy that ends TLS there is none, so a certificate login
+    is refused there (README: TLS termination) rather than trusting a header.
+    """
+    found = context.auth_context().get("x509_pem_cert") or ()
+    for value in found:
+        return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+    return ""
+
+
+def _issued_proto(issued: IssuedToken) -> auth_pb2.IssueTokenResponse:
+    claims = issued.claims
+    return auth_pb2.IssueTokenResponse(
+        access_token=issued.token,
+        token_type="Bearer",  # noqa: S106 - the RFC 6750 scheme, not a secret
+        expires_in=claims.expires_at - claims.issued_at,
+        expires_at=timestamp(claims.expires_at),
+        key_id=claims.key_id,
+        scopes=list(claims.scopes),
+    )
+
+
+def _service_proto(record: ServiceRecord, credentials: ServiceCredentials) -> auth_pb2.Service:
+    """A service as the admin RPCs show it: grants, and its credentials by id (key ids, SANs,
+    subjects), never key material."""
     return auth_pb2.Service(
         service_id=record.service_id,
         audiences=list(record.audiences),
@@ -89,7 +122,18 @@ def _service_proto(record: ServiceRecord) -> auth_pb2.Service:
         disabled=record.disabled,
         created_at=timestamp(to_timestamp(record.created_at)),
         grants=[auth_pb2.Grant(audience=g.audience, scopes=list(g.scopes)) for g in record.grants],
+        has_secret=credentials.has_secret,
+        public_key_ids=[kid for kid, _ in credentials.public_keys],
+        tls_sans=list(credentials.tls_sans),
+        federated_subjects=[
+            auth_pb2.FederatedSubject(trust=trust, subject=subject)
+            for trust, subject in credentials.federated
+        ],
     )
+
+
+def _subjects(subjects: Iterable[auth_pb2.FederatedSubject]) -> tuple[tuple[str, str], ...]:
+    return tuple((f.trust, f.subject) for f in subjects)
 
 
 def _grants(grants: Iterable[auth_pb2.Grant]) -> tuple[AudienceGrant, ...]:
@@ -214,18 +258,32 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
                 audience=request.audience,
                 scopes=tuple(request.scopes),
                 ttl_seconds=request.ttl_seconds,
+                client_assertion=request.client_assertion,
+                client_certificate=_peer_certificate(context),
             ),
             _origin(context, request.service_id),
         )
-        claims = issued.claims
-        return auth_pb2.IssueTokenResponse(
-            access_token=issued.token,
-            token_type="Bearer",  # noqa: S106 - the RFC 6750 scheme, not a secret
-            expires_in=claims.expires_at - claims.issued_at,
-            expires_at=timestamp(claims.expires_at),
-            key_id=claims.key_id,
-            scopes=list(claims.scopes),
+        return _issued_proto(issued)
+
+    @handle_errors
+    async def ExchangeToken(
+        self, request: auth_pb2.ExchangeTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> auth_pb2.IssueTokenResponse:
+        issued = await self._tokens.exchange(
+            ExchangeRequest(
+                subject_token=request.subject_token,
+                subject_token_type=request.subject_token_type,
+                audience=request.audience,
+                scopes=tuple(request.scopes),
+                ttl_seconds=request.ttl_seconds,
+                service_id=request.service_id,
+                secret=request.service_secret,
+                client_assertion=request.client_assertion,
+                client_certificate=_peer_certificate(context),
+            ),
+            _origin(context, request.service_id),
         )
+        return _issued_proto(issued)
 
     # -- ValidateToken ---------------------------------------------------------------------
 
@@ -233,7 +291,12 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
     async def ValidateToken(
         self, request: auth_pb2.ValidateTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.ValidateTokenResponse:
-        result = self._tokens.validate(request.token, request.audience, request.required_scopes)
+        result = self._tokens.validate(
+            request.token,
+            request.audience,
+            request.required_scopes,
+            request.client_cert_thumbprint,
+        )
         return result.to_proto()
 
     @handle_errors
@@ -249,7 +312,10 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         the event loop between messages (unary calls are not starved)."""
         async for request in request_iterator:
             result = self._tokens.validate_in_stream(
-                request.token, request.audience, request.required_scopes
+                request.token,
+                request.audience,
+                request.required_scopes,
+                request.client_cert_thumbprint,
             )
             yield result.to_proto()
 
@@ -331,23 +397,34 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         self, request: auth_pb2.CreateServiceRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.CreateServiceResponse:
         caller = self._admin(context)
-        record, secret = await asyncio.to_thread(
-            self._services.create,
-            caller,
-            request.service_id,
-            list(request.audiences),
-            list(request.scopes),
-            _grants(request.grants),
+
+        def create() -> tuple[ServiceRecord, str | None, ServiceCredentials]:
+            record, secret = self._services.create(
+                caller,
+                request.service_id,
+                list(request.audiences),
+                list(request.scopes),
+                _grants(request.grants),
+                secret=not request.no_secret,
+                public_keys=list(request.public_keys),
+                tls_sans=list(request.tls_sans),
+                federated_subjects=_subjects(request.federated_subjects),
+            )
+            return record, secret, self._services.credentials_of(record.service_id)
+
+        record, secret, credentials = await asyncio.to_thread(create)
+        # A secretless service: the field stays empty (proto3 has no null string).
+        return auth_pb2.CreateServiceResponse(
+            service=_service_proto(record, credentials), service_secret=secret or ""
         )
-        return auth_pb2.CreateServiceResponse(service=_service_proto(record), service_secret=secret)
 
     @handle_errors
     async def ListServices(
         self, request: auth_pb2.ListServicesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.ListServicesResponse:
         self._admin(context)
-        services = await asyncio.to_thread(self._services.list)
-        return auth_pb2.ListServicesResponse(services=[_service_proto(s) for s in services])
+        listed = await asyncio.to_thread(self._services.list_with_credentials)
+        return auth_pb2.ListServicesResponse(services=[_service_proto(s, c) for s, c in listed])
 
     @handle_errors
     async def UpdateService(
@@ -362,10 +439,26 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
             grants=_grants(request.grants),
             revoke_grants=_grants(request.revoke_grants),
         )
-        record = await asyncio.to_thread(
-            self._services.update, caller, request.service_id, change
+        credentials = CredentialChange(
+            add_public_keys=tuple(request.add_public_keys),
+            remove_public_key_ids=tuple(request.remove_public_key_ids),
+            add_tls_sans=tuple(request.add_tls_sans),
+            remove_tls_sans=tuple(request.remove_tls_sans),
+            add_federated_subjects=_subjects(request.add_federated_subjects),
+            remove_federated_subjects=_subjects(request.remove_federated_subjects),
         )
-        return auth_pb2.UpdateServiceResponse(service=_service_proto(record))
+
+        def update() -> auth_pb2.Service:
+            return self._with_credentials(
+                self._services.update(caller, request.service_id, change, credentials)
+            )
+
+        service = await asyncio.to_thread(update)
+        return auth_pb2.UpdateServiceResponse(service=service)
+
+    def _with_credentials(self, record: ServiceRecord) -> auth_pb2.Service:
+        """A service the call just changed, with its credentials (read in a worker thread)."""
+        return _service_proto(record, self._services.credentials_of(record.service_id))
 
     @handle_errors
     async def DisableService(
@@ -374,7 +467,8 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         caller = self._admin(context)
         record = await asyncio.to_thread(self._services.disable, caller, request.service_id)
         await self._refresh()
-        return auth_pb2.DisableServiceResponse(service=_service_proto(record))
+        service = await asyncio.to_thread(self._with_credentials, record)
+        return auth_pb2.DisableServiceResponse(service=service)
 
     @handle_errors
     async def EnableService(
@@ -383,7 +477,8 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         caller = self._admin(context)
         record = await asyncio.to_thread(self._services.enable, caller, request.service_id)
         await self._refresh()
-        return auth_pb2.EnableServiceResponse(service=_service_proto(record))
+        service = await asyncio.to_thread(self._with_credentials, record)
+        return auth_pb2.EnableServiceResponse(service=service)
 
     # -- WatchRevocations ------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""SQLAlchemy models: the one schema that migration 0001 creates on SQLite and PostgreSQL."""
+"""SQLAlchemy models: the one schema the migrations create on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -136,7 +136,8 @@ class RevocationRow(Base):
 class ChangeRow(Base):
     __tablename__ = "changes"
     __table_args__ = (
-        CheckConstraint("kind IN ('key', 'service')", name="kind"),
+        # 'trust': migration 0007 (a trusted issuer added or removed).
+        CheckConstraint("kind IN ('key', 'service', 'trust')", name="kind"),
         {"sqlite_autoincrement": True},
     )
 
@@ -188,3 +189,81 @@ class KnownPeerRow(Base):
     service_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
     peer: Mapped[str] = mapped_column(String(512), primary_key=True)
     last_success_at: Mapped[datetime] = mapped_column(TS, index=True)
+
+
+# -- workload identity (migration 0007) -----------------------------------------------------------
+
+# A SAN is stored as a credential's ref, and SPIFFE IDs may be 2048 bytes
+# (authsvc.workload.certificates.MAX_SPIFFE_ID_LENGTH).
+CREDENTIAL_REF_LENGTH = 2048
+
+
+class ServiceCredentialRow(Base):
+    """A way other than its secret for a service to log in (records.CredentialKind).
+
+    A key id or SAN is registered once per service; a federated subject (ref = trust name,
+    value = subject) belongs to one service fleet-wide, or a federated token could be exchanged
+    for either of two services. Both rules are partial unique indexes, so replicas registering
+    at once are settled by the database.
+    """
+
+    __tablename__ = "service_credentials"
+    __table_args__ = (
+        CheckConstraint("kind IN ('public_key', 'tls_san', 'federated')", name="kind"),
+        Index(
+            "uq_service_credentials_ref",
+            "service_id",
+            "kind",
+            "ref",
+            unique=True,
+            sqlite_where=text("kind <> 'federated'"),
+            postgresql_where=text("kind <> 'federated'"),
+        ),
+        Index(
+            "uq_service_credentials_federated",
+            "kind",
+            "ref",
+            "value",
+            unique=True,
+            sqlite_where=text("kind = 'federated'"),
+            postgresql_where=text("kind = 'federated'"),
+        ),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(CURSOR, primary_key=True, autoincrement=True)
+    service_id: Mapped[str] = mapped_column(
+        String(ID_LENGTH), ForeignKey("services.service_id", ondelete="CASCADE"), index=True
+    )
+    kind: Mapped[str] = mapped_column(String(16))
+    ref: Mapped[str] = mapped_column(String(CREDENTIAL_REF_LENGTH))
+    value: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(TS)
+
+
+class TrustedIssuerRow(Base):
+    """An external issuer whose tokens may be exchanged for a bound service's tokens."""
+
+    __tablename__ = "trusted_issuers"
+    __table_args__ = (
+        CheckConstraint("(jwks_json IS NULL) <> (jwks_url IS NULL)", name="one_key_source"),
+    )
+
+    name: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    issuer: Mapped[str] = mapped_column(Text, unique=True)
+    audience: Mapped[str] = mapped_column(Text)
+    jwks_json: Mapped[str | None] = mapped_column(Text)
+    jwks_url: Mapped[str | None] = mapped_column(Text)
+    max_lifetime_seconds: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(TS)
+    updated_at: Mapped[datetime] = mapped_column(TS)
+
+
+class UsedAssertionRow(Base):
+    """A client assertion's jti, kept until the assertion expires so it cannot be replayed."""
+
+    __tablename__ = "used_assertions"
+
+    service_id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    jti: Mapped[str] = mapped_column(String(256), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(TS, index=True)

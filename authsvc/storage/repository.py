@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, cast
+from typing import Any, Literal, cast, get_args
 
 from sqlalchemy import (
     Connection,
@@ -27,7 +27,13 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from authsvc.errors import AlreadyExists, FailedPrecondition, NotFound, StorageUnavailable
+from authsvc.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    StorageUnavailable,
+)
 from authsvc.storage.engine import READ_ONLY, write_lock
 from authsvc.storage.models import (
     AuditEventRow,
@@ -35,9 +41,12 @@ from authsvc.storage.models import (
     ChangeRow,
     KnownPeerRow,
     RevocationRow,
+    ServiceCredentialRow,
     ServiceRow,
     ServiceSecretRow,
     SigningKeyRow,
+    TrustedIssuerRow,
+    UsedAssertionRow,
     WrappedKeyRow,
 )
 from authsvc.storage.records import (
@@ -46,14 +55,18 @@ from authsvc.storage.records import (
     AuditRecord,
     ChangeKind,
     ChangeRecord,
+    CredentialKind,
+    CredentialRecord,
     HeldRevocation,
     KeyState,
     RevocationKind,
     RevocationRecord,
     SecretRecord,
     SecretSlot,
+    ServiceCredentials,
     ServiceRecord,
     SigningKeyRecord,
+    TrustRecord,
     WrappedKeyRecord,
 )
 
@@ -185,6 +198,58 @@ def _audit(row: AuditEventRow) -> AuditRecord:
     )
 
 
+_CREDENTIAL_KINDS = frozenset(get_args(CredentialKind))
+
+
+def _credential(row: Row[*tuple[Any, ...]]) -> CredentialRecord:
+    return CredentialRecord(cast(CredentialKind, row.kind), row.ref, row.value)
+
+
+def _trust(row: TrustedIssuerRow) -> TrustRecord:
+    return TrustRecord(
+        name=row.name,
+        issuer=row.issuer,
+        audience=row.audience,
+        jwks_json=row.jwks_json,
+        jwks_url=row.jwks_url,
+        max_lifetime_seconds=row.max_lifetime_seconds,
+        created_at=_utc_out(row.created_at),
+    )
+
+
+def _identity(c: CredentialRecord) -> tuple[str, ...]:
+    """What makes two of a service's credentials the same one, as the unique indexes see it:
+    a key id or a SAN (whatever JWK it carries), or a federated (trust, subject) pair."""
+    return (c.kind, c.ref, c.value) if c.kind == "federated" else (c.kind, c.ref)
+
+
+def _describe(c: CredentialRecord) -> str:
+    """A credential as messages name it: ids and subjects only, never key material."""
+    if c.kind == "federated":
+        return f"federated subject {c.value!r} of trust {c.ref!r}"
+    if c.kind == "public_key":
+        return f"public key {c.ref!r}"
+    return f"TLS SAN {c.ref!r}"
+
+
+def _check_credentials(credentials: Sequence[CredentialRecord]) -> None:
+    """One request names each credential once (a second one would hit a unique index and be
+    reported as a conflict with what is stored, which it is not).
+
+    Raises:
+        ValueError: a kind that is not a CredentialKind (a caller's bug).
+        InvalidArgument: a credential given twice.
+    """
+    seen: set[tuple[str, ...]] = set()
+    for c in credentials:
+        if c.kind not in _CREDENTIAL_KINDS:
+            raise ValueError(f"unknown credential kind {c.kind!r}")
+        key = _identity(c)
+        if key in seen:
+            raise InvalidArgument(f"{_describe(c)} is given twice")
+        seen.add(key)
+
+
 @contextmanager
 def _storage_errors() -> Iterator[None]:
     """Turn connection and transient failures into StorageUnavailable.
@@ -208,7 +273,6 @@ def _transient_sqlstate(exc: sa_exc.DBAPIError) -> bool:
     return isinstance(state, str) and (state == "25006" or state.startswith("53"))
 
 
-
 def _new_key_row(
     record: SigningKeyRecord,
     state: str,
@@ -230,8 +294,10 @@ def _new_key_row(
         kek_id=record.kek_id,
     )
 
+
 class Repository:
-    """Storage for services, secrets, signing keys, revocations, changes, audit and throttling.
+    """Storage for services, their secrets and workload credentials, trusted issuers, signing
+    keys, revocations, changes, audit, throttling and used assertion ids.
 
     Each public method runs in its own transaction and never leaves one open. Read methods run
     read-only and always roll back. All datetimes in and out are timezone-aware (out: UTC).
@@ -292,15 +358,25 @@ class Repository:
         self,
         service_id: str,
         grants: Sequence[AudienceGrant],
-        secret_hash: bytes,
+        secret_hash: bytes | None,
         now: datetime,
+        credentials: Sequence[CredentialRecord] = (),
     ) -> ServiceRecord:
-        """Register a service with its grants and its first ('current') secret.
+        """Register a service with its grants, its first ('current') secret and its workload
+        credentials, in one transaction.
+
+        `secret_hash` None: a secretless service (no service_secrets row), which logs in with
+        its `credentials` only. The caller decides whether a service may have no way in.
 
         Raises:
-            AlreadyExists: a service with this id exists.
+            AlreadyExists: a service with this id exists, or a federated subject in
+                `credentials` is bound to another service.
+            FailedPrecondition: a federated subject names a trust that does not exist.
+            InvalidArgument: a credential is given twice.
         """
         now = _utc_in(now)
+        credentials = tuple(credentials)
+        _check_credentials(credentials)
         try:
             with self._write() as s:
                 if s.get(ServiceRow, service_id) is not None:
@@ -313,21 +389,23 @@ class Repository:
                     updated_at=now,
                 )
                 s.add(row)
-                s.add(
-                    ServiceSecretRow(
-                        service_id=service_id,
-                        slot="current",
-                        secret_hash=secret_hash,
-                        created_at=now,
-                        expires_at=None,
+                if secret_hash is not None:
+                    s.add(
+                        ServiceSecretRow(
+                            service_id=service_id,
+                            slot="current",
+                            secret_hash=secret_hash,
+                            created_at=now,
+                            expires_at=None,
+                        )
                     )
-                )
                 s.flush()
+                self._bind_credentials(s, service_id, credentials, now)
                 self._add_change(s, "service", service_id, now)
                 return _service(row)
         except sa_exc.IntegrityError:
-            # A concurrent create on another replica won the race.
-            raise AlreadyExists(f"service {service_id!r} already exists") from None
+            # A concurrent create or update on another replica won the race.
+            raise self._conflict(service_id, credentials, creating=True) from None
 
     def fetch_service(self, service_id: str) -> ServiceRecord | None:
         with self._read() as s:
@@ -404,6 +482,290 @@ class Repository:
                 .order_by(ServiceRow.service_id)
             )
             return list(ids)
+
+    # -- workload credentials (issue 14) --------------------------------------------------------
+
+    def _bind_credentials(
+        self, s: Session, service_id: str, credentials: Sequence[CredentialRecord], now: datetime
+    ) -> None:
+        """Insert a service's new credentials, after the checks the indexes cannot name.
+
+        A federated subject's trust is read FOR SHARE: delete_trust locks it FOR UPDATE before
+        it deletes the trust's bindings, so a binding made meanwhile is either seen and deleted
+        by it or refused here, never left behind for a later trust of the same name.
+        """
+        for c in credentials:
+            if c.kind != "federated":
+                continue
+            trust = s.scalar(
+                select(TrustedIssuerRow.name)
+                .where(TrustedIssuerRow.name == c.ref)
+                .with_for_update(read=True)
+            )
+            if trust is None:
+                raise FailedPrecondition(f"no trust named {c.ref!r}")
+            bound = self._bound_to(s, c.ref, c.value)
+            if bound is not None:
+                raise AlreadyExists(f"{_describe(c)} is already bound to service {bound!r}")
+        if credentials:
+            s.execute(
+                insert(ServiceCredentialRow),
+                [
+                    {
+                        "service_id": service_id,
+                        "kind": c.kind,
+                        "ref": c.ref,
+                        "value": c.value,
+                        "created_at": now,
+                    }
+                    for c in credentials
+                ],
+            )
+
+    def _bound_to(self, s: Session, trust: str, subject: str) -> str | None:
+        return s.scalar(
+            select(ServiceCredentialRow.service_id).where(
+                ServiceCredentialRow.kind == "federated",
+                ServiceCredentialRow.ref == trust,
+                ServiceCredentialRow.value == subject,
+            )
+        )
+
+    def _conflict(
+        self, service_id: str, credentials: Sequence[CredentialRecord], *, creating: bool
+    ) -> AlreadyExists:
+        """What a unique violation was about, read after the losing transaction rolled back
+        (the driver's message names columns, and may carry values)."""
+        with self._read() as s:
+            if creating and s.get(ServiceRow, service_id) is not None:
+                return AlreadyExists(f"service {service_id!r} already exists")
+            held = {_identity(c) for c in self._credential_rows(s, service_id)}
+            for c in credentials:
+                if c.kind == "federated":
+                    bound = self._bound_to(s, c.ref, c.value)
+                    if bound is not None and bound != service_id:
+                        return AlreadyExists(
+                            f"{_describe(c)} is already bound to service {bound!r}"
+                        )
+                elif _identity(c) in held:
+                    return AlreadyExists(f"service {service_id!r} already has {_describe(c)}")
+        return AlreadyExists(f"a credential of service {service_id!r} is already registered")
+
+    def _credential_rows(self, s: Session, service_id: str) -> list[CredentialRecord]:
+        rows = s.execute(
+            select(ServiceCredentialRow.kind, ServiceCredentialRow.ref, ServiceCredentialRow.value)
+            .where(ServiceCredentialRow.service_id == service_id)
+            .order_by(ServiceCredentialRow.id)
+        )
+        return [_credential(r) for r in rows]
+
+    def _service_credentials(self, s: Session, service_id: str) -> ServiceCredentials:
+        has_secret = (
+            s.scalar(
+                select(ServiceSecretRow.slot)
+                .where(ServiceSecretRow.service_id == service_id)
+                .limit(1)
+            )
+            is not None
+        )
+        return ServiceCredentials.of(service_id, has_secret, self._credential_rows(s, service_id))
+
+    def fetch_service_credentials(self, service_id: str) -> ServiceCredentials | None:
+        """Everything but the secret a service may log in with; None: no such service."""
+        with self._read() as s:
+            if s.get(ServiceRow, service_id) is None:
+                return None
+            return self._service_credentials(s, service_id)
+
+    def list_service_credentials(self) -> dict[str, ServiceCredentials]:
+        """Every service's credentials by service id (`services list`), in one statement, so
+        that a service created meanwhile is either wholly in it or not at all."""
+        services = cast(Table, ServiceRow.__table__)
+        creds = cast(Table, ServiceCredentialRow.__table__)
+        secrets = cast(Table, ServiceSecretRow.__table__)
+        has_secret = (
+            select(secrets.c.slot)
+            .where(secrets.c.service_id == services.c.service_id)
+            .exists()
+            .label("has_secret")
+        )
+        query = (
+            select(services.c.service_id, has_secret, creds.c.kind, creds.c.ref, creds.c.value)
+            .select_from(services.outerjoin(creds, creds.c.service_id == services.c.service_id))
+            .order_by(services.c.service_id, creds.c.id)
+        )
+        found: dict[str, tuple[bool, list[CredentialRecord]]] = {}
+        with self._read() as s:
+            for row in s.connection().execute(query):
+                _, rows = found.setdefault(row.service_id, (bool(row.has_secret), []))
+                if row.kind is not None:
+                    rows.append(_credential(row))
+        return {sid: ServiceCredentials.of(sid, has, rows) for sid, (has, rows) in found.items()}
+
+    def update_service_credentials(
+        self,
+        service_id: str,
+        add: Sequence[CredentialRecord],
+        remove: Sequence[CredentialRecord],
+        now: datetime,
+    ) -> ServiceCredentials:
+        """Remove, then add, credentials of a service in one transaction; returns them all.
+
+        A public key or SAN is removed by its (kind, ref) alone, so `remove` may name a key by
+        its id; removing and adding one key id replaces its key. Removing a service's last way
+        to log in is allowed here (the use case decides). Writes a 'service' change, unless
+        both lists are empty.
+
+        Raises:
+            NotFound: no such service.
+            FailedPrecondition: removing a credential the service does not have, or binding a
+                subject of a trust that does not exist.
+            AlreadyExists: adding a credential the service has, or a federated subject bound
+                to another service.
+            InvalidArgument: a credential given twice in one list.
+        """
+        now = _utc_in(now)
+        add, remove = tuple(add), tuple(remove)
+        _check_credentials(add)
+        _check_credentials(remove)
+        table = cast(Table, ServiceCredentialRow.__table__)
+        try:
+            with self._write() as s:
+                # Updates of one service queue on its row (PostgreSQL; SQLite has one writer).
+                row = s.get(ServiceRow, service_id, with_for_update=True)
+                if row is None:
+                    raise NotFound(f"service {service_id!r} not found")
+                held = {
+                    _identity(_credential(r)): r.id
+                    for r in s.execute(
+                        select(table.c.id, table.c.kind, table.c.ref, table.c.value).where(
+                            table.c.service_id == service_id
+                        )
+                    )
+                }
+                gone: list[int] = []
+                for c in remove:
+                    found = held.pop(_identity(c), None)
+                    if found is None:
+                        raise FailedPrecondition(f"service {service_id!r} has no {_describe(c)}")
+                    gone.append(found)
+                for c in add:
+                    if _identity(c) in held:
+                        raise AlreadyExists(f"service {service_id!r} already has {_describe(c)}")
+                if not add and not remove:
+                    return self._service_credentials(s, service_id)
+                if gone:
+                    # Before the inserts (Core statements run in order), so a replaced key id
+                    # never meets itself in the unique index.
+                    s.execute(delete(table).where(table.c.id.in_(gone)))
+                self._bind_credentials(s, service_id, add, now)
+                row.updated_at = now
+                s.flush()
+                self._add_change(s, "service", service_id, now)
+                return self._service_credentials(s, service_id)
+        except sa_exc.IntegrityError:
+            raise self._conflict(service_id, add, creating=False) from None
+
+    def fetch_federated_binding(self, trust: str, subject: str) -> str | None:
+        """The service a federated (trust, subject) is bound to, if any."""
+        with self._read() as s:
+            return self._bound_to(s, trust, subject)
+
+    # -- trusted issuers (issue 14) -----------------------------------------------------------
+
+    def _trust_taken(self, s: Session, record: TrustRecord) -> AlreadyExists | None:
+        if s.get(TrustedIssuerRow, record.name) is not None:
+            return AlreadyExists(f"trust {record.name!r} already exists")
+        other = s.scalar(
+            select(TrustedIssuerRow.name).where(TrustedIssuerRow.issuer == record.issuer)
+        )
+        if other is not None:
+            return AlreadyExists(f"issuer {record.issuer!r} is already trusted as {other!r}")
+        return None
+
+    def create_trust(self, record: TrustRecord, now: datetime) -> TrustRecord:
+        """Store a trusted issuer (its created_at is `now`); writes a 'trust' change.
+
+        Raises:
+            AlreadyExists: the name is taken, or the issuer is trusted under another name.
+            ValueError: not exactly one of jwks_json and jwks_url (a caller's bug).
+        """
+        if (record.jwks_json is None) == (record.jwks_url is None):
+            raise ValueError("exactly one of jwks_json and jwks_url is required")
+        now = _utc_in(now)
+        try:
+            with self._write() as s:
+                taken = self._trust_taken(s, record)
+                if taken is not None:
+                    raise taken
+                row = TrustedIssuerRow(
+                    name=record.name,
+                    issuer=record.issuer,
+                    audience=record.audience,
+                    jwks_json=record.jwks_json,
+                    jwks_url=record.jwks_url,
+                    max_lifetime_seconds=record.max_lifetime_seconds,
+                    created_at=now,
+                    updated_at=now,
+                )
+                s.add(row)
+                s.flush()
+                self._add_change(s, "trust", record.name, now)
+                return _trust(row)
+        except sa_exc.IntegrityError:
+            # Another replica added the name or the issuer meanwhile.
+            with self._read() as s:
+                taken = self._trust_taken(s, record)
+            raise (taken or AlreadyExists(f"trust {record.name!r} already exists")) from None
+
+    def list_trusts(self) -> list[TrustRecord]:
+        with self._read() as s:
+            rows = s.scalars(select(TrustedIssuerRow).order_by(TrustedIssuerRow.name))
+            return [_trust(r) for r in rows]
+
+    def fetch_trust(self, name: str) -> TrustRecord | None:
+        with self._read() as s:
+            row = s.get(TrustedIssuerRow, name)
+            return None if row is None else _trust(row)
+
+    def delete_trust(self, name: str, now: datetime) -> int:
+        """Delete a trust and every federated subject bound to it; returns how many bindings.
+
+        The bindings go with it, so a later trust of the same name (perhaps another issuer)
+        inherits none of them. Writes a 'trust' change, and a 'service' change for each service
+        that lost a binding.
+
+        Raises:
+            NotFound: no such trust.
+        """
+        now = _utc_in(now)
+        table = cast(Table, ServiceCredentialRow.__table__)
+        with self._write() as s:
+            # Locked first: bindings being made now (FOR SHARE on it) commit before this goes
+            # on, and the delete below, a new statement, sees them.
+            row = s.get(TrustedIssuerRow, name, with_for_update=True)
+            if row is None:
+                raise NotFound(f"trust {name!r} not found")
+            unbound = list(
+                s.execute(
+                    delete(table)
+                    .where(table.c.kind == "federated", table.c.ref == name)
+                    .returning(table.c.service_id)
+                ).scalars()
+            )
+            services = sorted(set(unbound))
+            s.delete(row)
+            if services:
+                s.execute(
+                    update(ServiceRow)
+                    .where(ServiceRow.service_id.in_(services))
+                    .values(updated_at=now)
+                )
+            s.flush()
+            self._add_change(s, "trust", name, now)
+            for service_id in services:
+                self._add_change(s, "service", service_id, now)
+            return len(unbound)
 
     # -- service secrets ----------------------------------------------------------------------
 
@@ -854,6 +1216,14 @@ class Repository:
             result = s.execute(delete(RevocationRow).where(RevocationRow.expires_at <= now))
             return _rowcount(result)
 
+    def prune_used_assertions(self, now: datetime) -> int:
+        """Forget assertion jtis whose assertions have expired (they verify no more, so
+        cannot be replayed); returns how many."""
+        now = _utc_in(now)
+        with self._write() as s:
+            result = s.execute(delete(UsedAssertionRow).where(UsedAssertionRow.expires_at <= now))
+            return _rowcount(result)
+
     # -- changes ------------------------------------------------------------------------------
 
     def list_changes(self, after_cursor: int, limit: int = 1000) -> list[ChangeRecord]:
@@ -1011,6 +1381,32 @@ class _LoginStatements:
             index_elements=[peers.c.service_id, peers.c.peer],
             set_={"last_success_at": remember.excluded.last_success_at},
         )
+        # Workload identity (issue 14): a service's registered credentials, the service a
+        # federated subject is bound to, and a jti's first use.
+        creds = cast(Table, ServiceCredentialRow.__table__)
+        self.workload = (
+            select(creds.c.kind, creds.c.ref, creds.c.value)
+            .where(creds.c.service_id == bindparam("service_id"))
+            .order_by(creds.c.id)
+        )
+        self.federated_binding = select(creds.c.service_id).where(
+            creds.c.kind == "federated",
+            creds.c.ref == bindparam("trust"),
+            creds.c.value == bindparam("subject"),
+        )
+        used = cast(Table, UsedAssertionRow.__table__)
+        use = dialect_insert(used).values(
+            service_id=bindparam("service_id"),
+            jti=bindparam("jti"),
+            expires_at=bindparam("expires_at"),
+        )
+        # A row whose assertion has expired is taken over (its jti may be used again: the
+        # assertion that carried it verifies no more); a live one is left, and counts 0 rows.
+        self.use_assertion = use.on_conflict_do_update(
+            index_elements=[used.c.service_id, used.c.jti],
+            set_={"expires_at": use.excluded.expires_at},
+            where=used.c.expires_at <= bindparam("now"),
+        ).execution_options(preserve_rowcount=True)  # an INSERT's count is dropped otherwise
         audit = cast(Table, AuditEventRow.__table__)
         self.audit = insert(audit)
         # One more batch of attempts on an aggregated row: the first batch inserts it (its
@@ -1050,6 +1446,7 @@ class LoginBatch:
         self.now = now
         self._cutoff = now - timedelta(seconds=window_seconds)
         self._services: dict[str, tuple[ServiceRecord | None, tuple[_Secret, ...]]] = {}
+        self._workload: dict[str, ServiceCredentials | None] = {}
         self._failures: dict[str, int] = {}
         self._peers_remembered: set[tuple[str, str]] = set()
         self._audit: list[dict[str, object]] = []
@@ -1082,6 +1479,46 @@ class LoginBatch:
         """The current secret's hash and, within its grace period, the previous one's, each with
         its slot: only the current secret may rotate itself."""
         return self._credentials(service_id)[1]
+
+    def workload_credentials(self, service_id: str) -> ServiceCredentials | None:
+        """The credentials `service_id` may log in with (None: no such service), read once
+        per batch."""
+        if service_id in self._workload:
+            return self._workload[service_id]
+        service, secrets = self._credentials(service_id)
+        found = None
+        if service is not None:
+            rows = self._c.execute(self._sql.workload, {"service_id": service_id}).all()
+            found = ServiceCredentials.of(
+                service_id,
+                any(slot == "current" for slot, _ in secrets),
+                [_credential(r) for r in rows],
+            )
+        self._workload[service_id] = found
+        return found
+
+    def federated_binding(self, trust: str, subject: str) -> str | None:
+        """The service a federated (trust, subject) is bound to, if any."""
+        found = self._c.scalar(self._sql.federated_binding, {"trust": trust, "subject": subject})
+        return None if found is None else str(found)
+
+    def use_assertion(self, service_id: str, jti: str, expires_at: datetime) -> bool:
+        """Record the use of a client assertion's `jti` until `expires_at`; False: a replay.
+
+        True the first time, or when the jti's earlier use has expired. One upsert: on
+        PostgreSQL a replica racing on the same jti waits for this batch's row to commit and
+        then finds it (False); on SQLite the batches take turns.
+        """
+        result = self._c.execute(
+            self._sql.use_assertion,
+            {
+                "service_id": service_id,
+                "jti": jti,
+                "expires_at": _utc_in(expires_at),
+                "now": self.now,
+            },
+        )
+        return _rowcount(result) == 1
 
     def failures(self, id_key: str, peer_key: str) -> tuple[int, int]:
         """Failures counted for a login's id and peer in the current window, this batch's own

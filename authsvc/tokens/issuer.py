@@ -13,7 +13,15 @@ from cryptography.hazmat.primitives.hashes import SHA256
 
 from authsvc_client._b64 import b64url_encode
 from authsvc_client.binding import CONFIRMATION_CLAIM, THUMBPRINT_MEMBER, is_thumbprint
-from authsvc_client.claims import ALGORITHM, DEFAULT_MAX_TOKEN_BYTES, TOKEN_TYPE, Claims
+from authsvc_client.claims import (
+    ACTOR_CLAIM,
+    ALGORITHM,
+    DEFAULT_MAX_TOKEN_BYTES,
+    DELEGATION_PARENTS_CLAIM,
+    MAX_DELEGATION_DEPTH,
+    TOKEN_TYPE,
+    Claims,
+)
 from authsvc_client.keyring import MIN_RSA_KEY_BITS, KeyRing
 from authsvc_client.revocations import RevocationSet
 from authsvc_client.verifier import TokenVerifier
@@ -118,6 +126,8 @@ class TokenIssuer:
         now: float,
         not_after: float | None = None,
         cert_thumbprint: str = "",
+        actors: Sequence[str] = (),
+        parent_jtis: Sequence[str] = (),
     ) -> UnsignedToken:
         """Everything but the signature, so the server can record a token's jti (audit) before
         it spends an RSA signature on it, and refuse a token that could not be issued first.
@@ -130,6 +140,9 @@ class TokenIssuer:
                 of the verified client certificate the request arrived with; non-empty, it
                 binds the token to that certificate (RFC 8705 section 3: `cnf`), so that a
                 stolen copy is useless without the workload's private key.
+            actors: a delegated token's chain, nearest actor first (RFC 8693 section 4.1
+                `act`, nested, outermost = the current actor, who is also `client_id`);
+                `parent_jtis` the jti of the token each actor exchanged, nearest first.
 
         Raises:
             ValueError: empty subject, audience or kid; a scope that is empty or holds a
@@ -149,6 +162,10 @@ class TokenIssuer:
             raise ValueError(f"signing keys must be at least {MIN_RSA_KEY_BITS} bits")
         if cert_thumbprint and not is_thumbprint(cert_thumbprint):
             raise ValueError("cert_thumbprint must be a base64url SHA-256 (x5t#S256)")
+        if len(actors) != len(parent_jtis) or len(actors) > MAX_DELEGATION_DEPTH:
+            raise ValueError("one parent jti per actor, at most MAX_DELEGATION_DEPTH")
+        if any(not a for a in actors) or any(not j for j in parent_jtis):
+            raise ValueError("actors and parent jtis must be non-empty")
         iat = int(now)
         exp = iat + ttl_seconds
         if not_after is not None:
@@ -165,8 +182,9 @@ class TokenIssuer:
             expires_at=exp,
             jti=secrets.token_urlsafe(_JTI_BYTES),
             key_id=kid,
-            client_id=subject,
+            client_id=actors[0] if actors else subject,
             cert_thumbprint=cert_thumbprint,
+            actors=tuple(actors),
         )
         header = self._headers.get(kid)
         if header is None:
@@ -190,6 +208,12 @@ class TokenIssuer:
         if cert_thumbprint:
             # RFC 8705 section 3.1 / RFC 7800 section 3.1.
             body[CONFIRMATION_CLAIM] = {THUMBPRINT_MEMBER: cert_thumbprint}
+        if actors:
+            act: dict[str, object] | None = None
+            for actor in reversed(actors):
+                act = {"sub": actor} if act is None else {"sub": actor, ACTOR_CLAIM: act}
+            body[ACTOR_CLAIM] = act
+            body[DELEGATION_PARENTS_CLAIM] = list(parent_jtis)
         payload = _compact_json(body)
         signing_input = f"{header}.{b64url_encode(payload)}"
         # 4 base64 characters per 3 bytes, for a signature as long as the modulus.

@@ -22,6 +22,7 @@ class Pruned:
     auth_failures: int
     known_peers: int
     audit_events: int
+    used_assertions: int = 0
 
 
 class Housekeeping:
@@ -42,7 +43,8 @@ class Housekeeping:
 
     def prune(self) -> Pruned:
         """Delete failure counts older than the throttle window, known peers past
-        `throttle_known_peer_seconds` (0 keeps them), and audit rows past their retention.
+        `throttle_known_peer_seconds` (0 keeps them), audit rows past their retention, and the
+        jti of assertions that have expired.
 
         Audit retention is counted from the earlier of the wall clock and elapsed monotonic
         time (`WallClock.earliest_now`): a wrong forward jump of the clock must not delete audit
@@ -59,4 +61,9 @@ class Housekeeping:
             )
         keep_from = self._earliest_now() - self._s.audit_retention_days * 86400
         audit = self._repo.prune_audit_events(to_datetime(keep_from))
-        return Pruned(auth_failures=failures, known_peers=peers, audit_events=audit)
+        # A used assertion's jti is kept until its assertion can no longer verify; by the
+        # earlier clock too, so that a wrong forward jump, once corrected, cannot reopen it.
+        used = self._repo.prune_used_assertions(to_datetime(self._earliest_now()))
+        return Pruned(
+            auth_failures=failures, known_peers=peers, audit_events=audit, used_assertions=used
+        )

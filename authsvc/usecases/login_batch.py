@@ -296,9 +296,11 @@ class LoginBatcher:
         peers_written: list[tuple[str, str]],
     ) -> _Decided | BaseException:
         login = pending.login
-        service_id = login.service_id
+        # A federated token names a subject, not a service: the binding is read here, in the
+        # transaction that decides the login.
+        service_id = login.credential.resolve(txn)
         s = self._s
-        id_key, peer_key = _throttle_keys(login)
+        id_key, peer_key = _throttle_keys(service_id, login.origin.peer)
         credential = f"credential={login.credential.kind}"
 
         def audit(outcome: str, target: str = service_id, detail: str = "") -> None:
@@ -336,16 +338,27 @@ class LoginBatcher:
         # this id recently: otherwise an attacker could lock a service out from its own address
         # just by failing logins under its name.
         id_failures, peer_failures = txn.failures(id_key, peer_key)
+        if not service_id:
+            # No service to count against (a federated token bound to none, an assertion
+            # naming none): only the peer's count applies, or every such failure fleet-wide
+            # would share one id key and throttle each other.
+            id_failures = 0
         by_peer = peer_failures >= s.throttle_peer_failures
-        if by_peer or (id_failures >= s.throttle_id_failures and not self._known(txn, login, now)):
+        if by_peer or (
+            id_failures >= s.throttle_id_failures and not self._known(txn, service_id, login, now)
+        ):
             aggregate("throttled", peer_key if by_peer else id_key)
             return ResourceExhausted(
                 "too many failed attempts; retry later", retry_after=s.throttle_window_seconds
             )
         service = txn.service(service_id)
         match = login.credential.check(txn, service)
+        if match.detail:
+            # Which registered credential matched, or why none did: the audit row's only.
+            credential = f"{credential} {match.detail}"
         if service is None or not match.ok:
-            txn.count_failure(id_key)
+            if service_id:
+                txn.count_failure(id_key)
             txn.count_failure(peer_key)
             if service is None:
                 # Ids that do not exist are the attacker's to choose: one row per peer.
@@ -355,7 +368,7 @@ class LoginBatcher:
             return Unauthenticated(BAD_CREDENTIALS)
         if id_failures:
             txn.reset_failures(id_key)
-        self._remember_peer(txn, login, now, peers_written)
+        self._remember_peer(txn, service_id, login, now, peers_written)
         if service.disabled:
             audit("disabled")
             return Unauthenticated("service is disabled")
@@ -373,19 +386,24 @@ class LoginBatcher:
                 return verdict.error
         return _Decided(service, verdict)
 
-    def _known(self, txn: LoginBatch, login: Login, now: float) -> bool:
+    def _known(self, txn: LoginBatch, service_id: str, login: Login, now: float) -> bool:
         memory = self._s.throttle_known_peer_seconds
-        if memory <= 0:
+        if memory <= 0 or not service_id:
             return False
-        last = txn.known_peer_since(login.service_id, login.origin.peer)
+        last = txn.known_peer_since(service_id, login.origin.peer)
         return last is not None and to_timestamp(last) > now - memory
 
     def _remember_peer(
-        self, txn: LoginBatch, login: Login, now: float, written: list[tuple[str, str]]
+        self,
+        txn: LoginBatch,
+        service_id: str,
+        login: Login,
+        now: float,
+        written: list[tuple[str, str]],
     ) -> None:
         if self._s.throttle_known_peer_seconds <= 0:
             return
-        key = (login.service_id, login.origin.peer)
+        key = (service_id, login.origin.peer)
         last = self._peers_written.get(key)
         if last is not None and 0 <= now - last < self._peer_refresh:
             return
@@ -400,5 +418,5 @@ def _value(settled: Settled[T]) -> T:
     return cast(T, settled.value)
 
 
-def _throttle_keys(login: Login) -> tuple[str, str]:
-    return f"id:{login.service_id}", f"peer:{login.origin.peer}"
+def _throttle_keys(service_id: str, peer: str) -> tuple[str, str]:
+    return f"id:{service_id}", f"peer:{peer}"

@@ -4,8 +4,10 @@ A login is decided inside the login batch's transaction (`authsvc.usecases.login
 which owns the rules every kind shares: throttling, the failure counters and their reset, the
 known peer, disabled services, the audit row. What differs between kinds is only how a
 presented credential is checked against what storage holds for the service, so that is all a
-`Credential` does. Secrets are the one kind today; signed assertions, client certificates and
-federated tokens each add one class here (or in their own module) and nothing else.
+`Credential` does: a secret (`SecretCredential`), a signed assertion (`AssertionCredential`,
+RFC 7523), the verified client certificate of the call (`CertificateCredential`, RFC 8705) or a
+federated workload token (`FederatedCredential`). Each kind fails the same way (one generic
+UNAUTHENTICATED, counted by the same throttle); its typed reason reaches only the audit row.
 
 What a caller does with an authenticated service (IssueToken: which audience and scopes, then
 a signature) is a `LoginPolicy`, run in the same transaction so that its decision is audited
@@ -15,21 +17,32 @@ row is durable.
 
 from __future__ import annotations
 
+import functools
 import hmac
+import json
 from dataclasses import dataclass, field
 from typing import ClassVar, Generic, Protocol, TypeVar
 
+from authsvc.clock import to_datetime, to_timestamp
 from authsvc.crypto.secrets import SecretHasher
 from authsvc.errors import AuthsvcError
 from authsvc.storage.records import SecretSlot, ServiceRecord
 from authsvc.storage.repository import LoginBatch
 from authsvc.usecases.audit import Origin
+from authsvc.workload.assertions import verify_assertion
+from authsvc.workload.certificates import match_certificate
+from authsvc.workload.errors import Reason, WorkloadAuthError
+from authsvc.workload.federation import FederatedIdentity
+from authsvc.workload.public_keys import RegisteredKey, key_from_jwk
 
 __all__ = [
     "BAD_CREDENTIALS",
     "CURRENT_ONLY",
+    "AssertionCredential",
+    "CertificateCredential",
     "Credential",
     "CredentialMatch",
+    "FederatedCredential",
     "Login",
     "LoginPolicy",
     "SecretCredential",
@@ -59,6 +72,13 @@ class CredentialMatch:
     # It matched the current credential, not one kept for a grace period after a rotation:
     # only the current one may replace itself.
     current: bool
+    # For the audit row only (never the caller): why it failed, or which registered
+    # credential matched ("reason=replayed", "key=<kid>", "san=spiffe://…").
+    detail: str = ""
+
+    @classmethod
+    def refused(cls, reason: Reason) -> CredentialMatch:
+        return cls(ok=False, current=False, detail=f"reason={reason.value}")
 
 
 class Credential(Protocol):
@@ -70,7 +90,15 @@ class Credential(Protocol):
         ...
 
     @property
-    def service_id(self) -> str: ...
+    def service_id(self) -> str:
+        """The service it claims to be; "" when only the transaction can tell (`resolve`)."""
+        ...
+
+    def resolve(self, txn: LoginBatch) -> str:
+        """The service id the login is for, read in the login's transaction when the
+        credential itself does not name one (a federated token names a subject, bound to a
+        service); "" when none is bound (the login then fails as an unknown id)."""
+        ...
 
     def check(self, txn: LoginBatch, service: ServiceRecord | None) -> CredentialMatch:
         """Compare with what `txn` holds for the service.
@@ -96,16 +124,134 @@ class SecretCredential:
         not, so an unknown id costs what a known one does."""
         return cls(service_id=service_id, digest=hasher.hash(secret))
 
+    def resolve(self, txn: LoginBatch) -> str:
+        return self.service_id
+
     def check(self, txn: LoginBatch, service: ServiceRecord | None) -> CredentialMatch:
         # Every live secret (current and, within its grace period, previous) is compared, so
-        # the timing does not depend on which one matched.
-        secrets = txn.secrets(self.service_id) if service is not None else _NO_SECRETS
+        # the timing does not depend on which one matched. A secretless service (no secret
+        # row at all) is compared against the stand-in as an unknown id is, and never matches.
+        secrets = txn.secrets(self.service_id) if service is not None else ()
+        has_secret = bool(secrets)
         ok = current = False
-        for slot, stored in secrets:
+        for slot, stored in secrets or _NO_SECRETS:
             matched = hmac.compare_digest(self.digest, stored)
             ok |= matched
             current |= matched and slot == "current"
+        if service is not None and not has_secret:
+            return CredentialMatch(ok=False, current=False, detail="reason=no_secret")
         return CredentialMatch(ok=ok and service is not None, current=current)
+
+
+@functools.lru_cache(maxsize=4096)
+def _registered_key(jwk_json: str) -> RegisteredKey:
+    """A stored public JWK, parsed once per process (the JSON is the cache key, so a changed
+    key is a new entry; parsing an RSA key costs more than verifying with it)."""
+    return key_from_jwk(json.loads(jwk_json))
+
+
+@dataclass(frozen=True)
+class AssertionCredential:
+    """A JWT the service signed with one of its registered keys (RFC 7523 `private_key_jwt`).
+
+    Verified inside the login's transaction, against the keys that transaction reads, so a key
+    removed on one replica refuses the next login on every replica; its `jti` is recorded in
+    the same transaction, so a second use fails on any replica (PostgreSQL makes the second
+    writer wait for the first's commit and then see its row).
+    """
+
+    kind: ClassVar[str] = "assertion"
+    service_id: str
+    assertion: str = field(repr=False)
+    # The server's issuer: the only `aud` accepted.
+    issuer: str
+    leeway: int
+
+    def resolve(self, txn: LoginBatch) -> str:
+        return self.service_id
+
+    def check(self, txn: LoginBatch, service: ServiceRecord | None) -> CredentialMatch:
+        if service is None:
+            return CredentialMatch.refused(Reason.NO_KEY)
+        registered = txn.workload_credentials(self.service_id)
+        if registered is None or not registered.public_keys:
+            return CredentialMatch.refused(Reason.NO_KEY)
+        keys = [_registered_key(jwk) for _, jwk in registered.public_keys]
+        try:
+            verified = verify_assertion(
+                self.assertion,
+                service_id=self.service_id,
+                keys=keys,
+                issuer=self.issuer,
+                now=to_timestamp(txn.now),
+                leeway=self.leeway,
+            )
+        except WorkloadAuthError as exc:
+            return CredentialMatch.refused(exc.reason)
+        until = to_datetime(verified.remember_jti_until)
+        if not txn.use_assertion(self.service_id, verified.jti, until):
+            return CredentialMatch.refused(Reason.REPLAYED)
+        return CredentialMatch(ok=True, current=True, detail=f"key={verified.key_id}")
+
+
+@dataclass(frozen=True)
+class CertificateCredential:
+    """The client certificate of the call, already verified by TLS against
+    AUTHSVC_TLS_CLIENT_CA; it logs in as a service registered with one of its SANs (exact)."""
+
+    kind: ClassVar[str] = "certificate"
+    service_id: str
+    # The leaf as gRPC's auth context gives it (`x509_pem_cert`).
+    certificate_pem: str = field(repr=False)
+
+    def resolve(self, txn: LoginBatch) -> str:
+        return self.service_id
+
+    def check(self, txn: LoginBatch, service: ServiceRecord | None) -> CredentialMatch:
+        registered = txn.workload_credentials(self.service_id) if service is not None else None
+        if registered is None or not registered.tls_sans:
+            return CredentialMatch.refused(Reason.IDENTITY_MISMATCH)
+        try:
+            matched = match_certificate(self.certificate_pem, registered.tls_sans)
+        except WorkloadAuthError as exc:
+            return CredentialMatch.refused(exc.reason)
+        return CredentialMatch(ok=True, current=True, detail=f"san={matched.identity}")
+
+
+@dataclass(frozen=True)
+class FederatedCredential:
+    """A workload token of a trusted external issuer, verified before the login is queued
+    (its keys may need a fetch, which must not hold the login batch): `identity` is what
+    verified, or None with the `failure` that refused it (still counted by the throttle).
+
+    The service is the one bound to exactly (trust, subject), read in the login's transaction.
+    """
+
+    kind: ClassVar[str] = "federated"
+    identity: FederatedIdentity | None
+    failure: Reason | None = None
+    # The service the caller named, if any: it must be the bound one.
+    named_service_id: str = ""
+
+    @property
+    def service_id(self) -> str:
+        return ""
+
+    def resolve(self, txn: LoginBatch) -> str:
+        if self.identity is None:
+            return ""
+        bound = txn.federated_binding(self.identity.trust_name, self.identity.subject)
+        if bound is None or (self.named_service_id and bound != self.named_service_id):
+            return ""
+        return bound
+
+    def check(self, txn: LoginBatch, service: ServiceRecord | None) -> CredentialMatch:
+        if self.identity is None:
+            return CredentialMatch.refused(self.failure or Reason.MALFORMED)
+        if service is None:
+            return CredentialMatch.refused(Reason.IDENTITY_MISMATCH)
+        detail = f"trust={self.identity.trust_name} subject={self.identity.subject}"
+        return CredentialMatch(ok=True, current=True, detail=detail)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ __all__ = [
     "StaticKeys",
     "TrustedIssuer",
     "load_jwks_file",
+    "parse_jwks_document",
 ]
 
 # RFC 8693 section 3: the subject_token_type of a federated token in ExchangeToken.
@@ -92,19 +93,29 @@ def load_jwks_file(path: str | Path) -> StaticKeys:
             data = file.read(_MAX_JWKS_FILE + 1)
     except OSError:
         raise InvalidArgument("jwks_file: cannot read the file") from None
+    return parse_jwks_document(data)
+
+
+def parse_jwks_document(data: str | bytes, field_name: str = "jwks_file") -> StaticKeys:
+    """The usable keys of a JWK Set document (as a `--jwks-file` holds it, and as storage
+    keeps it so that every replica has the same keys).
+
+    Raises:
+        InvalidArgument: over 1 MiB, not a JWK Set, or no RS256/ES256 key in it.
+    """
     if len(data) > _MAX_JWKS_FILE:
-        raise InvalidArgument("jwks_file: at most 1 MiB")
+        raise InvalidArgument(f"{field_name}: at most 1 MiB")
     try:
         document = json.loads(data)
     except (ValueError, RecursionError):
-        raise InvalidArgument("jwks_file: not JSON") from None
+        raise InvalidArgument(f"{field_name}: not JSON") from None
     try:
         parsed = parse_jwk_set(document)
     except ValueError as exc:
-        raise InvalidArgument(f"jwks_file: {exc}") from None
+        raise InvalidArgument(f"{field_name}: {exc}") from None
     usable = tuple(k for k in parsed.keys if FEDERATION_ALGORITHMS & set(k.algorithms))
     if not usable:
-        raise InvalidArgument("jwks_file: no RSA (>= 2048 bits) or EC P-256 signing key")
+        raise InvalidArgument(f"{field_name}: no RSA (>= 2048 bits) or EC P-256 signing key")
     return StaticKeys(usable)
 
 

@@ -15,7 +15,8 @@ import pytest
 
 from authsvc_client.aio import AsyncRemoteValidator
 from authsvc_client.errors import ValidatorUnavailable
-from authsvc_client.v1 import auth_pb2
+from authsvc_client.streaming import _Pool, _refused, _status_hidden, _status_without_writes
+from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 from authsvc_client.validation import RemoteValidator
 from tests.integration.conftest import World
 
@@ -180,17 +181,85 @@ class TestAsyncStreams:
                     channel, "billing", cache_ttl_seconds=0, timeout_seconds=10
                 )
                 assert (await validator.validate(token)).valid
+                # The check may have gone unary before the stream's UNIMPLEMENTED arrived, and
+                # in about 1 run of 3 grpc.aio hides it behind its own INTERNAL (the mux then
+                # asks again without writing): either way the mux pauses its streams.
                 assert validator.streams is not None
-                # Every later check is answered too, by unary calls. Whether the mux pauses
-                # its streams is not asserted here: grpc.aio reports the refused stream as
-                # INTERNAL instead of UNIMPLEMENTED in about 1 run of 3, and the mux then backs
-                # off and retries instead of pausing (an open issue; the sync test above
-                # still asserts the pause).
+                deadline = time.monotonic() + 30
+                while not validator.streams.unsupported and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                assert validator.streams.unsupported
                 for _ in range(3):
                     assert (await validator.validate(token)).valid
+                assert validator.streams.answered == 0
+                assert validator.streams.open_streams == 0
                 validator.close()
 
         asyncio.run(main())
+
+
+class _Ended:
+    """The one member the pool reads of a stream that has already ended."""
+
+    alive = False
+    load = 0
+
+    def close(self) -> None:
+        pass
+
+
+class TestWhatAStreamsEndMeans:
+    """`_refused` is the decision both muxes take when a stream ends; the pool applies it."""
+
+    def test_internal_before_any_answer_naming_the_missing_method_pauses_streams(self) -> None:
+        now = [0.0]
+        pool: _Pool[_Ended] = _Pool(1, clock=lambda: now[0])
+        # How grpc-go reports it, relayed as INTERNAL by a proxy.
+        missing = "unknown method ValidateTokenStream for service authsvc.v1.AuthService"
+        assert _refused(grpc.StatusCode.INTERNAL, missing, answered=False)
+        assert _refused(grpc.StatusCode.UNKNOWN, "Method not found!", answered=False)
+        assert _refused(grpc.StatusCode.UNIMPLEMENTED, "", answered=False)
+        pool.ended(_Ended(), grpc.StatusCode.INTERNAL, answered=False, details=missing)
+        assert pool.reconnect.unsupported
+        now[0] = 299.0
+        assert pool.pick(lambda: pytest.fail("asked a server without the RPC again")) is None
+        now[0] = 301.0
+        assert pool.pick(_Ended) is not None
+
+    def test_a_genuine_internal_failure_backs_off_and_retries(self) -> None:
+        now = [0.0]
+        pool: _Pool[_Ended] = _Pool(1, clock=lambda: now[0])
+        # After answers the server has the RPC, whatever the details say.
+        assert not _refused(grpc.StatusCode.INTERNAL, "Method not found!", answered=True)
+        assert not _refused(grpc.StatusCode.INTERNAL, "stream reset by peer", answered=False)
+        assert not _refused(grpc.StatusCode.UNAVAILABLE, "not implemented", answered=False)
+        pool.ended(_Ended(), grpc.StatusCode.INTERNAL, answered=True, details="stream reset")
+        assert not pool.reconnect.unsupported
+        assert pool.pick(lambda: pytest.fail("opened during back-off")) is None
+        now[0] = 0.3
+        assert pool.pick(_Ended) is not None
+
+    def test_grpc_aios_own_internal_says_nothing_about_the_server(self) -> None:
+        # What grpc.aio reports when its write failed because the server had refused the call.
+        code, details = grpc.StatusCode.INTERNAL, "Internal error from Core"
+        assert _status_hidden(code, details, answered=False)
+        assert not _refused(code, details, answered=False)
+        assert not _status_hidden(code, details, answered=True)
+        assert not _status_hidden(grpc.StatusCode.INTERNAL, "stream reset", answered=False)
+
+    def test_a_call_without_writes_gets_the_servers_own_status(
+        self, world: World, unary_only: str
+    ) -> None:
+        async def status(address: str) -> tuple[grpc.StatusCode, str]:
+            async with grpc.aio.insecure_channel(address) as channel:
+                return await _status_without_writes(
+                    auth_pb2_grpc.AuthServiceStub(channel), timeout=10
+                )
+
+        code, details = asyncio.run(status(unary_only))
+        assert code == grpc.StatusCode.UNIMPLEMENTED and _refused(code, details, answered=False)
+        code, details = asyncio.run(status(world.server.address))
+        assert not _refused(code, details, answered=False), code
 
 
 def _jti(token: str) -> str:

@@ -20,13 +20,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import pytest
 
 from authsvc.workload.errors import Reason, WorkloadAuthError
-from authsvc.workload.federation import FederationVerifier, TrustedIssuer
+from authsvc.workload.federation import JWT_TOKEN_TYPE, FederationVerifier, TrustedIssuer
 from authsvc.workload.jwks_fetch import FetchPolicy, JwksCache
 from authsvc.workload.public_keys import key_from_jwk
+from authsvc_client.v1 import auth_pb2
 from tests.support.clock import FakeClock
+from tests.support.server import base_env, run_cli, running_server
 
 PEER = Path(__file__).resolve().parents[3] / "shared" / "peers" / "oidc-provider"
 if not PEER.exists():
@@ -154,3 +157,50 @@ class TestNodeOidcProvider:
             with pytest.raises(WorkloadAuthError) as caught:
                 verifier.verify(bad, now=now)
             assert caught.value.reason == expected
+
+
+class TestExchangeThroughAuthsvc:
+    """The whole path: `authsvc trust add --jwks-url` of the peer, a service bound to its
+    client's subject, and ExchangeToken of the peer's own JWT access token."""
+
+    def test_a_peer_token_exchanges_for_the_bound_service(
+        self, provider: Provider, tmp_path: Path
+    ) -> None:
+        env = base_env(f"sqlite:///{tmp_path / 'authsvc.db'}")
+        run_cli(env, "db", "upgrade")
+        run_cli(
+            env, "trust", "add", "node-oidc", "--issuer", provider.issuer, "--audience", AUDIENCE,
+            "--jwks-url", f"{provider.issuer}/jwks", "--max-lifetime", "3600",
+        )  # fmt: skip
+        run_cli(
+            env, "services", "create", "orders", "--audience", "billing", "--scope", "billing.read",
+            "--federated-subject", f"node-oidc={CLIENT_ID}", "--no-secret",
+        )  # fmt: skip
+        with running_server(env) as server:
+            reply = server.stub.ExchangeToken(
+                auth_pb2.ExchangeTokenRequest(
+                    subject_token=provider.token(),
+                    subject_token_type=JWT_TOKEN_TYPE,
+                    audience="billing",
+                ),
+                timeout=30,
+            )
+            checked = server.stub.ValidateToken(
+                auth_pb2.ValidateTokenRequest(token=reply.access_token, audience="billing"),
+                timeout=10,
+            )
+            assert checked.valid and checked.claims.subject == "orders"
+            assert list(checked.claims.scopes) == ["billing.read"]
+            # The peer's token for another subject binds to nothing here.
+            token = provider.token()
+            header, payload, signature = token.split(".")
+            with pytest.raises(grpc.RpcError) as caught:
+                server.stub.ExchangeToken(
+                    auth_pb2.ExchangeTokenRequest(
+                        subject_token=f"{header}.{payload[:-2]}AA.{signature}",
+                        subject_token_type=JWT_TOKEN_TYPE,
+                        audience="billing",
+                    ),
+                    timeout=30,
+                )
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -100,7 +100,7 @@ class TestMigrations:
             engine.dispose()
 
     def test_upgrade_reaches_head_and_is_idempotent(self, engine: Engine) -> None:
-        assert migrate.head_revision() == "0006"
+        assert migrate.head_revision() == "0007"
         assert migrate.current_revision(engine) == migrate.head_revision()
         assert migrate.is_current(engine)
         migrate.upgrade(engine)

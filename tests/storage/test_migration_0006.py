@@ -86,7 +86,7 @@ class TestMigration0006:
     def test_existing_services_keep_every_scope_for_every_audience(self, engine: Engine) -> None:
         _to(engine, "0005")
         _legacy_rows(engine)
-        migrate.upgrade(engine)
+        _to(engine, "0006")
         assert migrate.current_revision(engine) == "0006"
         repo = Repository(engine)
         orders = repo.fetch_service("orders")
@@ -116,7 +116,7 @@ class TestMigration0006:
         assert secrets == 1
 
     def test_downgrade_refuses_to_widen_a_per_audience_grant(self, engine: Engine) -> None:
-        migrate.upgrade(engine)
+        _to(engine, "0006")
         repo = Repository(engine)
         repo.create_service(
             "orders",

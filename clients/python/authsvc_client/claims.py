@@ -7,10 +7,13 @@ from dataclasses import dataclass
 from authsvc_client.v1 import auth_pb2
 
 __all__ = [
+    "ACTOR_CLAIM",
     "ADMIN_SCOPE",
     "ALGORITHM",
     "DEFAULT_LEEWAY_SECONDS",
     "DEFAULT_MAX_TOKEN_BYTES",
+    "DELEGATION_PARENTS_CLAIM",
+    "MAX_DELEGATION_DEPTH",
     "TOKEN_TYPE",
     "Claims",
     "ValidationResult",
@@ -23,6 +26,15 @@ ALGORITHM = "RS256"
 ADMIN_SCOPE = "authsvc.admin"
 DEFAULT_MAX_TOKEN_BYTES = 8192
 DEFAULT_LEEWAY_SECONDS = 30
+# RFC 8693 section 4.1: the actor of a delegated token, nested for longer chains (the outermost
+# is the current actor).
+ACTOR_CLAIM = "act"
+# authsvc's own claim beside `act`: the jtis of the tokens a delegated token was exchanged
+# from, nearest first (one per actor), so that revoking any of them revokes it too.
+DELEGATION_PARENTS_CLAIM = "parent_jtis"
+# The longest chain any validator parses (the server's limit, AUTHSVC_DELEGATION_MAX_DEPTH,
+# default 4, may not exceed it): a bound on the work a token can ask for.
+MAX_DELEGATION_DEPTH = 16
 
 
 @dataclass(frozen=True, slots=True)

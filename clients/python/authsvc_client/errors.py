@@ -11,6 +11,7 @@ from authsvc_client.v1 import auth_pb2
 __all__ = [
     "AuthsvcClientError",
     "BadSignature",
+    "CertificateMismatch",
     "Expired",
     "InsufficientScope",
     "Malformed",
@@ -93,6 +94,11 @@ class ServiceDisabled(TokenInvalid):
     default_message = "token subject is disabled"
 
 
+class CertificateMismatch(TokenInvalid):
+    reason = auth_pb2.CERTIFICATE_MISMATCH
+    default_message = "token is bound to another client certificate (or none was presented)"
+
+
 _BY_REASON: dict[int, type[TokenInvalid]] = {
     cls.reason: cls
     for cls in (
@@ -106,6 +112,7 @@ _BY_REASON: dict[int, type[TokenInvalid]] = {
         Revoked,
         InsufficientScope,
         ServiceDisabled,
+        CertificateMismatch,
     )
 }
 

@@ -11,6 +11,13 @@ ended before answering, or a server without the RPC), `check` returns None and t
 asks the same question with unary ValidateToken: checks are idempotent, so a retry is safe, and
 the unary call fails closed on its own.
 
+What a stream's end means (a server without the RPC: pause; anything else: back off) is decided
+by `_refused` alone, for both the sync and the asyncio streams. grpc.aio can hide the server's
+status: when the server refuses the call while a request is being written, the failed write
+replaces the status with INTERNAL "Internal error from Core", and the real one is lost. The
+asyncio stream then asks the server again with a call that writes nothing (`_status_without_writes`)
+and hands that status to the same decision.
+
 The pairing (_Fifo) and the choice of stream (_Pool) are sans-IO and shared; the sync and
 asyncio classes below only move messages (threads and events, or tasks and futures).
 """
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import re
 import threading
 import time
 from collections import deque
@@ -38,6 +46,17 @@ _BACKOFF_INITIAL = 0.25
 _BACKOFF_MAX = 30.0
 # A server without the RPC is asked again this much later (it may have been upgraded).
 _UNSUPPORTED_RETRY = 300.0
+# How long the asyncio stream waits for a server's status when grpc.aio hid the first one.
+_STATUS_PROBE_TIMEOUT = 10.0
+# What servers and proxies write when they report a missing method as INTERNAL or UNKNOWN
+# instead of UNIMPLEMENTED (grpc-python "Method not found!", grpc-go "unknown service ..." /
+# "unknown method ...", grpc-java "Method not found: ...").
+_NOT_IMPLEMENTED = re.compile(
+    r"method not found|unknown (?:method|service)|not implemented|unimplemented", re.IGNORECASE
+)
+# grpc.aio's details when a write failed locally and replaced the call's status
+# (_AioCall.set_internal_error): the server's own status is gone.
+_AIO_LOCAL_FAILURE = "Internal error from Core"
 
 Request = auth_pb2.ValidateTokenRequest
 Response = auth_pb2.ValidateTokenResponse
@@ -49,9 +68,54 @@ def _timed_out() -> ValidatorUnavailable:
     return ValidatorUnavailable("authsvc ValidateTokenStream: no answer within the deadline")
 
 
+def _details_of(exc: BaseException) -> str:
+    """A failed call's status details, sync or grpc.aio, "" when it has none (see status_of)."""
+    details_of = getattr(exc, "details", None)
+    details = details_of() if callable(details_of) else None
+    return details if isinstance(details, str) else ""
+
+
+def _refused(code: grpc.StatusCode | None, details: str, answered: bool) -> bool:
+    """Whether a stream's end says the server has no ValidateTokenStream: the one decision the
+    sync and asyncio streams share.
+
+    UNIMPLEMENTED says so. INTERNAL or UNKNOWN says so only before the stream answered anything
+    and only when the details name a missing method (proxies and some servers report it that
+    way); any other INTERNAL is a failure of a server that has the RPC, and gets back-off.
+    """
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return True
+    if answered or code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+        return False
+    return _NOT_IMPLEMENTED.search(details) is not None
+
+
+def _status_hidden(code: grpc.StatusCode | None, details: str, answered: bool) -> bool:
+    """grpc.aio replaced the server's status by its own INTERNAL before any answer arrived, so
+    the end says nothing about the server (after an answer the server has the RPC anyway)."""
+    return not answered and code == grpc.StatusCode.INTERNAL and details == _AIO_LOCAL_FAILURE
+
+
+async def _status_without_writes(
+    stub: auth_pb2_grpc.AuthServiceStub, timeout: float = _STATUS_PROBE_TIMEOUT
+) -> tuple[grpc.StatusCode, str]:
+    """The status of a ValidateTokenStream call that sends no request and half-closes at once.
+
+    Nothing is written, so no failed write can replace the server's status: a server without
+    the RPC answers UNIMPLEMENTED, authsvc ends the empty stream with OK.
+    """
+    call: Any = stub.ValidateTokenStream(timeout=timeout)
+    try:
+        await call.wait_for_connection()  # the call's headers go out before the half-close
+        await call.done_writing()
+    except (grpc.RpcError, grpc.aio.BaseError, asyncio.InvalidStateError):
+        pass  # the call already ended: its status below is the server's
+    return await call.code(), await call.details()
+
+
 class _Reconnect:
     """When the next stream may be opened: exponential back-off after failures, a long pause
-    after UNIMPLEMENTED, reset once a stream has answered."""
+    when the server has no ValidateTokenStream (`_refused`), reset once a stream has answered."""
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
@@ -62,8 +126,8 @@ class _Reconnect:
     def allowed(self) -> bool:
         return self._clock() >= self._not_before
 
-    def ended(self, code: grpc.StatusCode | None, answered: bool) -> None:
-        if code == grpc.StatusCode.UNIMPLEMENTED:
+    def ended(self, code: grpc.StatusCode | None, answered: bool, details: str = "") -> None:
+        if _refused(code, details, answered):
             self.unsupported = True
             self._not_before = self._clock() + _UNSUPPORTED_RETRY
             return
@@ -71,7 +135,8 @@ class _Reconnect:
             return
         if answered:
             self._delay = _BACKOFF_INITIAL
-        self._not_before = self._clock() + self._delay
+        # Never shortens a pause: a stream opened before it ended says nothing new.
+        self._not_before = max(self._not_before, self._clock() + self._delay)
         self._delay = min(self._delay * 2, _BACKOFF_MAX)
 
     def answered(self) -> None:
@@ -147,10 +212,12 @@ class _Pool(Generic[S]):
             return stream
         return min(live, key=lambda s: s.load, default=None)
 
-    def ended(self, stream: S, code: grpc.StatusCode | None, answered: bool) -> None:
+    def ended(
+        self, stream: S, code: grpc.StatusCode | None, answered: bool, details: str = ""
+    ) -> None:
         if stream in self.streams:
             self.streams.remove(stream)
-        self.reconnect.ended(code, answered)
+        self.reconnect.ended(code, answered, details)
 
     def close(self) -> list[S]:
         self.closed = True
@@ -178,7 +245,8 @@ class _Mux(Generic[S]):
 
     @property
     def unsupported(self) -> bool:
-        """True after the server answered UNIMPLEMENTED (checks go unary for a while)."""
+        """True after the server said it has no ValidateTokenStream (checks go unary for a
+        while)."""
         return self._pool.reconnect.unsupported
 
     @property
@@ -207,7 +275,7 @@ class _Stream:
         self,
         stub: auth_pb2_grpc.AuthServiceStub,
         max_in_flight: int,
-        on_end: Callable[[_Stream, grpc.StatusCode | None, bool], None],
+        on_end: Callable[[_Stream, grpc.StatusCode | None, bool, str], None],
         on_answer: Callable[[], None],
     ) -> None:
         self._requests: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
@@ -244,6 +312,7 @@ class _Stream:
 
     def _read(self) -> None:
         code: grpc.StatusCode | None = None
+        details = ""
         answered = False
         try:
             for response in self._call:
@@ -255,7 +324,7 @@ class _Stream:
                     answered = True
                     self._on_answer()
         except grpc.RpcError as exc:
-            code = status_of(exc)
+            code, details = status_of(exc), _details_of(exc)
         except IndexError:  # an answer nobody asked for: the stream is not trustworthy
             code = grpc.StatusCode.INTERNAL
             self._call.cancel()
@@ -265,7 +334,7 @@ class _Stream:
             self._requests.put(None)
             for slot in left:
                 slot.done.set()  # no response: the caller asks again with a unary call
-            self._on_end(self, code, answered)
+            self._on_end(self, code, answered, details)
 
     def close(self) -> None:
         with self._lock:
@@ -288,9 +357,11 @@ class StreamMux(_Mux[_Stream]):
         super().__init__(channel, streams=streams, max_in_flight=max_in_flight, clock=clock)
         self._lock = threading.Lock()
 
-    def _ended(self, stream: _Stream, code: grpc.StatusCode | None, answered: bool) -> None:
+    def _ended(
+        self, stream: _Stream, code: grpc.StatusCode | None, answered: bool, details: str
+    ) -> None:
         with self._lock:
-            self._pool.ended(stream, code, answered)
+            self._pool.ended(stream, code, answered, details)
 
     def _open(self) -> _Stream:
         return _Stream(self._stub, self._max, self._ended, self._pool.reconnect.answered)
@@ -325,10 +396,11 @@ class _AsyncStream:
         self,
         stub: auth_pb2_grpc.AuthServiceStub,
         max_in_flight: int,
-        on_end: Callable[[_AsyncStream, grpc.StatusCode | None, bool], None],
+        on_end: Callable[[_AsyncStream, grpc.StatusCode | None, bool, str], None],
         on_answer: Callable[[], None],
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        self._stub = stub
         self._requests: asyncio.Queue[Request | None] = asyncio.Queue()
         self._fifo: _Fifo[asyncio.Future[Response | None]] = _Fifo(max_in_flight)
         self._on_end = on_end
@@ -361,29 +433,36 @@ class _AsyncStream:
 
     async def _read(self) -> None:
         code: grpc.StatusCode | None = None
+        details = ""
         answered = False
         try:
-            async for response in self._call:
-                future = self._fifo.answered()
-                if not future.done():
-                    future.set_result(response)
-                if not answered:
-                    answered = True
-                    self._on_answer()
-        except grpc.RpcError as exc:
-            code = status_of(exc)
-        except IndexError:
-            code = grpc.StatusCode.INTERNAL
-            self._call.cancel()
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            try:
+                async for response in self._call:
+                    future = self._fifo.answered()
+                    if not future.done():
+                        future.set_result(response)
+                    if not answered:
+                        answered = True
+                        self._on_answer()
+            except grpc.RpcError as exc:
+                code, details = status_of(exc), _details_of(exc)
+            except IndexError:
+                code = grpc.StatusCode.INTERNAL
+                self._call.cancel()
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+            finally:
+                left = self._fifo.end()
+                self._requests.put_nowait(None)
+                for future in left:
+                    if not future.done():
+                        future.set_result(None)  # released now: they ask unary, not after a probe
+            if _status_hidden(code, details, answered):
+                probed = await _status_without_writes(self._stub)
+                if _refused(*probed, answered=False):
+                    code, details = probed
         finally:
-            left = self._fifo.end()
-            self._requests.put_nowait(None)
-            for future in left:
-                if not future.done():
-                    future.set_result(None)
-            self._on_end(self, code, answered)
+            self._on_end(self, code, answered, details)
 
     def close(self) -> None:
         self._fifo.alive = False

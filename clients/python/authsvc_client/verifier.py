@@ -24,9 +24,12 @@ from authsvc_client.binding import (
     thumbprint_matches,
 )
 from authsvc_client.claims import (
+    ACTOR_CLAIM,
     ALGORITHM,
     DEFAULT_LEEWAY_SECONDS,
     DEFAULT_MAX_TOKEN_BYTES,
+    DELEGATION_PARENTS_CLAIM,
+    MAX_DELEGATION_DEPTH,
     TOKEN_TYPE,
     ValidationResult,
     valid_result,
@@ -86,6 +89,7 @@ _CERTIFICATE_MISMATCH = ValidationResult.fail(auth_pb2.CERTIFICATE_MISMATCH)
 # The only confirmation method authsvc issues; a `cnf` naming any other (RFC 7800 jwk, RFC
 # 9449 jkt…) is a binding this verifier cannot check, so the token is MALFORMED, never bearer.
 _CNF_MEMBERS = frozenset((THUMBPRINT_MEMBER,))
+_ACT_MEMBERS = frozenset(("sub", ACTOR_CLAIM))
 
 
 def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -173,6 +177,38 @@ def _cnf(payload: dict[str, Any]) -> str:
     return thumbprint  # type: ignore[no-any-return]
 
 
+def _delegation(payload: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The actor chain of RFC 8693 section 4.1 `act` (nested, outermost = current actor) and
+    the parent jtis, both nearest first; ((), ()) for a direct token.
+
+    Raises:
+        Malformed: an `act` that is not nested objects of exactly {"sub": str[, "act": …]}, a
+            chain deeper than MAX_DELEGATION_DEPTH, or parents that do not match the chain.
+    """
+    act = payload.get(ACTOR_CLAIM)
+    parents = payload.get(DELEGATION_PARENTS_CLAIM)
+    if act is None:
+        if ACTOR_CLAIM in payload or parents is not None or DELEGATION_PARENTS_CLAIM in payload:
+            raise Malformed
+        return (), ()
+    actors: list[str] = []
+    while act is not None:
+        if type(act) is not dict or not act.keys() <= _ACT_MEMBERS or "sub" not in act:
+            raise Malformed
+        actor = act["sub"]
+        if type(actor) is not str or not actor or len(actors) >= MAX_DELEGATION_DEPTH:
+            raise Malformed
+        actors.append(actor)
+        act = act.get(ACTOR_CLAIM)
+    if (
+        type(parents) is not list
+        or len(parents) != len(actors)
+        or any(type(p) is not str or not p for p in parents)
+    ):
+        raise Malformed
+    return tuple(actors), tuple(parents)
+
+
 def _checked_kid(header: dict[str, Any]) -> str:
     """Apply the JOSE header rules; returns the kid."""
     # Exactly alg, typ and kid, all strings.
@@ -198,6 +234,7 @@ class _Entry:
     """
 
     __slots__ = (
+        "actors",
         "aud",
         "cnf",
         "exp_limit",
@@ -205,6 +242,7 @@ class _Entry:
         "iss",
         "jti",
         "kid",
+        "parents",
         "result",
         "ring",
         "scopes",
@@ -225,6 +263,8 @@ class _Entry:
         scopes: tuple[str, ...],
         leeway: int,
         cnf: str,
+        actors: tuple[str, ...] = (),
+        parents: tuple[str, ...] = (),
     ) -> None:
         self.iss = iss
         self.sub = sub
@@ -241,7 +281,15 @@ class _Entry:
         # RFC 8705 section 3.1 cnf.x5t#S256 ("" for an unbound token): checked on every use,
         # cached or not, against the certificate the token arrived with.
         self.cnf = cnf
-        self.result = valid_result(iss, sub, aud, scopes, iat, nbf, exp, jti, kid, sub, cnf)
+        # RFC 8693 section 4.1 `act`, nearest actor first, and the jtis of the tokens this one
+        # was exchanged from (DELEGATION_PARENTS_CLAIM), nearest first: each is checked on
+        # every use, so revoking an actor service or any token up the chain revokes this one.
+        self.actors = actors
+        self.parents = parents
+        client_id = actors[0] if actors else sub
+        self.result = valid_result(
+            iss, sub, aud, scopes, iat, nbf, exp, jti, kid, client_id, cnf, actors
+        )
         # The last ring seen holding `kid`. Rings are immutable and replaced whole, so while
         # the current ring is this very object the kid is in it: no lookup needed.
         self.ring: KeyRing | None = None
@@ -495,12 +543,42 @@ class TokenVerifier:
             # empty names, no tabs, controls or non-ASCII that another parser might split
             # differently).
             or (scope and _SCOPE.fullmatch(scope) is None)
-            # RFC 9068 section 2.2: client_id; for service-to-service tokens it is the subject.
-            or client_id != sub
         ):
             raise Malformed
+        actors, parents = _delegation(payload)
+        # RFC 9068 section 2.2: client_id is the client that asked for the token: the subject
+        # itself, or for a delegated token the current actor (RFC 8693 section 4.1).
+        if client_id != (actors[0] if actors else sub):
+            raise Malformed
         scopes = tuple(scope.split(" ")) if scope else ()
-        return _Entry(iss, sub, aud, jti, kid, iat, nbf, exp, scopes, self._leeway, _cnf(payload))
+        return _Entry(
+            iss,
+            sub,
+            aud,
+            jti,
+            kid,
+            iat,
+            nbf,
+            exp,
+            scopes,
+            self._leeway,
+            _cnf(payload),
+            actors,
+            parents,
+        )
+
+    def _check_chain(self, entry: _Entry) -> None:
+        """A delegated token dies with any token it was exchanged from (revoked by jti), and
+        with any actor service whose tokens were revoked or which is disabled since."""
+        revocations = self._revocations
+        for parent in entry.parents:
+            if revocations.is_revoked(parent, "", 0):
+                raise Revoked
+        for actor in entry.actors:
+            if revocations.is_revoked("", actor, entry.iat):
+                raise self._revoked(actor, entry.iat)
+            if self._is_subject_enabled is not None and not self._is_subject_enabled(actor):
+                raise ServiceDisabled
 
     def _revoked(self, subject: str, issued_at: int) -> type[Revoked] | type[ServiceDisabled]:
         """Disabling a service also revokes its tokens (so local validators learn of it);
@@ -524,6 +602,8 @@ class TokenVerifier:
         sub = entry.sub
         if self._revocations.is_revoked(entry.jti, sub, entry.iat):
             raise self._revoked(sub, entry.iat)
+        if entry.actors:
+            self._check_chain(entry)
         # RFC 7519 section 4.1.1 / RFC 8725 section 3.8: exact issuer.
         if entry.iss != self._issuer:
             raise WrongIssuer

@@ -1,0 +1,249 @@
+"""Delegation (RFC 8693 token exchange with an access token) against a real `authsvc serve`:
+front calls orders, orders calls billing on front's behalf, billing calls ledger on the same
+chain. Every refusal issue 15 lists, with its status code."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from authsvc_client.v1 import auth_pb2
+from tests.support.server import RunningServer, base_env, run_cli, start_server
+
+ACCESS = "urn:ietf:params:oauth:token-type:access_token"
+ADMIN = "ops-admin"
+
+
+@dataclass
+class Chain:
+    server: RunningServer
+    secrets: dict[str, str] = field(repr=False)
+
+    def token(
+        self, service: str, audience: str, ttl: int = 0, scopes: list[str] | None = None
+    ) -> str:
+        return str(
+            self.server.issue(service, self.secrets[service], audience, scopes, ttl).access_token
+        )
+
+    def exchange(
+        self,
+        subject_token: str,
+        actor: str,
+        audience: str,
+        *,
+        secret: str | None = None,
+        scopes: list[str] | None = None,
+    ) -> auth_pb2.IssueTokenResponse:
+        reply: auth_pb2.IssueTokenResponse = self.server.stub.ExchangeToken(
+            auth_pb2.ExchangeTokenRequest(
+                subject_token=subject_token,
+                subject_token_type=ACCESS,
+                audience=audience,
+                scopes=scopes or [],
+                service_id=actor,
+                service_secret=self.secrets[actor] if secret is None else secret,
+            ),
+            timeout=10,
+        )
+        return reply
+
+    def validate(self, token: str, audience: str) -> auth_pb2.ValidateTokenResponse:
+        reply: auth_pb2.ValidateTokenResponse = self.server.stub.ValidateToken(
+            auth_pb2.ValidateTokenRequest(token=token, audience=audience), timeout=10
+        )
+        return reply
+
+    def admin_md(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.token(ADMIN, 'authsvc')}")]
+
+    def until(self, token: str, audience: str, reason: str, seconds: float = 5.0) -> None:
+        """Wait for the server to say `reason` (revocations apply within a sync interval)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            got = auth_pb2.ValidationFailure.Name(self.validate(token, audience).reason)
+            if got == reason or time.monotonic() > deadline:
+                assert got == reason
+                return
+            time.sleep(0.05)
+
+
+def _refused(call: Any, code: grpc.StatusCode) -> str:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    assert caught.value.code() == code, caught.value.details()
+    return str(caught.value.details())
+
+
+def _create(env: dict[str, str], name: str, *grants: str, admin: bool = False) -> str:
+    args = ["services", "create", name, "--json"]
+    for grant in grants:
+        args += ["--grant", grant]
+    if admin:
+        args.append("--admin")
+    return str(json.loads(run_cli(env, *args).stdout)["service_secret"])
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
+    folder: Path = tmp_path_factory.mktemp("delegation")
+    env = base_env(
+        f"sqlite:///{folder / 'authsvc.db'}",
+        AUTHSVC_DELEGATION_MAX_DEPTH="2",
+        AUTHSVC_LEEWAY_SECONDS="0",
+    )
+    run_cli(env, "db", "upgrade")
+    secrets = {
+        ADMIN: _create(env, ADMIN, admin=True),
+        # front may call orders, and (on its own or through others) billing.read and ledger.
+        "front": _create(
+            env, "front", "orders=orders.read", "billing=billing.read", "ledger=ledger.read"
+        ),
+        "orders": _create(
+            env, "orders", "billing=billing.read", "billing=billing.write", "ledger=ledger.read"
+        ),
+        "billing": _create(env, "billing", "ledger=ledger.read", "audit=audit.write"),
+        "ledger": _create(env, "ledger", "audit=audit.write"),
+        "mallory": _create(env, "mallory", "billing=billing.write"),
+    }
+    server = start_server(env)
+    try:
+        yield Chain(server, secrets)
+    finally:
+        server.stop()
+
+
+class TestDelegation:
+    def test_orders_calls_billing_on_fronts_behalf(self, chain: Chain) -> None:
+        subject = chain.token("front", "orders", ttl=600)
+        derived = chain.exchange(subject, "orders", "billing")
+        checked = chain.validate(derived.access_token, "billing")
+        assert checked.valid
+        assert checked.claims.subject == "front"
+        assert list(checked.claims.actors) == ["orders"]
+        assert checked.claims.client_id == "orders"
+        # Within both grants: front has billing.read only, orders both.
+        assert list(derived.scopes) == ["billing.read"]
+
+    def test_a_longer_chain_nests_the_actors_nearest_first(self, chain: Chain) -> None:
+        first = chain.exchange(chain.token("front", "orders"), "orders", "billing")
+        second = chain.exchange(first.access_token, "billing", "ledger")
+        checked = chain.validate(second.access_token, "ledger")
+        assert checked.claims.subject == "front"
+        assert list(checked.claims.actors) == ["billing", "orders"]
+
+    def test_a_chain_deeper_than_the_limit_is_permission_denied(self, chain: Chain) -> None:
+        first = chain.exchange(chain.token("front", "orders"), "orders", "billing")
+        second = chain.exchange(first.access_token, "billing", "ledger")  # depth 2: the limit
+        details = _refused(
+            lambda: chain.exchange(second.access_token, "ledger", "audit"),
+            grpc.StatusCode.PERMISSION_DENIED,
+        )
+        assert "too deep" in details
+
+    def test_it_never_outlives_the_subject_token(self, chain: Chain) -> None:
+        subject = chain.token("front", "orders", ttl=60)
+        derived = chain.exchange(subject, "orders", "billing")
+        front_exp = chain.validate(subject, "orders").claims.expires_at.seconds
+        assert derived.expires_at.seconds <= front_exp
+
+    def test_a_subject_token_for_someone_else_is_refused(self, chain: Chain) -> None:
+        # front's token for billing, presented by orders (it was never addressed to orders).
+        stolen = chain.token("front", "billing")
+        _refused(
+            lambda: chain.exchange(stolen, "orders", "billing"), grpc.StatusCode.UNAUTHENTICATED
+        )
+        # front's token for orders, replayed by mallory with mallory's own valid credentials.
+        for_orders = chain.token("front", "orders")
+        _refused(
+            lambda: chain.exchange(for_orders, "mallory", "billing"),
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+
+    def test_an_expired_subject_token_is_refused(self, chain: Chain) -> None:
+        subject = chain.token("front", "orders", ttl=1)
+        time.sleep(2.1)  # AUTHSVC_LEEWAY_SECONDS=0
+        _refused(
+            lambda: chain.exchange(subject, "orders", "billing"), grpc.StatusCode.UNAUTHENTICATED
+        )
+
+    def test_scope_widening_is_permission_denied(self, chain: Chain) -> None:
+        subject = chain.token("front", "orders")
+        # orders may have billing.write, front may not: the chain may not either.
+        details = _refused(
+            lambda: chain.exchange(subject, "orders", "billing", scopes=["billing.write"]),
+            grpc.StatusCode.PERMISSION_DENIED,
+        )
+        assert "billing.write" in details
+        # An audience front has no grant for, or authsvc itself (no admin by delegation).
+        for audience in ("audit", "authsvc"):
+            _refused(
+                lambda audience=audience: chain.exchange(subject, "orders", audience),
+                grpc.StatusCode.PERMISSION_DENIED,
+            )
+
+    def test_an_actor_whose_own_credentials_fail_is_unauthenticated(self, chain: Chain) -> None:
+        subject = chain.token("front", "orders")
+        details = _refused(
+            lambda: chain.exchange(subject, "orders", "billing", secret="asvcs_wrong"),
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+        assert details == "invalid service credentials"
+        # Without any actor credential the request itself is malformed.
+        _refused(
+            lambda: chain.server.stub.ExchangeToken(
+                auth_pb2.ExchangeTokenRequest(
+                    subject_token=subject, subject_token_type=ACCESS, audience="billing"
+                ),
+                timeout=10,
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+
+    def test_the_audit_row_names_subject_and_actors(self, chain: Chain) -> None:
+        chain.exchange(chain.token("front", "orders"), "orders", "billing")
+        rows = json.loads(chain.server.cli("audit", "list", "--json", "--limit", "200").stdout)
+        exchanges = [r for r in rows if r["action"] == "exchange_token" and r["outcome"] == "ok"]
+        assert any(
+            r["actor"] == "orders" and "subject=front actors=orders" in r["detail"]
+            for r in exchanges
+        )
+
+
+class TestRevocationFollowsTheChain:
+    def test_revoking_the_subject_token_revokes_what_was_derived(self, chain: Chain) -> None:
+        subject = chain.token("front", "orders")
+        derived = chain.exchange(subject, "orders", "billing").access_token
+        further = chain.exchange(derived, "billing", "ledger").access_token
+        chain.server.stub.RevokeToken(auth_pb2.RevokeTokenRequest(token=subject), timeout=10)
+        chain.until(derived, "billing", "REVOKED")
+        chain.until(further, "ledger", "REVOKED")
+        _refused(
+            lambda: chain.exchange(subject, "orders", "billing"), grpc.StatusCode.UNAUTHENTICATED
+        )
+
+    def test_revoking_an_actors_tokens_revokes_its_delegated_ones(self, chain: Chain) -> None:
+        subject = chain.token("front", "orders")
+        delegated = chain.exchange(subject, "orders", "billing").access_token
+        chain.server.stub.RevokeToken(
+            auth_pb2.RevokeTokenRequest(service_id="orders"), metadata=chain.admin_md(), timeout=10
+        )
+        chain.until(delegated, "billing", "REVOKED")
+
+    def test_a_disabled_subject_service_stops_its_chain(self, chain: Chain) -> None:
+        secret = _create(chain.server.env, "kiosk", "orders=orders.read", "billing=billing.read")
+        chain.secrets["kiosk"] = secret
+        subject = chain.token("kiosk", "orders")
+        delegated = chain.exchange(subject, "orders", "billing").access_token
+        chain.server.cli("services", "disable", "kiosk")
+        chain.until(delegated, "billing", "SERVICE_DISABLED")
+        _refused(
+            lambda: chain.exchange(subject, "orders", "billing"), grpc.StatusCode.UNAUTHENTICATED
+        )

@@ -1,0 +1,250 @@
+"""Secretless credentials in the login batch, on a real SQLite database: each kind
+authenticates only its own service, fails like a wrong secret, and names itself in the audit."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from authsvc.clock import to_datetime
+from authsvc.errors import ResourceExhausted, Unauthenticated
+from authsvc.server.app import Core, build_core
+from authsvc.storage.records import AudienceGrant, CredentialRecord, ServiceRecord, TrustRecord
+from authsvc.usecases.audit import Origin
+from authsvc.usecases.federation import TrustStore
+from authsvc.usecases.login_batch import LoginBatcher
+from authsvc.usecases.logins import (
+    AssertionCredential,
+    CertificateCredential,
+    Credential,
+    FederatedCredential,
+    Login,
+    SecretCredential,
+    Verdict,
+)
+from authsvc.workload.errors import Reason, WorkloadAuthError
+from authsvc.workload.public_keys import parse_public_key
+from authsvc_client.assertions import AssertionSigner, PrivateKey
+from tests.support.clock import FakeClock
+from tests.support.inprocess import in_process_settings
+from tests.support.workload import WorkloadCa, jwk_of, jwk_set, new_ec, new_rsa, public_pem, sign
+
+ISSUER = "https://authsvc.unit.invalid"
+SPIFFE = "spiffe://example.org/ns/prod/sa/orders"
+K8S = "https://k8s.unit.invalid"
+SUBJECT = "system:serviceaccount:prod:orders"
+
+
+@dataclass
+class World:
+    core: Core
+    logins: LoginBatcher
+    clock: FakeClock
+    key: PrivateKey = field(repr=False)
+    issuer_key: PrivateKey = field(repr=False)
+    ca: WorkloadCa
+
+    def login(self, credential: Credential) -> str:
+        """The service id the credential logs in as (its grant audited as IssueToken's is);
+        raises Unauthenticated."""
+        origin = Origin("", "ipv4:10.0.0.9", "req")
+        return self.logins.settle_sync(Login(credential, origin, "issue_token"), _Granting())
+
+    def assertion(self, service_id: str = "orders", key: PrivateKey | None = None) -> str:
+        signer = AssertionSigner(service_id, ISSUER, key or self.key, clock=self.clock.now)
+        return signer.sign()
+
+    def details(self) -> list[str]:
+        return [e.detail for e in self.core.repo.list_audit_events(limit=100)]
+
+
+class _Granting:
+    """A policy granting any authenticated service: the login's own outcome is under test."""
+
+    def decide(self, service: ServiceRecord) -> Verdict[str]:
+        return Verdict.grant(service.service_id, "billing")
+
+    def complete(self, prepared: str) -> str:
+        return prepared
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    settings = in_process_settings(tmp_path, AUTHSVC_ISSUER=ISSUER)
+    clock = FakeClock(time.time())
+    core = build_core(settings, clock)
+    key, issuer_key, ca = new_ec(), new_rsa(), WorkloadCa.create("unit")
+    now = to_datetime(clock.now())
+    registered = parse_public_key(public_pem(key))
+    core.repo.create_trust(
+        TrustRecord(
+            "cluster",
+            K8S,
+            "authsvc",
+            jwk_set(jwk_of(issuer_key, kid="k1")).decode(),
+            None,
+            3600,
+            now,
+        ),
+        now,
+    )
+    core.repo.create_service(
+        "orders",
+        (AudienceGrant("billing", ()),),
+        None,
+        now,
+        credentials=(
+            CredentialRecord("public_key", registered.key_id, registered.to_json()),
+            CredentialRecord("tls_san", SPIFFE, SPIFFE),
+            CredentialRecord("federated", "cluster", SUBJECT),
+        ),
+    )
+    core.repo.create_service("billing", (AudienceGrant("orders", ()),), b"\x01" * 32, now)
+    logins = LoginBatcher(core.repo, settings, clock)
+    try:
+        yield World(core, logins, clock, key, issuer_key, ca)
+    finally:
+        logins.close()
+        core.dispose()
+
+
+def _assertion(world: World, text: str, service_id: str = "orders") -> AssertionCredential:
+    return AssertionCredential(service_id, text, ISSUER, 30)
+
+
+class TestAssertion:
+    def test_a_registered_key_logs_in_once_per_jti(self, world: World) -> None:
+        text = world.assertion()
+        assert world.login(_assertion(world, text)) == "orders"
+        with pytest.raises(Unauthenticated, match="invalid service credentials"):
+            world.login(_assertion(world, text))
+        details = world.details()
+        assert any(d.startswith("credential=assertion key=") for d in details)
+        assert any("credential=assertion reason=replayed" in d for d in details)
+
+    def test_after_the_assertion_expires_its_jti_may_be_pruned(self, world: World) -> None:
+        world.login(_assertion(world, world.assertion()))
+        assert world.core.repo.prune_used_assertions(to_datetime(world.clock.now())) == 0
+        world.clock.advance(3600)
+        assert world.core.repo.prune_used_assertions(to_datetime(world.clock.now())) == 1
+
+    def test_another_key_or_service_is_refused(self, world: World) -> None:
+        with pytest.raises(Unauthenticated):
+            world.login(_assertion(world, world.assertion(key=new_ec())))
+        # billing has no key at all: its assertion never verifies.
+        with pytest.raises(Unauthenticated):
+            world.login(_assertion(world, world.assertion("billing"), "billing"))
+        assert "credential=assertion reason=no_key" in world.details()
+
+    def test_a_secretless_service_never_matches_a_secret(self, world: World) -> None:
+        credential = SecretCredential.present(world.core.hasher, "orders", "anything")
+        with pytest.raises(Unauthenticated):
+            world.login(credential)
+        assert "credential=secret reason=no_secret" in world.details()
+
+
+class TestCertificate:
+    def test_the_registered_spiffe_id_logs_in(self, world: World) -> None:
+        cert = world.ca.issue(uris=(SPIFFE,)).decode()
+        assert world.login(CertificateCredential("orders", cert)) == "orders"
+        assert f"credential=certificate san={SPIFFE}" in world.details()
+
+    def test_another_identity_or_service_is_refused(self, world: World) -> None:
+        other = world.ca.issue(uris=("spiffe://example.org/ns/prod/sa/billing",)).decode()
+        right = world.ca.issue(uris=(SPIFFE,)).decode()
+        for credential in (
+            CertificateCredential("orders", other),
+            CertificateCredential("billing", right),
+        ):
+            with pytest.raises(Unauthenticated):
+                world.login(credential)
+
+
+class TestFederated:
+    def _store(self, world: World) -> TrustStore:
+        store = TrustStore(world.core.repo, world.clock, world.core.settings)
+        store.reload()
+        return store
+
+    def _token(self, world: World, **claims: object) -> str:
+        now = int(world.clock.now())
+        body = {"iss": K8S, "sub": SUBJECT, "aud": ["authsvc"], "iat": now, "exp": now + 600}
+        return sign({**body, **claims}, world.issuer_key, "RS256", kid="k1")
+
+    def test_the_bound_subject_logs_in_as_its_service(self, world: World) -> None:
+        identity = self._store(world).verify(self._token(world), now=world.clock.now())
+        assert world.login(FederatedCredential(identity)) == "orders"
+        assert f"credential=federated trust=cluster subject={SUBJECT}" in world.details()
+        with pytest.raises(Unauthenticated):
+            world.login(FederatedCredential(identity, named_service_id="billing"))
+
+    def test_an_unbound_subject_or_a_refused_token_fails_like_an_unknown_id(
+        self, world: World
+    ) -> None:
+        store = self._store(world)
+        unbound = store.verify(
+            self._token(world, sub="system:serviceaccount:x:y"), now=world.clock.now()
+        )
+        for credential in (
+            FederatedCredential(unbound),
+            FederatedCredential(None, Reason.BAD_SIGNATURE),
+        ):
+            with pytest.raises(Unauthenticated):
+                world.login(credential)
+
+    def test_a_removed_trust_is_gone_after_reload(self, world: World) -> None:
+        store = self._store(world)
+        token = self._token(world)
+        store.verify(token, now=world.clock.now())
+        world.core.repo.delete_trust("cluster", to_datetime(world.clock.now()))
+        store.reload()
+        with pytest.raises(WorkloadAuthError) as caught:
+            store.verify(token, now=world.clock.now())
+        assert caught.value.reason is Reason.UNKNOWN_ISSUER
+        assert world.core.repo.fetch_federated_binding("cluster", SUBJECT) is None
+
+    def test_a_stored_trust_that_no_longer_parses_is_skipped(self, world: World) -> None:
+        now = to_datetime(world.clock.now())
+        world.core.repo.create_trust(
+            TrustRecord(
+                "broken",
+                "https://broken.invalid",
+                "authsvc",
+                json.dumps({"keys": []}),
+                None,
+                60,
+                now,
+            ),
+            now,
+        )
+        store = self._store(world)
+        assert store.trust_names == ("cluster",)
+
+    def test_failures_bound_to_no_service_count_for_the_peer_only(self, world: World) -> None:
+        # Every unbound or unverifiable federated token has no service id: were they counted
+        # under one id key, a few of them anywhere in the fleet would throttle all the others.
+        settings = world.core.settings.with_overrides(
+            throttle_id_failures=2, throttle_peer_failures=5
+        )
+        logins = LoginBatcher(world.core.repo, settings, world.clock)
+        origin = Origin("", "ipv4:10.0.0.9", "req")
+        try:
+            for _ in range(5):
+                with pytest.raises(Unauthenticated):
+                    logins.authenticate_sync(
+                        Login(
+                            FederatedCredential(None, Reason.BAD_SIGNATURE), origin, "issue_token"
+                        )
+                    )
+            # The peer's own limit still binds it.
+            with pytest.raises(ResourceExhausted):
+                logins.authenticate_sync(
+                    Login(FederatedCredential(None, Reason.BAD_SIGNATURE), origin, "issue_token")
+                )
+        finally:
+            logins.close()
