@@ -46,15 +46,6 @@ SCOPES = {CHARGE: ["billing.write"]}
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 MISMATCH = "invalid token: CERTIFICATE_MISMATCH"
 
-# authsvc's ValidateToken must hand ValidateTokenRequest.client_cert_thumbprint to
-# Tokens.validate for a remote check of a bound token ever to succeed. Until it does, the
-# server's verifier sees no thumbprint and answers CERTIFICATE_MISMATCH for every bound token
-# (fail closed), so only the refusals below can pass in remote mode.
-NEEDS_SERVER_PASS_THROUGH = pytest.mark.skip(
-    reason="authsvc's ValidateToken does not pass client_cert_thumbprint to Tokens.validate "
-    "yet (servicer + usecases/tokens.py, the lead's change); remove this mark once it does"
-)
-
 
 @dataclass(frozen=True)
 class Pki:
@@ -305,16 +296,10 @@ def refusal(
     return str(caught.value.details())
 
 
-def _skip_remote_acceptance(billing: Billing) -> None:
-    if billing.kind.endswith("remote"):
-        pytest.skip(str(NEEDS_SERVER_PASS_THROUGH.kwargs["reason"]))
-
-
 class TestBoundTokens:
     def test_accepted_from_the_certificate_it_is_bound_to(
         self, billing: Billing, pki: Pki, tokens: Tokens
     ) -> None:
-        _skip_remote_acceptance(billing)
         caller = call(billing, pki, tokens.bound_to_a, pki.a)
         assert caller == {"sub": "orders", "cnf": tokens.thumbprint_a}
 
@@ -340,7 +325,6 @@ class TestBoundTokens:
     ) -> None:
         """Verifier cache (local) and positive cache (remote) hold the token's verdict, never
         the binding: the order of callers cannot change any answer."""
-        _skip_remote_acceptance(billing)
         for _ in range(2):
             assert call(billing, pki, tokens.bound_to_a, pki.a)["cnf"] == tokens.thumbprint_a
             assert refusal(billing, pki, tokens.bound_to_a, pki.b) == MISMATCH
@@ -350,7 +334,6 @@ class TestBoundTokens:
 class TestRemoteValidateToken:
     """The RPC itself: `client_cert_thumbprint` decides for bound tokens only."""
 
-    @NEEDS_SERVER_PASS_THROUGH
     def test_a_bound_token_with_its_thumbprint_is_valid(
         self, authsvc: tuple[World, str], tokens: Tokens
     ) -> None:
@@ -462,7 +445,8 @@ class TestTheInterceptorEnforcesTheBindingItself:
     ) -> None:
         world, _ = authsvc
         jwks = world.server.stub.GetJwks(auth_pb2.GetJwksRequest(), timeout=10).jwks_json
-        validator = LegacyValidator(jwks, tokens.thumbprint_a)
+        # A validator of the older protocol (no client_cert_thumbprint) is still accepted.
+        validator: Any = LegacyValidator(jwks, tokens.thumbprint_a)
         server, service = _serve_sync(AuthServerInterceptor(validator, SCOPES), pki)
         try:
             assert call(service, pki, tokens.bound_to_a, pki.a)["cnf"] == tokens.thumbprint_a
