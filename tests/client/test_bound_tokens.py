@@ -11,6 +11,8 @@ issues on a certificate-authenticated call.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import logging
 import threading
@@ -23,10 +25,17 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from authsvc.tokens.issuer import TokenIssuer
+from authsvc.workload.certificates import certificate_thumbprint as server_thumbprint
 from authsvc_client.aio import AsyncAuthServerInterceptor, AsyncRemoteValidator
-from authsvc_client.binding import certificate_thumbprint
+from authsvc_client.binding import (
+    MAX_CERTIFICATE_PEM_BYTES,
+    certificate_thumbprint,
+    peer_certificate_pem,
+)
 from authsvc_client.claims import Claims, ValidationResult
 from authsvc_client.interceptors import AuthServerInterceptor, current_claims
 from authsvc_client.keyring import KeyRing
@@ -455,6 +464,57 @@ class TestTheInterceptorEnforcesTheBindingItself:
             assert call(service, pki, tokens.unbound, None)["cnf"] == ""
         finally:
             server.stop(None).wait(10)
+
+
+class TestTheInterceptorSaysWhyOnce:
+    def test_a_bound_token_without_a_certificate_is_logged_once(
+        self, pki: Pki, tokens: Tokens, authsvc: tuple[World, str], caplog: pytest.LogCaptureFixture
+    ) -> None:
+        world, _ = authsvc
+        service = Billing("sync-local", pki, world.server.address, world.follower_token)
+        try:
+            with caplog.at_level(logging.WARNING, logger="authsvc_client.interceptors"):
+                for _ in range(3):
+                    assert refusal(service, pki, tokens.bound_to_a, None) == MISMATCH
+                assert refusal(service, pki, tokens.bound_to_a, pki.b) == MISMATCH
+        finally:
+            service.close()
+        said = [r.getMessage() for r in caplog.records if r.name == "authsvc_client.interceptors"]
+        assert len(said) == 1 and "without a client certificate" in said[0]
+        assert tokens.bound_to_a not in said[0]
+
+
+class TestThumbprintRule:
+    """authsvc_client.binding: RFC 8705 section 3.1, and the server computing the same."""
+
+    def test_base64url_of_sha256_over_the_der(self, pki: Pki) -> None:
+        der = x509.load_pem_x509_certificate(pki.a[0]).public_bytes(serialization.Encoding.DER)
+        expected = base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
+        assert certificate_thumbprint(pki.a[0]) == expected
+        assert certificate_thumbprint(pki.a[0].decode("ascii")) == expected
+        assert server_thumbprint(pki.a[0]) == expected
+
+    @pytest.mark.parametrize(
+        "pem", [b"", b"  \n", b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"]
+    )
+    def test_what_is_no_certificate_is_a_value_error(self, pem: bytes) -> None:
+        with pytest.raises(ValueError):
+            certificate_thumbprint(pem)
+
+    def test_an_oversized_pem_is_refused_before_parsing(self, pki: Pki) -> None:
+        with pytest.raises(ValueError, match="too large"):
+            certificate_thumbprint(pki.a[0] + b"\n" * MAX_CERTIFICATE_PEM_BYTES)
+
+    def test_the_auth_context_gives_one_leaf_or_nothing(self, pki: Pki) -> None:
+        assert peer_certificate_pem({"x509_pem_cert": [pki.a[0]]}) == pki.a[0]
+        contexts: list[dict[str, list[bytes]] | None] = [
+            None,
+            {},
+            {"x509_pem_cert": []},
+            {"x509_pem_cert": [pki.a[0], pki.b[0]]},  # gRPC gives one leaf, never a list of them
+        ]
+        for context in contexts:
+            assert peer_certificate_pem(context) is None
 
 
 class TestRemoteCacheKey:
