@@ -204,7 +204,8 @@ class Billing:
             validator = self._local(authsvc_address, follower)
         else:
             channel = grpc.insecure_channel(authsvc_address)
-            validator = RemoteValidator(channel, AUDIENCE)
+            # "sync-remote" checks over ValidateTokenStream, "sync-remote-unary" with unary calls.
+            validator = RemoteValidator(channel, AUDIENCE, streaming=kind == "sync-remote")
             self._cleanup += [validator.close, channel.close]
         interceptor = AuthServerInterceptor(
             validator, SCOPES, tls_terminated_upstream=self._upstream
@@ -263,7 +264,14 @@ class Billing:
             step()
 
 
-KINDS = ("sync-local", "sync-remote", "aio-local", "aio-remote", "aio-local-sync-handler")
+KINDS = (
+    "sync-local",
+    "sync-remote",
+    "sync-remote-unary",
+    "aio-local",
+    "aio-remote",
+    "aio-local-sync-handler",
+)
 
 
 @pytest.fixture(scope="module", params=KINDS)
