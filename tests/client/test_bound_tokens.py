@@ -46,7 +46,7 @@ from authsvc_client.verifier import TokenVerifier
 from tests.integration.conftest import World, make_world
 from tests.security.forge import own_keys
 from tests.support.certs import CertificateAuthority, Issued
-from tests.support.server import TEST_ISSUER
+from tests.support.server import TEST_ISSUER, RunningServer, base_env, run_cli, start_server
 from tests.support.workload import WorkloadCa
 
 AUDIENCE = "billing"
@@ -472,6 +472,116 @@ class TestTheInterceptorEnforcesTheBindingItself:
             assert call(service, pki, tokens.unbound, None)["cnf"] == ""
         finally:
             server.stop(None).wait(10)
+
+
+ORDERS_ID = "spiffe://example.org/ns/prod/sa/orders"
+BILLING_ID = "spiffe://example.org/ns/prod/sa/billing"
+
+
+@dataclass
+class MtlsAuthsvc:
+    """A real authsvc with mTLS on (AUTHSVC_TLS_CLIENT_CA = the workload CA), where orders and
+    billing are secretless services known by their SPIFFE IDs."""
+
+    server: RunningServer
+    ca: bytes  # authsvc's server CA
+    billing: tuple[bytes, bytes]  # billing's own workload certificate and key
+
+    def channel(self, cert: tuple[bytes, bytes]) -> grpc.Channel:
+        creds = grpc.ssl_channel_credentials(
+            self.ca, private_key=cert[1], certificate_chain=cert[0]
+        )
+        return self.server.open_channel(creds)
+
+    def issue(self, cert: tuple[bytes, bytes], service_id: str, audience: str) -> str:
+        with self.channel(cert) as channel:
+            reply = auth_pb2_grpc.AuthServiceStub(channel).IssueToken(
+                auth_pb2.IssueTokenRequest(service_id=service_id, audience=audience), timeout=10
+            )
+        return str(reply.access_token)
+
+
+@pytest.fixture(scope="module")
+def mtls_authsvc(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[MtlsAuthsvc]:
+    folder = tmp_path_factory.mktemp("bound-mtls-authsvc")
+    server_ca = CertificateAuthority(folder, "authsvc")
+    served = server_ca.issue("authsvc", server=True)
+    bundle = folder / "workload-ca.pem"
+    bundle.write_bytes(pki.workload_ca.cert_pem)
+    env = base_env(
+        f"sqlite:///{folder / 'authsvc.db'}",
+        AUTHSVC_TLS_CERT=str(served.cert_path),
+        AUTHSVC_TLS_KEY=str(served.key_path),
+        AUTHSVC_TLS_CLIENT_CA=str(bundle),
+    )
+    run_cli(env, "db", "upgrade")
+    run_cli(
+        env, "services", "create", "orders", "--audience", AUDIENCE, "--scope", "billing.write",
+        "--tls-san", ORDERS_ID, "--no-secret",
+    )  # fmt: skip
+    run_cli(
+        env, "services", "create", AUDIENCE, "--audience", "orders", "--tls-san", BILLING_ID,
+        "--no-secret",
+    )  # fmt: skip
+    server = start_server(env)
+    try:
+        yield MtlsAuthsvc(
+            server, server_ca.cert_pem, pki.workload_ca.issue_pair(uris=(BILLING_ID,))
+        )
+    finally:
+        server.stop()
+
+
+class TestIssuedByAuthsvcOverMtls:
+    """End to end: orders logs in to authsvc with certificate A alone (no secret), and the
+    token authsvc issues works at billing only from certificate A."""
+
+    def test_the_token_of_a_certificate_login_is_bound_and_checked_remotely(
+        self, mtls_authsvc: MtlsAuthsvc, pki: Pki
+    ) -> None:
+        token = mtls_authsvc.issue(pki.a, "orders", AUDIENCE)
+        channel = mtls_authsvc.channel(mtls_authsvc.billing)
+        validator = RemoteValidator(channel, AUDIENCE)
+        server, ports = _serve_sync(AuthServerInterceptor(validator, SCOPES), pki)
+        try:
+            caller = call(ports, pki, token, pki.a)
+            assert caller == {"sub": "orders", "cnf": certificate_thumbprint(pki.a[0])}
+            assert refusal(ports, pki, token, pki.b) == MISMATCH
+            assert refusal(ports, pki, token, None) == MISMATCH
+        finally:
+            server.stop(None).wait(10)
+            validator.close()
+            channel.close()
+
+    @pytest.mark.xfail(
+        strict=True,
+        reason="authsvc's WatchRevocations (Callers.follower) verifies the follower token "
+        "without the caller's thumbprint, so a follower token from a certificate login is "
+        "refused CERTIFICATE_MISMATCH and a LocalValidator never gets its feed; the lead's fix "
+        "(pass the peer thumbprint to Callers.follower/admin) turns this into a pass",
+    )
+    def test_a_local_validator_whose_follower_logs_in_by_certificate_gets_its_feed(
+        self, mtls_authsvc: MtlsAuthsvc, pki: Pki
+    ) -> None:
+        channel = mtls_authsvc.channel(mtls_authsvc.billing)
+        validator = LocalValidator(
+            channel,
+            AUDIENCE,
+            TEST_ISSUER,
+            token_source=lambda: mtls_authsvc.issue(mtls_authsvc.billing, AUDIENCE, "authsvc"),
+        )
+        try:
+            assert validator.wait_ready(5)
+            token = mtls_authsvc.issue(pki.a, "orders", AUDIENCE)
+            server, ports = _serve_sync(AuthServerInterceptor(validator, SCOPES), pki)
+            try:
+                assert call(ports, pki, token, pki.a)["sub"] == "orders"
+                assert refusal(ports, pki, token, pki.b) == MISMATCH
+            finally:
+                server.stop(None).wait(10)
+        finally:
+            validator.close()
+            channel.close()
 
 
 class TestTheInterceptorSaysWhyOnce:
