@@ -9,7 +9,15 @@ import contextvars
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from typing import Any, Protocol, runtime_checkable
 
 import grpc
@@ -24,9 +32,11 @@ from authsvc_client.credentials import (
 from authsvc_client.errors import AuthsvcClientError, ValidatorUnavailable, status_of
 from authsvc_client.interceptors import (
     _CALLER,
+    _MISMATCH,
     _NOT_ALLOWED,
     _UNAVAILABLE,
     DEFAULT_PUBLIC_SERVICES,
+    Binding,
     Denial,
     MethodPolicy,
     admit,
@@ -118,7 +128,11 @@ class AsyncValidator(Protocol):
     """Validator, awaitable: same results, same ValidatorUnavailable on indecision."""
 
     async def validate(
-        self, token: str, *, required_scopes: Sequence[str] = ()
+        self,
+        token: str,
+        *,
+        required_scopes: Sequence[str] = (),
+        client_cert_thumbprint: str | None = None,
     ) -> ValidationResult: ...
 
 
@@ -301,10 +315,17 @@ class AsyncRemoteValidator:
                 self.feed.start()
 
     async def validate(
-        self, token: str, *, required_scopes: Sequence[str] = ()
+        self,
+        token: str,
+        *,
+        required_scopes: Sequence[str] = (),
+        client_cert_thumbprint: str | None = None,
     ) -> ValidationResult:
-        """Raises:
-        ValidatorUnavailable: authsvc did not answer in time (never read as valid).
+        """`client_cert_thumbprint`: as RemoteValidator.validate (sent with the check, part of
+        the cache key).
+
+        Raises:
+            ValidatorUnavailable: authsvc did not answer in time (never read as valid).
         """
         core = self._core
         now = core.clock()
@@ -312,10 +333,11 @@ class AsyncRemoteValidator:
         if feed is not None:
             feed.start()
         use_cache = feed is None or feed.connected
-        key, cached = core.lookup(token, required_scopes, now, use_cache)
+        thumbprint = client_cert_thumbprint
+        key, cached = core.lookup(token, required_scopes, now, use_cache, thumbprint)
         if cached is not None:
             return cached
-        request = core.request(token, required_scopes)
+        request = core.request(token, required_scopes, thumbprint)
         started = time.monotonic()
         response = None
         if self.streams is not None:
@@ -326,7 +348,7 @@ class AsyncRemoteValidator:
                 response = await self._stub.ValidateToken(request, timeout=remaining)
             except grpc.RpcError as exc:
                 return core.failed(exc)
-        return core.answer(key, response, required_scopes, now)
+        return core.answer(key, response, required_scopes, now, thumbprint)
 
     def close(self) -> None:
         """End the validator's streams and its revocation feed (they also end with the
@@ -341,20 +363,31 @@ class AsyncRemoteValidator:
 
 
 async def validate_async(
-    validator: Validator | AsyncValidator, token: str, scopes: Sequence[str]
+    validator: Validator | AsyncValidator,
+    token: str,
+    scopes: Sequence[str],
+    thumbprint: str | None = None,
+    *,
+    pass_thumbprint: bool = True,
 ) -> Claims | Denial:
     """Run any validator without blocking the event loop; every outcome becomes claims or a
-    denial (an exception is a denial: fail closed)."""
+    denial (an exception is a denial: fail closed). `thumbprint` is the call's client
+    certificate (interceptors.call_thumbprint), passed on unless the validator predates it."""
+    bound: dict[str, Any] = {"client_cert_thumbprint": thumbprint} if pass_thumbprint else {}
     try:
         if isinstance(validator, LocalValidator):
-            result, fetch = validator.validate_nonblocking(token, required_scopes=scopes)
+            result, fetch = validator.validate_nonblocking(token, required_scopes=scopes, **bound)
             if fetch:
                 # Unknown kid: the key fetch blocks, so it runs on a worker thread.
-                result = await asyncio.to_thread(validator.validate, token, required_scopes=scopes)
+                result = await asyncio.to_thread(
+                    validator.validate, token, required_scopes=scopes, **bound
+                )
         elif isinstance(validator, RemoteValidator):
-            result = await asyncio.to_thread(validator.validate, token, required_scopes=scopes)
+            result = await asyncio.to_thread(
+                validator.validate, token, required_scopes=scopes, **bound
+            )
         else:
-            outcome = validator.validate(token, required_scopes=scopes)
+            outcome = validator.validate(token, required_scopes=scopes, **bound)
             result = await outcome if inspect.isawaitable(outcome) else outcome
     except ValidatorUnavailable:
         return _UNAVAILABLE
@@ -381,12 +414,21 @@ def terminator(denial: Denial, handler: Any) -> grpc.RpcMethodHandler:
     return _TERMINATORS[denial][shape_of(handler)]
 
 
-def _with_caller(handler: Any, claims: Claims) -> grpc.RpcMethodHandler:
+# Checks a call given its ServicerContext: the token is known when the handler is chosen, the
+# client certificate only from the context, so the check runs as the handler starts.
+Check = Callable[[Any], Coroutine[Any, Any, Claims | Denial]]
+
+
+def _guarded(handler: Any, check: Check, loop: asyncio.AbstractEventLoop) -> grpc.RpcMethodHandler:
     behavior = behavior_of(handler)
     wrapped: Callable[..., Any]
     if inspect.isasyncgenfunction(behavior):
 
         async def wrapped_gen(request: Any, context: Any) -> AsyncIterator[Any]:
+            claims = await check(context)
+            if isinstance(claims, Denial):
+                await context.abort(claims.code, claims.details)
+                return
             token = _CALLER.set(claims)
             try:
                 async for item in behavior(request, context):
@@ -398,6 +440,10 @@ def _with_caller(handler: Any, claims: Claims) -> grpc.RpcMethodHandler:
     elif inspect.iscoroutinefunction(behavior):
 
         async def wrapped_coro(request: Any, context: Any) -> Any:
+            claims = await check(context)
+            if isinstance(claims, Denial):
+                await context.abort(claims.code, claims.details)
+                return None
             token = _CALLER.set(claims)
             try:
                 return await behavior(request, context)
@@ -406,11 +452,16 @@ def _with_caller(handler: Any, claims: Claims) -> grpc.RpcMethodHandler:
 
         wrapped = wrapped_coro
     else:
-        # A sync behaviour on an aio server runs elsewhere; give it a context of its own.
-        ctx = contextvars.copy_context()
-        ctx.run(_CALLER.set, claims)
+        # A sync behaviour on an aio server runs on an executor thread, with grpc.aio's sync
+        # context (its abort() is synchronous); the check itself runs on the loop.
 
         def wrapped_sync(request: Any, context: Any) -> Any:
+            claims = asyncio.run_coroutine_threadsafe(check(context), loop).result()
+            if isinstance(claims, Denial):
+                context.abort(claims.code, claims.details)
+                raise RuntimeError("unreachable: abort() raises")  # pragma: no cover
+            ctx = contextvars.copy_context()
+            ctx.run(_CALLER.set, claims)
             return ctx.run(behavior, request, context)
 
         wrapped = wrapped_sync
@@ -430,6 +481,11 @@ class AsyncAuthServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[mi
     Accepts an AsyncValidator or a sync Validator. LocalValidator runs inline (it only
     blocks to fetch keys for an unknown kid, which then moves to a worker thread);
     RemoteValidator runs on a worker thread; any other sync validator must not block.
+
+    Certificate-bound tokens and `tls_terminated_upstream`: as AuthServerInterceptor. grpc.aio
+    gives an interceptor no peer information, so the token is checked as the handler starts
+    (with the call's context, hence its client certificate) rather than before the handler
+    is returned; a refusal is the same status either way, and the handler never runs.
     """
 
     def __init__(
@@ -439,11 +495,13 @@ class AsyncAuthServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[mi
         *,
         public_methods: Iterable[str] = (),
         public_services: Iterable[str] = DEFAULT_PUBLIC_SERVICES,
+        tls_terminated_upstream: bool = False,
     ) -> None:
         self._validator = validator
         self.policy = MethodPolicy(
             method_scopes, public_methods=public_methods, public_services=public_services
         )
+        self.binding = Binding(validator, tls_terminated_upstream=tls_terminated_upstream)
 
     async def intercept_service(
         self,
@@ -471,7 +529,22 @@ class AsyncAuthServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[mi
         token = bearer_token(details.invocation_metadata)
         if isinstance(token, Denial):
             return terminator(token, handler)
-        outcome = await validate_async(self._validator, token, scopes)
-        if isinstance(outcome, Denial):
-            return terminator(outcome, handler)
-        return _with_caller(handler, outcome)
+        validator = self._validator
+        binding = self.binding
+        passes = binding.passes_thumbprint
+
+        async def check(context: Any) -> Claims | Denial:
+            # Binding.check_sync, awaiting the validator.
+            thumbprint = binding.upfront(context)
+            outcome = await validate_async(
+                validator, token, scopes, thumbprint, pass_thumbprint=passes
+            )
+            if binding.second_look(outcome):
+                thumbprint = binding.thumbprint(context)
+                if thumbprint is not None and outcome == _MISMATCH:
+                    outcome = await validate_async(
+                        validator, token, scopes, thumbprint, pass_thumbprint=passes
+                    )
+            return binding.admit(outcome, thumbprint)
+
+        return _guarded(handler, check, asyncio.get_running_loop())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import inspect
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -11,10 +12,11 @@ from typing import Any
 
 import grpc
 
+from authsvc_client.binding import certificate_thumbprint, peer_certificate_pem, thumbprint_matches
 from authsvc_client.claims import Claims, ValidationResult
 from authsvc_client.errors import ValidatorUnavailable
 from authsvc_client.v1 import auth_pb2
-from authsvc_client.validation import Validator
+from authsvc_client.validation import LocalValidator, Validator
 
 __all__ = [
     "DEFAULT_PUBLIC_SERVICES",
@@ -22,6 +24,7 @@ __all__ = [
     "Denial",
     "MethodPolicy",
     "bearer_token",
+    "call_thumbprint",
     "current_claims",
 ]
 
@@ -84,6 +87,125 @@ ALL_DENIALS: tuple[Denial, ...] = (
     _UNAVAILABLE,
     *_BY_REASON.values(),
 )
+
+
+_MISMATCH = _BY_REASON[auth_pb2.CERTIFICATE_MISMATCH]
+
+# PEM of a peer leaf -> its x5t#S256. A connection's calls all present the same leaf, so the
+# parse is paid once per certificate, not per call; cleared when full (plain dict get/set).
+_THUMBPRINTS: dict[bytes, str] = {}
+_THUMBPRINTS_KEPT = 1024
+
+_TLS_TERMINATED_WARNING = (
+    "tls_terminated_upstream: client certificates do not reach this service, so "
+    "certificate-bound tokens (RFC 8705) cannot be checked here; they will be REFUSED "
+    "(CERTIFICATE_MISMATCH), never accepted as bearer tokens"
+)
+_NO_CERTIFICATE_WARNING = (
+    "a certificate-bound token arrived on a call without a client certificate and was "
+    "refused (CERTIFICATE_MISMATCH); serve this port over mTLS so bound tokens can be used "
+    "(logged once)"
+)
+
+
+def call_thumbprint(context: Any) -> str | None:
+    """The RFC 8705 `x5t#S256` of the verified client certificate the call arrived with
+    (gRPC auth context `x509_pem_cert`), None without mTLS. Never raises."""
+    try:
+        pem = peer_certificate_pem(context.auth_context())
+    except Exception:
+        return None
+    if pem is None:
+        return None
+    thumbprint = _THUMBPRINTS.get(pem)
+    if thumbprint is None:
+        try:
+            thumbprint = certificate_thumbprint(pem)
+        except ValueError:
+            return None  # gRPC verified it, so this does not happen; fail closed if it does
+        if len(_THUMBPRINTS) >= _THUMBPRINTS_KEPT:
+            _THUMBPRINTS.clear()
+        _THUMBPRINTS[pem] = thumbprint
+    return thumbprint
+
+
+def takes_thumbprint(validator: Any) -> bool:
+    """Whether `validator.validate` accepts `client_cert_thumbprint` (every validator of this
+    package does). One written against the older Validator protocol is still called, without
+    it; the interceptor then enforces the binding on the claims it returns."""
+    try:
+        parameters = inspect.signature(validator.validate).parameters.values()
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return any(
+        p.name == "client_cert_thumbprint" or p.kind is inspect.Parameter.VAR_KEYWORD
+        for p in parameters
+    )
+
+
+def _bound(outcome: Claims | Denial) -> bool:
+    """The outcome of a check made without a thumbprint that the certificate could change."""
+    if isinstance(outcome, Claims):
+        return bool(outcome.cert_thumbprint)  # a validator that ignored the binding
+    return outcome == _MISMATCH
+
+
+# A check of the call's token given the thumbprint of the certificate it arrived with.
+SyncCheck = Callable[[str | None], Claims | Denial]
+
+
+class Binding:
+    """The certificate side of an interceptor (sync and aio): which thumbprint a call
+    presents, when it is read, and whether the accepted claims may be used with it.
+
+    Reading the auth context costs microseconds on every call. A LocalValidator answers an
+    unbound token the same with or without a thumbprint, and a bound one CERTIFICATE_MISMATCH
+    without it, so with one the certificate is read only when the token turns out bound (and
+    the now cached token checked again with it). A remote check must carry the thumbprint from
+    the start. Whatever the validator did, claims bound to another certificate never pass.
+    """
+
+    def __init__(self, validator: Any, *, tls_terminated_upstream: bool) -> None:
+        self.passes_thumbprint = takes_thumbprint(validator)
+        self.ignores_peer = tls_terminated_upstream
+        self.reads_lazily = self.passes_thumbprint and isinstance(validator, LocalValidator)
+        self._warned = False
+        if tls_terminated_upstream:
+            _LOG.warning(_TLS_TERMINATED_WARNING)
+
+    def thumbprint(self, context: Any) -> str | None:
+        # Behind a TLS-terminating proxy the peer certificate, if any, is the proxy's own.
+        return None if self.ignores_peer else call_thumbprint(context)
+
+    def upfront(self, context: Any) -> str | None:
+        """The thumbprint to check with first (None: none, or not read yet)."""
+        return None if self.reads_lazily else self.thumbprint(context)
+
+    def second_look(self, outcome: Claims | Denial) -> bool:
+        """Whether a lazily made check must read the certificate after all."""
+        return self.reads_lazily and not self.ignores_peer and _bound(outcome)
+
+    def check_sync(self, check: SyncCheck, context: Any) -> Claims | Denial:
+        thumbprint = self.upfront(context)
+        outcome = check(thumbprint)
+        if self.second_look(outcome):
+            thumbprint = self.thumbprint(context)
+            if thumbprint is not None and outcome == _MISMATCH:
+                outcome = check(thumbprint)
+        return self.admit(outcome, thumbprint)
+
+    def admit(self, outcome: Claims | Denial, thumbprint: str | None) -> Claims | Denial:
+        """The validator's verdict, with the binding enforced here as well."""
+        if isinstance(outcome, Claims):
+            bound_to = outcome.cert_thumbprint
+            if not bound_to or thumbprint_matches(bound_to, thumbprint):
+                return outcome
+            outcome = _MISMATCH
+        if outcome == _MISMATCH and thumbprint is None and not self.ignores_peer:
+            if not self._warned:
+                self._warned = True
+                _LOG.warning(_NO_CERTIFICATE_WARNING)
+        return outcome
 
 
 def bearer_token(metadata: Iterable[Any] | None) -> str | Denial:
@@ -156,10 +278,22 @@ def admit(result: ValidationResult) -> Claims | Denial:
     return result.claims
 
 
-def validate_sync(validator: Validator, token: str, scopes: Sequence[str]) -> Claims | Denial:
+def validate_sync(
+    validator: Validator,
+    token: str,
+    scopes: Sequence[str],
+    thumbprint: str | None = None,
+    *,
+    pass_thumbprint: bool = True,
+) -> Claims | Denial:
     """Run a validator and turn every outcome, failures included, into claims or a denial."""
     try:
-        result = validator.validate(token, required_scopes=scopes)
+        if pass_thumbprint:
+            result = validator.validate(
+                token, required_scopes=scopes, client_cert_thumbprint=thumbprint
+            )
+        else:
+            result = validator.validate(token, required_scopes=scopes)
     except ValidatorUnavailable:
         return _UNAVAILABLE
     except Exception:
@@ -249,6 +383,22 @@ class AuthServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     `validator` is anything with the Validator protocol (RemoteValidator, LocalValidator, or
     the authsvc server's in-process verifier). A LocalValidator follows WatchRevocations as a
     registered service (its `token_source`, a token for audience "authsvc" with no scopes).
+
+    Certificate-bound tokens (RFC 8705 section 3): the interceptor reads the verified client
+    certificate of the call from gRPC's auth context (with a LocalValidator only when the
+    token is bound), hands its thumbprint to the validator (LocalValidator checks it,
+    RemoteValidator sends it in ValidateTokenRequest), and checks the accepted claims'
+    `cert_thumbprint` against it once more itself. A bound token on a
+    call without that certificate is refused UNAUTHENTICATED "invalid token:
+    CERTIFICATE_MISMATCH"; unbound tokens are unaffected. Serve over mTLS
+    (`grpc.ssl_server_credentials(..., require_client_auth=True)`) for bound tokens to work.
+
+    `tls_terminated_upstream=True` is for a service behind a proxy that ends TLS (RFC 8705
+    section 6.5): the client's certificate never reaches this process, and a certificate on
+    the proxy's own connection is the proxy's, so none is read. Binding then cannot be
+    checked and bound tokens are REFUSED (CERTIFICATE_MISMATCH), never accepted as bearer
+    tokens: the interceptor logs one WARNING saying so when it is built. (A certificate passed
+    on in a header by the proxy is not trusted.) Unbound tokens work as before.
     """
 
     def __init__(
@@ -258,11 +408,13 @@ class AuthServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         *,
         public_methods: Iterable[str] = (),
         public_services: Iterable[str] = DEFAULT_PUBLIC_SERVICES,
+        tls_terminated_upstream: bool = False,
     ) -> None:
         self._validator = validator
         self.policy = MethodPolicy(
             method_scopes, public_methods=public_methods, public_services=public_services
         )
+        self.binding = Binding(validator, tls_terminated_upstream=tls_terminated_upstream)
 
     def intercept_service(
         self,
@@ -297,10 +449,15 @@ class AuthServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     def _guarded(self, handler: Any, token: str, scopes: tuple[str, ...]) -> Callable[..., Any]:
         behavior = behavior_of(handler)
         validator = self._validator
+        binding = self.binding
+        passes = binding.passes_thumbprint
         streaming_response = bool(handler.response_streaming)
 
+        def check(thumbprint: str | None) -> Claims | Denial:
+            return validate_sync(validator, token, scopes, thumbprint, pass_thumbprint=passes)
+
         def guarded(request: Any, context: grpc.ServicerContext) -> Any:
-            outcome = validate_sync(validator, token, scopes)
+            outcome = binding.check_sync(check, context)
             if isinstance(outcome, Denial):
                 return _abort_behavior(outcome)(request, context)
             # A copied context scopes the caller to this call, whatever thread runs it.

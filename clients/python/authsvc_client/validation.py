@@ -13,6 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import grpc
 
+from authsvc_client.binding import thumbprint_matches
 from authsvc_client.claims import DEFAULT_LEEWAY_SECONDS, Claims, ValidationResult
 from authsvc_client.errors import ValidatorUnavailable, status_of
 from authsvc_client.keyring import KeyRing
@@ -42,6 +43,7 @@ FollowerToken = TokenSource | Callable[[], str]
 _LOG = logging.getLogger(__name__)
 
 _INSUFFICIENT_SCOPE = ValidationResult.fail(auth_pb2.INSUFFICIENT_SCOPE)
+_CERTIFICATE_MISMATCH = ValidationResult.fail(auth_pb2.CERTIFICATE_MISMATCH)
 _MALFORMED = ValidationResult.fail(auth_pb2.MALFORMED)
 _REVOKED = ValidationResult.fail(auth_pb2.REVOKED)
 _SERVICE_DISABLED = ValidationResult.fail(auth_pb2.SERVICE_DISABLED)
@@ -53,9 +55,20 @@ class Validator(Protocol):
 
     Returns a ValidationResult for every token (valid or not, with the reason); raises
     ValidatorUnavailable only when it cannot decide, which callers must treat as a denial.
+
+    `client_cert_thumbprint` is the RFC 8705 `x5t#S256` of the verified client certificate
+    the token arrived with (None without one): a certificate-bound token is valid only with
+    its own, otherwise CERTIFICATE_MISMATCH; unbound tokens ignore it. (The interceptors also
+    call validators written before it, without it, and then enforce the binding themselves.)
     """
 
-    def validate(self, token: str, *, required_scopes: Sequence[str] = ()) -> ValidationResult: ...
+    def validate(
+        self,
+        token: str,
+        *,
+        required_scopes: Sequence[str] = (),
+        client_cert_thumbprint: str | None = None,
+    ) -> ValidationResult: ...
 
 
 def insufficient_scope(claims: Claims, required_scopes: Sequence[str]) -> bool:
@@ -63,13 +76,24 @@ def insufficient_scope(claims: Claims, required_scopes: Sequence[str]) -> bool:
     return any(scope not in claims.scopes for scope in required_scopes)
 
 
-def _with_scopes(result: ValidationResult, required_scopes: Sequence[str]) -> ValidationResult:
-    if result.claims is not None and insufficient_scope(result.claims, required_scopes):
+def _with_scopes(
+    result: ValidationResult, required_scopes: Sequence[str], thumbprint: str | None = None
+) -> ValidationResult:
+    claims = result.claims
+    if claims is None:
+        return result
+    # RFC 8705: a valid answer for a token bound to another certificate (a server that
+    # ignored the thumbprint) is never passed on; the binding wins over the scopes, as in
+    # the verifier.
+    if claims.cert_thumbprint and not thumbprint_matches(claims.cert_thumbprint, thumbprint):
+        return _CERTIFICATE_MISMATCH
+    if insufficient_scope(claims, required_scopes):
         return _INSUFFICIENT_SCOPE
     return result
 
 
-# A cache key: the SHA-256 of the exact token, and the scopes the answer was given for.
+# A cache key: the SHA-256 of the exact token (with the client certificate's thumbprint, when
+# the call presented one) and the scopes the answer was given for.
 CacheKey = tuple[bytes, tuple[str, ...]]
 
 
@@ -97,8 +121,16 @@ class PositiveCache:
         return self._ttl > 0 and self._max > 0
 
     @staticmethod
-    def key(token: str, required_scopes: Sequence[str] = ()) -> CacheKey:
+    def key(
+        token: str, required_scopes: Sequence[str] = (), thumbprint: str | None = None
+    ) -> CacheKey:
+        """The key of an answer for `token` from a caller presenting the certificate
+        `thumbprint` (None or "": none). A bound token's valid answer for one certificate is
+        no answer for another, so the thumbprint is part of the digest: SHA-256 over the
+        token's own 32-byte digest and the thumbprint, which no token's plain digest equals."""
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        if thumbprint:
+            digest = hashlib.sha256(digest + thumbprint.encode("utf-8", "surrogatepass")).digest()
         return digest, tuple(required_scopes)
 
     def get(self, key: CacheKey, now: float) -> ValidationResult | None:
@@ -175,7 +207,12 @@ class RemoteCore:
         self.cache = PositiveCache(cache_ttl_seconds, cache_size, revocations)
 
     def lookup(
-        self, token: str, required_scopes: Sequence[str], now: float, use_cache: bool
+        self,
+        token: str,
+        required_scopes: Sequence[str],
+        now: float,
+        use_cache: bool,
+        thumbprint: str | None = None,
     ) -> tuple[CacheKey | None, ValidationResult | None]:
         """(where to cache the answer, None when it must not be; the cached result or None).
 
@@ -186,14 +223,21 @@ class RemoteCore:
             raise TypeError("required_scopes must be a sequence of scope names, not a str")
         if not use_cache or not self.cache.enabled:
             return None, None
-        key = PositiveCache.key(token, required_scopes)
+        key = PositiveCache.key(token, required_scopes, thumbprint)
         return key, self.cache.get(key, now)
 
-    def request(self, token: str, required_scopes: Sequence[str]) -> auth_pb2.ValidateTokenRequest:
-        # The server checks the scopes itself, so its INSUFFICIENT_SCOPE (and which reason
-        # wins when several apply) is the same answer a LocalValidator gives.
+    def request(
+        self, token: str, required_scopes: Sequence[str], thumbprint: str | None = None
+    ) -> auth_pb2.ValidateTokenRequest:
+        # The server checks the scopes and the certificate binding itself, so its
+        # INSUFFICIENT_SCOPE and CERTIFICATE_MISMATCH (and which reason wins when several
+        # apply) are the answers a LocalValidator gives. The same message travels on the
+        # ValidateTokenStream mux and in the unary fallback.
         return auth_pb2.ValidateTokenRequest(
-            token=token, audience=self.audience, required_scopes=required_scopes
+            token=token,
+            audience=self.audience,
+            required_scopes=required_scopes,
+            client_cert_thumbprint=thumbprint or "",
         )
 
     def remaining(self, spent: float) -> float:
@@ -213,10 +257,12 @@ class RemoteCore:
         response: auth_pb2.ValidateTokenResponse,
         required_scopes: Sequence[str],
         now: float,
+        thumbprint: str | None = None,
     ) -> ValidationResult:
-        # The local scope check stays as a fail-closed backstop: a valid answer lacking a
-        # required scope is never passed on, whatever the server did with the field.
-        result = _with_scopes(ValidationResult.from_proto(response), required_scopes)
+        # The local scope and binding checks stay as fail-closed backstops: a valid answer
+        # lacking a required scope, or for a token bound to another certificate, is never
+        # passed on, whatever the server did with the fields.
+        result = _with_scopes(ValidationResult.from_proto(response), required_scopes, thumbprint)
         if key is not None:
             self.cache.put(key, result, now)
         return result
@@ -237,8 +283,9 @@ class RemoteValidator:
     By default checks travel over `streams` long-lived ValidateTokenStream calls shared by
     every thread (about a third of a unary call's server CPU), each check with its own
     deadline; a server without that RPC, or a stream that is reconnecting, gets unary
-    ValidateToken instead (`streaming=False` always does). The required scopes travel with
-    each check, so authsvc answers INSUFFICIENT_SCOPE exactly as a LocalValidator would.
+    ValidateToken instead (`streaming=False` always does). The required scopes and the
+    caller's client certificate thumbprint travel with each check, so authsvc answers
+    INSUFFICIENT_SCOPE and CERTIFICATE_MISMATCH exactly as a LocalValidator would.
 
     Fails closed: when authsvc is down or slower than `timeout_seconds`, validate() raises
     ValidatorUnavailable and interceptors answer UNAVAILABLE. Cached answers live at most
@@ -285,17 +332,24 @@ class RemoteValidator:
             )
             self.feed.start()
 
-    def validate(self, token: str, *, required_scopes: Sequence[str] = ()) -> ValidationResult:
+    def validate(
+        self,
+        token: str,
+        *,
+        required_scopes: Sequence[str] = (),
+        client_cert_thumbprint: str | None = None,
+    ) -> ValidationResult:
         """Raises:
         ValidatorUnavailable: authsvc did not answer in time (never read as valid).
         """
         core = self._core
         now = core.clock()
         use_cache = self.feed is None or self.feed.connected
-        key, cached = core.lookup(token, required_scopes, now, use_cache)
+        thumbprint = client_cert_thumbprint
+        key, cached = core.lookup(token, required_scopes, now, use_cache, thumbprint)
         if cached is not None:
             return cached
-        request = core.request(token, required_scopes)
+        request = core.request(token, required_scopes, thumbprint)
         started = time.monotonic()
         response = None
         if self.streams is not None:
@@ -306,7 +360,7 @@ class RemoteValidator:
                 response = self._stub.ValidateToken(request, timeout=remaining)
             except grpc.RpcError as exc:
                 return core.failed(exc)
-        return core.answer(key, response, required_scopes, now)
+        return core.answer(key, response, required_scopes, now, thumbprint)
 
     def close(self) -> None:
         if self.streams is not None:
@@ -734,7 +788,13 @@ class LocalValidator:
         authsvc publishes each key before it signs (KeySetCache.unknown_kid_refetches)."""
         return self.keys.unknown_kid_refetches
 
-    def validate(self, token: str, *, required_scopes: Sequence[str] = ()) -> ValidationResult:
+    def validate(
+        self,
+        token: str,
+        *,
+        required_scopes: Sequence[str] = (),
+        client_cert_thumbprint: str | None = None,
+    ) -> ValidationResult:
         """Raises:
         ValidatorUnavailable: no key set loaded yet, or revocations may be stale.
         """
@@ -743,7 +803,10 @@ class LocalValidator:
         if self.feed.outage_seconds(self._clock()) > self._max_outage:
             raise ValidatorUnavailable("revocation feed from authsvc is down")
         result = self._verifier.verify(
-            token, audience=self.audience, required_scopes=required_scopes
+            token,
+            audience=self.audience,
+            required_scopes=required_scopes,
+            client_cert_thumbprint=client_cert_thumbprint,
         )
         claims = result.claims
         if claims is not None and self.revocations.is_revoked(
@@ -756,14 +819,22 @@ class LocalValidator:
         return result
 
     def validate_nonblocking(
-        self, token: str, *, required_scopes: Sequence[str] = ()
+        self,
+        token: str,
+        *,
+        required_scopes: Sequence[str] = (),
+        client_cert_thumbprint: str | None = None,
     ) -> tuple[ValidationResult, bool]:
         """As validate(), but never fetches keys: also says whether an unknown kid wants a
         fetch (then call validate() off the event loop)."""
         reset_block = _NO_BLOCKING_FETCH.set(True)
         reset_wanted = _FETCH_WANTED.set(False)
         try:
-            result = self.validate(token, required_scopes=required_scopes)
+            result = self.validate(
+                token,
+                required_scopes=required_scopes,
+                client_cert_thumbprint=client_cert_thumbprint,
+            )
             wanted = _FETCH_WANTED.get() and self.keys.fetch_allowed()
         finally:
             _FETCH_WANTED.reset(reset_wanted)
