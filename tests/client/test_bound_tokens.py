@@ -553,13 +553,6 @@ class TestIssuedByAuthsvcOverMtls:
             validator.close()
             channel.close()
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="authsvc's WatchRevocations (Callers.follower) verifies the follower token "
-        "without the caller's thumbprint, so a follower token from a certificate login is "
-        "refused CERTIFICATE_MISMATCH and a LocalValidator never gets its feed; the lead's fix "
-        "(pass the peer thumbprint to Callers.follower/admin) turns this into a pass",
-    )
     def test_a_local_validator_whose_follower_logs_in_by_certificate_gets_its_feed(
         self, mtls_authsvc: MtlsAuthsvc, pki: Pki
     ) -> None:
