@@ -46,6 +46,7 @@ from authsvc.usecases.signing_keys import SigningKeys
 from authsvc.usecases.tokens import ExchangeRequest, TokenRequest, Tokens
 from authsvc.usecases.watch import RevocationWatch
 from authsvc.workload.certificates import binding_thumbprint
+from authsvc_client.binding import peer_certificate_pem
 from authsvc_client.interceptors import bearer_token
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 
@@ -95,10 +96,8 @@ def _peer_certificate(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     AUTHSVC_TLS_CLIENT_CA; behind a proxy that ends TLS there is none, so a certificate login
     is refused there (README: TLS termination) rather than trusting a header.
     """
-    found = context.auth_context().get("x509_pem_cert") or ()
-    for value in found:
-        return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
-    return ""
+    pem = peer_certificate_pem(context.auth_context())
+    return "" if pem is None else pem.decode("ascii", "replace")
 
 
 def _peer_thumbprint(context: grpc.aio.ServicerContext[Any, Any]) -> str:
