@@ -40,6 +40,7 @@ from authsvc.workload.federation import (
     MAX_FEDERATED_TOKEN_BYTES,
     FederatedIdentity,
 )
+from authsvc_client.binding import CONFIRMATION_CLAIM, THUMBPRINT_MEMBER
 from authsvc_client.claims import DELEGATION_PARENTS_CLAIM, Claims, ValidationResult
 from authsvc_client.unverified import unverified_payload
 from authsvc_client.v1 import auth_pb2
@@ -136,8 +137,8 @@ class TokenRequest:
 def _bound_thumbprint(payload: dict[str, object]) -> str:
     """The `cnf.x5t#S256` a token's payload claims ("" if none); the verifier still checks it
     is well-formed and signed."""
-    cnf = payload.get("cnf")
-    value = cnf.get("x5t#S256") if isinstance(cnf, dict) else None
+    cnf = payload.get(CONFIRMATION_CLAIM)
+    value = cnf.get(THUMBPRINT_MEMBER) if isinstance(cnf, dict) else None
     return value if isinstance(value, str) else ""
 
 
