@@ -210,7 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KID",
-        help="remove the public key with this key id (as `services list --json` shows it)",
+        help=(
+            "remove the public key with this key id (as `services list --json` shows it); write"
+            " --remove-key=KID, since a base64url key id may begin with '-'"
+        ),
     )
     update.add_argument("--remove-tls-san", action="append", default=[], metavar="SAN")
     update.add_argument(

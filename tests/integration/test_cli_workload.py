@@ -160,7 +160,7 @@ class TestSecretlessServices:
         new_file = _write(tmp_path, "new.jwk", json.dumps(jwk_of(new, use="sig")).encode())
         out = run_cli(
             env, "services", "update", "orders", "--jwk-file", new_file,
-            "--remove-key", _kid(old), "--remove-tls-san", SPIFFE,
+            f"--remove-key={_kid(old)}", "--remove-tls-san", SPIFFE,
             "--remove-federated-subject", f"{k8s}={SUBJECT}", "--add-scope", "b.read", "--json",
         ).stdout  # fmt: skip
         shown = json.loads(out)
@@ -242,11 +242,11 @@ class TestRefusals:
             f"authsvc: public key {_kid(key)} is already registered for this service"
         )
         assert "no way to log in" in _fail(
-            env, "services", "update", "orders", "--remove-key", _kid(key),
+            env, "services", "update", "orders", f"--remove-key={_kid(key)}",
             "--remove-federated-subject", f"{k8s}={SUBJECT}",
         )  # fmt: skip
         assert "public key nope is not registered" in _fail(
-            env, "services", "update", "orders", "--remove-key", "nope"
+            env, "services", "update", "orders", "--remove-key=nope"
         )
         assert _fail(env, "services", "create", "orders", "--audience", "x") == (
             "authsvc: that service already exists"
@@ -381,7 +381,7 @@ def test_workload_credentials_on_postgresql(postgres_url: str, tmp_path: Path) -
         "--federated-subject", f"k8s={SUBJECT}",
     )  # fmt: skip
     run_cli(
-        env, "services", "update", "orders", "--remove-key", _kid(old),
+        env, "services", "update", "orders", f"--remove-key={_kid(old)}",
         "--jwk-file", _write(tmp_path, "new.pem", public_pem(new)),
     )  # fmt: skip
     orders = _listed(env)["orders"]
