@@ -118,7 +118,7 @@ class Revocations:
         if target is None:
             raise InvalidArgument("one of token, jti or service_id is required")
         if target == "token":
-            return await self.revoke_presented(value, reason, origin)
+            return await self.revoke_presented(value, reason, origin, thumbprint)
         admin = origin.as_actor(self._callers.admin(bearer(), thumbprint).subject)
         if target == "jti":
             return await self.revoke_jti(value, reason, admin)
@@ -128,9 +128,15 @@ class Revocations:
     def _token_lifetime(self) -> int:
         return self._s.max_ttl_seconds + self._s.leeway_seconds
 
-    async def revoke_presented(self, token: str, reason: str, origin: Origin) -> bool:
+    async def revoke_presented(
+        self, token: str, reason: str, origin: Origin, thumbprint: str = ""
+    ) -> bool:
         """RFC 7009: whoever holds a token may revoke it, audited as its subject. A token this
         server would not accept revokes nothing (False); one already revoked is True.
+
+        A certificate-bound token is held only with its certificate (RFC 8705 section 3), so it
+        is checked against the call's (`thumbprint`): the workload revokes its own bound token
+        over its mTLS connection, a thief replaying it from another certificate revokes nothing.
 
         Raises:
             InvalidArgument: an empty token, or one over the size limit.
@@ -140,7 +146,9 @@ class Revocations:
         if audience is None:
             return False
         # On the caller's thread (the event loop), like every other verify.
-        result = self._verifier.verify(token, audience=audience)
+        result = self._verifier.verify(
+            token, audience=audience, client_cert_thumbprint=thumbprint or None
+        )
         if result.reason == auth_pb2.REVOKED:
             return True
         if result.claims is None:

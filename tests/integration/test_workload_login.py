@@ -457,6 +457,30 @@ class TestClientCertificate:
             for presented in ("", certificate_thumbprint(other)):
                 assert check(presented).reason == auth_pb2.CERTIFICATE_MISMATCH
 
+    def test_a_bound_token_is_revoked_by_its_holder_not_by_a_thief(self, mtls: MtlsFleet) -> None:
+        holder, cert = mtls.channel_and_cert(mtls.workload_ca, uris=(SPIFFE_ORDERS,))
+        thief = mtls.channel(mtls.workload_ca, uris=(SPIFFE_ORDERS,))
+        with holder, thief:
+            token = mtls.issue(holder).access_token
+
+            def revoke(channel: grpc.Channel) -> bool:
+                return bool(
+                    auth_pb2_grpc.AuthServiceStub(channel)
+                    .RevokeToken(auth_pb2.RevokeTokenRequest(token=token), timeout=10)
+                    .revoked
+                )
+
+            # Replayed from another certificate (same SAN, same CA) it revokes nothing ...
+            assert revoke(thief) is False
+            check = auth_pb2.ValidateTokenRequest(
+                token=token, audience="billing", client_cert_thumbprint=certificate_thumbprint(cert)
+            )
+            stub = auth_pb2_grpc.AuthServiceStub(holder)
+            assert stub.ValidateToken(check, timeout=10).valid
+            # ... while its holder, over its own mTLS connection, revokes it (RFC 7009).
+            assert revoke(holder) is True
+            assert stub.ValidateToken(check, timeout=10).reason == auth_pb2.REVOKED
+
     def test_a_dns_san_logs_in(self, mtls: MtlsFleet) -> None:
         with mtls.channel(mtls.workload_ca, dns=("search.prod.svc.cluster.local",)) as channel:
             assert mtls.issue(channel, "search").access_token
