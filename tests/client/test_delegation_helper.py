@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -32,7 +33,9 @@ from authsvc_client.interceptors import (
     incoming_token,
 )
 from authsvc_client.logins import SecretLogin, WorkloadTokenLogin
+from authsvc_client.v1 import auth_pb2
 from authsvc_client.validation import LocalValidator, RemoteValidator
+from tests.support.postgres import postgres_url  # noqa: F401  (a fixture)
 from tests.support.server import TEST_ISSUER, RunningServer, base_env, run_cli, start_server
 
 CHARGE = "/demo.Billing/Charge"  # billing.read; on someone's behalf only through orders
@@ -442,3 +445,54 @@ def test_refused_is_a_token_refused(fleet: Fleet) -> None:
             )
         assert "eyJ" not in str(caught.value)
         delegator.close()
+
+
+# --- PostgreSQL: two replicas ----------------------------------------------------------------
+
+
+def test_on_postgresql_a_chain_through_two_replicas_and_its_revocation(
+    postgres_url: str,  # noqa: F811
+) -> None:
+    """orders exchanges on replica A; billing validates locally against replica B; front's
+    token revoked on B revokes the derived token on billing's local validator too."""
+    env = base_env(postgres_url)
+    run_cli(env, "db", "upgrade")
+    secrets = {
+        "front": _create(env, "front", "orders=", "billing=billing.read"),
+        "orders": _create(env, "orders", "billing=billing.read"),
+    }
+    a = start_server(env)
+    try:
+        b = start_server(env)
+        try:
+            fleet_a, fleet_b = Fleet(a, secrets), Fleet(b, secrets)
+            channel = grpc.insecure_channel(b.address)
+            def follower() -> str:
+                return fleet_b.token("orders", "authsvc")
+
+            validator = LocalValidator(channel, "billing", TEST_ISSUER, token_source=follower)
+            assert validator.wait_ready(15)
+            interceptor = AuthServerInterceptor(validator, BILLING_RULES)
+            billing_server, billing = _serve("demo.Billing", {"Charge": _who}, interceptor)
+            orders = Orders(fleet_a, billing, "orders")
+            try:
+                front = fleet_b.token("front", "orders")
+                seen = _place(orders, front)
+                assert (seen["sub"], seen["actors"]) == ("front", ["orders"])
+                b.stub.RevokeToken(auth_pb2.RevokeTokenRequest(token=front), timeout=10)
+                # The derived token, still cached by orders' Delegator, is refused by billing
+                # once the revocation reaches its validator (a sync interval, then the feed).
+                derived = orders.delegator.token("billing", ["billing.read"], subject_token=front)
+                deadline = time.monotonic() + 10
+                while validator.validate(derived).valid and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert validator.validate(derived).reason == auth_pb2.REVOKED
+            finally:
+                orders.close()
+                billing_server.stop(None).wait(10)
+                validator.close()
+                channel.close()
+        finally:
+            b.stop()
+    finally:
+        a.stop()
