@@ -299,7 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
         dest="token_command", required=True
     )
     issue = token.add_parser(
-        "issue", help="get a token (credentials from AUTHSVC_SERVICE_ID/_SECRET)"
+        "issue",
+        help="get a token, logging in as a service does: AUTHSVC_SERVICE_ID with a secret "
+        "(AUTHSVC_SERVICE_SECRET/_FILE), a key (AUTHSVC_SERVICE_KEY_FILE) or a client "
+        "certificate (AUTHSVC_TLS_CLIENT_CERT/_KEY); or AUTHSVC_WORKLOAD_TOKEN_FILE",
     )
     _client(issue)
     issue.add_argument("--audience", required=True)
@@ -935,46 +938,53 @@ def _revoke_refusal(stub: Any, token: str) -> str:
     return ValidationResult.from_proto(reply).reason_name or "UNKNOWN"
 
 
+def _token_issue(args: argparse.Namespace, env: ClientSettings) -> int:
+    """`token issue`: logs in as a service would (`login_from_env`), whatever its credential:
+    a secret, a signing key (AUTHSVC_SERVICE_KEY_FILE), a client certificate or a workload
+    token file."""
+    from authsvc_client.tokens import channel_for_target
+    from authsvc_client.v1 import auth_pb2_grpc
+
+    found = env.login(args.service_id)
+    login = found.login
+    # The login's own channel: TLS with AUTHSVC_TLS_CA, a certificate login's client
+    # certificate; plaintext only to this host.
+    with channel_for_target(found.target, found.channel_credentials) as channel:
+        response = getattr(auth_pb2_grpc.AuthServiceStub(channel), login.rpc.value)(
+            login.request(args.audience, args.scope, args.ttl), timeout=10
+        )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "access_token": response.access_token,
+                    "token_type": response.token_type,
+                    "expires_in": response.expires_in,
+                    "key_id": response.key_id,
+                    "scopes": list(response.scopes),
+                }
+            )
+        )
+    else:
+        print(response.access_token)
+    if 0 < response.expires_in < args.ttl:
+        sys.stderr.write(
+            f"authsvc: note: the token lives {response.expires_in}s, not the {args.ttl}s "
+            "asked for (the server's maximum is AUTHSVC_MAX_TTL_SECONDS, and no token "
+            "outlives its signing key)\n"
+        )
+    return EXIT_OK
+
+
 def _cmd_token(args: argparse.Namespace) -> int:
     from authsvc_client.claims import ValidationResult
     from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 
     env = _client_settings(args)
+    if args.token_command == "issue":  # noqa: S105 - a subcommand name
+        return _token_issue(args, env)
     with _token_channel(env) as channel:
         stub = auth_pb2_grpc.AuthServiceStub(channel)
-        if args.token_command == "issue":  # noqa: S105 - a subcommand name
-            service_id, secret = env.service_credentials(args.service_id)
-            response = stub.IssueToken(
-                auth_pb2.IssueTokenRequest(
-                    service_id=service_id,
-                    service_secret=secret,
-                    audience=args.audience,
-                    scopes=args.scope,
-                    ttl_seconds=args.ttl,
-                ),
-                timeout=10,
-            )
-            if args.json:
-                print(
-                    json.dumps(
-                        {
-                            "access_token": response.access_token,
-                            "token_type": response.token_type,
-                            "expires_in": response.expires_in,
-                            "key_id": response.key_id,
-                            "scopes": list(response.scopes),
-                        }
-                    )
-                )
-            else:
-                print(response.access_token)
-            if 0 < response.expires_in < args.ttl:
-                sys.stderr.write(
-                    f"authsvc: note: the token lives {response.expires_in}s, not the {args.ttl}s "
-                    "asked for (the server's maximum is AUTHSVC_MAX_TTL_SECONDS, and no token "
-                    "outlives its signing key)\n"
-                )
-            return EXIT_OK
         if args.token_command == "validate":  # noqa: S105 - a subcommand name
             token = _bearer(
                 args.token or None,

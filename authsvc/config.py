@@ -11,12 +11,15 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from authsvc.crypto.kek import KekRing, KeyEncryptionKey
 from authsvc.errors import ConfigError
 from authsvc.keys.rotator import default_publish_lead
 from authsvc_client.claims import MAX_DELEGATION_DEPTH
+
+if TYPE_CHECKING:
+    from authsvc_client.logins import EnvLogin
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_SERVER_NAME = "authsvc"
@@ -403,21 +406,22 @@ class ClientSettings:
     health_tls_server_name: str | None = None
     _environ: Mapping[str, str] = field(default_factory=dict, repr=False)
 
-    def service_credentials(self, service_id: str | None = None) -> tuple[str, str]:
-        """(service id, secret) by the client package's environment rules; `service_id`
-        (a flag) replaces AUTHSVC_SERVICE_ID.
+    def login(self, service_id: str | None = None) -> EnvLogin:
+        """How `token issue` logs in, by the client package's rules (`login_from_env`): a
+        secret, a signing key, a client certificate or a workload token file, exactly one;
+        `service_id` (a flag) replaces AUTHSVC_SERVICE_ID.
 
         Raises:
-            authsvc_client.errors.CredentialsError: a variable missing, or a secret file
-                readable by group or others; the message names the variable, never its value.
+            authsvc_client.errors.CredentialsError: none or two ways set, a variable missing,
+                or a private file readable by group or others; the message names the
+                variables, never a value.
         """
-        from authsvc_client.tokens import ENV_SERVICE_ID, credentials_from_env
+        from authsvc_client.logins import ENV_SERVICE_ID, login_from_env
 
         env = dict(self._environ)
         if service_id:
             env[ENV_SERVICE_ID] = service_id
-        sid, secret, _target = credentials_from_env(env, self.target)
-        return sid, secret
+        return login_from_env(env, self.target)
 
 
 def load_client_settings(

@@ -16,7 +16,7 @@ import pytest
 
 from authsvc_client.assertions import PrivateKey, jwk_thumbprint
 from tests.integration.conftest import sqlite_env
-from tests.support.server import base_env, run_cli
+from tests.support.server import base_env, run_cli, start_server
 from tests.support.workload import (
     jwk_of,
     jwk_set,
@@ -389,3 +389,36 @@ def test_workload_credentials_on_postgresql(postgres_url: str, tmp_path: Path) -
     assert orders["federated_subjects"] == [{"trust": "k8s", "subject": SUBJECT}]
     assert run_cli(env, "trust", "remove", "k8s").stdout.endswith("unbound: 1\n")
     assert _listed(env)["orders"]["credentials"] == ["assertion"]
+
+
+def test_token_issue_logs_in_with_a_signing_key_and_no_secret(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """`authsvc token issue` logs in as the client package does: a secretless service signs an
+    assertion with AUTHSVC_SERVICE_KEY_FILE; two ways configured at once is refused."""
+    key = new_ec()
+    run_cli(
+        env, "services", "create", "orders", "--audience", "billing", "--no-secret",
+        "--jwk-file", _write(tmp_path, "orders.pem", public_pem(key)),
+    )  # fmt: skip
+    key_file = tmp_path / "orders.key"
+    key_file.write_bytes(private_pem(key))
+    key_file.chmod(0o600)
+    server = start_server(env)
+    try:
+        client = {
+            **env,
+            "AUTHSVC_TARGET": server.address,
+            "AUTHSVC_SERVICE_ID": "orders",
+            "AUTHSVC_SERVICE_KEY_FILE": str(key_file),
+        }
+        token = run_cli(client, "token", "issue", "--audience", "billing").stdout.strip()
+        checked = run_cli(client, "token", "validate", "--audience", "billing", input_text=token)
+        assert json.loads(checked.stdout)["claims"]["sub"] == "orders"
+        secret = "a-secret-never-shown"
+        both = _fail(
+            {**client, "AUTHSVC_SERVICE_SECRET": secret}, "token", "issue", "--audience", "billing"
+        )
+        assert "set only one way to log in" in both and secret not in both
+    finally:
+        server.stop()
