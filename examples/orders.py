@@ -40,7 +40,10 @@ def main() -> None:
             ),
         )
     )
-    port = server.add_insecure_port("127.0.0.1:0")
+    # Local credentials (as billing): front's call credentials travel only on a secured channel.
+    port = server.add_secure_port(
+        "127.0.0.1:0", grpc.local_server_credentials(grpc.LocalConnectionType.LOCAL_TCP)
+    )
     server.start()
     print(f"orders listening on 127.0.0.1:{port}", flush=True)
     done = threading.Event()
