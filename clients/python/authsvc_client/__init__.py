@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from authsvc_client.claims import ADMIN_SCOPE, TOKEN_TYPE, Claims, ValidationResult
 from authsvc_client.credentials import AuthMetadataPlugin, BearerTokenInterceptor, call_credentials
+from authsvc_client.delegation import AsyncDelegator, Delegator
 from authsvc_client.errors import (
     AuthsvcClientError,
     CredentialsError,
@@ -15,7 +16,9 @@ from authsvc_client.errors import (
 from authsvc_client.interceptors import (
     DEFAULT_PUBLIC_SERVICES,
     AuthServerInterceptor,
+    MethodRule,
     current_claims,
+    incoming_token,
 )
 from authsvc_client.keyring import KeyRing
 from authsvc_client.logins import (
@@ -45,6 +48,7 @@ __all__ = [
     "TOKEN_TYPE",
     "AccessToken",
     "AssertionLogin",
+    "AsyncDelegator",
     "AsyncTokenSource",
     "AuthMetadataPlugin",
     "AuthServerInterceptor",
@@ -53,10 +57,12 @@ __all__ = [
     "CertificateLogin",
     "Claims",
     "CredentialsError",
+    "Delegator",
     "EnvLogin",
     "KeyRing",
     "LocalValidator",
     "Login",
+    "MethodRule",
     "RemoteValidator",
     "RevocationSet",
     "SecretLogin",
@@ -73,5 +79,6 @@ __all__ = [
     "__version__",
     "call_credentials",
     "current_claims",
+    "incoming_token",
     "login_from_env",
 ]

@@ -37,8 +37,10 @@ from authsvc_client.interceptors import (
     _UNAVAILABLE,
     DEFAULT_PUBLIC_SERVICES,
     Binding,
+    Caller,
     Denial,
     MethodPolicy,
+    MethodRule,
     admit,
     bearer_token,
     behavior_of,
@@ -419,7 +421,9 @@ def terminator(denial: Denial, handler: Any) -> grpc.RpcMethodHandler:
 Check = Callable[[Any], Coroutine[Any, Any, Claims | Denial]]
 
 
-def _guarded(handler: Any, check: Check, loop: asyncio.AbstractEventLoop) -> grpc.RpcMethodHandler:
+def _guarded(
+    handler: Any, bearer: str, check: Check, loop: asyncio.AbstractEventLoop
+) -> grpc.RpcMethodHandler:
     behavior = behavior_of(handler)
     wrapped: Callable[..., Any]
     if inspect.isasyncgenfunction(behavior):
@@ -429,7 +433,7 @@ def _guarded(handler: Any, check: Check, loop: asyncio.AbstractEventLoop) -> grp
             if isinstance(claims, Denial):
                 await context.abort(claims.code, claims.details)
                 return
-            token = _CALLER.set(claims)
+            token = _CALLER.set(Caller(claims, bearer))
             try:
                 async for item in behavior(request, context):
                     yield item
@@ -444,7 +448,7 @@ def _guarded(handler: Any, check: Check, loop: asyncio.AbstractEventLoop) -> grp
             if isinstance(claims, Denial):
                 await context.abort(claims.code, claims.details)
                 return None
-            token = _CALLER.set(claims)
+            token = _CALLER.set(Caller(claims, bearer))
             try:
                 return await behavior(request, context)
             finally:
@@ -461,14 +465,14 @@ def _guarded(handler: Any, check: Check, loop: asyncio.AbstractEventLoop) -> grp
                 context.abort(claims.code, claims.details)
                 raise RuntimeError("unreachable: abort() raises")  # pragma: no cover
             ctx = contextvars.copy_context()
-            ctx.run(_CALLER.set, claims)
+            ctx.run(_CALLER.set, Caller(claims, bearer))
             return ctx.run(behavior, request, context)
 
         wrapped = wrapped_sync
     return rebuild(handler, wrapped)
 
 
-def _reset(token: contextvars.Token[Claims | None]) -> None:
+def _reset(token: contextvars.Token[Caller | None]) -> None:
     try:
         _CALLER.reset(token)
     except ValueError:  # finalised from another context (an abandoned stream): nothing leaks
@@ -491,7 +495,7 @@ class AsyncAuthServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[mi
     def __init__(
         self,
         validator: Validator | AsyncValidator,
-        method_scopes: Mapping[str, Sequence[str]],
+        method_scopes: Mapping[str, Sequence[str] | MethodRule],
         *,
         public_methods: Iterable[str] = (),
         public_services: Iterable[str] = DEFAULT_PUBLIC_SERVICES,
@@ -523,9 +527,10 @@ class AsyncAuthServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[mi
         handler = await continuation(details)
         if self.policy.is_public(method) or handler is None:
             return handler
-        scopes = self.policy.required_scopes(method)
-        if scopes is None:
+        rule = self.policy.rule(method)
+        if rule is None:
             return terminator(_NOT_ALLOWED, handler)
+        scopes = rule.scopes
         token = bearer_token(details.invocation_metadata)
         if isinstance(token, Denial):
             return terminator(token, handler)
@@ -545,6 +550,6 @@ class AsyncAuthServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[mi
                     outcome = await validate_async(
                         validator, token, scopes, thumbprint, pass_thumbprint=passes
                     )
-            return binding.admit(outcome, thumbprint)
+            return rule.admit(binding.admit(outcome, thumbprint))
 
-        return _guarded(handler, check, asyncio.get_running_loop())
+        return _guarded(handler, token, check, asyncio.get_running_loop())

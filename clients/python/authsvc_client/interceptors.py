@@ -8,7 +8,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -23,9 +23,11 @@ __all__ = [
     "AuthServerInterceptor",
     "Denial",
     "MethodPolicy",
+    "MethodRule",
     "bearer_token",
     "call_thumbprint",
     "current_claims",
+    "incoming_token",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -37,7 +39,17 @@ DEFAULT_PUBLIC_SERVICES: tuple[str, ...] = (
     "grpc.reflection.v1alpha.ServerReflection",
 )
 
-_CALLER: contextvars.ContextVar[Claims | None] = contextvars.ContextVar(
+
+
+class Caller(NamedTuple):
+    """The authenticated call being handled: its caller's claims and the bearer token they
+    came from (for the delegation helper, which exchanges it to call on the caller's behalf)."""
+
+    claims: Claims
+    token: str
+
+
+_CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar(
     "authsvc_caller", default=None
 )
 
@@ -49,7 +61,19 @@ _AUTHORIZATION = re.compile(r"([A-Za-z]+) +(\S+)")
 def current_claims() -> Claims | None:
     """The authenticated caller of the RPC being handled, or None (public method, or outside
     an RPC)."""
-    return _CALLER.get()
+    caller = _CALLER.get()
+    return None if caller is None else caller.claims
+
+
+def incoming_token() -> str | None:
+    """The bearer token of the RPC being handled, as the interceptor accepted it, or None.
+
+    For `authsvc_client.delegation`: a handler that calls the next service on its caller's
+    behalf exchanges this token. It is the caller's credential: never log it, and pass it on
+    only to authsvc (ExchangeToken), never to the next service itself.
+    """
+    caller = _CALLER.get()
+    return None if caller is None else caller.token
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,29 +251,109 @@ def bearer_token(metadata: Iterable[Any] | None) -> str | Denial:
     return token
 
 
-class MethodPolicy:
-    """Which scopes each method needs; methods in no map and no public list are refused."""
+@dataclass(frozen=True)
+class MethodRule:
+    """What one method asks of its caller: scopes, and how it may be reached by delegation.
+
+    A delegated token (RFC 8693, `Claims.actors` = the chain, nearest actor first) carries its
+    subject's identity through services acting on its behalf. `max_delegation_depth` bounds
+    that chain for this method (0: direct callers only; None: whatever authsvc issued, at most
+    AUTHSVC_DELEGATION_MAX_DEPTH). `allowed_actors` names the services that may call this method
+    on someone else's behalf: a delegated token is admitted only if its nearest actor (the
+    service calling now, `actors[0]`) is one of them; None admits any. Tokens without
+    delegation are not affected by either. A refusal is PERMISSION_DENIED: the token is valid,
+    the chain is not allowed here.
+    """
+
+    scopes: tuple[str, ...] = ()
+    max_delegation_depth: int | None = None
+    allowed_actors: frozenset[str] | None = None
 
     def __init__(
         self,
-        method_scopes: Mapping[str, Sequence[str]],
+        scopes: Sequence[str] = (),
+        *,
+        max_delegation_depth: int | None = None,
+        allowed_actors: Iterable[str] | None = None,
+    ) -> None:
+        if isinstance(scopes, str):
+            raise ValueError("scopes must be a sequence of scope names, not one string")
+        if any(not isinstance(s, str) or not s for s in scopes):
+            raise ValueError("scopes must be non-empty strings")
+        if max_delegation_depth is not None and (
+            isinstance(max_delegation_depth, bool)
+            or not isinstance(max_delegation_depth, int)
+            or max_delegation_depth < 0
+        ):
+            raise ValueError("max_delegation_depth must be an int >= 0 (0: direct callers only)")
+        actors: frozenset[str] | None = None
+        if allowed_actors is not None:
+            if isinstance(allowed_actors, str):
+                raise ValueError("allowed_actors must be a collection of service ids")
+            actors = frozenset(allowed_actors)
+            if any(not isinstance(a, str) or not a for a in actors):
+                raise ValueError("allowed_actors must be non-empty service ids")
+        object.__setattr__(self, "scopes", tuple(scopes))
+        object.__setattr__(self, "max_delegation_depth", max_delegation_depth)
+        object.__setattr__(self, "allowed_actors", actors)
+
+    def refusal(self, claims: Claims) -> Denial | None:
+        """Why this method refuses the (valid) caller, or None."""
+        depth = len(claims.actors)
+        if not depth:
+            return None
+        limit = self.max_delegation_depth
+        if limit is not None and depth > limit:
+            if limit == 0:
+                return _DIRECT_ONLY
+            return Denial(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"delegation chain of {depth} is longer than the {limit} this method allows",
+            )
+        if self.allowed_actors is not None and claims.actors[0] not in self.allowed_actors:
+            return Denial(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{claims.actors[0]!r} may not call this method on another service's behalf",
+            )
+        return None
+
+    def admit(self, outcome: Claims | Denial) -> Claims | Denial:
+        """The interceptors' last step: a valid caller, unless this method refuses its chain."""
+        if isinstance(outcome, Denial):
+            return outcome
+        return self.refusal(outcome) or outcome
+
+
+_DIRECT_ONLY = Denial(
+    grpc.StatusCode.PERMISSION_DENIED, "this method takes direct callers only, not delegated tokens"
+)
+
+
+class MethodPolicy:
+    """Which scopes and delegation each method allows; methods in no map and no public list
+    are refused."""
+
+    def __init__(
+        self,
+        method_scopes: Mapping[str, Sequence[str] | MethodRule],
         *,
         public_methods: Iterable[str] = (),
         public_services: Iterable[str] = DEFAULT_PUBLIC_SERVICES,
     ) -> None:
         """Args:
-        method_scopes: full method name ("/pkg.Service/Method") -> scopes it requires (an
-            empty sequence: any authenticated caller of this audience).
+        method_scopes: full method name ("/pkg.Service/Method") -> the scopes it requires (an
+            empty sequence: any authenticated caller of this audience), or a MethodRule for
+            scopes plus delegation limits.
         public_methods: full method names served without a token.
         public_services: full service names ("pkg.Service") whose methods are all public.
         """
         for name in (*method_scopes, *public_methods):
             if not name.startswith("/") or name.count("/") != 2:
                 raise ValueError(f"not a full method name: {name!r} (want '/pkg.Service/Method')")
-        self._scopes = {name: tuple(scopes) for name, scopes in method_scopes.items()}
-        for scopes in self._scopes.values():
-            if any(not isinstance(s, str) or not s for s in scopes):
-                raise ValueError("scopes must be non-empty strings")
+        self._rules = {
+            name: rule if isinstance(rule, MethodRule) else MethodRule(rule)
+            for name, rule in method_scopes.items()
+        }
         self._public_methods = frozenset(public_methods)
         self._public_services = frozenset(public_services)
 
@@ -259,9 +363,14 @@ class MethodPolicy:
         service = method[1:].split("/", 1)[0] if method.startswith("/") else ""
         return service in self._public_services
 
+    def rule(self, method: str) -> MethodRule | None:
+        """None: the method is not open to anyone."""
+        return self._rules.get(method)
+
     def required_scopes(self, method: str) -> tuple[str, ...] | None:
         """None: the method is not open to anyone."""
-        return self._scopes.get(method)
+        rule = self._rules.get(method)
+        return None if rule is None else rule.scopes
 
 
 def decide(result: ValidationResult) -> Denial | None:
@@ -404,7 +513,7 @@ class AuthServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     def __init__(
         self,
         validator: Validator,
-        method_scopes: Mapping[str, Sequence[str]],
+        method_scopes: Mapping[str, Sequence[str] | MethodRule],
         *,
         public_methods: Iterable[str] = (),
         public_services: Iterable[str] = DEFAULT_PUBLIC_SERVICES,
@@ -438,31 +547,32 @@ class AuthServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         handler = continuation(details)
         if handler is None:
             return None
-        scopes = self.policy.required_scopes(method)
-        if scopes is None:
+        rule = self.policy.rule(method)
+        if rule is None:
             return terminator(_NOT_ALLOWED, handler)
         token = bearer_token(details.invocation_metadata)
         if isinstance(token, Denial):
             return terminator(token, handler)
-        return rebuild(handler, self._guarded(handler, token, scopes))
+        return rebuild(handler, self._guarded(handler, token, rule))
 
-    def _guarded(self, handler: Any, token: str, scopes: tuple[str, ...]) -> Callable[..., Any]:
+    def _guarded(self, handler: Any, token: str, rule: MethodRule) -> Callable[..., Any]:
         behavior = behavior_of(handler)
         validator = self._validator
         binding = self.binding
         passes = binding.passes_thumbprint
         streaming_response = bool(handler.response_streaming)
+        scopes = rule.scopes
 
         def check(thumbprint: str | None) -> Claims | Denial:
             return validate_sync(validator, token, scopes, thumbprint, pass_thumbprint=passes)
 
         def guarded(request: Any, context: grpc.ServicerContext) -> Any:
-            outcome = binding.check_sync(check, context)
+            outcome = rule.admit(binding.check_sync(check, context))
             if isinstance(outcome, Denial):
                 return _abort_behavior(outcome)(request, context)
             # A copied context scopes the caller to this call, whatever thread runs it.
             ctx = contextvars.copy_context()
-            ctx.run(_CALLER.set, outcome)
+            ctx.run(_CALLER.set, Caller(outcome, token))
             if not streaming_response:
                 return ctx.run(behavior, request, context)
             return _run_iterator_in(ctx, ctx.run(behavior, request, context))

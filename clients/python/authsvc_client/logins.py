@@ -84,6 +84,8 @@ class Login(ABC):
     rpc: ClassVar[Rpc] = Rpc.ISSUE_TOKEN
     # What the source's messages call the credential.
     kind: ClassVar[str] = "credential"
+    # Whose grants a PERMISSION_DENIED is about, in the source's messages.
+    grantee: ClassVar[str] = "this service"
 
     @property
     @abstractmethod

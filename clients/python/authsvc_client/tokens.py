@@ -308,14 +308,15 @@ class _Core:
         who = repr(self.service_id) if self.service_id else "(bound to the workload token)"
         head = f"authsvc refused a token for service {who}, audience {self.audience!r}: {code.name}"
         if code is grpc.StatusCode.PERMISSION_DENIED:
+            grantee = self.login.grantee
             if details == _AUDIENCE_DENIED:
-                return f"{head} (this service may not ask for audience {self.audience!r})"
+                return f"{head} ({grantee} may not ask for audience {self.audience!r})"
             if details.startswith(_SCOPE_DENIED_PREFIX):
                 named = details[len(_SCOPE_DENIED_PREFIX) :].split()
                 denied = [scope for scope in self.scopes if scope in named]
                 if denied:
-                    return f"{head} (this service lacks scope {' '.join(denied)!s})"
-            return f"{head} (this service may not have that audience or those scopes)"
+                    return f"{head} ({grantee} lacks scope {' '.join(denied)!s})"
+            return f"{head} ({grantee} may not have that audience or those scopes)"
         if code is grpc.StatusCode.UNAUTHENTICATED:
             return f"{head} ({self.login.refused_hint()})"
         return head
