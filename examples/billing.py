@@ -17,8 +17,10 @@ from pathlib import Path
 import grpc
 
 from authsvc_client import AuthServerInterceptor, LocalValidator, current_claims
+from authsvc_client.interceptors import MethodRule
 
 CHARGE = "/demo.Billing/Charge"
+CHARGE_RULE = MethodRule(["billing.write"], max_delegation_depth=1, allowed_actors=["orders"])
 
 
 def charge(request: bytes, _context: grpc.ServicerContext) -> bytes:
@@ -54,7 +56,8 @@ def main() -> None:
         raise SystemExit("billing: authsvc not reachable")
     server = grpc.server(
         ThreadPoolExecutor(max_workers=16),
-        interceptors=[AuthServerInterceptor(validator, {CHARGE: ["billing.write"]})],
+        # Direct callers, or a caller's token passed on by orders only (one hop at most).
+        interceptors=[AuthServerInterceptor(validator, {CHARGE: CHARGE_RULE})],
     )
     server.add_generic_rpc_handlers(
         (

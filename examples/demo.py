@@ -1,10 +1,10 @@
 """Start authsvc (dev mode), billing and orders; show auth, denial, revocation, rotation, a
-secretless (certificate) login and a stolen certificate-bound token refused.
+secretless login, a delegation chain and a stolen certificate-bound token refused.
 
 Certificate logins need authsvc over mTLS, and an mTLS authsvc (AUTHSVC_TLS_CLIENT_CA)
 requires a client certificate of every caller. Rather than giving every demo service a
 certificate (which would also bind all their tokens), the demo keeps the plaintext dev authsvc
-for steps 1-5 and starts a second replica on the same AUTHSVC_DEV_DIR with TLS and the demo's
+for steps 1-6 and starts a second replica on the same AUTHSVC_DEV_DIR with TLS and the demo's
 client CA (examples/demo_pki.py). Both replicas read one SQLite database (the services the CLI
 registers, the signing keys under the one dev KEK); the demo checks that they publish the same
 JWK Set, and billing, whose validator follows the first replica, accepts the second's tokens.
@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
-from demo_pki import DemoCa, Pair
+from demo_pki import DemoCa, Pair, signing_key
 
 from authsvc_client import TokenSource, login_from_env
 from authsvc_client.binding import certificate_thumbprint
@@ -97,6 +97,25 @@ class Child:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def run_echoed(cmd: list[str], env: Mapping[str, str], timeout: float = 30.0) -> int:
+    """Run a one-shot child, echoing its output (indented) as it comes; its exit status."""
+    proc = subprocess.Popen(  # noqa: S603 - our own script
+        cmd, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            say("  ", line.rstrip())
+        return proc.wait()
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def env_lines(text: str) -> dict[str, str]:
@@ -228,7 +247,25 @@ def run(root: Path) -> None:
         if counts["failed"]:
             raise SystemExit("demo failed: calls failed during rotation")
 
-        # 6. A certificate-bound token, and a thief replaying it with another certificate.
+        # 6. front -> orders -> billing: front logs in with a key (no secret), orders
+        # exchanges front's token for one addressed to billing, on front's behalf.
+        front_key = signing_key(pki_dir, "front")
+        cli("services", "create", "front", "--grant", "orders=orders.write",
+            "--grant", "billing=billing.write", "--jwk-file", str(front_key.public),
+            "--no-secret")
+        front_env = {**base, "AUTHSVC_TARGET": target, "AUTHSVC_ISSUER": ISSUER,
+                     "AUTHSVC_SERVICE_ID": "front",
+                     "AUTHSVC_SERVICE_KEY_FILE": str(front_key.private),
+                     "ORDERS_TARGET": orders.address}
+        say("6. delegation chain front -> orders -> billing (front registered with a public "
+            "key, --no-secret)")
+        returncode = run_echoed([sys.executable, str(HERE / "front.py")], front_env)
+        if returncode != 0:
+            raise SystemExit(f"demo failed: front exited with {returncode}")
+        if not billing.wait_for("asked by front through orders"):
+            raise SystemExit("demo failed: billing did not see front's delegated charge")
+
+        # 7. A certificate-bound token, and a thief replaying it with another certificate.
         ledger_pair = ca.workload("ledger", f"{TRUST_DOMAIN}/ledger")
         thief_pair = ca.workload("thief", f"{TRUST_DOMAIN}/thief")
         cli("services", "create", "ledger", "--audience", "billing", "--scope", "billing.write",
@@ -241,13 +278,14 @@ def run(root: Path) -> None:
             "authsvc listening on ",
         )
         children.append(replica)
-        replica_jwks = auth_pb2_grpc.AuthServiceStub(  # type: ignore[no-untyped-call]
-            grpc.secure_channel(replica.address, mtls(ca.cert, ledger_pair))
-        ).GetJwks(auth_pb2.GetJwksRequest(), timeout=5).jwks_json
+        # The replica's stub presents ledger's certificate (an mTLS authsvc wants one).
+        replica_ch = grpc.secure_channel(replica.address, mtls(ca.cert, ledger_pair))
+        replica_stub = auth_pb2_grpc.AuthServiceStub(replica_ch)  # type: ignore[no-untyped-call]
+        replica_jwks = replica_stub.GetJwks(auth_pb2.GetJwksRequest(), timeout=5).jwks_json
         first_jwks = stub.GetJwks(auth_pb2.GetJwksRequest(), timeout=5).jwks_json
         if kids(replica_jwks) != kids(first_jwks):
             raise SystemExit("demo failed: the two replicas publish different signing keys")
-        say(f"6. second authsvc replica on {replica.address} (mTLS, same AUTHSVC_DEV_DIR): "
+        say(f"7. second authsvc replica on {replica.address} (mTLS, same AUTHSVC_DEV_DIR): "
             f"same JWK Set as the first ({len(kids(first_jwks))} keys)")
         ledger_env = {**base, "AUTHSVC_TARGET": replica.address, "AUTHSVC_SERVICE_ID": "ledger",
                       "AUTHSVC_TLS_CLIENT_CERT": str(ledger_pair.cert),
@@ -274,6 +312,24 @@ def run(root: Path) -> None:
             except grpc.RpcError as exc:
                 say(f"   thief replaying it with another certificate of the same CA: "
                     f"{exc.code().name} ({exc.details()})")
+        # The holder revokes it at the replica (by the token, over its certificate); billing
+        # follows the first replica, which reads the revocation from the shared database.
+        started = time.monotonic()
+        replica_stub.RevokeToken(auth_pb2.RevokeTokenRequest(token=bound), timeout=5)
+        with grpc.secure_channel(billing_mtls, mtls(ca.cert, ledger_pair)) as holder:
+            denied = None
+            while denied is None and time.monotonic() - started < 10:
+                try:
+                    holder.unary_unary("/demo.Billing/Charge")(b"9", metadata=bearer, timeout=5)
+                    time.sleep(0.01)
+                except grpc.RpcError as exc:
+                    denied = exc
+        if denied is None:
+            raise SystemExit("demo failed: the revoked bound token was still accepted")
+        say(f"   revoked at the mTLS replica, denied by billing (which follows the first) "
+            f"{(time.monotonic() - started) * 1000:.0f} ms later: {denied.code().name} "
+            f"({denied.details()})")
+        replica_ch.close()
     finally:
         for child in reversed(children):
             child.stop()

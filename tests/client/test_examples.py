@@ -80,6 +80,8 @@ class TestDemo:
         assert holder and holder[0].endswith("charged 9 for ledger")
         thief = [line for line in lines if "thief replaying it" in line]
         assert thief and "UNAUTHENTICATED (invalid token: CERTIFICATE_MISMATCH)" in thief[0]
+        revoked = [line for line in lines if "revoked at the mTLS replica" in line]
+        assert revoked and revoked[0].endswith("UNAUTHENTICATED (invalid token: REVOKED)")
 
     def test_no_token_secret_or_private_key_is_printed(
         self, demo: tuple[subprocess.CompletedProcess[str], Path]
