@@ -7,7 +7,8 @@ certificate (which would also bind all their tokens), the demo keeps the plainte
 for steps 1-6 and starts a second replica on the same AUTHSVC_DEV_DIR with TLS and the demo's
 client CA (examples/demo_pki.py). Both replicas read one SQLite database (the services the CLI
 registers, the signing keys under the one dev KEK); the demo checks that they publish the same
-JWK Set, and billing, whose validator follows the first replica, accepts the second's tokens.
+JWK Set, billing, whose validator follows the first replica, accepts the second's tokens, and
+a token revoked at the second is refused by billing a sync interval later.
 Billing adds an mTLS port where the bound token is checked against the caller's certificate.
 """
 
