@@ -62,7 +62,8 @@ deploy-check: $(DEPLOY_TOOLS)/bin/checkov
 bench: $(BIN)/authsvc
 	$(BIN)/python -m bench
 
-# Start authsvc (dev mode) and two example services; show auth, denial, revocation, rotation.
+# Start authsvc (dev mode), a second replica over mTLS and the example services; show auth,
+# denial, revocation, rotation, a secretless login, delegation and a stolen bound token refused.
 demo: $(BIN)/authsvc
 	$(BIN)/python examples/demo.py
 
