@@ -332,9 +332,9 @@ def run(root: Path) -> None:
             f"({denied.details()})")
         replica_ch.close()
     finally:
+        # Services first, authsvc last: a service outliving authsvc would log its lost feed.
         for child in reversed(children):
             child.stop()
-        for child in children:
             child.wait()
 
 

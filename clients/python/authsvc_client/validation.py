@@ -719,8 +719,9 @@ class LocalValidator:
         unknown_kid_interval_seconds: at most one unknown-kid key fetch per interval.
         token_source: authenticates WatchRevocations, which authsvc serves only to registered
             services: a TokenSource for audience FOLLOWER_AUDIENCE (no scopes needed), or a
-            callable returning such a bearer token. None builds a TokenSource from
-            AUTHSVC_SERVICE_ID, AUTHSVC_SERVICE_SECRET (or _FILE) and AUTHSVC_TARGET.
+            callable returning such a bearer token. None builds one with
+            TokenSource.from_env: AUTHSVC_TARGET and whichever login the environment sets
+            (a secret, a signing key, a client certificate or a workload token file).
         environ: read instead of os.environ when `token_source` is None.
         start: start the background threads now (otherwise call start()).
 
