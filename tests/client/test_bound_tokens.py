@@ -149,6 +149,7 @@ def _credentials(pki: Pki) -> tuple[grpc.ServerCredentials, grpc.ServerCredentia
 class Ports:
     mtls: int = 0  # requires a client certificate from the workload CA
     tls: int = 0  # asks for none
+    plain: int = 0  # no TLS at all
 
 
 def _serve_sync(interceptor: grpc.ServerInterceptor, pki: Pki) -> tuple[grpc.Server, Ports]:
@@ -162,7 +163,9 @@ def _serve_sync(interceptor: grpc.ServerInterceptor, pki: Pki) -> tuple[grpc.Ser
     )
     mtls, tls = _credentials(pki)
     ports = Ports(
-        server.add_secure_port("127.0.0.1:0", mtls), server.add_secure_port("127.0.0.1:0", tls)
+        server.add_secure_port("127.0.0.1:0", mtls),
+        server.add_secure_port("127.0.0.1:0", tls),
+        server.add_insecure_port("127.0.0.1:0"),
     )
     server.start()
     return server, ports
@@ -245,6 +248,7 @@ class Billing:
             self.ports = Ports(
                 server.add_secure_port("127.0.0.1:0", mtls),
                 server.add_secure_port("127.0.0.1:0", tls),
+                server.add_insecure_port("127.0.0.1:0"),
             )
             await server.start()
             return server
@@ -330,6 +334,22 @@ class TestBoundTokens:
         self, billing: Billing, pki: Pki, tokens: Tokens
     ) -> None:
         assert refusal(billing, pki, tokens.bound_to_a, None) == MISMATCH
+
+    def test_refused_over_plaintext(self, billing: Billing, tokens: Tokens) -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{billing.ports.plain}") as channel:
+            charge = channel.unary_unary(CHARGE)
+
+            def with_token(token: str) -> bytes:
+                return charge(  # type: ignore[no-any-return]
+                    b"", metadata=(("authorization", f"Bearer {token}"),), timeout=15
+                )
+
+            with pytest.raises(grpc.RpcError) as caught:
+                with_token(tokens.bound_to_a)
+            assert (caught.value.code(), caught.value.details()) == (UNAUTHENTICATED, MISMATCH)
+            # An unbound token still works there: plaintext is the operator's choice.
+            unbound = with_token(tokens.unbound)
+            assert json.loads(unbound) == {"sub": "orders", "cnf": ""}
 
     def test_unbound_tokens_are_unaffected(
         self, billing: Billing, pki: Pki, tokens: Tokens
