@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import jwt
 import pytest
 
 from authsvc_client.aio import AsyncAuthServerInterceptor, AsyncRemoteValidator
@@ -276,6 +277,27 @@ class TestDelegator:
         with grpc.insecure_channel(fleet.server.address) as channel:
             with pytest.raises(CredentialsError, match="cannot act"):
                 Delegator(channel, login=WorkloadTokenLogin(str(path)))
+
+    def test_from_env_logs_in_as_the_environment_says(self, fleet: Fleet, tmp_path: Path) -> None:
+        environ = {
+            "AUTHSVC_TARGET": fleet.server.address,
+            "AUTHSVC_SERVICE_ID": "orders",
+            "AUTHSVC_SERVICE_SECRET": fleet.secrets["orders"],
+        }
+        with Delegator.from_env(environ=environ) as delegator:
+            token = delegator.token("billing", subject_token=fleet.token("front", "orders"))
+        checked = fleet.server.stub.ValidateToken(
+            auth_pb2.ValidateTokenRequest(token=token, audience="billing"), timeout=10
+        )
+        assert (checked.claims.subject, list(checked.claims.actors)) == ("front", ["orders"])
+        path = tmp_path / "k8s-token"
+        path.write_text(jwt.encode({"sub": "system:serviceaccount:prod:orders"}, "k" * 32))
+        workload = {
+            "AUTHSVC_TARGET": fleet.server.address,
+            "AUTHSVC_WORKLOAD_TOKEN_FILE": str(path),
+        }
+        with pytest.raises(CredentialsError, match="cannot act"):
+            Delegator.from_env(environ=workload)
 
     def test_repr_holds_no_secret(self, fleet: Fleet, orders: Orders) -> None:
         _place(orders, fleet.token("front", "orders"))

@@ -190,31 +190,16 @@ def _bearer(token: str) -> tuple[tuple[str, str], ...]:
 
 
 class _DelegatorBase:
+    """Construction and the cache, shared by Delegator and AsyncDelegator; the subclasses
+    differ in the token source they build and in being awaited."""
+
+    _source_type: ClassVar[type[TokenSource] | type[AsyncTokenSource]]
+    _asyncio_channel: ClassVar[bool]
     _owned_channel: Any = None
-    _sources: _Sources
-    login: Login
-    _type: ClassVar[str]
-
-    @property
-    def cached_entries(self) -> int:
-        """How many (incoming token, audience, scopes) sources are held now."""
-        return len(self._sources)
-
-    def __repr__(self) -> str:
-        return f"{self._type}(actor={self.login!r}, entries={len(self._sources)})"
-
-
-class Delegator(_DelegatorBase):
-    """Tokens for calling the next service on the current caller's behalf, from sync handlers.
-
-    One per process and actor, shared by all handler threads. Thread-safe.
-    """
-
-    _type = "Delegator"
 
     def __init__(
         self,
-        channel: grpc.Channel,
+        channel: Any,
         *,
         login: Login,
         max_entries: int = DEFAULT_MAX_ENTRIES,
@@ -222,12 +207,12 @@ class Delegator(_DelegatorBase):
         **source_options: Any,
     ) -> None:
         """Args:
-        channel: a channel to authsvc (not closed by `close()`); for a CertificateLogin, one
-            presenting this service's client certificate (the exchanged token is then bound to
-            it, RFC 8705).
+        channel: a channel to authsvc (grpc, or grpc.aio for AsyncDelegator; not closed by
+            `close()`); for a CertificateLogin, one presenting this service's client
+            certificate (the exchanged token is then bound to it, RFC 8705).
         login: this service's own login (SecretLogin, AssertionLogin, CertificateLogin).
         max_entries: at most this many (incoming token, audience, scopes) sources are kept.
-        source_options: passed to each TokenSource (ttl_seconds, refresh_ratio,
+        source_options: passed to each token source (ttl_seconds, refresh_ratio,
             timeout_seconds, backoff_…); revocations are not followed (see the module).
 
         Raises:
@@ -236,13 +221,51 @@ class Delegator(_DelegatorBase):
         check_actor(login)  # now, not at the first call
         self.login = login
         options = {**source_options, "follow_revocations": False, "clock": clock}
+        source_type = self._source_type
 
         def make(delegation: DelegationLogin, audience: str, scopes: tuple[str, ...]) -> Any:
-            return TokenSource(
+            return source_type(
                 channel, login=delegation, audience=audience, scopes=scopes, **options
             )
 
         self._sources = _Sources(make, max_entries, clock)
+
+    @classmethod
+    def _from_env(
+        cls,
+        target: str | None,
+        environ: Mapping[str, str] | None,
+        channel_credentials: grpc.ChannelCredentials | None,
+        options: dict[str, Any],
+    ) -> Any:
+        found = login_from_env(environ, target)
+        check_actor(found.login)
+        channel = channel_for_target(
+            found.target,
+            channel_credentials or found.channel_credentials,
+            asyncio_channel=cls._asyncio_channel,
+        )
+        delegator = cls(channel, login=found.login, **options)
+        delegator._owned_channel = channel
+        return delegator
+
+    @property
+    def cached_entries(self) -> int:
+        """How many (incoming token, audience, scopes) sources are held now."""
+        return len(self._sources)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(actor={self.login!r}, entries={len(self._sources)})"
+
+
+class Delegator(_DelegatorBase):
+    """Tokens for calling the next service on the current caller's behalf, from sync handlers.
+
+    One per process and actor, shared by all handler threads. Thread-safe.
+    """
+
+    _source_type = TokenSource
+    _asyncio_channel = False
 
     @classmethod
     def from_env(
@@ -259,11 +282,7 @@ class Delegator(_DelegatorBase):
         Raises:
             CredentialsError: as login_from_env, or a workload-token login.
         """
-        found = login_from_env(environ, target)
-        check_actor(found.login)
-        channel = channel_for_target(found.target, channel_credentials or found.channel_credentials)
-        delegator = cls(channel, login=found.login, **options)
-        delegator._owned_channel = channel
+        delegator: Delegator = cls._from_env(target, environ, channel_credentials, options)
         return delegator
 
     def token(
@@ -316,28 +335,8 @@ class AsyncDelegator(_DelegatorBase):
     """The grpc.aio twin of Delegator, for coroutine handlers behind AsyncAuthServerInterceptor;
     use it inside the event loop its channel belongs to."""
 
-    _type = "AsyncDelegator"
-
-    def __init__(
-        self,
-        channel: grpc.aio.Channel,
-        *,
-        login: Login,
-        max_entries: int = DEFAULT_MAX_ENTRIES,
-        clock: Callable[[], float] = time.time,
-        **source_options: Any,
-    ) -> None:
-        """Arguments as for Delegator; `channel` is a grpc.aio channel."""
-        check_actor(login)
-        self.login = login
-        options = {**source_options, "follow_revocations": False, "clock": clock}
-
-        def make(delegation: DelegationLogin, audience: str, scopes: tuple[str, ...]) -> Any:
-            return AsyncTokenSource(
-                channel, login=delegation, audience=audience, scopes=scopes, **options
-            )
-
-        self._sources = _Sources(make, max_entries, clock)
+    _source_type = AsyncTokenSource
+    _asyncio_channel = True
 
     @classmethod
     def from_env(
@@ -349,13 +348,7 @@ class AsyncDelegator(_DelegatorBase):
         **options: Any,
     ) -> AsyncDelegator:
         """As Delegator.from_env, with a grpc.aio channel. Call it inside the event loop."""
-        found = login_from_env(environ, target)
-        check_actor(found.login)
-        channel = channel_for_target(
-            found.target, channel_credentials or found.channel_credentials, asyncio_channel=True
-        )
-        delegator = cls(channel, login=found.login, **options)
-        delegator._owned_channel = channel
+        delegator: AsyncDelegator = cls._from_env(target, environ, channel_credentials, options)
         return delegator
 
     async def token(
