@@ -37,7 +37,14 @@ from authsvc_client.logins import SecretLogin, WorkloadTokenLogin
 from authsvc_client.v1 import auth_pb2
 from authsvc_client.validation import LocalValidator, RemoteValidator
 from tests.support.postgres import postgres_url  # noqa: F401  (a fixture)
-from tests.support.server import TEST_ISSUER, RunningServer, base_env, run_cli, start_server
+from tests.support.server import (
+    TEST_ISSUER,
+    RunningServer,
+    base_env,
+    create_service,
+    run_cli,
+    start_server,
+)
 
 CHARGE = "/demo.Billing/Charge"  # billing.read; on someone's behalf only through orders
 DIRECT = "/demo.Billing/Direct"  # direct callers only
@@ -49,13 +56,6 @@ BILLING_RULES = {
     SHALLOW: MethodRule(max_delegation_depth=1),
 }
 PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
-
-
-def _create(env: dict[str, str], name: str, *grants: str) -> str:
-    args = ["services", "create", name, "--json"]
-    for grant in grants:
-        args += ["--grant", grant]
-    return str(json.loads(run_cli(env, *args).stdout)["service_secret"])
 
 
 @dataclass
@@ -78,9 +78,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     env = base_env(f"sqlite:///{folder / 'authsvc.db'}")
     run_cli(env, "db", "upgrade")
     secrets = {
-        "front": _create(env, "front", "orders=", "mallory=", "billing=billing.read"),
-        "orders": _create(env, "orders", "billing=billing.read", "billing=billing.write"),
-        "mallory": _create(env, "mallory", "billing=billing.read"),
+        "front": create_service(env, "front", "orders=", "mallory=", "billing=billing.read"),
+        "orders": create_service(env, "orders", "billing=billing.read", "billing=billing.write"),
+        "mallory": create_service(env, "mallory", "billing=billing.read"),
     }
     server = start_server(env)
     try:
@@ -480,8 +480,8 @@ def test_on_postgresql_a_chain_through_two_replicas_and_its_revocation(
     env = base_env(postgres_url)
     run_cli(env, "db", "upgrade")
     secrets = {
-        "front": _create(env, "front", "orders=", "billing=billing.read"),
-        "orders": _create(env, "orders", "billing=billing.read"),
+        "front": create_service(env, "front", "orders=", "billing=billing.read"),
+        "orders": create_service(env, "orders", "billing=billing.read"),
     }
     a = start_server(env)
     try:

@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from authsvc_client.v1 import auth_pb2
-from tests.support.server import RunningServer, base_env, run_cli, start_server
+from tests.support.server import RunningServer, base_env, create_service, run_cli, start_server
 
 ACCESS = "urn:ietf:params:oauth:token-type:access_token"
 ADMIN = "ops-admin"
@@ -82,15 +82,6 @@ def _refused(call: Any, code: grpc.StatusCode) -> str:
     return str(caught.value.details())
 
 
-def _create(env: dict[str, str], name: str, *grants: str, admin: bool = False) -> str:
-    args = ["services", "create", name, "--json"]
-    for grant in grants:
-        args += ["--grant", grant]
-    if admin:
-        args.append("--admin")
-    return str(json.loads(run_cli(env, *args).stdout)["service_secret"])
-
-
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     folder: Path = tmp_path_factory.mktemp("delegation")
@@ -101,17 +92,17 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     )
     run_cli(env, "db", "upgrade")
     secrets = {
-        ADMIN: _create(env, ADMIN, admin=True),
+        ADMIN: create_service(env, ADMIN, admin=True),
         # front may call orders, and (on its own or through others) billing.read and ledger.
-        "front": _create(
+        "front": create_service(
             env, "front", "orders=orders.read", "billing=billing.read", "ledger=ledger.read"
         ),
-        "orders": _create(
+        "orders": create_service(
             env, "orders", "billing=billing.read", "billing=billing.write", "ledger=ledger.read"
         ),
-        "billing": _create(env, "billing", "ledger=ledger.read", "audit=audit.write"),
-        "ledger": _create(env, "ledger", "audit=audit.write"),
-        "mallory": _create(env, "mallory", "billing=billing.write"),
+        "billing": create_service(env, "billing", "ledger=ledger.read", "audit=audit.write"),
+        "ledger": create_service(env, "ledger", "audit=audit.write"),
+        "mallory": create_service(env, "mallory", "billing=billing.write"),
     }
     server = start_server(env)
     try:
@@ -238,7 +229,9 @@ class TestRevocationFollowsTheChain:
         chain.until(delegated, "billing", "REVOKED")
 
     def test_a_disabled_subject_service_stops_its_chain(self, chain: Chain) -> None:
-        secret = _create(chain.server.env, "kiosk", "orders=orders.read", "billing=billing.read")
+        secret = create_service(
+            chain.server.env, "kiosk", "orders=orders.read", "billing=billing.read"
+        )
         chain.secrets["kiosk"] = secret
         subject = chain.token("kiosk", "orders")
         delegated = chain.exchange(subject, "orders", "billing").access_token

@@ -62,6 +62,16 @@ def run_cli(
     return proc
 
 
+def create_service(env: Mapping[str, str], name: str, *grants: str, admin: bool = False) -> str:
+    """`authsvc services create NAME --grant AUDIENCE=SCOPE…` (with `--admin`); its secret."""
+    args = ["services", "create", name, "--json"]
+    for grant in grants:
+        args += ["--grant", grant]
+    if admin:
+        args.append("--admin")
+    return str(json.loads(run_cli(env, *args).stdout)["service_secret"])
+
+
 @dataclass
 class RunningServer:
     proc: subprocess.Popen[str]
