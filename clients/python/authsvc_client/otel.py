@@ -220,8 +220,10 @@ def _spanned_iterator(span: Span, iterator: Any, context: grpc.ServicerContext) 
 class AioTracingServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """The grpc.aio.server twin of TracingServerInterceptor (wrap AsyncAuthServerInterceptor).
 
-    The span starts before the auth interceptor runs: AsyncAuthServerInterceptor checks the
-    token before it returns the handler, so a remote check is a child of this span.
+    The span starts before the auth interceptor runs and is current while the handler it
+    returns runs. AsyncAuthServerInterceptor checks the token as that handler starts (grpc.aio
+    gives it the client certificate only there), so a remote check is a child of this span
+    either way.
     """
 
     def __init__(
