@@ -433,7 +433,7 @@ def _guarded(
             if isinstance(claims, Denial):
                 await context.abort(claims.code, claims.details)
                 return
-            token = _CALLER.set(Caller(claims, bearer))
+            token = _CALLER.set((claims, bearer))
             try:
                 async for item in behavior(request, context):
                     yield item
@@ -448,7 +448,7 @@ def _guarded(
             if isinstance(claims, Denial):
                 await context.abort(claims.code, claims.details)
                 return None
-            token = _CALLER.set(Caller(claims, bearer))
+            token = _CALLER.set((claims, bearer))
             try:
                 return await behavior(request, context)
             finally:
@@ -465,7 +465,7 @@ def _guarded(
                 context.abort(claims.code, claims.details)
                 raise RuntimeError("unreachable: abort() raises")  # pragma: no cover
             ctx = contextvars.copy_context()
-            ctx.run(_CALLER.set, Caller(claims, bearer))
+            ctx.run(_CALLER.set, (claims, bearer))
             return ctx.run(behavior, request, context)
 
         wrapped = wrapped_sync

@@ -8,7 +8,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import grpc
 
@@ -40,15 +40,10 @@ DEFAULT_PUBLIC_SERVICES: tuple[str, ...] = (
 )
 
 
-
-class Caller(NamedTuple):
-    """The authenticated call being handled: its caller's claims and the bearer token they
-    came from (for the delegation helper, which exchanges it to call on the caller's behalf)."""
-
-    claims: Claims
-    token: str
-
-
+# The authenticated call being handled: its caller's claims and the bearer token they came
+# from (for the delegation helper, which exchanges it to call on the caller's behalf). A plain
+# tuple: one is built for every call the interceptors admit.
+Caller = tuple[Claims, str]
 _CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar(
     "authsvc_caller", default=None
 )
@@ -62,7 +57,7 @@ def current_claims() -> Claims | None:
     """The authenticated caller of the RPC being handled, or None (public method, or outside
     an RPC)."""
     caller = _CALLER.get()
-    return None if caller is None else caller.claims
+    return None if caller is None else caller[0]
 
 
 def incoming_token() -> str | None:
@@ -73,7 +68,7 @@ def incoming_token() -> str | None:
     only to authsvc (ExchangeToken), never to the next service itself.
     """
     caller = _CALLER.get()
-    return None if caller is None else caller.token
+    return None if caller is None else caller[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -567,12 +562,14 @@ class AuthServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             return validate_sync(validator, token, scopes, thumbprint, pass_thumbprint=passes)
 
         def guarded(request: Any, context: grpc.ServicerContext) -> Any:
-            outcome = rule.admit(binding.check_sync(check, context))
+            outcome = binding.check_sync(check, context)
+            if isinstance(outcome, Claims) and outcome.actors:  # only a chain has rules
+                outcome = rule.admit(outcome)
             if isinstance(outcome, Denial):
                 return _abort_behavior(outcome)(request, context)
             # A copied context scopes the caller to this call, whatever thread runs it.
             ctx = contextvars.copy_context()
-            ctx.run(_CALLER.set, Caller(outcome, token))
+            ctx.run(_CALLER.set, (outcome, token))
             if not streaming_response:
                 return ctx.run(behavior, request, context)
             return _run_iterator_in(ctx, ctx.run(behavior, request, context))
