@@ -313,10 +313,11 @@ class MethodRule:
         return None
 
     def admit(self, outcome: Claims | Denial) -> Claims | Denial:
-        """The interceptors' last step: a valid caller, unless this method refuses its chain."""
-        if isinstance(outcome, Denial):
-            return outcome
-        return self.refusal(outcome) or outcome
+        """The interceptors' last step: a valid caller, unless this method refuses its chain
+        (only a delegated token is looked at, so a direct call pays one attribute test)."""
+        if isinstance(outcome, Claims) and outcome.actors:
+            return self.refusal(outcome) or outcome
+        return outcome
 
 
 _DIRECT_ONLY = Denial(
@@ -562,9 +563,7 @@ class AuthServerInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             return validate_sync(validator, token, scopes, thumbprint, pass_thumbprint=passes)
 
         def guarded(request: Any, context: grpc.ServicerContext) -> Any:
-            outcome = binding.check_sync(check, context)
-            if isinstance(outcome, Claims) and outcome.actors:  # only a chain has rules
-                outcome = rule.admit(outcome)
+            outcome = rule.admit(binding.check_sync(check, context))
             if isinstance(outcome, Denial):
                 return _abort_behavior(outcome)(request, context)
             # A copied context scopes the caller to this call, whatever thread runs it.
