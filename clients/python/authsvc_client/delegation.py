@@ -31,7 +31,7 @@ import grpc
 from authsvc_client.errors import CredentialsError
 from authsvc_client.interceptors import incoming_token
 from authsvc_client.logins import Login, LoginRequest, Rpc, login_from_env
-from authsvc_client.tokens import AsyncTokenSource, TokenSource, channel_for_target
+from authsvc_client.tokens import AsyncTokenSource, TokenSource, _bearer, channel_for_target
 from authsvc_client.unverified import unverified_payload
 from authsvc_client.v1 import auth_pb2
 
@@ -112,8 +112,8 @@ class DelegationLogin(Login):
 
 
 _Key = tuple[bytes, str, tuple[str, ...]]
-# Builds a TokenSource or an AsyncTokenSource for one delegation.
-_Make = Callable[["DelegationLogin", str, tuple[str, ...]], Any]
+# Builds a TokenSource or an AsyncTokenSource for (subject token, audience, scopes).
+_Make = Callable[[str, str, tuple[str, ...]], Any]
 
 
 class _Sources:
@@ -134,7 +134,7 @@ class _Sources:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, actor: Login, subject: str, audience: str, scopes: Sequence[str]) -> Any:
+    def get(self, subject: str, audience: str, scopes: Sequence[str]) -> Any:
         if not audience:
             raise CredentialsError("audience must be non-empty")
         wanted = tuple(sorted(set(scopes)))
@@ -145,7 +145,7 @@ class _Sources:
                 self._entries.move_to_end(key)
                 return entry[0]
         # Outside the lock: DelegationLogin checks its inputs; a source costs no I/O.
-        source = self._make(DelegationLogin(actor, subject), audience, wanted)
+        source = self._make(subject, audience, wanted)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:  # another thread won the race: one source per key
@@ -185,10 +185,6 @@ def _subject(subject_token: str | None) -> str:
     return subject
 
 
-def _bearer(token: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token}"),)
-
-
 class _DelegatorBase:
     """Construction and the cache, shared by Delegator and AsyncDelegator; the subclasses
     differ in the token source they build and in being awaited."""
@@ -223,9 +219,13 @@ class _DelegatorBase:
         options = {**source_options, "follow_revocations": False, "clock": clock}
         source_type = self._source_type
 
-        def make(delegation: DelegationLogin, audience: str, scopes: tuple[str, ...]) -> Any:
+        def make(subject: str, audience: str, scopes: tuple[str, ...]) -> Any:
             return source_type(
-                channel, login=delegation, audience=audience, scopes=scopes, **options
+                channel,
+                login=DelegationLogin(login, subject),
+                audience=audience,
+                scopes=scopes,
+                **options,
             )
 
         self._sources = _Sources(make, max_entries, clock)
@@ -301,9 +301,7 @@ class Delegator(_DelegatorBase):
             TokenRefused: authsvc refused the exchange (its reason is in the message).
             TokenUnavailable: authsvc could not be reached, or no token within the timeout.
         """
-        source: TokenSource = self._sources.get(
-            self.login, _subject(subject_token), audience, scopes
-        )
+        source: TokenSource = self._sources.get(_subject(subject_token), audience, scopes)
         return source.token(timeout)
 
     def metadata(
@@ -313,7 +311,7 @@ class Delegator(_DelegatorBase):
         *,
         subject_token: str | None = None,
         timeout: float | None = None,
-    ) -> tuple[tuple[str, str], ...]:
+    ) -> tuple[tuple[str, str]]:
         """`metadata=` for the next call: `(("authorization", "Bearer …"),)`."""
         return _bearer(self.token(audience, scopes, subject_token=subject_token, timeout=timeout))
 
@@ -355,14 +353,12 @@ class AsyncDelegator(_DelegatorBase):
         self, audience: str, scopes: Sequence[str] = (), *, subject_token: str | None = None
     ) -> str:
         """As Delegator.token (the current caller is read from the coroutine's context)."""
-        source: AsyncTokenSource = self._sources.get(
-            self.login, _subject(subject_token), audience, scopes
-        )
+        source: AsyncTokenSource = self._sources.get(_subject(subject_token), audience, scopes)
         return await source.token()
 
     async def metadata(
         self, audience: str, scopes: Sequence[str] = (), *, subject_token: str | None = None
-    ) -> tuple[tuple[str, str], ...]:
+    ) -> tuple[tuple[str, str]]:
         """`metadata=` for the next call: `(("authorization", "Bearer …"),)`."""
         return _bearer(await self.token(audience, scopes, subject_token=subject_token))
 
