@@ -300,5 +300,6 @@ class LoginPolicy(Protocol[P, T_co]):
         ...
 
     def complete(self, prepared: P) -> T_co:
-        """Runs in the login batch's thread once the verdict is committed."""
+        """Runs in the caller's thread (an RPC's: the event loop) once the verdict is
+        committed; a failure here reaches that caller only."""
         ...

@@ -247,7 +247,37 @@ class TestOutcomes:
         _outcome(blocker)
         with pytest.raises(ValueError):
             bad.result(10)
-        assert good.result(10).value == "signed"
+        # The batch answers with what the policy prepared; the caller completes it.
+        assert good.result(10).value == "prepared"
+
+    def test_a_grant_is_completed_on_the_callers_thread_and_a_failure_reaches_it_alone(
+        self, world: World
+    ) -> None:
+        threads: list[str] = []
+
+        def sign() -> str:
+            threads.append(threading.current_thread().name)
+            raise RuntimeError("the signature did not verify")
+
+        with pytest.raises(RuntimeError, match="did not verify"):
+            world.logins.settle_sync(world.login(), _policy(_OK, sign))
+        assert threads == [threading.current_thread().name]
+        # The grant was audited before its work ran; the next login is not affected.
+        assert world.audit_outcomes() == ["ok"]
+        assert world.logins.settle_sync(world.login(), _policy(_OK, lambda: "signed")) == "signed"
+
+    def test_settle_completes_on_the_event_loop(self, world: World) -> None:
+        threads: list[str] = []
+
+        def sign() -> str:
+            threads.append(threading.current_thread().name)
+            return "signed"
+
+        async def call() -> str:
+            return await world.logins.settle(world.login(), _policy(_OK, sign))
+
+        assert asyncio.run(call()) == "signed"
+        assert threads == [threading.current_thread().name]
 
     def test_a_disabled_service_is_refused_after_its_secret_checks(self, world: World) -> None:
         world.core.repo.update_service_disabled("orders", True, to_datetime(world.clock.now()))
