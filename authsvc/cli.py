@@ -7,7 +7,6 @@ client commands (`token …`) talk to the server through `authsvc_client`, like 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -369,7 +368,7 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from authsvc.server.app import serve
+    from authsvc.server.app import run
 
     settings = _settings(
         args,
@@ -395,7 +394,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             "*** authsvc DEV MODE: local SQLite and a generated key-encryption key in "
             f"{settings.dev_dir}/ ; loopback only; NOT FOR PRODUCTION ***\n"
         )
-    asyncio.run(serve(settings))
+    run(settings)
     return EXIT_OK
 
 

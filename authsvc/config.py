@@ -5,6 +5,7 @@ Nothing else reads the environment. Validation fails fast and names the setting,
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import stat
@@ -92,6 +93,9 @@ class Settings:
     access_log_all: bool = False
     # OpenTelemetry spans for every RPC (needs the `otel` extra; authsvc/server/tracing.py).
     tracing: bool = False
+    # The server's event loop: "uvloop", "asyncio", or "auto" (uvloop where it is installed,
+    # as it is with authsvc on Linux); see authsvc/server/app.py:run.
+    event_loop: str = "auto"
 
     def __repr__(self) -> str:
         parts = []
@@ -160,6 +164,18 @@ def _bool(env: Mapping[str, str], name: str, default: bool = False) -> bool:
     if raw.lower() in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name} must be true or false")
+
+
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
+
+def _event_loop(env: Mapping[str, str]) -> str:
+    raw = (env.get("AUTHSVC_EVENT_LOOP") or "auto").lower()
+    if raw not in EVENT_LOOPS:
+        raise ConfigError(f"AUTHSVC_EVENT_LOOP must be one of {', '.join(EVENT_LOOPS)}")
+    if raw == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ConfigError("AUTHSVC_EVENT_LOOP=uvloop but uvloop is not installed")
+    return raw
 
 
 def _delegation_depth(env: Mapping[str, str]) -> int:
@@ -376,6 +392,7 @@ def load_settings(
         log_level=(env.get("AUTHSVC_LOG_LEVEL") or "INFO").upper(),
         access_log_all=_bool(env, "AUTHSVC_ACCESS_LOG_ALL"),
         tracing=_bool(env, "AUTHSVC_TRACING"),
+        event_loop=_event_loop(env),
     )
 
 

@@ -526,6 +526,26 @@ def _enable_reflection(service_names: list[str], server: grpc.aio.Server) -> Non
     server.add_generic_rpc_handlers((v1,))
 
 
+def run(settings: Settings) -> None:
+    """Serve on the configured event loop until SIGTERM or SIGINT.
+
+    uvloop by default where it is installed: grpc.aio drives its calls through the loop's
+    callbacks and wake-ups, and on uvloop the same server spends 7-13% less CPU per call
+    (Health, ValidateToken, the stream and IssueToken, measured in one run; BENCHMARKS.md).
+    """
+    choice = settings.event_loop
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":  # config checked it was installed; it no longer imports
+                raise
+        else:
+            uvloop.run(serve(settings))
+            return
+    asyncio.run(serve(settings))
+
+
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
     server = AuthsvcServer(settings)
@@ -535,6 +555,7 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
+        log.info("event loop %s", type(loop).__module__.split(".")[0])
         await stop.wait()
         log.info("shutting down")
     finally:

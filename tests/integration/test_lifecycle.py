@@ -152,6 +152,33 @@ class TestDevMode:
         assert proc.returncode != 0 and "loopback" in proc.stderr
 
 
+class TestEventLoop:
+    @pytest.mark.parametrize(("choice", "loop"), [("", "uvloop"), ("asyncio", "asyncio")])
+    def test_serves_and_drains_on_the_configured_event_loop(
+        self, tmp_path: Path, choice: str, loop: str
+    ) -> None:
+        server = start_server({**sqlite_env(tmp_path), "AUTHSVC_EVENT_LOOP": choice})
+        secret = server.create_service("orders", ["billing"], ["billing.read"])
+        token = server.issue("orders", secret, "billing", ["billing.read"]).access_token
+        answer = server.stub.ValidateToken(
+            auth_pb2.ValidateTokenRequest(token=token, audience="billing"), timeout=10
+        )
+        assert answer.valid
+        assert f"event loop {loop}" in "".join(server.output)
+        assert server.stop() == 0
+
+    def test_an_unknown_event_loop_is_refused_by_name(self, tmp_path: Path) -> None:
+        proc = subprocess.run(
+            [*authsvc_command(), "serve", "--listen", "127.0.0.1:0"],
+            env={**sqlite_env(tmp_path), "AUTHSVC_EVENT_LOOP": "trio"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+        assert proc.returncode != 0 and "AUTHSVC_EVENT_LOOP" in proc.stderr
+
+
 class TestShutdownAndRestart:
     def test_sigterm_drains_in_flight_calls_and_exits_zero(self, tmp_path: Path) -> None:
         env = sqlite_env(tmp_path)

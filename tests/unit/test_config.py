@@ -57,11 +57,17 @@ class TestLoadSettings:
             ("AUTHSVC_RSA_KEY_BITS", "1024"),
             ("AUTHSVC_LISTEN", "nohostport"),
             ("AUTHSVC_ACCESS_LOG_ALL", "sometimes"),
+            ("AUTHSVC_EVENT_LOOP", "trio"),
         ],
     )
     def test_bad_values_are_named(self, name: str, value: str) -> None:
         with pytest.raises(ConfigError, match=name):
             load_settings({**BASE, name: value})
+
+    def test_the_event_loop_is_uvloop_where_installed_unless_asked(self) -> None:
+        assert load_settings(BASE).event_loop == "auto"
+        assert load_settings({**BASE, "AUTHSVC_EVENT_LOOP": "AsyncIO"}).event_loop == "asyncio"
+        assert load_settings({**BASE, "AUTHSVC_EVENT_LOOP": "uvloop"}).event_loop == "uvloop"
 
     def test_access_log_all_is_off_unless_asked(self) -> None:
         assert load_settings(BASE).access_log_all is False
