@@ -32,8 +32,9 @@ the GIL the event loop held, up to its 5 ms switch interval, after each signatur
 side by side on the benchmark machine (BENCHMARKS.md), signing on the event loop costs 9%
 less server CPU per token and issues 1.1x more tokens/s on one process; under IssueToken and
 ValidateToken load together it issues 1.7-1.9x more tokens/s, for 12-28% fewer ValidateToken
-calls/s (p99 18-21 ms against 15-16 ms) while issuing saturates the process. A process therefore signs serially on its event loop, 0.3 ms a token: more cores
-are used with `serve --workers N`, grpcio's recommended way for Python anyway.
+calls/s (p99 18-21 ms against 15-16 ms) while issuing saturates the process. A process
+therefore signs serially on its event loop, 0.3 ms a token: more cores are used with
+`serve --workers N`, grpcio's recommended way for Python anyway.
 """
 
 from __future__ import annotations
