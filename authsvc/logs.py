@@ -9,7 +9,7 @@ import re
 import sys
 import traceback
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -84,26 +84,65 @@ def request_id_from(metadata: Iterable[tuple[str, Any]] | None) -> str:
     return uuid.uuid4().hex
 
 
+class Deferred:
+    """A per-call field worked out only when a log line or an audit row first reads it.
+
+    Most calls (a successful ValidateToken, a health check) write neither, and for them making
+    a request id was a measurable share of the server's CPU per call (BENCHMARKS.md). Once
+    read, the value replaces this in the call's fields, so every line and row of one call
+    carries the same request id. It may be read from any thread the call's context was
+    copied to (the login batch's, a worker's), so it must not touch the gRPC call: the
+    request id is made from the metadata alone.
+    """
+
+    __slots__ = ("_arg", "_fn")
+
+    def __init__(self, fn: Callable[..., Any], *arg: Any) -> None:
+        self._fn = fn
+        self._arg = arg
+
+    def resolve(self) -> Any:
+        return self._fn(*self._arg)
+
+
+def _read(fields: dict[str, Any], key: str) -> Any:
+    value = fields.get(key)
+    if type(value) is Deferred:
+        value = fields[key] = value.resolve()
+    return value
+
+
 def current_request_id() -> str | None:
     fields = _rpc.get()
-    value = fields.get("request_id") if fields else None
+    value = _read(fields, "request_id") if fields else None
     return value if isinstance(value, str) else None
+
+
+def enter_rpc(fields: dict[str, Any]) -> contextvars.Token[dict[str, Any] | None]:
+    """Attach per-call fields (values may be `Deferred`) to every record logged until
+    `leave_rpc`; the dict may be updated in place. `rpc_context` in two calls, for the
+    per-call hot path that a generator-based context manager would slow."""
+    return _rpc.set(fields)
+
+
+def leave_rpc(token: contextvars.Token[dict[str, Any] | None]) -> None:
+    try:
+        _rpc.reset(token)
+    except ValueError:
+        # A stream's generator that gRPC left suspended is closed later by asyncio in a task
+        # of its own (a copied context): the call's context is gone, nothing to undo.
+        pass
 
 
 @contextmanager
 def rpc_context(**fields: Any) -> Iterator[dict[str, Any]]:
     """Attach per-call fields to every record logged inside; the dict may be updated in place."""
     current = dict(fields)
-    token = _rpc.set(current)
+    token = enter_rpc(current)
     try:
         yield current
     finally:
-        try:
-            _rpc.reset(token)
-        except ValueError:
-            # A stream's generator that gRPC left suspended is closed later by asyncio in a
-            # task of its own (a copied context): the call's context is gone, nothing to undo.
-            pass
+        leave_rpc(token)
 
 
 def _fields(record: logging.LogRecord, out: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -113,6 +152,8 @@ def _fields(record: logging.LogRecord, out: dict[str, Any] | None = None) -> dic
     ctx = _rpc.get()
     if ctx:
         for k, v in ctx.items():
+            if type(v) is Deferred:
+                v = ctx[k] = v.resolve()  # an existing key: the dict keeps its size
             if v is not None:
                 out[k] = v
     given = record.__dict__

@@ -17,7 +17,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from authsvc.clock import Clock, to_timestamp
-from authsvc.logs import request_id_from, rpc_context
+from authsvc.logs import Deferred, enter_rpc, leave_rpc, request_id_from, rpc_context
 from authsvc.storage.repository import Repository
 from authsvc.sync import ServerState
 from authsvc_client.v1 import auth_pb2
@@ -269,7 +269,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return handler
         method = str(handler_call_details.method)
-        request_id = request_id_from(handler_call_details.invocation_metadata)
+        # Made only if a log line or an audit row of the call reads it (logs.Deferred).
+        request_id = Deferred(request_id_from, handler_call_details.invocation_metadata)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(handler.unary_unary, method, request_id),
@@ -324,27 +325,29 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return logging.INFO if invalid else logging.DEBUG
         return logging.INFO
 
-    def _unary(self, behavior: Any, method: str, request_id: str) -> Any:
+    def _unary(self, behavior: Any, method: str, request_id: Deferred) -> Any:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             started = time.perf_counter()
-            with rpc_context(request_id=request_id, method=method, peer=context.peer()) as f:
-                response, code = None, grpc.StatusCode.UNKNOWN
-                try:
-                    response = await behavior(request, context)
-                    code = _code(context, grpc.StatusCode.OK)
-                    return response
-                except grpc.aio.AbortError:
-                    code = _code(context, grpc.StatusCode.UNKNOWN)
-                    raise
-                except asyncio.CancelledError:
-                    code = grpc.StatusCode.CANCELLED
-                    raise
-                finally:
-                    self._done(f, method, code, started, response, timed=True)
+            f = {"request_id": request_id, "method": method, "peer": context.peer()}
+            token = enter_rpc(f)
+            response, code = None, grpc.StatusCode.UNKNOWN
+            try:
+                response = await behavior(request, context)
+                code = _code(context, grpc.StatusCode.OK)
+                return response
+            except grpc.aio.AbortError:
+                code = _code(context, grpc.StatusCode.UNKNOWN)
+                raise
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                self._done(f, method, code, started, response, timed=True)
+                leave_rpc(token)
 
         return wrapper
 
-    def _stream(self, behavior: Any, method: str, request_id: str) -> Any:
+    def _stream(self, behavior: Any, method: str, request_id: Deferred) -> Any:
         """Streams come as async generators (ours) or coroutines calling context.write (health)."""
         service, name = _split(method)
 

@@ -15,7 +15,15 @@ from typing import Any
 
 import grpc
 
-from authsvc.logs import HumanFormatter, JsonFormatter, redact, request_id_from, rpc_context
+from authsvc.logs import (
+    Deferred,
+    HumanFormatter,
+    JsonFormatter,
+    current_request_id,
+    redact,
+    request_id_from,
+    rpc_context,
+)
 from authsvc.usecases.audit import log_audit
 from authsvc_client.v1 import auth_pb2
 from tests.ops.conftest import OpsServer, start_ops_server
@@ -266,6 +274,22 @@ class TestLogInjection:
             fresh = request_id_from([("x-request-id", refused)])
             assert fresh != refused
             assert len(fresh) == 32 and int(fresh, 16) >= 0
+
+
+    def test_a_deferred_request_id_is_made_once_and_only_when_read(self) -> None:
+        made: list[str] = []
+
+        def fresh() -> str:
+            made.append(f"id{len(made)}")
+            return made[-1]
+
+        with rpc_context(request_id=Deferred(fresh), method="/m"):
+            assert made == []  # a call that logs nothing makes no id
+            record = logging.LogRecord("t", logging.INFO, __file__, 1, "rpc", (), None)
+            first = json.loads(JsonFormatter().format(record))["request_id"]
+            assert current_request_id() == first == "id0"
+            assert json.loads(JsonFormatter().format(record))["request_id"] == "id0"
+        assert made == ["id0"]
 
 
 class TestAccessLineLevels:
