@@ -151,9 +151,8 @@ def _fields(record: logging.LogRecord, out: dict[str, Any] | None = None) -> dic
         out = {}
     ctx = _rpc.get()
     if ctx:
-        for k, v in ctx.items():
-            if type(v) is Deferred:
-                v = ctx[k] = v.resolve()  # an existing key: the dict keeps its size
+        for k in ctx:
+            v = _read(ctx, k)  # an existing key: the dict keeps its size
             if v is not None:
                 out[k] = v
     given = record.__dict__

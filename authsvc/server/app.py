@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import importlib.util
 import logging
 import signal
 import sys
@@ -534,16 +535,12 @@ def run(settings: Settings) -> None:
     (Health, ValidateToken, the stream and IssueToken, measured in one run; BENCHMARKS.md).
     """
     choice = settings.event_loop
-    if choice != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if choice == "uvloop":  # config checked it was installed; it no longer imports
-                raise
-        else:
-            uvloop.run(serve(settings))
-            return
-    asyncio.run(serve(settings))
+    if choice == "uvloop" or (choice == "auto" and importlib.util.find_spec("uvloop")):
+        import uvloop
+
+        uvloop.run(serve(settings))
+    else:
+        asyncio.run(serve(settings))
 
 
 async def serve(settings: Settings) -> None:

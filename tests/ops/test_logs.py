@@ -275,7 +275,6 @@ class TestLogInjection:
             assert fresh != refused
             assert len(fresh) == 32 and int(fresh, 16) >= 0
 
-
     def test_a_deferred_request_id_is_made_once_and_only_when_read(self) -> None:
         made: list[str] = []
 
