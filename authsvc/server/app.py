@@ -270,6 +270,9 @@ class AuthsvcServer:
             leeway_seconds=s.leeway_seconds,
             max_token_bytes=s.max_token_bytes,
             is_subject_enabled=state.is_subject_enabled,
+            # `disabled` is a frozenset replaced whole on every change: its identity is the
+            # version the verdict memo needs (TokenVerifier, subjects_version).
+            subjects_version=lambda: state.disabled,
             clock=self.clock.now,
         )
         trail = AuditTrail(core.repo, self.clock)

@@ -724,6 +724,116 @@ class TestCache:
         assert verifier.cached_tokens == 0
 
 
+class TestVerdictMemo:
+    """A valid verdict reused for the exact request while nothing it depends on has changed."""
+
+    def test_without_subjects_version_an_enabled_callback_is_asked_every_time(
+        self, env: Env
+    ) -> None:
+        enabled = {"svc-a": True}
+        verifier = make(env, is_subject_enabled=lambda sub: enabled[sub])
+        token = good(env)
+        assert verifier.verify(token, audience=AUD).valid
+        enabled["svc-a"] = False
+        assert reason(verifier.verify(token, audience=AUD)) == "SERVICE_DISABLED"
+
+    def test_subjects_version_is_what_tells_a_reused_verdict_to_look_again(self, env: Env) -> None:
+        state = {"disabled": frozenset[str]()}
+        asked: list[str] = []
+
+        def enabled(sub: str) -> bool:
+            asked.append(sub)
+            return sub not in state["disabled"]
+
+        verifier = make(env, is_subject_enabled=enabled, subjects_version=lambda: state["disabled"])
+        token = good(env)
+        assert verifier.verify(token, audience=AUD).valid
+        assert verifier.verify(token, audience=AUD).valid
+        assert asked == ["svc-a"]  # the repeat was answered without asking again
+        state["disabled"] = frozenset({"svc-a"})  # a new object: a new version
+        assert reason(verifier.verify(token, audience=AUD)) == "SERVICE_DISABLED"
+        state["disabled"] = frozenset()
+        assert verifier.verify(token, audience=AUD).valid
+
+    def test_a_revocation_after_a_reused_verdict_applies_at_once(self, env: Env) -> None:
+        revocations = RevocationSet()
+        verifier = make(env, revocations=revocations)
+        by_jti, by_service = good(env), good(env, sub="svc-c", client_id="svc-c")
+        for token in (by_jti, by_service):
+            assert verifier.verify(token, audience=AUD).valid
+            assert verifier.verify(token, audience=AUD).valid
+        revocations.add(RevocationEntry(1, jti_of(by_jti), None, None, NOW + 900))
+        revocations.add(RevocationEntry(2, None, "svc-c", NOW + 1, NOW + 900))
+        assert reason(verifier.verify(by_jti, audience=AUD)) == "REVOKED"
+        assert reason(verifier.verify(by_service, audience=AUD)) == "REVOKED"
+
+    def test_a_revocation_that_lands_during_a_verification_is_not_missed_next_time(
+        self, env: Env
+    ) -> None:
+        # The revocation arrives after this verification's revocation check (from inside the
+        # enabled callback, which _check calls later): that verdict may still say valid, but
+        # it was reached under the old revocations version and must not be reused.
+        revocations = RevocationSet()
+        token = good(env)
+        landed: list[bool] = []
+
+        def enabled(_sub: str) -> bool:
+            if not landed:
+                landed.append(True)
+                revocations.add(RevocationEntry(1, jti_of(token), None, None, NOW + 900))
+            return True
+
+        verifier = make(
+            env, revocations=revocations, is_subject_enabled=enabled, subjects_version=lambda: 0
+        )
+        assert verifier.verify(token, audience=AUD).valid
+        assert reason(verifier.verify(token, audience=AUD)) == "REVOKED"
+
+    def test_a_reused_verdict_still_keeps_to_its_time_bounds(self, env: Env) -> None:
+        verifier = make(env)
+        token = good(env, exp=NOW + 60)
+        assert verifier.verify(token, audience=AUD, now=NOW).valid
+        assert verifier.verify(token, audience=AUD, now=NOW + 60 + LEEWAY - 1).valid
+        assert reason(verifier.verify(token, audience=AUD, now=NOW + 60 + LEEWAY)) == "EXPIRED"
+        early = good(env, nbf=NOW + 100, exp=NOW + 900)
+        assert verifier.verify(early, audience=AUD, now=NOW + 100).valid
+        # A clock that went back: the verdict reached later is not reused earlier.
+        assert reason(verifier.verify(early, audience=AUD, now=NOW)) == "NOT_YET_VALID"
+
+    def test_each_audience_scope_list_and_certificate_has_its_own_verdict(self, env: Env) -> None:
+        verifier = make(env)
+        token = good(env, scope="read")
+        assert verifier.verify(token, audience=AUD).valid
+        assert verifier.verify(token, audience=AUD, required_scopes=["read"]).valid
+        assert reason(verifier.verify(token, audience="svc-c")) == "WRONG_AUDIENCE"
+        result = verifier.verify(token, audience=AUD, required_scopes=["read", "write"])
+        assert reason(result) == "INSUFFICIENT_SCOPE"
+        bound = good(env, cnf={"x5t#S256": b64(hashlib.sha256(b"cert-1").digest())})
+        thumb1 = b64(hashlib.sha256(b"cert-1").digest())
+        thumb2 = b64(hashlib.sha256(b"cert-2").digest())
+        assert verifier.verify(bound, audience=AUD, client_cert_thumbprint=thumb1).valid
+        mismatch = verifier.verify(bound, audience=AUD, client_cert_thumbprint=thumb2)
+        assert reason(mismatch) == "CERTIFICATE_MISMATCH"
+        assert reason(verifier.verify(bound, audience=AUD)) == "CERTIFICATE_MISMATCH"
+
+    def test_a_ring_without_the_key_stops_a_reused_verdict(self, env: Env) -> None:
+        holder = {"ring": env.ring}
+        verifier = make(env, keys=lambda: holder["ring"])
+        token = good(env)
+        assert verifier.verify(token, audience=AUD).valid
+        assert verifier.verify(token, audience=AUD).valid
+        holder["ring"] = KeyRing({})
+        assert reason(verifier.verify(token, audience=AUD)) == "UNKNOWN_KEY"
+
+    def test_the_memo_is_bounded_by_the_cache_size(self, env: Env) -> None:
+        verifier = make(env, cache_size=2)
+        tokens = [good(env) for _ in range(3)]
+        for token in tokens:
+            assert verifier.verify(token, audience=AUD).valid
+            assert verifier.verify(token, audience=AUD, required_scopes=["read"]).valid
+        assert len(verifier._verdicts) == 2
+
+
 _SCALARS = (
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)
 )

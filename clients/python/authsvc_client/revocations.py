@@ -76,6 +76,11 @@ class RevocationSet:
         self._buckets: dict[int, tuple[int, list[str]]] = {}
         self._bucket_heap: list[int] = []
         self._cursor = 0
+        # Moves on every add(), after the add has taken effect: a verdict computed while it
+        # read N may be reused only while it still reads N (TokenVerifier's verdict memo).
+        # prune() leaves it alone: it drops only what covers tokens already expired, which no
+        # reused verdict can be about (a verdict is reused only before its token's exp).
+        self.version = 0
         # Called with each newly revoked jti, under the lock (TokenVerifier drops it from its
         # cache); a callback must be quick and must not call back into this set.
         self._jti_watchers: list[Callable[[str], None]] = []
@@ -133,6 +138,7 @@ class RevocationSet:
                 )
         if entry.cursor > self._cursor:
             self._cursor = entry.cursor
+        self.version += 1
 
     def is_revoked(self, jti: str, subject: str, issued_at: int) -> bool:
         """True when this jti is revoked, or every token of `subject` issued before a cutoff

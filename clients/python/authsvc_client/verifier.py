@@ -295,6 +295,17 @@ class _Entry:
         self.ring: KeyRing | None = None
 
 
+# (token, audience, required scopes, certificate thumbprint) and (the entry, then the key ring,
+# revocations version and subjects version read before its checks): TokenVerifier's memo.
+_VerdictKey = tuple[str | bytes, str, tuple[str, ...], str]
+_Verdict = tuple[_Entry, KeyRing, int, object]
+
+
+def _no_subjects() -> None:
+    """The subjects version of a verifier that never asks whether a subject is enabled."""
+    return None
+
+
 class TokenVerifier:
     """Checks authsvc access tokens offline against a KeyRing and a RevocationSet.
 
@@ -304,7 +315,10 @@ class TokenVerifier:
     JSON type. Tokens that verified are cached by the SHA-256 of their exact bytes, so a repeat
     costs a hash and a few dictionary lookups; what can change (key ring, revocations, time,
     the caller's audience and scopes, whether the subject is enabled, and the certificate a
-    certificate-bound token arrived with) is checked every time.
+    certificate-bound token arrived with) is checked every time. A valid verdict is also
+    remembered for the exact request (token, audience, scopes, certificate): reused while the
+    key ring, the revocation set's version and the subjects' version are the ones it was
+    reached under and the token is inside its time bounds, it costs one lookup.
     """
 
     def __init__(
@@ -319,6 +333,7 @@ class TokenVerifier:
         cache_size: int = 10_000,
         clock: Callable[[], float] = time.time,
         on_unknown_kid: Callable[[str], KeyRing | None] | None = None,
+        subjects_version: Callable[[], object] | None = None,
     ) -> None:
         """Fix the verification policy; nothing about it is read from tokens.
 
@@ -336,6 +351,11 @@ class TokenVerifier:
             on_unknown_kid: called once with a kid not in the ring (say, to refetch the JWK
                 Set); it may return the new ring. It should rate-limit itself, since the kid
                 comes from the token. An exception from it counts as "still unknown".
+            subjects_version: returns an object that is replaced (a new identity) whenever an
+                answer of is_subject_enabled may have changed. With it, or without
+                is_subject_enabled, a valid verdict is reused for the same token, audience,
+                scopes and certificate while the ring, the revocations and it are unchanged
+                and the token is within its time bounds (the verdict memo, below).
         """
         if leeway_seconds < 0:
             raise ValueError("leeway_seconds must not be negative")
@@ -364,6 +384,16 @@ class TokenVerifier:
             revocations.watch_jtis(self._drop_revoked)
         # Single atomic get/set/clear operations only, so no lock.
         self._headers: dict[bytes, str] = {}
+        # The verdict memo: (token, audience, scopes, thumbprint) -> (entry, ring, revocations
+        # version, subjects version) of a *valid* verdict, the three versions read before that
+        # verdict's checks. Equal versions mean nothing _check reads has changed except the
+        # time, which is compared on every reuse; anything else falls through to the cache and
+        # _check. It skips the hashing and lookups of a cache hit (BENCHMARKS, issue 16's
+        # fourth round). Only where every input to a verdict has a version: without
+        # subjects_version an is_subject_enabled callback is opaque, so no memo.
+        self._memo = bool(cache_size) and (is_subject_enabled is None or bool(subjects_version))
+        self._subjects: Callable[[], object] = subjects_version or _no_subjects
+        self._verdicts: dict[_VerdictKey, _Verdict] = {}
 
     def __repr__(self) -> str:
         return f"TokenVerifier(issuer={self._issuer!r}, cached={len(self._cache)})"
@@ -419,8 +449,33 @@ class TokenVerifier:
 
             if not self._cache_size:  # nothing is ever cached, so no cache key either
                 return self._check(
-                    self._verify_signed(raw), audience, required_scopes, now, client_cert_thumbprint
+                    self._verify_signed(raw),
+                    audience,
+                    required_scopes,
+                    now,
+                    client_cert_thumbprint,
+                    revocation_checked=True,
                 )
+
+            if self._memo:
+                key: _VerdictKey = (
+                    token,
+                    audience,
+                    tuple(required_scopes) if required_scopes else (),
+                    client_cert_thumbprint or "",
+                )
+                versions = (self._keys(), self._revocations.version, self._subjects())
+                seen = self._verdicts.get(key)
+                if (
+                    seen is not None
+                    and seen[1] is versions[0]
+                    and seen[2] == versions[1]
+                    and seen[3] is versions[2]
+                    # The two time bounds _check enforces (Expired, NotYetValid).
+                    and now < seen[0].exp_limit
+                    and seen[0].start_limit <= now + self._leeway
+                ):
+                    return seen[0].result
 
             # Cache key: the exact bytes, never the jti, so a token re-encoded or altered under
             # a cached jti misses and is verified in full.
@@ -430,16 +485,29 @@ class TokenVerifier:
                 ring = self._keys()
                 if (entry.ring is ring or entry.kid in ring) and now < entry.exp_limit:
                     entry.ring = ring  # any thread may store it: every candidate holds the kid
-                    return self._check(
+                    result = self._check(
                         entry, audience, required_scopes, now, client_cert_thumbprint
                     )
+                    if self._memo and result is entry.result:
+                        self._memorize(key, (entry, *versions))
+                    return result
                 # Key gone or token expired: forget it and let a full verification decide.
                 self._forget(digest)
 
             entry = self._verify_signed(raw)
             if now < entry.exp_limit:
                 self._remember(digest, entry)
-            return self._check(entry, audience, required_scopes, now, client_cert_thumbprint)
+            result = self._check(
+                entry,
+                audience,
+                required_scopes,
+                now,
+                client_cert_thumbprint,
+                revocation_checked=True,
+            )
+            if self._memo and result is entry.result:
+                self._memorize(key, (entry, *versions))
+            return result
         except TokenInvalid as exc:
             return ValidationResult.fail(exc.reason)
 
@@ -597,10 +665,16 @@ class TokenVerifier:
         required_scopes: Sequence[str],
         now: float,
         client_cert_thumbprint: str | None,
+        *,
+        revocation_checked: bool = False,
     ) -> ValidationResult:
-        """The checks that can change between two uses of the same signed token."""
+        """The checks that can change between two uses of the same signed token.
+
+        `revocation_checked`: _verify_signed has just made the token's own revocation check,
+        with the same jti, subject and iat, in this very verification.
+        """
         sub = entry.sub
-        if self._revocations.is_revoked(entry.jti, sub, entry.iat):
+        if not revocation_checked and self._revocations.is_revoked(entry.jti, sub, entry.iat):
             raise self._revoked(sub, entry.iat)
         if entry.actors:
             self._check_chain(entry)
@@ -642,6 +716,13 @@ class TokenVerifier:
             # cannot verify, so only our own), the index keeps the newest, and the per-use
             # revocation check in _check still stops the other.
             self._cached_jtis[entry.jti] = digest
+
+    def _memorize(self, key: _VerdictKey, verdict: _Verdict) -> None:
+        with self._cache_lock:
+            verdicts = self._verdicts
+            while len(verdicts) >= self._cache_size:
+                del verdicts[next(iter(verdicts))]  # the oldest: dicts keep insertion order
+            verdicts[key] = verdict
 
     def _forget(self, digest: bytes) -> None:
         with self._cache_lock:
