@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -237,6 +238,48 @@ class TestValidateTokenStream:
             assert _validate(world, token).valid
         finally:
             release.set()
+            call.cancel()
+
+    def test_an_open_stream_sees_a_revocation_and_a_disable_at_the_next_message(
+        self, world: World
+    ) -> None:
+        # Repeat answers come from the verifier's verdict memo and the servicer's answer
+        # memo; neither may outlive a revocation or a disable made while the stream is open.
+        md = world.admin_md()
+        created = world.server.stub.CreateService(
+            auth_pb2.CreateServiceRequest(service_id="memo-svc", audiences=["billing"]),
+            metadata=md,
+            timeout=10,
+        )
+        revoked = world.server.issue("orders", world.orders_secret, "billing").access_token
+        disabled = world.server.issue("memo-svc", created.service_secret, "billing").access_token
+        sent: queue.Queue[auth_pb2.ValidateTokenRequest | None] = queue.Queue()
+
+        def requests() -> Iterator[auth_pb2.ValidateTokenRequest]:
+            while (request := sent.get(timeout=30)) is not None:
+                yield request
+
+        call = world.server.stub.ValidateTokenStream(requests(), timeout=60)
+
+        def check(token: str) -> auth_pb2.ValidateTokenResponse:
+            sent.put(auth_pb2.ValidateTokenRequest(token=token, audience="billing"))
+            return next(call)
+
+        try:
+            for _ in range(3):
+                assert check(revoked).valid and check(disabled).valid
+            assert world.server.stub.RevokeToken(
+                auth_pb2.RevokeTokenRequest(token=revoked), timeout=10
+            ).revoked
+            assert check(revoked).reason == auth_pb2.REVOKED
+            assert check(disabled).valid
+            world.server.stub.DisableService(
+                auth_pb2.DisableServiceRequest(service_id="memo-svc"), metadata=md, timeout=10
+            )
+            assert check(disabled).reason == auth_pb2.SERVICE_DISABLED
+            assert _validate(world, disabled).reason == auth_pb2.SERVICE_DISABLED
+        finally:
+            sent.put(None)
             call.cancel()
 
 
