@@ -61,7 +61,55 @@ def serve(mode: str, authsvc: str, audience: str, issuer: str, threads: int) -> 
     return 0
 
 
-class EchoProcess:
+class ChildServer:
+    """A benchmark server in its own process: it prints `ready_line` + HOST:PORT once serving
+    and stops when its standard input closes; close() ends it."""
+
+    def __init__(self, label: str, argv: list[str], ready_line: str, env: dict[str, str]) -> None:
+        self.label = label
+        self._ready_line = ready_line
+        self.proc = subprocess.Popen(
+            [sys.executable, *argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.address = self._wait_ready(30)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _wait_ready(self, timeout: float) -> str:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
+            if ready:
+                line = self.proc.stdout.readline()
+                if line.startswith(self._ready_line):
+                    return line[len(self._ready_line) :].strip()
+                if not line:
+                    break
+            elif self.proc.poll() is not None:
+                break
+        self.close()
+        raise RuntimeError(f"bench server ({self.label}) did not start")
+
+    def close(self) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+class EchoProcess(ChildServer):
     """A running `python -m bench.echo`; close() ends it."""
 
     def __init__(
@@ -84,54 +132,16 @@ class EchoProcess:
                 AUTHSVC_SERVICE_SECRET=credentials[1],
                 AUTHSVC_TARGET=authsvc,
             )
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bench.echo",
-                f"--mode={mode}",
-                f"--authsvc={authsvc}",
-                f"--audience={audience}",
-                f"--issuer={issuer}",
-                f"--threads={threads}",
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        self.address = self._wait_ready(30)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def _wait_ready(self, timeout: float) -> str:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
-            if ready:
-                line = self.proc.stdout.readline()
-                if line.startswith(READY_LINE):
-                    return line[len(READY_LINE) :].strip()
-                if not line:
-                    break
-            elif self.proc.poll() is not None:
-                break
-        self.close()
-        raise RuntimeError(f"bench echo server ({self.mode}) did not start")
-
-    def close(self) -> None:
-        if self.proc.stdin is not None and not self.proc.stdin.closed:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        argv = [
+            "-m",
+            "bench.echo",
+            f"--mode={mode}",
+            f"--authsvc={authsvc}",
+            f"--audience={audience}",
+            f"--issuer={issuer}",
+            f"--threads={threads}",
+        ]
+        super().__init__(f"echo {mode}", argv, READY_LINE, env)
 
 
 def main(argv: list[str] | None = None) -> int:

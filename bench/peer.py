@@ -346,19 +346,27 @@ def _local_summary(verify: list[dict[str, Any]], local: list[dict[str, float]]) 
 def _issue_floor(out: dict[str, Any]) -> dict[str, Any] | None:
     """IssueToken's floor in this run: one RSA signature (this process's thread CPU) plus one
     unary call on the same server (ValidateToken's server CPU: a cached verify on top of the
-    bare RPC), against the peer's whole issue."""
+    bare RPC), against the peer's whole issue; and with the bare grpc.aio server's unary call
+    in place of ValidateToken's."""
     sign = out["local"].get("raw_rsa_sign_us")
     unary = out["authsvc"].get("validate_unary", {}).get("server_cpu_us_per_call")
     peer = out["peer"].get("issue", {}).get("server_cpu_us_per_call")
     if not sign or not unary or not peer:
         return None
     floor = float(sign) + float(unary)
-    return {
+    found: dict[str, Any] = {
         "sign_us": round(float(sign), 1),
         "unary_us": round(float(unary), 1),
         "floor_us": round(floor, 1),
         "floor_over_peer_issue": round(floor / float(peer), 3),
     }
+    # The same with the bare grpc.aio server's unary call (bench.bare): no authsvc code at all.
+    bare = out["authsvc"].get("bare_unary", {}).get("server_cpu_us_per_call")
+    if bare:
+        found["bare_unary_us"] = round(float(bare), 1)
+        found["bare_floor_us"] = round(float(sign) + float(bare), 1)
+        found["bare_floor_over_peer_issue"] = round((float(sign) + float(bare)) / float(peer), 3)
+    return found
 
 
 def _ratios(out: dict[str, Any], issue: list[str], remote: list[str]) -> dict[str, float]:

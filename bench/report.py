@@ -184,6 +184,8 @@ def _render_peer(peer: dict[str, Any]) -> list[str]:
         "issue": "IssueToken",
         "validate_unary": "ValidateToken (unary)",
         "validate_stream": "ValidateTokenStream (per message)",
+        "bare_unary": "bare grpc.aio, no authsvc code: unary call, fixed answer",
+        "bare_stream": "bare grpc.aio, no authsvc code: stream message, fixed answer",
     }
 
     def ours(kind: str, peer_path: str) -> list[list[str]]:
@@ -200,6 +202,11 @@ def _render_peer(peer: dict[str, Any]) -> list[str]:
         row("peer: POST /token/introspection (opaque, in memory)", p["introspect"], ""),
         *ours("validate_unary", "introspect"),
         *ours("validate_stream", "introspect"),
+        *[
+            row(labels[kind], a[kind], ratio(f"{kind}_over_peer_introspect"))
+            for kind in ("bare_unary", "bare_stream")
+            if kind in a
+        ],
     ]
     local = [
         ["peer: jose jwtVerify (CPU per token, 1 in flight)",
@@ -231,6 +238,12 @@ def _render_peer(peer: dict[str, Any]) -> list[str]:
             f"{floor['unary_us']:.0f} us server CPU of a unary ValidateToken = "
             f"{floor['floor_us']:.0f} us, {floor['floor_over_peer_issue']:.2f}x the peer's issue"
         )
+        if "bare_floor_us" in floor:
+            out.append(
+                f"with the bare grpc.aio unary call ({floor['bare_unary_us']:.0f} us, event loop "
+                f"{peer.get('bare_event_loop', '?')}) instead: {floor['bare_floor_us']:.0f} us, "
+                f"{floor['bare_floor_over_peer_issue']:.2f}x the peer's issue"
+            )
     return out
 
 

@@ -23,6 +23,8 @@ from authsvc_client.keyring import KeyRing
 from authsvc_client.tokens import TokenSource
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 from authsvc_client.validation import FOLLOWER_AUDIENCE, LocalValidator
+from bench.bare import BareProcess
+from bench.bare import event_loop as bare_event_loop
 from bench.echo import METHOD as ECHO_METHOD
 from bench.echo import SCOPE, EchoProcess
 from bench.loadgen import Target, TargetResult, run_load
@@ -326,10 +328,19 @@ def _peer(
 ) -> dict[str, Any]:
     """Section 4 on the benchmark's server and, beside it on the same database, one
     single-process server: a process near saturation spends less CPU per call than two that
-    share the load (fewer wake-ups, more work per epoll round), and the peer is one process."""
+    share the load (fewer wake-ups, more work per epoll round), and the peer is one process.
+    A bare grpc.aio server (bench.bare) answering authsvc's own answer to the same requests
+    is measured in the same slices: the floor of a remote check on this stack."""
     reason = skip_reason(find_peer_source())
     if reason is not None:
         return {"skipped": reason}
+    with grpc.insecure_channel(server.address) as channel:
+        answer = auth_pb2_grpc.AuthServiceStub(channel).ValidateToken(
+            auth_pb2.ValidateTokenRequest(token=token, audience=AUDIENCE), timeout=30
+        )
+    if not answer.valid:
+        raise RuntimeError("the benchmark's token does not validate")
+    bare = BareProcess(answer.SerializeToString())
     servers = [("", server)]
     if workers > 1:
         servers.append(("_1p", start_server(env)))
@@ -345,7 +356,12 @@ def _peer(
                 Target(f"validate_stream{suffix}", s.address, VALIDATE_STREAM,
                        str(files["valid"]), pid, stream=True),
             ]  # fmt: skip
-        return run_peer(
+        remote += [
+            Target("bare_unary", bare.address, VALIDATE, str(files["valid"]), bare.pid),
+            Target("bare_stream", bare.address, VALIDATE_STREAM, str(files["valid"]), bare.pid,
+                   stream=True),
+        ]  # fmt: skip
+        result = run_peer(
             folder=folder,
             authsvc_issue=issue,
             authsvc_remote=remote,
@@ -358,7 +374,11 @@ def _peer(
             concurrency=args.concurrency,
             connections=args.connections,
         )  # fmt: skip
+        if "skipped" not in result:
+            result["bare_event_loop"] = bare_event_loop()
+        return result
     finally:
+        bare.close()
         for suffix, s in servers:
             if suffix:
                 s.stop()

@@ -6,8 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 
+from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
+from bench.bare import BareProcess
 from bench.peer import PeerSlice, _issue_floor, find_peer_source, peer_summary, skip_reason
 from bench.stats import _own_cpu_seconds, process_cpu_seconds
 
@@ -127,6 +130,36 @@ class TestIssueFloor:
             "floor_over_peer_issue": 1.25,
         }
 
+    def test_the_bare_grpc_unary_call_gives_a_second_floor(self) -> None:
+        out = {
+            "local": {"raw_rsa_sign_us": 300.0},
+            "authsvc": {
+                "validate_unary": {"server_cpu_us_per_call": 500.0},
+                "bare_unary": {"server_cpu_us_per_call": 340.0},
+            },
+            "peer": {"issue": {"server_cpu_us_per_call": 640.0}},
+        }
+        floor = _issue_floor(out)
+        assert floor is not None
+        assert (floor["bare_floor_us"], floor["bare_floor_over_peer_issue"]) == (640.0, 1.0)
+
     def test_without_a_unary_figure_there_is_no_floor(self) -> None:
         out = {"local": {"raw_rsa_sign_us": 300.0}, "authsvc": {}, "peer": {"issue": {}}}
         assert _issue_floor(out) is None
+
+
+class TestBareServer:
+    def test_it_answers_both_methods_with_the_fixed_answer_and_ends_with_its_stdin(self) -> None:
+        answer = auth_pb2.ValidateTokenResponse(valid=True, claims=auth_pb2.Claims(subject="s"))
+        bare = BareProcess(answer.SerializeToString())
+        try:
+            with grpc.insecure_channel(bare.address) as channel:
+                stub = auth_pb2_grpc.AuthServiceStub(channel)
+                request = auth_pb2.ValidateTokenRequest(token="a.b.c", audience="x")
+                assert stub.ValidateToken(request, timeout=10) == answer
+                assert list(stub.ValidateTokenStream(iter([request] * 3), timeout=10)) == [
+                    answer
+                ] * 3
+        finally:
+            bare.close()
+        assert bare.proc.returncode == 0
