@@ -853,23 +853,15 @@ def _health_channel(args: argparse.Namespace, env: ClientSettings, target: str) 
 
 def _token_channel(env: ClientSettings) -> grpc.Channel:
     """The client package's channel: plaintext only to this host, TLS anywhere else (with
-    AUTHSVC_TLS_CA and, for mTLS, AUTHSVC_TLS_CLIENT_CERT/_KEY when set)."""
+    AUTHSVC_TLS_CA and, for mTLS, AUTHSVC_TLS_CLIENT_CERT/_KEY when set), its files read by
+    the client package's rules."""
+    from authsvc_client.errors import CredentialsError
     from authsvc_client.tokens import channel_for_target
 
-    creds: grpc.ChannelCredentials | None = None
-    if env.tls_ca or env.tls_client_cert:
-        if (env.tls_client_cert is None) != (env.tls_client_key is None):
-            raise SystemExit("authsvc: AUTHSVC_TLS_CLIENT_CERT and _KEY go together")
-        try:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=Path(env.tls_ca).read_bytes() if env.tls_ca else None,
-                private_key=Path(env.tls_client_key).read_bytes() if env.tls_client_key else None,
-                certificate_chain=(
-                    Path(env.tls_client_cert).read_bytes() if env.tls_client_cert else None
-                ),
-            )
-        except OSError:
-            raise SystemExit("authsvc: cannot read AUTHSVC_TLS_CA or the client key pair") from None
+    try:
+        creds = env.tls_credentials()
+    except CredentialsError as exc:
+        raise SystemExit(f"authsvc: {exc}") from None
     channel: grpc.Channel = channel_for_target(env.target, creds)
     return channel
 

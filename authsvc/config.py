@@ -20,6 +20,8 @@ from authsvc.keys.rotator import default_publish_lead
 from authsvc_client.claims import MAX_DELEGATION_DEPTH
 
 if TYPE_CHECKING:
+    import grpc
+
     from authsvc_client.logins import EnvLogin
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -439,6 +441,19 @@ class ClientSettings:
         if service_id:
             env[ENV_SERVICE_ID] = service_id
         return login_from_env(env, self.target)
+
+    def tls_credentials(self) -> grpc.ChannelCredentials | None:
+        """The channel credentials of the token commands that send a bearer token, not a
+        login (`token validate`, `token revoke`): AUTHSVC_TLS_CA and the client pair, by the
+        client package's rules (`tls_credentials_from_env`), the key file owner-only.
+
+        Raises:
+            authsvc_client.errors.CredentialsError: half a client pair, or a file that is
+                unreadable, unsafe or not PEM; the message names the variable, never a value.
+        """
+        from authsvc_client.logins import tls_credentials_from_env
+
+        return tls_credentials_from_env(self._environ)
 
 
 def load_client_settings(

@@ -43,7 +43,12 @@ from authsvc_client import (
     login_from_env,
 )
 from authsvc_client.assertions import AssertionSigner, jwk_thumbprint
-from authsvc_client.logins import JWT_TOKEN_TYPE, MAX_WORKLOAD_TOKEN_BYTES, Rpc
+from authsvc_client.logins import (
+    JWT_TOKEN_TYPE,
+    MAX_WORKLOAD_TOKEN_BYTES,
+    Rpc,
+    tls_credentials_from_env,
+)
 from authsvc_client.v1 import auth_pb2
 from tests.client.conftest import Counter
 from tests.support.certs import Pki, make_pki
@@ -312,6 +317,26 @@ class TestFromEnvSelection:
         env = _env_for("secret", files, AUTHSVC_TLS_CA=str(files.folder / "absent.crt"))
         with pytest.raises(CredentialsError, match="AUTHSVC_TLS_CA: cannot read"):
             login_from_env(env)
+
+    def test_tls_for_a_bearer_caller_follows_the_login_rules(self, files: Files) -> None:
+        # The CLI's `token validate` and `revoke` bring a token, not a login: the same TLS
+        # variables, read by the same rules (tests/security/test_tls.py runs it end to end).
+        assert tls_credentials_from_env({}) is None
+        assert tls_credentials_from_env({"AUTHSVC_TLS_CA": str(files.ca_file())}) is not None
+        cert, key, key_pem = files.client_pair()
+        pair = {"AUTHSVC_TLS_CLIENT_CERT": str(cert), "AUTHSVC_TLS_CLIENT_KEY": str(key)}
+        assert tls_credentials_from_env(pair) is not None
+        for missing in pair:
+            half = {k: v for k, v in pair.items() if k != missing}
+            with pytest.raises(CredentialsError, match=r"CLIENT_CERT and .* go together"):
+                tls_credentials_from_env(half)
+        key.chmod(0o644)
+        with pytest.raises(CredentialsError, match=r"AUTHSVC_TLS_CLIENT_KEY.*group or others") as e:
+            tls_credentials_from_env(pair)
+        assert key_pem.decode() not in str(e.value)
+        junk = {"AUTHSVC_TLS_CA": str(_write(files.folder / "junk.crt", "not pem", 0o644))}
+        with pytest.raises(CredentialsError, match="AUTHSVC_TLS_CA: the file holds no PEM"):
+            tls_credentials_from_env(junk)
 
     def test_a_missing_workload_token_file_is_refused_at_start(self, files: Files) -> None:
         env = _env_for("workload token", files)

@@ -145,9 +145,7 @@ class TestTls:
         assert plain.returncode != 0 and "UNAVAILABLE" in plain.stderr
         trusting = {**env, "AUTHSVC_TLS_CA": str(pki.ca.cert_path)}
         token = run_cli(trusting, "token", "issue", "--audience", AUDIENCE).stdout.strip()
-        checked = run_cli(
-            trusting, "token", "validate", "--audience", AUDIENCE, input_text=token
-        )
+        checked = run_cli(trusting, "token", "validate", "--audience", AUDIENCE, input_text=token)
         assert json.loads(checked.stdout)["valid"] is True
         assert token not in plain.stderr + checked.stderr
 
@@ -175,6 +173,64 @@ class TestMutualTls:
         for client in (pki.client_expired, pki.client_from_other_ca):
             mtls.assert_refused(_trusting(pki, client))
         assert mtls.issue_with(_trusting(pki, pki.client))
+
+    def test_the_cli_token_commands_use_the_client_pair_and_refuse_a_key_others_can_read(
+        self, mtls: Served, pki: Pki, tmp_path: Path
+    ) -> None:
+        # `token validate` sends a bearer token, not a login, but reaches an mTLS server with
+        # AUTHSVC_TLS_CLIENT_CERT/_KEY, read by the client package's rules: the key file
+        # owner-only, as for every login. The token, issued over mTLS, is bound to the client
+        # certificate, which a validation request does not present: the server's answer is
+        # CERTIFICATE_MISMATCH, and an answer at all means the handshake passed.
+        token = mtls.issue_with(_trusting(pki, pki.client))
+        env = {
+            **mtls.server.env,
+            "AUTHSVC_TARGET": mtls.server.address,
+            "AUTHSVC_TLS_CA": str(pki.ca.cert_path),
+            "AUTHSVC_TLS_CLIENT_CERT": str(pki.client.cert_path),
+            "AUTHSVC_TLS_CLIENT_KEY": str(pki.client.key_path),
+        }
+        checked = run_cli(
+            env, "token", "validate", "--audience", AUDIENCE, input_text=token, check=False
+        )
+        assert json.loads(checked.stdout) == {"valid": False, "reason": "CERTIFICATE_MISMATCH"}
+        without_pair = {k: v for k, v in env.items() if not k.startswith("AUTHSVC_TLS_CLIENT_")}
+        plain = run_cli(
+            without_pair,
+            "token",
+            "validate",
+            "--audience",
+            AUDIENCE,
+            input_text=token,
+            check=False,
+        )
+        assert plain.returncode != 0 and "UNAVAILABLE" in plain.stderr
+
+        readable = tmp_path / "client.key"
+        readable.write_bytes(pki.client.key_pem)
+        readable.chmod(0o644)
+        refused = run_cli(
+            {**env, "AUTHSVC_TLS_CLIENT_KEY": str(readable)},
+            "token",
+            "validate",
+            "--audience",
+            AUDIENCE,
+            input_text=token,
+            check=False,
+        )
+        assert refused.returncode != 0
+        assert "AUTHSVC_TLS_CLIENT_KEY" in refused.stderr
+        assert "group or others" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert pki.client.key_pem.decode() not in refused.stderr + refused.stdout
+        assert token not in refused.stderr + refused.stdout
+
+        half = {k: v for k, v in env.items() if k != "AUTHSVC_TLS_CLIENT_KEY"}
+        lone = run_cli(
+            half, "token", "validate", "--audience", AUDIENCE, input_text=token, check=False
+        )
+        assert lone.returncode != 0
+        assert "AUTHSVC_TLS_CLIENT_CERT and AUTHSVC_TLS_CLIENT_KEY go together" in lone.stderr
 
 
 class TestTlsConfiguration:

@@ -48,6 +48,7 @@ __all__ = [
     "WorkloadTokenLogin",
     "credentials_from_env",
     "login_from_env",
+    "tls_credentials_from_env",
 ]
 
 ENV_SERVICE_ID = "AUTHSVC_SERVICE_ID"
@@ -397,6 +398,27 @@ def _tls_credentials(env: Mapping[str, str], *, client: bool) -> grpc.ChannelCre
     return grpc.ssl_channel_credentials(
         root_certificates=roots, private_key=key, certificate_chain=chain
     )
+
+
+def tls_credentials_from_env(
+    environ: Mapping[str, str] | None = None,
+) -> grpc.ChannelCredentials | None:
+    """TLS to authsvc as the environment sets it, for a caller that brings its own bearer
+    token rather than a login (the CLI's `token validate` and `revoke`): AUTHSVC_TLS_CA, and
+    the client pair AUTHSVC_TLS_CLIENT_CERT with AUTHSVC_TLS_CLIENT_KEY when set, read by the
+    same rules as login_from_env (the key file owner-only). None when neither is set: the
+    target then decides (`channel_for_target`).
+
+    Raises:
+        CredentialsError: one of the pair without the other, a file unreadable, unsafe or not
+            PEM. The message names the variable, never a value.
+    """
+    env = os.environ if environ is None else environ
+    cert = env.get(ENV_TLS_CLIENT_CERT, "").strip()
+    key = env.get(ENV_TLS_CLIENT_KEY, "").strip()
+    if bool(cert) != bool(key):
+        raise CredentialsError(f"{ENV_TLS_CLIENT_CERT} and {ENV_TLS_CLIENT_KEY} go together")
+    return _tls_credentials(env, client=bool(cert))
 
 
 def login_from_env(environ: Mapping[str, str] | None = None, target: str | None = None) -> EnvLogin:
