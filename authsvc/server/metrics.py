@@ -349,9 +349,11 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             self._metrics.observe(method, code, seconds if timed else None, response)
         except Exception:
             access_log.exception("metrics update failed")
-        fields["outcome"] = code.name
-        fields["duration_ms"] = round(seconds * 1000, 3)
-        access_log.log(level(code, response), "rpc")
+        severity = level(code, response)
+        if access_log.isEnabledFor(severity):  # most calls log nothing (a valid check, Health)
+            fields["outcome"] = code.name
+            fields["duration_ms"] = round(seconds * 1000, 3)
+            access_log.log(severity, "rpc")
 
     def _levels(self, method: str) -> Callable[[grpc.StatusCode, Any], int]:
         """The access line's level for a call of `method`, by its outcome."""
