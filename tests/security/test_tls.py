@@ -7,6 +7,7 @@ tests/integration/test_lifecycle.py (serve) and tests/unit/test_config.py (setti
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -190,34 +191,22 @@ class TestMutualTls:
             "AUTHSVC_TLS_CLIENT_CERT": str(pki.client.cert_path),
             "AUTHSVC_TLS_CLIENT_KEY": str(pki.client.key_path),
         }
-        checked = run_cli(
-            env, "token", "validate", "--audience", AUDIENCE, input_text=token, check=False
-        )
+
+        def validate(with_env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+            return run_cli(
+                with_env, "token", "validate", "--audience", AUDIENCE, input_text=token, check=False
+            )
+
+        checked = validate(env)
         assert json.loads(checked.stdout) == {"valid": False, "reason": "CERTIFICATE_MISMATCH"}
         without_pair = {k: v for k, v in env.items() if not k.startswith("AUTHSVC_TLS_CLIENT_")}
-        plain = run_cli(
-            without_pair,
-            "token",
-            "validate",
-            "--audience",
-            AUDIENCE,
-            input_text=token,
-            check=False,
-        )
+        plain = validate(without_pair)
         assert plain.returncode != 0 and "UNAVAILABLE" in plain.stderr
 
         readable = tmp_path / "client.key"
         readable.write_bytes(pki.client.key_pem)
         readable.chmod(0o644)
-        refused = run_cli(
-            {**env, "AUTHSVC_TLS_CLIENT_KEY": str(readable)},
-            "token",
-            "validate",
-            "--audience",
-            AUDIENCE,
-            input_text=token,
-            check=False,
-        )
+        refused = validate({**env, "AUTHSVC_TLS_CLIENT_KEY": str(readable)})
         assert refused.returncode != 0
         assert "AUTHSVC_TLS_CLIENT_KEY" in refused.stderr
         assert "group or others" in refused.stderr
@@ -226,9 +215,7 @@ class TestMutualTls:
         assert token not in refused.stderr + refused.stdout
 
         half = {k: v for k, v in env.items() if k != "AUTHSVC_TLS_CLIENT_KEY"}
-        lone = run_cli(
-            half, "token", "validate", "--audience", AUDIENCE, input_text=token, check=False
-        )
+        lone = validate(half)
         assert lone.returncode != 0
         assert "AUTHSVC_TLS_CLIENT_CERT and AUTHSVC_TLS_CLIENT_KEY go together" in lone.stderr
 
