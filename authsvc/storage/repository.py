@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections import namedtuple
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, cast, get_args
 
@@ -25,7 +26,10 @@ from sqlalchemy import (
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ClauseElement
 
 from authsvc.errors import (
     AlreadyExists,
@@ -307,7 +311,7 @@ class Repository:
         self.engine = engine
         self._postgres = engine.dialect.name == "postgresql"
         self._sessions = sessionmaker(engine, expire_on_commit=False)
-        self._login_sql = _LoginStatements(self._postgres)
+        self._login_sql = _LoginStatements(engine.dialect)
 
     # -- transactions -------------------------------------------------------------------------
 
@@ -1313,21 +1317,26 @@ class Repository:
         Everything a login is decided on (the service, its live secrets, the failure counters,
         known peers) is read inside the same transaction that records the outcome, so a batch
         is exactly as consistent as one login per transaction was, at one commit per batch.
-        It runs on a plain connection with statements built once (_LoginStatements): this is
-        the IssueToken path, where building statements and ORM sessions per call would be most
-        of the transaction's cost.
+        It runs on a plain connection with statements compiled once (_LoginStatements) and
+        executed on the transaction's own DBAPI cursor (_Compiled): this is the IssueToken
+        path, where building statements and ORM sessions per call, and then SQLAlchemy's
+        execution around each statement, would be most of the transaction's cost.
         """
         with _storage_errors(), write_lock(self.engine), self.engine.begin() as conn:
             batch = LoginBatch(conn, self._login_sql, _utc_in(now), window_seconds)
-            yield batch
-            batch.flush()
+            try:
+                yield batch
+                batch.flush()
+            finally:
+                batch.close()
 
 
 class _LoginStatements:
-    """The login batch's statements, built once per repository (the dialect fixes the upserts)
-    so that each execution is a compiled-cache hit."""
+    """The login batch's statements, built and compiled once per repository (the dialect
+    fixes the upserts and the SQL text); LoginBatch runs them by name from `compiled`."""
 
-    def __init__(self, postgres: bool) -> None:
+    def __init__(self, dialect: Dialect) -> None:
+        postgres = dialect.name == "postgresql"
         services = cast(Table, ServiceRow.__table__)
         secrets = cast(Table, ServiceSecretRow.__table__)
         failures = cast(Table, AuthFailureRow.__table__)
@@ -1428,6 +1437,94 @@ class _LoginStatements:
             index_elements=[audit.c.aggregate_key],
             set_={"count": audit.c.count + aggregate.excluded.count, "at": aggregate.excluded.at},
         ).returning(audit.c.count)
+        # Each statement above, compiled once for the dialect (the INSERT of audit rows with
+        # exactly the columns a row of LoginBatch.audit carries).
+        self.compiled = {
+            name: _Compiled(statement, dialect, _AUDIT_COLUMNS if name == "audit" else None)
+            for name, statement in vars(self).items()
+        }
+
+
+# Row types are made from the statements' columns at run time, where typing cannot follow.
+_row_type: Callable[..., Any] = namedtuple
+# The columns of an audit row as LoginBatch.audit writes them.
+_AUDIT_COLUMNS = ("at", "actor", "action", "target", "outcome", "peer", "request_id", "detail")
+
+
+class _Compiled:
+    """One login-batch statement, compiled once for the engine's dialect and run on the
+    transaction's DBAPI cursor.
+
+    The login batch is IssueToken's path, and there SQLAlchemy's work around each execution
+    (its execution context, result set-up, per-row processing) cost several times what the
+    database itself did: in a tight loop on SQLite, a service read took 59 µs through
+    Connection.execute and 10 µs on the cursor (BENCHMARKS, issue 16's fifth round). So what
+    SQLAlchemy adds is worked out here once per statement: the SQL text and the order of its
+    parameters from SQLAlchemy's compiler for this dialect, the values of its literal
+    parameters, and the bind and result processors of each parameter's and column's type for
+    this dialect (SQLite's datetimes and booleans). A driver error is raised as SQLAlchemy
+    raises it, the connection invalidated on a disconnect, so `_storage_errors` judges both
+    paths alike.
+    """
+
+    __slots__ = ("_binders", "_literals", "_names", "_positional", "_readers", "_row", "sql")
+
+    def __init__(
+        self, statement: ClauseElement, dialect: Dialect, column_keys: Sequence[str] | None = None
+    ) -> None:
+        compiled = cast(
+            SQLCompiler,
+            statement.compile(
+                dialect=dialect, column_keys=list(column_keys) if column_keys else None
+            ),
+        )
+        self.sql = compiled.string
+        binds = compiled.binds
+        self._positional = bool(compiled.positional)
+        # Positional styles (SQLite's qmark) name a parameter once per use, in order; named
+        # ones (psycopg's pyformat) once.
+        self._names: tuple[str, ...] = tuple(
+            compiled.positiontup or () if self._positional else binds
+        )
+        self._literals = {
+            name: bind.effective_value for name, bind in binds.items() if not bind.required
+        }
+        self._binders = {
+            name: processor
+            for name, bind in binds.items()
+            if (processor := bind.type.dialect_impl(dialect).bind_processor(dialect)) is not None
+        }
+        columns = list(getattr(statement, "exported_columns", ()))
+        self._row: Any = _row_type("_Row", [c.key for c in columns], rename=True)
+        self._readers = tuple(
+            c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns
+        )
+
+    def parameters(self, values: Mapping[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
+        """The driver's parameters for one execution with `values` (the named parameters)."""
+        literals, binders = self._literals, self._binders
+        bound: dict[str, Any] = {}
+        for name in self._names:
+            if name not in bound:
+                value = values[name] if name in values else literals[name]
+                binder = binders.get(name)
+                bound[name] = value if binder is None else binder(value)
+        if self._positional:
+            return tuple(bound[name] for name in self._names)
+        return bound
+
+    def rows(self, cursor: Any) -> list[Any]:
+        """The cursor's remaining rows, each a named tuple of processed values."""
+        make, readers = self._row._make, self._readers
+        if not any(readers):
+            return [make(raw) for raw in cursor.fetchall()]
+        return [
+            make(
+                value if read is None else read(value)
+                for read, value in zip(readers, raw, strict=True)
+            )
+            for raw in cursor.fetchall()
+        ]
 
 
 class LoginBatch:
@@ -1442,7 +1539,8 @@ class LoginBatch:
         self, conn: Connection, sql: _LoginStatements, now: datetime, window_seconds: int
     ) -> None:
         self._c = conn
-        self._sql = sql
+        self._sql = sql.compiled
+        self._cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         self.now = now
         self._cutoff = now - timedelta(seconds=window_seconds)
         self._services: dict[str, tuple[ServiceRecord | None, tuple[_Secret, ...]]] = {}
@@ -1454,12 +1552,59 @@ class LoginBatch:
         # Aggregate keys whose row this batch's commit created (rather than added to).
         self.created_aggregates: set[str] = set()
 
+    def _execute(self, name: str, values: Mapping[str, Any]) -> Any:
+        """Run login statement `name` with `values` on the transaction's cursor."""
+        statement = self._sql[name]
+        try:
+            self._cursor.execute(statement.sql, statement.parameters(values))
+        except self._c.dialect.loaded_dbapi.Error as exc:
+            raise self._driver_error(exc) from exc
+        return self._cursor
+
+    def _rows(self, name: str, values: Mapping[str, Any]) -> list[Any]:
+        cursor = self._execute(name, values)
+        try:
+            return self._sql[name].rows(cursor)
+        except self._c.dialect.loaded_dbapi.Error as exc:
+            raise self._driver_error(exc) from exc
+
+    def _scalar(self, name: str, values: Mapping[str, Any]) -> Any:
+        rows = self._rows(name, values)
+        return rows[0][0] if rows else None
+
+    def _driver_error(self, exc: Exception) -> sa_exc.DBAPIError:
+        """`exc` as SQLAlchemy would have raised it (the parameters left out), invalidating
+        the connection first when the dialect calls it a disconnect."""
+        conn, dialect = self._c, self._c.dialect
+        invalidated = dialect.is_disconnect(
+            cast(Any, exc), conn.connection.dbapi_connection, self._cursor
+        )
+        if invalidated:
+            conn.invalidate(exc)
+        return cast(
+            sa_exc.DBAPIError,
+            sa_exc.DBAPIError.instance(
+                None,
+                None,
+                exc,
+                dialect.loaded_dbapi.Error,
+                hide_parameters=True,
+                connection_invalidated=invalidated,
+                dialect=dialect,
+            ),
+        )
+
+    def close(self) -> None:
+        # Called on the way out of the transaction, whatever ended it: a cursor whose
+        # connection is already gone has nothing left to free, and the error that ended the
+        # transaction is the one to raise.
+        with suppress(Exception):
+            self._cursor.close()
+
     def _credentials(self, service_id: str) -> tuple[ServiceRecord | None, tuple[_Secret, ...]]:
         found = self._services.get(service_id)
         if found is None:
-            rows = self._c.execute(
-                self._sql.credentials, {"service_id": service_id, "now": self.now}
-            ).all()
+            rows = self._rows("credentials", {"service_id": service_id, "now": self.now})
             if not rows:
                 found = (None, ())
             else:
@@ -1488,7 +1633,7 @@ class LoginBatch:
         service, secrets = self._credentials(service_id)
         found = None
         if service is not None:
-            rows = self._c.execute(self._sql.workload, {"service_id": service_id}).all()
+            rows = self._rows("workload", {"service_id": service_id})
             found = ServiceCredentials.of(
                 service_id,
                 any(slot == "current" for slot, _ in secrets),
@@ -1499,7 +1644,7 @@ class LoginBatch:
 
     def federated_binding(self, trust: str, subject: str) -> str | None:
         """The service a federated (trust, subject) is bound to, if any."""
-        found = self._c.scalar(self._sql.federated_binding, {"trust": trust, "subject": subject})
+        found = self._scalar("federated_binding", {"trust": trust, "subject": subject})
         return None if found is None else str(found)
 
     def use_assertion(self, service_id: str, jti: str, expires_at: datetime) -> bool:
@@ -1509,8 +1654,8 @@ class LoginBatch:
         PostgreSQL a replica racing on the same jti waits for this batch's row to commit and
         then finds it (False); on SQLite the batches take turns.
         """
-        result = self._c.execute(
-            self._sql.use_assertion,
+        cursor = self._execute(
+            "use_assertion",
             {
                 "service_id": service_id,
                 "jti": jti,
@@ -1518,7 +1663,7 @@ class LoginBatch:
                 "now": self.now,
             },
         )
-        return _rowcount(result) == 1
+        return _rowcount(cursor) == 1
 
     def failures(self, id_key: str, peer_key: str) -> tuple[int, int]:
         """Failures counted for a login's id and peer in the current window, this batch's own
@@ -1526,10 +1671,9 @@ class LoginBatch:
         counts = self._failures
         if id_key not in counts or peer_key not in counts:
             found = dict(
-                self._c.execute(
-                    self._sql.failures,
-                    {"id_key": id_key, "peer_key": peer_key, "cutoff": self._cutoff},
-                ).all()
+                self._rows(
+                    "failures", {"id_key": id_key, "peer_key": peer_key, "cutoff": self._cutoff}
+                )
             )
             counts.setdefault(id_key, found.get(id_key, 0))
             counts.setdefault(peer_key, found.get(peer_key, 0))
@@ -1537,27 +1681,23 @@ class LoginBatch:
 
     def known_peer_since(self, service_id: str, peer: str) -> datetime | None:
         """When `peer` last logged in as `service_id` (None: never, or forgotten)."""
-        at = self._c.scalar(self._sql.known_peer, {"service_id": service_id, "peer": peer})
+        at = self._scalar("known_peer", {"service_id": service_id, "peer": peer})
         return None if at is None else _utc_out(at)
 
     def count_failure(self, key: str) -> None:
         """One more failure for a key read with failures()."""
-        self._c.execute(
-            self._sql.count_failure, {"key": key, "now": self.now, "cutoff": self._cutoff}
-        )
+        self._execute("count_failure", {"key": key, "now": self.now, "cutoff": self._cutoff})
         self._failures[key] += 1
 
     def reset_failures(self, key: str) -> None:
-        self._c.execute(self._sql.reset_failures, {"key": key})
+        self._execute("reset_failures", {"key": key})
         self._failures[key] = 0
 
     def remember_peer(self, service_id: str, peer: str) -> None:
         """Record a successful login from `peer` (once per batch and pair)."""
         if (service_id, peer) in self._peers_remembered:
             return
-        self._c.execute(
-            self._sql.remember_peer, {"service_id": service_id, "peer": peer, "now": self.now}
-        )
+        self._execute("remember_peer", {"service_id": service_id, "peer": peer, "now": self.now})
         self._peers_remembered.add((service_id, peer))
 
     def audit(
@@ -1618,10 +1758,16 @@ class LoginBatch:
 
     def flush(self) -> None:
         if self._audit:
-            self._c.execute(self._sql.audit, self._audit)
+            statement = self._sql["audit"]
+            try:
+                self._cursor.executemany(
+                    statement.sql, cast(Any, [statement.parameters(row) for row in self._audit])
+                )
+            except self._c.dialect.loaded_dbapi.Error as exc:
+                raise self._driver_error(exc) from exc
             self._audit = []
         for key, params in self._aggregates.items():
-            total = self._c.execute(self._sql.aggregate, params).scalar_one()
+            total = self._scalar("aggregate", params)
             if total == params["count"]:
                 self.created_aggregates.add(key)
         self._aggregates = {}

@@ -7,8 +7,10 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from sqlalchemy import event, text
+from sqlalchemy import exc as sa_exc
 
-from authsvc.errors import AlreadyExists, FailedPrecondition, NotFound
+from authsvc.errors import AlreadyExists, FailedPrecondition, NotFound, StorageUnavailable
 from authsvc.storage.records import SECRET_HASH_KEY, AudienceGrant
 from authsvc.storage.repository import KekChanged, LoginBatch, Repository
 from tests.storage.helpers import T0, at, key_record, live_secrets
@@ -769,3 +771,52 @@ class TestLoginBatch:
         assert repo.list_audit_events() == []
         with repo.login_batch(at(2), 60) as batch:
             assert batch.known_peer_since("svc", "peer:p") is None
+
+    def test_a_refused_statement_fails_the_batch_as_sqlalchemy_would_and_commits_nothing(
+        self, repo: Repository
+    ) -> None:
+        """The batch runs its statements on the DBAPI cursor: a driver error still comes out as
+        SQLAlchemy's exception for it (what `_storage_errors` and callers judge), with the
+        parameters left out as the engine's hide_parameters leaves them out, and the
+        transaction is rolled back."""
+        with (
+            pytest.raises(sa_exc.IntegrityError) as raised,
+            repo.login_batch(at(1), 60) as batch,
+        ):
+            batch.failures("id:svc", "peer:p")
+            batch.count_failure("id:svc")
+            batch.audit(
+                actor=None,  # type: ignore[arg-type]  # NOT NULL: the database refuses the row
+                action="issue_token",
+                target="billing",
+                outcome="ok",
+                peer="ipv4:10.9.8.7",
+                request_id="request-value-7f3a",
+            )
+        assert not isinstance(raised.value, StorageUnavailable)
+        assert raised.value.orig is not None and raised.value.__cause__ is raised.value.orig
+        assert "[parameters:" not in str(raised.value)
+        assert _failures(repo, "id:svc", at(2)) == 0
+        assert repo.list_audit_events() == []
+
+    @pytest.mark.parametrize("dialect", [pytest.param("postgres", marks=pytest.mark.postgres)])
+    def test_a_connection_lost_mid_batch_is_unavailable_and_the_next_batch_reconnects(
+        self, repo: Repository
+    ) -> None:
+        """PostgreSQL ends the batch's session (a restart, a failover, an admin) between two
+        statements: the batch is StorageUnavailable, nothing of it is kept, and the dead
+        connection is not handed to the next batch."""
+        dropped: list[object] = []
+        event.listen(repo.engine, "invalidate", lambda dbapi_conn, *_: dropped.append(dbapi_conn))
+        with pytest.raises(StorageUnavailable), repo.login_batch(at(1), 60) as batch:
+            batch.failures("id:svc", "peer:p")
+            batch.count_failure("id:svc")
+            lost = batch._c.connection.dbapi_connection
+            end = text("SELECT pg_terminate_backend(:pid)")
+            with repo.engine.connect() as admin:
+                admin.execute(end, {"pid": lost.info.backend_pid})  # type: ignore[union-attr]
+            batch.count_failure("peer:p")
+        # The dead connection is dropped before the next batch could be handed it.
+        assert dropped == [lost]
+        assert _failures(repo, "id:svc", at(2)) == 0
+        assert _count_failure(repo, "id:svc", at(3)) == 1
