@@ -1496,9 +1496,11 @@ class _Compiled:
         }
         columns = list(getattr(statement, "exported_columns", ()))
         self._row: Any = _row_type("_Row", [c.key for c in columns], rename=True)
-        self._readers = tuple(
+        readers = tuple(
             c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns
         )
+        # None when no column needs one, so rows() can pass the driver's values as they come.
+        self._readers = readers if any(readers) else None
 
     def parameters(self, values: Mapping[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
         """The driver's parameters for one execution with `values` (the named parameters)."""
@@ -1516,7 +1518,7 @@ class _Compiled:
     def rows(self, cursor: Any) -> list[Any]:
         """The cursor's remaining rows, each a named tuple of processed values."""
         make, readers = self._row._make, self._readers
-        if not any(readers):
+        if readers is None:
             return [make(raw) for raw in cursor.fetchall()]
         return [
             make(
@@ -1552,21 +1554,26 @@ class LoginBatch:
         # Aggregate keys whose row this batch's commit created (rather than added to).
         self.created_aggregates: set[str] = set()
 
-    def _execute(self, name: str, values: Mapping[str, Any]) -> Any:
-        """Run login statement `name` with `values` on the transaction's cursor."""
+    def _execute(
+        self, name: str, values: Mapping[str, Any] | list[dict[str, object]], *, rows: bool = False
+    ) -> Any:
+        """Run login statement `name` on the transaction's cursor, with `values` or once per
+        mapping of a list; returns the cursor, or with `rows` its rows (fetching can fail
+        too: SQLite steps through the rows as they are fetched)."""
         statement = self._sql[name]
+        cursor = self._cursor
         try:
-            self._cursor.execute(statement.sql, statement.parameters(values))
+            if isinstance(values, list):
+                many = [statement.parameters(v) for v in values]
+                cursor.executemany(statement.sql, cast(Any, many))  # one paramstyle per dialect
+            else:
+                cursor.execute(statement.sql, statement.parameters(values))
+            return statement.rows(cursor) if rows else cursor
         except self._c.dialect.loaded_dbapi.Error as exc:
             raise self._driver_error(exc) from exc
-        return self._cursor
 
     def _rows(self, name: str, values: Mapping[str, Any]) -> list[Any]:
-        cursor = self._execute(name, values)
-        try:
-            return self._sql[name].rows(cursor)
-        except self._c.dialect.loaded_dbapi.Error as exc:
-            raise self._driver_error(exc) from exc
+        return cast(list[Any], self._execute(name, values, rows=True))
 
     def _scalar(self, name: str, values: Mapping[str, Any]) -> Any:
         rows = self._rows(name, values)
@@ -1758,13 +1765,7 @@ class LoginBatch:
 
     def flush(self) -> None:
         if self._audit:
-            statement = self._sql["audit"]
-            try:
-                self._cursor.executemany(
-                    statement.sql, cast(Any, [statement.parameters(row) for row in self._audit])
-                )
-            except self._c.dialect.loaded_dbapi.Error as exc:
-                raise self._driver_error(exc) from exc
+            self._execute("audit", self._audit)
             self._audit = []
         for key, params in self._aggregates.items():
             total = self._scalar("aggregate", params)
