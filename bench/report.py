@@ -184,6 +184,7 @@ def _render_peer(peer: dict[str, Any]) -> list[str]:
         "issue": "IssueToken",
         "validate_unary": "ValidateToken (unary)",
         "validate_stream": "ValidateTokenStream (per message)",
+        "bare_issue": "bare grpc.aio, no authsvc code: IssueToken (thread hop, RSA sign)",
         "bare_unary": "bare grpc.aio, no authsvc code: unary call, fixed answer",
         "bare_stream": "bare grpc.aio, no authsvc code: stream message, fixed answer",
     }
@@ -199,6 +200,7 @@ def _render_peer(peer: dict[str, Any]) -> list[str]:
     rows = [
         row("peer: POST /token (client credentials, RS256 JWT)", p["issue"], ""),
         *ours("issue", "issue"),
+        *[row(labels[k], a[k], ratio(f"{k}_over_peer_issue")) for k in ("bare_issue",) if k in a],
         row("peer: POST /token/introspection (opaque, in memory)", p["introspect"], ""),
         *ours("validate_unary", "introspect"),
         *ours("validate_stream", "introspect"),
@@ -244,6 +246,20 @@ def _render_peer(peer: dict[str, Any]) -> list[str]:
                 f"{peer.get('bare_event_loop', '?')}) instead: {floor['bare_floor_us']:.0f} us, "
                 f"{floor['bare_floor_over_peer_issue']:.2f}x the peer's issue"
             )
+        if "measured_floor_us" in floor:
+            line = (
+                f"measured as one call (bare grpc.aio IssueToken: a thread hop as the login "
+                f"batch's, then the signature on the loop): {floor['measured_floor_us']:.0f} us, "
+                f"{floor['measured_floor_over_peer_issue']:.2f}x the peer's issue"
+            )
+            if "issue_over_measured_floor" in floor:
+                where = (
+                    " on one process" if floor["issue_against_measured_floor"] == "issue_1p" else ""
+                )
+                line += (
+                    f"; authsvc's IssueToken{where} is {floor['issue_over_measured_floor']:.2f}x it"
+                )
+            out.append(line)
     return out
 
 

@@ -340,7 +340,11 @@ def _peer(
         )
     if not answer.valid:
         raise RuntimeError("the benchmark's token does not validate")
-    bare = BareProcess(answer.SerializeToString())
+    # The bare IssueToken answers with an IssueTokenResponse of authsvc's own size.
+    issued = auth_pb2.IssueTokenResponse(
+        access_token=token, token_type="Bearer", expires_in=300, key_id=kid, scopes=[SCOPE]
+    )
+    bare = BareProcess(answer.SerializeToString(), issued.SerializeToString(), key.key_size)
     servers = [("", server)]
     if workers > 1:
         servers.append(("_1p", start_server(env)))
@@ -349,13 +353,16 @@ def _peer(
         remote: list[Target] = []
         for suffix, s in servers:
             pid = s.proc.pid
-            issue.append(Target(f"issue{suffix}", s.address, AUTH + "IssueToken",
-                                str(files["issue"]), pid))
+            issue.append(
+                Target(f"issue{suffix}", s.address, AUTH + "IssueToken", str(files["issue"]), pid)
+            )
             remote += [
                 Target(f"validate_unary{suffix}", s.address, VALIDATE, str(files["valid"]), pid),
                 Target(f"validate_stream{suffix}", s.address, VALIDATE_STREAM,
                        str(files["valid"]), pid, stream=True),
             ]  # fmt: skip
+        issue.append(Target("bare_issue", bare.address, AUTH + "IssueToken",
+                            str(files["issue"]), bare.pid))  # fmt: skip
         remote += [
             Target("bare_unary", bare.address, VALIDATE, str(files["valid"]), bare.pid),
             Target("bare_stream", bare.address, VALIDATE_STREAM, str(files["valid"]), bare.pid,
@@ -591,9 +598,7 @@ def main(argv: list[str] | None = None) -> int:
                     result["watch"] = {"error": str(exc)}
             if "peer" in sections:
                 _log(started, "side by side with node-oidc-provider")
-                result["peer"] = _peer(
-                    args, folder, env, server, files, token, key, kid, workers
-                )
+                result["peer"] = _peer(args, folder, env, server, files, token, key, kid, workers)
                 if "skipped" in result["peer"]:
                     _log(started, f"side by side skipped: {result['peer']['skipped']}")
         finally:

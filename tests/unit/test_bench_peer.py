@@ -143,6 +143,25 @@ class TestIssueFloor:
         assert floor is not None
         assert (floor["bare_floor_us"], floor["bare_floor_over_peer_issue"]) == (640.0, 1.0)
 
+    def test_the_bare_issue_call_is_the_floor_measured_as_one_call(self) -> None:
+        out = {
+            "local": {"raw_rsa_sign_us": 300.0},
+            "authsvc": {
+                "validate_unary": {"server_cpu_us_per_call": 500.0},
+                "bare_issue": {"server_cpu_us_per_call": 800.0},
+                "issue": {"server_cpu_us_per_call": 1400.0},
+                "issue_1p": {"server_cpu_us_per_call": 1200.0},
+            },
+            "peer": {"issue": {"server_cpu_us_per_call": 640.0}},
+        }
+        floor = _issue_floor(out)
+        assert floor is not None
+        assert floor["measured_floor_us"] == 800.0
+        assert floor["measured_floor_over_peer_issue"] == 1.25
+        # Compared with authsvc on one process, as the bare server runs.
+        assert floor["issue_over_measured_floor"] == 1.5
+        assert floor["issue_against_measured_floor"] == "issue_1p"
+
     def test_without_a_unary_figure_there_is_no_floor(self) -> None:
         out = {"local": {"raw_rsa_sign_us": 300.0}, "authsvc": {}, "peer": {"issue": {}}}
         assert _issue_floor(out) is None
@@ -157,9 +176,21 @@ class TestBareServer:
                 stub = auth_pb2_grpc.AuthServiceStub(channel)
                 request = auth_pb2.ValidateTokenRequest(token="a.b.c", audience="x")
                 assert stub.ValidateToken(request, timeout=10) == answer
-                assert list(stub.ValidateTokenStream(iter([request] * 3), timeout=10)) == [
-                    answer
-                ] * 3
+                assert (
+                    list(stub.ValidateTokenStream(iter([request] * 3), timeout=10)) == [answer] * 3
+                )
+        finally:
+            bare.close()
+        assert bare.proc.returncode == 0
+
+    def test_its_issue_token_gives_the_fixed_answer(self) -> None:
+        issued = auth_pb2.IssueTokenResponse(access_token="h.p.s", token_type="Bearer")
+        bare = BareProcess(b"", issued.SerializeToString(), key_bits=2048)
+        try:
+            with grpc.insecure_channel(bare.address) as channel:
+                stub = auth_pb2_grpc.AuthServiceStub(channel)
+                request = auth_pb2.IssueTokenRequest(service_id="s", service_secret="x")
+                assert [stub.IssueToken(request, timeout=10) for _ in range(3)] == [issued] * 3
         finally:
             bare.close()
         assert bare.proc.returncode == 0
