@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from authsvc.crypto.secrets import SECRET_PREFIX
 from authsvc.errors import InvalidArgument
+from authsvc_client.claims import SCOPE_TOKEN
 
 __all__ = [
     "MAX_AUDIENCES",
@@ -78,11 +79,12 @@ def check_audiences(audiences: Sequence[str], field: str = "audiences") -> None:
 
 
 def check_scopes(scopes: Sequence[str], field: str) -> None:
+    """Requested or required scopes: each an RFC 6749 scope-token (`SCOPE_TOKEN`, the grammar
+    the verifier holds the `scope` claim to)."""
     if len(scopes) > MAX_SCOPES:
         raise InvalidArgument(f"{field}: at most {MAX_SCOPES} scopes")
     for s in scopes:
-        # RFC 6749 3.3 scope-token: printable ASCII except space, quote and backslash.
-        if not s or any(c in ' "\\' or not 0x21 <= ord(c) <= 0x7E for c in s):
+        if SCOPE_TOKEN.fullmatch(s) is None:
             raise InvalidArgument(f"{field}: each scope is printable ASCII without spaces")
 
 

@@ -13,6 +13,7 @@ from authsvc.inputs import (
     check_scopes,
     check_service_id,
 )
+from authsvc_client.claims import SCOPE_CLAIM
 
 
 class TestNewServiceIds:
@@ -55,7 +56,10 @@ class TestAudiencesAndScopes:
         with pytest.raises(InvalidArgument):
             check_audiences([audience])
 
-    @pytest.mark.parametrize("scope", ["a b", "caf\u00e9", "", 'q"', "back\\slash"])
+    @pytest.mark.parametrize(
+        "scope",
+        ["a b", "caf\u00e9", "", 'q"', "back\\slash", "tab\t", "line\n", "del\x7f", "nul\x00"],
+    )
     def test_scopes_follow_rfc6749(self, scope: str) -> None:
         with pytest.raises(InvalidArgument):
             check_scopes([scope], "scopes")
@@ -63,3 +67,16 @@ class TestAudiencesAndScopes:
     def test_good_ones_pass(self) -> None:
         check_audiences(["billing", "https://x.example/api"])
         check_scopes(["billing.read", "authsvc.admin"], "scopes")
+        # RFC 6749 section 3.3's edges: %x21, %x23-5B and %x5D-7E.
+        check_scopes(["!", "#", "[", "]", "~", "a:b/c=d"], "scopes")
+
+    @pytest.mark.parametrize("scope", ["billing.read", "!#[]~", 'q"', "tab\t", "", "caf\u00e9"])
+    def test_a_scope_the_server_accepts_is_one_the_verifier_accepts(self, scope: str) -> None:
+        """One grammar: a scope that passes the input rule is a valid `scope` claim, and the
+        other way round, so the server never issues a token its own verifier refuses."""
+        try:
+            check_scopes([scope], "scopes")
+            accepted = True
+        except InvalidArgument:
+            accepted = False
+        assert accepted == (SCOPE_CLAIM.fullmatch(scope) is not None)

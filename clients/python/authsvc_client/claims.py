@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from authsvc_client.v1 import auth_pb2
@@ -14,6 +15,8 @@ __all__ = [
     "DEFAULT_MAX_TOKEN_BYTES",
     "DELEGATION_PARENTS_CLAIM",
     "MAX_DELEGATION_DEPTH",
+    "SCOPE_CLAIM",
+    "SCOPE_TOKEN",
     "TOKEN_TYPE",
     "Claims",
     "ValidationResult",
@@ -35,6 +38,15 @@ DELEGATION_PARENTS_CLAIM = "parent_jtis"
 # The longest chain any validator parses (the server's limit, AUTHSVC_DELEGATION_MAX_DEPTH,
 # default 4, may not exceed it): a bound on the work a token can ask for.
 MAX_DELEGATION_DEPTH = 16
+# RFC 6749 section 3.3: scope-token = 1*( %x21 / %x23-5B / %x5D-7E ), printable ASCII except
+# space, double quote and backslash. The one statement of that grammar: the server's input rule
+# for requested and required scopes (authsvc.inputs.check_scopes) and the verifier's check of
+# the `scope` claim both match it, so a name one accepts the other never refuses.
+SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+# RFC 8693 section 4.2: the `scope` claim is scope-tokens joined by single spaces. The token
+# class excludes the space, so one match of the whole string equals splitting on " " and
+# matching each name.
+SCOPE_CLAIM = re.compile(f"{SCOPE_TOKEN.pattern}(?: {SCOPE_TOKEN.pattern})*")
 
 
 @dataclass(frozen=True, slots=True)

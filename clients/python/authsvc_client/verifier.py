@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import sys
 import threading
 import time
@@ -30,6 +29,7 @@ from authsvc_client.claims import (
     DEFAULT_MAX_TOKEN_BYTES,
     DELEGATION_PARENTS_CLAIM,
     MAX_DELEGATION_DEPTH,
+    SCOPE_CLAIM,
     TOKEN_TYPE,
     ValidationResult,
     valid_result,
@@ -76,10 +76,6 @@ _NOT_BASE64 = bytes(
 # Header segments known good (exact bytes -> kid); cleared when full, since anyone can mint
 # headers that pass the header rules.
 _HEADER_CACHE_SIZE = 256
-# RFC 6749 section 3.3 scope-token: printable ASCII except space, double quote and backslash;
-# RFC 8693 section 4.2 scope: scope-tokens joined by single spaces. The token class excludes the
-# space, so one match of the whole string equals splitting on " " and matching each name.
-_SCOPE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+(?: [\x21\x23-\x5b\x5d-\x7e]+)*")
 # RFC 7518 section 3.3: RS256 is RSASSA-PKCS1-v1_5 with SHA-256.
 _PADDING = PKCS1v15()
 _HASH = SHA256()
@@ -610,7 +606,7 @@ class TokenVerifier:
             # RFC 8693 section 4.2 / RFC 6749 section 3.3: space-delimited scope-tokens (no
             # empty names, no tabs, controls or non-ASCII that another parser might split
             # differently).
-            or (scope and _SCOPE.fullmatch(scope) is None)
+            or (scope and SCOPE_CLAIM.fullmatch(scope) is None)
         ):
             raise Malformed
         actors, parents = _delegation(payload)
