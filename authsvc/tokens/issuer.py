@@ -19,6 +19,7 @@ from authsvc_client.claims import (
     DEFAULT_MAX_TOKEN_BYTES,
     DELEGATION_PARENTS_CLAIM,
     MAX_DELEGATION_DEPTH,
+    SCOPE_TOKEN,
     TOKEN_TYPE,
     Claims,
 )
@@ -145,17 +146,17 @@ class TokenIssuer:
                 `parent_jtis` the jti of the token each actor exchanged, nearest first.
 
         Raises:
-            ValueError: empty subject, audience or kid; a scope that is empty or holds a
-                space; ttl_seconds < 1; not_after leaves no validity; a key under 2048 bits;
-                a cert_thumbprint that is not a base64url SHA-256; or a token longer than
-                max_token_bytes.
+            ValueError: empty subject, audience or kid; a scope that is not an RFC 6749
+                scope-token (SCOPE_TOKEN); ttl_seconds < 1; not_after leaves no validity; a
+                key under 2048 bits; a cert_thumbprint that is not a base64url SHA-256; or a
+                token longer than max_token_bytes.
         """
         if not subject or not audience or not kid:
             raise ValueError("subject, audience and kid are required")
         if isinstance(scopes, str):
             raise TypeError("scopes must be a sequence of scope names, not a str")
-        if any(not scope or " " in scope for scope in scopes):
-            raise ValueError("scope names must be non-empty and contain no spaces")
+        if any(SCOPE_TOKEN.fullmatch(scope) is None for scope in scopes):
+            raise ValueError("scope names must be RFC 6749 scope-tokens")
         if ttl_seconds < 1:
             raise ValueError("ttl_seconds must be at least 1")
         if key_bits < MIN_RSA_KEY_BITS:

@@ -116,6 +116,9 @@ class TestIssue:
             {"kid": ""},
             {"scopes": ["read", ""]},
             {"scopes": ["read write"]},
+            # Refused before signing, not only by the self-verification after it.
+            {"scopes": ['q"']},
+            {"scopes": ["tab\t"]},
             {"ttl_seconds": 0},
             {"scopes": ["x" * 200] * 50},
         ],
