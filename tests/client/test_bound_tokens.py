@@ -686,7 +686,7 @@ class TestRemoteCacheKey:
         key, cached = core.lookup("t", (), now, True, "A" * 43)
         assert cached is None and key is not None
         response = ValidationResult.ok(self.CLAIMS).to_proto()
-        assert core.answer(key, response, (), now, "A" * 43).valid
+        assert core.answer(key, response, (), now, "A" * 43, token="t").valid
         assert core.lookup("t", (), now, True, "A" * 43)[1] is not None
         for other in (None, "B" * 43):
             assert core.lookup("t", (), now, True, other)[1] is None
@@ -699,6 +699,6 @@ class TestRemoteCacheKey:
         response = ValidationResult.ok(self.CLAIMS).to_proto()
         for other in (None, "B" * 43):
             key, _ = core.lookup("t", (), now, True, other)
-            result = core.answer(key, response, (), now, other)
+            result = core.answer(key, response, (), now, other, token="t")
             assert result.reason == auth_pb2.CERTIFICATE_MISMATCH
             assert core.lookup("t", (), now, True, other)[1] is None

@@ -64,7 +64,7 @@ class TestRemoteCore:
         core = _core()
         key, hit = core.lookup("t", ("a",), NOW, True)
         assert hit is None and key is not None
-        result = core.answer(key, _valid(_claims()), ("a",), NOW)
+        result = core.answer(key, _valid(_claims()), ("a",), NOW, token="t")
         assert result.valid
         assert core.lookup("t", ("a",), NOW + 1, True)[1] is result
         assert core.lookup("t", ("a", "b"), NOW + 1, True)[1] is None  # other scopes
@@ -73,38 +73,124 @@ class TestRemoteCore:
     def test_entries_end_at_the_ttl_or_the_token_expiry(self) -> None:
         core = _core(ttl=5)
         key, _ = core.lookup("t", (), NOW, True)
-        core.answer(key, _valid(_claims()), (), NOW)
+        core.answer(key, _valid(_claims()), (), NOW, token="t")
         assert core.lookup("t", (), NOW + 4.9, True)[1] is not None
         assert core.lookup("t", (), NOW + 5, True)[1] is None
         key, _ = core.lookup("soon", (), NOW, True)
-        core.answer(key, _valid(_claims(exp=int(NOW) + 2)), (), NOW)
+        core.answer(key, _valid(_claims(exp=int(NOW) + 2)), (), NOW, token="soon")
         assert core.lookup("soon", (), NOW + 2, True)[1] is None
 
     def test_denials_are_not_cached_and_nothing_is_while_the_cache_is_off(self) -> None:
         core = _core()
         key, _ = core.lookup("t", ("c",), NOW, True)
-        denied = core.answer(key, _valid(_claims()), ("c",), NOW)  # valid, lacking "c"
+        denied = core.answer(key, _valid(_claims()), ("c",), NOW, token="t")  # valid, lacking "c"
         assert denied.reason == auth_pb2.INSUFFICIENT_SCOPE  # the fail-closed backstop
         assert len(core.cache) == 0
         off_key, _ = core.lookup("t", (), NOW, False)
         assert off_key is None
-        core.answer(off_key, _valid(_claims()), (), NOW)
+        core.answer(off_key, _valid(_claims()), (), NOW, token="t")
         assert len(core.cache) == 0
 
     def test_a_revoked_entry_is_dropped_on_lookup(self) -> None:
         revocations = RevocationSet()
         core = _core(revocations)
         key, _ = core.lookup("t", (), NOW, True)
-        core.answer(key, _valid(_claims(jti="gone")), (), NOW)
+        core.answer(key, _valid(_claims(jti="gone")), (), NOW, token="t")
         revocations.add(RevocationEntry(1, "gone", None, None, int(NOW) + 600))
         assert core.lookup("t", (), NOW, True)[1] is None
+        assert len(core.cache) == 0
+
+    @staticmethod
+    def _delegated(parents: list[str]) -> tuple[str, Claims]:
+        """A token string front -> orders -> billing (its payload as authsvc writes it; the
+        cache reads only the chain) and the claims a server's valid answer carries."""
+        payload = {
+            "sub": "front",
+            "act": {"sub": "billing", "act": {"sub": "orders"}},
+            "parent_jtis": parents,
+        }
+        body = base64.urlsafe_b64encode(json.dumps(payload).encode()).rstrip(b"=").decode()
+        claims = Claims(
+            issuer="https://authsvc.test",
+            subject="front",
+            audience="ledger",
+            scopes=("a",),
+            issued_at=int(NOW) - 10,
+            not_before=int(NOW) - 10,
+            expires_at=int(NOW) + 600,
+            jti="d1",
+            key_id="k1",
+            client_id="billing",
+            actors=("billing", "orders"),
+        )
+        return f"eyJhbGciOiJSUzI1NiJ9.{body}.c2ln", claims
+
+    @pytest.mark.parametrize(
+        "revocation",
+        [
+            RevocationEntry(1, "p-near", None, None, int(NOW) + 600),
+            RevocationEntry(1, "p-far", None, None, int(NOW) + 600),
+            RevocationEntry(1, None, "orders", int(NOW), int(NOW) + 600, "service_tokens"),
+            RevocationEntry(1, None, "billing", int(NOW), int(NOW) + 600, "service_disabled"),
+        ],
+        ids=["nearest-parent", "first-parent", "actor-revoked", "actor-disabled"],
+    )
+    def test_a_delegated_entry_is_dropped_when_its_chain_is_revoked(
+        self, revocation: RevocationEntry
+    ) -> None:
+        revocations = RevocationSet()
+        core = _core(revocations)
+        token, claims = self._delegated(["p-near", "p-far"])
+        key, _ = core.lookup(token, (), NOW, True)
+        core.answer(key, _valid(claims), (), NOW, token=token)
+        assert core.lookup(token, (), NOW, True)[1] is not None
+        revocations.add(RevocationEntry(1, "unrelated", "mallory", int(NOW), int(NOW) + 600))
+        assert core.lookup(token, (), NOW, True)[1] is not None
+        revocations.add(revocation)
+        assert core.lookup(token, (), NOW, True)[1] is None
+        assert len(core.cache) == 0
+
+    def test_an_actors_cutoff_before_the_token_was_issued_leaves_it(self) -> None:
+        revocations = RevocationSet()
+        core = _core(revocations)
+        token, claims = self._delegated(["p-near", "p-far"])
+        key, _ = core.lookup(token, (), NOW, True)
+        core.answer(key, _valid(claims), (), NOW, token=token)
+        cutoff = claims.issued_at  # tokens issued before this second: not this one
+        revocations.add(RevocationEntry(1, None, "orders", cutoff, int(NOW) + 600))
+        assert core.lookup(token, (), NOW, True)[1] is not None
+
+    @pytest.mark.parametrize(
+        "token",
+        ["not-a-jwt", "a.e30.c", None],
+        ids=["unreadable", "no-chain", "other-chain"],
+    )
+    def test_a_delegated_answer_whose_chain_cannot_be_read_is_not_cached(
+        self, token: str | None
+    ) -> None:
+        core = _core(RevocationSet())
+        _, claims = self._delegated(["p-near", "p-far"])
+        if token is None:  # a chain naming other actors than the server's answer
+            token, _ = self._delegated(["p-near"])
+            token = token.replace(
+                token.split(".")[1],
+                base64.urlsafe_b64encode(
+                    json.dumps(
+                        {"sub": "front", "act": {"sub": "mallory"}, "parent_jtis": ["x"]}
+                    ).encode()
+                )
+                .rstrip(b"=")
+                .decode(),
+            )
+        key, _ = core.lookup(token, (), NOW, True)
+        assert core.answer(key, _valid(claims), (), NOW, token=token).valid
         assert len(core.cache) == 0
 
     def test_the_cache_holds_at_most_its_size_oldest_out_first(self) -> None:
         core = _core()
         for token in ("t1", "t2", "t3"):
             key, _ = core.lookup(token, (), NOW, True)
-            core.answer(key, _valid(_claims(jti=token)), (), NOW)
+            core.answer(key, _valid(_claims(jti=token)), (), NOW, token=token)
         assert len(core.cache) == 2
         assert core.lookup("t1", (), NOW, True)[1] is None
 
@@ -112,7 +198,7 @@ class TestRemoteCore:
         core = _core()
         key, _ = core.lookup("t", (), NOW, True)
         odd = auth_pb2.ValidateTokenResponse(valid=True)  # valid without claims
-        assert core.answer(key, odd, (), NOW).reason == auth_pb2.MALFORMED
+        assert core.answer(key, odd, (), NOW, token="t").reason == auth_pb2.MALFORMED
         assert len(core.cache) == 0
 
     def test_failures_keep_their_status_for_sync_and_asyncio_errors(self) -> None:
@@ -215,7 +301,6 @@ class TestShapeTable:
             assert shape_of(rebuilt) == shape and behavior_of(rebuilt) is other
             assert rebuilt.request_deserializer is bytes
         assert shape_of(None) == (False, False)
-
 
 
 # --- token sources ------------------------------------------------------------------------

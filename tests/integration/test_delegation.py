@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from authsvc_client.v1 import auth_pb2
+from authsvc_client.validation import FOLLOWER_AUDIENCE, RemoteValidator
 from tests.support.server import RunningServer, base_env, create_service, run_cli, start_server
 
 ACCESS = "urn:ietf:params:oauth:token-type:access_token"
@@ -240,3 +241,76 @@ class TestRevocationFollowsTheChain:
         _refused(
             lambda: chain.exchange(subject, "orders", "billing"), grpc.StatusCode.UNAUTHENTICATED
         )
+
+
+class TestARemoteValidatorsCacheFollowsTheChain:
+    """RemoteValidator(follow_revocations=True) drops a cached answer the moment its
+    revocation arrives on the feed; for a delegated token, that includes the revocation of a
+    token it was exchanged from and of an actor service (the chain the verifier checks)."""
+
+    @pytest.fixture
+    def billing(self, chain: Chain) -> Iterator[RemoteValidator]:
+        channel = grpc.insecure_channel(chain.server.address)
+        validator = RemoteValidator(
+            channel,
+            "billing",
+            cache_ttl_seconds=300,  # far beyond the test: only the feed can drop an entry
+            follow_revocations=True,
+            token_source=lambda: chain.token("billing", FOLLOWER_AUDIENCE),
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while not validator.feed.connected and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert validator.feed.connected
+            yield validator
+        finally:
+            validator.close()
+            channel.close()
+
+    def _cached(self, validator: RemoteValidator, token: str) -> None:
+        assert validator.validate(token).valid
+        assert validator.validate(token).valid
+        assert len(validator._core.cache) >= 1  # the answer is held, not asked again
+
+    def _until(self, validator: RemoteValidator, token: str, reason: str) -> None:
+        deadline = time.monotonic() + 5
+        while True:
+            got = auth_pb2.ValidationFailure.Name(validator.validate(token).reason)
+            if got == reason or time.monotonic() > deadline:
+                assert got == reason
+                return
+            time.sleep(0.05)
+
+    def test_revoking_the_subject_token(self, chain: Chain, billing: RemoteValidator) -> None:
+        subject = chain.token("front", "orders")
+        derived = chain.exchange(subject, "orders", "billing").access_token
+        self._cached(billing, derived)
+        chain.server.stub.RevokeToken(auth_pb2.RevokeTokenRequest(token=subject), timeout=10)
+        self._until(billing, derived, "REVOKED")
+
+    def test_revoking_the_actors_tokens(self, chain: Chain, billing: RemoteValidator) -> None:
+        env = chain.server.env
+        chain.secrets["tram"] = create_service(
+            env, "tram", "relay=relay.use", "billing=billing.read"
+        )
+        chain.secrets["relay"] = create_service(env, "relay", "billing=billing.read")
+        subject = chain.token("tram", "relay")
+        derived = chain.exchange(subject, "relay", "billing").access_token
+        self._cached(billing, derived)
+        chain.server.stub.RevokeToken(
+            auth_pb2.RevokeTokenRequest(service_id="relay"), metadata=chain.admin_md(), timeout=10
+        )
+        self._until(billing, derived, "REVOKED")
+
+    def test_disabling_the_actor(self, chain: Chain, billing: RemoteValidator) -> None:
+        env = chain.server.env
+        chain.secrets["bus"] = create_service(
+            env, "bus", "courier=courier.use", "billing=billing.read"
+        )
+        chain.secrets["courier"] = create_service(env, "courier", "billing=billing.read")
+        subject = chain.token("bus", "courier")
+        derived = chain.exchange(subject, "courier", "billing").access_token
+        self._cached(billing, derived)
+        chain.server.cli("services", "disable", "courier")
+        self._until(billing, derived, "SERVICE_DISABLED")

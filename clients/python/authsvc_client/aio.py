@@ -350,7 +350,7 @@ class AsyncRemoteValidator:
                 response = await self._stub.ValidateToken(request, timeout=remaining)
             except grpc.RpcError as exc:
                 return core.failed(exc)
-        return core.answer(key, response, required_scopes, now, thumbprint)
+        return core.answer(key, response, required_scopes, now, thumbprint, token=token)
 
     def close(self) -> None:
         """End the validator's streams and its revocation feed (they also end with the

@@ -148,6 +148,25 @@ class RevocationSet:
         service = self._services.get(subject)
         return service is not None and issued_at < service[0]
 
+    def revoked_link(
+        self, parents: Iterable[str], actors: Iterable[str], issued_at: int
+    ) -> str | None:
+        """What revokes a delegated token issued at `issued_at` through its chain: "" when a
+        token it was exchanged from (`parents`, by jti) is revoked, else the id of the first
+        actor service whose tokens issued then are revoked; None when no link is.
+
+        The one statement of that rule (DESIGN: revoking the subject token's service revokes
+        what was derived from it): the verifier and the remote validator's cache both ask it.
+        """
+        jtis = self._jtis
+        for parent in parents:
+            if parent in jtis:
+                return ""
+        for actor in actors:
+            if self.is_revoked("", actor, issued_at):
+                return actor
+        return None
+
     def is_disabled(self, subject: str, issued_at: int) -> bool:
         """True when a token of `subject` issued at `issued_at` is revoked because its service
         was disabled (the reason is then SERVICE_DISABLED, not REVOKED)."""

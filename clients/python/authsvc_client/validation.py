@@ -15,13 +15,14 @@ import grpc
 
 from authsvc_client.binding import thumbprint_matches
 from authsvc_client.claims import DEFAULT_LEEWAY_SECONDS, Claims, ValidationResult
-from authsvc_client.errors import ValidatorUnavailable, status_of
+from authsvc_client.errors import TokenInvalid, ValidatorUnavailable, status_of
 from authsvc_client.keyring import KeyRing
 from authsvc_client.revocations import RevocationEntry, RevocationSet
 from authsvc_client.streaming import DEFAULT_STREAMS, StreamMux
 from authsvc_client.tokens import TokenSource
+from authsvc_client.unverified import unverified_payload
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
-from authsvc_client.verifier import TokenVerifier
+from authsvc_client.verifier import TokenVerifier, _delegation
 
 __all__ = [
     "FOLLOWER_AUDIENCE",
@@ -113,7 +114,10 @@ class PositiveCache:
         self._ttl = ttl_seconds
         self._max = max_entries
         self._revocations = revocations
-        self._entries: OrderedDict[CacheKey, tuple[ValidationResult, float]] = OrderedDict()
+        # key -> (the result, until when, the parent jtis of a delegated token, nearest first)
+        self._entries: OrderedDict[CacheKey, tuple[ValidationResult, float, tuple[str, ...]]] = (
+            OrderedDict()
+        )
         self._lock = threading.Lock()
 
     @property
@@ -137,12 +141,21 @@ class PositiveCache:
         found = self._entries.get(key)
         if found is None:
             return None
-        result, until = found
+        result, until, parents = found
         claims = result.claims
+        revocations = self._revocations
         revoked = (
             claims is not None
-            and self._revocations is not None
-            and self._revocations.is_revoked(claims.jti, claims.subject, claims.issued_at)
+            and revocations is not None
+            and (
+                revocations.is_revoked(claims.jti, claims.subject, claims.issued_at)
+                # A delegated token dies with its chain, as in the verifier (_check_chain).
+                or (
+                    bool(claims.actors)
+                    and revocations.revoked_link(parents, claims.actors, claims.issued_at)
+                    is not None
+                )
+            )
         )
         if now >= until or revoked:
             with self._lock:
@@ -150,14 +163,25 @@ class PositiveCache:
             return None
         return result
 
-    def put(self, key: CacheKey, result: ValidationResult, now: float) -> None:
-        if result.claims is None or not self.enabled:
+    def put(self, key: CacheKey, result: ValidationResult, now: float, token: str) -> None:
+        """Keep a valid answer for `token`. A delegated token's answer is kept with the jtis of
+        the tokens it was exchanged from, read from its payload (authsvc has just verified it;
+        the answer's claims do not carry them), so that revoking any of them drops it too; an
+        answer whose chain cannot be read that way is not kept."""
+        claims = result.claims
+        if claims is None or not self.enabled:
             return
-        until = min(now + self._ttl, float(result.claims.expires_at))
+        until = min(now + self._ttl, float(claims.expires_at))
         if until <= now:
             return
+        parents: tuple[str, ...] = ()
+        if claims.actors:
+            chain = _delegation_chain(token)
+            if chain is None or chain[0] != claims.actors:
+                return
+            parents = chain[1]
         with self._lock:
-            self._entries[key] = (result, until)
+            self._entries[key] = (result, until, parents)
             self._entries.move_to_end(key)
             while len(self._entries) > self._max:
                 self._entries.popitem(last=False)
@@ -168,6 +192,18 @@ class PositiveCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _delegation_chain(token: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """(actors, parent jtis) of a token's payload, read as the verifier reads them; None when
+    the payload or its chain does not parse."""
+    payload = unverified_payload(token)
+    if payload is None:
+        return None
+    try:
+        return _delegation(payload)
+    except TokenInvalid:
+        return None
 
 
 def remote_error(exc: BaseException) -> ValidationResult:
@@ -258,13 +294,16 @@ class RemoteCore:
         required_scopes: Sequence[str],
         now: float,
         thumbprint: str | None = None,
+        *,
+        token: str,
     ) -> ValidationResult:
+        """The result of authsvc's answer about `token`, cached under `key` when one is given."""
         # The local scope and binding checks stay as fail-closed backstops: a valid answer
         # lacking a required scope, or for a token bound to another certificate, is never
         # passed on, whatever the server did with the fields.
         result = _with_scopes(ValidationResult.from_proto(response), required_scopes, thumbprint)
         if key is not None:
-            self.cache.put(key, result, now)
+            self.cache.put(key, result, now, token)
         return result
 
     def failed(self, exc: BaseException) -> ValidationResult:
@@ -360,7 +399,7 @@ class RemoteValidator:
                 response = self._stub.ValidateToken(request, timeout=remaining)
             except grpc.RpcError as exc:
                 return core.failed(exc)
-        return core.answer(key, response, required_scopes, now, thumbprint)
+        return core.answer(key, response, required_scopes, now, thumbprint, token=token)
 
     def close(self) -> None:
         if self.streams is not None:

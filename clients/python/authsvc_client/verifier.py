@@ -634,15 +634,14 @@ class TokenVerifier:
     def _check_chain(self, entry: _Entry) -> None:
         """A delegated token dies with any token it was exchanged from (revoked by jti), and
         with any actor service whose tokens were revoked or which is disabled since."""
-        revocations = self._revocations
-        for parent in entry.parents:
-            if revocations.is_revoked(parent, "", 0):
-                raise Revoked
-        for actor in entry.actors:
-            if revocations.is_revoked("", actor, entry.iat):
-                raise self._revoked(actor, entry.iat)
-            if self._is_subject_enabled is not None and not self._is_subject_enabled(actor):
-                raise ServiceDisabled
+        link = self._revocations.revoked_link(entry.parents, entry.actors, entry.iat)
+        if link is not None:
+            raise self._revoked(link, entry.iat) if link else Revoked
+        enabled = self._is_subject_enabled
+        if enabled is not None:
+            for actor in entry.actors:
+                if not enabled(actor):
+                    raise ServiceDisabled
 
     def _revoked(self, subject: str, issued_at: int) -> type[Revoked] | type[ServiceDisabled]:
         """Disabling a service also revokes its tokens (so local validators learn of it);
