@@ -127,11 +127,25 @@ class TokenRequest:
         if self.client_assertion:
             # No service_id: the assertion's own `sub` says whose keys to try; the
             # verification then demands iss = sub = that id.
-            service_id = self.service_id or claimed_service_id(self.client_assertion) or ""
+            service_id = self.service_id or _claimable_id(claimed_service_id(self.client_assertion))
             return AssertionCredential(service_id, self.client_assertion, issuer, leeway)
         if self.secret:
             return SecretCredential.present(hasher, self.service_id, self.secret)
         return CertificateCredential(self.service_id, self.client_certificate)
+
+
+def _claimable_id(claimed: str | None) -> str:
+    """The unverified `sub` of an assertion as the service id to try, or "" (an unknown id,
+    refused and counted like any) when no service could have it: it goes on to key lookups,
+    the audit trail and the throttle's keys, so it meets the rule a named id meets
+    (check_service_id: length, printable, not a pasted secret) before any of them."""
+    if not claimed:
+        return ""
+    try:
+        check_service_id(claimed)
+    except InvalidArgument:
+        return ""
+    return claimed
 
 
 def _bound_thumbprint(payload: dict[str, object]) -> str:

@@ -354,7 +354,38 @@ class TestJwksUrl:
         fleet.exchange(token)
 
 
+def _assert_impossible_subjects_are_unknown_ids(fleet: Fleet) -> None:
+    now = int(time.time())
+    for sub in ("o" * 600, "authsvc_sk_pasted", "bad\nid"):
+        claims = {"iss": sub, "sub": sub, "aud": TEST_ISSUER, "iat": now, "exp": now + 60}
+        forged = sign({**claims, "jti": f"j-{len(sub)}-{sub[:3]}"}, new_ec(), "ES256")
+        outcomes: list[Any] = []
+
+        def login(assertion: str, service_id: str) -> None:
+            try:
+                issued = bool(fleet.issue(assertion, service_id).access_token)
+                outcomes.append("issued" if issued else "empty")  # never the token itself
+            except grpc.RpcError as exc:
+                outcomes.append(exc.code())
+
+        threads = [
+            threading.Thread(target=login, args=(forged, "")),
+            threading.Thread(target=login, args=(fleet.assertion("orders"), "")),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert grpc.StatusCode.UNAUTHENTICATED in outcomes, outcomes
+        assert "issued" in outcomes, outcomes  # orders, batched beside it, got its token
+
+
 class TestThrottle:
+    def test_an_assertion_naming_an_impossible_service_is_unauthenticated(
+        self, fleet: Fleet
+    ) -> None:
+        _assert_impossible_subjects_are_unknown_ids(fleet)
+
     def test_failed_assertions_count_like_wrong_secrets(self, fleet: Fleet, tmp_path: Path) -> None:
         key = new_ec()
         jwk = _write(tmp_path / "k.jwk", json.dumps(jwk_of(key)))
@@ -598,6 +629,30 @@ class TestPostgresReplicas:
                 b.stop()
         finally:
             a.stop()
+
+    def test_an_assertion_naming_an_impossible_service_is_unauthenticated(
+        self,
+        postgres_url: str,  # noqa: F811
+        tmp_path: Path,
+    ) -> None:
+        """The request names no service, so the unverified `sub` says whose keys to try: one
+        no service id could be (600 characters, longer than a throttle key's column) is an
+        unknown id, UNAUTHENTICATED and counted, and the logins batched beside it still
+        succeed (it once failed the batch's transaction on PostgreSQL: INTERNAL for all)."""
+        env = base_env(postgres_url)
+        key = new_ec()
+        jwk = _write(tmp_path / "orders.jwk", json.dumps(jwk_of(key)))
+        run_cli(env, "db", "upgrade")
+        run_cli(
+            env, "services", "create", "orders", "--audience", "billing", "--jwk-file", str(jwk),
+            "--no-secret",
+        )  # fmt: skip
+        server = start_server(env)
+        try:
+            fleet = Fleet(server, tmp_path, key, key, key, key)
+            _assert_impossible_subjects_are_unknown_ids(fleet)
+        finally:
+            server.stop()
 
     def test_a_certificate_login_works_on_postgresql(
         self,
