@@ -4,10 +4,11 @@ Trusts live in storage (`authsvc trust add`), so every replica trusts the same i
 change is a 'trust' change, and each replica rebuilds its verifier from storage at the next
 sync (within one sync interval, as for services and keys). Keys from a `--jwks-file` are stored
 with the trust; keys from a `--jwks-url` are fetched by each replica (`JwksCache`: HTTPS only,
-loopback excepted; bounded time and size; no redirects; the last good keys kept when a refresh
-fails), refreshed by the maintenance loop and early when a token names an unknown `kid`. A
-cache survives a reload when its trust's name and URL are unchanged, so a trust change
-elsewhere does not drop good keys here.
+loopback excepted; bounded time and size; no redirects; only RS256/ES256 keys kept, and the
+last good keys kept when a refresh fails or brings none of those), refreshed by the
+maintenance loop and early when a token names an unknown `kid`. A cache survives a reload
+when its trust's name and URL are unchanged, so a trust change elsewhere does not drop good
+keys here.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from authsvc.workload.federation import (
     KeySource,
     TrustedIssuer,
     parse_jwks_document,
+    usable_for_federation,
 )
 from authsvc.workload.jwks_fetch import FetchPolicy, JwksCache
 
@@ -85,7 +87,11 @@ class TrustStore:
             return parse_jwks_document(record.jwks_json or "", f"trust {record.name!r} keys")
         key = (record.name, record.jwks_url)
         cache = self._caches.get(key) or JwksCache(
-            record.jwks_url, clock=self._clock, policy=self._policy, name=record.name
+            record.jwks_url,
+            clock=self._clock,
+            policy=self._policy,
+            name=record.name,
+            usable=usable_for_federation,
         )
         caches[key] = cache
         return cache

@@ -44,6 +44,7 @@ __all__ = [
     "TrustedIssuer",
     "load_jwks_file",
     "parse_jwks_document",
+    "usable_for_federation",
 ]
 
 # RFC 8693 section 3: the subject_token_type of a federated token in ExchangeToken.
@@ -82,6 +83,13 @@ class StaticKeys:
         return False
 
 
+def usable_for_federation(key: RegisteredKey) -> bool:
+    """Whether a key can verify a federated token: it allows RS256 or ES256 (an Ed25519 key,
+    or an RSA key whose JWK pins `alg` to PS256, cannot). The one statement of it, for
+    `--jwks-file` keys and for the keys a JwksCache keeps."""
+    return not FEDERATION_ALGORITHMS.isdisjoint(key.algorithms)
+
+
 def load_jwks_file(path: str | Path) -> StaticKeys:
     """The usable keys of a JWK Set file (RS256/ES256 keys; others skipped).
 
@@ -113,7 +121,7 @@ def parse_jwks_document(data: str | bytes, field_name: str = "jwks_file") -> Sta
         parsed = parse_jwk_set(document)
     except ValueError as exc:
         raise InvalidArgument(f"{field_name}: {exc}") from None
-    usable = tuple(k for k in parsed.keys if FEDERATION_ALGORITHMS & set(k.algorithms))
+    usable = tuple(k for k in parsed.keys if usable_for_federation(k))
     if not usable:
         raise InvalidArgument(f"{field_name}: no RSA (>= 2048 bits) or EC P-256 signing key")
     return StaticKeys(usable)

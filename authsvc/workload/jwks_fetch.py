@@ -6,7 +6,8 @@ fetch is deliberately narrow:
 - HTTPS only, verified against the system trust store or a configured CA file; plain `http`
   only for a loopback host (tests, a sidecar on the same machine).
 - One deadline for the whole fetch (connect, TLS handshake, headers and body): a slow or
-  dripping endpoint costs at most `timeout` seconds. (Name resolution runs before the socket
+  dripping endpoint costs at most `timeout` seconds: a timer shuts the connection down when the
+  deadline passes, whatever call is waiting on it. (Name resolution runs before the socket
   exists and follows the resolver's own timeout.)
 - Redirects are refused, all of them. The configured URL is the admin's decision; a redirect
   is a change of it nobody made, and the usual path from a fetcher to somewhere it should
@@ -14,7 +15,9 @@ fetch is deliberately narrow:
 - At most `max_bytes` of body (64 KiB by default), identity encoding, a JSON media type, and
   a JSON object with a `keys` array; keys authsvc cannot use are skipped, none usable fails.
 
-JwksCache keeps the last key set that passed all of that: a failed refresh is recorded
+JwksCache keeps the last key set that passed all of that and holds a key its user can use (its
+creator says which: federation takes RS256/ES256 keys only); a set with none counts as a failed
+refresh (NO_USABLE_KEY), like any other. A failed refresh is recorded
 (`status()`, logged at WARNING with the trust's name and the reason only) and the previous
 keys stay in use. Refreshes follow an interval with jitter so replicas do not fetch in step,
 and callers read the keys without any I/O.
@@ -22,11 +25,13 @@ and callers read the keys without any I/O.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ipaddress
 import json
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
@@ -135,6 +140,75 @@ def _media_type(value: str | None) -> str:
     return (value or "").split(";", 1)[0].strip().lower()
 
 
+def _connect(host: str, port: int, remaining: Callable[[], float]) -> socket.socket:
+    """A TCP connection to host:port; every address is tried within what is left of the
+    deadline (socket.create_connection would give each address the whole timeout)."""
+    last: OSError | None = None
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(remaining())
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            last = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise last if last is not None else OSError(f"no address for {host!r}")
+
+
+class _Deadline:
+    """Ends a connection when the fetch's deadline passes, whatever call is blocked on it.
+
+    Socket timeouts bound each operation, not the fetch: a server that sends one byte of the
+    status line, of a header or of a chunk-size line just before each timeout would keep one
+    `getresponse()` or `read1()` going for as long as it likes. A timer shuts
+    the connection down (on a duplicate of the socket: shutdown acts on the connection, so a
+    call blocked on the TLS socket or the raw one returns at once), and `stop()` says whether
+    it did, so that whatever error or short read that caused is reported as TIMEOUT.
+    """
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        self._sock = sock.dup()
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._fired = False
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            self._fired = True
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by the peer
+
+    def stop(self) -> bool:
+        """Disarm (idempotent); True if the deadline had ended the connection first."""
+        with self._lock:
+            self._stopped = True
+        self._timer.cancel()
+        self._sock.close()
+        return self._fired
+
+
+def _failure(exc: BaseException) -> JwksFetchError:
+    if isinstance(exc, JwksFetchError):
+        return exc
+    if isinstance(exc, TimeoutError):
+        return JwksFetchError(FetchFailure.TIMEOUT)
+    if isinstance(exc, ssl.SSLError):
+        return JwksFetchError(FetchFailure.TLS)
+    return JwksFetchError(FetchFailure.CONNECT)
+
+
 def fetch_jwk_set(
     url: str,
     *,
@@ -151,7 +225,10 @@ def fetch_jwk_set(
     """
     check_jwks_url(url)
     parts = urlsplit(url)
-    host, port = parts.hostname or "", parts.port
+    https = parts.scheme == "https"
+    host = parts.hostname or ""
+    # Explicit: http.client would read "::1" of an IPv6 URL without a port as host ":" port 1.
+    port = parts.port or (443 if https else 80)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     deadline = monotonic() + timeout
 
@@ -161,19 +238,32 @@ def fetch_jwk_set(
             raise JwksFetchError(FetchFailure.TIMEOUT)
         return left
 
+    context: ssl.SSLContext | None = None
     conn: http.client.HTTPConnection
-    if parts.scheme == "https":
-        context = ssl.create_default_context(cafile=ca_file)
-        conn = http.client.HTTPSConnection(host, port, timeout=remaining(), context=context)
+    if https:
+        try:
+            context = ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError):  # a CA file that is gone or not PEM: no TLS possible
+            raise JwksFetchError(FetchFailure.TLS) from None
+        conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
     else:
-        conn = http.client.HTTPConnection(host, port, timeout=remaining())
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    watchdog: _Deadline | None = None
     response: http.client.HTTPResponse | None = None
     try:
         try:
-            conn.connect()
-            # Kept: http.client drops conn.sock once the response owns the connection.
-            sock = conn.sock
-            assert sock is not None
+            # The connection is made here, not by http.client, so that the deadline can end it.
+            raw = _connect(host, port, remaining)
+            conn.sock = raw
+            watchdog = _Deadline(raw, remaining())
+            with contextlib.suppress(OSError):  # as http.client: not every OS has it
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = raw
+            if context is not None:
+                raw.settimeout(remaining())
+                sock = context.wrap_socket(raw, server_hostname=host)
+                conn.sock = sock
+            # `sock` kept: http.client drops conn.sock once the response owns the connection.
             conn.request(
                 "GET",
                 path,
@@ -206,13 +296,18 @@ def fetch_jwk_set(
                 body += chunk
                 if len(body) > max_bytes:
                     raise JwksFetchError(FetchFailure.TOO_LARGE)
-        except TimeoutError:
-            raise JwksFetchError(FetchFailure.TIMEOUT) from None
-        except ssl.SSLError:
-            raise JwksFetchError(FetchFailure.TLS) from None
-        except (OSError, http.client.HTTPException):
-            raise JwksFetchError(FetchFailure.CONNECT) from None
+        except (OSError, http.client.HTTPException, JwksFetchError) as exc:
+            # Once the deadline shut the connection down, any error (an EOF mid-handshake, a
+            # status line cut short, headers missing) is the deadline's doing.
+            if watchdog is not None and watchdog.stop():
+                raise JwksFetchError(FetchFailure.TIMEOUT) from None
+            raise _failure(exc) from None
+        # The end of the body may be the deadline's shutdown, not the server's.
+        if watchdog.stop():
+            raise JwksFetchError(FetchFailure.TIMEOUT)
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         if response is not None:  # it owns the socket once the connection handed it over
             response.close()
         conn.close()
@@ -248,6 +343,10 @@ class JwksCache:
     and `on_unknown_kid()` may fetch on a caller's thread, bounded by the policy's timeout, and
     only one fetch runs at a time (a caller that finds one under way waits at most the timeout
     and then uses what is there).
+
+    `usable` picks the keys worth keeping (federation: `usable_for_federation`); a fetched set
+    with none of them is a failed refresh (NO_USABLE_KEY) and the keys loaded before stay.
+    Without it, every key fetch_jwk_set parsed is kept.
     """
 
     def __init__(
@@ -259,6 +358,7 @@ class JwksCache:
         name: str = "",
         rng: Callable[[], float] = random.random,
         fetch: Callable[..., JwkSetParse] = fetch_jwk_set,
+        usable: Callable[[RegisteredKey], bool] | None = None,
     ) -> None:
         self.url = check_jwks_url(url)
         self.name = name
@@ -266,6 +366,7 @@ class JwksCache:
         self._policy = policy or FetchPolicy()
         self._rng = rng
         self._fetch = fetch
+        self._usable = usable
         self._fetching = threading.Lock()
         self._keys: tuple[RegisteredKey, ...] = ()
         self._generation = 0
@@ -297,6 +398,11 @@ class JwksCache:
                     max_bytes=self._policy.max_bytes,
                     ca_file=self._policy.ca_file,
                 )
+                keys = parsed.keys
+                if self._usable is not None:
+                    keys = tuple(k for k in keys if self._usable(k))
+                if not keys:
+                    raise JwksFetchError(FetchFailure.NO_USABLE_KEY)
             except JwksFetchError as exc:
                 failures = self._status.consecutive_failures + 1
                 self._status = replace(
@@ -316,11 +422,11 @@ class JwksCache:
                     len(self._keys),
                 )
                 return False
-            self._keys = parsed.keys
+            self._keys = keys
             self._generation += 1
             self._status = CacheStatus(
                 now,
-                len(parsed.keys),
+                len(keys),
                 None,
                 None,
                 0,

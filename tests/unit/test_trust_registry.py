@@ -16,13 +16,23 @@ import pytest
 from authsvc.errors import AlreadyExists, InvalidArgument, NotFound
 from authsvc.server.app import Core, build_core, service_registry
 from authsvc.usecases.audit import Origin
+from authsvc.usecases.federation import TrustStore
 from authsvc.usecases.trusts import TrustRegistry, trust_key_ids
 from authsvc.workload import StaticKeys, TrustedIssuer
 from authsvc.workload.public_keys import parse_jwk_set
 from authsvc_client.assertions import jwk_thumbprint
 from tests.support.clock import FakeClock
 from tests.support.inprocess import in_process_settings
-from tests.support.workload import jwk_of, jwk_set, new_ec, new_ed25519, new_rsa
+from tests.support.workload import (
+    Route,
+    jwk_of,
+    jwk_set,
+    jwks_server,
+    new_ec,
+    new_ed25519,
+    new_rsa,
+    sign,
+)
 
 OPS = Origin(actor="ops-admin", peer="ipv4:10.0.0.9", request_id="req-1")
 ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -238,3 +248,35 @@ class TestRemove:
         with pytest.raises(NotFound):
             trusts.remove("ghost", OPS)
         assert _audit(core, "remove_trust") == []
+
+
+class TestServing:
+    def test_a_refreshed_set_with_no_rs256_or_es256_key_keeps_the_last_good_keys(
+        self, core: Core, trusts: TrustRegistry
+    ) -> None:
+        clock = core.clock
+        assert isinstance(clock, FakeClock)
+        ec_key = new_ec()
+        subject = "system:serviceaccount:prod:orders"
+        with jwks_server() as issuer:
+            issuer.routes["/keys"] = Route(jwk_set(jwk_of(ec_key, kid="p256")))
+            url = issuer.url("/keys", host="127.0.0.1")
+            trusts.add("k8s", ISSUER, "authsvc", origin=OPS, jwks_url=url)
+            store = TrustStore(core.repo, clock, core.settings)
+            store.reload()
+
+            def verified() -> str:
+                now = clock.now()
+                claims = {"iss": ISSUER, "sub": subject, "aud": "authsvc"}
+                token = sign({**claims, "iat": now, "exp": now + 600}, ec_key, "ES256", kid="p256")
+                return store.verify(token, now=now).subject
+
+            assert verified() == subject  # the first load
+            # The issuer now publishes keys that parse but cannot sign a federated token.
+            issuer.routes["/keys"] = Route(
+                jwk_set(jwk_of(new_ed25519(), kid="ed"), jwk_of(new_rsa(), kid="ps", alg="PS256"))
+            )
+            clock.advance(core.settings.jwks_refresh_seconds)
+            assert store.refresh_due() == 0
+            assert issuer.hits["/keys"] == 2
+            assert verified() == subject

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import ssl
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from authsvc.errors import InvalidArgument
+from authsvc.workload.federation import FederationVerifier, TrustedIssuer, usable_for_federation
 from authsvc.workload.jwks_fetch import (
     FetchFailure,
     FetchPolicy,
@@ -15,9 +24,20 @@ from authsvc.workload.jwks_fetch import (
     check_jwks_url,
     fetch_jwk_set,
 )
+from authsvc.workload.public_keys import JwkSetParse, parse_jwk_set
 from tests.support.certs import CertificateAuthority
 from tests.support.clock import FakeClock
-from tests.support.workload import JwksServer, Route, jwk_of, jwk_set, jwks_server, new_ec, new_rsa
+from tests.support.workload import (
+    JwksServer,
+    Route,
+    jwk_of,
+    jwk_set,
+    jwks_server,
+    new_ec,
+    new_ed25519,
+    new_rsa,
+    sign,
+)
 
 RSA = new_rsa()
 EC = new_ec()
@@ -53,6 +73,18 @@ class TestFetch:
             fetch_jwk_set(server.url("/jwks"))  # the system trust store
         assert caught.value.reason == FetchFailure.TLS
 
+    def test_a_ca_file_gone_or_not_pem_is_a_tls_failure(
+        self, server: JwksServer, tmp_path: Path
+    ) -> None:
+        """A failure JwksCache records (last good keys kept), not an exception that escapes
+        the refresh and the maintenance loop with it."""
+        junk = tmp_path / "junk.pem"
+        junk.write_text("not a certificate")
+        for ca_file in (str(tmp_path / "missing.pem"), str(junk)):
+            with pytest.raises(JwksFetchError) as caught:
+                fetch_jwk_set(server.url("/jwks"), ca_file=ca_file)
+            assert caught.value.reason == FetchFailure.TLS
+
     def test_hanging_endpoint_times_out(self, server: JwksServer, ca: CertificateAuthority) -> None:
         # The server holds the request for 60 s: only our deadline can end it with TIMEOUT.
         server.routes["/hang"] = Route(hang=True)
@@ -63,7 +95,9 @@ class TestFetch:
     ) -> None:
         """Each byte arrives well within the timeout; the whole body never would."""
         server.routes["/drip"] = Route(GOOD, drip=0.2)
+        started = time.monotonic()
         assert failure(server.url("/drip"), ca, timeout=1.0) == FetchFailure.TIMEOUT
+        assert time.monotonic() - started <= 1.0 + SLACK
 
     def test_huge_body(self, server: JwksServer, ca: CertificateAuthority) -> None:
         huge = b'{"keys": [], "pad": "' + b"x" * 70_000 + b'"}'
@@ -112,6 +146,130 @@ class TestFetch:
 
     def test_nothing_listening(self, ca: CertificateAuthority) -> None:
         assert failure("https://127.0.0.1:9/jwks", ca) == FetchFailure.CONNECT
+
+
+# A byte every DRIP seconds, each well within TIMEOUT, the whole drip far beyond it: only a
+# deadline for the whole fetch ends it by TIMEOUT + SLACK (socket timeouts are per operation).
+TIMEOUT = 0.4
+DRIP = 0.25
+SLACK = 0.5
+STATUS_LINE = b"HTTP/1.1 200 OK\r\n"
+JSON_HEAD = STATUS_LINE + b"Content-Type: application/json\r\n"
+
+
+@contextmanager
+def dripping(
+    drip: bytes, *, head: bytes = b"", tls: ssl.SSLContext | None = None, http: bool = True
+) -> Iterator[int]:
+    """A one-connection server on 127.0.0.1 (its port yielded): it reads the request (`http`)
+    or whatever the client sends first, sends `head` at once, then `drip` a byte every DRIP
+    seconds until done or the client is gone."""
+    stop = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            break
+        else:
+            return
+        try:
+            conn.settimeout(5)
+            if tls is not None:
+                conn = tls.wrap_socket(conn, server_side=True)
+            received = b""
+            while (b"\r\n\r\n" not in received) if http else not received:
+                data = conn.recv(4096)
+                if not data:
+                    return
+                received += data
+            conn.sendall(head)
+            for i in range(len(drip)):
+                if stop.wait(DRIP):
+                    return
+                conn.sendall(drip[i : i + 1])
+        except OSError:
+            pass  # the client hung up: what the deadline is for
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+@pytest.fixture(scope="module")
+def server_tls(ca: CertificateAuthority) -> ssl.SSLContext:
+    issued = ca.issue("drip-server", server=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(issued.cert_path, issued.key_path)
+    return context
+
+
+def timed_failure(url: str, ca: CertificateAuthority) -> tuple[FetchFailure, float]:
+    started = time.monotonic()
+    reason = failure(url, ca, timeout=TIMEOUT)
+    return reason, time.monotonic() - started
+
+
+class TestOneDeadline:
+    """Defeated by per-operation timeouts alone: each of these took the whole drip before."""
+
+    @pytest.mark.parametrize("scheme", ["http", "https"])
+    def test_headers_dripped(
+        self, scheme: str, ca: CertificateAuthority, server_tls: ssl.SSLContext
+    ) -> None:
+        drip = b"X-Slow: " + b"." * 12 + b"\r\n"  # 22 bytes: 5.5 s, in one getresponse()
+        tls = server_tls if scheme == "https" else None
+        with dripping(drip, head=STATUS_LINE, tls=tls) as port:
+            reason, elapsed = timed_failure(f"{scheme}://localhost:{port}/jwks", ca)
+        assert reason == FetchFailure.TIMEOUT
+        assert elapsed <= TIMEOUT + SLACK
+
+    def test_status_line_dripped(self, ca: CertificateAuthority) -> None:
+        with dripping(STATUS_LINE) as port:  # 17 bytes: 4.25 s
+            reason, elapsed = timed_failure(f"http://127.0.0.1:{port}/jwks", ca)
+        assert reason == FetchFailure.TIMEOUT
+        assert elapsed <= TIMEOUT + SLACK
+
+    def test_chunked_body_dripped(
+        self, ca: CertificateAuthority, server_tls: ssl.SSLContext
+    ) -> None:
+        # A chunk-size line is read whole by one read1(): 18 bytes, 4.5 s.
+        head = JSON_HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
+        with dripping(b"0000000000000002\r\n{}\r\n0\r\n\r\n", head=head, tls=server_tls) as port:
+            reason, elapsed = timed_failure(f"https://localhost:{port}/jwks", ca)
+        assert reason == FetchFailure.TIMEOUT
+        assert elapsed <= TIMEOUT + SLACK
+
+    def test_tls_handshake_dripped(self, ca: CertificateAuthority) -> None:
+        # A plain TCP server answering the ClientHello with a well-formed TLS record header
+        # (handshake, TLS 1.2, 256 bytes) and then the record's bytes one at a time: the
+        # client waits for the whole record before it can judge it. 21 bytes: 5.25 s.
+        record = b"\x16\x03\x03\x01\x00" + b"\x02" + b"\x00" * 15
+        with dripping(record, http=False) as port:
+            reason, elapsed = timed_failure(f"https://localhost:{port}/jwks", ca)
+        assert reason == FetchFailure.TIMEOUT
+        assert elapsed <= TIMEOUT + SLACK
+
+    def test_a_normal_fetch_is_not_cut_short(
+        self, server: JwksServer, ca: CertificateAuthority
+    ) -> None:
+        # The deadline's timer is disarmed when the fetch ends: nothing fires later.
+        for _ in range(3):
+            parsed = fetch_jwk_set(server.url("/jwks"), ca_file=str(ca.cert_path), timeout=TIMEOUT)
+            assert len(parsed.keys) == 2
+        time.sleep(TIMEOUT)
+        assert not [t for t in threading.enumerate() if isinstance(t, threading.Timer)]
 
 
 class TestUrl:
@@ -253,3 +411,75 @@ class TestPlainLoopback:
         with jwks_server() as plain:
             plain.routes["/jwks"] = Route(GOOD)
             assert len(fetch_jwk_set(plain.url("/jwks", host="127.0.0.1")).keys) == 2
+
+
+# --- only keys the cache's user can use ---------------------------------------------------------
+
+ISSUER = "https://oidc.cluster.example"
+P256 = jwk_set(jwk_of(EC, kid="p256"))
+ED25519_ONLY = jwk_set(jwk_of(new_ed25519(), kid="ed"))
+PS256_ONLY = jwk_set(jwk_of(RSA, kid="ps", alg="PS256"))
+
+
+class ScriptedFetch:
+    """A fetch_jwk_set stand-in answering with the given documents, one per call."""
+
+    def __init__(self, *documents: bytes) -> None:
+        self.documents = list(documents)
+
+    def __call__(self, url: str, **_: Any) -> JwkSetParse:
+        return parse_jwk_set(json.loads(self.documents.pop(0)))
+
+
+def federation_cache(clock: FakeClock, *documents: bytes) -> JwksCache:
+    return JwksCache(
+        "https://oidc.cluster.example/keys",
+        clock=clock,
+        policy=FetchPolicy(refresh_interval=300, retry_interval=30),
+        name="cluster",
+        rng=lambda: 0.5,
+        fetch=ScriptedFetch(*documents),
+        usable=usable_for_federation,
+    )
+
+
+class TestUsableKeys:
+    @pytest.mark.parametrize("unusable", [ED25519_ONLY, PS256_ONLY], ids=["ed25519", "ps256"])
+    def test_a_set_with_no_federation_key_keeps_the_last_good_one(
+        self, unusable: bytes, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        # Both parse (fetch_jwk_set would return them), neither verifies RS256 or ES256.
+        assert parse_jwk_set(json.loads(unusable)).keys
+        clock = FakeClock()
+        cache = federation_cache(clock, P256, unusable)
+        assert cache.refresh()
+        good = cache.current_keys()
+        assert [k.jwk_kid for k in good] == ["p256"]
+
+        clock.advance(300)
+        assert cache.refresh_if_due() is False
+        assert cache.current_keys() == good
+        status = cache.status()
+        assert status.last_failure == FetchFailure.NO_USABLE_KEY
+        assert status.consecutive_failures == 1 and status.key_count == 1
+        assert status.next_refresh_at == clock.now() + 30 * 0.95  # retried as any failure
+        assert "cluster" in caplog.text and "no_usable_key" in caplog.text
+
+        # ExchangeToken's path: an ES256 token of the issuer still verifies.
+        verifier = FederationVerifier([TrustedIssuer("cluster", ISSUER, "authsvc", cache)])
+        now = clock.now()
+        claims = {"iss": ISSUER, "sub": "system:serviceaccount:prod:orders", "aud": "authsvc"}
+        token = sign({**claims, "iat": now, "exp": now + 600}, EC, "ES256", kid="p256")
+        assert verifier.verify(token, now=now).subject == "system:serviceaccount:prod:orders"
+
+    def test_only_the_usable_keys_of_a_mixed_set_are_kept(self) -> None:
+        mixed = jwk_set(
+            jwk_of(new_ed25519(), kid="ed"),
+            jwk_of(RSA, kid="ps", alg="PS256"),
+            jwk_of(RSA, kid="rs", alg="RS256"),
+            jwk_of(EC, kid="p256"),
+        )
+        cache = federation_cache(FakeClock(), mixed)
+        assert cache.refresh()
+        assert [k.jwk_kid for k in cache.current_keys()] == ["rs", "p256"]
+        assert cache.status().key_count == 2
