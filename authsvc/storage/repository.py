@@ -1638,9 +1638,11 @@ class LoginBatch:
         if service_id in self._workload:
             return self._workload[service_id]
         service, secrets = self._credentials(service_id)
+        # Read for an unknown id too (no rows): a login's time must not say whether the id
+        # exists (DESIGN: same timing), and this query is most of a workload login's.
+        rows = self._rows("workload", {"service_id": service_id})
         found = None
         if service is not None:
-            rows = self._rows("workload", {"service_id": service_id})
             found = ServiceCredentials.of(
                 service_id,
                 any(slot == "current" for slot, _ in secrets),

@@ -20,8 +20,12 @@ from __future__ import annotations
 import functools
 import hmac
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from secrets import randbits
 from typing import ClassVar, Generic, Protocol, TypeVar
+
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from authsvc.clock import to_datetime, to_timestamp
 from authsvc.crypto.secrets import SecretHasher
@@ -29,11 +33,11 @@ from authsvc.errors import AuthsvcError
 from authsvc.storage.records import SecretSlot, ServiceRecord
 from authsvc.storage.repository import LoginBatch
 from authsvc.usecases.audit import Origin
-from authsvc.workload.assertions import verify_assertion
+from authsvc.workload.assertions import VerifiedAssertion, verify_assertion
 from authsvc.workload.certificates import match_certificate
 from authsvc.workload.errors import Reason, WorkloadAuthError
 from authsvc.workload.federation import FederatedIdentity
-from authsvc.workload.public_keys import RegisteredKey, key_from_jwk
+from authsvc.workload.public_keys import RegisteredKey, key_from_jwk, key_from_public_key
 
 __all__ = [
     "BAD_CREDENTIALS",
@@ -58,6 +62,26 @@ CURRENT_ONLY = (
 
 # Compared against for an unknown service id, so that it costs what a known one does.
 _NO_SECRETS: tuple[tuple[SecretSlot, bytes], ...] = (("current", bytes(32)),)
+
+
+def _stand_in_keys() -> tuple[RegisteredKey, ...]:
+    """One public key of each accepted type, registered to no service: an assertion for an
+    unknown id (or an id with no keys) is verified against them, so that it costs the
+    signature check a known id's costs. Whatever that check says, the login is refused, so
+    the keys need no private half: the RSA modulus is a random odd 2048-bit number (as
+    costly to verify with as a real one), made without the price of generating primes."""
+    modulus = (1 << 2047) | randbits(2047) | 1
+    return (
+        key_from_public_key(rsa.RSAPublicNumbers(65537, modulus).public_key()),
+        key_from_public_key(ec.generate_private_key(ec.SECP256R1()).public_key()),
+        key_from_public_key(ed25519.Ed25519PrivateKey.generate().public_key()),
+    )
+
+
+_STAND_IN_KEYS = _stand_in_keys()
+# Matched against for an unknown id's certificate login (parsing the certificate is the cost;
+# the `.invalid` name, RFC 2606, is no service's).
+_STAND_IN_SANS = ("spiffe://authsvc.invalid/no-such-service",)
 
 P = TypeVar("P")
 T = TypeVar("T")
@@ -171,27 +195,33 @@ class AssertionCredential:
         return self.service_id
 
     def check(self, txn: LoginBatch, service: ServiceRecord | None) -> CredentialMatch:
-        if service is None:
-            return CredentialMatch.refused(Reason.NO_KEY)
-        registered = txn.workload_credentials(self.service_id)
-        if registered is None or not registered.public_keys:
+        registered = txn.workload_credentials(self.service_id)  # read for unknown ids too
+        if service is None or registered is None or not registered.public_keys:
+            # Costs a verification as a known id's login does, and is refused whatever it says.
+            try:
+                self._verify(txn, _STAND_IN_KEYS)
+            except WorkloadAuthError:
+                pass
             return CredentialMatch.refused(Reason.NO_KEY)
         keys = [_registered_key(jwk) for _, jwk in registered.public_keys]
         try:
-            verified = verify_assertion(
-                self.assertion,
-                service_id=self.service_id,
-                keys=keys,
-                issuer=self.issuer,
-                now=to_timestamp(txn.now),
-                leeway=self.leeway,
-            )
+            verified = self._verify(txn, keys)
         except WorkloadAuthError as exc:
             return CredentialMatch.refused(exc.reason)
         until = to_datetime(verified.remember_jti_until)
         if not txn.use_assertion(self.service_id, verified.jti, until):
             return CredentialMatch.refused(Reason.REPLAYED)
         return CredentialMatch(ok=True, current=True, detail=f"key={verified.key_id}")
+
+    def _verify(self, txn: LoginBatch, keys: Sequence[RegisteredKey]) -> VerifiedAssertion:
+        return verify_assertion(
+            self.assertion,
+            service_id=self.service_id,
+            keys=keys,
+            issuer=self.issuer,
+            now=to_timestamp(txn.now),
+            leeway=self.leeway,
+        )
 
 
 @dataclass(frozen=True)
@@ -208,8 +238,13 @@ class CertificateCredential:
         return self.service_id
 
     def check(self, txn: LoginBatch, service: ServiceRecord | None) -> CredentialMatch:
-        registered = txn.workload_credentials(self.service_id) if service is not None else None
-        if registered is None or not registered.tls_sans:
+        registered = txn.workload_credentials(self.service_id)  # read for unknown ids too
+        if service is None or registered is None or not registered.tls_sans:
+            # Reads the certificate as a known id's login does, and is refused whatever it says.
+            try:
+                match_certificate(self.certificate_pem, _STAND_IN_SANS)
+            except WorkloadAuthError:
+                pass
             return CredentialMatch.refused(Reason.IDENTITY_MISMATCH)
         try:
             matched = match_certificate(self.certificate_pem, registered.tls_sans)

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +16,8 @@ from authsvc.clock import to_datetime
 from authsvc.errors import ResourceExhausted, Unauthenticated
 from authsvc.server.app import Core, build_core
 from authsvc.storage.records import AudienceGrant, CredentialRecord, ServiceRecord, TrustRecord
+from authsvc.storage.repository import LoginBatch
+from authsvc.usecases import logins as logins_module
 from authsvc.usecases.audit import Origin
 from authsvc.usecases.federation import TrustStore
 from authsvc.usecases.login_batch import LoginBatcher
@@ -146,6 +149,68 @@ class TestAssertion:
         with pytest.raises(Unauthenticated):
             world.login(credential)
         assert "credential=secret reason=no_secret" in world.details()
+
+
+class TestUnknownIdsCostWhatKnownOnesDo:
+    """DESIGN: a wrong id costs what a wrong credential does, whether the id exists or not.
+    Counted, not timed: the statements each check runs on the real database, and the
+    signature verifications it makes (through the real verifier)."""
+
+    def _work(
+        self, world: World, monkeypatch: pytest.MonkeyPatch, credential: Credential
+    ) -> tuple[list[str], int]:
+        statements: list[str] = []
+        verified: list[int] = []
+        rows, verify = LoginBatch._rows, logins_module.verify_assertion
+
+        def counting_rows(batch: LoginBatch, name: str, values: Any) -> list[Any]:
+            statements.append(name)
+            return rows(batch, name, values)
+
+        def counting_verify(*args: Any, **kwargs: Any) -> Any:
+            verified.append(1)
+            return verify(*args, **kwargs)
+
+        monkeypatch.setattr(LoginBatch, "_rows", counting_rows)
+        monkeypatch.setattr(logins_module, "verify_assertion", counting_verify)
+        with world.core.repo.login_batch(to_datetime(world.clock.now()), 60) as batch:
+            service = batch.service(credential.service_id)
+            statements.clear()  # the service lookup is every kind's, known id or not
+            match = credential.check(batch, service)
+        monkeypatch.undo()
+        assert not match.ok
+        return statements, len(verified)
+
+    def test_an_assertion_for_an_unknown_id(
+        self, world: World, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        wrong = new_ec()  # a key nobody registered: the known id refuses it too
+        known = self._work(world, monkeypatch, _assertion(world, world.assertion(key=wrong)))
+        unknown = self._work(
+            world,
+            monkeypatch,
+            _assertion(world, world.assertion("ghost", key=wrong), "ghost"),
+        )
+        assert known == unknown == (["workload"], 1)
+
+    def test_a_certificate_for_an_unknown_id(
+        self, world: World, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        cert = world.ca.issue(uris=("spiffe://example.org/ns/prod/sa/ghost",)).decode()
+        parsed: list[int] = []
+        real = logins_module.match_certificate
+
+        def counting_match(*args: Any, **kwargs: Any) -> Any:
+            parsed.append(1)
+            return real(*args, **kwargs)
+
+        outcomes = []
+        for service_id in ("orders", "ghost"):
+            monkeypatch.setattr(logins_module, "match_certificate", counting_match)
+            statements, _ = self._work(world, monkeypatch, CertificateCredential(service_id, cert))
+            outcomes.append((statements, len(parsed)))
+            parsed.clear()
+        assert outcomes[0] == outcomes[1] == (["workload"], 1)
 
 
 class TestCertificate:
