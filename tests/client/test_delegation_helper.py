@@ -469,6 +469,98 @@ def test_refused_is_a_token_refused(fleet: Fleet) -> None:
         delegator.close()
 
 
+class TestTheDelegatorFollowsRevocations:
+    """An exchanged token revoked while the incoming one stays good (its jti; every token of
+    the acting service, as after a leak) is never handed out again: the Delegator's feed
+    drops it and the next call exchanges anew, without waiting for the refresh point."""
+
+    def _valid(self, fleet: Fleet, token: str) -> bool:
+        reply = fleet.server.stub.ValidateToken(
+            auth_pb2.ValidateTokenRequest(token=token, audience="billing"), timeout=10
+        )
+        return bool(reply.valid)
+
+    def _next(self, get: Callable[[], str], revoked: str) -> str:
+        deadline = time.monotonic() + 10
+        token = get()
+        while token == revoked and time.monotonic() < deadline:
+            time.sleep(0.05)
+            token = get()
+        assert token != revoked, "the Delegator kept handing out its revoked token"
+        return token
+
+    def test_by_jti_sync(self, fleet: Fleet) -> None:
+        subject = fleet.token("front", "orders")
+        with grpc.insecure_channel(fleet.server.address) as channel:
+            delegator = Delegator(channel, login=fleet.login("orders"))
+            try:
+
+                def get() -> str:
+                    return delegator.token("billing", ["billing.read"], subject_token=subject)
+
+                first = get()
+                fleet.server.stub.RevokeToken(auth_pb2.RevokeTokenRequest(token=first), timeout=10)
+                assert not self._valid(fleet, first)
+                assert self._valid(fleet, self._next(get, first))
+            finally:
+                delegator.close()
+
+    def test_by_jti_aio(self, fleet: Fleet) -> None:
+        subject = fleet.token("front", "orders")
+
+        async def scenario() -> tuple[str, str]:
+            async with grpc.aio.insecure_channel(fleet.server.address) as channel:
+                delegator = AsyncDelegator(channel, login=fleet.login("orders"))
+                try:
+
+                    async def get() -> str:
+                        return await delegator.token(
+                            "billing", ["billing.read"], subject_token=subject
+                        )
+
+                    first = await get()
+                    await asyncio.to_thread(
+                        fleet.server.stub.RevokeToken,
+                        auth_pb2.RevokeTokenRequest(token=first),
+                        timeout=10,
+                    )
+                    deadline = time.monotonic() + 10
+                    token = await get()
+                    while token == first and time.monotonic() < deadline:
+                        await asyncio.sleep(0.05)
+                        token = await get()
+                    return first, token
+                finally:
+                    await delegator.close()
+
+        first, second = asyncio.run(scenario())
+        assert second != first, "the AsyncDelegator kept handing out its revoked token"
+        assert self._valid(fleet, second)
+
+    def test_every_token_of_the_acting_service(self, fleet: Fleet) -> None:
+        admin = create_service(fleet.server.env, "ops-admin", admin=True)
+        admin_token = fleet.server.issue("ops-admin", admin, "authsvc").access_token
+        subject = fleet.token("front", "orders")
+        with grpc.insecure_channel(fleet.server.address) as channel:
+            delegator = Delegator(channel, login=fleet.login("orders"))
+            try:
+
+                def get() -> str:
+                    return delegator.token("billing", ["billing.read"], subject_token=subject)
+
+                first = get()
+                fleet.server.stub.RevokeToken(
+                    auth_pb2.RevokeTokenRequest(service_id="orders"),
+                    metadata=(("authorization", f"Bearer {admin_token}"),),
+                    timeout=10,
+                )
+                assert not self._valid(fleet, first)
+                # The incoming token is front's, untouched: the delegated call works again.
+                assert self._valid(fleet, self._next(get, first))
+            finally:
+                delegator.close()
+
+
 # --- PostgreSQL: two replicas ----------------------------------------------------------------
 
 

@@ -14,7 +14,11 @@ handler threads ask, backing off after a failure). The cache is keyed by the SHA
 incoming token, never the token, and bounded: entries whose incoming token has expired go
 first, then the least recently used. An exchanged token never outlives the incoming one
 (authsvc caps its `exp`), and when the incoming token is revoked, so is every token derived
-from it (authsvc's `parent_jtis` chain), so nothing here needs to follow revocations.
+from it (authsvc's `parent_jtis` chain). The other way round matters too: an exchanged token
+revoked while the incoming one is still good (its jti, or every token of this service: the
+usual first step after a leak) must not be handed out again. So a Delegator follows
+WatchRevocations, one feed for all the sources it keeps, as a TokenSource does for itself:
+a revoked exchanged token is dropped at once and the next call exchanges again.
 """
 
 from __future__ import annotations
@@ -31,7 +35,13 @@ import grpc
 from authsvc_client.errors import CredentialsError
 from authsvc_client.interceptors import incoming_token
 from authsvc_client.logins import Login, LoginRequest, Rpc, login_from_env
-from authsvc_client.tokens import AsyncTokenSource, TokenSource, _bearer, channel_for_target
+from authsvc_client.tokens import (
+    OWN_AUDIENCE,
+    AsyncTokenSource,
+    TokenSource,
+    _bearer,
+    channel_for_target,
+)
 from authsvc_client.unverified import unverified_payload
 from authsvc_client.v1 import auth_pb2
 
@@ -163,6 +173,13 @@ class _Sources:
         while len(self._entries) >= self._max:
             self._entries.popitem(last=False)
 
+    def revoked(self, event: auth_pb2.RevocationEvent) -> None:
+        """The Delegator's feed: each source drops its token if the event revoked it."""
+        with self._lock:
+            sources = [source for source, _ in self._entries.values()]
+        for source in sources:
+            source._revoked(event)
+
     def drain(self) -> list[Any]:
         with self._lock:
             sources = [source for source, _ in self._entries.values()]
@@ -200,6 +217,7 @@ class _DelegatorBase:
         login: Login,
         max_entries: int = DEFAULT_MAX_ENTRIES,
         clock: Callable[[], float] = time.time,
+        follow_revocations: bool = True,
         **source_options: Any,
     ) -> None:
         """Args:
@@ -208,8 +226,12 @@ class _DelegatorBase:
             certificate (the exchanged token is then bound to it, RFC 8705).
         login: this service's own login (SecretLogin, AssertionLogin, CertificateLogin).
         max_entries: at most this many (incoming token, audience, scopes) sources are kept.
+        follow_revocations: follow WatchRevocations (one stream, with this service's own
+            token for `authsvc_audience`, default "authsvc") and drop a revoked exchanged
+            token at once; off, one stays in use until its refresh point.
         source_options: passed to each token source (ttl_seconds, refresh_ratio,
-            timeout_seconds, backoff_…); revocations are not followed (see the module).
+            timeout_seconds, backoff_…, authsvc_audience); the sources themselves follow
+            nothing: the Delegator's one feed serves them all.
 
         Raises:
             CredentialsError: a login that cannot act (a workload token).
@@ -229,6 +251,30 @@ class _DelegatorBase:
             )
 
         self._sources = _Sources(make, max_entries, clock)
+        # The feed: a source of this service's own for authsvc's audience, whose follower
+        # hands every event to the sources above as well; started by the first token asked.
+        self._feed: Any = None
+        self._feed_started = False
+        if follow_revocations:
+            shared = ("timeout_seconds", "backoff_initial_seconds", "backoff_max_seconds")
+            feed_audience = source_options.get("authsvc_audience", OWN_AUDIENCE)
+            self._feed = source_type(
+                channel,
+                login=login,
+                audience=feed_audience,
+                authsvc_audience=feed_audience,
+                clock=clock,
+                follow_revocations=True,
+                **{k: v for k, v in source_options.items() if k in shared},
+            )
+            self._feed._revocation_listeners = (self._sources.revoked,)
+
+    def _start_feed(self) -> None:
+        """Start following (once; in the loop for AsyncDelegator). cached_token() never
+        blocks: it starts the feed source's first login and its follower."""
+        if self._feed is not None and not self._feed_started:
+            self._feed_started = True
+            self._feed.cached_token()
 
     @classmethod
     def _from_env(
@@ -302,6 +348,7 @@ class Delegator(_DelegatorBase):
             TokenUnavailable: authsvc could not be reached, or no token within the timeout.
         """
         source: TokenSource = self._sources.get(_subject(subject_token), audience, scopes)
+        self._start_feed()
         return source.token(timeout)
 
     def metadata(
@@ -319,6 +366,8 @@ class Delegator(_DelegatorBase):
         """Stop every source and close the channel opened by from_env."""
         for source in self._sources.drain():
             source.close()
+        if self._feed is not None:
+            self._feed.close()
         if self._owned_channel is not None:
             self._owned_channel.close()
 
@@ -354,6 +403,7 @@ class AsyncDelegator(_DelegatorBase):
     ) -> str:
         """As Delegator.token (the current caller is read from the coroutine's context)."""
         source: AsyncTokenSource = self._sources.get(_subject(subject_token), audience, scopes)
+        self._start_feed()
         return await source.token()
 
     async def metadata(
@@ -366,5 +416,7 @@ class AsyncDelegator(_DelegatorBase):
         """Stop every source and close the channel opened by from_env."""
         for source in self._sources.drain():
             await source.close()
+        if self._feed is not None:
+            await self._feed.close()
         if self._owned_channel is not None:
             await self._owned_channel.close()

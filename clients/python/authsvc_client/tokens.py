@@ -509,6 +509,9 @@ class _SourceBase:
     _watch: Any
     _owned_channel: Any
     _lock: contextlib.AbstractContextManager[Any]
+    # Also handed every event this source follows (on its follower thread, or in its loop):
+    # a Delegator's one feed for all the sources it keeps.
+    _revocation_listeners: tuple[Callable[[auth_pb2.RevocationEvent], None], ...] = ()
 
     @classmethod
     def _from_env(
@@ -813,6 +816,8 @@ class TokenSource(_SourceBase):
             self._core.apply(event)
         if self._watch is not None:
             self._watch._revoked(event)
+        for listener in self._revocation_listeners:
+            listener(event)
 
     def _follow(self) -> None:
         watch = self._watch
@@ -1076,6 +1081,8 @@ class AsyncTokenSource(_SourceBase):
         self._core.apply(event)
         if self._watch is not None:
             self._watch._revoked(event)
+        for listener in self._revocation_listeners:
+            listener(event)
 
     async def _follow(self) -> None:
         watch = self._watch
