@@ -11,6 +11,11 @@ ended before answering, or a server without the RPC), `check` returns None and t
 asks the same question with unary ValidateToken: checks are idempotent, so a retry is safe, and
 the unary call fails closed on its own.
 
+A stream can also stop answering without ending (a wedged replica, a half-open connection
+without keepalive). It is stalled once it has owed an answer for a whole check timeout and sent
+none (`_Fifo.stalled`); the mux then cancels it, which releases its other callers to unary and
+counts as an end for back-off, like any failure.
+
 What a stream's end means (a server without the RPC: pause; anything else: back off) is decided
 by `_refused` alone, for both the sync and the asyncio streams. grpc.aio can hide the server's
 status: when the server refuses the call while a request is being written, the failed write
@@ -25,6 +30,7 @@ asyncio classes below only move messages (threads and events, or tasks and futur
 from __future__ import annotations
 
 import asyncio
+import math
 import queue
 import re
 import threading
@@ -121,60 +127,98 @@ class _Reconnect:
         self._clock = clock
         self._delay = _BACKOFF_INITIAL
         self._not_before = 0.0
+        self._clean_reconnect_after = -_BACKOFF_MAX
         self.unsupported = False
 
     def allowed(self) -> bool:
         return self._clock() >= self._not_before
 
+    @property
+    def settled(self) -> bool:
+        """Nothing for an answer to reset (see answered)."""
+        return not self.unsupported and self._delay == _BACKOFF_INITIAL
+
     def ended(self, code: grpc.StatusCode | None, answered: bool, details: str = "") -> None:
+        """What a stream's end (`code` None: OK) means for the next one.
+
+        - The server has no ValidateTokenStream (`_refused`): pause `_UNSUPPORTED_RETRY`.
+        - OK after answers is the server closing the stream on purpose (graceful shutdown, a
+          maximum stream age): the next stream may open at once, once per `_BACKOFF_MAX`; more
+          clean ends within that window back off as failures, so a server or proxy that ends
+          every stream cleanly cannot make every check open one.
+        - Anything else is a failure and backs off, growing until a stream answers: CANCELLED
+          too (the pool's own cancels come only once it is closed, and its ends are then not
+          counted, so CANCELLED is a server or proxy resetting the stream, or a stalled stream
+          the mux cancelled), and OK before any answer.
+        """
+        now = self._clock()
         if _refused(code, details, answered):
             self.unsupported = True
-            self._not_before = self._clock() + _UNSUPPORTED_RETRY
-            return
-        if code in (None, grpc.StatusCode.CANCELLED):
+            self._not_before = now + _UNSUPPORTED_RETRY
             return
         if answered:
             self._delay = _BACKOFF_INITIAL
+            if code in (None, grpc.StatusCode.OK) and now >= self._clean_reconnect_after:
+                self._clean_reconnect_after = now + _BACKOFF_MAX
+                return
         # Never shortens a pause: a stream opened before it ended says nothing new.
-        self._not_before = max(self._not_before, self._clock() + self._delay)
+        self._not_before = max(self._not_before, now + self._delay)
         self._delay = min(self._delay * 2, _BACKOFF_MAX)
 
     def answered(self) -> None:
-        self.unsupported = False
+        """A stream answered: the server (some replica of it) has ValidateTokenStream, so a
+        pause for a refusal ends now (a rolling upgrade: one stream met an old replica, another
+        answers), and the back-off starts over. A failure's back-off pause stays."""
+        if self.unsupported:
+            self.unsupported = False
+            self._not_before = min(self._not_before, self._clock())
         self._delay = _BACKOFF_INITIAL
 
 
 class _Fifo(Generic[T]):
-    """One stream's waiting callers, in wire order (not thread-safe: the sync stream holds its
-    lock around it)."""
+    """One stream's waiting callers, in wire order, each with when it was sent and its
+    timeout (not thread-safe: the sync stream holds its lock around it)."""
 
     def __init__(self, max_in_flight: int) -> None:
-        self._pending: deque[T] = deque()
+        self._pending: deque[tuple[T, float, float]] = deque()
         self._max = max_in_flight
+        self._answered_at = -math.inf
         self.alive = True
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def admit(self, waiter: T) -> bool:
+    def admit(self, waiter: T, now: float = 0.0, timeout: float = math.inf) -> bool:
         """Queue a caller; False when the stream is gone or full (ask with a unary call)."""
         if not self.alive or len(self._pending) >= self._max:
             return False
-        self._pending.append(waiter)
+        self._pending.append((waiter, now, timeout))
         return True
 
-    def answered(self) -> T:
+    def answered(self, now: float = 0.0) -> T:
         """The caller the next answer belongs to.
 
         Raises:
             IndexError: an answer nobody asked for; the stream is not trustworthy.
         """
-        return self._pending.popleft()
+        waiter, _sent, _timeout = self._pending.popleft()
+        self._answered_at = now
+        return waiter
+
+    def stalled(self, now: float) -> bool:
+        """Whether the stream stopped answering: its oldest unanswered request has waited
+        longer than its check's timeout with no answer since (since it was sent, or since the
+        last answer if that came later). A stream that answers slowly but steadily is not
+        stalled: each answer starts the wait over."""
+        if not self._pending:
+            return False
+        _waiter, sent, timeout = self._pending[0]
+        return now - max(sent, self._answered_at) >= timeout
 
     def end(self) -> list[T]:
         """The stream ended: the callers left get no answer and ask again unary."""
         self.alive = False
-        left = list(self._pending)
+        left = [waiter for waiter, _sent, _timeout in self._pending]
         self._pending.clear()
         return left
 
@@ -194,7 +238,13 @@ S = TypeVar("S", bound=_StreamLike)
 
 class _Pool(Generic[S]):
     """Which stream takes the next check: a new one while fewer than `size` are open and the
-    back-off allows, else the least loaded (not thread-safe: StreamMux holds its lock)."""
+    back-off allows, else the least loaded (not thread-safe: StreamMux holds its lock).
+
+    No stream opens while one that ended has not been reported yet (`ended`): what its end
+    means (back-off, a pause for a server without the RPC) must apply to the next stream. The
+    sync stream reports at once; the asyncio stream may first ask the server for the status
+    grpc.aio hid (`_status_without_writes`, up to `_STATUS_PROBE_TIMEOUT`).
+    """
 
     def __init__(self, size: int, clock: Callable[[], float]) -> None:
         self._size = size
@@ -206,7 +256,8 @@ class _Pool(Generic[S]):
         if self.closed:
             return None
         live = [s for s in self.streams if s.alive]
-        if len(live) < self._size and self.reconnect.allowed():
+        ending = len(live) < len(self.streams)
+        if not ending and len(live) < self._size and self.reconnect.allowed():
             stream = open_stream()
             self.streams.append(stream)
             return stream
@@ -217,7 +268,8 @@ class _Pool(Generic[S]):
     ) -> None:
         if stream in self.streams:
             self.streams.remove(stream)
-        self.reconnect.ended(code, answered, details)
+        if not self.closed:  # the pool's own cancels (close) say nothing about the server
+            self.reconnect.ended(code, answered, details)
 
     def close(self) -> list[S]:
         self.closed = True
@@ -240,6 +292,7 @@ class _Mux(Generic[S]):
             raise ValueError("streams and max_in_flight must be at least 1")
         self._stub = auth_pb2_grpc.AuthServiceStub(channel)
         self._max = max_in_flight
+        self._clock = clock
         self._pool: _Pool[S] = _Pool(streams, clock)
         self.answered = 0
 
@@ -275,12 +328,14 @@ class _Stream:
         self,
         stub: auth_pb2_grpc.AuthServiceStub,
         max_in_flight: int,
+        clock: Callable[[], float],
         on_end: Callable[[_Stream, grpc.StatusCode | None, bool, str], None],
         on_answer: Callable[[], None],
     ) -> None:
         self._requests: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._fifo: _Fifo[_Slot] = _Fifo(max_in_flight)
         self._lock = threading.Lock()
+        self._clock = clock
         self._on_end = on_end
         self._on_answer = on_answer
         self._call: Any = stub.ValidateTokenStream(self._feed())
@@ -301,14 +356,36 @@ class _Stream:
                 return
             yield request
 
-    def submit(self, request: Request) -> _Slot | None:
+    def submit(self, request: Request, now: float, timeout: float) -> _Slot | None:
+        """Send a check at `now`; None when it should go unary (the stream is gone, full, or
+        stalled: a stalled stream is cancelled here)."""
         slot = _Slot()
         with self._lock:
-            if not self._fifo.admit(slot):
-                return None
-            # Queued under the same lock: the FIFO's order is the wire's order.
-            self._requests.put(request)
-        return slot
+            stalled = self._stalled(now)
+            if not stalled:
+                if not self._fifo.admit(slot, now, timeout):
+                    return None
+                # Queued under the same lock: the FIFO's order is the wire's order.
+                self._requests.put(request)
+                return slot
+        self._call.cancel()
+        return None
+
+    def timed_out(self, deadline: float) -> None:
+        """A caller's deadline passed without an answer: cancel the stream if it is stalled.
+        The caller keeps its place in the FIFO; the others are released to unary."""
+        with self._lock:
+            stalled = self._stalled(max(self._clock(), deadline))
+        if stalled:
+            self._call.cancel()
+
+    def _stalled(self, now: float) -> bool:
+        """Under the lock: whether the stream is stalled (`_Fifo.stalled`); a stalled stream
+        takes no more checks, and the caller cancels it."""
+        if not self._fifo.alive or not self._fifo.stalled(now):
+            return False
+        self._fifo.alive = False
+        return True
 
     def _read(self) -> None:
         code: grpc.StatusCode | None = None
@@ -317,12 +394,11 @@ class _Stream:
         try:
             for response in self._call:
                 with self._lock:
-                    slot = self._fifo.answered()
+                    slot = self._fifo.answered(self._clock())
                 slot.response = response
                 slot.done.set()
-                if not answered:
-                    answered = True
-                    self._on_answer()
+                answered = True
+                self._on_answer()
         except grpc.RpcError as exc:
             code, details = status_of(exc), _details_of(exc)
         except IndexError:  # an answer nobody asked for: the stream is not trustworthy
@@ -363,8 +439,15 @@ class StreamMux(_Mux[_Stream]):
         with self._lock:
             self._pool.ended(stream, code, answered, details)
 
+    def _answered(self) -> None:
+        # Every answer, from the stream's reader thread: the lock only when there is
+        # something to reset.
+        if not self._pool.reconnect.settled:
+            with self._lock:
+                self._pool.reconnect.answered()
+
     def _open(self) -> _Stream:
-        return _Stream(self._stub, self._max, self._ended, self._pool.reconnect.answered)
+        return _Stream(self._stub, self._max, self._clock, self._ended, self._answered)
 
     def check(self, request: Request, timeout: float) -> Response | None:
         """The stream's answer, or None when the caller should ask with a unary call.
@@ -372,12 +455,14 @@ class StreamMux(_Mux[_Stream]):
         Raises:
             ValidatorUnavailable: the stream took the request but did not answer in time.
         """
+        now = self._clock()
         with self._lock:
             stream = self._pool.pick(self._open)
-        slot = stream.submit(request) if stream is not None else None
-        if slot is None:
+        slot = stream.submit(request, now, timeout) if stream is not None else None
+        if stream is None or slot is None:
             return None
         if not slot.done.wait(timeout):
+            stream.timed_out(now + timeout)
             raise _timed_out()
         return self._count(slot.response)
 
@@ -396,6 +481,7 @@ class _AsyncStream:
         self,
         stub: auth_pb2_grpc.AuthServiceStub,
         max_in_flight: int,
+        clock: Callable[[], float],
         on_end: Callable[[_AsyncStream, grpc.StatusCode | None, bool, str], None],
         on_answer: Callable[[], None],
     ) -> None:
@@ -403,6 +489,7 @@ class _AsyncStream:
         self._stub = stub
         self._requests: asyncio.Queue[Request | None] = asyncio.Queue()
         self._fifo: _Fifo[asyncio.Future[Response | None]] = _Fifo(max_in_flight)
+        self._clock = clock
         self._on_end = on_end
         self._on_answer = on_answer
         self._call: Any = stub.ValidateTokenStream(self._feed())
@@ -423,13 +510,30 @@ class _AsyncStream:
                 return
             yield request
 
-    def submit(self, request: Request) -> asyncio.Future[Response | None] | None:
+    def submit(
+        self, request: Request, now: float, timeout: float
+    ) -> asyncio.Future[Response | None] | None:
+        """_Stream.submit."""
+        if self._stalled(now):
+            return None
         future: asyncio.Future[Response | None] = self._loop.create_future()
-        if not self._fifo.admit(future):
+        if not self._fifo.admit(future, now, timeout):
             return None
         # No await between the two: the FIFO's order is the wire's order.
         self._requests.put_nowait(request)
         return future
+
+    def timed_out(self, deadline: float) -> None:
+        """_Stream.timed_out."""
+        self._stalled(max(self._clock(), deadline))
+
+    def _stalled(self, now: float) -> bool:
+        """Whether the stream is stalled (`_Fifo.stalled`); a stalled stream is cancelled."""
+        if not self._fifo.alive or not self._fifo.stalled(now):
+            return False
+        self._fifo.alive = False
+        self._call.cancel()
+        return True
 
     async def _read(self) -> None:
         code: grpc.StatusCode | None = None
@@ -438,12 +542,11 @@ class _AsyncStream:
         try:
             try:
                 async for response in self._call:
-                    future = self._fifo.answered()
+                    future = self._fifo.answered(self._clock())
                     if not future.done():
                         future.set_result(response)
-                    if not answered:
-                        answered = True
-                        self._on_answer()
+                    answered = True
+                    self._on_answer()
             except grpc.RpcError as exc:
                 code, details = status_of(exc), _details_of(exc)
             except IndexError:
@@ -458,6 +561,7 @@ class _AsyncStream:
                     if not future.done():
                         future.set_result(None)  # released now: they ask unary, not after a probe
             if _status_hidden(code, details, answered):
+                # Until on_end below, the pool opens no stream (_Pool.pick).
                 probed = await _status_without_writes(self._stub)
                 if _refused(*probed, answered=False):
                     code, details = probed
@@ -484,17 +588,21 @@ class AsyncStreamMux(_Mux[_AsyncStream]):
         super().__init__(channel, streams=streams, max_in_flight=max_in_flight, clock=clock)
 
     def _open(self) -> _AsyncStream:
-        return _AsyncStream(self._stub, self._max, self._pool.ended, self._pool.reconnect.answered)
+        return _AsyncStream(
+            self._stub, self._max, self._clock, self._pool.ended, self._pool.reconnect.answered
+        )
 
     async def check(self, request: Request, timeout: float) -> Response | None:
         """StreamMux.check, awaitable."""
+        now = self._clock()
         stream = self._pool.pick(self._open)
-        future = stream.submit(request) if stream is not None else None
-        if future is None:
+        future = stream.submit(request, now, timeout) if stream is not None else None
+        if stream is None or future is None:
             return None
         try:
             response = await asyncio.wait_for(future, timeout)
         except TimeoutError:
+            stream.timed_out(now + timeout)
             raise _timed_out() from None
         return self._count(response)
 
