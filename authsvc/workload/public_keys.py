@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from authsvc.errors import InvalidArgument
 from authsvc_client._b64 import b64url_decode
-from authsvc_client.assertions import PublicKey, jwk_thumbprint, public_jwk
+from authsvc_client.assertions import ALGORITHMS_BY_KTY, PublicKey, jwk_thumbprint, public_jwk
 
 __all__ = [
     "ALGORITHMS_BY_KTY",
@@ -44,11 +44,6 @@ MIN_RSA_BITS = 2048
 _MAX_RSA_BITS = 8192
 MAX_JWK_BYTES = 16 * 1024
 MAX_KEYS_IN_SET = 64
-ALGORITHMS_BY_KTY: Mapping[str, tuple[str, ...]] = {
-    "RSA": ("RS256", "PS256"),
-    "EC": ("ES256",),
-    "OKP": ("EdDSA",),
-}
 # RFC 7517 sections 6.2.2 / 6.3.2 / RFC 8037 section 2: members only a private JWK has.
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 _P256_SIZE = 32

@@ -55,6 +55,7 @@ from tests.support.certs import Pki, make_pki
 from tests.support.server import TEST_ISSUER, RunningServer, base_env, run_cli, start_server
 from tests.support.workload import (
     WorkloadCa,
+    b64url,
     jwk_of,
     jwk_set,
     new_ec,
@@ -106,6 +107,23 @@ def _k8s_token(key: Any, subject: str, *, lifetime: int = 600, kid: str = "k1") 
         "RS256",
         kid=kid,
     )
+
+
+def _private_rsa_jwk(key: Any, **extra: str) -> str:
+    """An RSA key as a private JWK (RFC 7518 section 6.3.2), with extra members (alg...)."""
+    numbers = key.private_numbers()
+    private = {
+        m: b64url(v.to_bytes((v.bit_length() + 7) // 8, "big"))
+        for m, v in (
+            ("d", numbers.d),
+            ("p", numbers.p),
+            ("q", numbers.q),
+            ("dp", numbers.dmp1),
+            ("dq", numbers.dmq1),
+            ("qi", numbers.iqmp),
+        )
+    }
+    return json.dumps({**jwk_of(key), **private, **extra})
 
 
 @dataclass
@@ -269,6 +287,29 @@ class TestFromEnvSelection:
         assert isinstance(login, AssertionLogin)
         assert login.signer.issuer == ISSUER
         assert login.signer.key_id == jwk_thumbprint(key.public_key())
+
+    def test_a_jwk_key_file_with_alg_ps256_signs_ps256(self, files: Files) -> None:
+        key = new_rsa()
+        env = _env_for("key file", files)
+        path = _write(files.folder / "rsa.jwk", _private_rsa_jwk(key, alg="PS256"))
+        env["AUTHSVC_SERVICE_KEY_FILE"] = str(path)
+        login = login_from_env(env).login
+        assert isinstance(login, AssertionLogin)
+        assert login.signer.algorithm == "PS256"
+        assertion = login.signer.sign()
+        assert jwt.get_unverified_header(assertion)["alg"] == "PS256"
+        jwt.decode(assertion, key.public_key(), algorithms=["PS256"], audience=ISSUER)
+        _write(path, _private_rsa_jwk(key))
+        unpinned = login_from_env(env).login
+        assert isinstance(unpinned, AssertionLogin) and unpinned.signer.algorithm == "RS256"
+
+    @pytest.mark.parametrize("alg", ["ES256", "HS256", "none", "RSA-OAEP"])
+    def test_a_jwk_key_file_whose_alg_does_not_fit_is_refused(self, files: Files, alg: str) -> None:
+        env = _env_for("key file", files)
+        path = _write(files.folder / "rsa.jwk", _private_rsa_jwk(new_rsa(), alg=alg))
+        env["AUTHSVC_SERVICE_KEY_FILE"] = str(path)
+        with pytest.raises(CredentialsError, match=r"AUTHSVC_SERVICE_KEY_FILE: the JWK's 'alg'"):
+            login_from_env(env)
 
     @pytest.mark.parametrize("mode", [0o640, 0o604, 0o644])
     def test_a_key_file_others_can_read_is_refused(self, files: Files, mode: int) -> None:
@@ -760,6 +801,27 @@ class TestSecretlessLogins:
                 assert source.invalidate(token)
         assert len(seen) == 3
         assert {fleet.validate(t).subject for t in seen} == {name}
+
+    def test_a_key_registered_for_ps256_logs_in_from_its_jwk_file(self, fleet: Fleet) -> None:
+        """Registered with "alg": "PS256", the key is pinned to PS256: the private JWK with that
+        alg, through AUTHSVC_SERVICE_KEY_FILE, logs in (it signed RS256 and was refused)."""
+        name = f"orders-pss-{uuid.uuid4().hex[:8]}"
+        key = new_rsa()
+        public = _write(fleet.folder / f"{name}.jwk", json.dumps(jwk_of(key, alg="PS256")), 0o644)
+        fleet.register(name, "--jwk-file", str(public))
+        private = _write(fleet.folder / f"{name}.private.jwk", _private_rsa_jwk(key, alg="PS256"))
+        env = fleet.env(
+            AUTHSVC_SERVICE_ID=name, AUTHSVC_SERVICE_KEY_FILE=str(private), AUTHSVC_ISSUER=ISSUER
+        )
+        with TokenSource.from_env("billing", environ=env, follow_revocations=False) as source:
+            token = source.token()
+        assert fleet.validate(token).subject == name
+        # The same key as PEM signs RS256, which the pin refuses.
+        pem = _write(fleet.folder / f"{name}.pem", private_pem(key))
+        env["AUTHSVC_SERVICE_KEY_FILE"] = str(pem)
+        with TokenSource.from_env("billing", environ=env, follow_revocations=False) as source:
+            with pytest.raises(TokenRefused, match="UNAUTHENTICATED"):
+                source.token()
 
     def test_an_unregistered_key_is_refused_with_the_assertion_hint(self, fleet: Fleet) -> None:
         name, env, _key = fleet.key_service()

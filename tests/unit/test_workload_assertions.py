@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -45,6 +46,38 @@ def rsa_key() -> rsa.RSAPrivateKey:
 
 def registered(*keys: Any) -> list[RegisteredKey]:
     return [parse_public_key(public_pem(k)) for k in keys]
+
+
+def private_jwk(key: Any, **extra: Any) -> dict[str, Any]:
+    """The private JWK of an RSA or P-256 key (the public JWK plus `d`, and RSA's CRT members),
+    with extra members (alg...)."""
+    numbers = key.private_numbers()
+    if isinstance(key, rsa.RSAPrivateKey):
+        private = {
+            m: b64url(v.to_bytes((v.bit_length() + 7) // 8, "big"))
+            for m, v in (
+                ("d", numbers.d),
+                ("p", numbers.p),
+                ("q", numbers.q),
+                ("dp", numbers.dmp1),
+                ("dq", numbers.dmq1),
+                ("qi", numbers.iqmp),
+            )
+        }
+    else:
+        private = {"d": b64url(numbers.private_value.to_bytes(32, "big"))}
+    return {**jwk_of(key), **private, **extra}
+
+
+def key_file(folder: Path, content: dict[str, Any] | bytes, name: str = "key") -> str:
+    path = folder / name
+    path.write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
+    path.chmod(0o600)
+    return str(path)
+
+
+def header_of(token: str) -> dict[str, Any]:
+    return dict(json.loads(__import__("base64").urlsafe_b64decode(token.split(".")[0] + "==")))
 
 
 def claims(**over: Any) -> dict[str, Any]:
@@ -295,6 +328,119 @@ class TestKeyFile:
         path.chmod(0o600)
         with pytest.raises(CredentialsError, match="encrypted"):
             AssertionSigner.from_file(str(path), service_id="orders", issuer=ISSUER)
+
+    def test_an_rsa_jwk_with_alg_ps256_signs_ps256(
+        self, tmp_path: Path, rsa_key: rsa.RSAPrivateKey
+    ) -> None:
+        """The key authsvc pinned to PS256 (its public JWK registered with alg PS256) logs in:
+        from_file used to ignore the JWK's alg and sign RS256, refused by that pin."""
+        path = key_file(tmp_path, private_jwk(rsa_key, alg="PS256"))
+        signer = AssertionSigner.from_file(path, service_id="orders", issuer=ISSUER)
+        assert signer.rsa_pss and signer.algorithm == "PS256"
+        token = signer.sign_at(NOW)
+        assert header_of(token) == {"alg": "PS256", "kid": signer.key_id, "typ": ASSERTION_TYP}
+        decoded = jwt.decode(
+            token,
+            rsa_key.public_key(),
+            algorithms=["PS256"],
+            audience=ISSUER,
+            options={"verify_exp": False, "verify_iat": False},
+        )
+        assert decoded["sub"] == "orders"
+        pss_only = [key_from_jwk({**jwk_of(rsa_key), "alg": "PS256"})]
+        assert verify(token, pss_only).key_id == signer.key_id
+
+    @pytest.mark.parametrize("alg", ["RS256", None])
+    def test_an_rsa_jwk_with_alg_rs256_or_none_signs_rs256(
+        self, tmp_path: Path, rsa_key: rsa.RSAPrivateKey, alg: str | None
+    ) -> None:
+        jwk = private_jwk(rsa_key) if alg is None else private_jwk(rsa_key, alg=alg)
+        signer = AssertionSigner.from_file(
+            key_file(tmp_path, jwk), service_id="orders", issuer=ISSUER
+        )
+        assert not signer.rsa_pss
+        token = signer.sign_at(NOW)
+        assert header_of(token)["alg"] == "RS256"
+        assert verify(token, [key_from_jwk(jwk_of(rsa_key, alg="RS256"))])
+
+    def test_an_ec_jwk_with_its_own_alg(self, tmp_path: Path) -> None:
+        ec_key = new_ec()
+        path = key_file(tmp_path, private_jwk(ec_key, alg="ES256"))
+        signer = AssertionSigner.from_file(path, service_id="orders", issuer=ISSUER)
+        assert header_of(signer.sign_at(NOW))["alg"] == "ES256"
+
+    @pytest.mark.parametrize(
+        ("kind", "alg", "shown"),
+        [
+            ("rsa", "ES256", "ES256"),
+            ("rsa", "HS256", "HS256"),
+            ("rsa", "none", "none"),
+            ("rsa", "RS512", "RS512"),
+            ("rsa", "EdDSA", "EdDSA"),
+            ("rsa", "ps256", None),
+            ("rsa", "something-unknown", None),
+            ("rsa", "", None),
+            ("rsa", 256, None),
+            ("rsa", ["PS256"], None),
+            ("ec", "RS256", "RS256"),
+            ("ec", "PS256", "PS256"),
+            ("ec", "HS256", "HS256"),
+        ],
+    )
+    def test_an_alg_that_does_not_fit_the_key_is_refused(
+        self, tmp_path: Path, rsa_key: rsa.RSAPrivateKey, kind: str, alg: Any, shown: str | None
+    ) -> None:
+        key = rsa_key if kind == "rsa" else new_ec()
+        jwk = private_jwk(key, alg=alg)
+        path = key_file(tmp_path, jwk)
+        with pytest.raises(CredentialsError) as caught:
+            AssertionSigner.from_file(path, service_id="orders", issuer=ISSUER)
+        message = str(caught.value)
+        assert message.startswith("AUTHSVC_SERVICE_KEY_FILE: the JWK's 'alg'")
+        expected = "RS256 or PS256" if kind == "rsa" else "ES256"
+        assert f"use {expected}, or leave 'alg' out" in message
+        if shown is not None:
+            assert f"({shown})" in message
+        else:
+            assert "(" not in message  # an unknown value is not repeated
+        members = [str(v) for m, v in jwk.items() if m not in ("kty", "alg")]
+        echoed = any(len(v) > 8 and v in message for v in members)
+        assert not echoed, "the refusal repeats key material"
+        # load_private_key applies the same rule: one loader, one verdict.
+        with pytest.raises(CredentialsError, match="'alg'"):
+            load_private_key(json.dumps(jwk).encode())
+
+    def test_a_pem_has_no_alg_rsa_pss_chooses_ps256(
+        self, tmp_path: Path, rsa_key: rsa.RSAPrivateKey
+    ) -> None:
+        path = key_file(tmp_path, private_pem(rsa_key), "rsa.pem")
+        default = AssertionSigner.from_file(path, service_id="orders", issuer=ISSUER)
+        assert header_of(default.sign_at(NOW))["alg"] == "RS256"
+        pss = AssertionSigner.from_file(path, service_id="orders", issuer=ISSUER, rsa_pss=True)
+        token = pss.sign_at(NOW)
+        assert header_of(token)["alg"] == "PS256"
+        assert verify(token, [key_from_jwk({**jwk_of(rsa_key), "alg": "PS256"})])
+        ec_path = key_file(tmp_path, private_pem(new_ec()), "ec.pem")
+        with pytest.raises(CredentialsError, match="AUTHSVC_SERVICE_KEY_FILE: PS256 needs an RSA"):
+            AssertionSigner.from_file(ec_path, service_id="orders", issuer=ISSUER, rsa_pss=True)
+        ec_signer = AssertionSigner.from_file(
+            ec_path, service_id="orders", issuer=ISSUER, rsa_pss=False
+        )
+        assert ec_signer.algorithm == "ES256"
+
+    def test_rsa_pss_must_agree_with_the_jwks_alg(
+        self, tmp_path: Path, rsa_key: rsa.RSAPrivateKey
+    ) -> None:
+        for alg, rsa_pss in (("RS256", True), ("PS256", False)):
+            path = key_file(tmp_path, private_jwk(rsa_key, alg=alg))
+            with pytest.raises(CredentialsError, match=f"'alg' is {alg}, not "):
+                AssertionSigner.from_file(path, service_id="o", issuer=ISSUER, rsa_pss=rsa_pss)
+        path = key_file(tmp_path, private_jwk(rsa_key, alg="PS256"))
+        agreed = AssertionSigner.from_file(path, service_id="o", issuer=ISSUER, rsa_pss=True)
+        assert agreed.algorithm == "PS256"
+        unpinned = key_file(tmp_path, private_jwk(rsa_key), "unpinned")
+        forced = AssertionSigner.from_file(unpinned, service_id="o", issuer=ISSUER, rsa_pss=True)
+        assert forced.algorithm == "PS256"
 
     def test_signer_repr_hides_the_key(self, rsa_key: rsa.RSAPrivateKey) -> None:
         text = repr(AssertionSigner("orders", ISSUER, rsa_key))

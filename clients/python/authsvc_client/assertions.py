@@ -4,6 +4,10 @@ A service that holds a private key (`AUTHSVC_SERVICE_KEY_FILE`, PEM or JWK) prov
 authsvc with a short JWT it signs for each login, instead of a shared secret. The key id is
 the RFC 7638 thumbprint of the public key, the same id authsvc gives the registered key
 (`authsvc.workload.public_keys` computes it with `jwk_thumbprint` below: one rule, one place).
+
+A private JWK's `alg` member chooses the algorithm as it does on the server: an RSA JWK with
+`"alg": "PS256"` signs PS256 (authsvc pins a public JWK registered so to PS256), `"RS256"` or
+no `alg` signs RS256; an `alg` its key cannot sign with is refused, never ignored.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from authsvc_client._b64 import b64url_decode, b64url_encode, b64url_uint
 from authsvc_client.errors import CredentialsError
 
 __all__ = [
+    "ALGORITHMS_BY_KTY",
     "ASSERTION_LIFETIME",
     "ASSERTION_TYP",
     "CLIENT_ASSERTION_TYPE",
@@ -56,6 +61,19 @@ PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519Public
 
 _P256_SIZE = 32
 _MIN_RSA_BITS = 2048
+# The algorithms authsvc accepts for each JWK `kty`: what a private JWK's `alg` may say here,
+# and what the server pins a registered public key to (authsvc.workload.public_keys). One table.
+ALGORITHMS_BY_KTY: Mapping[str, tuple[str, ...]] = {
+    "RSA": ("RS256", "PS256"),
+    "EC": ("ES256",),
+    "OKP": ("EdDSA",),
+}
+# JOSE algorithm names (RFC 7518, RFC 8037) a refusal may repeat: anything else in `alg` is
+# not echoed (it could be a pasted secret).
+_JOSE_NAMES = frozenset(
+    {"none", "EdDSA", "ES256K"}
+    | {f"{family}{bits}" for family in ("HS", "RS", "ES", "PS") for bits in (256, 384, 512)}
+)
 
 
 def public_jwk(public_key: PublicKey) -> dict[str, str]:
@@ -194,13 +212,29 @@ def _private_from_jwk(jwk: Mapping[str, Any]) -> object:
     raise ValueError("kty")
 
 
-def load_private_key(data: bytes, variable: str = ENV_SERVICE_KEY_FILE) -> PrivateKey:
-    """A signing key from PEM (PKCS#8, PKCS#1 or SEC1, unencrypted) or a private JWK.
+def _jwk_algorithm(jwk: Mapping[str, Any], variable: str) -> str | None:
+    """The JWK's `alg` if its key type signs with it, None if it has none.
 
     Raises:
-        CredentialsError: not a private key of an accepted type (RSA >= 2048, EC P-256,
-            Ed25519). The message names the variable, never any key material.
+        CredentialsError: an `alg` this key cannot sign with (another type's, HMAC, `none`, an
+            unknown name, not a string). Only a JOSE algorithm name is repeated in the message.
     """
+    alg = jwk.get("alg")
+    if alg is None:
+        return None
+    kty = str(jwk.get("kty"))
+    allowed = ALGORITHMS_BY_KTY[kty]
+    if isinstance(alg, str) and alg in allowed:
+        return alg
+    named = f" ({alg})" if isinstance(alg, str) and alg in _JOSE_NAMES else ""
+    raise CredentialsError(
+        f"{variable}: the JWK's 'alg'{named} is not an algorithm its {kty} key signs with; "
+        f"use {' or '.join(allowed)}, or leave 'alg' out"
+    )
+
+
+def _load_key(data: bytes, variable: str) -> tuple[PrivateKey, str | None]:
+    """The key and, for a JWK, the algorithm its `alg` chose (None: a PEM or no `alg`)."""
     text = data.strip()
     if text.startswith(b"{"):
         try:
@@ -215,7 +249,8 @@ def load_private_key(data: bytes, variable: str = ENV_SERVICE_KEY_FILE) -> Priva
             raise CredentialsError(
                 f"{variable}: the JWK is not an RSA, EC P-256 or Ed25519 private key"
             ) from None
-        return _checked(key, variable)
+        checked = _checked(key, variable)
+        return checked, _jwk_algorithm(jwk, variable)
     if b"PRIVATE KEY-----" not in text:
         raise CredentialsError(f"{variable}: the file holds no private key (PEM or JWK)")
     try:
@@ -224,7 +259,18 @@ def load_private_key(data: bytes, variable: str = ENV_SERVICE_KEY_FILE) -> Priva
         raise CredentialsError(f"{variable}: encrypted private keys are not supported") from None
     except ValueError:
         raise CredentialsError(f"{variable}: the PEM private key cannot be read") from None
-    return _checked(pem_key, variable)
+    return _checked(pem_key, variable), None
+
+
+def load_private_key(data: bytes, variable: str = ENV_SERVICE_KEY_FILE) -> PrivateKey:
+    """A signing key from PEM (PKCS#8, PKCS#1 or SEC1, unencrypted) or a private JWK.
+
+    Raises:
+        CredentialsError: not a private key of an accepted type (RSA >= 2048, EC P-256,
+            Ed25519), or a JWK whose `alg` its key cannot sign with. The message names the
+            variable, never any key material.
+    """
+    return _load_key(data, variable)[0]
 
 
 @dataclass(frozen=True)
@@ -234,7 +280,8 @@ class AssertionSigner:
 
     The key type fixes the algorithm (RS256, ES256, EdDSA; `rsa_pss` picks PS256 for an RSA
     key registered with `"alg": "PS256"`) and `kid` is its RFC 7638 thumbprint, so authsvc
-    picks the registered key without trying the others.
+    picks the registered key without trying the others. `from_file` sets `rsa_pss` from a
+    private JWK's `alg`.
     """
 
     service_id: str
@@ -254,11 +301,41 @@ class AssertionSigner:
 
     @classmethod
     def from_file(
-        cls, path: str, *, service_id: str, issuer: str, variable: str = ENV_SERVICE_KEY_FILE
+        cls,
+        path: str,
+        *,
+        service_id: str,
+        issuer: str,
+        variable: str = ENV_SERVICE_KEY_FILE,
+        rsa_pss: bool | None = None,
     ) -> AssertionSigner:
-        """A signer over the key in `path`, refused if the file is open to group or others."""
-        key = load_private_key(read_private_file(path, variable), variable)
-        return cls(service_id, issuer, key)
+        """A signer over the key in `path`, refused if the file is open to group or others.
+
+        The algorithm: a private JWK's `alg` decides (an RSA JWK with `"alg": "PS256"` signs
+        PS256; `"RS256"` or no `alg` signs RS256; EC ES256, Ed25519 EdDSA), so the file can be
+        the registered public JWK plus its private members. An `alg` the key cannot sign with
+        is refused (CredentialsError), never replaced by the default.
+
+        A PEM key carries no algorithm: an RSA PEM signs RS256. To sign PS256 with it (its
+        public key registered with `"alg": "PS256"`), pass `rsa_pss=True` here, or, through
+        `AUTHSVC_SERVICE_KEY_FILE` (which has no setting of its own for this), give the key
+        as a private JWK with `"alg": "PS256"`. An RSA key registered without `alg` (or as
+        PEM) accepts both, so RS256 needs nothing. `rsa_pss` True/False forces PS256/RS256;
+        it must agree with a JWK's `alg` when there is one.
+
+        Raises:
+            CredentialsError: the file is unreadable, open to group or others, not an accepted
+                private key, its `alg` does not fit the key, or `rsa_pss` contradicts it.
+        """
+        key, alg = _load_key(read_private_file(path, variable), variable)
+        if rsa_pss is None:
+            rsa_pss = alg == "PS256"
+        elif alg is not None and (alg == "PS256") != rsa_pss:
+            asked = "PS256" if rsa_pss else "RS256"
+            raise CredentialsError(f"{variable}: the JWK's 'alg' is {alg}, not {asked}")
+        elif rsa_pss and not isinstance(key, rsa.RSAPrivateKey):
+            raise CredentialsError(f"{variable}: PS256 needs an RSA key")
+        return cls(service_id, issuer, key, rsa_pss=rsa_pss)
 
     @cached_property
     def key_id(self) -> str:
