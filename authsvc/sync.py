@@ -295,12 +295,13 @@ class ServerState:
         """Apply what changed in storage since the last call; returns the new revocations."""
         with self._lock:
             kinds: set[str] = set()
+            cursor = self._change_cursor
             while True:
-                changes = self._repo.list_changes(self._change_cursor)
+                changes = self._repo.list_changes(cursor)
                 if not changes:
                     break
                 kinds.update(c.kind for c in changes)
-                self._change_cursor = changes[-1].cursor
+                cursor = changes[-1].cursor
             now = self._clock.now()
             if "key" in kinds or (
                 self._next_key_expiry is not None and now >= self._next_key_expiry
@@ -310,6 +311,10 @@ class ServerState:
                 self._reload_disabled()
             if "trust" in kinds and self.on_trusts_changed is not None:
                 self.on_trusts_changed()
+            # Only now: a reload that failed (the database away, a key this replica's KEK
+            # cannot unwrap) leaves the cursor where it was, so the next refresh sees the same
+            # changes and tries again, instead of serving the old keys with the change lost.
+            self._change_cursor = cursor
             new = self._pull_revocations()
             self.revocations.prune(self.revocation_horizon())
             self.last_sync_at = now
