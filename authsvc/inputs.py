@@ -23,6 +23,7 @@ __all__ = [
     "MAX_AUDIENCES",
     "MAX_ID_LENGTH",
     "MAX_SCOPES",
+    "MAX_SCOPE_LENGTH",
     "SERVICE_ID_GRAMMAR",
     "check_audiences",
     "check_grace_period",
@@ -35,6 +36,9 @@ __all__ = [
 
 MAX_ID_LENGTH = 128
 MAX_SCOPES = 64
+# RFC 6749 sets no length; long URL-style names fit (Google's run to ~70). Without a bound,
+# one registered scope could make every token of its audience too long to issue.
+MAX_SCOPE_LENGTH = 256
 # Audiences one service may be granted; each carries at most MAX_SCOPES scopes.
 MAX_AUDIENCES = 64
 SERVICE_ID_GRAMMAR = re.compile(rf"[a-z0-9][a-z0-9._-]{{0,{MAX_ID_LENGTH - 1}}}")
@@ -84,6 +88,8 @@ def check_scopes(scopes: Sequence[str], field: str) -> None:
     if len(scopes) > MAX_SCOPES:
         raise InvalidArgument(f"{field}: at most {MAX_SCOPES} scopes")
     for s in scopes:
+        if len(s) > MAX_SCOPE_LENGTH:
+            raise InvalidArgument(f"{field}: each scope is at most {MAX_SCOPE_LENGTH} characters")
         if SCOPE_TOKEN.fullmatch(s) is None:
             raise InvalidArgument(f"{field}: each scope is printable ASCII without spaces")
 

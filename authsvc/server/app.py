@@ -287,7 +287,7 @@ class AuthsvcServer:
             tokens=Tokens(
                 settings=s,
                 signer=lambda: state.signer,
-                issuer=TokenIssuer(s.issuer),
+                issuer=TokenIssuer(s.issuer, max_token_bytes=s.max_token_bytes),
                 hasher=core.hasher,
                 clock=self.clock,
                 logins=logins,

@@ -27,7 +27,7 @@ from authsvc_client.keyring import MIN_RSA_KEY_BITS, KeyRing
 from authsvc_client.revocations import RevocationSet
 from authsvc_client.verifier import TokenVerifier
 
-__all__ = ["IssuedToken", "TokenIssuer", "UnsignedToken"]
+__all__ = ["IssuedToken", "TokenIssuer", "TokenTooLong", "UnsignedToken"]
 
 _JTI_BYTES = 18  # 144 random bits (RFC 9068 section 2.2 / DESIGN: at least 128)
 # Self-verifiers kept, one per signing key (kid) seen: a handful over a process's life.
@@ -59,6 +59,17 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan
 
 def _compact_json(obj: dict[str, object]) -> bytes:
     return _ENCODER.encode(obj).encode("utf-8")
+
+
+class TokenTooLong(ValueError):
+    """The token would be longer than validators accept (AUTHSVC_MAX_TOKEN_BYTES): the
+    request's fault (too many or too long scopes), refused before anything is signed."""
+
+    def __init__(self, max_token_bytes: int) -> None:
+        super().__init__(
+            f"the token would be longer than {max_token_bytes} bytes "
+            "(AUTHSVC_MAX_TOKEN_BYTES); request fewer scopes"
+        )
 
 
 class TokenIssuer:
@@ -220,7 +231,7 @@ class TokenIssuer:
         # 4 base64 characters per 3 bytes, for a signature as long as the modulus.
         signature_chars = -(-((key_bits + 7) // 8) * 4 // 3)
         if len(signing_input) + 1 + signature_chars > self._max_token_bytes:
-            raise ValueError("the token would exceed max_token_bytes; request fewer scopes")
+            raise TokenTooLong(self._max_token_bytes)
         return UnsignedToken(claims=claims, signing_input=signing_input, key_bits=key_bits)
 
     def sign(self, unsigned: UnsignedToken, private_key: RSAPrivateKey) -> IssuedToken:

@@ -16,11 +16,16 @@ from typing import Protocol
 from authsvc.clock import Clock
 from authsvc.config import Settings
 from authsvc.crypto.secrets import SecretHasher
-from authsvc.errors import AuthsvcError, InvalidArgument, PermissionDenied, Unauthenticated
+from authsvc.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+)
 from authsvc.inputs import check_name, check_scopes, check_service_id
 from authsvc.storage.records import ServiceRecord
 from authsvc.sync import Signer
-from authsvc.tokens.issuer import IssuedToken, TokenIssuer, UnsignedToken
+from authsvc.tokens.issuer import IssuedToken, TokenIssuer, TokenTooLong, UnsignedToken
 from authsvc.usecases.audit import Origin
 from authsvc.usecases.login_batch import LoginBatcher
 from authsvc.usecases.logins import (
@@ -275,23 +280,47 @@ class IssuePolicy:
             wanted = wanted or allowed
         denied = [s for s in wanted if s not in allowed]
         if denied:
-            return Verdict.deny(
-                "scope_denied", audience, PermissionDenied(SCOPE_DENIED + " ".join(denied))
-            )
-        unsigned = self.issuer.prepare(
-            key_bits=self.signer.private_key.key_size,
-            kid=self.signer.kid,
-            subject=service.service_id,
-            audience=audience,
-            scopes=wanted,
-            ttl_seconds=self.ttl_seconds,
-            now=self.now(),
-            cert_thumbprint=self.cert_thumbprint,
+            return Verdict.deny("scope_denied", audience, _scope_denied(denied))
+        return _prepared(
+            audience,
+            lambda: self.issuer.prepare(
+                key_bits=self.signer.private_key.key_size,
+                kid=self.signer.kid,
+                subject=service.service_id,
+                audience=audience,
+                scopes=wanted,
+                ttl_seconds=self.ttl_seconds,
+                now=self.now(),
+                cert_thumbprint=self.cert_thumbprint,
+            ),
+            _detail,
         )
-        return Verdict.grant(unsigned, audience, _detail(unsigned))
 
     def complete(self, prepared: UnsignedToken) -> IssuedToken:
         return self.issuer.sign(prepared, self.signer.private_key)
+
+
+# A refusal names at most this many of the scopes it refused: the status message travels in
+# gRPC trailers (8 KiB by default), and 64 long names would not fit.
+_NAMED_DENIED_SCOPES = 8
+
+
+def _scope_denied(denied: Sequence[str]) -> PermissionDenied:
+    named = " ".join(denied[:_NAMED_DENIED_SCOPES])
+    more = len(denied) - _NAMED_DENIED_SCOPES
+    return PermissionDenied(SCOPE_DENIED + named + (f" (and {more} more)" if more > 0 else ""))
+
+
+def _prepared(
+    audience: str, prepare: Callable[[], UnsignedToken], detail: Callable[[UnsignedToken], str]
+) -> Verdict[UnsignedToken]:
+    """The verdict on a token once prepared: one longer than validators accept is the
+    request's fault (INVALID_ARGUMENT), refused before any signature."""
+    try:
+        unsigned = prepare()
+    except TokenTooLong as exc:
+        return Verdict.deny("token_too_long", audience, InvalidArgument(str(exc)))
+    return Verdict.grant(unsigned, audience, detail(unsigned))
 
 
 def _detail(unsigned: UnsignedToken) -> str:
@@ -348,9 +377,7 @@ class DelegationPolicy:
         wanted = tuple(dict.fromkeys(self.scopes)) or allowed
         denied = [s for s in wanted if s not in allowed]
         if denied:
-            return Verdict.deny(
-                "scope_denied", audience, PermissionDenied(SCOPE_DENIED + " ".join(denied))
-            )
+            return Verdict.deny("scope_denied", audience, _scope_denied(denied))
         now = self.base.now()
         # Never outlives the token it was exchanged from.
         ttl = min(self.base.ttl_seconds, subject.expires_at - int(now))
@@ -359,19 +386,22 @@ class DelegationPolicy:
                 "subject_expired", audience, Unauthenticated("subject_token has expired")
             )
         signer = self.base.signer
-        unsigned = self.base.issuer.prepare(
-            key_bits=signer.private_key.key_size,
-            kid=signer.kid,
-            subject=subject.subject,
-            audience=audience,
-            scopes=wanted,
-            ttl_seconds=ttl,
-            now=now,
-            cert_thumbprint=self.base.cert_thumbprint,
-            actors=(service.service_id, *subject.actors),
-            parent_jtis=(subject.jti, *self.subject_parents),
+        return _prepared(
+            audience,
+            lambda: self.base.issuer.prepare(
+                key_bits=signer.private_key.key_size,
+                kid=signer.kid,
+                subject=subject.subject,
+                audience=audience,
+                scopes=wanted,
+                ttl_seconds=ttl,
+                now=now,
+                cert_thumbprint=self.base.cert_thumbprint,
+                actors=(service.service_id, *subject.actors),
+                parent_jtis=(subject.jti, *self.subject_parents),
+            ),
+            lambda unsigned: f"{_detail(unsigned)} from_jti={subject.jti}",
         )
-        return Verdict.grant(unsigned, audience, f"{_detail(unsigned)} from_jti={subject.jti}")
 
     def complete(self, prepared: UnsignedToken) -> IssuedToken:
         return self.base.complete(prepared)
@@ -502,8 +532,8 @@ class Tokens:
         self, audience: str, scopes: Sequence[str], ttl_seconds: int, client_certificate: str
     ) -> IssuePolicy:
         signer = self._signer()
-        if signer is None:
-            raise AuthsvcError("no active signing key")
+        if signer is None:  # a database without keys yet, or every key revoked
+            raise FailedPrecondition("no active signing key")
         s = self._s
         return IssuePolicy(
             audience=audience,

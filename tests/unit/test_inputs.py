@@ -7,6 +7,7 @@ import pytest
 from authsvc.errors import InvalidArgument
 from authsvc.inputs import (
     MAX_ID_LENGTH,
+    MAX_SCOPE_LENGTH,
     check_audiences,
     check_name,
     check_new_service_id,
@@ -63,6 +64,11 @@ class TestAudiencesAndScopes:
     def test_scopes_follow_rfc6749(self, scope: str) -> None:
         with pytest.raises(InvalidArgument):
             check_scopes([scope], "scopes")
+
+    def test_a_scope_is_at_most_max_scope_length_characters(self) -> None:
+        check_scopes(["s" * MAX_SCOPE_LENGTH], "scopes")
+        with pytest.raises(InvalidArgument, match=f"at most {MAX_SCOPE_LENGTH} characters"):
+            check_scopes(["s" * (MAX_SCOPE_LENGTH + 1)], "scopes")
 
     def test_good_ones_pass(self) -> None:
         check_audiences(["billing", "https://x.example/api"])

@@ -17,6 +17,7 @@ from authsvc.clock import to_datetime
 from authsvc.crypto.kek import KeyEncryptionKey
 from authsvc.errors import (
     ConfigError,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -142,6 +143,17 @@ def world(tmp_path: Path) -> Iterator[World]:
 
 
 class TestIssueToken:
+    def test_without_an_active_signing_key_it_is_failed_precondition(
+        self, world: World, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The state does not allow it now (errors.FailedPrecondition): not INTERNAL, which
+        says authsvc is broken, and no audit row for a token that was never made."""
+        before = len(world.audit("issue_token"))
+        monkeypatch.setattr(world.tokens, "_signer", lambda: None)
+        with pytest.raises(FailedPrecondition, match="no active signing key"):
+            world.issue()
+        assert len(world.audit("issue_token")) == before
+
     def test_a_token_carries_every_scope_of_the_audience_and_is_audited_before_signing(
         self, world: World
     ) -> None:
