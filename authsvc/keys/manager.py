@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -52,15 +53,22 @@ class KeyManager:
         rsa_key_bits: int = 2048,
         max_ttl_seconds: int = 3600,
         leeway_seconds: int = 30,
+        sync_interval_seconds: float = 0.0,
     ) -> None:
+        """`sync_interval_seconds`: how long another replica may go on signing with a key
+        retired here, until its next sync shows it the rotation."""
         if rsa_key_bits < 2048:
             raise ValueError("RSA signing keys must be at least 2048 bits")
         self._repo = repo
         self._keks = kek if isinstance(kek, KekRing) else KekRing(kek)
         self._clock = clock
         self._bits = rsa_key_bits
-        # A retired key stays published until every token it signed has expired.
-        self._publish_after_retire = max_ttl_seconds + leeway_seconds
+        # A retired key stays published until every token it signed has expired: the last
+        # one may come from a replica that has not synced yet (DESIGN: older keys stay
+        # published until every token they signed has expired).
+        self._publish_after_retire = (
+            max_ttl_seconds + leeway_seconds + math.ceil(sync_interval_seconds)
+        )
 
     def _generate(self, state: KeyState) -> SigningKeyRecord:
         private = rsa.generate_private_key(public_exponent=65537, key_size=self._bits)
@@ -191,9 +199,11 @@ class KeyManager:
         keys = [k for k in self._repo.list_signing_keys() if k.state == "next"]
         return min(keys, key=lambda k: (k.created_at, k.kid)) if keys else None
 
-    def prune(self) -> int:
-        """Drop retired and revoked keys whose every token has expired."""
-        return self._repo.prune_signing_keys(to_datetime(self._clock.now()))
+    def prune(self, now: float | None = None) -> int:
+        """Drop retired and revoked keys whose every token has expired by `now`: the server
+        passes WallClock.earliest_now, so a wrong forward jump of the wall clock deletes
+        nothing the corrected clock still needs (a retired key tokens still name)."""
+        return self._repo.prune_signing_keys(to_datetime(self._clock.now() if now is None else now))
 
     def private_key(self, record: SigningKeyRecord) -> rsa.RSAPrivateKey:
         """Unwrap a key's private part; DecryptError (opaque) on a wrong KEK or tampering."""

@@ -9,11 +9,14 @@ this module decides when a rotation is due and which key it activates:
   interval (a replica shows a new key at its next sync; a validator that fetched just before
   that keeps its copy for a cache lifetime). A validator therefore never meets an unknown kid at
   a scheduled rotation. A `next` key not yet old enough puts the rotation off until it is.
-- On demand (RotateSigningKey, `authsvc keys rotate`) activates the `next` key at once, however
-  long it has been published: an RPC cannot wait out the lead, and generate-and-wait would
-  only move the wait into the call. The `next` key has normally been published since the last
-  rotation (days); only a second rotation within the lead meets a key validators may not hold
-  yet, and they fetch the JWK Set once on its unknown kid (rate-limited on their side).
+- On demand (RotateSigningKey, `authsvc keys rotate`) activates the `next` key at once when it
+  has been published for the lead, as it normally has (since the last rotation: days). A
+  second rotation within the lead, or one that finds no `next` key and has to make it, is
+  refused (FailedPrecondition, saying when it may run): activating a key validators may not
+  hold yet would break DESIGN's promise that a planned rotation never meets an unknown kid,
+  and an RPC cannot wait out the lead (generate-and-wait would only move the wait into the
+  call). A retry of a rotation that did happen (its answer lost) is refused the same way,
+  instead of rotating twice. Only a compromise rotation does not wait (below).
 - A compromise rotation (`revoke_previous`) discards the pre-published `next` key too and
   activates a freshly generated one. The `next` key never signed, but its private part sits
   beside the active one's, wrapped under the same KEK, in the same database: whatever leaked
@@ -24,10 +27,12 @@ this module decides when a rotation is due and which key it activates:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from authsvc.clock import Clock, to_timestamp
+from authsvc.errors import FailedPrecondition
 from authsvc.keys.manager import KeyManager, RotationResult
 from authsvc.storage.records import SigningKeyRecord
 
@@ -110,8 +115,12 @@ class Rotator:
     def is_published_long_enough(self, next_key: SigningKeyRecord) -> bool:
         """The `next` key has been in the JWK Set for the publish lead (every validator's
         cached copy holds it by now)."""
+        return self.publish_wait(next_key) <= 0
+
+    def publish_wait(self, next_key: SigningKeyRecord) -> float:
+        """Seconds until the `next` key has been published for the lead (0 or less: it has)."""
         age = self._age(to_timestamp(next_key.created_at))
-        return age is None or age >= self.publish_lead_seconds
+        return 0.0 if age is None else self.publish_lead_seconds - age
 
     def rotate_if_due(self) -> RotationResult | None:
         """Scheduled: activate the `next` key when the active key is due and the `next` key has
@@ -128,14 +137,26 @@ class Rotator:
         return self.manager.activate_next(next_key, active.kid)
 
     def rotate_now(self, *, revoke_previous: bool = False) -> RotationResult:
-        """On demand: the published `next` key becomes active at once (see the module text for
-        why it does not wait for the lead); with `revoke_previous`, a fresh key instead and
-        every other key, the `next` one included, is revoked at once."""
+        """On demand: the `next` key becomes active at once, once it has been published for
+        the lead; with `revoke_previous`, a fresh key instead and every other key, the `next`
+        one included, is revoked at once.
+
+        Raises:
+            FailedPrecondition: the `next` key is younger than the lead (see the module text).
+        """
         active = self.manager.active_key()
         expected = active.kid if active is not None else None
         if revoke_previous or active is None:
             return self.manager.activate_fresh(expected, revoke_previous=revoke_previous)
         next_key = self.manager.ensure_next()
+        wait = self.publish_wait(next_key)
+        if wait > 0:
+            raise FailedPrecondition(
+                f"the next signing key has been published for less than the publish lead "
+                f"({self.publish_lead_seconds:g} s, AUTHSVC_KEY_PUBLISH_LEAD_SECONDS), so "
+                f"validators may not hold it yet; it can become active in {math.ceil(wait)} s "
+                "(a suspected compromise: rotate with revoke_previous, which does not wait)"
+            )
         result = self.manager.activate_next(next_key, expected)
         if result is None:
             # Revoked between our read and our write: a compromise rotation just ran, which is

@@ -143,6 +143,7 @@ def build_core(settings: Settings, clock: Clock | None = None, *, upgrade: bool 
         rsa_key_bits=settings.rsa_key_bits,
         max_ttl_seconds=settings.max_ttl_seconds,
         leeway_seconds=settings.leeway_seconds,
+        sync_interval_seconds=settings.sync_interval_seconds,
     )
     return Core(
         settings=settings,
@@ -457,7 +458,9 @@ class AuthsvcServer:
         if core is None or state is None:
             raise RuntimeError("server not started")
         keys = core.signing_keys(lambda: state.jwks_json)
-        await asyncio.to_thread(keys.scheduled_round, state.revocation_horizon())
+        await asyncio.to_thread(
+            keys.scheduled_round, state.revocation_horizon(), self.clock.earliest_now()
+        )
         housekeeping = Housekeeping(
             core.repo, core.clock, self.settings, earliest_now=self.clock.earliest_now
         )

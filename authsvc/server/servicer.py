@@ -25,7 +25,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from authsvc.clock import Clock, to_timestamp
 from authsvc.config import Settings
 from authsvc.crypto.secrets import SecretHasher
-from authsvc.errors import AuthsvcError, Unauthenticated
+from authsvc.errors import AuthsvcError, StorageUnavailable, Unauthenticated
 from authsvc.logs import current_request_id, request_id_from
 from authsvc.server.status import status_of, trailers_of
 from authsvc.storage.records import (
@@ -272,8 +272,20 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
     # -- helpers ---------------------------------------------------------------------------
 
     async def _refresh(self) -> None:
-        """Make a write on this replica visible here at once, not at the next sync tick."""
-        await asyncio.to_thread(self._state.refresh)
+        """Make a write on this replica visible here at once, not at the next sync tick.
+
+        The write has committed by now: if this refresh fails (the database away for a
+        moment), the replica shows the change at a later sync, and the call still answers
+        OK. Answering the failure instead would say a persisted write did not happen, and
+        invite a retry that repeats it (a second rotation, a second revocation).
+        """
+        try:
+            await asyncio.to_thread(self._state.refresh)
+        except StorageUnavailable:
+            log.warning(
+                "the change is committed; this replica shows it at its next sync "
+                "(database unavailable)"
+            )
 
     def _admin(self, context: grpc.aio.ServicerContext[Any, Any]) -> Origin:
         """The admin caller of this RPC (from its bearer token), as the origin of its changes."""

@@ -86,10 +86,13 @@ class SigningKeys:
             raise RuntimeError("no JWK Set is published here (not a serving replica)")
         return self._published()
 
-    def scheduled_round(self, revocation_horizon: float) -> ScheduledRound:
+    def scheduled_round(
+        self, revocation_horizon: float, prune_now: float | None = None
+    ) -> ScheduledRound:
         """The scheduler's round: rotate if due (audited as SCHEDULER_ACTOR, by the replica
         that won only), make sure a `next` key is published, prune keys whose every token has
-        expired and revocations of tokens that expired before `revocation_horizon`
+        expired by `prune_now` (the server's WallClock.earliest_now; None: the clock's now) and
+        revocations of tokens that expired before `revocation_horizon`
         (ServerState.revocation_horizon)."""
         result = self._rotator.rotate_if_due()
         rotated = None
@@ -105,6 +108,6 @@ class SigningKeys:
         # A `next` key revoked by a compromise rotation on another host, or a database from
         # before `next` keys: publish one now so the next rotation finds it old enough.
         self._manager.ensure_next()
-        keys = self._manager.prune()
+        keys = self._manager.prune(prune_now)
         revocations = self._repo.prune_revocations(to_datetime(revocation_horizon))
         return ScheduledRound(rotated=rotated, keys_pruned=keys, revocations_pruned=revocations)

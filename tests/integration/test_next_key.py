@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -103,6 +104,17 @@ def _signed_by(world: World, kid: str) -> auth_pb2.IssueTokenResponse:
     return found[0]
 
 
+def _rotated(rotate: Callable[[], auth_pb2.RotateSigningKeyResponse], into: list[str]) -> bool:
+    """One on-demand rotation, or False while the next key is younger than the lead."""
+    try:
+        into.append(rotate().key_id)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+            raise
+        return False
+    return True
+
+
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
     w, server = make_world(tmp_path, AUTHSVC_HTTP_LISTEN="127.0.0.1:0")
@@ -165,6 +177,40 @@ class TestPublishedBeforeItSigns:
             result = validator.validate(token.access_token)
             assert result.valid, result.reason_name
             assert validator.unknown_kid_refetches == 1
+
+    def test_an_on_demand_rotation_waits_for_the_next_keys_lead(self, tmp_path: Path) -> None:
+        """The next key signs only once it has been published for the lead, on demand too: a
+        second rotation within it (or a retry of one whose answer was lost) is refused with
+        when it may run, over the RPC and the CLI, and changes nothing; a compromise rotation
+        (revoke_previous) does not wait."""
+        w, server = make_world(tmp_path, AUTHSVC_KEY_PUBLISH_LEAD_SECONDS="3")
+        try:
+            md = w.admin_md()
+
+            def rotate(**fields: Any) -> auth_pb2.RotateSigningKeyResponse:
+                reply: auth_pb2.RotateSigningKeyResponse = server.stub.RotateSigningKey(
+                    auth_pb2.RotateSigningKeyRequest(**fields), metadata=md, timeout=30
+                )
+                return reply
+
+            # The next key made at start becomes active once 3 s old.
+            first: list[str] = []
+            assert _wait_for(lambda: _rotated(rotate, first), timeout=20)
+            keys = _keys(server, md)
+            assert _by_state(keys, "active") == first
+            with pytest.raises(grpc.RpcError) as refused:
+                rotate()
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "can become active in" in (refused.value.details() or "")
+            assert "revoke_previous" in (refused.value.details() or "")
+            cli = server.cli("keys", "rotate", check=False)
+            assert cli.returncode != 0 and "publish lead" in cli.stderr
+            assert _keys(server, md) == keys  # nothing changed
+            fresh = rotate(revoke_previous=True)
+            # The admin token above was signed by a key now revoked: a new one.
+            assert _by_state(_keys(server, w.admin_md()), "active") == [fresh.key_id]
+        finally:
+            server.stop()
 
     def test_revoke_previous_stops_old_tokens_at_once_and_discards_the_next_key(
         self, world: World

@@ -26,6 +26,8 @@ def in_process_settings(tmp_path: Path, **env: str) -> Settings:
             "AUTHSVC_KEK": TEST_KEK,
             "AUTHSVC_ISSUER": TEST_ISSUER,
             "AUTHSVC_DATABASE_URL": f"sqlite:///{tmp_path / 'a.db'}",
+            # As tests.support.server.base_env: rotations back to back unless a test sets it.
+            "AUTHSVC_KEY_PUBLISH_LEAD_SECONDS": "0",
             **env,
         },
         {"listen": "127.0.0.1:0"},

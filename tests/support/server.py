@@ -39,6 +39,9 @@ def base_env(database_url: str, **extra: str) -> dict[str, str]:
             "AUTHSVC_KEK": TEST_KEK,
             "AUTHSVC_ISSUER": TEST_ISSUER,
             "AUTHSVC_SYNC_INTERVAL_SECONDS": "0.2",
+            # On-demand rotations wait until the next key has been published for the lead
+            # (authsvc.keys.rotator); tests rotate back to back unless they test the lead.
+            "AUTHSVC_KEY_PUBLISH_LEAD_SECONDS": "0",
             "PYTHONUNBUFFERED": "1",
         }
     )

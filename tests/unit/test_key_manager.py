@@ -9,7 +9,7 @@ import pytest
 
 from authsvc.clock import to_datetime, to_timestamp
 from authsvc.crypto.kek import KekRing, KeyEncryptionKey
-from authsvc.errors import ConfigError, DecryptError
+from authsvc.errors import ConfigError, DecryptError, FailedPrecondition
 from authsvc.keys.manager import KeyManager
 from authsvc.keys.rotator import (
     CLIENT_JWKS_REFRESH_SECONDS,
@@ -42,7 +42,8 @@ def manager(repo: Repository, clock: FakeClock, kek: str = TEST_KEK) -> KeyManag
     )
 
 
-def rotator(m: KeyManager, clock: FakeClock, interval: int = 600, lead: float = 60) -> Rotator:
+def rotator(m: KeyManager, clock: FakeClock, interval: int = 600, lead: float = 0) -> Rotator:
+    # lead 0 unless a test is about it: on-demand rotations then never wait (Rotator.rotate_now).
     return Rotator(m, clock, interval_seconds=interval, publish_lead_seconds=lead)
 
 
@@ -168,6 +169,44 @@ class TestKeyManager:
         assert m.prune() == 1
         assert old.kid not in {k.kid for k in repo.list_signing_keys()}
 
+    def test_a_retired_key_outlives_the_last_token_another_replica_signs_with_it(
+        self, repo: Repository
+    ) -> None:
+        """A replica that has not synced yet signs with the retired key for up to one sync
+        interval more: its last token expires max TTL + leeway after that, and the key stays
+        published until then."""
+        clock = FakeClock()
+        m = KeyManager(
+            repo,
+            KeyEncryptionKey.from_base64(TEST_KEK),
+            clock,
+            max_ttl_seconds=3600,
+            leeway_seconds=30,
+            sync_interval_seconds=0.5,
+        )
+        old = m.ensure_active()
+        rotator(m, clock).rotate_now()
+        retired = {k.kid: k for k in repo.list_signing_keys()}[old.kid]
+        assert retired.publish_until is not None
+        assert to_timestamp(retired.publish_until) == clock.now() + 3600 + 30 + 1
+        clock.advance(3600 + 30)
+        assert m.prune() == 0  # a token signed elsewhere 0.5 s later is still valid
+
+    def test_pruning_by_an_earlier_clock_keeps_what_it_still_needs(
+        self, repo: Repository
+    ) -> None:
+        """The server prunes by WallClock.earliest_now: after a wrong forward jump of the
+        wall clock, a retired key whose tokens the corrected clock still accepts stays."""
+        clock = FakeClock()
+        m = manager(repo, clock)
+        old = m.ensure_active()
+        rotator(m, clock).rotate_now()
+        rotated_at = clock.now()
+        clock.advance(7200)  # the wall clock jumps two hours ahead
+        assert m.prune(rotated_at + 60) == 0
+        assert old.kid in states(repo)
+        assert m.prune() == 1
+
     def test_a_wrong_kek_cannot_unwrap_and_says_nothing(self, repo: Repository) -> None:
         active = manager(repo, FakeClock()).ensure_active()
         other = manager(repo, FakeClock(), "3q2+7wABAgMEBQYHCAkKCwwNDg8QERITFBUWFxgZGhs=")
@@ -246,14 +285,26 @@ class TestRotator:
         done = r.rotate_if_due()
         assert done is not None and done.rotated_here and done.key.kid != first.kid
 
-    def test_on_demand_activates_a_next_key_younger_than_the_lead(self, repo: Repository) -> None:
+    def test_on_demand_waits_for_the_lead_and_says_how_long(self, repo: Repository) -> None:
+        """DESIGN: a `next` key is published for the lead before it becomes active, on demand
+        too; a second rotation within the lead (or a retry of one whose answer was lost) is
+        refused, not a key validators may not hold yet."""
         clock = FakeClock()
         m = manager(repo, clock)
-        m.ensure_active()
-        r = rotator(m, clock, interval=600, lead=900)
+        first = m.ensure_active()
+        r = rotator(m, clock, interval=0, lead=900)
         young = m.next_key()
         assert young is not None and not r.is_published_long_enough(young)
+        clock.advance(899)
+        with pytest.raises(FailedPrecondition, match=r"in 1 s .*revoke_previous"):
+            r.rotate_now()
+        assert states(repo) == {first.kid: "active", young.kid: "next"}
+        clock.advance(1)
         assert r.rotate_now().key.kid == young.kid
+        with pytest.raises(FailedPrecondition, match="in 900 s"):
+            r.rotate_now()  # its successor was published just now
+        fresh = r.rotate_now(revoke_previous=True)  # a compromise does not wait
+        assert states(repo)[fresh.key.kid] == "active"
 
     def test_a_database_without_a_next_key_gets_one_before_any_rotation(
         self, repo: Repository

@@ -1,4 +1,5 @@
-"""ServerState.refresh against a real SQLite database: a change it could not apply is not lost.
+"""ServerState.refresh against a real SQLite database: a change it could not apply is not lost,
+and a write committed before a refresh that failed is still answered as done.
 
 A replica learns of key, service and trust changes from the change log; a refresh that reads
 the log and then fails to apply it (the database away for a moment) must see the same changes
@@ -15,11 +16,12 @@ import pytest
 
 from authsvc.clock import to_datetime
 from authsvc.errors import StorageUnavailable
-from authsvc.server.app import Core, build_core, create_service
+from authsvc.server.app import AuthsvcServer, Core, build_core, create_service
 from authsvc.storage.repository import Repository
 from authsvc.sync import ServerState
+from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 from tests.support.clock import FakeClock
-from tests.support.inprocess import in_process_settings
+from tests.support.inprocess import in_process_settings, run_in_process
 
 
 @pytest.fixture
@@ -77,3 +79,45 @@ class TestAChangeThatFailedToApplyIsRetried:
         assert state.is_subject_enabled("orders")
         state.refresh()
         assert not state.is_subject_enabled("orders")
+
+
+class TestACommittedWriteIsAnsweredAsDone:
+    def test_rotate_signing_key_when_the_refresh_after_it_fails(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """RotateSigningKey has committed when this replica refreshes to show it: a refresh
+        that fails then answers OK (the change shows at the next sync), not UNAVAILABLE,
+        which would say the rotation did not happen and invite a second one."""
+        settings = in_process_settings(tmp_path)
+        real = ServerState.refresh
+        failed: list[int] = []
+
+        def refresh(state: ServerState) -> Any:
+            if armed and not failed:
+                failed.append(1)
+                raise StorageUnavailable("database unavailable")
+            return real(state)
+
+        armed = False
+        monkeypatch.setattr(ServerState, "refresh", refresh)
+
+        async def body(
+            server: AuthsvcServer, stub: auth_pb2_grpc.AuthServiceStub, secrets: dict[str, str]
+        ) -> None:
+            nonlocal armed
+            admin = await stub.IssueToken(
+                auth_pb2.IssueTokenRequest(
+                    service_id="admin", service_secret=secrets["admin"], audience="authsvc"
+                )
+            )
+            md = (("authorization", f"Bearer {admin.access_token}"),)
+            before = await stub.ListSigningKeys(auth_pb2.ListSigningKeysRequest(), metadata=md)
+            (upcoming,) = [k.key_id for k in before.keys if k.state == "next"]
+            armed = True
+            rotated = await stub.RotateSigningKey(auth_pb2.RotateSigningKeyRequest(), metadata=md)
+            assert failed, "the refresh after the rotation did not run"
+            assert rotated.key_id == upcoming
+            after = await stub.ListSigningKeys(auth_pb2.ListSigningKeysRequest(), metadata=md)
+            assert [k.key_id for k in after.keys if k.state == "active"] == [upcoming]
+
+        run_in_process(settings, FakeClock(), {}, body)
