@@ -134,3 +134,80 @@ class TestMigration0005KeepsExistingSecrets:
     def test_an_empty_database_needs_no_kek(self, database_url: str) -> None:
         _upgrade(database_url, None)
         assert _revision(database_url) == migrate.head_revision()
+
+
+def _downgrade(url: str, ring: KekRing | None) -> None:
+    """`alembic downgrade 0004` as an operator would run it, with the server's KEKs given."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            cfg = migrate._config()
+            cfg.attributes["connection"] = conn
+            cfg.attributes["kek_ring"] = ring
+            command.downgrade(cfg, "0004")
+            conn.commit()
+    finally:
+        engine.dispose()
+
+
+class TestMigration0005Downgrade:
+    """Dropping the stored secret-hash key is safe only when the older code derives the same
+    one from its KEK; otherwise every stored secret would stop logging in at once."""
+
+    def _at_0005(self, url: str) -> None:
+        engine = make_engine(url)
+        try:
+            with engine.connect() as conn:
+                cfg = migrate._config()
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "0005")
+                conn.commit()
+        finally:
+            engine.dispose()
+
+    def test_a_key_adopted_from_the_kek_may_go_back(self, database_url: str) -> None:
+        _legacy_database(database_url)
+        ring = KekRing(KeyEncryptionKey.from_base64(TEST_KEK))
+        _upgrade(database_url, ring)
+        # 0006 and 0007 go first; they hold nothing this database needs.
+        _downgrade(database_url, ring)
+        assert _revision(database_url) == "0004"
+
+    def test_a_random_key_or_no_kek_refuses(self, database_url: str) -> None:
+        self._at_0005(database_url)
+        kek = KeyEncryptionKey.from_base64(TEST_KEK)
+        now = datetime.now(UTC)
+        engine = make_engine(database_url)
+        try:
+            with engine.begin() as conn:
+                conn.execute(
+                    _services.insert().values(
+                        service_id="orders", audiences='["api"]', scopes="[]", disabled=False,
+                        created_at=now, updated_at=now,
+                    )
+                )  # fmt: skip
+                random_key = bytes(range(32))  # as a database made at 0005 stores one
+                conn.execute(
+                    _secrets.insert().values(
+                        service_id="orders", slot="current",
+                        secret_hash=SecretHasher(random_key).hash(mint_secret()),
+                        created_at=now, expires_at=None,
+                    )
+                )  # fmt: skip
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO wrapped_keys (name, kek_id, wrapped, updated_at) "
+                        "VALUES ('secret-hash', :kek_id, :wrapped, :now)"
+                    ),
+                    {
+                        "kek_id": kek.kek_id,
+                        "wrapped": kek.wrap_named(random_key, name="secret-hash"),
+                        "now": now,
+                    },
+                )
+        finally:
+            engine.dispose()
+        for ring in (KekRing(kek), None):
+            with pytest.raises(RuntimeError, match="cannot downgrade below 0005"):
+                _downgrade(database_url, ring)
+            assert _revision(database_url) == "0005"

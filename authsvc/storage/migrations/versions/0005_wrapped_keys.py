@@ -54,6 +54,26 @@ def _wrapping_kek(ring: KekRing | None, blobs: list[tuple[str, bytes]]) -> KeyEn
     )
 
 
+def _stored_key_is_derived(conn: sa.Connection, ring: KekRing | None) -> bool:
+    """Whether the stored secret-hash key equals the older code's derivation from a KEK in
+    `ring` (the KEK it would run with); False without a ring to tell."""
+    row = conn.execute(
+        sa.text("SELECT kek_id, wrapped FROM wrapped_keys WHERE name = :name"),
+        {"name": _SECRET_HASH_KEY},
+    ).first()
+    if row is None or ring is None:
+        return row is None  # nothing stored: the older derivation is all there ever was
+    for kek in ring.keks:
+        if kek.kek_id != row[0]:
+            continue
+        try:
+            stored = kek.unwrap_named(bytes(row[1]), name=_SECRET_HASH_KEY)
+        except DecryptError:
+            return False
+        return stored == kek.derive(_LEGACY_HASH_PURPOSE)
+    return False
+
+
 def upgrade() -> None:
     conn = op.get_bind()
     stored = sa.text(
@@ -98,6 +118,20 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    """Refused while service secrets exist, unless the stored secret-hash key is the one the
+    older code derives from the KEK (given as `kek_ring`): a database created at 0005 or later
+    holds a random one, and `kek rotate` keeps the old derivation under a new KEK, so dropping
+    it would make every stored secret hash useless at once (no service could log in)."""
+    conn = op.get_bind()
+    has_secrets = conn.execute(sa.text("SELECT 1 FROM service_secrets LIMIT 1")).first()
+    if has_secrets is not None and not _stored_key_is_derived(
+        conn, context.config.attributes.get("kek_ring")
+    ):
+        raise RuntimeError(
+            "cannot downgrade below 0005: the stored service secrets are hashed under a "
+            "secret-hash key the older code cannot derive from AUTHSVC_KEK, so none of them "
+            "would log in again (restore a backup taken before 0005 instead)"
+        )
     op.drop_table("wrapped_keys")
     with op.batch_alter_table("signing_keys") as batch:
         batch.drop_column("kek_id")
