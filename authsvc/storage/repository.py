@@ -7,6 +7,7 @@ import json
 from collections import namedtuple
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, cast, get_args
 
@@ -74,12 +75,13 @@ from authsvc.storage.records import (
     WrappedKeyRecord,
 )
 
-__all__ = ["KekChanged", "LoginBatch", "NextActivation", "Repository"]
+__all__ = ["AuditEvent", "KekChanged", "LoginBatch", "NextActivation", "Repository"]
 
 _Secret = tuple[SecretSlot, bytes]
 
-# pg_advisory_xact_lock keys. Taken in this order only (rotation, then changes), so they
-# cannot deadlock; SQLite needs none of them since BEGIN IMMEDIATE admits one writer at a time.
+# pg_advisory_xact_lock keys. Taken in this order only (rotation, then changes, then
+# revocations: disable_service takes the last two), so they cannot deadlock; SQLite needs none
+# of them since BEGIN IMMEDIATE admits one writer at a time.
 _LOCK_ROTATION = 0x6175_7468_7376_0002
 _LOCK_CHANGES = 0x6175_7468_7376_0003
 _LOCK_REVOCATIONS = 0x6175_7468_7376_0004
@@ -93,6 +95,22 @@ NextActivation = Literal["activated", "already_rotated", "no_next"]
 
 class KekChanged(FailedPrecondition):
     """A key was wrapped under a KEK that is no longer the one the database wraps under."""
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """An audit row written in the transaction of the change it records (the `audit` argument
+    of the write methods that take one): the change and its row commit together or not at all,
+    so a failed audit write never leaves a change its caller was told did not happen."""
+
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    outcome: str
+    peer: str
+    request_id: str
+    detail: str = ""
 
 
 def _utc_in(value: datetime) -> datetime:
@@ -349,6 +367,25 @@ class Repository:
         session.add(ChangeRow(kind=kind, ref=ref, created_at=now))
         session.flush()
 
+    def _add_audit(self, session: Session, event: AuditEvent | None) -> None:
+        """Insert `event`'s row in the caller's transaction (nothing for None); flushed, so a
+        failure of the insert rolls back everything the transaction wrote with it."""
+        if event is None:
+            return
+        session.add(
+            AuditEventRow(
+                at=_utc_in(event.at),
+                actor=event.actor,
+                action=event.action,
+                target=event.target,
+                outcome=event.outcome,
+                peer=event.peer,
+                request_id=event.request_id,
+                detail=event.detail,
+            )
+        )
+        session.flush()
+
     # -- health -------------------------------------------------------------------------------
 
     def ping(self) -> None:
@@ -365,9 +402,11 @@ class Repository:
         secret_hash: bytes | None,
         now: datetime,
         credentials: Sequence[CredentialRecord] = (),
+        *,
+        audit: AuditEvent | None = None,
     ) -> ServiceRecord:
         """Register a service with its grants, its first ('current') secret and its workload
-        credentials, in one transaction.
+        credentials, and its `audit` row, in one transaction.
 
         `secret_hash` None: a secretless service (no service_secrets row), which logs in with
         its `credentials` only. The caller decides whether a service may have no way in.
@@ -406,6 +445,7 @@ class Repository:
                 s.flush()
                 self._bind_credentials(s, service_id, credentials, now)
                 self._add_change(s, "service", service_id, now)
+                self._add_audit(s, audit)
                 return _service(row)
         except sa_exc.IntegrityError:
             # A concurrent create or update on another replica won the race.
@@ -422,32 +462,86 @@ class Repository:
             return [_service(r) for r in rows]
 
     def update_service_disabled(
-        self, service_id: str, disabled: bool, now: datetime
+        self,
+        service_id: str,
+        disabled: bool,
+        now: datetime,
+        *,
+        audit: AuditEvent | None = None,
     ) -> ServiceRecord:
-        """Raises NotFound for an unknown service."""
+        """Set a service's disabled flag, with its `audit` row, in one transaction. Disabling
+        a service for good goes through disable_service, which revokes its tokens with it.
+
+        Raises:
+            NotFound: no such service.
+        """
         now = _utc_in(now)
         with self._write() as s:
-            row = s.get(ServiceRow, service_id)
-            if row is None:
-                raise NotFound(f"service {service_id!r} not found")
-            row.disabled = disabled
-            row.updated_at = now
-            s.flush()
-            self._add_change(s, "service", service_id, now)
+            row = self._set_disabled(s, service_id, disabled, now)
+            self._add_audit(s, audit)
             return _service(row)
+
+    def disable_service(
+        self,
+        service_id: str,
+        now: datetime,
+        *,
+        revoked_before: datetime,
+        revocation_expires_at: datetime,
+        reason: str,
+        audit: AuditEvent | None = None,
+    ) -> ServiceRecord:
+        """Disable a service and revoke its tokens issued before `revoked_before` (a
+        "service_disabled" revocation kept until `revocation_expires_at`), with the 'service'
+        change and the `audit` row, in one transaction: local validators follow the
+        revocations only, so a disable must never commit without its revocation.
+
+        Raises:
+            NotFound: no such service.
+        """
+        now = _utc_in(now)
+        with self._write() as s:
+            row = self._set_disabled(s, service_id, True, now)
+            self._add_revocation(
+                s,
+                jti=None,
+                service_id=service_id,
+                revoked_before=revoked_before,
+                expires_at=revocation_expires_at,
+                reason=reason,
+                now=now,
+                kind="service_disabled",
+            )
+            self._add_audit(s, audit)
+            return _service(row)
+
+    def _set_disabled(
+        self, s: Session, service_id: str, disabled: bool, now: datetime
+    ) -> ServiceRow:
+        row = s.get(ServiceRow, service_id)
+        if row is None:
+            raise NotFound(f"service {service_id!r} not found")
+        row.disabled = disabled
+        row.updated_at = now
+        s.flush()
+        self._add_change(s, "service", service_id, now)
+        return row
 
     def update_service_grants(
         self,
         service_id: str,
         change: Callable[[ServiceRecord], Sequence[AudienceGrant]],
         now: datetime,
+        *,
+        audit: Callable[[ServiceRecord, ServiceRecord], AuditEvent] | None = None,
     ) -> tuple[ServiceRecord, ServiceRecord]:
         """Replace a service's grants with `change(service)`; returns (before, after).
 
         `change` runs inside the transaction on the row as committed, locked (PostgreSQL;
         SQLite has one writer), so two updates of one service made at once on two replicas
         apply one after the other and neither is lost. What it raises rolls the update back.
-        Unchanged grants write nothing.
+        Unchanged grants write nothing but the audit row. `audit(before, after)` gives the
+        update's audit row, written in the same transaction.
 
         Raises:
             NotFound: no such service.
@@ -460,12 +554,15 @@ class Repository:
             before = _service(row)
             grants = tuple(change(before))
             if grants == before.grants:
+                self._add_audit(s, None if audit is None else audit(before, before))
                 return before, before
             row.grants = _grants_json(grants)
             row.updated_at = now
             s.flush()
             self._add_change(s, "service", service_id, now)
-            return before, _service(row)
+            after = _service(row)
+            self._add_audit(s, None if audit is None else audit(before, after))
+            return before, after
 
     def fetch_service_cutoff(self, service_id: str) -> datetime | None:
         """The latest `revoked_before` of the revocations of a service's tokens (a disable or
@@ -612,8 +709,12 @@ class Repository:
         add: Sequence[CredentialRecord],
         remove: Sequence[CredentialRecord],
         now: datetime,
+        *,
+        audit: Callable[[ServiceRecord, ServiceCredentials], AuditEvent] | None = None,
     ) -> ServiceCredentials:
         """Remove, then add, credentials of a service in one transaction; returns them all.
+        `audit(service, credentials)` (both as they are after the change) gives its audit row,
+        written in the same transaction.
 
         A public key or SAN is removed by its (kind, ref) alone, so `remove` may name a key by
         its id; removing and adding one key id replaces its key. Removing a service's last way
@@ -656,17 +757,18 @@ class Repository:
                 for c in add:
                     if _identity(c) in held:
                         raise AlreadyExists(f"service {service_id!r} already has {_describe(c)}")
-                if not add and not remove:
-                    return self._service_credentials(s, service_id)
-                if gone:
-                    # Before the inserts (Core statements run in order), so a replaced key id
-                    # never meets itself in the unique index.
-                    s.execute(delete(table).where(table.c.id.in_(gone)))
-                self._bind_credentials(s, service_id, add, now)
-                row.updated_at = now
-                s.flush()
-                self._add_change(s, "service", service_id, now)
-                return self._service_credentials(s, service_id)
+                if add or remove:
+                    if gone:
+                        # Before the inserts (Core statements run in order), so a replaced key
+                        # id never meets itself in the unique index.
+                        s.execute(delete(table).where(table.c.id.in_(gone)))
+                    self._bind_credentials(s, service_id, add, now)
+                    row.updated_at = now
+                    s.flush()
+                    self._add_change(s, "service", service_id, now)
+                after = self._service_credentials(s, service_id)
+                self._add_audit(s, None if audit is None else audit(_service(row), after))
+                return after
         except sa_exc.IntegrityError:
             raise self._conflict(service_id, add, creating=False) from None
 
@@ -797,6 +899,7 @@ class Repository:
         previous_expires_at: datetime | None,
         *,
         expected_current_hash: bytes | None = None,
+        audit: AuditEvent | None = None,
     ) -> SecretRecord | None:
         """Install a new current secret; the old one stays valid until `previous_expires_at`.
 
@@ -804,6 +907,8 @@ class Repository:
         secret, or None when the old secret ends now. A self-rotation passes the hash it
         authenticated with as `expected_current_hash`: checked again inside this transaction,
         so a rotation that committed since the login cannot be undone by a secret it demoted.
+        `audit` is written in the same transaction: should it fail, nothing is rotated, and the
+        caller (who never saw the new secret) still holds a secret that works.
 
         Raises:
             NotFound: no such service.
@@ -851,6 +956,7 @@ class Repository:
                     expires_at=None,
                 )
             )
+            self._add_audit(s, audit)
             return previous
 
     # -- signing keys -------------------------------------------------------------------------
@@ -1135,26 +1241,49 @@ class Repository:
             raise ValueError("kind 'token' goes with jti, the service kinds with service_id")
         now = _utc_in(now)
         with self._write() as s:
-            # Serialized so rows commit in cursor order (followers read "cursor > N").
-            self._advisory_lock(s, _LOCK_REVOCATIONS)
-            if (
-                jti is not None
-                and s.scalar(select(RevocationRow.cursor).where(RevocationRow.jti == jti))
-                is not None
-            ):
-                return None
-            row = RevocationRow(
+            return self._add_revocation(
+                s,
                 jti=jti,
                 service_id=service_id,
-                revoked_before=_opt_in(revoked_before),
-                expires_at=_utc_in(expires_at),
+                revoked_before=revoked_before,
+                expires_at=expires_at,
                 reason=reason,
-                created_at=now,
+                now=now,
                 kind=kind,
             )
-            s.add(row)
-            s.flush()
-            return _revocation(row)
+
+    def _add_revocation(
+        self,
+        s: Session,
+        *,
+        jti: str | None,
+        service_id: str | None,
+        revoked_before: datetime | None,
+        expires_at: datetime,
+        reason: str,
+        now: datetime,
+        kind: RevocationKind,
+    ) -> RevocationRecord | None:
+        """create_revocation's row, in the caller's transaction (None: that jti is revoked)."""
+        # Serialized so rows commit in cursor order (followers read "cursor > N").
+        self._advisory_lock(s, _LOCK_REVOCATIONS)
+        if (
+            jti is not None
+            and s.scalar(select(RevocationRow.cursor).where(RevocationRow.jti == jti)) is not None
+        ):
+            return None
+        row = RevocationRow(
+            jti=jti,
+            service_id=service_id,
+            revoked_before=_opt_in(revoked_before),
+            expires_at=_utc_in(expires_at),
+            reason=reason,
+            created_at=_utc_in(now),
+            kind=kind,
+        )
+        s.add(row)
+        s.flush()
+        return _revocation(row)
 
     def list_revocations(
         self, after_cursor: int, now: datetime, limit: int = 10000
@@ -1258,20 +1387,20 @@ class Repository:
         request_id: str,
         detail: str = "",
     ) -> None:
-        at = _utc_in(at)
+        """An audit row on its own: of a refusal, or of a change made elsewhere. A change this
+        repository writes takes its row as its `audit` argument instead (AuditEvent)."""
+        event = AuditEvent(
+            at=_utc_in(at),
+            actor=actor,
+            action=action,
+            target=target,
+            outcome=outcome,
+            peer=peer,
+            request_id=request_id,
+            detail=detail,
+        )
         with self._write() as s:
-            s.add(
-                AuditEventRow(
-                    at=at,
-                    actor=actor,
-                    action=action,
-                    target=target,
-                    outcome=outcome,
-                    peer=peer,
-                    request_id=request_id,
-                    detail=detail,
-                )
-            )
+            self._add_audit(s, event)
 
     def list_audit_events(
         self, *, limit: int = 100, before_id: int | None = None

@@ -1,8 +1,15 @@
 """The audit trail: one log line and one row per event, for every path that changes state.
 
-The RPCs, the CLI and the scheduler all write through `AuditTrail.record`, so an event has the
-same fields whoever caused it, and the log line comes first so an event still leaves a trace
-when the database is down.
+The RPCs, the CLI and the scheduler all write through `AuditTrail`, so an event has the same
+fields whoever caused it. Two ways:
+
+- a change the repository writes takes its row along (`AuditTrail.event`, passed as the write
+  method's `audit` argument), in the change's own transaction: the change and its row persist
+  together or not at all, so a failed audit write never leaves a change (a rotated secret, a
+  registered service) whose caller was told it failed. Its log line (`AuditTrail.log`) follows
+  the commit, as the login batch's do: a line for a change that did not persist would lie;
+- anything else (a refusal, a change written elsewhere) goes through `AuditTrail.record`,
+  whose log line comes first so the event still leaves a trace when the database is down.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from dataclasses import dataclass
 from authsvc.clock import Clock, to_datetime
 from authsvc.errors import InvalidArgument
 from authsvc.storage.records import AuditRecord
-from authsvc.storage.repository import Repository
+from authsvc.storage.repository import AuditEvent, Repository
 
 log = logging.getLogger("authsvc.server")
 
@@ -73,6 +80,39 @@ class AuditTrail:
         self._repo = repo
         self._clock = clock
 
+    def event(
+        self,
+        origin: Origin,
+        *,
+        action: str,
+        target: str,
+        outcome: str = "ok",
+        detail: str = "",
+    ) -> AuditEvent:
+        """The row of an event the repository writes with the change it records (the write
+        method's `audit` argument); `log` it once that transaction has committed."""
+        return AuditEvent(
+            at=to_datetime(self._clock.now()),
+            actor=origin.actor,
+            action=action,
+            target=target,
+            outcome=outcome,
+            peer=origin.peer,
+            request_id=origin.request_id,
+            detail=detail,
+        )
+
+    def log(self, event: AuditEvent) -> None:
+        """The log line of an `event` whose row has committed."""
+        log_audit(
+            action=event.action,
+            actor=event.actor,
+            target=event.target,
+            outcome=event.outcome,
+            peer=event.peer,
+            request_id=event.request_id,
+        )
+
     def record(
         self,
         origin: Origin,
@@ -82,6 +122,7 @@ class AuditTrail:
         outcome: str = "ok",
         detail: str = "",
     ) -> None:
+        """An event on its own row and transaction, its log line first."""
         log_audit(
             action=action,
             actor=origin.actor,

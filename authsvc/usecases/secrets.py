@@ -132,15 +132,21 @@ class Secrets:
         secret = mint_secret()
         previous_until = to_datetime(now + grace_seconds) if grace_seconds > 0 else None
         target = f"service:{service_id}"
+        # Written with the rotation, in its transaction: should the audit row fail, nothing
+        # rotates, so the caller (who never sees the new secret) keeps one that works.
+        event = self._trail.event(
+            origin, action=_ACTION, target=target, detail=f"grace_seconds={grace_seconds}"
+        )
         try:
             # `expected` (self-rotation): the hash the caller logged in with, re-checked in the
             # write's own transaction so that a rotation committed since that login wins.
-            self._repo.update_service_secret(
+            previous = self._repo.update_service_secret(
                 service_id,
                 self._hasher.hash(secret),
                 to_datetime(now),
                 previous_until,
                 expected_current_hash=expected,
+                audit=event,
             )
         except FailedPrecondition:
             # The presented secret is no longer the current one: the rule the login batch
@@ -149,7 +155,8 @@ class Secrets:
                 origin, action=_ACTION, target=target, outcome="previous_secret_denied"
             )
             raise PermissionDenied(CURRENT_ONLY) from None
-        self._trail.record(
-            origin, action=_ACTION, target=target, detail=f"grace_seconds={grace_seconds}"
-        )
-        return RotatedSecret(secret=secret, previous_until=previous_until)
+        self._trail.log(event)
+        # What storage kept: no previous secret (and no grace to report) when there was no
+        # current one to demote, as for a secretless service getting its first secret.
+        kept = previous.expires_at if previous is not None else None
+        return RotatedSecret(secret=secret, previous_until=kept)

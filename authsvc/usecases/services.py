@@ -60,9 +60,9 @@ from authsvc.storage.records import (
     ServiceCredentials,
     ServiceRecord,
 )
-from authsvc.storage.repository import Repository
+from authsvc.storage.repository import AuditEvent, Repository
 from authsvc.usecases.audit import AuditTrail, Origin
-from authsvc.usecases.revocation import revoke_service_tokens
+from authsvc.usecases.revocation import service_cutoff
 from authsvc.workload import check_tls_san, parse_public_key
 from authsvc_client.claims import ADMIN_SCOPE
 
@@ -410,7 +410,10 @@ def apply_credentials(
 
 
 class ServiceRegistry:
-    """The services use cases. Each call is its own transaction(s) and writes one audit row."""
+    """The services use cases. Each call is its own transaction(s) and writes one audit row,
+    in the transaction of the change it records (an update of credentials and grants, two
+    transactions: in the second), so a change never persists without its row, nor the row
+    without its change."""
 
     def __init__(
         self,
@@ -522,6 +525,15 @@ class ServiceRegistry:
             raise InvalidArgument(_NO_CREDENTIAL)
         self._check_federated(service_id, credentials)
         minted = mint_secret() if secret else None
+        # The grants as stored: `wanted` is merged, one grant per audience, each scope once.
+        detail = grants_detail(wanted)
+        if planned.kinds != ("secret",):
+            detail += "; " + credentials_detail(planned)
+        # Written with the service: should the audit row fail, no service exists, so a retry
+        # registers it and shows the one-time secret (instead of "already exists").
+        event = self._trail.event(
+            origin, action="create_service", target=f"service:{service_id}", detail=detail
+        )
         try:
             record = self._repo.create_service(
                 service_id,
@@ -529,6 +541,7 @@ class ServiceRegistry:
                 None if minted is None else self._hasher.hash(minted),
                 to_datetime(self._clock.now()),
                 credentials=credentials,
+                audit=event,
             )
         except CredentialTaken:
             raise
@@ -538,15 +551,7 @@ class ServiceRegistry:
             if planned.federated and self._repo.fetch_service(service_id) is None:
                 raise CredentialTaken(str(exc)) from None
             raise
-        detail = grants_detail(record.grants)
-        if planned.kinds != ("secret",):
-            detail += "; " + credentials_detail(planned)
-        self._trail.record(
-            origin,
-            action="create_service",
-            target=f"service:{record.service_id}",
-            detail=detail,
-        )
+        self._trail.log(event)
         return record, minted
 
     def _check_federated(self, service_id: str, records: Sequence[CredentialRecord]) -> None:
@@ -604,9 +609,10 @@ class ServiceRegistry:
         from a replica's memory). One audit row.
 
         Both parts are checked against the service as it is before either is written. They
-        are two transactions (credentials, then grants); should the grants then fail (an
-        update that raced this one), the credential change is undone before the error is
-        raised.
+        are two transactions (credentials, then grants, which writes the audit row); should
+        the grants then fail (an update that raced this one, or the audit write), the
+        credential change is undone before the error is raised. An update of one part is one
+        transaction with its audit row.
 
         Raises:
             InvalidArgument: nothing to change, or see GrantChange.check and
@@ -626,6 +632,29 @@ class ServiceRegistry:
         now = to_datetime(self._clock.now())
         before_creds: ServiceCredentials | None = None
         after_creds: ServiceCredentials | None = None
+        # The audit row, built inside the transaction that writes it (from what it wrote).
+        events: list[tuple[AuditEvent, ServiceRecord]] = []
+
+        def audited(
+            before: ServiceRecord, after: ServiceRecord, creds: ServiceCredentials | None
+        ) -> AuditEvent:
+            detail = grants_detail(after.grants)
+            if creds is not None:
+                # What it holds now, then what this update took away (-) and added (+).
+                kinds = ",".join(creds.kinds) or "none"
+                moved = " ".join(x for x in (_refs(remove, "-"), _refs(add, "+")) if x)
+                detail += f"; credentials={kinds}; {moved}"
+            changed = after.grants != before.grants or creds is not None
+            event = self._trail.event(
+                origin,
+                action="update_service",
+                target=f"service:{service_id}",
+                outcome="ok" if changed else "unchanged",
+                detail=detail,
+            )
+            events[:] = [(event, after)]
+            return event
+
         if not credentials.empty:
             before_creds = self.credentials_of(service_id)
             if not change.empty:
@@ -636,39 +665,35 @@ class ServiceRegistry:
             apply_credentials(before_creds, add, remove)
             self._check_federated(service_id, add)
             try:
-                after_creds = self._repo.update_service_credentials(service_id, add, remove, now)
+                after_creds = self._repo.update_service_credentials(
+                    service_id,
+                    add,
+                    remove,
+                    now,
+                    # Credentials only: this transaction writes the audit row too.
+                    audit=(lambda service, creds: audited(service, service, creds))
+                    if change.empty
+                    else None,
+                )
             except CredentialTaken:
                 raise
             except AlreadyExists as exc:  # a binding made elsewhere since the check
                 raise CredentialTaken(str(exc)) from None
-        try:
-            if change.empty:
-                found = self._repo.fetch_service(service_id)
-                if found is None:
-                    raise NotFound(f"service {service_id!r} not found")
-                before = after = found
-            else:
-                before, after = self._repo.update_service_grants(
-                    service_id, lambda s: change.apply(s.grants), now
+        if not change.empty:
+            creds_now = after_creds
+            try:
+                self._repo.update_service_grants(
+                    service_id,
+                    lambda s: change.apply(s.grants),
+                    now,
+                    audit=lambda before, after: audited(before, after, creds_now),
                 )
-        except Exception:
-            if before_creds is not None and after_creds is not None:
-                self._undo_credentials(service_id, before_creds, add, remove)
-            raise
-        detail = grants_detail(after.grants)
-        if after_creds is not None:
-            # What it holds now, then what this update took away (-) and added (+).
-            kinds = ",".join(after_creds.kinds) or "none"
-            moved = " ".join(x for x in (_refs(remove, "-"), _refs(add, "+")) if x)
-            detail += f"; credentials={kinds}; {moved}"
-        changed = after.grants != before.grants or after_creds is not None
-        self._trail.record(
-            origin,
-            action="update_service",
-            target=f"service:{service_id}",
-            outcome="ok" if changed else "unchanged",
-            detail=detail,
-        )
+            except Exception:
+                if before_creds is not None and after_creds is not None:
+                    self._undo_credentials(service_id, before_creds, add, remove)
+                raise
+        event, after = events[0]
+        self._trail.log(event)
         return after
 
     def _undo_credentials(
@@ -705,16 +730,22 @@ class ServiceRegistry:
         """
         check_name(service_id, "service_id")
         now = self._clock.now()
-        record = self._repo.update_service_disabled(service_id, True, to_datetime(now))
-        revoke_service_tokens(
-            self._repo,
+        cutoff = service_cutoff(now)
+        event = self._trail.event(origin, action="disable_service", target=f"service:{service_id}")
+        # One transaction: the flag, the revocation (kept as long as any token it catches
+        # could still validate, leeway included) and the audit row, all or none. A disable
+        # without its revocation would leave local validators accepting the service's tokens.
+        record = self._repo.disable_service(
             service_id,
-            now=now,
-            token_lifetime_seconds=self._s.max_ttl_seconds + self._s.leeway_seconds,
+            to_datetime(now),
+            revoked_before=to_datetime(cutoff),
+            revocation_expires_at=to_datetime(
+                cutoff + self._s.max_ttl_seconds + self._s.leeway_seconds
+            ),
             reason="service disabled",
-            kind="service_disabled",
+            audit=event,
         )
-        self._trail.record(origin, action="disable_service", target=f"service:{service_id}")
+        self._trail.log(event)
         return record
 
     def enable(self, origin: Origin, service_id: str) -> ServiceRecord:
@@ -748,8 +779,9 @@ class ServiceRegistry:
             wait = min(to_timestamp(cutoff) - self._clock.now(), 1.0)
             if wait > 0:
                 self._clock.sleep(wait)
+        event = self._trail.event(origin, action="enable_service", target=f"service:{service_id}")
         record = self._repo.update_service_disabled(
-            service_id, False, to_datetime(self._clock.now())
+            service_id, False, to_datetime(self._clock.now()), audit=event
         )
-        self._trail.record(origin, action="enable_service", target=f"service:{service_id}")
+        self._trail.log(event)
         return record

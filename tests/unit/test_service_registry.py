@@ -20,7 +20,7 @@ from authsvc.errors import AlreadyExists, FailedPrecondition, InvalidArgument, N
 from authsvc.inputs import parse_grant
 from authsvc.server.app import Core, build_core, service_registry
 from authsvc.storage.records import AudienceGrant, ServiceRecord
-from authsvc.storage.repository import Repository
+from authsvc.storage.repository import AuditEvent, Repository
 from authsvc.usecases.audit import Origin
 from authsvc.usecases.services import (
     MAX_CREDENTIALS_PER_KIND,
@@ -640,11 +640,13 @@ class _RacedRepository(Repository):
         service_id: str,
         change: Callable[[ServiceRecord], Sequence[AudienceGrant]],
         now: datetime,
+        *,
+        audit: Callable[[ServiceRecord, ServiceRecord], AuditEvent] | None = None,
     ) -> tuple[ServiceRecord, ServiceRecord]:
         if not self.raced:
             self.raced = True
             super().update_service_grants(service_id, lambda s: (G("billing", ()),), now)
-        return super().update_service_grants(service_id, change, now)
+        return super().update_service_grants(service_id, change, now, audit=audit)
 
 
 def test_a_grant_change_lost_to_a_race_undoes_the_credential_change(core: Core) -> None:

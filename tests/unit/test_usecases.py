@@ -25,7 +25,7 @@ from authsvc.errors import (
     Unauthenticated,
 )
 from authsvc.server.app import Core, build_core, create_service
-from authsvc.storage.records import AuditRecord, ServiceRecord
+from authsvc.storage.records import AudienceGrant, AuditRecord, ServiceRecord
 from authsvc.sync import RevocationFeed, ServerState
 from authsvc.tokens.issuer import IssuedToken, TokenIssuer
 from authsvc.usecases.audit import CLI_ACTOR, AuditTrail, Origin
@@ -323,6 +323,18 @@ class TestSecrets:
         (row,) = world.audit("rotate_secret")
         assert (row.actor, row.outcome, row.target) == ("cli", "not_found", "service:ghost")
 
+
+    def test_a_first_secret_reports_no_grace_for_a_secret_that_never_was(
+        self, world: World
+    ) -> None:
+        """rotate-secret on a secretless service gives it its first secret (README); with a
+        grace period asked, there is no previous secret to keep, and none is reported."""
+        now = to_datetime(world.clock.now())
+        world.core.repo.create_service("kiosk", (AudienceGrant("billing", ()),), None, now)
+        rotated = world.secrets.rotate_by_admin("kiosk", 3600, Origin.local(CLI_ACTOR))
+        assert rotated.secret and rotated.previous_until is None
+        again = world.secrets.rotate_by_admin("kiosk", 3600, Origin.local(CLI_ACTOR))
+        assert again.previous_until is not None  # now there was one to keep
 
     def test_rotate_asks_for_an_admin_only_without_a_secret(self, world: World) -> None:
         asked: list[str] = []
