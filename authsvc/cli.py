@@ -24,6 +24,7 @@ from authsvc.config import (
     load_client_settings,
     load_settings,
     log_level_set,
+    warn_unknown_variables,
 )
 from authsvc.errors import AlreadyExists, AuthsvcError, NotFound
 from authsvc.logs import configure_logging
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_INVALID = 1
 EXIT_USAGE = 2
+# Interrupted (Ctrl-C): 128 + SIGINT, as a shell reports it. Not `serve`: a signal is how it
+# is stopped, and it shuts down cleanly and exits 0.
+EXIT_INTERRUPTED = 130
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -380,6 +384,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         raise SystemExit("authsvc: --workers must be at least 1")
     configure_logging(dev=settings.dev, level="DEBUG" if args.verbose else settings.log_level)
+    if args.worker_index is None:
+        warn_unknown_variables()  # once: the workers inherit the same environment
     if not args.verbose:
         # Alembic reports its dialect and each step at INFO: noise in a server's log.
         logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -418,15 +424,21 @@ def _supervise(args: argparse.Namespace, settings: Settings) -> int:
     )
 
 
+def _command_settings(args: argparse.Namespace) -> Settings:
+    """The settings of a command other than `serve`, with its logging: changes made here are
+    audited in the database; their log events (and Alembic's) go to stderr only when asked, so
+    a command's output is its answer. Warnings (an unknown AUTHSVC_* variable) always do."""
+    settings = _settings(args)
+    asked = getattr(args, "verbose", False) or log_level_set()
+    configure_logging(dev=settings.dev, level=settings.log_level if asked else "WARNING")
+    warn_unknown_variables()
+    return settings
+
+
 def _core(args: argparse.Namespace, *, upgrade: bool = False) -> Any:
     from authsvc.server.app import build_core
 
-    settings = _settings(args)
-    # Changes made here are audited in the database; their log events (and Alembic's) go to
-    # stderr only when asked, so a command's output is its answer.
-    asked = getattr(args, "verbose", False) or log_level_set()
-    configure_logging(dev=settings.dev, level=settings.log_level if asked else "WARNING")
-    return build_core(settings, upgrade=upgrade)
+    return build_core(_command_settings(args), upgrade=upgrade)
 
 
 def _cmd_db(args: argparse.Namespace) -> int:
@@ -446,7 +458,7 @@ def _cmd_db_backup(args: argparse.Namespace) -> int:
     """
     from authsvc.storage.backup import backup_sqlite
 
-    settings = _settings(args)
+    settings = _command_settings(args)
     backup_sqlite(settings.database_url, Path(args.path))
     print(f"backup written to {args.path} (it holds wrapped keys: keep it like the database)")
     return EXIT_OK
@@ -1089,7 +1101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"authsvc: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        return EXIT_OK
+        if args.command == "serve":
+            # Ctrl-C before its signal handlers are in place (startup): stopped as asked, 0 as
+            # after them (a terminal's Ctrl-C also reaches every worker of a supervisor).
+            return EXIT_OK
+        print("authsvc: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # `authsvc ... | head`: the reader left. Point stdout at /dev/null so the interpreter's
         # final flush does not raise again.

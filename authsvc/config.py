@@ -5,11 +5,17 @@ Nothing else reads the environment. Validation fails fast and names the setting,
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import functools
 import importlib.util
 import ipaddress
+import logging
+import math
 import os
+import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +37,18 @@ DEV_ISSUER = "https://authsvc.dev.invalid"
 
 # Settings whose value must never be shown (repr, logs, errors).
 _SENSITIVE = frozenset({"kek", "kek_previous"})
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "AUTHSVC_"
+# The largest number any numeric setting takes (about 31 years in seconds): far above any
+# sensible value, and below what the datetime and timeout arithmetic behind the settings can
+# hold (a year past 9999, threading.TIMEOUT_MAX).
+MAX_NUMBER = 10**9
+# Plain decimal text only: int() and float() also take "+5", "1_000", non-ASCII digits, "nan"
+# and "inf", none of which an operator means (surrounding whitespace is stripped).
+_INTEGER = re.compile(r"-?[0-9]+")
+_DECIMAL = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
 
 
 @dataclass(frozen=True)
@@ -131,29 +149,74 @@ class Settings:
         return replace(self, **changes)
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+class _Environ(Mapping[str, str]):
+    """The environment as the loaders below see it (a copy), recording every name they look
+    up: the names the server knows are exactly the names its loaders read (known_variables),
+    never a second list kept by hand."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._env = dict(environ)
+        self.read: set[str] = set()
+
+    def __getitem__(self, name: str) -> str:
+        self.read.add(name)
+        return self._env[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._env)
+
+    def __len__(self) -> int:
+        return len(self._env)
+
+
+def _view(environ: Mapping[str, str] | None) -> _Environ:
+    if isinstance(environ, _Environ):
+        return environ
+    return _Environ(os.environ if environ is None else environ)
+
+
+def _int(
+    env: Mapping[str, str], name: str, default: int, minimum: int = 0, maximum: int = MAX_NUMBER
+) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer") from None
+    text = raw.strip()
+    if not _INTEGER.fullmatch(text):
+        raise ConfigError(f"{name} must be an integer")
+    if len(text.lstrip("-").lstrip("0")) > 18:  # past every bound (and int()'s digit limit)
+        bound = f"at least {minimum}" if text.startswith("-") else f"at most {maximum}"
+        raise ConfigError(f"{name} must be {bound}")
+    value = int(text)
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}")
+    if value > maximum:
+        raise ConfigError(f"{name} must be at most {maximum}")
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+def _float(
+    env: Mapping[str, str],
+    name: str,
+    default: float,
+    minimum: float = 0.0,
+    maximum: float = MAX_NUMBER,
+) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number") from None
+    text = raw.strip()
+    if not _DECIMAL.fullmatch(text):
+        # "nan" and "inf" among them: NaN compares false with everything, so it would pass
+        # any bound, and an infinite interval or timeout means never.
+        raise ConfigError(f"{name} must be a finite number")
+    value = float(text)
+    if not math.isfinite(value):  # 1e999
+        raise ConfigError(f"{name} must be a finite number")
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}")
+    if value > maximum:
+        raise ConfigError(f"{name} must be at most {maximum}")
     return value
 
 
@@ -178,6 +241,17 @@ def _event_loop(env: Mapping[str, str]) -> str:
     if raw == "uvloop" and importlib.util.find_spec("uvloop") is None:
         raise ConfigError("AUTHSVC_EVENT_LOOP=uvloop but uvloop is not installed")
     return raw
+
+
+def _log_level(env: Mapping[str, str]) -> str:
+    """AUTHSVC_LOG_LEVEL, any case: a level name `logging` knows (logs.configure_logging hands
+    it to Logger.setLevel, which raises on anything else)."""
+    level = (env.get("AUTHSVC_LOG_LEVEL") or "INFO").strip().upper()
+    if level not in logging.getLevelNamesMapping():
+        raise ConfigError(
+            "AUTHSVC_LOG_LEVEL must be a logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL"
+        )
+    return level
 
 
 def _delegation_depth(env: Mapping[str, str]) -> int:
@@ -226,9 +300,11 @@ def _load_kek(env: Mapping[str, str], base: str = "AUTHSVC_KEK") -> KeyEncryptio
     for AUTHSVC_KEK, AUTHSVC_KEK_PREVIOUS and AUTHSVC_NEW_KEK)."""
     text = env.get(base)
     name = base
-    if not text and env.get(f"{base}_FILE"):
+    # Read even when `base` is set (and wins): every name the loaders may read is looked up.
+    path = env.get(f"{base}_FILE")
+    if not text and path:
         name = f"{base}_FILE"
-        text = _read_kek_file(env[name], name)
+        text = _read_kek_file(path, name)
     if not text:
         return None
     try:
@@ -244,7 +320,7 @@ def load_new_kek(environ: Mapping[str, str] | None = None) -> KeyEncryptionKey:
 
     Raises ConfigError naming the variable when it is missing or unusable.
     """
-    kek = _load_kek(os.environ if environ is None else environ, "AUTHSVC_NEW_KEK")
+    kek = _load_kek(_view(environ), "AUTHSVC_NEW_KEK")
     if kek is None:
         raise ConfigError("AUTHSVC_NEW_KEK (or AUTHSVC_NEW_KEK_FILE) is required")
     return kek
@@ -262,16 +338,20 @@ def _dev_kek(dev_dir: Path) -> KeyEncryptionKey:
 
 
 def _publish_lead(
-    env: Mapping[str, str], rotation_interval: int, sync_interval: float
+    env: Mapping[str, str], rotation_interval: int, sync_interval: float, *, dev: bool = False
 ) -> float | None:
     """AUTHSVC_KEY_PUBLISH_LEAD_SECONDS (None: the default), checked against the interval.
 
     A lead longer than the interval would stretch every scheduled rotation to the lead, so
-    it is refused, default included, rather than rotating less often than configured.
+    it is refused, default included, rather than rotating less often than configured. In dev
+    mode (one loopback server, no fleet of validators caching its JWK Set) it defaults to 0,
+    so an on-demand rotation, which waits for the lead (authsvc.keys.rotator), runs at once.
     """
     chosen: float | None = None
     if env.get("AUTHSVC_KEY_PUBLISH_LEAD_SECONDS"):
         chosen = _float(env, "AUTHSVC_KEY_PUBLISH_LEAD_SECONDS", 0.0, 0.0)
+    elif dev:
+        chosen = 0.0
     lead = default_publish_lead(rotation_interval, sync_interval) if chosen is None else chosen
     if rotation_interval > 0 and lead > rotation_interval:
         default = "" if chosen is not None else f" (by default {lead:g} s: JWKS cache + sync)"
@@ -289,7 +369,7 @@ def load_settings(
 
     Raises ConfigError naming the first missing or unsafe setting.
     """
-    env = dict(os.environ if environ is None else environ)
+    env = _view(environ)
     over = {k: v for k, v in (overrides or {}).items() if v is not None}
     dev = bool(over.get("dev", False)) or _bool(env, "AUTHSVC_DEV")
     dev_dir = str(over.get("dev_dir") or env.get("AUTHSVC_DEV_DIR") or DEFAULT_DEV_DIR)
@@ -342,10 +422,10 @@ def load_settings(
     max_ttl = _int(env, "AUTHSVC_MAX_TTL_SECONDS", 3600, 1)
     if default_ttl > max_ttl:
         raise ConfigError("AUTHSVC_DEFAULT_TTL_SECONDS must not exceed AUTHSVC_MAX_TTL_SECONDS")
-    rsa_bits = _int(env, "AUTHSVC_RSA_KEY_BITS", 2048, 2048)
+    rsa_bits = _int(env, "AUTHSVC_RSA_KEY_BITS", 2048, 2048, 16384)
     rotation_interval = _int(env, "AUTHSVC_KEY_ROTATION_INTERVAL_SECONDS", 7 * 24 * 3600, 0)
     sync_interval = _float(env, "AUTHSVC_SYNC_INTERVAL_SECONDS", 0.5, 0.05)
-    publish_lead = _publish_lead(env, rotation_interval, sync_interval)
+    publish_lead = _publish_lead(env, rotation_interval, sync_interval, dev=dev)
     http_listen = over.get("http_listen") or env.get("AUTHSVC_HTTP_LISTEN") or None
     if http_listen:
         split_host_port(http_listen, "AUTHSVC_HTTP_LISTEN")
@@ -374,7 +454,7 @@ def load_settings(
         throttle_known_peer_seconds=_int(
             env, "AUTHSVC_THROTTLE_KNOWN_PEER_SECONDS", 30 * 24 * 3600, 0
         ),
-        audit_retention_days=_int(env, "AUTHSVC_AUDIT_RETENTION_DAYS", 90, 1),
+        audit_retention_days=_int(env, "AUTHSVC_AUDIT_RETENTION_DAYS", 90, 1, 36500),
         watch_streams_per_peer=_int(env, "AUTHSVC_WATCH_STREAMS_PER_PEER", 8, 1),
         watch_streams_max=_int(env, "AUTHSVC_WATCH_STREAMS_MAX", 1000, 1),
         tls_cert=tls_cert,
@@ -391,7 +471,7 @@ def load_settings(
         shutdown_grace_seconds=_float(env, "AUTHSVC_SHUTDOWN_GRACE_SECONDS", 10.0, 0.0),
         workers=int(over.get("workers") or _int(env, "AUTHSVC_WORKERS", 1, 1)),
         reuse_port=bool(over.get("reuse_port", False)),
-        log_level=(env.get("AUTHSVC_LOG_LEVEL") or "INFO").upper(),
+        log_level=_log_level(env),
         access_log_all=_bool(env, "AUTHSVC_ACCESS_LOG_ALL"),
         tracing=_bool(env, "AUTHSVC_TRACING"),
         event_loop=_event_loop(env),
@@ -461,7 +541,7 @@ def load_client_settings(
 ) -> ClientSettings:
     """ClientSettings from the environment; `target` (a flag) wins over AUTHSVC_TARGET, then
     AUTHSVC_LISTEN, then the default address."""
-    env = dict(os.environ if environ is None else environ)
+    env = _view(environ)
 
     def get(name: str) -> str | None:
         return env.get(name) or None
@@ -477,5 +557,55 @@ def load_client_settings(
         health_tls_cert=get("AUTHSVC_HEALTH_TLS_CERT"),
         health_tls_key=get("AUTHSVC_HEALTH_TLS_KEY"),
         health_tls_server_name=get("AUTHSVC_HEALTH_TLS_SERVER_NAME"),
-        _environ=env,
+        _environ=dict(env._env),
     )
+
+
+@functools.cache
+def client_variables() -> frozenset[str]:
+    """The AUTHSVC_* names the client package reads (its exported ENV_* constants): scripts
+    that run the CLI often export them for a client, so they are known names here too."""
+    from authsvc_client import logins
+
+    return frozenset(getattr(logins, n) for n in logins.__all__ if n.startswith("ENV_"))
+
+
+@functools.cache
+def known_variables() -> frozenset[str]:
+    """Every AUTHSVC_* name authsvc reads: the names its loaders look up when run on a
+    recording environment (every lookup there is unconditional), and the client package's."""
+    probe = _Environ(
+        {"AUTHSVC_KEK": KeyEncryptionKey.generate_base64(), "AUTHSVC_ISSUER": DEV_ISSUER}
+    )
+    load_settings(probe)
+    load_client_settings(probe)
+    with contextlib.suppress(ConfigError):
+        load_new_kek(probe)  # no new KEK in the probe: it still looks both names up
+    return frozenset(probe.read) | client_variables()
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """The AUTHSVC_* names set that authsvc never reads, each with the closest known name
+    (None when nothing is close), sorted. Names only: a value is never looked at."""
+    names = os.environ if environ is None else environ
+    known = known_variables()
+    # Compared without the prefix every name shares, which would make anything look close.
+    suffixes = sorted(k.removeprefix(ENV_PREFIX) for k in known)
+
+    def closest(name: str) -> str | None:
+        match = difflib.get_close_matches(name.removeprefix(ENV_PREFIX), suffixes, n=1)
+        return ENV_PREFIX + match[0] if match else None
+
+    return [
+        (name, closest(name))
+        for name in sorted(names)
+        if name.startswith(ENV_PREFIX) and name not in known
+    ]
+
+
+def warn_unknown_variables(environ: Mapping[str, str] | None = None) -> None:
+    """One WARNING line per unknown AUTHSVC_* variable (a typo like AUTHSVC_DATABSE_URL would
+    otherwise fall back to a default without a word): its name, never its value."""
+    for name, close in unknown_variables(environ):
+        hint = f"; did you mean {close}?" if close else ""
+        log.warning("unknown environment variable %s is ignored%s", name, hint)

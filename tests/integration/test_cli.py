@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import socket
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -446,3 +448,82 @@ class TestRotateSecretCommand:
         assert "grace_period_seconds" in _one_error_line(
             _run(env, "services", "rotate-secret", ADMIN, "--grace", "99999999")
         )
+
+
+class TestInterrupt:
+    """Ctrl-C is not success: a command exits 130 with one line; `serve` stops cleanly, 0."""
+
+    def test_an_interrupted_command_exits_130(self, tmp_path: Path) -> None:
+        fifo = tmp_path / "token"
+        os.mkfifo(fifo)
+        env = {**base_env("sqlite:///unused.db"), "AUTHSVC_TARGET": "127.0.0.1:1"}
+        proc = subprocess.Popen(
+            [*authsvc_command(), "token", "validate", "--audience", "a", "--token-file", str(fifo)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        writer = None
+        try:
+            # Opening the FIFO's write end succeeds once the command has opened it to read:
+            # from then on it waits inside main() for a token that never comes.
+            deadline = time.monotonic() + 60
+            while writer is None:
+                try:
+                    writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                except OSError:
+                    assert proc.poll() is None, proc.communicate()
+                    assert time.monotonic() < deadline, "the command never opened the file"
+                    time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            if writer is not None:
+                os.close(writer)
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert proc.returncode == 130, err
+        assert out == "" and err == "authsvc: interrupted\n"
+
+    def test_sigint_stops_serve_cleanly(self, tmp_path: Path) -> None:
+        env = sqlite_env(tmp_path)
+        run_cli(env, "db", "upgrade")
+        with running_server(env) as server:
+            assert server.stop(signal.SIGINT) == 0, "".join(server.output)[-3000:]
+
+
+class TestUnknownVariables:
+    """A misspelt AUTHSVC_* variable warns (its name and the closest known one, never its value);
+    the client package's variables, often exported beside, do not."""
+
+    TYPO = "AUTHSVC_DATABSE_URL"
+    VALUE = "postgresql+psycopg://authsvc:hunter2@db.internal/authsvc"
+
+    def _env(self, folder: Path) -> dict[str, str]:
+        return sqlite_env(
+            folder,
+            **{self.TYPO: self.VALUE, "AUTHSVC_SERVICE_ID": "orders", "AUTHSVC_TARGET": "x:1"},
+        )
+
+    def _assert_warned(self, text: str) -> None:
+        lines = [line for line in text.splitlines() if "unknown environment variable" in line]
+        assert len(lines) == 1, text[-3000:]
+        assert self.TYPO in lines[0] and "did you mean AUTHSVC_DATABASE_URL?" in lines[0]
+        assert '"level":"warning"' in lines[0]
+        assert "hunter2" not in text and "db.internal" not in text
+        assert "AUTHSVC_SERVICE_ID" not in text and "AUTHSVC_TARGET" not in text
+
+    def test_a_command_warns_and_still_answers(self, tmp_path: Path) -> None:
+        proc = run_cli(self._env(tmp_path), "db", "upgrade")
+        assert proc.stdout == "database schema is current\n"
+        self._assert_warned(proc.stderr)
+
+    def test_serve_warns_at_startup(self, tmp_path: Path) -> None:
+        env = self._env(tmp_path)
+        run_cli(env, "db", "upgrade")
+        with running_server(env) as server:
+            server.stop()
+            self._assert_warned("".join(server.output))

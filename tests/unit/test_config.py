@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from authsvc.config import load_new_kek, load_settings
+from authsvc.config import (
+    Settings,
+    known_variables,
+    load_new_kek,
+    load_settings,
+    unknown_variables,
+    warn_unknown_variables,
+)
 from authsvc.errors import ConfigError
 from tests.support.server import TEST_KEK
 
@@ -107,6 +116,14 @@ class TestLoadSettings:
         s = load_settings({**BASE, "AUTHSVC_KEY_PUBLISH_LEAD_SECONDS": "45.5"})
         assert s.publish_lead_seconds == 45.5
 
+    def test_dev_mode_publishes_without_a_lead_unless_told(self, tmp_path: Path) -> None:
+        """One loopback server, no fleet caching its JWK Set: the README walkthrough's
+        `keys rotate --dev` runs at once instead of waiting out five minutes."""
+        dev = {"dev": True, "dev_dir": str(tmp_path / "d")}
+        assert load_settings({}, dev).publish_lead_seconds == 0.0
+        told = load_settings({"AUTHSVC_KEY_PUBLISH_LEAD_SECONDS": "12"}, dev)
+        assert told.publish_lead_seconds == 12.0
+
     @pytest.mark.parametrize("value", ["-1", "soon"])
     def test_a_bad_publish_lead_is_named(self, value: str) -> None:
         with pytest.raises(ConfigError, match="AUTHSVC_KEY_PUBLISH_LEAD_SECONDS"):
@@ -183,3 +200,121 @@ class TestKekRollSettings:
         assert load_new_kek({"AUTHSVC_NEW_KEK_FILE": str(path)}).kek_id == load_new_kek(
             {"AUTHSVC_NEW_KEK": OTHER_KEK}
         ).kek_id
+
+
+FLOAT_SETTINGS = [
+    "AUTHSVC_SYNC_INTERVAL_SECONDS",
+    "AUTHSVC_KEY_PUBLISH_LEAD_SECONDS",
+    "AUTHSVC_JWKS_FETCH_TIMEOUT_SECONDS",
+    "AUTHSVC_JWKS_REFRESH_SECONDS",
+    "AUTHSVC_HTTP_READ_TIMEOUT_SECONDS",
+    "AUTHSVC_SHUTDOWN_GRACE_SECONDS",
+]
+
+
+class TestNumbers:
+    """A number setting is plain decimal text, finite and within its bounds."""
+
+    @pytest.mark.parametrize("name", FLOAT_SETTINGS)
+    @pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "Infinity", "1e999"])
+    def test_a_non_finite_float_is_refused_by_name(self, name: str, value: str) -> None:
+        with pytest.raises(ConfigError, match=f"{name} must be a finite number") as info:
+            load_settings({**BASE, name: value})
+        assert value not in str(info.value)
+
+    @pytest.mark.parametrize("name", FLOAT_SETTINGS)
+    def test_a_huge_float_is_refused_by_name(self, name: str) -> None:
+        with pytest.raises(ConfigError, match=f"{name} must be at most"):
+            load_settings({**BASE, name: "1e300"})
+
+    def test_plain_decimal_floats_are_read(self) -> None:
+        s = load_settings(
+            {
+                **BASE,
+                "AUTHSVC_SYNC_INTERVAL_SECONDS": " 0.25 ",
+                "AUTHSVC_SHUTDOWN_GRACE_SECONDS": "5e-1",
+                "AUTHSVC_JWKS_REFRESH_SECONDS": "60.",
+            }
+        )
+        assert (s.sync_interval_seconds, s.shutdown_grace_seconds) == (0.25, 0.5)
+        assert s.jwks_refresh_seconds == 60.0
+
+    @pytest.mark.parametrize("value", ["+1", "1_0", "\u0661", "0x10", "1.5"])
+    def test_an_integer_is_plain_ascii_digits(self, value: str) -> None:
+        with pytest.raises(ConfigError, match="AUTHSVC_LEEWAY_SECONDS must be an integer"):
+            load_settings({**BASE, "AUTHSVC_LEEWAY_SECONDS": value})
+
+    @pytest.mark.parametrize("value", ["10000000000", "9" * 5000, "99999999999999999999999999999"])
+    def test_a_huge_integer_is_refused_by_name(self, value: str) -> None:
+        with pytest.raises(ConfigError, match="AUTHSVC_MAX_TTL_SECONDS must be at most"):
+            load_settings({**BASE, "AUTHSVC_MAX_TTL_SECONDS": value})
+
+    def test_integers_keep_their_bounds_and_allow_surrounding_space(self) -> None:
+        assert load_settings({**BASE, "AUTHSVC_LEEWAY_SECONDS": " 45\n"}).leeway_seconds == 45
+        with pytest.raises(ConfigError, match="AUTHSVC_LEEWAY_SECONDS must be at least 0"):
+            load_settings({**BASE, "AUTHSVC_LEEWAY_SECONDS": "-1"})
+        with pytest.raises(ConfigError, match="AUTHSVC_RSA_KEY_BITS must be at most 16384"):
+            load_settings({**BASE, "AUTHSVC_RSA_KEY_BITS": "1000000"})
+
+
+class TestLogLevel:
+    @pytest.mark.parametrize("value", ["VERBOSE", "10", "trace", "info please"])
+    def test_an_unknown_level_is_refused(self, value: str) -> None:
+        with pytest.raises(ConfigError, match="AUTHSVC_LOG_LEVEL must be a logging level"):
+            load_settings({**BASE, "AUTHSVC_LOG_LEVEL": value})
+
+    @pytest.mark.parametrize(("value", "level"), [("debug", "DEBUG"), ("Warning", "WARNING")])
+    def test_a_level_is_read_in_any_case(self, value: str, level: str) -> None:
+        s = load_settings({**BASE, "AUTHSVC_LOG_LEVEL": value})
+        assert s.log_level == level
+        # What logs.configure_logging does with it (on a logger of its own here).
+        logging.getLogger("tests.unit.test_config.level").setLevel(s.log_level)
+
+
+class TestUnknownVariables:
+    """A misspelt AUTHSVC_* name warns (name and closest match only); client names do not."""
+
+    def test_a_typo_warns_with_the_closest_name_and_never_the_value(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        value = "postgresql+psycopg://authsvc:hunter2@db.internal/authsvc"
+        with caplog.at_level(logging.WARNING, logger="authsvc.config"):
+            warn_unknown_variables({**BASE, "AUTHSVC_DATABSE_URL": value})
+        assert [r.levelno for r in caplog.records] == [logging.WARNING]
+        text = caplog.text
+        assert "AUTHSVC_DATABSE_URL" in text and "did you mean AUTHSVC_DATABASE_URL?" in text
+        assert "hunter2" not in text and "db.internal" not in text
+
+    def test_a_name_like_nothing_warns_without_a_suggestion(self) -> None:
+        assert unknown_variables({"AUTHSVC_ZQXJ": "1"}) == [("AUTHSVC_ZQXJ", None)]
+
+    def test_client_and_server_names_do_not_warn(self, caplog: pytest.LogCaptureFixture) -> None:
+        env = {
+            **BASE,
+            "AUTHSVC_SERVICE_ID": "orders",
+            "AUTHSVC_SERVICE_SECRET": "x",
+            "AUTHSVC_SERVICE_SECRET_FILE": "/x",
+            "AUTHSVC_SERVICE_KEY_FILE": "/x",
+            "AUTHSVC_TARGET": "localhost:1",
+            "AUTHSVC_TLS_CA": "/x",
+            "AUTHSVC_WORKLOAD_TOKEN_FILE": "/x",
+            "AUTHSVC_KEK_FILE": "/x",
+            "AUTHSVC_KEK_PREVIOUS_FILE": "/x",
+            "AUTHSVC_NEW_KEK": "x",
+            "AUTHSVC_NEW_KEK_FILE": "/x",
+            "AUTHSVC_ADMIN_TOKEN": "x",
+            "AUTHSVC_HEALTH_TLS_CA": "/x",
+            "OTHER_DATABSE_URL": "x",
+        }
+        with caplog.at_level(logging.WARNING, logger="authsvc.config"):
+            warn_unknown_variables(env)
+        assert caplog.records == []
+
+    def test_every_setting_read_from_the_environment_is_a_known_name(self) -> None:
+        # Settings fields are AUTHSVC_<FIELD>; reuse_port alone is set by the supervisor, not
+        # by the environment. The known names come from the loaders' own lookups.
+        known = known_variables()
+        for f in fields(Settings):
+            if f.name != "reuse_port":
+                assert f"AUTHSVC_{f.name.upper()}" in known, f.name
+        assert "AUTHSVC_REUSE_PORT" not in known
