@@ -112,12 +112,16 @@ class TestTimeWithAFakeClock:
             await h.server.run_maintenance()
             second = await h.issue("orders", "billing")
             assert second.key_id == upcoming  # the key published ahead is the one activated
-            # The old key stays published while tokens it signed may live (max TTL + leeway),
-            # and a new next key is published.
+            # The old key stays published while tokens it signed may live (max TTL + leeway,
+            # plus one sync interval: another replica may sign with it until it syncs), and a
+            # new next key is published.
             kids = await h.jwks_kids()
             assert {first.key_id, second.key_id} < set(kids) and len(kids) == 3
             assert (await h.validate(first.access_token, "billing")).valid
             h.clock.advance(3600 + 30)
+            await h.server.run_maintenance()
+            assert first.key_id in await h.jwks_kids()  # the sync interval's second is left
+            h.clock.advance(1)  # ceil(AUTHSVC_SYNC_INTERVAL_SECONDS)
             await h.server.run_maintenance()
             # Past the first key's publication window it leaves the JWK Set; the scheduled
             # rotation in the same round retired the second key, which stays published.
