@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from authsvc.clock import Clock, to_datetime
 from authsvc.errors import InvalidArgument
@@ -123,24 +123,9 @@ class AuditTrail:
         detail: str = "",
     ) -> None:
         """An event on its own row and transaction, its log line first."""
-        log_audit(
-            action=action,
-            actor=origin.actor,
-            target=target,
-            outcome=outcome,
-            peer=origin.peer,
-            request_id=origin.request_id,
-        )
-        self._repo.create_audit_event(
-            at=to_datetime(self._clock.now()),
-            actor=origin.actor,
-            action=action,
-            target=target,
-            outcome=outcome,
-            peer=origin.peer,
-            request_id=origin.request_id,
-            detail=detail,
-        )
+        event = self.event(origin, action=action, target=target, outcome=outcome, detail=detail)
+        self.log(event)
+        self._repo.create_audit_event(**asdict(event))
 
     def recent(self, limit: int) -> list[AuditRecord]:
         """The newest `limit` events, newest first, aggregated login rows included.
