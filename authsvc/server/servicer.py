@@ -47,7 +47,7 @@ from authsvc.usecases.tokens import ExchangeRequest, TokenRequest, Tokens
 from authsvc.usecases.watch import RevocationWatch
 from authsvc.workload.certificates import binding_thumbprint
 from authsvc_client.binding import peer_certificate_pem
-from authsvc_client.claims import ValidationResult
+from authsvc_client.claims import ACCESS_TOKEN_TYPE, ValidationResult
 from authsvc_client.interceptors import bearer_token
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
 
@@ -112,6 +112,7 @@ def _issued_proto(issued: IssuedToken) -> auth_pb2.IssueTokenResponse:
     return auth_pb2.IssueTokenResponse(
         access_token=issued.token,
         token_type="Bearer",  # noqa: S106 - the RFC 6750 scheme, not a secret
+        issued_token_type=ACCESS_TOKEN_TYPE,
         expires_in=claims.expires_at - claims.issued_at,
         expires_at=timestamp(claims.expires_at),
         key_id=claims.key_id,

@@ -40,13 +40,15 @@ from authsvc.usecases.logins import (
 from authsvc.workload.assertions import MAX_ASSERTION_BYTES, claimed_service_id
 from authsvc.workload.certificates import binding_thumbprint
 from authsvc.workload.errors import Reason, WorkloadAuthError
-from authsvc.workload.federation import (
-    JWT_TOKEN_TYPE,
-    MAX_FEDERATED_TOKEN_BYTES,
-    FederatedIdentity,
-)
+from authsvc.workload.federation import MAX_FEDERATED_TOKEN_BYTES, FederatedIdentity
 from authsvc_client.binding import CONFIRMATION_CLAIM, THUMBPRINT_MEMBER
-from authsvc_client.claims import DELEGATION_PARENTS_CLAIM, Claims, ValidationResult
+from authsvc_client.claims import (
+    ACCESS_TOKEN_TYPE,
+    DELEGATION_PARENTS_CLAIM,
+    JWT_TOKEN_TYPE,
+    Claims,
+    ValidationResult,
+)
 from authsvc_client.unverified import unverified_payload
 from authsvc_client.v1 import auth_pb2
 from authsvc_client.verifier import TokenVerifier
@@ -168,7 +170,6 @@ def _check_wanted(audience: str, scopes: Sequence[str], ttl_seconds: int) -> Non
         raise InvalidArgument("ttl_seconds must not be negative")
 
 
-ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105 - a URN
 SUBJECT_TOKEN_TYPES = (JWT_TOKEN_TYPE, ACCESS_TOKEN_TYPE)
 CHAIN_TOO_DEEP = "delegation chain too deep"
 

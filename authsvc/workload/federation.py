@@ -30,6 +30,7 @@ from authsvc.inputs import check_name
 from authsvc.workload import jws
 from authsvc.workload.errors import Reason, WorkloadAuthError
 from authsvc.workload.public_keys import RegisteredKey, parse_jwk_set
+from authsvc_client.claims import JWT_TOKEN_TYPE
 
 __all__ = [
     "DEFAULT_LEEWAY",
@@ -47,8 +48,6 @@ __all__ = [
     "usable_for_federation",
 ]
 
-# RFC 8693 section 3: the subject_token_type of a federated token in ExchangeToken.
-JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105 - a URN, no secret
 FEDERATION_ALGORITHMS = frozenset({"RS256", "ES256"})
 DEFAULT_MAX_LIFETIME = 24 * 3600
 DEFAULT_LEEWAY = 60

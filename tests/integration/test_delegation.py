@@ -123,6 +123,9 @@ class TestDelegation:
         assert checked.claims.client_id == "orders"
         # Within both grants: front has billing.read only, orders both.
         assert list(derived.scopes) == ["billing.read"]
+        # RFC 8693 section 2.2.1: what was issued, and how to present it.
+        assert derived.issued_token_type == ACCESS
+        assert derived.token_type == "Bearer"
 
     def test_a_longer_chain_nests_the_actors_nearest_first(self, chain: Chain) -> None:
         first = chain.exchange(chain.token("front", "orders"), "orders", "billing")

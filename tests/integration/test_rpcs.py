@@ -50,6 +50,7 @@ class TestIssueToken:
     def test_issues_an_rfc9068_token_for_the_audience(self, world: World) -> None:
         r = world.server.issue("orders", world.orders_secret, "billing", ["billing.read"])
         assert r.token_type == "Bearer"
+        assert r.issued_token_type == "urn:ietf:params:oauth:token-type:access_token"
         assert r.expires_in == 900
         assert list(r.scopes) == ["billing.read"]
         header, claims = _header(r.access_token), _payload(r.access_token)

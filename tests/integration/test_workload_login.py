@@ -242,6 +242,8 @@ class TestFederatedToken:
         checked = _validate(fleet.server, reply.access_token, "billing")
         assert checked.valid and checked.claims.subject == "reports"
         assert list(reply.scopes) == ["billing.read"]
+        # RFC 8693 section 2.2.1: a JWT went in, an access token came out.
+        assert reply.issued_token_type == "urn:ietf:params:oauth:token-type:access_token"
 
     def test_the_same_subject_of_another_issuer_is_another_service(self, fleet: Fleet) -> None:
         token = fleet.k8s_token(key=fleet.other_issuer_key, iss=OTHER_ISSUER)

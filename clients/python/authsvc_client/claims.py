@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from authsvc_client.v1 import auth_pb2
 
 __all__ = [
+    "ACCESS_TOKEN_TYPE",
     "ACTOR_CLAIM",
     "ADMIN_SCOPE",
     "ALGORITHM",
     "DEFAULT_LEEWAY_SECONDS",
     "DEFAULT_MAX_TOKEN_BYTES",
     "DELEGATION_PARENTS_CLAIM",
+    "JWT_TOKEN_TYPE",
     "MAX_DELEGATION_DEPTH",
     "SCOPE_CLAIM",
     "SCOPE_TOKEN",
@@ -27,6 +29,11 @@ TOKEN_TYPE = "at+jwt"  # noqa: S105 (a media type, not a password)
 # The only algorithm authsvc signs or accepts (RFC 8725 section 3.1: never trust the header's alg).
 ALGORITHM = "RS256"
 ADMIN_SCOPE = "authsvc.admin"
+# RFC 8693 section 3 token type identifiers, stated once for the server and the client package:
+# an authsvc access token (a delegation's subject_token, and the issued_token_type of every
+# token authsvc issues) and a plain JWT (a federated workload token from a trusted issuer).
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105 - a URN
+JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105 - a URN, not a secret
 DEFAULT_MAX_TOKEN_BYTES = 8192
 DEFAULT_LEEWAY_SECONDS = 30
 # RFC 8693 section 4.1: the actor of a delegated token, nested for longer chains (the outermost

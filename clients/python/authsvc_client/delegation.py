@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 
 import grpc
 
+from authsvc_client.claims import ACCESS_TOKEN_TYPE
 from authsvc_client.errors import CredentialsError
 from authsvc_client.interceptors import incoming_token
 from authsvc_client.logins import Login, LoginRequest, Rpc, login_from_env
@@ -53,8 +54,6 @@ __all__ = [
     "check_actor",
 ]
 
-# RFC 8693 section 3: the subject_token_type of an access token issued by authsvc itself.
-ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105 - a URN
 DEFAULT_MAX_ENTRIES = 1024
 
 _NO_INCOMING = (

@@ -22,6 +22,7 @@ from typing import ClassVar
 import grpc
 
 from authsvc_client.assertions import ENV_SERVICE_KEY_FILE, AssertionSigner, read_private_file
+from authsvc_client.claims import JWT_TOKEN_TYPE
 from authsvc_client.errors import CredentialsError
 from authsvc_client.v1 import auth_pb2
 
@@ -62,8 +63,6 @@ ENV_TLS_CLIENT_CERT = "AUTHSVC_TLS_CLIENT_CERT"
 ENV_TLS_CLIENT_KEY = "AUTHSVC_TLS_CLIENT_KEY"
 ENV_WORKLOAD_TOKEN_FILE = "AUTHSVC_WORKLOAD_TOKEN_FILE"  # noqa: S105 - a variable name
 _PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
-# RFC 8693 section 3: the subject_token_type of a plain JWT (a federated workload token).
-JWT_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105 - a URN, not a secret
 # A projected service-account token is 1-2 KB; anything far larger is not one (and is not
 # read whole into memory at every refresh).
 MAX_WORKLOAD_TOKEN_BYTES = 64 * 1024

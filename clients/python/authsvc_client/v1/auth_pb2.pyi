@@ -85,20 +85,22 @@ class ExchangeTokenRequest(_message.Message):
     def __init__(self, subject_token: _Optional[str] = ..., subject_token_type: _Optional[str] = ..., audience: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., ttl_seconds: _Optional[int] = ..., service_id: _Optional[str] = ..., service_secret: _Optional[str] = ..., client_assertion: _Optional[str] = ...) -> None: ...
 
 class IssueTokenResponse(_message.Message):
-    __slots__ = ("access_token", "token_type", "expires_in", "expires_at", "key_id", "scopes")
+    __slots__ = ("access_token", "token_type", "expires_in", "expires_at", "key_id", "scopes", "issued_token_type")
     ACCESS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_TYPE_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_IN_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     SCOPES_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_TOKEN_TYPE_FIELD_NUMBER: _ClassVar[int]
     access_token: str
     token_type: str
     expires_in: int
     expires_at: _timestamp_pb2.Timestamp
     key_id: str
     scopes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, access_token: _Optional[str] = ..., token_type: _Optional[str] = ..., expires_in: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., key_id: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ...) -> None: ...
+    issued_token_type: str
+    def __init__(self, access_token: _Optional[str] = ..., token_type: _Optional[str] = ..., expires_in: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., key_id: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., issued_token_type: _Optional[str] = ...) -> None: ...
 
 class ValidateTokenRequest(_message.Message):
     __slots__ = ("token", "audience", "required_scopes", "client_cert_thumbprint")
