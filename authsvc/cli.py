@@ -24,6 +24,7 @@ from authsvc.config import (
     load_client_settings,
     load_settings,
     log_level_set,
+    warn_risky_settings,
     warn_unknown_variables,
 )
 from authsvc.errors import AlreadyExists, AuthsvcError, NotFound
@@ -386,6 +387,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(dev=settings.dev, level="DEBUG" if args.verbose else settings.log_level)
     if args.worker_index is None:
         warn_unknown_variables()  # once: the workers inherit the same environment
+        warn_risky_settings(settings)
     if not args.verbose:
         # Alembic reports its dialect and each step at INFO: noise in a server's log.
         logging.getLogger("alembic").setLevel(logging.WARNING)

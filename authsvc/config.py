@@ -609,3 +609,32 @@ def warn_unknown_variables(environ: Mapping[str, str] | None = None) -> None:
     for name, close in unknown_variables(environ):
         hint = f"; did you mean {close}?" if close else ""
         log.warning("unknown environment variable %s is ignored%s", name, hint)
+
+
+def risky_settings(settings: Settings) -> list[str]:
+    """Settings that are allowed but undo a guarantee, each as one sentence naming it.
+
+    A publish lead set below the longest JWKS cache plus one sync interval (the default) lets
+    a planned rotation activate a key that a local validator's cached JWK Set does not hold
+    yet: its tokens then cost that validator a refetch on the unknown kid (rate-limited, so a
+    burst of them may be refused until it succeeds), which DESIGN's "Keys and secrets" rules
+    out. Dev mode (one loopback server) chooses 0 on purpose and is not warned about.
+    """
+    risky: list[str] = []
+    lead = settings.key_publish_lead_seconds
+    cache_and_sync = default_publish_lead(
+        settings.key_rotation_interval_seconds, settings.sync_interval_seconds
+    )
+    if not settings.dev and lead is not None and lead < cache_and_sync:
+        risky.append(
+            f"AUTHSVC_KEY_PUBLISH_LEAD_SECONDS={lead:g} is shorter than the longest JWK Set "
+            f"cache plus one sync interval ({cache_and_sync:g} s): at a planned rotation a "
+            "local validator may meet the new key's kid before its cached JWK Set holds it"
+        )
+    return risky
+
+
+def warn_risky_settings(settings: Settings) -> None:
+    """One WARNING line per risky_settings entry, at server start."""
+    for sentence in risky_settings(settings):
+        log.warning("%s", sentence)

@@ -527,3 +527,13 @@ class TestUnknownVariables:
         with running_server(env) as server:
             server.stop()
             self._assert_warned("".join(server.output))
+
+
+def test_serve_names_a_publish_lead_shorter_than_jwks_cache_and_sync(tmp_path: Path) -> None:
+    env = sqlite_env(tmp_path, AUTHSVC_KEY_PUBLISH_LEAD_SECONDS="1")
+    run_cli(env, "db", "upgrade")
+    with running_server(env) as server:
+        server.stop()
+    text = "".join(server.output)
+    lines = [line for line in text.splitlines() if "AUTHSVC_KEY_PUBLISH_LEAD_SECONDS=1 " in line]
+    assert len(lines) == 1 and '"level":"warning"' in lines[0], text[-3000:]

@@ -13,6 +13,7 @@ from authsvc.config import (
     known_variables,
     load_new_kek,
     load_settings,
+    risky_settings,
     unknown_variables,
     warn_unknown_variables,
 )
@@ -318,3 +319,25 @@ class TestUnknownVariables:
             if f.name != "reuse_port":
                 assert f"AUTHSVC_{f.name.upper()}" in known, f.name
         assert "AUTHSVC_REUSE_PORT" not in known
+
+
+class TestRiskySettings:
+    """A publish lead below JWKS cache + sync is allowed (an operator may know their
+    validators) but named at start, since it undoes "never an unknown kid at a rotation"."""
+
+    def test_a_lead_below_cache_and_sync_is_named(self) -> None:
+        s = load_settings({**BASE, "AUTHSVC_KEY_PUBLISH_LEAD_SECONDS": "5"})
+        (sentence,) = risky_settings(s)
+        # Default interval 24 h: max-age capped at 300 s, plus the default 0.5 s sync.
+        assert sentence.startswith("AUTHSVC_KEY_PUBLISH_LEAD_SECONDS=5 is shorter than")
+        assert "(300.5 s)" in sentence
+
+    def test_the_default_and_a_longer_lead_are_not(self) -> None:
+        assert risky_settings(load_settings(BASE)) == []
+        longer = load_settings({**BASE, "AUTHSVC_KEY_PUBLISH_LEAD_SECONDS": "300.5"})
+        assert risky_settings(longer) == []
+
+    def test_dev_mode_chooses_zero_on_purpose(self, tmp_path: Path) -> None:
+        dev = load_settings({"AUTHSVC_DEV": "1", "AUTHSVC_DEV_DIR": str(tmp_path)})
+        assert dev.publish_lead_seconds == 0
+        assert risky_settings(dev) == []
