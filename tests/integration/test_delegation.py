@@ -94,9 +94,16 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chain]:
     run_cli(env, "db", "upgrade")
     secrets = {
         ADMIN: create_service(env, ADMIN, admin=True),
-        # front may call orders, and (on its own or through others) billing.read and ledger.
+        # front may call orders, and (on its own or through others) billing.read and ledger;
+        # billing.export and inventory are front's alone, so no actor may pass them on.
         "front": create_service(
-            env, "front", "orders=orders.read", "billing=billing.read", "ledger=ledger.read"
+            env,
+            "front",
+            "orders=orders.read",
+            "billing=billing.read",
+            "billing=billing.export",
+            "ledger=ledger.read",
+            "inventory=inventory.read",
         ),
         "orders": create_service(
             env, "orders", "billing=billing.read", "billing=billing.write", "ledger=ledger.read"
@@ -121,7 +128,7 @@ class TestDelegation:
         assert checked.claims.subject == "front"
         assert list(checked.claims.actors) == ["orders"]
         assert checked.claims.client_id == "orders"
-        # Within both grants: front has billing.read only, orders both.
+        # Within both grants: billing.read is the one scope both front and orders hold.
         assert list(derived.scopes) == ["billing.read"]
         # RFC 8693 section 2.2.1: what was issued, and how to present it.
         assert derived.issued_token_type == ACCESS
@@ -183,6 +190,24 @@ class TestDelegation:
                 lambda audience=audience: chain.exchange(subject, "orders", audience),
                 grpc.StatusCode.PERMISSION_DENIED,
             )
+
+    def test_the_actors_own_grants_bound_it_too(self, chain: Chain) -> None:
+        subject = chain.token("front", "orders")
+        # front may have billing.export, orders may not: asked for, refused by name.
+        details = _refused(
+            lambda: chain.exchange(subject, "orders", "billing", scopes=["billing.export"]),
+            grpc.StatusCode.PERMISSION_DENIED,
+        )
+        assert "billing.export" in details
+        # front may call inventory, orders may not at all.
+        _refused(
+            lambda: chain.exchange(subject, "orders", "inventory"),
+            grpc.StatusCode.PERMISSION_DENIED,
+        )
+        # Asking for nothing gets the intersection, never front's grant alone.
+        derived = chain.exchange(subject, "orders", "billing")
+        assert list(derived.scopes) == ["billing.read"]
+        assert chain.validate(derived.access_token, "billing").claims.scopes == ["billing.read"]
 
     def test_an_actor_whose_own_credentials_fail_is_unauthenticated(self, chain: Chain) -> None:
         subject = chain.token("front", "orders")
