@@ -263,6 +263,8 @@ class ServerState:
         self.disabled: frozenset[str] = frozenset()
         self._next_key_expiry: float | None = None
         self._change_cursor = 0
+        # Change kinds read from storage whose reload has not succeeded yet (refresh).
+        self._pending: set[str] = set()
         self._revocation_cursor = 0
         self.last_sync_at: float | None = None
         # Called (from the refreshing thread) with each batch of new revocations.
@@ -292,31 +294,41 @@ class ServerState:
             self.last_sync_at = self._clock.now()
 
     def refresh(self) -> list[RevocationRecord]:
-        """Apply what changed in storage since the last call; returns the new revocations."""
+        """Apply what changed in storage since the last call; returns the new revocations.
+
+        Revocations come first and never wait on a reload: a reload that keeps failing (a key
+        this replica's KEK cannot unwrap, after `authsvc kek rotate` on another host) must not
+        leave revoked tokens valid here. A failed reload stays pending and is tried again at
+        every refresh, however many changes came since, and its error is raised after the
+        revocations are in (the sync loop logs it; `last_sync_at` stays put, so /readyz says
+        this replica is behind).
+        """
         with self._lock:
-            kinds: set[str] = set()
             cursor = self._change_cursor
             while True:
                 changes = self._repo.list_changes(cursor)
                 if not changes:
                     break
-                kinds.update(c.kind for c in changes)
+                self._pending.update(c.kind for c in changes)
                 cursor = changes[-1].cursor
-            now = self._clock.now()
-            if "key" in kinds or (
-                self._next_key_expiry is not None and now >= self._next_key_expiry
-            ):
-                self._reload_keys()
-            if "service" in kinds:
-                self._reload_disabled()
-            if "trust" in kinds and self.on_trusts_changed is not None:
-                self.on_trusts_changed()
-            # Only now: a reload that failed (the database away, a key this replica's KEK
-            # cannot unwrap) leaves the cursor where it was, so the next refresh sees the same
-            # changes and tries again, instead of serving the old keys with the change lost.
+            # What was read is now pending, so the cursor may move whatever happens next.
             self._change_cursor = cursor
+            now = self._clock.now()
             new = self._pull_revocations()
             self.revocations.prune(self.revocation_horizon())
+            if self._next_key_expiry is not None and now >= self._next_key_expiry:
+                self._pending.add("key")
+            if "key" in self._pending:
+                self._reload_keys()
+                self._pending.discard("key")
+            if "service" in self._pending:
+                self._reload_disabled()
+                self._pending.discard("service")
+            if "trust" in self._pending:
+                if self.on_trusts_changed is not None:
+                    self.on_trusts_changed()
+                self._pending.discard("trust")
+            self._pending.clear()  # kinds nothing here reloads
             self.last_sync_at = now
         return new
 

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from authsvc.clock import to_datetime
-from authsvc.errors import StorageUnavailable
+from authsvc.crypto.kek import UnknownKek
+from authsvc.errors import AuthsvcError, ConfigError, StorageUnavailable
 from authsvc.server.app import AuthsvcServer, Core, build_core, create_service
 from authsvc.storage.repository import Repository
 from authsvc.sync import ServerState
@@ -81,13 +82,60 @@ class TestAChangeThatFailedToApplyIsRetried:
         assert not state.is_subject_enabled("orders")
 
 
+class TestRevocationsNeverWaitOnAReload:
+    def test_a_key_this_replica_cannot_unwrap(
+        self, core: Core, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A replica left on the old KEK after `kek rotate` fails every key reload once another
+        replica rotates; revocations made meanwhile must still reach it, and the reload is
+        tried again at every refresh until it succeeds."""
+        state = ServerState(core.repo, core.manager, core.clock)
+        state.load()
+        old = state.signer
+        next_key = core.manager.next_key()
+        assert old is not None and next_key is not None
+        core.manager.activate_next(next_key, old.kid)  # another replica rotated
+        real_private_key = core.manager.private_key
+
+        def not_held(record: Any) -> Any:
+            raise UnknownKek
+
+        monkeypatch.setattr(core.manager, "private_key", not_held)
+        now = core.clock.now()
+        core.repo.create_revocation(
+            jti="leaked-jti",
+            service_id=None,
+            revoked_before=None,
+            expires_at=to_datetime(now + 3600),
+            reason="leaked",
+            now=to_datetime(now),
+        )
+        synced = state.last_sync_at
+        for _ in range(3):
+            with pytest.raises(ConfigError):
+                state.refresh()
+            assert state.revocations.is_revoked("leaked-jti", "orders", int(now))
+            assert state.last_sync_at == synced  # behind, and /readyz says so
+            assert state.signer is old
+        # The KEK is fixed: no new change record, yet the pending reload runs.
+        monkeypatch.setattr(core.manager, "private_key", real_private_key)
+        state.refresh()
+        assert state.signer is not None and state.signer.kid == next_key.kid
+
+
 class TestACommittedWriteIsAnsweredAsDone:
+    @pytest.mark.parametrize(
+        "failure",
+        [StorageUnavailable("database unavailable"), ConfigError("a key this KEK cannot unwrap")],
+        ids=["database away", "key not held"],
+    )
     def test_rotate_signing_key_when_the_refresh_after_it_fails(
-        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: AuthsvcError
     ) -> None:
         """RotateSigningKey has committed when this replica refreshes to show it: a refresh
-        that fails then answers OK (the change shows at the next sync), not UNAVAILABLE,
-        which would say the rotation did not happen and invite a second one."""
+        that fails then answers OK (the change shows at the next sync), not UNAVAILABLE or
+        FAILED_PRECONDITION, which would say the rotation did not happen and invite a second
+        one."""
         settings = in_process_settings(tmp_path)
         real = ServerState.refresh
         failed: list[int] = []
@@ -95,7 +143,7 @@ class TestACommittedWriteIsAnsweredAsDone:
         def refresh(state: ServerState) -> Any:
             if armed and not failed:
                 failed.append(1)
-                raise StorageUnavailable("database unavailable")
+                raise failure
             return real(state)
 
         armed = False
