@@ -560,6 +560,53 @@ class TestTheDelegatorFollowsRevocations:
             finally:
                 delegator.close()
 
+    def test_a_source_made_after_the_event_knows_its_cutoff(self, fleet: Fleet) -> None:
+        """RevokeToken(service_id) returns once its cutoff second has begun, but its event
+        reaches the feed before: an incoming call with a new token in between makes a new
+        source, whose first exchange gets a token issued before the cutoff (revoked)."""
+        admin = create_service(fleet.server.env, "ops-admin-2", admin=True)
+        admin_token = fleet.server.issue("ops-admin-2", admin, "authsvc").access_token
+        first, later = fleet.token("front", "orders"), fleet.token("front", "orders")
+        with grpc.insecure_channel(fleet.server.address) as channel:
+            delegator = Delegator(channel, login=fleet.login("orders"))
+            try:
+                delegator.token("billing", ["billing.read"], subject_token=first)
+                deadline = time.monotonic() + 20
+                live, seen = threading.Event(), threading.Event()
+                started = float("inf")
+
+                def heard(event: auth_pb2.RevocationEvent) -> None:
+                    if event.jti == "warm-up":
+                        live.set()
+                    # This test's revocation, not an earlier test's replayed to a new stream.
+                    if event.service_id == "orders" and event.revoked_before.seconds > started:
+                        seen.set()
+
+                delegator._feed._revocation_listeners += (heard,)
+                md = (("authorization", f"Bearer {admin_token}"),)
+                # Until the feed's stream is live: it hears a revocation made now.
+                while not live.is_set():
+                    fleet.server.stub.RevokeToken(
+                        auth_pb2.RevokeTokenRequest(jti="warm-up"), metadata=md, timeout=10
+                    )
+                    assert live.wait(1) or time.monotonic() < deadline, "the feed never started"
+                while time.time() % 1 > 0.05:  # early in a second: the cutoff is ~1 s away
+                    time.sleep(0.005)
+                started = time.time()
+                revoke = threading.Thread(
+                    target=fleet.server.stub.RevokeToken,
+                    args=(auth_pb2.RevokeTokenRequest(service_id="orders"),),
+                    kwargs={"metadata": md, "timeout": 10},
+                )
+                revoke.start()
+                assert seen.wait(10), "the feed never saw the revocation"
+                handed = delegator.token("billing", ["billing.read"], subject_token=later)
+                revoke.join()
+                valid = self._valid(fleet, handed)
+                assert valid, "a new source handed out a revoked token"
+            finally:
+                delegator.close()
+
 
 # --- PostgreSQL: two replicas ----------------------------------------------------------------
 

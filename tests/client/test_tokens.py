@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,20 @@ class TestTokenSource:
             assert "redacted" in text
 
 
+    def test_a_token_revoked_on_every_arrival_is_never_handed_out(
+        self, world: World, authsvc_channel: grpc.Channel, counter: Counter
+    ) -> None:
+        """A revoke-all cutoff ahead of every token a refresh gets (as when revocations of the
+        service keep coming): three tries, each waited out, then an error, not the dead
+        token; the caller asks again later."""
+        source = _source(world, authsvc_channel, FakeClock())
+        source._core.note_cutoff(int(time.time()) + 8)
+        with pytest.raises(TokenUnavailable, match="revoked before it arrived"):
+            source.token(timeout=20)
+        assert counter.count() == 3
+        assert source._core.token is None
+
+
 class TestFromEnv:
     def _env(self, world: World, **extra: str) -> dict[str, str]:
         return {"AUTHSVC_SERVICE_ID": "orders", "AUTHSVC_TARGET": world.server.address, **extra}
@@ -219,6 +234,31 @@ class TestAsyncTokenSource:
         assert state is TokenState.INVALID
         assert total == 2
         assert len(distinct) == 2
+
+    def test_a_token_revoked_on_every_arrival_is_never_handed_out(self, world: World) -> None:
+        async def scenario() -> tuple[str, int]:
+            counter = _AioCounter()
+            channel = grpc.aio.insecure_channel(world.server.address, interceptors=[counter])
+            source = AsyncTokenSource(
+                channel,
+                service_id="orders",
+                service_secret=world.orders_secret,
+                audience="billing",
+                clock=FakeClock(),
+            )
+            source._core.note_cutoff(int(time.time()) + 8)
+            try:
+                await source.token()
+            except TokenUnavailable as exc:
+                message = str(exc)
+            else:
+                message = "a token was handed out"
+            await channel.close()
+            return message, counter.count
+
+        message, calls = asyncio.run(scenario())
+        assert "revoked before it arrived" in message
+        assert calls == 3
 
     def test_from_env_and_repr(self, world: World) -> None:
         async def scenario() -> tuple[str, str]:

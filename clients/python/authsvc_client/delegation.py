@@ -130,11 +130,17 @@ class _Sources:
     by the sync and asyncio delegators. Thread-safe; building a source does no I/O."""
 
     def __init__(
-        self, make: _Make, max_entries: int, clock: Callable[[], float]
+        self,
+        make: _Make,
+        max_entries: int,
+        clock: Callable[[], float],
+        seed: Callable[[Any], None] | None = None,
     ) -> None:
+        """`seed`: called with each new source once it is in the map (see _DelegatorBase)."""
         if max_entries < 1:
             raise ValueError("max_entries must be >= 1")
         self._make = make
+        self._seed = seed
         self._max = max_entries
         self._clock = clock
         self._lock = threading.Lock()
@@ -161,7 +167,11 @@ class _Sources:
                 return entry[0]
             self._make_room()
             self._entries[key] = (source, _expiry(subject))
-            return source
+        if self._seed is not None:
+            # After it is in the map: an event the feed applies from here on reaches the
+            # source through revoked(), and one applied before is in what seed reads.
+            self._seed(source)
+        return source
 
     def _make_room(self) -> None:
         if len(self._entries) < self._max:
@@ -249,7 +259,14 @@ class _DelegatorBase:
                 **options,
             )
 
-        self._sources = _Sources(make, max_entries, clock)
+        def seed(source: Any) -> None:
+            # A revoke-all of this service ends at the next whole second, so an exchange made
+            # after its event, within that second, gets a token that is already revoked: a
+            # new source starts from the cutoff the feed has seen, as the older sources have.
+            if self._feed is not None:
+                source._core.note_cutoff(self._feed._core.cutoff)
+
+        self._sources = _Sources(make, max_entries, clock, seed)
         # The feed: a source of this service's own for authsvc's audience, whose follower
         # hands every event to the sources above as well; started by the first token asked.
         self._feed: Any = None

@@ -92,6 +92,9 @@ _SCOPE_DENIED_PREFIX = "scope not allowed for this service: "
 _REACTIVE_MIN_AGE_SECONDS = 5.0
 
 _NO_TOKEN = "no access token available"  # noqa: S105 - a message, not a secret
+# Every token a refresh got was revoked before it arrived (a revoke-all, again and again):
+# never handed out; the next call asks again.
+_REVOKED_ON_ARRIVAL = "the new access token was revoked before it arrived"
 
 TokenCallback = Callable[[str | None, AuthsvcClientError | None], None]
 
@@ -357,10 +360,15 @@ class _Core:
             _LOG.info("authsvc revoked the token for %r; fetching a new one", self.audience)
         return dropped
 
+    def note_cutoff(self, revoked_before: int) -> None:
+        """This service's tokens issued before `revoked_before` are revoked (a cutoff learnt
+        elsewhere: the Delegator's feed, for a source made after the event)."""
+        self.cutoff = max(self.cutoff, revoked_before)
+
     def revoked(self, jti: str, service_id: str, revoked_before: int | None) -> bool:
         """Apply one revocation event; True when it killed the current token."""
         if service_id == self.service_id and revoked_before is not None:
-            self.cutoff = max(self.cutoff, revoked_before)
+            self.note_cutoff(revoked_before)
         token = self.token
         if token is not None and self.is_dead(token, jti):
             self.token = None
@@ -797,8 +805,12 @@ class TokenSource(_SourceBase):
             else:
                 with self._lock:
                     accepted = core.accept(response, core.clock())
-                    token = accepted.value
                     delay = core.dead_on_arrival(accepted)
+                    if delay is None:
+                        token, error = accepted.value, None
+                    else:  # never handed out, even should the next attempt fail
+                        token, error = None, TokenUnavailable(_REVOKED_ON_ARRIVAL)
+                        core.last_error = error
                 if delay is not None and not self._stopped.wait(delay):
                     continue
             break
@@ -1072,10 +1084,13 @@ class AsyncTokenSource(_SourceBase):
                 raise core.last_error from None
             accepted = core.accept(response, core.clock())
             delay = core.dead_on_arrival(accepted)
-            if delay is None or self._closed:
+            if delay is None:
+                return accepted.value
+            if self._closed:
                 break
             await asyncio.sleep(delay)
-        return accepted.value
+        core.last_error = TokenUnavailable(_REVOKED_ON_ARRIVAL)
+        raise core.last_error
 
     def _revoked(self, event: auth_pb2.RevocationEvent) -> None:
         self._core.apply(event)
