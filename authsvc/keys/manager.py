@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -24,12 +25,16 @@ from authsvc.errors import AuthsvcError, ConfigError
 from authsvc.keys.jwks import jwk_thumbprint, public_jwk
 from authsvc.keys.wrapping import NOT_HELD, wrapping_kek
 from authsvc.storage.records import KeyState, SigningKeyRecord
-from authsvc.storage.repository import KekChanged, Repository
+from authsvc.storage.repository import AuditEvent, KekChanged, Repository
 
 log = logging.getLogger("authsvc.server")
 
 # Attempts at a rotation when `authsvc kek rotate` commits between wrapping and activating.
 _KEK_ATTEMPTS = 2
+
+# The audit row of a rotation that activates the key with this kid (RotationAudit(kid)),
+# written in the transaction that activates it.
+RotationAudit = Callable[[str], AuditEvent]
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,9 @@ class RotationResult:
     key: SigningKeyRecord
     # False when another replica rotated first and its key is the one now active.
     rotated_here: bool
+    # The audit row this rotation's transaction wrote with the activation (from the `audit`
+    # argument); None when it wrote none (another replica won, or no `audit` was given).
+    audited: AuditEvent | None = None
 
 
 class KeyManager:
@@ -90,23 +98,31 @@ class KeyManager:
     def _retire_until(self, now: float) -> datetime:
         return to_datetime(now + self._publish_after_retire)
 
-    def _result(self, kid: str, won: bool) -> RotationResult:
+    def _result(self, kid: str, won: bool, audited: AuditEvent | None) -> RotationResult:
         active = self._repo.fetch_active_signing_key()
         if active is None:  # pragma: no cover - the transaction above guarantees one
             raise RuntimeError("no active signing key after rotation")
-        return RotationResult(key=active, rotated_here=won and active.kid == kid)
+        return RotationResult(
+            key=active, rotated_here=won and active.kid == kid, audited=audited if won else None
+        )
 
     def activate_fresh(
-        self, expected_active_kid: str | None, *, revoke_previous: bool
+        self,
+        expected_active_kid: str | None,
+        *,
+        revoke_previous: bool,
+        audit: RotationAudit | None = None,
     ) -> RotationResult:
         """Generate a key and make it active in one step: it was never published before.
 
         For the very first key (nothing to publish it ahead of) and for a compromise rotation
         (`revoke_previous`, which also revokes the pre-published `next` key: see
-        authsvc.keys.rotator). A `next` key is prepared afterwards.
+        authsvc.keys.rotator). A `next` key is prepared afterwards. `audit(kid)`: the row
+        written in the activating transaction, if this call wins (RotationResult.audited).
         """
         for attempt in range(_KEK_ATTEMPTS):
             record = self._generate("active")
+            event = None if audit is None else audit(record.kid)
             now = self._clock.now()
             try:
                 won = self._repo.create_signing_key(
@@ -115,23 +131,28 @@ class KeyManager:
                     expected_active_kid=expected_active_kid,
                     publish_until=self._retire_until(now),
                     revoke_others=revoke_previous,
+                    audit=event,
                 )
                 break
             except KekChanged:
                 if attempt + 1 == _KEK_ATTEMPTS:
                     raise
-        result = self._result(record.kid, won)
+        result = self._result(record.kid, won, event)
         self._prepare_next()
         return result
 
     def activate_next(
-        self, next_key: SigningKeyRecord, expected_active_kid: str | None
+        self,
+        next_key: SigningKeyRecord,
+        expected_active_kid: str | None,
+        *,
+        audit: RotationAudit | None = None,
     ) -> RotationResult | None:
         """Make the published `next_key` active, retire the active one, prepare a new `next`.
 
         None when `next_key` is no longer a `next` key (a compromise rotation revoked it
         meanwhile); losing the race to another replica is a RotationResult with
-        rotated_here=False.
+        rotated_here=False. `audit(kid)`: as for activate_fresh.
 
         Raises:
             ConfigError: `next_key` is wrapped under a KEK this process does not hold (a
@@ -140,16 +161,18 @@ class KeyManager:
         """
         if next_key.kek_id is not None and next_key.kek_id not in self._keks.kek_ids:
             raise ConfigError(NOT_HELD)
+        event = None if audit is None else audit(next_key.kid)
         now = self._clock.now()
         outcome = self._repo.activate_next_signing_key(
             next_key.kid,
             to_datetime(now),
             expected_active_kid=expected_active_kid,
             publish_until=self._retire_until(now),
+            audit=event,
         )
         if outcome == "no_next":
             return None
-        result = self._result(next_key.kid, outcome == "activated")
+        result = self._result(next_key.kid, outcome == "activated", event)
         self._prepare_next()
         return result
 

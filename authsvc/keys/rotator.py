@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from authsvc.clock import Clock, to_timestamp
 from authsvc.errors import FailedPrecondition
-from authsvc.keys.manager import KeyManager, RotationResult
+from authsvc.keys.manager import KeyManager, RotationAudit, RotationResult
 from authsvc.storage.records import SigningKeyRecord
 
 if TYPE_CHECKING:
@@ -122,24 +122,28 @@ class Rotator:
         age = self._age(to_timestamp(next_key.created_at))
         return 0.0 if age is None else self.publish_lead_seconds - age
 
-    def rotate_if_due(self) -> RotationResult | None:
+    def rotate_if_due(self, *, audit: RotationAudit | None = None) -> RotationResult | None:
         """Scheduled: activate the `next` key when the active key is due and the `next` key has
         been published for the lead; None when nothing was due or ready (or the `next` key was
-        revoked under us: the compromise rotation that did it already rotated)."""
+        revoked under us: the compromise rotation that did it already rotated). `audit(kid)`:
+        the row the activating transaction writes (KeyManager.activate_next)."""
         active = self.manager.active_key()
         if active is None:
-            return self.manager.activate_fresh(None, revoke_previous=False)
+            return self.manager.activate_fresh(None, revoke_previous=False, audit=audit)
         if not self.is_due(active):
             return None
         next_key = self.manager.ensure_next()
         if not self.is_published_long_enough(next_key):
             return None
-        return self.manager.activate_next(next_key, active.kid)
+        return self.manager.activate_next(next_key, active.kid, audit=audit)
 
-    def rotate_now(self, *, revoke_previous: bool = False) -> RotationResult:
+    def rotate_now(
+        self, *, revoke_previous: bool = False, audit: RotationAudit | None = None
+    ) -> RotationResult:
         """On demand: the `next` key becomes active at once, once it has been published for
         the lead; with `revoke_previous`, a fresh key instead and every other key, the `next`
-        one included, is revoked at once.
+        one included, is revoked at once. `audit(kid)`: the row the activating transaction
+        writes, should this call win (RotationResult.audited).
 
         Raises:
             FailedPrecondition: the `next` key is younger than the lead (see the module text).
@@ -147,7 +151,9 @@ class Rotator:
         active = self.manager.active_key()
         expected = active.kid if active is not None else None
         if revoke_previous or active is None:
-            return self.manager.activate_fresh(expected, revoke_previous=revoke_previous)
+            return self.manager.activate_fresh(
+                expected, revoke_previous=revoke_previous, audit=audit
+            )
         next_key = self.manager.ensure_next()
         wait = self.publish_wait(next_key)
         if wait > 0:
@@ -157,7 +163,7 @@ class Rotator:
                 f"validators may not hold it yet; it can become active in {math.ceil(wait)} s "
                 "(a suspected compromise: rotate with revoke_previous, which does not wait)"
             )
-        result = self.manager.activate_next(next_key, expected)
+        result = self.manager.activate_next(next_key, expected, audit=audit)
         if result is None:
             # Revoked between our read and our write: a compromise rotation just ran, which is
             # a rotation this call lost the race to.

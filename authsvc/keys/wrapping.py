@@ -10,13 +10,14 @@ a roll, replicas with the old KEK only and replicas with both keep reading each 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 from authsvc.crypto.kek import KekRing, KeyEncryptionKey, UnknownKek
 from authsvc.errors import ConfigError, DecryptError
 from authsvc.storage.records import SECRET_HASH_KEY, SigningKeyRecord, WrappedKeyRecord
-from authsvc.storage.repository import Repository
+from authsvc.storage.repository import AuditEvent, Repository
 
 __all__ = [
     "KekRotation",
@@ -90,12 +91,18 @@ class KekRotation:
 
 
 def rotate_kek(
-    repo: Repository, ring: KekRing, new: KeyEncryptionKey, now: datetime
+    repo: Repository,
+    ring: KekRing,
+    new: KeyEncryptionKey,
+    now: datetime,
+    *,
+    audit: Callable[[int], AuditEvent] | None = None,
 ) -> KekRotation:
     """Re-wrap every stored key under `new`, in one transaction (all or nothing).
 
     Items already under `new` are left as they are, so running it again after a crash, or
     after it succeeded, is safe. `ring` holds the KEKs the items are wrapped under now.
+    `audit(rewrapped)` gives the audit row, written in that transaction.
 
     Raises:
         ConfigError: an item is wrapped under a KEK neither in `ring` nor `new`, or fails to
@@ -120,4 +127,5 @@ def rotate_kek(
         plain = _unwrap_named(sources, record)
         return new.kek_id, new.wrap_named(plain, name=record.name)
 
-    return KekRotation(rewrapped=repo.rewrap_keys(signing, named, now), kek_id=new.kek_id)
+    rewrapped = repo.rewrap_keys(signing, named, now, audit=audit)
+    return KekRotation(rewrapped=rewrapped, kek_id=new.kek_id)

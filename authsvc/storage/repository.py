@@ -789,8 +789,11 @@ class Repository:
             return AlreadyExists(f"issuer {record.issuer!r} is already trusted as {other!r}")
         return None
 
-    def create_trust(self, record: TrustRecord, now: datetime) -> TrustRecord:
-        """Store a trusted issuer (its created_at is `now`); writes a 'trust' change.
+    def create_trust(
+        self, record: TrustRecord, now: datetime, *, audit: AuditEvent | None = None
+    ) -> TrustRecord:
+        """Store a trusted issuer (its created_at is `now`); writes a 'trust' change and the
+        `audit` row, in one transaction.
 
         Raises:
             AlreadyExists: the name is taken, or the issuer is trusted under another name.
@@ -817,6 +820,7 @@ class Repository:
                 s.add(row)
                 s.flush()
                 self._add_change(s, "trust", record.name, now)
+                self._add_audit(s, audit)
                 return _trust(row)
         except sa_exc.IntegrityError:
             # Another replica added the name or the issuer meanwhile.
@@ -834,12 +838,19 @@ class Repository:
             row = s.get(TrustedIssuerRow, name)
             return None if row is None else _trust(row)
 
-    def delete_trust(self, name: str, now: datetime) -> int:
+    def delete_trust(
+        self,
+        name: str,
+        now: datetime,
+        *,
+        audit: Callable[[int], AuditEvent] | None = None,
+    ) -> int:
         """Delete a trust and every federated subject bound to it; returns how many bindings.
 
         The bindings go with it, so a later trust of the same name (perhaps another issuer)
         inherits none of them. Writes a 'trust' change, and a 'service' change for each service
-        that lost a binding.
+        that lost a binding. `audit(unbound)` (how many bindings went) gives the removal's
+        audit row, written in the same transaction.
 
         Raises:
             NotFound: no such trust.
@@ -871,6 +882,7 @@ class Repository:
             self._add_change(s, "trust", name, now)
             for service_id in services:
                 self._add_change(s, "service", service_id, now)
+            self._add_audit(s, None if audit is None else audit(len(unbound)))
             return len(unbound)
 
     # -- service secrets ----------------------------------------------------------------------
@@ -969,13 +981,15 @@ class Repository:
         expected_active_kid: str | None,
         publish_until: datetime,
         revoke_others: bool = False,
+        audit: AuditEvent | None = None,
     ) -> bool:
         """Activate `record` if the active key is still `expected_active_kid` (None: no key).
 
         The caller generates the key outside the transaction; the check happens again inside
         it, serialized across processes (Dex rotation). False means another rotation won the
         race, which is a normal outcome. The old active key is retired (public part published
-        until `publish_until`); with `revoke_others` every other key is revoked at once.
+        until `publish_until`); with `revoke_others` every other key is revoked at once. The
+        `audit` row is written in the same transaction, and only when this one activates.
 
         Raises:
             AlreadyExists: a key with this kid exists.
@@ -1014,6 +1028,7 @@ class Repository:
                 )
                 s.flush()
                 self._add_change(s, "key", record.kid, now)
+                self._add_audit(s, audit)
                 return True
         except sa_exc.IntegrityError:
             raise AlreadyExists(f"signing key {record.kid!r} already exists") from None
@@ -1051,13 +1066,15 @@ class Repository:
         *,
         expected_active_kid: str | None,
         publish_until: datetime,
+        audit: AuditEvent | None = None,
     ) -> NextActivation:
         """Make the `next` key `kid` active if the active key is still `expected_active_kid`.
 
         The same race rule as create_signing_key: the check runs again inside the transaction,
         serialized across processes, so replicas rotating at once activate one key between
         them and the others get "already_rotated". The old active key is retired (published
-        until `publish_until`). "no_next": `kid` is not a `next` key (any more).
+        until `publish_until`). "no_next": `kid` is not a `next` key (any more). The `audit`
+        row is written in the same transaction, and only when it is "activated".
         """
         now = _utc_in(now)
         publish_until = _utc_in(publish_until)
@@ -1077,6 +1094,7 @@ class Repository:
             row.activated_at = now
             s.flush()
             self._add_change(s, "key", kid, now)
+            self._add_audit(s, audit)
             return "activated"
 
     def _check_wrapping(self, s: Session, record: SigningKeyRecord) -> None:
@@ -1171,6 +1189,8 @@ class Repository:
         signing: Callable[[SigningKeyRecord], tuple[str, bytes] | None],
         named: Callable[[WrappedKeyRecord], tuple[str, bytes] | None],
         now: datetime,
+        *,
+        audit: Callable[[int], AuditEvent] | None = None,
     ) -> int:
         """Re-wrap every stored private key and wrapped key in one transaction.
 
@@ -1178,7 +1198,8 @@ class Repository:
         it. An exception from a callback rolls everything back: the rotation is all or nothing,
         a kill -9 at any moment leaves either the old wrapping or the new one. Serialized with
         signing-key rotations, so no key is wrapped under the old KEK after this commits.
-        Returns how many items changed.
+        Returns how many items changed; `audit(changed)` gives the audit row, written in the
+        same transaction (so a failed audit write re-wraps nothing).
         """
         now = _utc_in(now)
         changed = 0
@@ -1208,6 +1229,7 @@ class Repository:
                     wrapped_row.updated_at = now
                     changed += 1
             s.flush()
+            self._add_audit(s, None if audit is None else audit(changed))
         return changed
 
     # -- revocations --------------------------------------------------------------------------
@@ -1222,12 +1244,15 @@ class Repository:
         reason: str,
         now: datetime,
         kind: RevocationKind | None = None,
+        audit: AuditEvent | None = None,
     ) -> RevocationRecord | None:
-        """Revoke one token (`jti`) or a service's tokens issued before `revoked_before`.
+        """Revoke one token (`jti`) or a service's tokens issued before `revoked_before`, with
+        the `audit` row, in one transaction.
 
         `kind` defaults to what the target implies ("token" or "service_tokens"); disabling a
         service passes "service_disabled".
-        Returns None when that jti is already revoked.
+        Returns None when that jti is already revoked (the `audit` row is written all the same:
+        the revocation the caller asked for is in force).
 
         Raises:
             ValueError: not exactly one of `jti` and `service_id` given, or a kind that does
@@ -1241,7 +1266,7 @@ class Repository:
             raise ValueError("kind 'token' goes with jti, the service kinds with service_id")
         now = _utc_in(now)
         with self._write() as s:
-            return self._add_revocation(
+            record = self._add_revocation(
                 s,
                 jti=jti,
                 service_id=service_id,
@@ -1251,6 +1276,8 @@ class Repository:
                 now=now,
                 kind=kind,
             )
+            self._add_audit(s, audit)
+            return record
 
     def _add_revocation(
         self,

@@ -16,7 +16,7 @@ from authsvc.config import Settings
 from authsvc.errors import InvalidArgument, NotFound
 from authsvc.inputs import check_name
 from authsvc.storage.records import RevocationKind
-from authsvc.storage.repository import Repository
+from authsvc.storage.repository import AuditEvent, Repository
 from authsvc.usecases.audit import AuditTrail, Origin
 from authsvc.usecases.callers import Callers
 from authsvc.usecases.tokens import check_token_size
@@ -59,12 +59,14 @@ def revoke_service_tokens(
     token_lifetime_seconds: int,
     reason: str,
     kind: RevocationKind | None = None,
+    audit: AuditEvent | None = None,
 ) -> int:
     """Record the revocation of every token of `service_id` issued before the cutoff, kept as
     long as any of them could still validate; returns the cutoff (epoch seconds).
 
     `kind`: None for a plain revocation ("service_tokens"), "service_disabled" when a disable
-    causes it. `token_lifetime_seconds`: the longest a token lives, leeway included.
+    causes it. `token_lifetime_seconds`: the longest a token lives, leeway included. `audit`:
+    the revocation's audit row, written in its transaction.
     """
     cutoff = service_cutoff(now)
     repo.create_revocation(
@@ -75,6 +77,7 @@ def revoke_service_tokens(
         reason=reason,
         now=to_datetime(now),
         kind=kind,
+        audit=audit,
     )
     return cutoff
 
@@ -179,6 +182,9 @@ class Revocations:
         if expires_at is None:
             # Unknown token: keep the revocation as long as any token could live.
             expires_at = math.ceil(now) + self._s.max_ttl_seconds
+        # Written with the revocation, in its transaction: should the audit row fail, nothing
+        # is revoked and the caller is told so, instead of an error for a revocation in force.
+        event = self._trail.event(origin, action="revoke_token", target=f"jti:{jti}")
         self._repo.create_revocation(
             jti=jti,
             service_id=None,
@@ -186,8 +192,9 @@ class Revocations:
             expires_at=to_datetime(expires_at + self._s.leeway_seconds),
             reason=reason[:MAX_REASON_LENGTH],
             now=to_datetime(now),
+            audit=event,
         )
-        self._trail.record(origin, action="revoke_token", target=f"jti:{jti}")
+        self._trail.log(event)
         return True
 
     async def revoke_service(self, service_id: str, reason: str, origin: Origin) -> bool:
@@ -203,16 +210,19 @@ class Revocations:
         def write() -> int:
             if self._repo.fetch_service(service_id) is None:
                 raise NotFound("no such service")
+            # Written with the revocation, in its transaction (as for a jti).
+            event = self._trail.event(
+                origin, action="revoke_service_tokens", target=f"service:{service_id}"
+            )
             cutoff = revoke_service_tokens(
                 self._repo,
                 service_id,
                 now=self._clock.now(),
                 token_lifetime_seconds=self._token_lifetime,
                 reason=reason[:MAX_REASON_LENGTH],
+                audit=event,
             )
-            self._trail.record(
-                origin, action="revoke_service_tokens", target=f"service:{service_id}"
-            )
+            self._trail.log(event)
             return cutoff
 
         cutoff = await asyncio.to_thread(write)

@@ -2,9 +2,11 @@
 scheduler.
 
 The schedule itself is authsvc.keys.rotator's; the state changes are the key manager's. Here
-every rotation is audited once, by whoever won the race between replicas: the loser's audit row
-says `already_rotated` for an on-demand call and nothing at all for a scheduled round, so a
-fleet leaves one scheduled row per rotation.
+every rotation is audited once, by whoever won the race between replicas, in the transaction
+that activates the key (a failed audit write rotates nothing, so a retry rotates once): the
+loser's audit row, on its own since it changed nothing, says `already_rotated` for an
+on-demand call, and a scheduled round that lost writes none, so a fleet leaves one scheduled
+row per rotation.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from authsvc.clock import Clock, to_datetime
 from authsvc.keys.manager import KeyManager, RotationResult
 from authsvc.keys.rotator import Rotator
 from authsvc.storage.records import SigningKeyRecord
-from authsvc.storage.repository import Repository
+from authsvc.storage.repository import AuditEvent, Repository
 from authsvc.usecases.audit import SCHEDULER_ACTOR, AuditTrail, Origin
 
 __all__ = ["ScheduledRound", "SigningKeys"]
@@ -65,14 +67,26 @@ class SigningKeys:
         Losing the race to another replica is a normal outcome: the key that won is returned
         with rotated_here=False and the audit row says `already_rotated`.
         """
-        result = self._rotator.rotate_now(revoke_previous=revoke_previous)
-        self._trail.record(
-            origin,
-            action=ROTATE_ACTION,
-            target=f"key:{result.key.kid}",
-            outcome="ok" if result.rotated_here else "already_rotated",
-            detail=f"revoke_previous={revoke_previous}",
-        )
+        detail = f"revoke_previous={revoke_previous}"
+
+        def audit(kid: str) -> AuditEvent:
+            return self._trail.event(
+                origin, action=ROTATE_ACTION, target=f"key:{kid}", detail=detail
+            )
+
+        # The "ok" row is written by the transaction that activates the key, if this one does.
+        result = self._rotator.rotate_now(revoke_previous=revoke_previous, audit=audit)
+        if result.audited is not None:
+            self._trail.log(result.audited)
+        else:
+            # Another replica rotated: nothing changed here, so the row stands on its own.
+            self._trail.record(
+                origin,
+                action=ROTATE_ACTION,
+                target=f"key:{result.key.kid}",
+                outcome="already_rotated",
+                detail=detail,
+            )
         return result
 
     def list(self) -> list[SigningKeyRecord]:
@@ -94,17 +108,22 @@ class SigningKeys:
         expired by `prune_now` (the server's WallClock.earliest_now; None: the clock's now) and
         revocations of tokens that expired before `revocation_horizon`
         (ServerState.revocation_horizon)."""
-        result = self._rotator.rotate_if_due()
+        origin = Origin.local(SCHEDULER_ACTOR)
+
+        def audit(kid: str) -> AuditEvent:
+            return self._trail.event(
+                origin, action=ROTATE_ACTION, target=f"key:{kid}", detail="scheduled"
+            )
+
+        # Written by the transaction that activates the key, on the replica whose transaction
+        # does (RotationResult.audited): a replica that lost the race writes no row.
+        result = self._rotator.rotate_if_due(audit=audit)
         rotated = None
         if result is not None and result.rotated_here:
             rotated = result.key
             log.info("scheduled key rotation: new active key %s", result.key.kid)
-            self._trail.record(
-                Origin.local(SCHEDULER_ACTOR),
-                action=ROTATE_ACTION,
-                target=f"key:{result.key.kid}",
-                detail="scheduled",
-            )
+        if result is not None and result.audited is not None:
+            self._trail.log(result.audited)
         # A `next` key revoked by a compromise rotation on another host, or a database from
         # before `next` keys: publish one now so the next rotation finds it old enough.
         self._manager.ensure_next()

@@ -10,8 +10,9 @@ A trust is issuer + one mandatory audience + keys + a lifetime ceiling (see
   and refresh it. The URL comes only from here, never from a token.
 
 Removing a trust also removes every federated subject bound to it (a trust added later under
-the same name must not inherit them). Each change writes one audit row; none holds key
-material (a file trust is described by its key ids, a URL trust by its host).
+the same name must not inherit them). Each change writes one audit row, in the change's own
+transaction; none holds key material (a file trust is described by its key ids, a URL trust
+by its host).
 
 Nothing here knows gRPC or the CLI: errors are `authsvc.errors` types.
 """
@@ -26,7 +27,7 @@ from authsvc.clock import Clock, to_datetime
 from authsvc.errors import InvalidArgument
 from authsvc.inputs import MAX_ID_LENGTH, SERVICE_ID_GRAMMAR, check_name
 from authsvc.storage.records import TrustRecord
-from authsvc.storage.repository import Repository
+from authsvc.storage.repository import AuditEvent, Repository
 from authsvc.usecases.audit import AuditTrail, Origin
 from authsvc.workload import StaticKeys, TrustedIssuer, check_jwks_url, load_jwks_file
 from authsvc.workload.federation import DEFAULT_MAX_LIFETIME
@@ -94,6 +95,16 @@ class TrustRegistry:
             # The host only: a query could carry something an audit row should not.
             source = f"jwks=url host={urlsplit(jwks_url).hostname}"
         now = to_datetime(self._clock.now())
+        # Written with the trust, in its transaction: should the audit row fail, no trust
+        # exists, so the caller told so may add it again (instead of "already exists").
+        event = self._trail.event(
+            origin,
+            action="add_trust",
+            target=f"trust:{name}",
+            detail=(
+                f"issuer={issuer} audience={audience} {source} max_lifetime={max_lifetime_seconds}"
+            ),
+        )
         record = self._repo.create_trust(
             TrustRecord(
                 name=name,
@@ -105,15 +116,9 @@ class TrustRegistry:
                 created_at=now,
             ),
             now,
+            audit=event,
         )
-        self._trail.record(
-            origin,
-            action="add_trust",
-            target=f"trust:{name}",
-            detail=(
-                f"issuer={issuer} audience={audience} {source} max_lifetime={max_lifetime_seconds}"
-            ),
-        )
+        self._trail.log(event)
         return record
 
     def list(self) -> list[TrustRecord]:
@@ -131,11 +136,20 @@ class TrustRegistry:
             NotFound: no such trust.
         """
         check_name(name, "trust name")
-        unbound = self._repo.delete_trust(name, to_datetime(self._clock.now()))
-        self._trail.record(
-            origin,
-            action="remove_trust",
-            target=f"trust:{name}",
-            detail=f"federated_subjects_unbound={unbound}",
-        )
+        # The row, built in the removal's transaction from what it unbound, and written there:
+        # should it fail, the trust and its bindings stay, as the caller is told.
+        events: list[AuditEvent] = []
+
+        def audited(unbound: int) -> AuditEvent:
+            event = self._trail.event(
+                origin,
+                action="remove_trust",
+                target=f"trust:{name}",
+                detail=f"federated_subjects_unbound={unbound}",
+            )
+            events[:] = [event]
+            return event
+
+        unbound = self._repo.delete_trust(name, to_datetime(self._clock.now()), audit=audited)
+        self._trail.log(events[0])
         return unbound

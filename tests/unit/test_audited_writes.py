@@ -10,6 +10,7 @@ SQLite database, real use cases; the failure is the driver's, injected at the IN
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -19,14 +20,23 @@ from pathlib import Path
 import pytest
 
 from authsvc.clock import to_datetime
+from authsvc.crypto.kek import KeyEncryptionKey
 from authsvc.errors import StorageUnavailable, Unauthenticated
 from authsvc.server.app import Core, build_core, service_registry
 from authsvc.storage.records import AudienceGrant
 from authsvc.usecases.audit import CLI_ACTOR, Origin
+from authsvc.usecases.callers import Callers
+from authsvc.usecases.kek import rotate_kek_audited
 from authsvc.usecases.login_batch import LoginBatcher
 from authsvc.usecases.logins import Login, SecretCredential
+from authsvc.usecases.revocation import Revocations
 from authsvc.usecases.secrets import Secrets
 from authsvc.usecases.services import CredentialChange, GrantChange, ServiceRegistry
+from authsvc.usecases.signing_keys import SigningKeys
+from authsvc.usecases.trusts import TrustRegistry
+from authsvc_client.keyring import KeyRing
+from authsvc_client.revocations import RevocationSet
+from authsvc_client.verifier import TokenVerifier
 from tests.storage.helpers import failing_insert
 from tests.support.clock import FakeClock
 from tests.support.inprocess import in_process_settings
@@ -243,3 +253,249 @@ class TestUpdate:
         service = world.core.repo.fetch_service("orders")
         assert service is not None and service.audiences == ("billing", "inventory")
         assert world.audit("update_service") == []
+
+
+# -- revocations, signing keys, trusts and the KEK: the same rule ----------------------------
+
+Row = tuple[str, str, str, str, str, str]
+
+
+def _rows(world: World, action: str) -> list[Row]:
+    """Every field of the audit rows of `action` but the time, oldest first."""
+    rows = reversed(world.core.repo.list_audit_events(limit=1000))
+    return [
+        (r.actor, r.target, r.outcome, r.detail, r.peer, r.request_id)
+        for r in rows
+        if r.action == action
+    ]
+
+
+def _ops(target: str, detail: str = "", outcome: str = "ok") -> Row:
+    return ("ops-admin", target, outcome, detail, OPS.peer, OPS.request_id)
+
+
+@pytest.fixture
+def revocations(world: World) -> Revocations:
+    settings = world.core.settings
+    verifier = TokenVerifier(
+        keys=lambda: KeyRing({}),
+        revocations=RevocationSet(),
+        issuer=settings.issuer,
+        clock=world.clock.now,
+    )
+    return Revocations(
+        settings=settings,
+        repo=world.core.repo,
+        verifier=verifier,
+        clock=world.clock,
+        trail=world.core.trail,
+        callers=Callers(settings, verifier),
+    )
+
+
+class TestRevocation:
+    def test_a_jti_revocation_whose_audit_row_fails_revokes_nothing(
+        self, world: World, revocations: Revocations, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.INFO, logger="authsvc.server")
+        with world.fails("audit_events", "revoke_token") as fired:
+            with pytest.raises(StorageUnavailable):
+                asyncio.run(revocations.revoke_jti("jti-1", "leaked", OPS))
+        assert fired
+        assert world.revocations() == []
+        assert _rows(world, "revoke_token") == []
+        assert _audit_lines(caplog, "revoke_token") == []
+        assert asyncio.run(revocations.revoke_jti("jti-1", "leaked", OPS))
+        assert world.revocations() == [(None, "token")]
+        assert _rows(world, "revoke_token") == [_ops("jti:jti-1")]
+        assert _audit_lines(caplog, "revoke_token") == ["ok"]
+
+    def test_a_service_revocation_whose_audit_row_fails_revokes_nothing(
+        self, world: World, revocations: Revocations, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.INFO, logger="authsvc.server")
+        action = "revoke_service_tokens"
+        with world.fails("audit_events", action) as fired, pytest.raises(StorageUnavailable):
+            asyncio.run(revocations.revoke_service("orders", "", OPS))
+        assert fired
+        assert world.revocations() == []
+        assert world.core.repo.fetch_service_cutoff("orders") is None
+        assert _rows(world, action) == []
+        assert _audit_lines(caplog, action) == []
+        assert asyncio.run(revocations.revoke_service("orders", "", OPS))
+        assert world.revocations() == [("orders", "service_tokens")]
+        assert _rows(world, action) == [_ops("service:orders")]
+        assert _audit_lines(caplog, action) == ["ok"]
+
+
+def _key_states(world: World) -> dict[str, str]:
+    return {k.kid: k.state for k in world.core.repo.list_signing_keys()}
+
+
+@pytest.fixture
+def keys(world: World) -> SigningKeys:
+    world.core.manager.ensure_active()
+    return world.core.signing_keys()
+
+
+class TestSigningKeyRotation:
+    @pytest.mark.parametrize("revoke_previous", [False, True])
+    def test_a_rotation_whose_audit_row_fails_rotates_nothing(
+        self,
+        world: World,
+        keys: SigningKeys,
+        caplog: pytest.LogCaptureFixture,
+        revoke_previous: bool,
+    ) -> None:
+        caplog.set_level(logging.INFO, logger="authsvc.server")
+        before = _key_states(world)
+        with world.fails("audit_events", "rotate_signing_key") as fired:
+            with pytest.raises(StorageUnavailable):
+                keys.rotate(OPS, revoke_previous=revoke_previous)
+        assert fired
+        # Nothing activated, retired or revoked: a retry rotates once, not twice.
+        assert _key_states(world) == before
+        assert _rows(world, "rotate_signing_key") == []
+        assert _audit_lines(caplog, "rotate_signing_key") == []
+        result = keys.rotate(OPS, revoke_previous=revoke_previous)
+        assert result.rotated_here
+        active = world.core.repo.fetch_active_signing_key()
+        assert (
+            active is not None
+            and active.kid == result.key.kid
+            and active.kid not in (kid for kid, state in before.items() if state == "active")
+        )
+        assert _rows(world, "rotate_signing_key") == [
+            _ops(f"key:{result.key.kid}", f"revoke_previous={revoke_previous}")
+        ]
+        assert _audit_lines(caplog, "rotate_signing_key") == ["ok"]
+
+    def test_a_replica_that_lost_the_race_records_already_rotated(
+        self, world: World, keys: SigningKeys, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        manager = world.core.manager
+        stale = manager.active_key()
+        # Another replica rotates between this one's read of the active key and its write.
+        won = world.core.signing_keys().rotate(OPS)
+        monkeypatch.setattr(manager, "active_key", lambda: stale)
+        lost = keys.rotate(OPS)
+        assert not lost.rotated_here and lost.key.kid == won.key.kid
+        assert _rows(world, "rotate_signing_key") == [
+            _ops(f"key:{won.key.kid}", "revoke_previous=False"),
+            _ops(f"key:{won.key.kid}", "revoke_previous=False", "already_rotated"),
+        ]
+
+    def test_a_scheduled_rotation_whose_audit_row_fails_rotates_nothing(
+        self, world: World, keys: SigningKeys, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.INFO, logger="authsvc.server")
+        world.clock.advance(world.core.settings.key_rotation_interval_seconds + 1)
+        before = _key_states(world)
+        with world.fails("audit_events", "rotate_signing_key") as fired:
+            with pytest.raises(StorageUnavailable):
+                keys.scheduled_round(world.clock.now())
+        assert fired
+        assert _key_states(world) == before
+        assert _rows(world, "rotate_signing_key") == []
+        assert _audit_lines(caplog, "rotate_signing_key") == []
+        done = keys.scheduled_round(world.clock.now())
+        assert done.rotated is not None
+        ((actor, target, outcome, detail, peer, _),) = _rows(world, "rotate_signing_key")
+        assert (actor, target, outcome, detail, peer) == (
+            "scheduler",
+            f"key:{done.rotated.kid}",
+            "ok",
+            "scheduled",
+            "local",
+        )
+        assert _audit_lines(caplog, "rotate_signing_key") == ["ok"]
+        # Not due again: no rotation, no row.
+        assert keys.scheduled_round(world.clock.now()).rotated is None
+        assert len(_rows(world, "rotate_signing_key")) == 1
+
+
+_ISSUER = "https://token.actions.example"
+_TRUST_DETAIL = f"issuer={_ISSUER} audience=authsvc jwks=url host=token.actions.example"
+
+
+class TestTrusts:
+    def _add(self, trusts: TrustRegistry) -> None:
+        trusts.add("gh", _ISSUER, "authsvc", origin=OPS, jwks_url=f"{_ISSUER}/jwks")
+
+    def test_a_trust_whose_audit_row_fails_is_not_added(
+        self, world: World, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.INFO, logger="authsvc.server")
+        trusts = TrustRegistry(world.core.repo, world.clock, world.core.trail)
+        with world.fails("audit_events", "add_trust") as fired, pytest.raises(StorageUnavailable):
+            self._add(trusts)
+        assert fired
+        assert world.core.repo.fetch_trust("gh") is None
+        assert _rows(world, "add_trust") == []
+        assert _audit_lines(caplog, "add_trust") == []
+        # The retry adds it (not "already exists").
+        self._add(trusts)
+        assert world.core.repo.fetch_trust("gh") is not None
+        assert _rows(world, "add_trust") == [
+            _ops("trust:gh", f"{_TRUST_DETAIL} max_lifetime=86400")
+        ]
+        assert _audit_lines(caplog, "add_trust") == ["ok"]
+
+    def test_a_trust_whose_removal_audit_row_fails_is_not_removed(
+        self, world: World, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.INFO, logger="authsvc.server")
+        trusts = TrustRegistry(world.core.repo, world.clock, world.core.trail)
+        self._add(trusts)
+        subject = "repo:acme/orders:ref:refs/heads/main"
+        world.registry.update(
+            OPS, "orders", None, CredentialChange(add_federated_subjects=(("gh", subject),))
+        )
+        with world.fails("audit_events", "remove_trust") as fired:
+            with pytest.raises(StorageUnavailable):
+                trusts.remove("gh", OPS)
+        assert fired
+        # Still trusted, its subject still bound: nothing was removed.
+        assert world.core.repo.fetch_trust("gh") is not None
+        assert world.core.repo.fetch_federated_binding("gh", subject) == "orders"
+        assert _rows(world, "remove_trust") == []
+        assert _audit_lines(caplog, "remove_trust") == []
+        assert trusts.remove("gh", OPS) == 1
+        assert world.core.repo.fetch_trust("gh") is None
+        assert world.core.repo.fetch_federated_binding("gh", subject) is None
+        assert _rows(world, "remove_trust") == [_ops("trust:gh", "federated_subjects_unbound=1")]
+        assert _audit_lines(caplog, "remove_trust") == ["ok"]
+
+
+class TestKekRotation:
+    def test_a_kek_rotation_whose_audit_row_fails_switches_nothing(
+        self, world: World, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.INFO, logger="authsvc.server")
+        core = world.core
+        core.manager.ensure_active()
+        old = core.repo.fetch_wrapping_kek_id()
+        new = KeyEncryptionKey.from_base64(KeyEncryptionKey.generate_base64())
+
+        def rotate() -> int:
+            ring = core.settings.kek_ring
+            return rotate_kek_audited(core.repo, ring, new, world.clock, core.trail, OPS).rewrapped
+
+        with world.fails("audit_events", "rotate_kek") as fired, pytest.raises(StorageUnavailable):
+            rotate()
+        assert fired
+        # Every item still under the old KEK: the one the servers are configured with.
+        assert core.repo.fetch_wrapping_kek_id() == old != new.kek_id
+        assert {k.kek_id for k in core.repo.list_signing_keys()} == {old}
+        assert _rows(world, "rotate_kek") == []
+        assert _audit_lines(caplog, "rotate_kek") == []
+        rewrapped = rotate()
+        assert rewrapped >= 3  # the active and next keys, the secret-hash key
+        assert core.repo.fetch_wrapping_kek_id() == new.kek_id
+        assert {k.kek_id for k in core.repo.list_signing_keys()} == {new.kek_id}
+        assert rotate() == 0
+        assert _rows(world, "rotate_kek") == [
+            _ops(f"kek:{new.kek_id}", f"rewrapped={rewrapped}"),
+            _ops(f"kek:{new.kek_id}", "rewrapped=0", "already_rotated"),
+        ]
+        assert _audit_lines(caplog, "rotate_kek") == ["ok", "already_rotated"]
