@@ -14,7 +14,7 @@ from typing import Literal
 from authsvc.clock import Clock, to_datetime
 from authsvc.config import Settings
 from authsvc.errors import InvalidArgument, NotFound
-from authsvc.inputs import check_name
+from authsvc.inputs import check_name, check_service_id
 from authsvc.storage.records import RevocationKind
 from authsvc.storage.repository import AuditEvent, Repository
 from authsvc.usecases.audit import AuditTrail, Origin
@@ -205,7 +205,7 @@ class Revocations:
             InvalidArgument: a malformed service id.
             NotFound: no such service.
         """
-        check_name(service_id, "service_id")
+        check_service_id(service_id)
 
         def write() -> int:
             if self._repo.fetch_service(service_id) is None:

@@ -53,6 +53,7 @@ from authsvc.inputs import (
     check_name,
     check_new_service_id,
     check_scopes,
+    check_service_id,
 )
 from authsvc.storage.records import (
     AudienceGrant,
@@ -577,7 +578,7 @@ class ServiceRegistry:
         Raises:
             NotFound: no such service.
         """
-        check_name(service_id, "service_id")
+        check_service_id(service_id)
         found = self._repo.fetch_service_credentials(service_id)
         if found is None:
             raise NotFound(f"service {service_id!r} not found")
@@ -622,7 +623,7 @@ class ServiceRegistry:
             CredentialTaken: see apply_credentials; a subject bound to another service.
             NotFound: no such service.
         """
-        check_name(service_id, "service_id")
+        check_service_id(service_id)
         change = change or GrantChange()
         credentials = credentials or CredentialChange()
         change.check()
@@ -728,7 +729,7 @@ class ServiceRegistry:
         Raises:
             NotFound: no such service.
         """
-        check_name(service_id, "service_id")
+        check_service_id(service_id)
         now = self._clock.now()
         cutoff = service_cutoff(now)
         event = self._trail.event(origin, action="disable_service", target=f"service:{service_id}")
@@ -760,7 +761,7 @@ class ServiceRegistry:
         Raises:
             NotFound: no such service.
         """
-        check_name(service_id, "service_id")
+        check_service_id(service_id)
         current = self._repo.fetch_service(service_id)
         if current is None:
             raise NotFound(f"service {service_id!r} not found")

@@ -365,6 +365,27 @@ def _exercise(ev: Evidence, server: RunningServer, cli: Callable[..., str], fold
         auth_pb2.DisableServiceRequest(service_id="ledger"), metadata=admin_md(), timeout=10
     )
     ev.failed("disabled service login", lambda: issue("ledger", created.service_secret))
+    # An admin pasting a secret where a service id goes: refused as a secret, never echoed.
+    pasted = orders
+    admin_calls: dict[str, Callable[[], Any]] = {
+        "disable": lambda: stub.DisableService(
+            auth_pb2.DisableServiceRequest(service_id=pasted), metadata=admin_md(), timeout=10
+        ),
+        "enable": lambda: stub.EnableService(
+            auth_pb2.EnableServiceRequest(service_id=pasted), metadata=admin_md(), timeout=10
+        ),
+        "update": lambda: stub.UpdateService(
+            auth_pb2.UpdateServiceRequest(service_id=pasted, add_scopes=["billing.read"]),
+            metadata=admin_md(),
+            timeout=10,
+        ),
+        "revoke": lambda: stub.RevokeToken(
+            auth_pb2.RevokeTokenRequest(service_id=pasted), metadata=admin_md(), timeout=10
+        ),
+    }
+    for name, call in admin_calls.items():
+        code = ev.failed(f"admin {name} with a pasted secret", call).code()
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, name  # the code only: never the error
 
     # Operator commands beside the server.
     cli("services", "list")
