@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
+from authsvc.crypto.secrets import SECRET_PREFIX
 from authsvc_client.assertions import AssertionSigner, PrivateKey
 from authsvc_client.binding import certificate_thumbprint
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
@@ -358,7 +359,8 @@ class TestJwksUrl:
 
 def _assert_impossible_subjects_are_unknown_ids(fleet: Fleet) -> None:
     now = int(time.time())
-    for sub in ("o" * 600, "authsvc_sk_pasted", "bad\nid"):
+    # Too long, a pasted secret (the real prefix: the check that refuses it must run), unprintable.
+    for sub in ("o" * 600, SECRET_PREFIX + "A" * 43, "bad\nid"):
         claims = {"iss": sub, "sub": sub, "aud": TEST_ISSUER, "iat": now, "exp": now + 60}
         forged = sign({**claims, "jti": f"j-{len(sub)}-{sub[:3]}"}, new_ec(), "ES256")
         outcomes: list[Any] = []

@@ -11,10 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jwt import algorithms as jwt_algorithms
+from sqlalchemy import select
 
 from authsvc.clock import to_datetime
+from authsvc.crypto.secrets import SECRET_PREFIX
 from authsvc.errors import ResourceExhausted, Unauthenticated
+from authsvc.inputs import MAX_ID_LENGTH
 from authsvc.server.app import Core, build_core
+from authsvc.storage.models import AuthFailureRow
 from authsvc.storage.records import AudienceGrant, CredentialRecord, ServiceRecord, TrustRecord
 from authsvc.storage.repository import LoginBatch
 from authsvc.usecases import logins as logins_module
@@ -30,12 +35,24 @@ from authsvc.usecases.logins import (
     SecretCredential,
     Verdict,
 )
+from authsvc.usecases.tokens import TokenRequest
+from authsvc.workload.assertions import verify_assertion
+from authsvc.workload.certificates import match_certificate
 from authsvc.workload.errors import Reason, WorkloadAuthError
 from authsvc.workload.public_keys import parse_public_key
-from authsvc_client.assertions import AssertionSigner, PrivateKey
+from authsvc_client.assertions import ALGORITHMS_BY_KTY, AssertionSigner, PrivateKey
 from tests.support.clock import FakeClock
 from tests.support.inprocess import in_process_settings
-from tests.support.workload import WorkloadCa, jwk_of, jwk_set, new_ec, new_rsa, public_pem, sign
+from tests.support.workload import (
+    WorkloadCa,
+    jwk_of,
+    jwk_set,
+    new_ec,
+    new_ed25519,
+    new_rsa,
+    public_pem,
+    sign,
+)
 
 ISSUER = "https://authsvc.unit.invalid"
 SPIFFE = "spiffe://example.org/ns/prod/sa/orders"
@@ -151,17 +168,64 @@ class TestAssertion:
         assert "credential=secret reason=no_secret" in world.details()
 
 
+# The assertion algorithms authsvc accepts (authsvc_client.assertions.ALGORITHMS_BY_KTY), each
+# with the pyjwt class that verifies it: the stand-in keys (authsvc.usecases.logins) must cost a
+# signature check for every one of them.
+_ALGORITHMS = {
+    "RS256": "RSAAlgorithm",
+    "PS256": "RSAPSSAlgorithm",
+    "ES256": "ECAlgorithm",
+    "EdDSA": "OKPAlgorithm",
+}
+_VERIFIERS = (
+    jwt_algorithms.RSAAlgorithm,
+    jwt_algorithms.RSAPSSAlgorithm,
+    jwt_algorithms.ECAlgorithm,
+    jwt_algorithms.OKPAlgorithm,
+)
+# What a login's assertion may claim as `sub` (the request naming no service): an unknown id, a
+# known id with no registered key (a secret-only service), a known id whose keys are all of
+# another type than the assertion's `alg`, and three no service id could be.
+# case -> (the sub, the service id the login is then for: "" for no service at all)
+_SUBJECTS = {
+    "unknown_id": ("ghost", "ghost"),
+    "known_id_without_keys": ("billing", "billing"),
+    "known_id_with_keys_of_another_type": ("other-type", "other-type"),
+    "sub_too_long": ("o" * (MAX_ID_LENGTH + 1), ""),
+    "sub_a_pasted_secret": (SECRET_PREFIX + "A" * 43, ""),
+    "sub_with_a_control_character": ("bad\nid", ""),
+}
+_PEER = "ipv4:10.0.0.9"
+
+
+def _new_key(kty: str) -> PrivateKey:
+    if kty == "RSA":
+        return new_rsa()
+    return new_ec() if kty == "EC" else new_ed25519()
+
+
+@pytest.fixture(scope="module")
+def keys() -> dict[str, tuple[PrivateKey, PrivateKey]]:
+    """Per key type: (the key a known service registers, another key no one registered)."""
+    return {kty: (_new_key(kty), _new_key(kty)) for kty in ALGORITHMS_BY_KTY}
+
+
+def _kty(alg: str) -> str:
+    return next(kty for kty, algs in ALGORITHMS_BY_KTY.items() if alg in algs)
+
+
 class TestUnknownIdsCostWhatKnownOnesDo:
     """DESIGN: a wrong id costs what a wrong credential does, whether the id exists or not.
-    Counted, not timed: the statements each check runs on the real database, and the
-    signature verifications it makes (through the real verifier)."""
+    Counted, not timed: the statements each check runs on the real database, the calls of
+    the assertion verifier, and the signature verifications made (pyjwt's, by algorithm)."""
 
     def _work(
         self, world: World, monkeypatch: pytest.MonkeyPatch, credential: Credential
-    ) -> tuple[list[str], int]:
+    ) -> tuple[list[str], int, list[str]]:
         statements: list[str] = []
         verified: list[int] = []
-        rows, verify = LoginBatch._rows, logins_module.verify_assertion
+        signatures: list[str] = []
+        rows, verify = LoginBatch._rows, verify_assertion
 
         def counting_rows(batch: LoginBatch, name: str, values: Any) -> list[Any]:
             statements.append(name)
@@ -171,34 +235,144 @@ class TestUnknownIdsCostWhatKnownOnesDo:
             verified.append(1)
             return verify(*args, **kwargs)
 
+        def counting(cls: type[Any]) -> Any:
+            real = cls.__dict__["verify"]
+
+            def counted(self: Any, msg: bytes, key: Any, sig: bytes) -> bool:
+                signatures.append(cls.__name__)
+                return bool(real(self, msg, key, sig))
+
+            return counted
+
         monkeypatch.setattr(LoginBatch, "_rows", counting_rows)
         monkeypatch.setattr(logins_module, "verify_assertion", counting_verify)
+        for cls in _VERIFIERS:
+            monkeypatch.setattr(cls, "verify", counting(cls))
         with world.core.repo.login_batch(to_datetime(world.clock.now()), 60) as batch:
             service = batch.service(credential.service_id)
             statements.clear()  # the service lookup is every kind's, known id or not
             match = credential.check(batch, service)
         monkeypatch.undo()
         assert not match.ok
-        return statements, len(verified)
+        return statements, len(verified), signatures
 
-    def test_an_assertion_for_an_unknown_id(
-        self, world: World, monkeypatch: pytest.MonkeyPatch
+    def _presented(self, world: World, assertion: str) -> Credential:
+        """The credential IssueToken makes of an assertion sent without a service_id: the
+        unverified `sub` says whose keys to try (authsvc.usecases.tokens)."""
+        request = TokenRequest("", "", "billing", client_assertion=assertion)
+        request.check()  # a well-formed request: whatever `sub` says is decided in the login
+        return request.credential(world.core.hasher, ISSUER, 30)
+
+    def _failure_keys(self, world: World) -> set[str]:
+        with world.core.repo.engine.connect() as conn:
+            return set(conn.execute(select(AuthFailureRow.key)).scalars())
+
+    def test_the_known_id_baseline_is_one_failed_signature_check(
+        self,
+        world: World,
+        monkeypatch: pytest.MonkeyPatch,
+        keys: dict[str, tuple[PrivateKey, PrivateKey]],
     ) -> None:
-        wrong = new_ec()  # a key nobody registered: the known id refuses it too
-        known = self._work(world, monkeypatch, _assertion(world, world.assertion(key=wrong)))
-        unknown = self._work(
-            world,
-            monkeypatch,
-            _assertion(world, world.assertion("ghost", key=wrong), "ghost"),
+        """The comparison below is fair: a known id with a key of each type refuses another
+        key's assertion after exactly one signature check of that algorithm."""
+        # Every algorithm authsvc accepts is tried here (a new one fails until it is added).
+        assert set(_ALGORITHMS) == {a for algs in ALGORITHMS_BY_KTY.values() for a in algs}
+        now = to_datetime(world.clock.now())
+        for alg, verifier in _ALGORITHMS.items():
+            registered, wrong = keys[_kty(alg)]
+            sid = f"known-{alg.lower()}"
+            public = parse_public_key(public_pem(registered))
+            world.core.repo.create_service(
+                sid,
+                (AudienceGrant("billing", ()),),
+                None,
+                now,
+                credentials=(CredentialRecord("public_key", public.key_id, public.to_json()),),
+            )
+            signer = AssertionSigner(
+                sid, ISSUER, wrong, clock=world.clock.now, rsa_pss=alg == "PS256"
+            )
+            credential = self._presented(world, signer.sign())
+            assert credential.service_id == sid
+            assert self._work(world, monkeypatch, credential) == (["workload"], 1, [verifier])
+            # The right key does log in: the baseline refuses only for the key.
+            right = AssertionSigner(
+                sid, ISSUER, registered, clock=world.clock.now, rsa_pss=alg == "PS256"
+            )
+            assert world.login(self._presented(world, right.sign())) == sid
+
+    @pytest.mark.parametrize("case", list(_SUBJECTS))
+    @pytest.mark.parametrize("alg", list(_ALGORITHMS))
+    def test_an_assertion_naming_no_service_with_keys(
+        self,
+        world: World,
+        monkeypatch: pytest.MonkeyPatch,
+        keys: dict[str, tuple[PrivateKey, PrivateKey]],
+        alg: str,
+        case: str,
+    ) -> None:
+        registered, wrong = keys[_kty(alg)]
+        another = keys["EC" if _kty(alg) != "EC" else "OKP"][0]
+        now = to_datetime(world.clock.now())
+        for sid, key in (("known", registered), ("other-type", another)):
+            public = parse_public_key(public_pem(key))
+            world.core.repo.create_service(
+                sid,
+                (AudienceGrant("billing", ()),),
+                None,
+                now,
+                credentials=(CredentialRecord("public_key", public.key_id, public.to_json()),),
+            )
+
+        def assertion(sub: str) -> str:
+            pss = alg == "PS256"
+            return AssertionSigner(sub, ISSUER, wrong, clock=world.clock.now, rsa_pss=pss).sign()
+
+        sub, service_id = _SUBJECTS[case]
+        statements, calls, signatures = self._work(
+            world, monkeypatch, self._presented(world, assertion("known"))
         )
-        assert known == unknown == (["workload"], 1)
+        # A known id's refused login: its key query, one signature check of `alg`.
+        assert (statements, calls, signatures) == (["workload"], 1, [_ALGORITHMS[alg]])
+        credential = self._presented(world, assertion(sub))
+        assert credential.service_id == service_id
+        same_statements, same_calls, same_signatures = self._work(world, monkeypatch, credential)
+        assert (same_statements, same_signatures) == (statements, signatures)
+        # The verifier is called once; for keys of another type twice: they refuse `alg`
+        # before any signature check, then the stand-ins spend it (the first call only read
+        # the header).
+        assert same_calls == (2 if case == "known_id_with_keys_of_another_type" else 1)
+
+        # Refused as any wrong credential; an id no service has is audited on the peer's
+        # aggregated row, a known one on a row of its own.
+        with pytest.raises(Unauthenticated, match="invalid service credentials"):
+            world.login(credential)
+        rows = [
+            r for r in world.core.repo.list_audit_events(limit=100) if r.action == "issue_token"
+        ]
+        if service_id in ("billing", "other-type"):
+            reason = "no_key" if service_id == "billing" else "algorithm_not_allowed"
+            assert [(r.actor, r.outcome, r.count, r.detail) for r in rows] == [
+                (service_id, "bad_credentials", 1, f"credential=assertion reason={reason}")
+            ]
+        else:
+            assert [(r.actor, r.target, r.outcome, r.peer, r.count, r.detail) for r in rows] == [
+                ("*", "*", "unknown_service", _PEER, 1, "credential=assertion reason=no_key")
+            ]
+            # The id the caller chose (or pasted) is written nowhere in the trail.
+            assert not any(sub in f"{r.actor} {r.target} {r.detail}" for r in rows)
+        # The failure counts for the peer, and for the id only when a service could have it:
+        # no throttle key is named after a `sub` no service id could be.
+        failure_keys = self._failure_keys(world)
+        assert failure_keys == {f"peer:{_PEER}"} | ({f"id:{service_id}"} if service_id else set())
+        assert service_id or not any(sub in key for key in failure_keys)
 
     def test_a_certificate_for_an_unknown_id(
         self, world: World, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         cert = world.ca.issue(uris=("spiffe://example.org/ns/prod/sa/ghost",)).decode()
         parsed: list[int] = []
-        real = logins_module.match_certificate
+        real = match_certificate
 
         def counting_match(*args: Any, **kwargs: Any) -> Any:
             parsed.append(1)
@@ -207,7 +381,9 @@ class TestUnknownIdsCostWhatKnownOnesDo:
         outcomes = []
         for service_id in ("orders", "ghost"):
             monkeypatch.setattr(logins_module, "match_certificate", counting_match)
-            statements, _ = self._work(world, monkeypatch, CertificateCredential(service_id, cert))
+            statements, _, _ = self._work(
+                world, monkeypatch, CertificateCredential(service_id, cert)
+            )
             outcomes.append((statements, len(parsed)))
             parsed.clear()
         assert outcomes[0] == outcomes[1] == (["workload"], 1)
