@@ -42,3 +42,15 @@ class TestSecurityMd:
                 if not re.search(rf"^\s*(?:async\s+)?(?:def|class)\s+{name}\b", text, re.M):
                     missing.append(f"{path}::{name}")
         assert missing == []
+
+    def test_no_citation_lacks_its_file_or_leading_colons(self) -> None:
+        # `TestX::test_y` without `tests/...py` or a leading `::` would be skipped by the check
+        # above, so a promise could name a test that does not exist.
+        bare = re.compile(r"`((?:Test|test_)\w*(?:::\w+)*)`")
+        found = [
+            ref
+            for line in (ROOT / "SECURITY.md").read_text().splitlines()
+            if line.startswith("|")
+            for ref in bare.findall(line)
+        ]
+        assert found == []
