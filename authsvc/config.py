@@ -41,6 +41,9 @@ _SENSITIVE = frozenset({"kek", "kek_previous"})
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "AUTHSVC_"
+# The test suite's own variables (AUTHSVC_TEST_POSTGRES_URL, README "Tests"): often exported in a
+# developer's shell beside a server's, never read by authsvc, never a typo of a setting.
+TEST_PREFIX = "AUTHSVC_TEST_"
 # The largest number any numeric setting takes (about 31 years in seconds): far above any
 # sensible value, and below what the datetime and timeout arithmetic behind the settings can
 # hold (a year past 9999, threading.TIMEOUT_MAX).
@@ -599,7 +602,9 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[st
     return [
         (name, closest(name))
         for name in sorted(names)
-        if name.startswith(ENV_PREFIX) and name not in known
+        if name.startswith(ENV_PREFIX)
+        and name not in known
+        and not name.startswith(TEST_PREFIX)
     ]
 
 

@@ -306,6 +306,7 @@ class TestUnknownVariables:
             "AUTHSVC_ADMIN_TOKEN": "x",
             "AUTHSVC_HEALTH_TLS_CA": "/x",
             "OTHER_DATABSE_URL": "x",
+            "AUTHSVC_TEST_POSTGRES_URL": "postgresql+psycopg://postgres@127.0.0.1/test",
         }
         with caplog.at_level(logging.WARNING, logger="authsvc.config"):
             warn_unknown_variables(env)

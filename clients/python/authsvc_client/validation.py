@@ -34,7 +34,8 @@ __all__ = [
 ]
 
 # The audience of the token a follower presents to WatchRevocations: authsvc's own name
-# (AUTHSVC_ADMIN_AUDIENCE on the server). Any registered service may get one without a scope.
+# (AUTHSVC_SERVER_NAME on the server, default "authsvc"). Any registered service may get one
+# without a scope.
 FOLLOWER_AUDIENCE = "authsvc"
 
 # What authenticates the revocation feed: a TokenSource for FOLLOWER_AUDIENCE, or any callable
