@@ -47,6 +47,12 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
+class UsageError(Exception):
+    """A command that cannot run as given (a missing flag, an unreadable file, an empty
+    token): one `authsvc: …` line and EXIT_USAGE, like every other refusal, so that a script
+    tells it from a negative answer (EXIT_INVALID). Its text never holds a secret's value."""
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     """Every command reads the same configuration as `serve`: environment, then these flags."""
     parser.add_argument(
@@ -383,7 +389,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         workers=args.workers,
     )
     if args.workers is not None and args.workers < 1:
-        raise SystemExit("authsvc: --workers must be at least 1")
+        raise UsageError("--workers must be at least 1")
     configure_logging(dev=settings.dev, level="DEBUG" if args.verbose else settings.log_level)
     if args.worker_index is None:
         warn_unknown_variables()  # once: the workers inherit the same environment
@@ -504,9 +510,7 @@ def _cmd_services(args: argparse.Namespace) -> int:
         command = args.services_command
         if command == "create":
             if not args.audience and not args.grant and not args.admin:
-                raise SystemExit(
-                    "authsvc: at least one --audience or --grant is required (or --admin)"
-                )
+                raise UsageError("at least one --audience or --grant is required (or --admin)")
             fmt = args.format or ("json" if args.json else "text")
             _, secret = registry.create(
                 origin,
@@ -854,7 +858,7 @@ def _health_channel(args: argparse.Namespace, env: ClientSettings, target: str) 
     cert = args.tls_cert or env.health_tls_cert
     key = args.tls_key or env.health_tls_key
     if (cert is None) != (key is None):
-        raise SystemExit("authsvc: --tls-cert and --tls-key go together")
+        raise UsageError("--tls-cert and --tls-key go together")
     creds = grpc.ssl_channel_credentials(
         root_certificates=Path(ca).read_bytes(),
         private_key=Path(key).read_bytes() if key else None,
@@ -875,7 +879,7 @@ def _token_channel(env: ClientSettings) -> grpc.Channel:
     try:
         creds = env.tls_credentials()
     except CredentialsError as exc:
-        raise SystemExit(f"authsvc: {exc}") from None
+        raise UsageError(str(exc)) from None
     channel: grpc.Channel = channel_for_target(env.target, creds)
     return channel
 
@@ -911,15 +915,22 @@ def _read_secret_file(path: str, flag: str) -> str:
     try:
         return Path(path).read_text().strip()
     except (OSError, UnicodeDecodeError):
-        raise SystemExit(f"authsvc: cannot read {flag} {path}") from None
+        raise UsageError(f"cannot read {flag} {path}") from None
 
 
 def _bearer(
-    literal: str | None, path: str | None, from_env: str | None, flag: str, instead: str
+    literal: str | None,
+    path: str | None,
+    from_env: str | None,
+    flag: str,
+    instead: str,
+    file_flag: str | None = None,
 ) -> str | None:
-    """A token from a file, stdin (`-`), the environment or (warned against) the command line."""
+    """A token from a file, stdin (`-`), the environment or (warned against) the command line.
+    `flag` names the command-line form in the warning; `file_flag` (default `flag`-file) the
+    file's flag in an error."""
     if path:
-        return _read_secret_file(path, f"{flag}-file")
+        return _read_secret_file(path, file_flag or f"{flag}-file")
     if literal == "-":
         return sys.stdin.read().strip()
     if literal:
@@ -997,6 +1008,7 @@ def _cmd_token(args: argparse.Namespace) -> int:
                 env.token,
                 "a token",
                 "standard input, --token-file or AUTHSVC_TOKEN",
+                file_flag="--token-file",
             )
             if token is None:
                 token = sys.stdin.read().strip()
@@ -1031,7 +1043,7 @@ def _cmd_token(args: argparse.Namespace) -> int:
                 or ""
             )
             if not request.token:
-                raise SystemExit("authsvc: the token to revoke is empty")
+                raise UsageError("the token to revoke is empty")
         else:
             admin = _bearer(
                 args.admin_token,
@@ -1041,8 +1053,8 @@ def _cmd_token(args: argparse.Namespace) -> int:
                 "AUTHSVC_ADMIN_TOKEN, --admin-token-file FILE or --admin-token -",
             )
             if not admin:
-                raise SystemExit(
-                    "authsvc: revoking by --jti or --service needs an admin token "
+                raise UsageError(
+                    "revoking by --jti or --service needs an admin token "
                     "(AUTHSVC_ADMIN_TOKEN or --admin-token-file)"
                 )
             metadata.append(("authorization", f"Bearer {admin}"))
@@ -1092,6 +1104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Inside the try: a reader that left (`| head`) shows up here, not at interpreter exit.
         sys.stdout.flush()
         return code
+    except UsageError as exc:
+        print(f"authsvc: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (AlreadyExists, NotFound) as exc:
         print(f"authsvc: {_refusal(args, exc)}", file=sys.stderr)
         return EXIT_USAGE

@@ -540,3 +540,32 @@ def test_serve_names_a_publish_lead_shorter_than_jwks_cache_and_sync(tmp_path: P
     text = "".join(server.output)
     lines = [line for line in text.splitlines() if "AUTHSVC_KEY_PUBLISH_LEAD_SECONDS=1 " in line]
     assert len(lines) == 1 and '"level":"warning"' in lines[0], text[-3000:]
+
+
+class TestUsageErrorsExitTwo:
+    """README "Exit codes": 1 is a negative answer (an invalid token), 2 a refusal or an error;
+    a command that cannot run as given is an error, so a script never reads it as "invalid"."""
+
+    @pytest.mark.parametrize(
+        ("args", "stdin", "names"),
+        [
+            (("services", "create", "noaud"), "", "at least one --audience"),
+            (("token", "validate", "--audience", "billing", "--token-file", "/nonexistent"), "",
+             "cannot read --token-file /nonexistent"),
+            (("token", "revoke", "--service", "orders"), "", "needs an admin token"),
+            (("token", "revoke", "--token", "-"), "", "the token to revoke is empty"),
+            (("token", "revoke", "--jti", "x", "--admin-token-file", "/nonexistent"), "",
+             "cannot read --admin-token-file /nonexistent"),
+            (("serve", "--workers", "0"), "", "--workers must be at least 1"),
+        ],
+        ids=["no audience", "token file", "no admin token", "empty token", "admin file", "workers"],
+    )
+    def test_one_line_and_exit_2(
+        self, cli_world: World, args: tuple[str, ...], stdin: str, names: str
+    ) -> None:
+        env = {**cli_world.server.env, "AUTHSVC_TARGET": cli_world.server.address}
+        env.pop("AUTHSVC_ADMIN_TOKEN", None)
+        proc = _run(env, *args, input_text=stdin)
+        line = _one_error_line(proc)
+        assert proc.returncode == 2, (proc.returncode, line)
+        assert names in line
