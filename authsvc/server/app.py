@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_reflection.v1alpha.reflection_pb2_grpc import add_ServerReflectionServicer_to_server
@@ -512,12 +513,39 @@ class AuthsvcServer:
         gc.set_threshold(*self._gc_threshold)
 
 
+def _describe_reflection_v1() -> None:
+    """Put grpc.reflection.v1's file in the default descriptor pool, once: v1alpha's under the
+    v1 package. Listed but not described, it made `buf curl --list-methods` (which resolves
+    every listed service) fail after printing the methods."""
+    pool = descriptor_pool.Default()
+    name = "grpc/reflection/v1/reflection.proto"
+    try:
+        pool.FindFileByName(name)
+        return
+    except KeyError:
+        pass
+    file = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(file)
+    old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+    file.name, file.package = name, "grpc.reflection.v1"
+    for message in file.message_type:
+        for field in message.field:
+            if field.HasField("type_name"):  # messages and enums only
+                field.type_name = field.type_name.replace(old, new)
+    for service in file.service:
+        for method in service.method:
+            method.input_type = method.input_type.replace(old, new)
+            method.output_type = method.output_type.replace(old, new)
+    pool.Add(file)
+
+
 def _enable_reflection(service_names: list[str], server: grpc.aio.Server) -> None:
     """Serve reflection as grpc.reflection.v1 (grpcurl asks for it first) and as v1alpha.
 
     grpcio-reflection ships only the v1alpha servicer. The v1 protocol is the same messages
     under another package name (identical field numbers), so one servicer answers both paths.
     """
+    _describe_reflection_v1()
     servicer = reflection.aio.ReflectionServicer(service_names)
     add_ServerReflectionServicer_to_server(servicer, server)
     v1 = grpc.method_handlers_generic_handler(

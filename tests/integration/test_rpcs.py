@@ -695,6 +695,31 @@ class TestStandardServices:
             "grpc.reflection.v1alpha.ServerReflection",
         } <= names
 
+    def test_every_listed_service_resolves(self, world: World) -> None:
+        # What `buf curl --list-methods` and `grpcurl describe` do after listing: a service
+        # listed but not described made the first fail after printing the methods.
+        stub = reflection_pb2_grpc.ServerReflectionStub(world.server.channel)
+        listed = next(
+            stub.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+            )
+        )
+        names = sorted(s.name for s in listed.list_services_response.service)
+        answers = stub.ServerReflectionInfo(
+            iter(
+                reflection_pb2.ServerReflectionRequest(file_containing_symbol=name)
+                for name in names
+            ),
+            timeout=10,
+        )
+        unresolved = [
+            name
+            for name, answer in zip(names, answers, strict=True)
+            if answer.HasField("error_response")
+            or not answer.file_descriptor_response.file_descriptor_proto
+        ]
+        assert unresolved == []
+
 
 class TestExpiryAndThrottling:
     """Servers with tight settings so expiry and throttling show within seconds."""
