@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -342,3 +343,11 @@ class TestRiskySettings:
         dev = load_settings({"AUTHSVC_DEV": "1", "AUTHSVC_DEV_DIR": str(tmp_path)})
         assert dev.publish_lead_seconds == 0
         assert risky_settings(dev) == []
+
+
+def test_every_variable_authsvc_reads_is_named_in_the_readme() -> None:
+    """The README's configuration is where an operator looks: a setting the loaders read but
+    the README never names is one nobody can find (five were missing before this test)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    unnamed = sorted(n for n in known_variables() if not re.search(rf"\b{n}\b", readme))
+    assert unnamed == []
