@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +215,18 @@ def _kty(alg: str) -> str:
     return next(kty for kty, algs in ALGORITHMS_BY_KTY.items() if alg in algs)
 
 
+def _register_key(world: World, sid: str, key: PrivateKey, now: datetime) -> None:
+    """A service for billing whose one credential is `key`'s public half."""
+    public = parse_public_key(public_pem(key))
+    world.core.repo.create_service(
+        sid,
+        (AudienceGrant("billing", ()),),
+        None,
+        now,
+        credentials=(CredentialRecord("public_key", public.key_id, public.to_json()),),
+    )
+
+
 class TestUnknownIdsCostWhatKnownOnesDo:
     """DESIGN: a wrong id costs what a wrong credential does, whether the id exists or not.
     Counted, not timed: the statements each check runs on the real database, the calls of
@@ -281,14 +294,7 @@ class TestUnknownIdsCostWhatKnownOnesDo:
         for alg, verifier in _ALGORITHMS.items():
             registered, wrong = keys[_kty(alg)]
             sid = f"known-{alg.lower()}"
-            public = parse_public_key(public_pem(registered))
-            world.core.repo.create_service(
-                sid,
-                (AudienceGrant("billing", ()),),
-                None,
-                now,
-                credentials=(CredentialRecord("public_key", public.key_id, public.to_json()),),
-            )
+            _register_key(world, sid, registered, now)
             signer = AssertionSigner(
                 sid, ISSUER, wrong, clock=world.clock.now, rsa_pss=alg == "PS256"
             )
@@ -315,14 +321,7 @@ class TestUnknownIdsCostWhatKnownOnesDo:
         another = keys["EC" if _kty(alg) != "EC" else "OKP"][0]
         now = to_datetime(world.clock.now())
         for sid, key in (("known", registered), ("other-type", another)):
-            public = parse_public_key(public_pem(key))
-            world.core.repo.create_service(
-                sid,
-                (AudienceGrant("billing", ()),),
-                None,
-                now,
-                credentials=(CredentialRecord("public_key", public.key_id, public.to_json()),),
-            )
+            _register_key(world, sid, key, now)
 
         def assertion(sub: str) -> str:
             pss = alg == "PS256"
