@@ -197,11 +197,7 @@ class AssertionCredential:
     def check(self, txn: LoginBatch, service: ServiceRecord | None) -> CredentialMatch:
         registered = txn.workload_credentials(self.service_id)  # read for unknown ids too
         if service is None or registered is None or not registered.public_keys:
-            # Costs a verification as a known id's login does, and is refused whatever it says.
-            try:
-                self._verify(txn, _STAND_IN_KEYS)
-            except WorkloadAuthError:
-                pass
+            self._stand_in_verification(txn)
             return CredentialMatch.refused(Reason.NO_KEY)
         keys = [_registered_key(jwk) for _, jwk in registered.public_keys]
         try:
@@ -212,15 +208,20 @@ class AssertionCredential:
                 # refused before any signature check, which an unknown id's stand-ins make, so
                 # the answer would come sooner for this known id. Spend the same check. (An
                 # `alg` no key type allows, `none` or HMAC, is refused before it either way.)
-                try:
-                    self._verify(txn, _STAND_IN_KEYS)
-                except WorkloadAuthError:
-                    pass
+                self._stand_in_verification(txn)
             return CredentialMatch.refused(exc.reason)
         until = to_datetime(verified.remember_jti_until)
         if not txn.use_assertion(self.service_id, verified.jti, until):
             return CredentialMatch.refused(Reason.REPLAYED)
         return CredentialMatch(ok=True, current=True, detail=f"key={verified.key_id}")
+
+    def _stand_in_verification(self, txn: LoginBatch) -> None:
+        """The verification a known id's refused login costs, against keys nobody holds, for
+        a login refused whatever it says (so the refusal takes as long)."""
+        try:
+            self._verify(txn, _STAND_IN_KEYS)
+        except WorkloadAuthError:
+            pass
 
     def _verify(self, txn: LoginBatch, keys: Sequence[RegisteredKey]) -> VerifiedAssertion:
         return verify_assertion(
