@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from authsvc.clock import Clock, to_datetime
@@ -113,6 +114,12 @@ class AuditTrail:
             request_id=event.request_id,
         )
 
+    def counted(self, build: Callable[[int], AuditEvent]) -> CountedEvent:
+        """The row of a change whose detail only its own transaction knows (how many keys it
+        re-wrapped, how many bindings it removed): pass the result as the write method's
+        `audit`, which calls it there with that count; `log()` it once that has committed."""
+        return CountedEvent(self, build)
+
     def record(
         self,
         origin: Origin,
@@ -136,3 +143,22 @@ class AuditTrail:
         if limit < 1:
             raise InvalidArgument("--limit must be at least 1")
         return self._repo.list_audit_events(limit=limit)
+
+
+class CountedEvent:
+    """See AuditTrail.counted: builds its row when the transaction calls it, keeps it to log."""
+
+    def __init__(self, trail: AuditTrail, build: Callable[[int], AuditEvent]) -> None:
+        self._trail = trail
+        self._build = build
+        self._event: AuditEvent | None = None
+
+    def __call__(self, count: int) -> AuditEvent:
+        self._event = self._build(count)
+        return self._event
+
+    def log(self) -> None:
+        """The log line of the row the committed transaction wrote."""
+        if self._event is None:
+            raise RuntimeError("the write never built its audit row")
+        self._trail.log(self._event)

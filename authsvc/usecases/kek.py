@@ -11,7 +11,7 @@ from __future__ import annotations
 from authsvc.clock import Clock, to_datetime
 from authsvc.crypto.kek import KekRing, KeyEncryptionKey
 from authsvc.keys.wrapping import KekRotation, rotate_kek
-from authsvc.storage.repository import AuditEvent, Repository
+from authsvc.storage.repository import Repository
 from authsvc.usecases.audit import AuditTrail, Origin
 
 __all__ = ["rotate_kek_audited"]
@@ -31,22 +31,18 @@ def rotate_kek_audited(
     Raises:
         ConfigError: see `rotate_kek` (nothing is changed, nothing is audited).
     """
-    events: list[AuditEvent] = []
-
-    def audited(rewrapped: int) -> AuditEvent:
-        # Built inside the re-wrap's one transaction, from what it re-wrapped, and written
-        # there: the re-wrap and its row commit together. A run with nothing left to re-wrap
-        # changes nothing and writes its `already_rotated` row there too.
-        event = trail.event(
+    # Built inside the re-wrap's one transaction, from what it re-wrapped, and written there:
+    # the re-wrap and its row commit together. A run with nothing left to re-wrap changes
+    # nothing and writes its `already_rotated` row there too.
+    audit = trail.counted(
+        lambda rewrapped: trail.event(
             origin,
             action="rotate_kek",
             target=f"kek:{new.kek_id}",
             outcome="ok" if rewrapped else "already_rotated",
             detail=f"rewrapped={rewrapped}",
         )
-        events[:] = [event]
-        return event
-
-    result = rotate_kek(repo, ring, new, to_datetime(clock.now()), audit=audited)
-    trail.log(events[0])
+    )
+    result = rotate_kek(repo, ring, new, to_datetime(clock.now()), audit=audit)
+    audit.log()
     return result

@@ -27,7 +27,7 @@ from authsvc.clock import Clock, to_datetime
 from authsvc.errors import InvalidArgument
 from authsvc.inputs import MAX_ID_LENGTH, SERVICE_ID_GRAMMAR, check_name
 from authsvc.storage.records import TrustRecord
-from authsvc.storage.repository import AuditEvent, Repository
+from authsvc.storage.repository import Repository
 from authsvc.usecases.audit import AuditTrail, Origin
 from authsvc.workload import StaticKeys, TrustedIssuer, check_jwks_url, load_jwks_file
 from authsvc.workload.federation import DEFAULT_MAX_LIFETIME
@@ -138,18 +138,14 @@ class TrustRegistry:
         check_name(name, "trust name")
         # The row, built in the removal's transaction from what it unbound, and written there:
         # should it fail, the trust and its bindings stay, as the caller is told.
-        events: list[AuditEvent] = []
-
-        def audited(unbound: int) -> AuditEvent:
-            event = self._trail.event(
+        audit = self._trail.counted(
+            lambda unbound: self._trail.event(
                 origin,
                 action="remove_trust",
                 target=f"trust:{name}",
                 detail=f"federated_subjects_unbound={unbound}",
             )
-            events[:] = [event]
-            return event
-
-        unbound = self._repo.delete_trust(name, to_datetime(self._clock.now()), audit=audited)
-        self._trail.log(events[0])
+        )
+        unbound = self._repo.delete_trust(name, to_datetime(self._clock.now()), audit=audit)
+        audit.log()
         return unbound
