@@ -24,7 +24,7 @@ import pytest
 
 from authsvc.usecases.logins import BAD_CREDENTIALS
 from authsvc_client.v1 import auth_pb2, auth_pb2_grpc
-from tests.support.server import RunningServer, base_env, run_cli, start_server
+from tests.support.server import RunningServer, base_env, run_cli, running_server
 
 # Throttle window of the servers here: long enough for a handful of calls, short enough to wait.
 WINDOW = 5
@@ -103,11 +103,8 @@ def _server(tmp_path: Path, **limits: str) -> Iterator[RunningServer]:
         **limits,
     )
     run_cli(env, "db", "upgrade")
-    server = start_server(env)
-    try:
+    with running_server(env) as server:
         yield server
-    finally:
-        server.stop()
 
 
 class TestFailedSelfRotationsAreThrottled:
